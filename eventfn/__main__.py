@@ -1,0 +1,5 @@
+"""`python -m eventfn` runs the command line."""
+
+from eventfn.cli import main
+
+main()

@@ -1,0 +1,398 @@
+"""The only module that speaks NATS: connection, provisioning, publishing, requests and pull feeds.
+
+nats-py is asyncio-only and large; everything else in eventfn sees the small types defined here
+(`Delivery`, `Request`, `PullFeed`) and stays plain anyio.
+
+The pull feed is hand-pipelined, as measured in ../shared/reference/nats-performance.md: a raw subscription on
+an inbox with pull requests kept outstanding, a new request sent as soon as half the credit is used, so the
+consumer never waits for a round trip between batches (the stock `fetch()` loop costs 4x the ceiling).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
+
+from eventfn.config import NatsSettings
+from eventfn.errors import ConfigError, NatsUnavailable
+
+log = logging.getLogger(__name__)
+
+_ACK = b"+ACK"
+_WIP = b"+WPI"
+_TERM = b"+TERM"
+_pull_request = msgspec.json.Encoder()
+
+
+class PullRequest(msgspec.Struct, frozen=True):
+    """The body of `$JS.API.CONSUMER.MSG.NEXT`: how many messages, and for how long (ns)."""
+
+    batch: int
+    expires: int
+
+
+class Delivery:
+    """One JetStream message handed to the dispatcher, with the ways to settle it."""
+
+    __slots__ = ("_feed", "_msg", "data", "delivered", "headers", "settled", "stream", "stream_seq",
+                 "subject", "timestamp_ns")
+
+    def __init__(self, msg: Msg, feed: PullFeed) -> None:
+        self._msg = msg
+        self._feed = feed
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] | None = msg.headers
+        self.settled = False
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (v1), or with domain and
+        # account hash before the stream and a random token after (v2).
+        tokens = msg.reply.split(".")
+        base = 2 if len(tokens) == 9 else 4
+        self.stream: str = tokens[base]
+        self.delivered = int(tokens[base + 2])
+        self.stream_seq = int(tokens[base + 3])
+        self.timestamp_ns = int(tokens[base + 5])
+
+    async def ack(self) -> None:
+        """The outcome is settled: never deliver this message again."""
+        await self._settle(_ACK)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Deliver the message again after `delay` seconds (JetStream holds it; no worker waits)."""
+        body = b"-NAK" if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
+        await self._settle(body)
+
+    async def term(self) -> None:
+        """Never deliver this message again, without it counting as processed."""
+        await self._settle(_TERM)
+
+    async def in_progress(self) -> None:
+        """Reset the ack timer: the message is still being worked on."""
+        if not self.settled:
+            await self._feed.nc.publish(self._msg.reply, _WIP)
+
+    async def _settle(self, body: bytes) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self._feed.nc.publish(self._msg.reply, body)
+        finally:
+            self._feed.released()
+
+
+class PullFeed:
+    """A pipelined pull consumer: yields at most `max_inflight` unsettled deliveries at a time."""
+
+    def __init__(self, nc: Client, stream: str, consumer: str, *, max_inflight: int, expires: float = 5.0) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.consumer = consumer
+        self.max_inflight = max(1, max_inflight)
+        self.expires = expires
+        self.outstanding = 0  # requested from the server, not yet received
+        self.inflight = 0  # received, not yet settled
+        self._stopping = False
+        self._wake = anyio.Event()
+        self._heard = time.monotonic()
+        # Twice the credit: a late message from a request presumed lost still fits without blocking nats-py.
+        self._send: MemoryObjectSendStream[Delivery]
+        self._receive: MemoryObjectReceiveStream[Delivery]
+        self._send, self._receive = anyio.create_memory_object_stream[Delivery](2 * self.max_inflight)
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        return self._receive.__aiter__()
+
+    def released(self) -> None:
+        """A delivery was settled: its credit can be requested again."""
+        self.inflight -= 1
+        if self.max_inflight - self.outstanding - self.inflight >= self._threshold:
+            self._wake.set()
+
+    @property
+    def _threshold(self) -> int:
+        return max(1, self.max_inflight // 2)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep pull requests outstanding until `stop()`; then stop receiving."""
+        inbox = self.nc.new_inbox()
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
+        sub = await self.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        task_status.started()
+        try:
+            while not self._stopping:
+                want = self.max_inflight - self.outstanding - self.inflight
+                if want >= self._threshold or (want > 0 and self.outstanding == 0):
+                    body = _pull_request.encode(PullRequest(batch=want, expires=int(self.expires * 1e9)))
+                    await self.nc.publish(subject, body, reply=inbox)
+                    self.outstanding += want
+                    self._heard = time.monotonic()
+                with anyio.move_on_after(self.expires + 2.0):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                if self.outstanding and time.monotonic() - self._heard > self.expires + 2.0:
+                    # Neither messages nor the request's 408 came back: the request was lost (reconnect,
+                    # server restart). Ask again rather than wait forever.
+                    self.outstanding = 0
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass
+                self._send.close()
+
+    def stop(self) -> None:
+        """Stop requesting; deliveries already received stay available to drain."""
+        self._stopping = True
+        self._wake.set()
+
+    def take_unstarted(self) -> list[Delivery]:
+        """Deliveries received but not yet picked up (to hand back to the server on shutdown)."""
+        out: list[Delivery] = []
+        while True:
+            try:
+                out.append(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return out
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        headers = msg.headers
+        if headers and "Status" in headers and not msg.reply:
+            status = headers["Status"]
+            if status in ("408", "409"):
+                # The request ended (expired, or the server cut it); its unfilled part is reported back.
+                pending = int(headers.get("Nats-Pending-Messages", "0") or 0)
+                self.outstanding = max(0, self.outstanding - pending) if pending else 0
+                if status == "409":
+                    log.warning("pull request on %s/%s ended: %s", self.stream, self.consumer,
+                                headers.get("Description", ""))
+                self._wake.set()
+            return
+        self.outstanding = max(0, self.outstanding - 1)
+        self.inflight += 1
+        delivery = Delivery(msg, self)
+        try:
+            self._send.send_nowait(delivery)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await delivery.nak()
+
+
+class Request:
+    """A core NATS request (sync invoke, control API) awaiting its reply."""
+
+    __slots__ = ("_nc", "data", "headers", "reply", "subject")
+
+    def __init__(self, nc: Client, msg: Msg) -> None:
+        self._nc = nc
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] | None = msg.headers
+        self.reply: str = msg.reply
+
+    async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """Send the reply (a no-op for a plain publish that asked for none)."""
+        if self.reply:
+            await self._nc.publish(self.reply, data, headers=headers)
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """A reply received by `Bus.request`."""
+
+    data: bytes
+    headers: dict[str, str] | None
+
+
+class Bus:
+    """A connected NATS client with eventfn's operations on it."""
+
+    def __init__(self, nc: Client, url: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.url = url
+
+    # -- publishing ---------------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """A core publish (fire and forget)."""
+        await self.nc.publish(subject, data, headers=headers)
+
+    async def publish_stored(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                             timeout: float = 5.0) -> int:
+        """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
+        ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
+        return ack.seq
+
+    async def request(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                      timeout: float = 10.0) -> Reply:
+        """A core request; raises `TimeoutError` when nothing answers in time, `LookupError` for no responders."""
+        try:
+            msg = await self.nc.request(subject, data, headers=headers, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise LookupError(subject) from None
+        except nats.errors.TimeoutError:
+            raise TimeoutError(subject) from None
+        return Reply(data=msg.data, headers=msg.headers)
+
+    # -- serving requests -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def requests(self, subject: str, queue: str, *, limit: int = 1024
+                       ) -> AsyncIterator[MemoryObjectReceiveStream[Request]]:
+        """Subscribe to `subject` in queue group `queue`; yields a bounded stream of incoming requests."""
+        send, receive = anyio.create_memory_object_stream[Request](limit)
+        nc = self.nc
+
+        async def on_message(msg: Msg) -> None:
+            await send.send(Request(nc, msg))
+
+        sub = await nc.subscribe(subject, queue=queue, cb=on_message)
+        try:
+            yield receive
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass
+                send.close()
+
+    # -- JetStream provisioning -------------------------------------------------------------------------
+
+    async def ensure_stream(self, name: str, subjects: Sequence[str], *, max_age: float, max_bytes: int = -1,
+                            duplicate_window: float = 120.0) -> None:
+        """Create the stream, or update it so that its settings are exactly these."""
+        config = StreamConfig(
+            name=name, subjects=list(subjects), retention=RetentionPolicy.LIMITS, max_age=max_age,
+            max_bytes=max_bytes, discard=DiscardPolicy.OLD, duplicate_window=duplicate_window,
+        )
+        try:
+            info = await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await self._js_call(self.js.add_stream(config), f"create stream {name}")
+            return
+        current = info.config
+        if (sorted(current.subjects or []) != sorted(subjects) or current.max_age != max_age
+                or (current.max_bytes or -1) != max_bytes or current.duplicate_window != duplicate_window):
+            await self._js_call(self.js.update_stream(config), f"update stream {name}")
+
+    async def ensure_consumer(self, stream: str, name: str, *, filter_subjects: Sequence[str], ack_wait: float,
+                              max_ack_pending: int, description: str = "") -> None:
+        """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
+
+        A new consumer starts at new messages (Lambda's LATEST); an existing one resumes where it left off.
+        """
+        config = ConsumerConfig(
+            durable_name=name, description=description or None, deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=-1,
+            max_ack_pending=max_ack_pending, max_waiting=512,
+            **_filter_fields(filter_subjects),
+        )
+        await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
+
+    async def consumer_exists(self, stream: str, name: str) -> bool:
+        try:
+            await self.js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async def consumer_lag(self, stream: str, name: str) -> dict[str, int]:
+        """Pending (not yet delivered) and unacknowledged counts of a consumer."""
+        info = await self.js.consumer_info(stream, name)
+        return {"pending": info.num_pending or 0, "ack_pending": info.num_ack_pending or 0,
+                "redelivered": info.num_redelivered or 0}
+
+    def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
+        """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""
+        return PullFeed(self.nc, stream, consumer, max_inflight=max_inflight)
+
+    @staticmethod
+    async def _js_call(call: Awaitable[Any], what: str) -> Any:
+        try:
+            return await call
+        except nats.js.errors.APIError as exc:
+            raise ConfigError("JetStream", f"cannot {what}: {exc.description} (code {exc.err_code})") from exc
+
+
+def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:
+    # One filter goes in filter_subject, which every server version understands.
+    if len(subjects) == 1:
+        return {"filter_subject": subjects[0]}
+    return {"filter_subjects": list(subjects)}
+
+
+@asynccontextmanager
+async def connect(urls: Sequence[str], settings: NatsSettings, *, name: str = "eventfn",
+                  connect_timeout: float = 5.0) -> AsyncIterator[Bus]:
+    """Connect to NATS (any of `urls`); raises `NatsUnavailable` with the reason when it cannot."""
+    options: dict[str, Any] = {
+        "servers": list(urls), "name": name, "connect_timeout": connect_timeout, "allow_reconnect": True,
+        "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+    }
+    if settings.creds:
+        options["user_credentials"] = settings.creds
+    if settings.token:
+        options["token"] = settings.token
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password or ""
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+        if settings.tls_cert:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        options["tls"] = context
+    where = ",".join(urls)
+    try:
+        nc = await _first_connect(options)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise NatsUnavailable(where, f"cannot connect: {exc or type(exc).__name__}",
+                              "check the URL and that the server is running, or omit --nats to start an "
+                              "embedded server") from exc
+    try:
+        yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if not nc.is_closed:
+                try:
+                    await nc.drain()
+                except (nats.errors.Error, TimeoutError):
+                    await nc.close()
+
+
+async def _first_connect(options: dict[str, Any]) -> Client:
+    # The first connection must fail fast (a wrong URL is a user error); reconnects later retry forever.
+    nc = Client()
+
+    # Without these callbacks nats-py prints every reconnect attempt's traceback to stderr.
+    async def on_error(exc: Exception) -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("NATS: %s", exc or type(exc).__name__)
+
+    async def on_disconnected() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("NATS: disconnected from %s; reconnecting", nc.connected_url)
+
+    async def on_reconnected() -> None:
+        log.info("NATS: reconnected to %s", nc.connected_url)
+
+    options = {**options, "error_cb": on_error, "disconnected_cb": on_disconnected,
+               "reconnected_cb": on_reconnected}
+    await nc.connect(**{**options, "max_reconnect_attempts": 1, "allow_reconnect": False})
+    nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = -1
+    return nc

@@ -1,0 +1,236 @@
+"""Settings: the service's (`eventfn.toml`, environment, flags) and each function's.
+
+Function settings are TOML, read without executing the handler file, from (later wins, key by key):
+1. an inline block in the handler file, PEP 723 style:  `# /// eventfn` ... `# ///`;
+2. a sidecar file: `handlers/<name>.toml`, or `handlers/<name>/eventfn.toml` for a folder function;
+3. `[functions.<name>]` in the service's `eventfn.toml`.
+
+Config types reject unknown keys so that a typo is an error naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from eventfn.errors import ConfigError
+from eventfn.subjects import overlaps, reserved_overlap
+
+#: A function name is one NATS subject token and one JetStream consumer name.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=900)]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a failed asynchronous or mapped invocation is retried (Lambda's async defaults)."""
+
+    #: Retries after the first attempt (Lambda's MaximumRetryAttempts; its async default is 2).
+    max_attempts: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 2
+    #: Delay before the first retry; each later retry doubles it, up to `max_delay`, with full jitter.
+    base_delay: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    max_delay: Annotated[float, msgspec.Meta(ge=0, le=43_200)] = 300.0
+    #: Events older than this are dead-lettered instead of retried (Lambda's MaximumEventAgeInSeconds).
+    max_event_age: Annotated[float, msgspec.Meta(ge=1, le=604_800)] = 21_600.0
+
+
+class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A subscription of a function to events: NATS subject filters (wildcards `*` and `>` allowed)."""
+
+    subjects: list[str]
+    name: str | None = None
+
+
+class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-function settings, with Lambda's defaults where Lambda has one."""
+
+    description: str = ""
+    #: Lambda-style `module.function` entry point; default: `handler` or `lambda_handler` in the file.
+    handler: str | None = None
+    timeout: Seconds = 3.0
+    memory: Annotated[int, msgspec.Meta(ge=128, le=10_240)] = 128
+    environment: dict[str, str] = {}
+    #: Maximum parallel invocations of this function (Lambda's reserved concurrency).
+    concurrency: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 10
+    retry: RetryPolicy = RetryPolicy()
+    #: Subjects that trigger the function; a string is shorthand for `{subjects = [it]}`.
+    triggers: list[str | Trigger] = []
+
+    def trigger_list(self) -> list[Trigger]:
+        """The triggers with the string shorthand expanded."""
+        return [Trigger(subjects=[t]) if isinstance(t, str) else t for t in self.triggers]
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where NATS is. No `url`: start an embedded nats-server bound to loopback."""
+
+    url: list[str] = []
+    port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 4222
+    creds: str | None = None
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The JetStream stream that stores events published to plain subjects."""
+
+    #: Subjects stored for triggers; triggers outside these are added when they do not overlap them.
+    subjects: list[str] = msgspec.field(default_factory=lambda: ["events.>"])
+    max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86_400.0
+    max_bytes: int = -1
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole service configuration after files, environment and flags are merged."""
+
+    handlers: str = "handlers"
+    data_dir: str = ".eventfn"
+    nats: NatsSettings = NatsSettings()
+    stream: StreamSettings = StreamSettings()
+    functions: dict[str, dict[str, Any]] = {}
+    #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    log_level: str = "INFO"
+
+
+def _convert(data: dict[str, Any], type_: type[Any], where: str) -> Any:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(where, f"invalid setting: {exc}", "see the settings reference in README.md") from exc
+
+
+def _parse_toml(text: str, where: str, line_offset: int = 0) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = re.search(r"\(at line (\d+)", message)
+        line = int(match.group(1)) + line_offset if match else None
+        place = f"{where}:{line}" if line else where
+        raise ConfigError(place, f"invalid TOML: {message}") from exc
+
+
+def load_service_config(path: Path | None, overrides: dict[str, Any]) -> ServiceConfig:
+    """Read `eventfn.toml` (if `path` exists) and apply `overrides` (from the environment and flags).
+
+    `path` None means the default `./eventfn.toml`, which may be absent; a path given explicitly must exist.
+    """
+    data: dict[str, Any] = {}
+    where = str(path or "eventfn.toml")
+    if path is not None and not path.exists():
+        raise ConfigError(where, "file not found", "check --config / EVENTFN_CONFIG")
+    source = path or Path("eventfn.toml")
+    if source.exists():
+        data = _parse_toml(source.read_text(encoding="utf-8"), str(source))
+    nats = dict(data.get("nats", {}))
+    if isinstance(nats.get("url"), str):
+        nats["url"] = [u for u in nats["url"].split(",") if u]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("nats."):
+            nats[key.removeprefix("nats.")] = value
+        else:
+            data[key] = value
+    data["nats"] = nats
+    return _convert(data, ServiceConfig, where)  # type: ignore[no-any-return]
+
+
+def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
+    """Settings taken from `EVENTFN_*` environment variables."""
+    out: dict[str, Any] = {}
+    if url := environ.get("EVENTFN_NATS_URL"):
+        out["nats.url"] = [u for u in url.split(",") if u]
+    for key, env in (("handlers", "EVENTFN_HANDLERS"), ("data_dir", "EVENTFN_DATA_DIR"),
+                     ("log_level", "EVENTFN_LOG_LEVEL")):
+        if value := environ.get(env):
+            out[key] = value
+    for key, env in (("nats.creds", "EVENTFN_NATS_CREDS"), ("nats.token", "EVENTFN_NATS_TOKEN")):
+        if value := environ.get(env):
+            out[key] = value
+    if port := environ.get("EVENTFN_NATS_PORT"):
+        out["nats.port"] = int(port) if port.isdigit() else port
+    return out
+
+
+# The regular expression of PEP 723 (inline script metadata), with the block type fixed to `eventfn`.
+_INLINE_BLOCK = re.compile(r"(?m)^# /// eventfn$\s(?P<body>(^#(| .*)$\s)+)^# ///$")
+
+
+def inline_settings_text(source: str) -> tuple[str, int] | None:
+    """The TOML inside a `# /// eventfn` block of `source`, and the line number the block starts on."""
+    match = _INLINE_BLOCK.search(source)
+    if match is None:
+        return None
+    lines = [line[2:] if line.startswith("# ") else line[1:] for line in match.group("body").splitlines()]
+    start_line = source.count("\n", 0, match.start()) + 1
+    return "\n".join(lines), start_line
+
+
+def read_function_settings(
+    name: str, entry_file: Path, sidecar: Path | None, overrides: dict[str, Any]
+) -> FunctionSettings:
+    """Merge a function's inline block, sidecar file and service overrides into validated settings."""
+    merged: dict[str, Any] = {}
+    try:
+        source = entry_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        source = ""
+    where = str(entry_file)
+    if inline := inline_settings_text(source):
+        text, start = inline
+        merged.update(_parse_toml(text, where, line_offset=start))
+    if sidecar is not None and sidecar.exists():
+        where = str(sidecar)
+        merged.update(_parse_toml(sidecar.read_text(encoding="utf-8"), where))
+    if overrides:
+        where = f"eventfn.toml [functions.{name}]"
+        merged.update(overrides)
+    settings: FunctionSettings = _convert(merged, FunctionSettings, where)
+    for trigger in settings.trigger_list():
+        _check_trigger(trigger, where)
+    for key in settings.environment:
+        if not key or "=" in key:
+            raise ConfigError(where, f"environment variable name {key!r} is invalid")
+    return settings
+
+
+def _check_trigger(trigger: Trigger, where: str) -> None:
+    if not trigger.subjects:
+        raise ConfigError(where, "a trigger needs at least one subject")
+    if trigger.name is not None and not NAME_PATTERN.match(trigger.name):
+        raise ConfigError(where, f"trigger name {trigger.name!r} is invalid", "use letters, digits, _ and -")
+    for i, subject in enumerate(trigger.subjects):
+        if not valid_subject(subject):
+            raise ConfigError(where, f"trigger subject {subject!r} is not a valid NATS subject",
+                              "use dot-separated tokens; `*` matches one token, `>` the rest")
+        if reserved := reserved_overlap(subject):
+            raise ConfigError(where, f"trigger subject {subject!r} overlaps {reserved!r}, which eventfn or NATS "
+                              "uses itself", "subscribe to a narrower subject, such as `events.>`")
+        for other in trigger.subjects[:i]:
+            if overlaps(subject, other):
+                raise ConfigError(where, f"trigger subjects {other!r} and {subject!r} overlap",
+                                  "keep only the wider one")
+
+
+def valid_subject(subject: str) -> bool:
+    """True for a NATS subject (filter): non-empty tokens, `>` only last, no whitespace."""
+    if not subject or any(c.isspace() for c in subject):
+        return False
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if not token or (">" in token and (token != ">" or i != len(tokens) - 1)):
+            return False
+        if "*" in token and token != "*":
+            return False
+    return True

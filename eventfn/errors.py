@@ -1,0 +1,73 @@
+"""Every error eventfn raises on purpose: one root, one subclass per condition.
+
+Each constructor takes the facts and builds a message that says what went wrong, where (file:line, subject,
+function) and what to do about it. The CLI prints `str(error)` and exits non-zero; no traceback is shown for
+these, because they describe the user's situation, not a bug in eventfn.
+"""
+
+from __future__ import annotations
+
+
+class EventfnError(Exception):
+    """Root of all errors eventfn reports to a user."""
+
+
+class ConfigError(EventfnError):
+    """A settings file or flag is invalid."""
+
+    def __init__(self, where: str, problem: str, fix: str = "") -> None:
+        self.where = where
+        self.problem = problem
+        message = f"{where}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class HandlerLoadError(EventfnError):
+    """A handler file could not be loaded: syntax error, import error, missing entry point."""
+
+    def __init__(self, function: str, file: str, line: int | None, problem: str) -> None:
+        self.function = function
+        self.file = file
+        self.line = line
+        self.problem = problem
+        place = f"{file}:{line}" if line else file
+        super().__init__(f"function {function!r} failed to load at {place}: {problem}")
+
+
+class FunctionNotFound(EventfnError):
+    """No function of that name is loaded."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        hint = f"; loaded functions: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"no function named {name!r}{hint}")
+
+
+class EventDecodeError(EventfnError):
+    """A message on the bus could not be decoded into an event."""
+
+    def __init__(self, subject: str, problem: str) -> None:
+        self.subject = subject
+        super().__init__(f"cannot decode message on {subject!r}: {problem}")
+
+
+class NatsUnavailable(EventfnError):
+    """The NATS server could not be reached or started."""
+
+    def __init__(self, url: str, problem: str, fix: str = "") -> None:
+        self.url = url
+        message = f"NATS at {url}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class ServiceUnavailable(EventfnError):
+    """The CLI found NATS but no running `eventfn serve` answered."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(
+            f"no eventfn service answered on {url} (start one with `eventfn serve`, or point at it with --nats)"
+        )

@@ -1,0 +1,159 @@
+"""The normalized event: CloudEvents 1.0 over NATS, per the CloudEvents NATS protocol binding.
+
+Three ways a message arrives, all normalized to one `Event`:
+- *binary mode* (what eventfn's own connectors and `eventfn pub` send): attributes in `ce-*` headers,
+  `content-type` header for `datacontenttype`, the body is the data;
+- *structured mode*: `content-type: application/cloudevents+json`, the whole event as JSON in the body;
+- *plain*: no headers at all, exactly what `nats pub SUBJECT BODY` sends. The attributes are derived from
+  the message: `id` from `Nats-Msg-Id` or the stream sequence, `source` from the subject.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from eventfn.errors import EventDecodeError
+
+SPEC_VERSION = "1.0"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+#: The `type` of an event published to a plain subject without CloudEvents attributes.
+PLAIN_EVENT_TYPE = "io.eventfn.nats.message"
+_REQUEST_NAMESPACE = uuid.UUID("5f0b1ad0-5e0f-4c2f-9d7e-0c4e0e7f0a11")
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """A CloudEvent with its data kept as the raw bytes it arrived with."""
+
+    id: str
+    source: str
+    type: str
+    specversion: str = SPEC_VERSION
+    subject: str | None = None
+    time: str | None = None
+    datacontenttype: str | None = None
+    data: bytes = b""
+
+
+class _StructuredEvent(msgspec.Struct, kw_only=True):
+    """The JSON form of a structured-mode CloudEvent (unknown extension attributes are ignored)."""
+
+    id: str
+    source: str
+    type: str
+    specversion: str
+    subject: str | None = None
+    time: str | None = None
+    datacontenttype: str | None = None
+    data: msgspec.Raw | None = None
+    data_base64: str | None = None
+
+
+_structured_decoder = msgspec.json.Decoder(_StructuredEvent)
+
+
+def request_id_for(stream_sequence: int, stream: str) -> str:
+    """A stable Lambda-style request id for a stored message: the same on every redelivery."""
+    return str(uuid.uuid5(_REQUEST_NAMESPACE, f"{stream}:{stream_sequence}"))
+
+
+def from_nats(
+    subject: str,
+    data: bytes,
+    headers: Mapping[str, str] | None,
+    *,
+    fallback_id: str,
+    timestamp: datetime | None = None,
+) -> Event:
+    """Normalize a NATS message into an `Event`. Raises `EventDecodeError` for a broken structured event."""
+    if headers:
+        if (spec := headers.get("ce-specversion")) is not None:
+            return Event(
+                id=headers.get("ce-id") or fallback_id,
+                source=headers.get("ce-source") or f"nats:{subject}",
+                type=headers.get("ce-type") or PLAIN_EVENT_TYPE,
+                specversion=spec,
+                subject=headers.get("ce-subject") or subject,
+                time=headers.get("ce-time"),
+                datacontenttype=headers.get("content-type") or headers.get("Content-Type"),
+                data=data,
+            )
+        content_type = headers.get("content-type") or headers.get("Content-Type") or ""
+        if content_type.startswith(STRUCTURED_CONTENT_TYPE):
+            return _from_structured(subject, data)
+        fallback_id = headers.get("Nats-Msg-Id") or fallback_id
+    return Event(
+        id=fallback_id,
+        source=f"nats:{subject}",
+        type=PLAIN_EVENT_TYPE,
+        subject=subject,
+        time=(timestamp or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        data=data,
+    )
+
+
+def _from_structured(subject: str, data: bytes) -> Event:
+    try:
+        raw = _structured_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(subject, f"invalid structured CloudEvent: {exc}") from exc
+    if raw.data_base64 is not None:
+        try:
+            body = base64.b64decode(raw.data_base64, validate=True)
+        except ValueError as exc:
+            raise EventDecodeError(subject, "data_base64 is not valid base64") from exc
+    else:
+        body = bytes(raw.data) if raw.data is not None else b""
+    return Event(
+        id=raw.id,
+        source=raw.source,
+        type=raw.type,
+        specversion=raw.specversion,
+        subject=raw.subject or subject,
+        time=raw.time,
+        datacontenttype=raw.datacontenttype or ("application/json" if raw.data is not None else None),
+        data=body,
+    )
+
+
+def binary_headers(event: Event) -> dict[str, str]:
+    """The NATS headers that carry `event` in binary content mode (its data goes in the body)."""
+    headers = {
+        "ce-specversion": event.specversion,
+        "ce-id": event.id,
+        "ce-source": event.source,
+        "ce-type": event.type,
+        # JetStream drops a second publish with the same id inside the stream's dedupe window.
+        "Nats-Msg-Id": event.id,
+    }
+    if event.subject:
+        headers["ce-subject"] = event.subject
+    if event.time:
+        headers["ce-time"] = event.time
+    if event.datacontenttype:
+        headers["content-type"] = event.datacontenttype
+    return headers
+
+
+def new_event(subject: str, data: bytes, *, source: str, type: str = PLAIN_EVENT_TYPE,
+              content_type: str | None = "application/json") -> Event:
+    """A fresh event with a random id and the current time."""
+    return Event(
+        id=str(uuid.uuid4()),
+        source=source,
+        type=type,
+        subject=subject,
+        time=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        datacontenttype=content_type,
+        data=data,
+    )
+
+
+def to_attributes(event: Event) -> dict[str, Any]:
+    """The event's CloudEvents attributes (without data), as the handler's `context.cloud_event` sees them."""
+    return {f: getattr(event, f) for f in event.__struct_fields__ if f != "data" and getattr(event, f)}

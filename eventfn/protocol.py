@@ -1,0 +1,75 @@
+"""The wire between a worker pool and a worker process: length-prefixed msgpack frames.
+
+Kept to msgspec only, because the worker imports it before user code and every import there is paid on each
+cold start. A frame is a 4-byte big-endian length followed by one msgpack-encoded message.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+HEADER = struct.Struct(">I")
+#: Largest frame either side accepts: a 6 MB payload (Lambda's sync limit) with room for its envelope.
+MAX_FRAME = 8 * 1024 * 1024
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker process needs to load one version of one function."""
+
+    function: str
+    task_root: str
+    module: str
+    entry_file: str
+    attribute: str | None
+    memory: int
+    timeout: float
+
+
+class Invoke(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
+    """Run the handler once. `payload` is the raw event body; `is_json` says it is known-valid JSON."""
+
+    request_id: str
+    payload: bytes
+    deadline: float  # wall-clock epoch seconds
+    is_json: bool = False
+    client_context: bytes | None = None
+    cloud_event: dict[str, str] | None = None
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    """The handler module loaded; `init_ms` is Lambda's Init Duration."""
+
+    init_ms: float
+
+
+class InitFailed(msgspec.Struct, frozen=True, kw_only=True, tag="init_failed"):
+    """The handler could not be loaded; `error` is Lambda's error object (JSON)."""
+
+    error_type: str
+    message: str
+    file: str
+    line: int | None
+    error: bytes
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
+    """The outcome of one `Invoke`: the handler's JSON result, or Lambda's error object when `ok` is false."""
+
+    ok: bool
+    payload: bytes
+    duration_ms: float
+    max_rss_mb: int
+
+
+Message = Invoke | Ready | InitFailed | Result
+
+encoder = msgspec.msgpack.Encoder()
+decoder = msgspec.msgpack.Decoder(Message)
+
+
+def frame(message: Message) -> bytes:
+    """Encode `message` as one frame."""
+    body = encoder.encode(message)
+    return HEADER.pack(len(body)) + body

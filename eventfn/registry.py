@@ -1,0 +1,185 @@
+"""Handler discovery and hot reload: which functions the handler directory holds, and when they change.
+
+Discovery never executes user code. It reads files, parses them with `ast` only to see whether a module
+defines an entry point, and reads settings from TOML. What a function *is* for reload purposes is the hash
+of its code and settings (Lambda's CodeSha256): a change to either makes a new version.
+
+- `handlers/<name>.py` is function `<name>` when it defines `handler`/`lambda_handler`, carries a
+  `# /// eventfn` block, or has a `<name>.toml` beside it. Other modules (and any starting with `_`) are
+  shared helpers that functions may import; a change to one reloads the single-file functions.
+- `handlers/<name>/` is a folder function with its own modules: its entry module is the one named by the
+  `handler = "module.function"` setting, else the first of `lambda_function.py`, `handler.py`, `app.py`,
+  `main.py`; settings come from that module's block and `handlers/<name>/eventfn.toml`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from watchfiles import Change, DefaultFilter, awatch
+
+from eventfn.config import NAME_PATTERN, FunctionSettings, inline_settings_text, read_function_settings
+from eventfn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENTRY_NAMES = ("handler", "lambda_handler")
+FOLDER_ENTRY_MODULES = ("lambda_function", "handler", "app", "main")
+
+
+class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one function's code lives and what its settings say (or why they could not be read)."""
+
+    name: str
+    task_root: str
+    module: str
+    entry_file: str
+    attribute: str | None
+    version: str
+    settings: FunctionSettings | None
+    error: str | None = None
+    #: The file:line the error points at, where known.
+    error_file: str | None = None
+
+
+def _defines_entry(source: str) -> bool | None:
+    """Whether a module defines `handler`/`lambda_handler` at top level; None if it does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in ENTRY_NAMES:
+            return True
+        if isinstance(node, ast.Assign):
+            if any(isinstance(t, ast.Name) and t.id in ENTRY_NAMES for t in node.targets):
+                return True
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            if any((alias.asname or alias.name) in ENTRY_NAMES for alias in node.names):
+                return True
+    return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _digest(paths: list[Path], extra: bytes) -> str:
+    h = hashlib.sha256(extra)
+    for path in sorted(paths):
+        h.update(str(path).encode())
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            pass
+    return h.hexdigest()[:12]
+
+
+def _is_function_file(path: Path) -> bool:
+    if path.name.startswith(("_", ".")) or not NAME_PATTERN.match(path.stem):
+        return False
+    source = _read(path)
+    entry = _defines_entry(source)
+    return entry is None or entry or inline_settings_text(source) is not None or \
+        path.with_suffix(".toml").exists()
+
+
+def discover(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, FunctionSource]:
+    """Every function in `handlers_dir`, by name. Never raises for a broken function: it carries the error."""
+    overrides = overrides or {}
+    found: dict[str, FunctionSource] = {}
+    if not handlers_dir.is_dir():
+        return found
+    root = handlers_dir.resolve()
+    entries = sorted(root.iterdir())
+    helpers = [p for p in entries if p.suffix == ".py" and p.is_file() and not _is_function_file(p)]
+    for path in entries:
+        if path.is_file() and path.suffix == ".py" and path not in helpers:
+            found[path.stem] = _single_file(path, root, helpers, overrides.get(path.stem, {}))
+        elif path.is_dir() and not path.name.startswith((".", "_")) and NAME_PATTERN.match(path.name):
+            if source := _folder(path, overrides.get(path.name, {})):
+                found[path.name] = source
+    return found
+
+
+def _settings(name: str, entry: Path, sidecar: Path | None, override: dict[str, Any]
+              ) -> tuple[FunctionSettings | None, str | None, str | None]:
+    try:
+        return read_function_settings(name, entry, sidecar, override), None, None
+    except ConfigError as exc:
+        return None, str(exc), exc.where
+
+
+def _split_handler(value: str | None) -> tuple[str | None, str | None]:
+    if not value:
+        return None, None
+    module, _, attribute = value.rpartition(".")
+    return (module or None), attribute
+
+
+def _single_file(path: Path, root: Path, helpers: list[Path], override: dict[str, Any]) -> FunctionSource:
+    name = path.stem
+    sidecar = path.with_suffix(".toml")
+    settings, error, error_file = _settings(name, path, sidecar, override)
+    module, attribute = _split_handler(settings.handler if settings else None)
+    entry = path
+    if module and module != name:
+        entry = root / (module.replace(".", "/") + ".py")
+        if not entry.exists() and error is None:
+            error, error_file = f"{path}: handler module {module!r} not found at {entry}", str(path)
+    files = [path, sidecar, entry, *helpers]
+    return FunctionSource(
+        name=name, task_root=str(root), module=module or name, entry_file=str(entry), attribute=attribute,
+        version=_digest(files, msgspec.json.encode(override)), settings=settings, error=error,
+        error_file=error_file,
+    )
+
+
+def _folder(path: Path, override: dict[str, Any]) -> FunctionSource | None:
+    sidecar = path / "eventfn.toml"
+    default_entry = next((path / f"{m}.py" for m in FOLDER_ENTRY_MODULES if (path / f"{m}.py").exists()), None)
+    if default_entry is None and not sidecar.exists():
+        return None  # a plain data or package folder, not a function
+    name = path.name
+    probe = default_entry or sidecar
+    settings, error, error_file = _settings(name, probe, sidecar, override)
+    module, attribute = _split_handler(settings.handler if settings else None)
+    if module:
+        entry = path / (module.replace(".", "/") + ".py")
+    elif default_entry is not None:
+        entry, module = default_entry, default_entry.stem
+    else:
+        entry, module = sidecar, ""
+    if error is None and (entry == sidecar or not entry.exists()):
+        wanted = f"{module}.py" if module else "lambda_function.py (or set handler = \"module.function\")"
+        error, error_file = f"{path}: entry module {wanted} not found", str(path)
+    files = [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return FunctionSource(
+        name=name, task_root=str(path.resolve()), module=module, entry_file=str(entry.resolve()),
+        attribute=attribute, version=_digest(files, msgspec.json.encode(override)), settings=settings,
+        error=error, error_file=error_file,
+    )
+
+
+class _HandlerFilter(DefaultFilter):
+    """watchfiles' default filter (VCS dirs, __pycache__, editor swap files) plus compiled files."""
+
+    def __call__(self, change: Change, path: str) -> bool:
+        return super().__call__(change, path) and not path.endswith((".pyc", ".pyo", "~"))
+
+
+async def watch(handlers_dir: Path, *, debounce_ms: int = 100) -> AsyncIterator[None]:
+    """Yield once after each settled batch of changes in `handlers_dir` (the caller re-discovers)."""
+    handlers_dir.mkdir(parents=True, exist_ok=True)
+    async for _changes in awatch(handlers_dir, watch_filter=_HandlerFilter(), debounce=debounce_ms, step=20,
+                                 recursive=True):
+        yield

@@ -1,0 +1,423 @@
+"""`eventfn serve`: one root task group holding the broker, the functions, their mappings and the APIs.
+
+Start-up: NATS (embedded or remote) -> streams -> functions discovered and loaded -> consumers and feeds ->
+sync-invoke and control subscriptions -> the handler watcher. A reload re-discovers the handler directory
+and applies the difference; a shutdown stops intake first, lets in-flight invocations settle, then stops
+workers, the connection and the embedded server, in that order.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import msgspec
+
+from eventfn import registry, subjects
+from eventfn.bus import Bus, Request, connect
+from eventfn.config import FunctionSettings, ServiceConfig
+from eventfn.dispatch import Dispatcher
+from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
+from eventfn.natsserver import embedded_server
+from eventfn.protocol import WorkerSpec
+from eventfn.registry import FunctionSource
+from eventfn.workers import Outcome, Pool
+
+log = logging.getLogger(__name__)
+
+EVENTS_STREAM = "EVENTFN"
+DLQ_STREAM = "EVENTFN_DLQ"
+SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+#: Function loads at once during start-up (each is a process starting and importing user code).
+LOAD_PARALLELISM = 4
+
+
+class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `eventfn functions` shows for one function."""
+
+    name: str
+    state: str
+    version: str
+    serving_version: str | None
+    description: str
+    triggers: list[str]
+    invoke_subject: str
+    async_subject: str
+    timeout: float | None
+    memory: int | None
+    concurrency: int | None
+    init_ms: float | None
+    last_error: str | None
+
+
+class _Running:
+    """A started dispatcher and the event set when it has fully stopped."""
+
+    def __init__(self, dispatcher: Dispatcher, subjects: list[str], concurrency: int) -> None:
+        self.dispatcher = dispatcher
+        self.subjects = subjects
+        self.concurrency = concurrency
+        self.done = anyio.Event()
+
+
+class Function:
+    """One function as the service runs it: its latest source, the pool serving it, its mappings."""
+
+    def __init__(self, source: FunctionSource) -> None:
+        self.name = source.name
+        self.source = source
+        self.pool: Pool | None = None
+        self.settings: FunctionSettings | None = None
+        self.last_error: str | None = None
+        self.init_ms: float | None = None
+        self.limiter = anyio.CapacityLimiter(1)
+        self.mappings: dict[str, _Running] = {}
+
+    @property
+    def state(self) -> str:
+        if self.source.version != (self.pool.version if self.pool else None):
+            return "Failed" if self.last_error else "Pending"
+        return "Inactive" if self.settings and self.settings.concurrency == 0 else "Active"
+
+    def info(self) -> FunctionInfo:
+        settings = self.settings or self.source.settings
+        return FunctionInfo(
+            name=self.name, state=self.state, version=self.source.version,
+            serving_version=self.pool.version if self.pool else None,
+            description=settings.description if settings else "",
+            triggers=[s for t in settings.trigger_list() for s in t.subjects] if settings else [],
+            invoke_subject=subjects.INVOKE_PREFIX + self.name, async_subject=subjects.ASYNC_PREFIX + self.name,
+            timeout=settings.timeout if settings else None, memory=settings.memory if settings else None,
+            concurrency=settings.concurrency if settings else None, init_ms=self.init_ms,
+            last_error=self.last_error,
+        )
+
+    async def invoke(self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None) -> Outcome:
+        """Run one stored event, waiting for a concurrency slot (its message waits unacked meanwhile)."""
+        async with self.limiter:
+            pool = self.pool
+            assert pool is not None, "mappings run only while a version is loaded"
+            return await pool.invoke(request_id, payload, cloud_event=cloud_event)
+
+
+def _encode_error(error_type: str, message: str) -> bytes:
+    return msgspec.json.encode({"errorType": error_type, "errorMessage": message})
+
+
+class Service:
+    """The running service: owns functions, mappings and the request handlers."""
+
+    def __init__(self, config: ServiceConfig, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
+        self.config = config
+        self.bus = bus
+        self.tg = tg
+        self.handlers_dir = Path(config.handlers)
+        self.functions: dict[str, Function] = {}
+        self._reload_lock = anyio.Lock()
+        self._intake = anyio.CancelScope()
+        self._stream_subjects: list[str] = []
+        #: Consumer name -> (filters, ack wait, max ack pending) last applied, to skip unchanged ones.
+        self._provisioned: dict[str, tuple[tuple[str, ...], float, int]] = {}
+        self._requests_done = anyio.Event()
+
+    # -- functions ----------------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Re-discover the handler directory and apply what changed. Safe to call at any time."""
+        async with self._reload_lock:
+            sources = registry.discover(self.handlers_dir, self.config.functions)
+            for name in [n for n in self.functions if n not in sources]:
+                await self._remove(self.functions.pop(name))
+            changed = [s for s in sources.values()
+                       if s.name not in self.functions or self.functions[s.name].source.version != s.version]
+            limiter = anyio.CapacityLimiter(LOAD_PARALLELISM)
+            async with anyio.create_task_group() as tg:
+                for source in changed:
+                    tg.start_soon(self._load, source, limiter)
+            await self._provision()
+
+    async def _load(self, source: FunctionSource, limiter: anyio.CapacityLimiter) -> None:
+        fn = self.functions.setdefault(source.name, Function(source))
+        fn.source = source
+        if source.error or source.settings is None:
+            fn.last_error = source.error or "settings could not be read"
+            log.error("function %s: %s%s", source.name, fn.last_error, _keeps_serving(fn))
+            return
+        settings = source.settings
+        pool = Pool(spec=WorkerSpec(function=source.name, task_root=source.task_root, module=source.module,
+                                    entry_file=source.entry_file, attribute=source.attribute,
+                                    memory=settings.memory, timeout=settings.timeout),
+                    env=self._environment(source, settings), version=source.version)
+        async with limiter:
+            try:
+                init_ms = await pool.start()
+            except HandlerLoadError as exc:
+                fn.last_error = str(exc)
+                log.error("%s%s", exc, _keeps_serving(fn))
+                return
+        old, fn.pool, fn.settings = fn.pool, pool, settings
+        fn.last_error, fn.init_ms = None, init_ms
+        fn.limiter.total_tokens = max(1, settings.concurrency)
+        log.info("function %s %s (version %s, init %.1f ms)", source.name, "reloaded" if old else "loaded",
+                 source.version, init_ms)
+        if old is not None:
+            # In-flight invocations finish on the old code; new ones already go to the new pool.
+            self.tg.start_soon(old.retire)
+
+    def _environment(self, source: FunctionSource, settings: FunctionSettings) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")}
+        env.update({
+            "AWS_LAMBDA_FUNCTION_NAME": source.name,
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(settings.memory),
+            "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(settings.timeout)),
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{source.name}",
+            "AWS_EXECUTION_ENV": f"eventfn_python{sys.version_info.major}.{sys.version_info.minor}",
+            "LAMBDA_TASK_ROOT": source.task_root,
+            "_HANDLER": f"{source.module}.{source.attribute or 'handler'}",
+        })
+        env.update(settings.environment)
+        return env
+
+    async def _remove(self, fn: Function) -> None:
+        log.info("function %s removed", fn.name)
+        await self._stop_mappings(fn, list(fn.mappings))
+        if fn.pool is not None:
+            self.tg.start_soon(fn.pool.retire)
+
+    # -- streams, consumers, dispatchers ------------------------------------------------------------------
+
+    @staticmethod
+    def _consumers(name: str, settings: FunctionSettings | None) -> dict[str, list[str]]:
+        """Consumer name -> filter subjects for a function: its async-invoke queue and one per trigger."""
+        if settings is None:
+            return {}
+        wanted = {f"{name}--async": [subjects.ASYNC_PREFIX + name]}
+        for i, trigger in enumerate(settings.trigger_list()):
+            wanted[f"{name}--{trigger.name or f't{i}'}"] = list(trigger.subjects)
+        return wanted
+
+    async def _provision(self) -> None:
+        """Bring the events stream, the durable consumers and the running dispatchers in line with the functions.
+
+        Consumers exist for every function whose settings are valid, even while its code fails to load, so
+        events arriving meanwhile wait for the fix instead of being missed. Dispatchers run only for functions
+        with a loaded version and a concurrency above 0.
+        """
+        triggers = [s for fn in self.functions.values() if (st := fn.source.settings or fn.settings)
+                    for t in st.trigger_list() for s in t.subjects]
+        base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">"]
+        stream_subjects, problems = subjects.stream_subjects(base, triggers)
+        for problem in problems.values():
+            log.error("%s", problem)
+        if stream_subjects != self._stream_subjects:
+            await self.bus.ensure_stream(EVENTS_STREAM, stream_subjects, max_age=self.config.stream.max_age,
+                                         max_bytes=self.config.stream.max_bytes)
+            self._stream_subjects = stream_subjects
+        for fn in self.functions.values():
+            settings = fn.source.settings or fn.settings
+            wanted = {name: subs for name, subs in self._consumers(fn.name, settings).items()
+                      if not any(s in problems for s in subs)}
+            runnable = fn.pool is not None and fn.settings is not None and fn.settings.concurrency > 0
+            concurrency = fn.settings.concurrency if fn.settings else 0
+            await self._stop_mappings(fn, [n for n, r in fn.mappings.items() if not runnable or n not in wanted
+                                           or r.subjects != wanted[n] or r.concurrency != concurrency])
+            for name, filter_subjects in wanted.items():
+                assert settings is not None
+                consumer = (tuple(filter_subjects), settings.timeout + 30.0, max(64, 4 * settings.concurrency))
+                if self._provisioned.get(name) != consumer:
+                    await self.bus.ensure_consumer(EVENTS_STREAM, name, filter_subjects=filter_subjects,
+                                                   ack_wait=consumer[1], max_ack_pending=consumer[2],
+                                                   description=f"eventfn function {fn.name}")
+                    self._provisioned[name] = consumer
+                if runnable and name not in fn.mappings:
+                    await self._start_mapping(fn, name, filter_subjects)
+
+    async def _start_mapping(self, fn: Function, consumer: str, filter_subjects: list[str]) -> None:
+        settings = fn.settings
+        assert settings is not None
+        feed = self.bus.pull_feed(EVENTS_STREAM, consumer, max_inflight=2 * settings.concurrency)
+        dispatcher = Dispatcher(self.bus, fn.name, consumer, feed, invoke=fn.invoke,
+                                retry=lambda: (fn.settings or settings).retry, concurrency=settings.concurrency)
+        running = _Running(dispatcher, filter_subjects, settings.concurrency)
+        fn.mappings[consumer] = running
+
+        async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                await dispatcher.run(task_status=task_status)
+            finally:
+                running.done.set()
+
+        await self.tg.start(run)
+
+    async def _stop_mappings(self, fn: Function, names: list[str]) -> None:
+        stopping = [fn.mappings.pop(name) for name in names]
+        for running in stopping:
+            running.dispatcher.stop()
+        for running in stopping:
+            await running.done.wait()
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    async def serve_requests(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Answer sync invokes and control requests until intake stops; in-flight ones finish."""
+        try:
+            await self._serve_requests(task_status)
+        finally:
+            self._requests_done.set()
+
+    async def _serve_requests(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as inflight:
+            with self._intake:
+                async with self.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes, \
+                        self.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api:
+                    task_status.started()
+                    async with anyio.create_task_group() as readers:
+                        readers.start_soon(self._read, invokes, inflight, self._invoke_sync)
+                        readers.start_soon(self._read, api, inflight, self._api)
+
+    @staticmethod
+    async def _read(stream: AsyncIterator[Request], tg: anyio.abc.TaskGroup, handle: object) -> None:
+        async for request in stream:
+            tg.start_soon(handle, request)  # type: ignore[arg-type]
+
+    async def _invoke_sync(self, request: Request) -> None:
+        name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
+        fn = self.functions.get(name)
+        request_id = str(uuid.uuid4())
+        if fn is None:
+            return await _reply_error(request, 404, "ResourceNotFoundException",
+                                      f"Function not found: {name} (loaded: {', '.join(sorted(self.functions))})")
+        if len(request.data) > SYNC_PAYLOAD_LIMIT:
+            return await _reply_error(request, 413, "RequestTooLargeException",
+                                      f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the "
+                                      "InvokeFunction operation")
+        if fn.pool is None:
+            body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
+            return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
+        if fn.settings is not None and fn.settings.concurrency == 0 or fn.limiter.available_tokens < 1:
+            return await _reply_error(request, 429, "TooManyRequestsException",
+                                      f"Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded "
+                                      f"({name} allows {fn.limiter.total_tokens} at once)")
+        client_context = None
+        if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
+            try:
+                client_context = base64.b64decode(raw)
+            except ValueError:
+                client_context = None
+        async with fn.limiter:
+            outcome = await fn.pool.invoke(request_id, request.data, client_context=client_context)
+        headers = {"Eventfn-Request-Id": request_id}
+        if not outcome.ok:
+            headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
+        with anyio.CancelScope(shield=True):
+            await request.respond(outcome.payload, headers)
+
+    async def _api(self, request: Request) -> None:
+        op = request.subject.removeprefix(subjects.API_PREFIX)
+        if op == "functions":
+            infos = [fn.info() for fn in sorted(self.functions.values(), key=lambda f: f.name)]
+            await request.respond(msgspec.json.encode(infos))
+        else:
+            await _reply_error(request, 400, "InvalidRequestContentException", f"unknown operation {op!r}")
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Apply handler directory changes as they settle (hot reload)."""
+        async for _ in registry.watch(self.handlers_dir):
+            try:
+                await self.reload()
+            except EventfnError as exc:
+                log.error("reload failed: %s", exc)
+
+    async def shutdown(self) -> None:
+        """Stop intake, let in-flight invocations settle (bounded by their timeouts), stop workers."""
+        self._intake.cancel()
+        longest = max((fn.settings.timeout for fn in self.functions.values() if fn.settings), default=0.0)
+        with anyio.move_on_after(longest + self.config.shutdown_grace) as scope:
+            for fn in self.functions.values():
+                await self._stop_mappings(fn, list(fn.mappings))
+            await self._requests_done.wait()
+        if scope.cancelled_caught:
+            log.warning("in-flight invocations did not finish in time; their events will be redelivered")
+        for fn in self.functions.values():
+            if fn.pool is not None:
+                await fn.pool.retire()
+        # Whatever still runs past the deadline is cancelled (its worker killed); its events are redelivered.
+        self.tg.cancel_scope.cancel()
+
+
+def _keeps_serving(fn: Function) -> str:
+    return f"; version {fn.pool.version} keeps serving" if fn.pool else ""
+
+
+async def _reply_error(request: Request, status: int, error_type: str, message: str) -> None:
+    await request.respond(_encode_error(error_type, message),
+                          {"Eventfn-Error": error_type, "Eventfn-Status": str(status)})
+
+
+@asynccontextmanager
+async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], bool]]:
+    if config.nats.url:
+        yield list(config.nats.url), False
+        return
+    async with embedded_server(Path(config.data_dir), config.nats.port) as url:
+        yield [url], True
+
+
+async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> None:
+    """Run the service until SIGTERM or SIGINT."""
+    data_dir = Path(config.data_dir)
+    handlers = Path(config.handlers)
+    if not handlers.is_dir():
+        raise ConfigError(str(handlers), "handler directory not found",
+                          "create it, or point at yours with --handlers / EVENTFN_HANDLERS")
+    async with AsyncExitStack() as stack:
+        urls, embedded = await stack.enter_async_context(_nats_url(config))
+        bus = await stack.enter_async_context(connect(urls, config.nats))
+        await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=14 * 86_400.0)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "nats.url").write_text(bus.url + "\n", encoding="utf-8")
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                service = Service(config, bus, tg)
+                await service.reload()
+                await tg.start(service.serve_requests)
+                watcher = anyio.CancelScope()
+
+                async def watch() -> None:
+                    with watcher:
+                        await service.watch()
+
+                tg.start_soon(watch)
+                _announce(service, bus.url, embedded)
+                if ready is not None:
+                    ready.set()
+                async for signum in signals:
+                    log.info("received %s; finishing in-flight invocations", signal.Signals(signum).name)
+                    break
+                watcher.cancel()
+                await service.shutdown()
+        (data_dir / "nats.url").unlink(missing_ok=True)
+    log.info("stopped")
+
+
+def _announce(service: Service, url: str, embedded: bool) -> None:
+    loaded = [fn for fn in service.functions.values() if fn.pool is not None]
+    failed = [fn.name for fn in service.functions.values() if fn.state == "Failed"]
+    log.info("eventfn ready: %d function(s) from %s%s", len(loaded), service.handlers_dir,
+             f"; failed: {', '.join(failed)}" if failed else "")
+    if embedded:
+        log.info("embedded NATS at %s: try `nats --server %s req %shello '{}'`", url, url, subjects.INVOKE_PREFIX)
+    else:
+        log.info("connected to NATS at %s", url)

@@ -1,0 +1,78 @@
+"""NATS subject algebra: which filters overlap or cover each other, and the subjects eventfn itself owns.
+
+JetStream refuses a stream whose subjects overlap, and a consumer whose filters overlap; these pure functions
+let eventfn build a valid set up front and name the offending trigger instead of relaying a server error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: Sync invoke: core request/reply, never stored.
+INVOKE_PREFIX = "eventfn.invoke."
+#: Async invoke: stored in the events stream, processed at least once.
+ASYNC_PREFIX = "eventfn.async."
+#: Dead-letter records, one subject per function, in their own stream.
+DLQ_PREFIX = "eventfn.dlq."
+#: Requests to the running service (function list and other control operations).
+API_PREFIX = "eventfn.api."
+#: Subjects a trigger may not touch: eventfn's own, JetStream's API, inboxes and the system account.
+RESERVED = ("eventfn.>", "$JS.>", "$KV.>", "$O.>", "$SYS.>", "_INBOX.>")
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True if some subject matches both filters."""
+    ta, tb = a.split("."), b.split(".")
+    for x, y in zip(ta, tb, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(ta) == len(tb)
+
+
+def covers(a: str, b: str) -> bool:
+    """True if every subject matched by filter `b` is matched by filter `a`."""
+    ta, tb = a.split("."), b.split(".")
+    for i, y in enumerate(tb):
+        if i >= len(ta):
+            return False
+        x = ta[i]
+        if x == ">":
+            return True
+        if y == ">" or (x != "*" and x != y):
+            return False
+    return len(ta) == len(tb)
+
+
+def matches(filter_: str, subject: str) -> bool:
+    """True if the literal `subject` matches `filter_`."""
+    return covers(filter_, subject)
+
+
+def reserved_overlap(subject: str) -> str | None:
+    """The reserved filter `subject` overlaps, if any."""
+    return next((r for r in RESERVED if overlaps(subject, r)), None)
+
+
+def stream_subjects(base: Iterable[str], triggers: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """The subjects the events stream must hold: `base` plus every trigger not already covered.
+
+    Returns the subjects and, for triggers that cannot be added (they partly overlap another subject), the
+    reason keyed by trigger subject.
+    """
+    subjects = list(dict.fromkeys(base))
+    problems: dict[str, str] = {}
+    for trigger in dict.fromkeys(triggers):
+        if any(covers(s, trigger) for s in subjects):
+            continue
+        covered = [s for s in subjects if covers(trigger, s)]
+        partial = [s for s in subjects if s not in covered and overlaps(s, trigger)]
+        if partial:
+            problems[trigger] = (
+                f"trigger subject {trigger!r} partly overlaps {partial[0]!r}, so JetStream cannot store both; "
+                f"add a subject covering both to [stream] subjects in eventfn.toml"
+            )
+            continue
+        subjects = [s for s in subjects if s not in covered] + [trigger]
+    return subjects, problems

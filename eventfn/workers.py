@@ -1,0 +1,243 @@
+"""Worker pools: warm worker processes for one version of one function, reused across invocations.
+
+Each worker is a `python -m eventfn.runtime` process that loads the handler once (Lambda's init phase) and
+then runs one invocation at a time. A pool hands an invocation to an idle worker, or starts a new one (a cold
+start) when none is idle; the caller bounds how many run at once. A worker that times out or dies is killed
+and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload) lets its in-flight
+invocations finish on the old code, then stops its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from eventfn import protocol
+from eventfn.errors import HandlerLoadError
+from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
+
+log = logging.getLogger(__name__)
+report_log = logging.getLogger("eventfn.report")
+
+#: Lambda allows 10 s of init before it gives up on an environment.
+INIT_TIMEOUT = 10.0
+
+_json = msgspec.json.Encoder()
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one invocation came to: the JSON result, or Lambda's error object when `ok` is false."""
+
+    ok: bool
+    payload: bytes
+    #: None on success; `Unhandled` for errors the function raised or caused (Lambda's X-Amz-Function-Error).
+    error_type: str | None = None
+    duration_ms: float = 0.0
+
+
+def error_payload(error_type: str, message: str, request_id: str) -> bytes:
+    """Lambda's error object for errors that are not exceptions in handler code."""
+    return _json.encode({"errorMessage": message, "errorType": error_type, "requestId": request_id})
+
+
+class WorkerDied(Exception):
+    """The worker process exited (crash, os._exit, signal) while it held an invocation."""
+
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+        if returncode is None:
+            text = "Runtime exited without providing a reason"
+        elif returncode < 0:
+            text = f"Runtime exited with error: signal: {signal.Signals(-returncode).name.removeprefix('SIG').lower()}"
+        else:
+            text = f"Runtime exited with error: exit status {returncode}"
+        super().__init__(text)
+
+
+class Worker:
+    """One warm worker process and its frame channel."""
+
+    def __init__(self, process: anyio.abc.Process, spec: WorkerSpec) -> None:
+        self.process = process
+        self.spec = spec
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin = process.stdin
+        self._reader = BufferedByteReceiveStream(process.stdout)
+        self.init_ms: float | None = None
+        self.invocations = 0
+
+    @classmethod
+    async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
+        """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load."""
+        process = await anyio.open_process(
+            [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, cwd=spec.task_root,
+            start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
+        )
+        worker = cls(process, spec)
+        try:
+            with anyio.fail_after(INIT_TIMEOUT):
+                message = await worker._receive()
+        except TimeoutError:
+            await worker.kill()
+            raise HandlerLoadError(spec.function, spec.entry_file, None,
+                                   f"init did not finish within {INIT_TIMEOUT:.0f} s") from None
+        except WorkerDied as exc:
+            await worker.kill()
+            raise HandlerLoadError(spec.function, spec.entry_file, None, f"worker died during init: {exc}") \
+                from exc
+        if isinstance(message, InitFailed):
+            await worker.kill()
+            raise HandlerLoadError(spec.function, message.file, message.line,
+                                   f"{message.error_type}: {message.message}")
+        assert isinstance(message, Ready)
+        worker.init_ms = message.init_ms
+        return worker
+
+    async def _receive(self) -> protocol.Message:
+        try:
+            header = await self._reader.receive_exactly(protocol.HEADER.size)
+            (size,) = protocol.HEADER.unpack(header)
+            body = await self._reader.receive_exactly(size)
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+            raise WorkerDied(await self._returncode()) from None
+        return protocol.decoder.decode(body)
+
+    async def _returncode(self) -> int | None:
+        with anyio.move_on_after(1.0):
+            return await self.process.wait()
+        return None
+
+    async def invoke(self, invoke: Invoke) -> Result:
+        """Send one invocation and wait for its result (the caller applies the timeout)."""
+        self.invocations += 1
+        try:
+            await self._stdin.send(protocol.frame(invoke))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            raise WorkerDied(await self._returncode()) from None
+        message = await self._receive()
+        assert isinstance(message, Result)
+        return message
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def kill(self) -> None:
+        """Stop the worker at once; it holds nothing that needs a graceful end."""
+        with anyio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            await self.process.aclose()
+
+
+@dataclass
+class Pool:
+    """Warm workers for one version of one function."""
+
+    spec: WorkerSpec
+    env: dict[str, str]
+    version: str
+    idle: list[Worker] = field(default_factory=list)
+    busy: int = 0
+    retired: bool = False
+
+    async def start(self) -> float:
+        """Start the first warm worker; returns its Init Duration. Raises `HandlerLoadError`."""
+        worker = await Worker.spawn(self.spec, self.env)
+        self.idle.append(worker)
+        return worker.init_ms or 0.0
+
+    async def invoke(self, request_id: str, payload: bytes, *, is_json: bool = False,
+                     client_context: bytes | None = None,
+                     cloud_event: dict[str, str] | None = None) -> Outcome:
+        """Run one invocation with the function's timeout, on a warm worker or a new one."""
+        timeout = self.spec.timeout
+        begin = time.perf_counter()
+        init_ms: float | None = None
+        self.busy += 1
+        worker: Worker | None = None
+        reusable = False  # only a worker that answered this invocation in full may take another
+        try:
+            if self.idle:
+                worker = self.idle.pop()
+            else:
+                try:
+                    worker = await Worker.spawn(self.spec, self.env)
+                except HandlerLoadError as exc:
+                    return self._report(request_id, begin, None, None, _failure(
+                        "Runtime.ImportModuleError", exc.problem, request_id))
+                init_ms = worker.init_ms
+            invoke = Invoke(request_id=request_id, payload=payload, deadline=time.time() + timeout,
+                            is_json=is_json, client_context=client_context, cloud_event=cloud_event)
+            result: Result | None = None
+            with anyio.move_on_after(timeout):
+                try:
+                    result = await worker.invoke(invoke)
+                except WorkerDied as exc:
+                    return self._report(request_id, begin, init_ms, None, _failure(
+                        "Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id))
+            if result is None:
+                # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
+                return self._report(request_id, begin, init_ms, None, _failure(
+                    "Sandbox.Timedout", f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds",
+                    request_id))
+            reusable = True
+            return self._report(request_id, begin, init_ms, result, Outcome(
+                ok=result.ok, payload=result.payload, error_type=None if result.ok else "Unhandled",
+                duration_ms=result.duration_ms))
+        finally:
+            self.busy -= 1
+            if worker is not None:
+                if reusable and not self.retired and worker.alive:
+                    self.idle.append(worker)
+                else:
+                    await worker.kill()
+
+    def _report(self, request_id: str, begin: float, init_ms: float | None, result: Result | None,
+                outcome: Outcome) -> Outcome:
+        if report_log.isEnabledFor(logging.INFO):
+            duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
+            line = (f"REPORT RequestId: {request_id}\tFunction: {self.spec.function}\t"
+                    f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
+                    f"Memory Size: {self.spec.memory} MB\t"
+                    f"Max Memory Used: {result.max_rss_mb if result else '-'} MB")
+            if init_ms is not None:
+                line += f"\tInit Duration: {init_ms:.2f} ms"
+            line += "\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}"
+            report_log.info("%s", line)
+        return outcome
+
+    async def retire(self) -> None:
+        """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
+        self.retired = True
+        idle, self.idle = self.idle, []
+        for worker in idle:
+            await worker.kill()
+
+
+def _failure(error_type: str, message: str, request_id: str) -> Outcome:
+    return Outcome(ok=False, error_type="Unhandled", payload=error_payload(error_type, message, request_id))
+
+
+def error_type_of(payload: bytes) -> str:
+    """The `errorType` of a Lambda error object, or `?`."""
+    try:
+        value = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return "?"
+    return str(value.get("errorType", "?")) if isinstance(value, dict) else "?"
