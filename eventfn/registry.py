@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 from watchfiles import Change, DefaultFilter, awatch
 
@@ -177,9 +178,12 @@ class _HandlerFilter(DefaultFilter):
         return super().__call__(change, path) and not path.endswith((".pyc", ".pyo", "~"))
 
 
-async def watch(handlers_dir: Path, *, debounce_ms: int = 100) -> AsyncIterator[None]:
-    """Yield once after each settled batch of changes in `handlers_dir` (the caller re-discovers)."""
+async def watch(handlers_dir: Path, stop: anyio.Event, *, debounce_ms: int = 100) -> AsyncIterator[None]:
+    """Yield once after each settled batch of changes in `handlers_dir` (the caller re-discovers).
+
+    Ends soon after `stop` is set. (Cancelling instead would wait for watchfiles' thread to time out.)
+    """
     handlers_dir.mkdir(parents=True, exist_ok=True)
     async for _changes in awatch(handlers_dir, watch_filter=_HandlerFilter(), debounce=debounce_ms, step=20,
-                                 recursive=True):
+                                 recursive=True, stop_event=stop):
         yield

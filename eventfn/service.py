@@ -332,9 +332,15 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    async def watch(self) -> None:
-        """Apply handler directory changes as they settle (hot reload)."""
-        async for _ in registry.watch(self.handlers_dir):
+    async def watch(self, stop: anyio.Event, *,
+                    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Apply handler directory changes as they settle (hot reload), until `stop` is set.
+
+        `started()` is signalled just before the first step of the watch generator, which installs the
+        file-system watch before its first await, so once the starter resumes no change can be missed.
+        """
+        task_status.started()
+        async for _ in registry.watch(self.handlers_dir, stop):
             try:
                 await self.reload()
             except EventfnError as exc:
@@ -347,7 +353,9 @@ class Service:
         with anyio.move_on_after(longest + self.config.shutdown_grace) as scope:
             for fn in self.functions.values():
                 await self._stop_mappings(fn, list(fn.mappings))
+            log.debug("mappings stopped")
             await self._requests_done.wait()
+            log.debug("requests settled")
         if scope.cancelled_caught:
             log.warning("in-flight invocations did not finish in time; their events will be redelivered")
         for fn in self.functions.values():
@@ -393,20 +401,16 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
                 service = Service(config, bus, tg)
                 await service.reload()
                 await tg.start(service.serve_requests)
-                watcher = anyio.CancelScope()
-
-                async def watch() -> None:
-                    with watcher:
-                        await service.watch()
-
-                tg.start_soon(watch)
+                stop_watching = anyio.Event()
+                await tg.start(service.watch, stop_watching)
+                await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
                 if ready is not None:
                     ready.set()
                 async for signum in signals:
                     log.info("received %s; finishing in-flight invocations", signal.Signals(signum).name)
                     break
-                watcher.cancel()
+                stop_watching.set()
                 await service.shutdown()
         (data_dir / "nats.url").unlink(missing_ok=True)
     log.info("stopped")

@@ -1,0 +1,90 @@
+"""Fixtures: a real nats-server per test, `eventfn serve` subprocesses, and a NATS client that publishes
+exactly as the nats CLI does (plain publishes, no headers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def handlers(tmp_path: Path) -> Path:
+    """An empty handler directory with the `_probe` helper handlers use to report back over NATS."""
+    path = tmp_path / "handlers"
+    path.mkdir()
+    (path / "_probe.py").write_text(PROBE_MODULE)
+    return path
+
+
+@pytest.fixture
+def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[Callable[..., Serve]]:
+    """Start `eventfn serve` on the test's nats-server and handler directory; stopped at teardown."""
+    started: list[Serve] = []
+
+    def start(*, wait_ready: bool = True, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+              ) -> Serve:
+        process = Serve(handlers, nats_server.url, tmp_path / "data", extra_args=extra_args,
+                        env={"PROBE_NATS": nats_server.url, **(env or {})})
+        started.append(process)
+        return process.start(wait_ready=wait_ready)
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+class Collector:
+    """Messages on a subject, with a way to wait (without sleeping) until enough have arrived."""
+
+    def __init__(self) -> None:
+        self.messages: list[Msg] = []
+        self._changed = anyio.Event()
+
+    async def on_message(self, msg: Msg) -> None:
+        self.messages.append(msg)
+        self._changed.set()
+
+    @property
+    def texts(self) -> list[str]:
+        return [m.data.decode() for m in self.messages]
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[str]:
+        with anyio.fail_after(timeout):
+            while len(self.messages) < count:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+        return self.texts
+
+
+@pytest.fixture
+async def probe(nc: Client) -> Callable[[str], object]:
+    """`await probe("subject")` subscribes a Collector to what handlers `report` there."""
+
+    async def subscribe(subject: str) -> Collector:
+        collector = Collector()
+        await nc.subscribe(subject, cb=collector.on_message)
+        await nc.flush()
+        return collector
+
+    return subscribe

@@ -1,0 +1,190 @@
+"""End to end: `eventfn serve` as a subprocess, invoked with plain NATS requests and publishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from eventfn.testing import Serve, write_handler
+
+pytestmark = pytest.mark.e2e
+
+ECHO = """
+    # /// eventfn
+    # timeout = 5
+    # triggers = ["events.orders.*", "audit.>"]
+    # ///
+    import _probe
+
+    def handler(event, context):
+        _probe.report("probe.echo", __import__("json").dumps({"event": event, "id": context.aws_request_id}))
+        return {"event": event, "function": context.function_name}
+"""
+
+
+async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Callable[..., Serve],
+                                                      nc: Client) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    reply = await nc.request("eventfn.invoke.echo", b'{"id": 1}', timeout=10)
+    assert json.loads(reply.data) == {"event": {"id": 1}, "function": "echo"}
+    assert "Eventfn-Function-Error" not in (reply.headers or {})
+
+
+async def test_handler_exception_returns_lambda_error_object_and_error_header(
+        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "fails", """
+        def lambda_handler(event, context):
+            raise KeyError("missing-field")
+    """)
+    serve()
+    reply = await nc.request("eventfn.invoke.fails", b"{}", timeout=10)
+    error = json.loads(reply.data)
+    assert error["errorType"] == "KeyError"
+    assert error["errorMessage"] == "'missing-field'"
+    assert any("fails.py" in frame and "line 2" in frame for frame in error["stackTrace"])
+    assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
+
+
+async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(
+        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "slow", """
+        # /// eventfn
+        # timeout = 1
+        # ///
+        def handler(event, context):
+            if event.get("spin"):
+                while True:
+                    pass
+            return "fast"
+    """)
+    serve()
+    reply = await nc.request("eventfn.invoke.slow", b'{"spin": true}', timeout=10)
+    error = json.loads(reply.data)
+    assert error["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in error["errorMessage"]
+    assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
+    again = await nc.request("eventfn.invoke.slow", b"{}", timeout=10)
+    assert json.loads(again.data) == "fast"
+
+
+async def test_unknown_function_gets_resource_not_found(handlers: Path, serve: Callable[..., Serve],
+                                                        nc: Client) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    reply = await nc.request("eventfn.invoke.nope", b"{}", timeout=10)
+    assert json.loads(reply.data)["errorType"] == "ResourceNotFoundException"
+    assert reply.headers["Eventfn-Status"] == "404"
+
+
+async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
+        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    seen = await probe("probe.echo")
+    await nc.publish("events.orders.created", b'{"id": 1}')  # matches events.orders.*
+    await nc.publish("events.orders.created.extra", b'{"id": 2}')  # matches neither trigger
+    await nc.publish("audit.eu.login", b'{"id": 3}')  # matches audit.>
+    await nc.publish("events.orders.paid", b'{"id": 4}')
+    received = [json.loads(t)["event"] for t in await seen.wait_for(3)]
+    assert sorted(e["id"] for e in received) == [1, 3, 4]
+
+
+async def test_non_json_body_arrives_as_text_and_binary_as_base64(
+        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    seen = await probe("probe.echo")
+    await nc.publish("events.orders.text", b"plain words, not JSON")
+    await nc.publish("events.orders.binary", b"\xff\xfe\x00\x01")
+    events = sorted(json.loads(t)["event"] for t in await seen.wait_for(2))
+    assert events == ["//4AAQ==", "plain words, not JSON"]
+
+
+async def test_async_invoke_is_stored_and_processed(handlers: Path, serve: Callable[..., Serve], nc: Client,
+                                                    probe) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    seen = await probe("probe.echo")
+    js = nc.jetstream()
+    ack = await js.publish("eventfn.async.echo", b'{"job": 7}')
+    assert ack.stream == "EVENTFN"
+    [text] = await seen.wait_for(1)
+    assert json.loads(text)["event"] == {"job": 7}
+
+
+async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "ctx", """
+        # /// eventfn
+        # timeout = 7
+        # memory = 256
+        # ///
+        def handler(event, context):
+            return {
+                "function_name": context.function_name,
+                "function_version": context.function_version,
+                "arn": context.invoked_function_arn,
+                "memory": context.memory_limit_in_mb,
+                "request_id": context.aws_request_id,
+                "log_group": context.log_group_name,
+                "log_stream": context.log_stream_name,
+                "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
+                "client_context": context.client_context,
+                "remaining": context.get_remaining_time_in_millis(),
+            }
+    """)
+    serve()
+    reply = await nc.request("eventfn.invoke.ctx", b"{}", timeout=10)
+    ctx = json.loads(reply.data)
+    assert ctx["function_name"] == "ctx"
+    assert ctx["function_version"] == "$LATEST"
+    assert ctx["arn"].endswith(":function:ctx") and ctx["arn"].startswith("arn:aws:lambda:")
+    assert ctx["memory"] == "256"
+    assert len(ctx["request_id"]) == 36 and ctx["request_id"] == reply.headers["Eventfn-Request-Id"]
+    assert ctx["log_group"] == "/aws/lambda/ctx"
+    assert "[$LATEST]" in ctx["log_stream"]
+    assert ctx["identity"] == [None, None]
+    assert ctx["client_context"] is None
+    assert 6000 < ctx["remaining"] <= 7000
+
+
+def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eventfn", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=30, input=input.decode() if input else None)
+
+
+async def test_cli_invoke_pub_and_functions(tmp_path: Path, handlers: Path, serve: Callable[..., Serve],
+                                            nats_server, probe) -> None:
+    write_handler(handlers, "echo", ECHO)
+    serve()
+    url = ["--nats", nats_server.url]
+    result = _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"event": {"n": 5}, "function": "echo"}
+
+    piped = _cli("invoke", "echo", "-", *url, cwd=tmp_path, input=b'{"from": "stdin"}')
+    assert json.loads(piped.stdout)["event"] == {"from": "stdin"}
+
+    seen = await probe("probe.echo")
+    queued = _cli("invoke", "echo", "--async", '{"n": 6}', *url, cwd=tmp_path)
+    assert json.loads(queued.stdout)["StatusCode"] == 202
+    published = _cli("pub", "events.orders.cli", '{"n": 7}', *url, cwd=tmp_path)
+    assert published.returncode == 0, published.stderr
+    events = [json.loads(t)["event"] for t in await seen.wait_for(2)]
+    assert {"n": 6} in events and {"n": 7} in events
+
+    listing = _cli("functions", "--json", *url, cwd=tmp_path)
+    [info] = json.loads(listing.stdout)
+    assert info["name"] == "echo" and info["state"] == "Active"
+    assert info["triggers"] == ["events.orders.*", "audit.>"]
+
+    missing = _cli("invoke", "nope", *url, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "ResourceNotFoundException" in missing.stderr
+    assert "Traceback" not in missing.stderr

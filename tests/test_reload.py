@@ -1,0 +1,142 @@
+"""Hot reload against a real `eventfn serve`: add, change, delete and break handler files while it runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client
+
+from eventfn.testing import Serve, write_handler
+
+pytestmark = pytest.mark.e2e
+
+
+def reporter(version: str, subject: str, *, trigger: str = "events.load.>") -> str:
+    return f"""
+        # /// eventfn
+        # triggers = ["{trigger}"]
+        # concurrency = 4
+        # ///
+        import _probe
+
+        def handler(event, context):
+            _probe.report("{subject}", "{version}:%d" % event["n"])
+            return "{version}"
+    """
+
+
+def numbers(texts: list[str]) -> list[int]:
+    return [int(t.split(":")[1]) for t in texts]
+
+
+async def test_add_change_delete_under_a_steady_stream_loses_nothing(
+        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    write_handler(handlers, "counter", reporter("v1", "probe.counter"))
+    write_handler(handlers, "doomed", reporter("d", "probe.doomed"))
+    service = serve()
+    counter, late, doomed = await probe("probe.counter"), await probe("probe.late"), await probe("probe.doomed")
+    total = 600
+
+    async def publish() -> None:
+        for n in range(total):
+            await nc.publish("events.load.tick", json.dumps({"n": n}).encode())  # as `nats pub` sends it
+            await anyio.sleep(0.005)  # a steady rate, not synchronization
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish)
+        await counter.wait_for(100)
+        mark = service.log.mark()
+        write_handler(handlers, "counter", reporter("v2", "probe.counter"))
+        write_handler(handlers, "late", reporter("late", "probe.late"))
+        (handlers / "doomed.py").unlink()
+        service.log.wait_for(r"function counter reloaded", start=mark)
+        service.log.wait_for(r"function late loaded", start=mark)
+        service.log.wait_for(r"function doomed removed", start=mark)
+
+    seen = await counter.wait_for(total)
+    assert sorted(numbers(seen)) == list(range(total)), "every event exactly once across the reload"
+    versions = [t.split(":")[0] for t in seen]
+    assert versions.count("v1") >= 100 and versions.count("v2") > 0
+    assert versions[-1] == "v2"
+    # The added function gets every event from its start on; the deleted one a gapless prefix, then nothing.
+    late_seen = sorted(numbers(late.texts))
+    assert late_seen and late_seen == list(range(late_seen[0], total))
+    doomed_seen = sorted(numbers(doomed.texts))
+    assert doomed_seen == list(range(len(doomed_seen))) and len(doomed_seen) < total
+
+
+async def test_broken_file_marks_function_failed_and_previous_version_keeps_serving(
+        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "fn", """
+        def handler(event, context):
+            return "v1"
+    """)
+    service = serve()
+    mark = service.log.mark()
+    write_handler(handlers, "fn", """
+        def handler(event, context):
+            return "v2"
+           oops = (
+    """)
+    failure = service.log.wait_for(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
+    assert failure.group(1).endswith("fn.py") and failure.group(2) == "3"
+    reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
+    assert json.loads(reply.data) == "v1"
+    [info] = json.loads((await nc.request("eventfn.api.functions", b"", timeout=5)).data)
+    assert info["state"] == "Failed"
+    assert "fn.py:3" in info["last_error"] and "SyntaxError" in info["last_error"]
+    assert info["serving_version"] != info["version"]
+
+    mark = service.log.mark()
+    write_handler(handlers, "fn", """
+        def handler(event, context):
+            return "v3"
+    """)
+    service.log.wait_for(r"function fn reloaded", start=mark)
+    reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
+    assert json.loads(reply.data) == "v3"
+
+
+async def test_function_failing_at_start_reports_its_error_and_others_run(
+        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "good", """
+        def handler(event, context):
+            return "ok"
+    """)
+    write_handler(handlers, "bad", """
+        import os
+        import module_that_does_not_exist
+
+        def handler(event, context):
+            return "never"
+    """)
+    service = serve()
+    assert "failed: bad" in service.log.wait_for(r"eventfn ready.*").group(0)
+    reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
+    error = json.loads(reply.data)
+    assert error["errorType"] == "Runtime.ImportModuleError"
+    assert "bad.py:2" in error["errorMessage"] and "module_that_does_not_exist" in error["errorMessage"]
+    assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
+    assert json.loads((await nc.request("eventfn.invoke.good", b"{}", timeout=10)).data) == "ok"
+    states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}
+    assert states == {"bad": "Failed", "good": "Active"}
+
+
+async def test_settings_typo_is_reported_with_file_and_key(handlers: Path, serve: Callable[..., Serve],
+                                                           nc: Client) -> None:
+    write_handler(handlers, "typo", """
+        # /// eventfn
+        # timout = 5
+        # ///
+        def handler(event, context):
+            return "ok"
+    """)
+    service = serve()
+    line = service.log.wait_for(r"function typo: .*").group(0)
+    assert "typo.py" in line and "timout" in line
+    [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
+    assert info["state"] == "Failed" and "timout" in info["last_error"]
