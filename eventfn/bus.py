@@ -97,8 +97,10 @@ class Delivery:
 class PullFeed:
     """A pipelined pull consumer: yields at most `max_inflight` unsettled deliveries at a time."""
 
-    def __init__(self, nc: Client, stream: str, consumer: str, *, max_inflight: int, expires: float = 5.0) -> None:
+    def __init__(self, nc: Client, stream: str, consumer: str, *, max_inflight: int, expires: float = 5.0,
+                 reconnect_hooks: list[Callable[[], None]] | None = None) -> None:
         self.nc = nc
+        self._hooks = reconnect_hooks if reconnect_hooks is not None else []
         self.stream = stream
         self.consumer = consumer
         self.max_inflight = max(1, max_inflight)
@@ -131,6 +133,7 @@ class PullFeed:
         inbox = self.nc.new_inbox()
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
         sub = await self.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._hooks.append(self._requests_lost)
         task_status.started()
         try:
             while not self._stopping:
@@ -148,12 +151,18 @@ class PullFeed:
                     # server restart). Ask again rather than wait forever.
                     self.outstanding = 0
         finally:
+            self._hooks.remove(self._requests_lost)
             with anyio.CancelScope(shield=True):
                 try:
                     await sub.unsubscribe()
                 except nats.errors.Error:
                     pass
                 self._send.close()
+
+    def _requests_lost(self) -> None:
+        # A reconnect drops the server's record of our pull requests: ask again now, not after they expire.
+        self.outstanding = 0
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop requesting; deliveries already received stay available to drain."""
@@ -220,10 +229,11 @@ class Reply(msgspec.Struct, frozen=True):
 class Bus:
     """A connected NATS client with eventfn's operations on it."""
 
-    def __init__(self, nc: Client, url: str) -> None:
+    def __init__(self, nc: Client, url: str, reconnect_hooks: list[Callable[[], None]] | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.url = url
+        self._reconnect_hooks = reconnect_hooks if reconnect_hooks is not None else []
 
     # -- publishing ---------------------------------------------------------------------------------------
 
@@ -319,7 +329,7 @@ class Bus:
 
     def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
         """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""
-        return PullFeed(self.nc, stream, consumer, max_inflight=max_inflight)
+        return PullFeed(self.nc, stream, consumer, max_inflight=max_inflight, reconnect_hooks=self._reconnect_hooks)
 
     @staticmethod
     async def _js_call(call: Awaitable[Any], what: str) -> Any:
@@ -357,14 +367,15 @@ async def connect(urls: Sequence[str], settings: NatsSettings, *, name: str = "e
             context.load_cert_chain(settings.tls_cert, settings.tls_key)
         options["tls"] = context
     where = ",".join(urls)
+    hooks: list[Callable[[], None]] = []
     try:
-        nc = await _first_connect(options)
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise NatsUnavailable(where, f"cannot connect: {exc or type(exc).__name__}",
+        nc = await _first_connect(options, hooks)
+    except ConnectionError as exc:
+        raise NatsUnavailable(where, f"cannot connect: {exc}",
                               "check the URL and that the server is running, or omit --nats to start an "
                               "embedded server") from exc
     try:
-        yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where)
+        yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where, hooks)
     finally:
         with anyio.CancelScope(shield=True):
             if not nc.is_closed:
@@ -374,14 +385,19 @@ async def connect(urls: Sequence[str], settings: NatsSettings, *, name: str = "e
                     await nc.close()
 
 
-async def _first_connect(options: dict[str, Any]) -> Client:
-    # The first connection must fail fast (a wrong URL is a user error); reconnects later retry forever.
+async def _first_connect(options: dict[str, Any], reconnect_hooks: list[Callable[[], None]]) -> Client:
+    """Connect once, failing fast (a wrong URL is a user error); once connected, reconnects retry forever."""
     nc = Client()
+    first_errors: list[str] = []
+    established = False
 
     # Without these callbacks nats-py prints every reconnect attempt's traceback to stderr.
     async def on_error(exc: Exception) -> None:
-        if not (nc.is_closed or nc.is_draining):
-            log.warning("NATS: %s", exc or type(exc).__name__)
+        text = str(exc) or type(exc).__name__
+        if not established:
+            first_errors.append(text)  # still connecting for the first time: reported by the raise below
+        elif not (nc.is_closed or nc.is_draining):
+            log.warning("NATS: %s", text)
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
@@ -389,10 +405,16 @@ async def _first_connect(options: dict[str, Any]) -> Client:
 
     async def on_reconnected() -> None:
         log.info("NATS: reconnected to %s", nc.connected_url)
+        for hook in list(reconnect_hooks):
+            hook()
 
-    options = {**options, "error_cb": on_error, "disconnected_cb": on_disconnected,
-               "reconnected_cb": on_reconnected}
-    await nc.connect(**{**options, "max_reconnect_attempts": 1, "allow_reconnect": False})
+    try:
+        await nc.connect(**{**options, "max_reconnect_attempts": 1, "allow_reconnect": False,
+                            "error_cb": on_error, "disconnected_cb": on_disconnected,
+                            "reconnected_cb": on_reconnected})
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise ConnectionError(first_errors[-1] if first_errors else (str(exc) or type(exc).__name__)) from exc
+    established = True
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     return nc

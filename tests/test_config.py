@@ -78,7 +78,9 @@ def test_inline_block_with_other_block_type_is_ignored(tmp_path: Path) -> None:
 
 def test_inline_settings_text_reports_the_line_the_block_starts_on() -> None:
     source = "import os\n\n# /// eventfn\n# timeout = 4\n#\n# memory = 512\n# ///\n"
-    text, start = inline_settings_text(source)  # type: ignore[misc]
+    found = inline_settings_text(source)
+    assert found is not None
+    text, start = found
     assert start == 3
     assert text.splitlines() == ["timeout = 4", "", "memory = 512"]
 

@@ -1,0 +1,147 @@
+"""Start-up, shutdown and restart of a real `eventfn serve`: nothing lost, configuration kept, clear errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client
+
+from eventfn.testing import NatsServer, Serve, write_handler
+from tests.conftest import Collector
+
+pytestmark = pytest.mark.e2e
+
+SLOW = """
+    # /// eventfn
+    # triggers = ["events.work.>"]
+    # concurrency = 4
+    # timeout = {timeout}
+    # ///
+    import time
+    import _probe
+
+    def handler(event, context):
+        time.sleep(0.1)
+        _probe.report("probe.slow", str(event["n"]))
+        return event["n"]
+"""
+
+
+async def test_sigterm_with_events_in_flight_then_restart_loses_none(
+        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    write_handler(handlers, "slow", SLOW.format(timeout=5))
+    first = serve()
+    seen = await probe("probe.slow")
+    total = 80
+    for n in range(total):
+        await nc.publish("events.work.item", json.dumps({"n": n}).encode())
+    await seen.wait_for(8)
+    first.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(first.wait) == 0
+    stopped_at = len(seen.messages)
+    assert stopped_at < total, "the test must interrupt work in progress"
+    assert "Traceback" not in first.log.text()
+
+    serve()
+    done = await seen.wait_for(total)
+    numbers = [int(t) for t in done]
+    assert sorted(set(numbers)) == list(range(total)), "every event processed after the restart"
+    assert len(numbers) == total, "a clean shutdown settles in-flight work: no event runs twice"
+
+
+async def test_restart_keeps_configuration_and_applies_changed_settings(
+        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    write_handler(handlers, "slow", SLOW.format(timeout=5))
+    serve().stop()
+    js = nc.jetstream()
+    before = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
+    assert set(before) == {"slow--async", "slow--t0"}
+
+    serve().stop()
+    again = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
+    assert again == before, "a restart with the same settings changes nothing"
+
+    write_handler(handlers, "slow", SLOW.format(timeout=20).replace("events.work.>", "events.jobs.*"))
+    serve().stop()
+    after = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
+    assert set(after) == set(before)
+    assert after["slow--t0"].ack_wait == 50.0 and before["slow--t0"].ack_wait == 35.0
+    assert after["slow--t0"].filter_subject == "events.jobs.*"
+    stream = await js.stream_info("EVENTFN")
+    assert "events.>" in stream.config.subjects
+
+
+async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_path: Path, handlers: Path) -> None:
+    write_handler(handlers, "hello", """
+        def handler(event, context):
+            return {"hello": event.get("name")}
+    """)
+    service = Serve(handlers, None, tmp_path / "data")
+    with service:
+        url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
+        assert url.startswith("nats://127.0.0.1:")
+        assert (tmp_path / "data" / "jetstream").is_dir()
+        client = await nats.connect(url)
+        reply = await client.request("eventfn.invoke.hello", b'{"name": "Ann"}', timeout=10)
+        assert json.loads(reply.data) == {"hello": "Ann"}
+        await client.close()
+    assert service.process is not None and service.process.returncode == 0
+    host, port = url.removeprefix("nats://").split(":")
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def _serve_error(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eventfn", "serve", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats_server: NatsServer) -> None:
+    in_use = _serve_error("--handlers", str(handlers), "--nats-port", str(nats_server.port),
+                          "--data-dir", str(tmp_path / "d1"), cwd=tmp_path)
+    unreachable = _serve_error("--handlers", str(handlers), "--nats", "nats://127.0.0.1:1", cwd=tmp_path)
+    no_dir = _serve_error("--handlers", str(tmp_path / "missing"), "--nats", nats_server.url, cwd=tmp_path)
+    (tmp_path / "eventfn.toml").write_text('[stream]\nsubjectz = ["x.>"]\n')
+    typo = _serve_error("--handlers", str(handlers), "--nats", nats_server.url, cwd=tmp_path)
+    for result, expected in [(in_use, f"port {nats_server.port} is already in use"),
+                             (unreachable, "cannot connect"),
+                             (no_dir, "handler directory not found"),
+                             (typo, "subjectz")]:
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(
+        tmp_path: Path, handlers: Path) -> None:
+    write_handler(handlers, "slow", SLOW.format(timeout=5))
+    store = tmp_path / "restartable"
+    first = NatsServer(store).start()
+    try:
+        with Serve(handlers, first.url, tmp_path / "data", env={"PROBE_NATS": first.url}) as service:
+            first.stop()
+            second = NatsServer(store, port=first.port).start()
+            try:
+                service.log.wait_for(r"reconnected", timeout=30)
+                client = await nats.connect(second.url)
+                seen = Collector()
+                await client.subscribe("probe.slow", cb=seen.on_message)
+                await client.flush()
+                await client.publish("events.work.after", b'{"n": 99}')
+                # Well inside the 5 s pull-request expiry: the feed re-requests on reconnect.
+                assert await seen.wait_for(1, timeout=4) == ["99"]
+                await client.close()
+            finally:
+                second.stop()
+    finally:
+        first.stop()
