@@ -154,7 +154,11 @@ class PullFeed:
             self._hooks.remove(self._requests_lost)
             with anyio.CancelScope(shield=True):
                 try:
-                    await sub.unsubscribe()
+                    # Drain, not unsubscribe: the server stops serving our pull requests once it has our
+                    # UNSUB (it checks interest), and the flush inside drain brings in whatever it sent
+                    # before that. Those arrive through `_on_message` and are handed back with a nak
+                    # instead of sitting unacknowledged until their ack wait runs out.
+                    await sub.drain()
                 except nats.errors.Error:
                     pass
                 self._send.close()

@@ -167,35 +167,52 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
 _INLINE_BLOCK = re.compile(r"(?m)^# /// eventfn$\s(?P<body>(^#(| .*)$\s)+)^# ///$")
 
 
-def inline_settings_text(source: str) -> tuple[str, int] | None:
-    """The TOML inside a `# /// eventfn` block of `source`, and the line number the block starts on."""
-    match = _INLINE_BLOCK.search(source)
-    if match is None:
+def inline_settings_text(source: str, where: str = "<handler>") -> tuple[str, int] | None:
+    """The TOML inside the `# /// eventfn` block of `source`, and the line number the block starts on."""
+    blocks = list(_INLINE_BLOCK.finditer(source))
+    if not blocks:
         return None
+    if len(blocks) > 1:
+        line = source.count("\n", 0, blocks[1].start()) + 1
+        raise ConfigError(f"{where}:{line}", "a second `# /// eventfn` block", "merge it into the first one")
+    match = blocks[0]
     lines = [line[2:] if line.startswith("# ") else line[1:] for line in match.group("body").splitlines()]
     start_line = source.count("\n", 0, match.start()) + 1
     return "\n".join(lines), start_line
 
 
+def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` over `base`, key by key; tables (environment, retry) merge the same way."""
+    out = dict(base)
+    for key, value in layer.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def read_function_settings(
     name: str, entry_file: Path, sidecar: Path | None, overrides: dict[str, Any]
 ) -> FunctionSettings:
-    """Merge a function's inline block, sidecar file and service overrides into validated settings."""
-    merged: dict[str, Any] = {}
+    """Merge a function's inline block, sidecar file and service overrides into validated settings.
+
+    Each source is validated on its own first, so an error names the file that holds the bad key.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
     try:
         source = entry_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         source = ""
-    where = str(entry_file)
-    if inline := inline_settings_text(source):
+    if inline := inline_settings_text(source, str(entry_file)):
         text, start = inline
-        merged.update(_parse_toml(text, where, line_offset=start))
+        layers.append((str(entry_file), _parse_toml(text, str(entry_file), line_offset=start)))
     if sidecar is not None and sidecar.exists():
-        where = str(sidecar)
-        merged.update(_parse_toml(sidecar.read_text(encoding="utf-8"), where))
+        layers.append((str(sidecar), _parse_toml(sidecar.read_text(encoding="utf-8"), str(sidecar))))
     if overrides:
-        where = f"eventfn.toml [functions.{name}]"
-        merged.update(overrides)
+        layers.append((f"eventfn.toml [functions.{name}]", overrides))
+    merged: dict[str, Any] = {}
+    where = str(entry_file)
+    for where, layer in layers:
+        _convert(layer, FunctionSettings, where)
+        merged = _merge(merged, layer)
     settings: FunctionSettings = _convert(merged, FunctionSettings, where)
     for trigger in settings.trigger_list():
         _check_trigger(trigger, where)

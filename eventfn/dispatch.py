@@ -51,7 +51,8 @@ Decision = Ack | Retry | DeadLetter
 
 def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
     """Delay before retry number `attempt` (1-based): exponential, capped, with equal jitter in [d/2, d]."""
-    delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+    # The exponent is bounded first: 2 ** 1024 does not fit a float, and the cap is reached long before.
+    delay = min(policy.max_delay, policy.base_delay * 2.0 ** min(attempt - 1, 64))
     return delay / 2 + rand() * delay / 2
 
 

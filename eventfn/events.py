@@ -50,7 +50,8 @@ class _StructuredEvent(msgspec.Struct, kw_only=True):
     subject: str | None = None
     time: str | None = None
     datacontenttype: str | None = None
-    data: msgspec.Raw | None = None
+    # Raw keeps the data's JSON text as it came; empty when the event has no `data` member.
+    data: msgspec.Raw = msgspec.Raw(b"")
     data_base64: str | None = None
 
 
@@ -102,13 +103,20 @@ def _from_structured(subject: str, data: bytes) -> Event:
         raw = _structured_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventDecodeError(subject, f"invalid structured CloudEvent: {exc}") from exc
+    content_type = raw.datacontenttype
     if raw.data_base64 is not None:
         try:
             body = base64.b64decode(raw.data_base64, validate=True)
         except ValueError as exc:
             raise EventDecodeError(subject, "data_base64 is not valid base64") from exc
+    elif not (data := bytes(raw.data)):
+        body = b""
+    elif content_type and not _is_json_type(content_type) and data.startswith(b'"'):
+        # CloudEvents JSON format 3.1.2: a string `data` with a non-JSON content type is that text itself.
+        body = msgspec.json.decode(data, type=str).encode()
     else:
-        body = bytes(raw.data) if raw.data is not None else b""
+        body = data
+        content_type = content_type or "application/json"
     return Event(
         id=raw.id,
         source=raw.source,
@@ -116,9 +124,14 @@ def _from_structured(subject: str, data: bytes) -> Event:
         specversion=raw.specversion,
         subject=raw.subject or subject,
         time=raw.time,
-        datacontenttype=raw.datacontenttype or ("application/json" if raw.data is not None else None),
+        datacontenttype=content_type,
         data=body,
     )
+
+
+def _is_json_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media.endswith(("/json", "+json"))
 
 
 def binary_headers(event: Event) -> dict[str, str]:

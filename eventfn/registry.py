@@ -90,8 +90,11 @@ def _is_function_file(path: Path) -> bool:
         return False
     source = _read(path)
     entry = _defines_entry(source)
-    return entry is None or entry or inline_settings_text(source) is not None or \
-        path.with_suffix(".toml").exists()
+    try:
+        has_block = inline_settings_text(source) is not None
+    except ConfigError:
+        has_block = True  # a malformed block still marks a function: its error is shown, not ignored
+    return entry is None or entry or has_block or path.with_suffix(".toml").exists()
 
 
 def discover(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, FunctionSource]:
@@ -156,6 +159,9 @@ def _folder(path: Path, override: dict[str, Any]) -> FunctionSource | None:
     module, attribute = _split_handler(settings.handler if settings else None)
     if module:
         entry = path / (module.replace(".", "/") + ".py")
+        if entry != probe and entry.exists():
+            # The named entry module's own `# /// eventfn` block counts, not the default module's.
+            settings, error, error_file = _settings(name, entry, sidecar, override)
     elif default_entry is not None:
         entry, module = default_entry, default_entry.stem
     else:

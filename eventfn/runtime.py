@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import decimal
 import importlib
 import importlib.util
 import inspect
@@ -111,13 +110,12 @@ class _TaggedStream(io.TextIOBase):
 
 
 def _encode_default(obj: Any) -> Any:
-    # Lambda's runtime serializes Decimal as a number; anything else unknown is a marshal error.
-    if isinstance(obj, decimal.Decimal):
-        return int(obj) if obj == obj.to_integral_value() else float(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-_json = msgspec.json.Encoder(enc_hook=_encode_default)
+# Decimal as a JSON number, as Lambda's runtime does (DynamoDB hands out Decimals). More lenient than Lambda:
+# datetime, set and bytes are encoded (ISO string, array, base64) where Lambda reports Runtime.MarshalError.
+_json = msgspec.json.Encoder(enc_hook=_encode_default, decimal_format="number")
 _json_decode = msgspec.json.decode
 
 

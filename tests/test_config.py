@@ -170,8 +170,6 @@ def test_unknown_key_in_service_override_names_key_and_functions_table(tmp_path:
     assert info.value.where == "eventfn.toml [functions.fn]"
 
 
-@pytest.mark.xfail(strict=True, reason="read_function_settings blames the last file read (the sidecar), not "
-                   "the handler file whose inline block holds the typo")
 def test_unknown_key_in_inline_block_names_handler_file_even_when_sidecar_exists(tmp_path: Path) -> None:
     entry = handler_file(tmp_path, "timout = 5")
     sidecar = write(tmp_path / "fn.toml", "memory = 256\n")

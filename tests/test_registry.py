@@ -139,9 +139,6 @@ def test_folder_with_eventfn_toml_names_a_nested_entry_point(handlers_dir: Path)
     assert source.error is None
 
 
-@pytest.mark.xfail(strict=True, reason="_folder reads the inline block of the default entry module (or of "
-                   "eventfn.toml), never of the module named by `handler`, though the module docstring says "
-                   "settings come from that module's block")
 def test_folder_entry_module_named_in_eventfn_toml_has_its_inline_block_read(handlers_dir: Path) -> None:
     put(handlers_dir, "billing/pkg/mod.py", "# /// eventfn\n# memory = 1024\n# ///\ndef fn(event, context):\n    return 1\n")
     put(handlers_dir, "billing/eventfn.toml", 'handler = "pkg.mod.fn"\n')
