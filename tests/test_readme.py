@@ -1,0 +1,88 @@
+"""The README's commands and examples are run here, so the docs cannot rot."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from eventfn.config import FunctionSettings, ServiceConfig
+from eventfn.testing import NatsServer, Serve
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    test_command = next(b.strip() for b in blocks("sh") if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
+
+
+def test_readme_run_command_installs_and_serves() -> None:
+    run_command = blocks("sh")[0].strip()
+    assert run_command.endswith("eventfn serve") and "pip install ." in run_command
+
+
+def test_quickstart_handler_is_the_shipped_example() -> None:
+    assert blocks("python")[0] == (ROOT / "handlers" / "hello.py").read_text()
+
+
+def test_settings_reference_is_valid() -> None:
+    function_settings, service_settings = blocks("toml")
+    msgspec.convert(tomllib.loads(function_settings), FunctionSettings)
+    msgspec.convert(tomllib.loads(service_settings), ServiceConfig)
+
+
+@pytest.mark.e2e
+async def test_quickstart_commands_give_what_the_readme_says(tmp_path: Path, nats_server: NatsServer,
+                                                             nc: Client) -> None:
+    handlers = tmp_path / "handlers"
+    shutil.copytree(ROOT / "handlers", handlers, ignore=shutil.ignore_patterns("__pycache__"))
+    with Serve(handlers, nats_server.url, tmp_path / "data") as service:
+        states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}
+        assert set(states.values()) == {"Active"}, f"every shipped example loads: {states}"
+        assert {"hello", "orders", "ticker"} <= set(states)
+
+        quickstart, after_new_file = blocks("sh")[2:4]
+        mark = service.log.mark()
+        await run_commands(quickstart, nc, nats_server.url)
+        (handlers / "shout.py").write_text(blocks("python")[1])
+        service.log.wait_for(r"function shout loaded", start=mark)
+        await run_commands(after_new_file, nc, nats_server.url)
+        # The stored events (two trigger publishes, two async invokes) all ran.
+        service.log.wait_for(r"greeting (Bob|Cy)", start=mark, count=4)
+
+
+async def run_commands(block: str, nc: Client, url: str) -> None:
+    """Run a README shell block: `nats req/pub` lines through the test's client, `eventfn` lines as processes."""
+    for line in filter(None, (raw.strip() for raw in block.splitlines())):
+        command, _, comment = line.partition("  #")
+        words = shlex.split(command)
+        if words[0] == "nats":
+            subject, payload = words[2], words[3].encode()
+            if words[1] == "pub":
+                await nc.publish(subject, payload)
+                continue
+            reply = await nc.request(subject, payload, timeout=10)
+            assert "Eventfn-Function-Error" not in (reply.headers or {}), reply.data
+            if expected := re.search(r"-> (.*)$", comment):
+                assert json.loads(reply.data) == json.loads(expected.group(1))
+        else:
+            assert words[0] == ".venv/bin/eventfn", line
+            result = subprocess.run([sys.executable, "-m", "eventfn", *words[1:], "--nats", url],
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, (line, result.stderr)
