@@ -47,8 +47,18 @@ class PullRequest(msgspec.Struct, frozen=True):
 class Delivery:
     """One JetStream message handed to the dispatcher, with the ways to settle it."""
 
-    __slots__ = ("_feed", "_msg", "data", "delivered", "headers", "settled", "stream", "stream_seq",
-                 "subject", "timestamp_ns")
+    __slots__ = (
+        "_feed",
+        "_msg",
+        "data",
+        "delivered",
+        "headers",
+        "settled",
+        "stream",
+        "stream_seq",
+        "subject",
+        "timestamp_ns",
+    )
 
     def __init__(self, msg: Msg, feed: PullFeed) -> None:
         self._msg = msg
@@ -97,8 +107,16 @@ class Delivery:
 class PullFeed:
     """A pipelined pull consumer: yields at most `max_inflight` unsettled deliveries at a time."""
 
-    def __init__(self, nc: Client, stream: str, consumer: str, *, max_inflight: int, expires: float = 5.0,
-                 reconnect_hooks: list[Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        *,
+        max_inflight: int,
+        expires: float = 5.0,
+        reconnect_hooks: list[Callable[[], None]] | None = None,
+    ) -> None:
         self.nc = nc
         self._hooks = reconnect_hooks if reconnect_hooks is not None else []
         self.stream = stream
@@ -158,7 +176,7 @@ class PullFeed:
                     # UNSUB (it checks interest), and the flush inside drain brings in whatever it sent
                     # before that. Those arrive through `_on_message` and are handed back with a nak
                     # instead of sitting unacknowledged until their ack wait runs out.
-                    await sub.drain()
+                    await sub.drain()  # type: ignore[no-untyped-call]
                 except nats.errors.Error:
                     pass
                 self._send.close()
@@ -192,8 +210,9 @@ class PullFeed:
                 pending = int(headers.get("Nats-Pending-Messages", "0") or 0)
                 self.outstanding = max(0, self.outstanding - pending) if pending else 0
                 if status == "409":
-                    log.warning("pull request on %s/%s ended: %s", self.stream, self.consumer,
-                                headers.get("Description", ""))
+                    log.warning(
+                        "pull request on %s/%s ended: %s", self.stream, self.consumer, headers.get("Description", "")
+                    )
                 self._wake.set()
             return
         self.outstanding = max(0, self.outstanding - 1)
@@ -245,14 +264,16 @@ class Bus:
         """A core publish (fire and forget)."""
         await self.nc.publish(subject, data, headers=headers)
 
-    async def publish_stored(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
-                             timeout: float = 5.0) -> int:
+    async def publish_stored(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 5.0
+    ) -> int:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
         ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
         return ack.seq
 
-    async def request(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
-                      timeout: float = 10.0) -> Reply:
+    async def request(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
+    ) -> Reply:
         """A core request; raises `TimeoutError` when nothing answers in time, `LookupError` for no responders."""
         try:
             msg = await self.nc.request(subject, data, headers=headers, timeout=timeout)
@@ -265,8 +286,9 @@ class Bus:
     # -- serving requests -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def requests(self, subject: str, queue: str, *, limit: int = 1024
-                       ) -> AsyncIterator[MemoryObjectReceiveStream[Request]]:
+    async def requests(
+        self, subject: str, queue: str, *, limit: int = 1024
+    ) -> AsyncIterator[MemoryObjectReceiveStream[Request]]:
         """Subscribe to `subject` in queue group `queue`; yields a bounded stream of incoming requests."""
         send, receive = anyio.create_memory_object_stream[Request](limit)
         nc = self.nc
@@ -287,12 +309,24 @@ class Bus:
 
     # -- JetStream provisioning -------------------------------------------------------------------------
 
-    async def ensure_stream(self, name: str, subjects: Sequence[str], *, max_age: float, max_bytes: int = -1,
-                            duplicate_window: float = 120.0) -> None:
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        max_age: float,
+        max_bytes: int = -1,
+        duplicate_window: float = 120.0,
+    ) -> None:
         """Create the stream, or update it so that its settings are exactly these."""
         config = StreamConfig(
-            name=name, subjects=list(subjects), retention=RetentionPolicy.LIMITS, max_age=max_age,
-            max_bytes=max_bytes, discard=DiscardPolicy.OLD, duplicate_window=duplicate_window,
+            name=name,
+            subjects=list(subjects),
+            retention=RetentionPolicy.LIMITS,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=duplicate_window,
         )
         try:
             info = await self.js.stream_info(name)
@@ -300,20 +334,37 @@ class Bus:
             await self._js_call(self.js.add_stream(config), f"create stream {name}")
             return
         current = info.config
-        if (sorted(current.subjects or []) != sorted(subjects) or current.max_age != max_age
-                or (current.max_bytes or -1) != max_bytes or current.duplicate_window != duplicate_window):
+        if (
+            sorted(current.subjects or []) != sorted(subjects)
+            or current.max_age != max_age
+            or (current.max_bytes or -1) != max_bytes
+            or current.duplicate_window != duplicate_window
+        ):
             await self._js_call(self.js.update_stream(config), f"update stream {name}")
 
-    async def ensure_consumer(self, stream: str, name: str, *, filter_subjects: Sequence[str], ack_wait: float,
-                              max_ack_pending: int, description: str = "") -> None:
+    async def ensure_consumer(
+        self,
+        stream: str,
+        name: str,
+        *,
+        filter_subjects: Sequence[str],
+        ack_wait: float,
+        max_ack_pending: int,
+        description: str = "",
+    ) -> None:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
 
         A new consumer starts at new messages (Lambda's LATEST); an existing one resumes where it left off.
         """
         config = ConsumerConfig(
-            durable_name=name, description=description or None, deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=-1,
-            max_ack_pending=max_ack_pending, max_waiting=512,
+            durable_name=name,
+            description=description or None,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=max_ack_pending,
+            max_waiting=512,
             **_filter_fields(filter_subjects),
         )
         await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
@@ -328,8 +379,11 @@ class Bus:
     async def consumer_lag(self, stream: str, name: str) -> dict[str, int]:
         """Pending (not yet delivered) and unacknowledged counts of a consumer."""
         info = await self.js.consumer_info(stream, name)
-        return {"pending": info.num_pending or 0, "ack_pending": info.num_ack_pending or 0,
-                "redelivered": info.num_redelivered or 0}
+        return {
+            "pending": info.num_pending or 0,
+            "ack_pending": info.num_ack_pending or 0,
+            "redelivered": info.num_redelivered or 0,
+        }
 
     def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
         """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""
@@ -351,12 +405,17 @@ def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def connect(urls: Sequence[str], settings: NatsSettings, *, name: str = "eventfn",
-                  connect_timeout: float = 5.0) -> AsyncIterator[Bus]:
+async def connect(
+    urls: Sequence[str], settings: NatsSettings, *, name: str = "eventfn", connect_timeout: float = 5.0
+) -> AsyncIterator[Bus]:
     """Connect to NATS (any of `urls`); raises `NatsUnavailable` with the reason when it cannot."""
     options: dict[str, Any] = {
-        "servers": list(urls), "name": name, "connect_timeout": connect_timeout, "allow_reconnect": True,
-        "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+        "servers": list(urls),
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
     }
     if settings.creds:
         options["user_credentials"] = settings.creds
@@ -375,9 +434,11 @@ async def connect(urls: Sequence[str], settings: NatsSettings, *, name: str = "e
     try:
         nc = await _first_connect(options, hooks)
     except ConnectionError as exc:
-        raise NatsUnavailable(where, f"cannot connect: {exc}",
-                              "check the URL and that the server is running, or omit --nats to start an "
-                              "embedded server") from exc
+        raise NatsUnavailable(
+            where,
+            f"cannot connect: {exc}",
+            "check the URL and that the server is running, or omit --nats to start an embedded server",
+        ) from exc
     try:
         yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where, hooks)
     finally:
@@ -413,9 +474,16 @@ async def _first_connect(options: dict[str, Any], reconnect_hooks: list[Callable
             hook()
 
     try:
-        await nc.connect(**{**options, "max_reconnect_attempts": 1, "allow_reconnect": False,
-                            "error_cb": on_error, "disconnected_cb": on_disconnected,
-                            "reconnected_cb": on_reconnected})
+        await nc.connect(
+            **{
+                **options,
+                "max_reconnect_attempts": 1,
+                "allow_reconnect": False,
+                "error_cb": on_error,
+                "disconnected_cb": on_disconnected,
+                "reconnected_cb": on_reconnected,
+            }
+        )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise ConnectionError(first_errors[-1] if first_errors else (str(exc) or type(exc).__name__)) from exc
     established = True

@@ -26,7 +26,8 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eventfn", description="Run Lambda-style handler files on events from NATS JetStream.",
+        prog="eventfn",
+        description="Run Lambda-style handler files on events from NATS JetStream.",
         epilog="Settings: flags override EVENTFN_* environment variables, which override eventfn.toml.",
     )
     parser.add_argument("--version", action="version", version=f"eventfn {__version__}")
@@ -37,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated (env EVENTFN_NATS_URL)")
         p.add_argument("--data-dir", help="state directory (default: ./.eventfn; env EVENTFN_DATA_DIR)")
 
-    serve = commands.add_parser("serve", help="run the service (starts an embedded NATS unless --nats is given)",
-                                description="Run handler files from a directory as functions.")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service (starts an embedded NATS unless --nats is given)",
+        description="Run handler files from a directory as functions.",
+    )
     common(serve)
     serve.add_argument("--handlers", help="handler directory (default: ./handlers; env EVENTFN_HANDLERS)")
     serve.add_argument("--nats-port", type=int, help="port of the embedded NATS server (default 4222; 0: any free)")
@@ -47,20 +51,33 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", help="CA bundle to verify the NATS server")
     serve.add_argument("--tls-cert", help="client certificate for NATS (with --tls-key)")
     serve.add_argument("--tls-key", help="client key for NATS")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="log level (default INFO; env EVENTFN_LOG_LEVEL)")
+    serve.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO; env EVENTFN_LOG_LEVEL)",
+    )
 
-    invoke = commands.add_parser("invoke", help="invoke a function and print its result",
-                                 description="Invoke a function synchronously (or --async) over NATS.")
+    invoke = commands.add_parser(
+        "invoke",
+        help="invoke a function and print its result",
+        description="Invoke a function synchronously (or --async) over NATS.",
+    )
     common(invoke)
     invoke.add_argument("name", help="function name")
     invoke.add_argument("payload", nargs="?", help="JSON event, or - to read stdin (default {})")
-    invoke.add_argument("--async", dest="is_async", action="store_true",
-                        help="queue the event (stored, at least once) and return at once")
+    invoke.add_argument(
+        "--async",
+        dest="is_async",
+        action="store_true",
+        help="queue the event (stored, at least once) and return at once",
+    )
     invoke.add_argument("--timeout", type=float, default=930.0, help="seconds to wait for the result")
 
-    pub = commands.add_parser("pub", help="publish an event to a subject (stored if a stream holds it)",
-                              description="Publish a CloudEvent (binary mode) to a NATS subject.")
+    pub = commands.add_parser(
+        "pub",
+        help="publish an event to a subject (stored if a stream holds it)",
+        description="Publish a CloudEvent (binary mode) to a NATS subject.",
+    )
     common(pub)
     pub.add_argument("subject")
     pub.add_argument("payload", nargs="?", help="event data, or - to read stdin (default {})")
@@ -75,10 +92,14 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> ServiceConfig:
     overrides: dict[str, Any] = environment_overrides(os.environ)
     flags = {
-        "handlers": getattr(args, "handlers", None), "data_dir": args.data_dir,
-        "log_level": getattr(args, "log_level", None), "nats.port": getattr(args, "nats_port", None),
-        "nats.creds": getattr(args, "creds", None), "nats.token": getattr(args, "token", None),
-        "nats.tls_ca": getattr(args, "tls_ca", None), "nats.tls_cert": getattr(args, "tls_cert", None),
+        "handlers": getattr(args, "handlers", None),
+        "data_dir": args.data_dir,
+        "log_level": getattr(args, "log_level", None),
+        "nats.port": getattr(args, "nats_port", None),
+        "nats.creds": getattr(args, "creds", None),
+        "nats.token": getattr(args, "token", None),
+        "nats.tls_ca": getattr(args, "tls_ca", None),
+        "nats.tls_cert": getattr(args, "tls_cert", None),
         "nats.tls_key": getattr(args, "tls_key", None),
         "nats.url": [u for u in args.nats.split(",") if u] if args.nats else None,
     }
@@ -142,10 +163,13 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
     async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
         try:
             seq = await bus.publish_stored(args.subject, data, events.binary_headers(event))
-        except Exception:  # noqa: BLE001 - nats-py signals "no stream holds this subject" as no responders
+        except Exception:
             await bus.publish(args.subject, data, events.binary_headers(event))
-            print(f"eventfn: no stream stores {args.subject!r}: published to core NATS only "
-                  "(only live subscribers see it)", file=sys.stderr)
+            print(
+                f"eventfn: no stream stores {args.subject!r}: published to core NATS only "
+                "(only live subscribers see it)",
+                file=sys.stderr,
+            )
             return 0
     print(msgspec.json.encode({"id": event.id, "subject": args.subject, "sequence": seq}).decode())
     return 0
@@ -160,8 +184,9 @@ async def _functions(config: ServiceConfig, args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "STATE", "VERSION", "TRIGGERS", "LAST ERROR")]
     for info in infos:
-        rows.append((info["name"], info["state"], info["version"], ",".join(info["triggers"]) or "-",
-                     info["last_error"] or "-"))
+        rows.append(
+            (info["name"], info["state"], info["version"], ",".join(info["triggers"]) or "-", info["last_error"] or "-")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
@@ -182,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             from eventfn.service import serve
 
-            logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                                format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+            logging.basicConfig(
+                level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s"
+            )
             anyio.run(serve, config)
             code = 0
         else:

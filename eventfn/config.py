@@ -151,8 +151,11 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
     out: dict[str, Any] = {}
     if url := environ.get("EVENTFN_NATS_URL"):
         out["nats.url"] = [u for u in url.split(",") if u]
-    for key, env in (("handlers", "EVENTFN_HANDLERS"), ("data_dir", "EVENTFN_DATA_DIR"),
-                     ("log_level", "EVENTFN_LOG_LEVEL")):
+    for key, env in (
+        ("handlers", "EVENTFN_HANDLERS"),
+        ("data_dir", "EVENTFN_DATA_DIR"),
+        ("log_level", "EVENTFN_LOG_LEVEL"),
+    ):
         if value := environ.get(env):
             out[key] = value
     for key, env in (("nats.creds", "EVENTFN_NATS_CREDS"), ("nats.token", "EVENTFN_NATS_TOKEN")):
@@ -229,15 +232,22 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
         raise ConfigError(where, f"trigger name {trigger.name!r} is invalid", "use letters, digits, _ and -")
     for i, subject in enumerate(trigger.subjects):
         if not valid_subject(subject):
-            raise ConfigError(where, f"trigger subject {subject!r} is not a valid NATS subject",
-                              "use dot-separated tokens; `*` matches one token, `>` the rest")
+            raise ConfigError(
+                where,
+                f"trigger subject {subject!r} is not a valid NATS subject",
+                "use dot-separated tokens; `*` matches one token, `>` the rest",
+            )
         if reserved := reserved_overlap(subject):
-            raise ConfigError(where, f"trigger subject {subject!r} overlaps {reserved!r}, which eventfn or NATS "
-                              "uses itself", "subscribe to a narrower subject, such as `events.>`")
+            raise ConfigError(
+                where,
+                f"trigger subject {subject!r} overlaps {reserved!r}, which eventfn or NATS uses itself",
+                "subscribe to a narrower subject, such as `events.>`",
+            )
         for other in trigger.subjects[:i]:
             if overlaps(subject, other):
-                raise ConfigError(where, f"trigger subjects {other!r} and {subject!r} overlap",
-                                  "keep only the wider one")
+                raise ConfigError(
+                    where, f"trigger subjects {other!r} and {subject!r} overlap", "keep only the wider one"
+                )
 
 
 def valid_subject(subject: str) -> bool:

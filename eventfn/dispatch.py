@@ -56,8 +56,9 @@ def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = rando
     return delay / 2 + rand() * delay / 2
 
 
-def decide(ok: bool, attempt: int, age: float, policy: RetryPolicy,
-           rand: Callable[[], float] = random.random) -> Decision:
+def decide(
+    ok: bool, attempt: int, age: float, policy: RetryPolicy, rand: Callable[[], float] = random.random
+) -> Decision:
     """What to do after invocation number `attempt` (1-based) of an event `age` seconds old."""
     if ok:
         return Ack()
@@ -69,16 +70,16 @@ def decide(ok: bool, attempt: int, age: float, policy: RetryPolicy,
 
 
 class _RequestContext(msgspec.Struct, frozen=True):
-    requestId: str  # noqa: N815 - Lambda's field names
-    functionArn: str  # noqa: N815
+    requestId: str
+    functionArn: str
     condition: str
-    approximateInvokeCount: int  # noqa: N815
+    approximateInvokeCount: int
 
 
 class _ResponseContext(msgspec.Struct, frozen=True):
-    statusCode: int = 200  # noqa: N815
-    executedVersion: str = "$LATEST"  # noqa: N815
-    functionError: str = "Unhandled"  # noqa: N815
+    statusCode: int = 200
+    executedVersion: str = "$LATEST"
+    functionError: str = "Unhandled"
 
 
 class _Source(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -97,10 +98,10 @@ class FailureRecord(msgspec.Struct, frozen=True):
 
     version: str
     timestamp: str
-    requestContext: _RequestContext  # noqa: N815
-    requestPayload: Any  # noqa: N815
-    responseContext: _ResponseContext  # noqa: N815
-    responsePayload: Any  # noqa: N815
+    requestContext: _RequestContext
+    requestPayload: Any
+    responseContext: _ResponseContext
+    responsePayload: Any
     eventfn: _Source
 
 
@@ -121,23 +122,34 @@ def _json_or_text(data: bytes) -> Any:
             return None
 
 
-def failure_record(function: str, delivery: Delivery, request_id: str, condition: str,
-                   error: bytes, cloud_event: dict[str, str] | None) -> bytes:
+def failure_record(
+    function: str, delivery: Delivery, request_id: str, condition: str, error: bytes, cloud_event: dict[str, str] | None
+) -> bytes:
     """Encode the DLQ record for `delivery`."""
     payload = _json_or_text(delivery.data)
-    return _record_encoder.encode(FailureRecord(
-        version="1.0",
-        timestamp=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        requestContext=_RequestContext(requestId=request_id, functionArn=ARN_PREFIX + function,
-                                       condition=condition, approximateInvokeCount=delivery.delivered),
-        requestPayload=payload,
-        responseContext=_ResponseContext(),
-        responsePayload=_json_or_text(error),
-        eventfn=_Source(subject=delivery.subject, stream=delivery.stream, stream_seq=delivery.stream_seq,
-                        data_base64=base64.b64encode(delivery.data).decode() if payload is None and delivery.data
-                        else None,
-                        headers=dict(delivery.headers) if delivery.headers else None, cloud_event=cloud_event),
-    ))
+    return _record_encoder.encode(
+        FailureRecord(
+            version="1.0",
+            timestamp=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            requestContext=_RequestContext(
+                requestId=request_id,
+                functionArn=ARN_PREFIX + function,
+                condition=condition,
+                approximateInvokeCount=delivery.delivered,
+            ),
+            requestPayload=payload,
+            responseContext=_ResponseContext(),
+            responsePayload=_json_or_text(error),
+            eventfn=_Source(
+                subject=delivery.subject,
+                stream=delivery.stream,
+                stream_seq=delivery.stream_seq,
+                data_base64=base64.b64encode(delivery.data).decode() if payload is None and delivery.data else None,
+                headers=dict(delivery.headers) if delivery.headers else None,
+                cloud_event=cloud_event,
+            ),
+        )
+    )
 
 
 Invoker = Callable[[str, bytes, dict[str, str] | None], Awaitable[Outcome]]
@@ -146,8 +158,17 @@ Invoker = Callable[[str, bytes, dict[str, str] | None], Awaitable[Outcome]]
 class Dispatcher:
     """Runs one mapping: a pull feed on one durable consumer, feeding one function."""
 
-    def __init__(self, bus: Bus, function: str, consumer: str, feed: PullFeed, *, invoke: Invoker,
-                 retry: Callable[[], RetryPolicy], concurrency: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        function: str,
+        consumer: str,
+        feed: PullFeed,
+        *,
+        invoke: Invoker,
+        retry: Callable[[], RetryPolicy],
+        concurrency: int,
+    ) -> None:
         self.bus = bus
         self.function = function
         self.consumer = consumer
@@ -186,13 +207,23 @@ class Dispatcher:
         fallback_id = events.request_id_for(delivery.stream_seq, delivery.stream)
         cloud_event: dict[str, str] | None = None
         try:
-            event = events.from_nats(delivery.subject, delivery.data, delivery.headers, fallback_id=fallback_id,
-                                     timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC))
+            event = events.from_nats(
+                delivery.subject,
+                delivery.data,
+                delivery.headers,
+                fallback_id=fallback_id,
+                timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
+            )
         except EventDecodeError as exc:
             log.error("%s: %s; dead-lettering", self.function, exc)
             with anyio.CancelScope(shield=True):
-                await self._dead_letter(delivery, fallback_id, "PoisonMessage",
-                                        error_payload("EventDecodeError", str(exc), fallback_id), None)
+                await self._dead_letter(
+                    delivery,
+                    fallback_id,
+                    "PoisonMessage",
+                    error_payload("EventDecodeError", str(exc), fallback_id),
+                    None,
+                )
             return
         cloud_event = events.to_attributes(event)
         request_id = event.id if _looks_like_uuid(event.id) else fallback_id
@@ -200,8 +231,9 @@ class Dispatcher:
         with anyio.CancelScope(shield=True):
             await self.settle(delivery, request_id, outcome, cloud_event, received)
 
-    async def settle(self, delivery: Delivery, request_id: str, outcome: Outcome,
-                     cloud_event: dict[str, str] | None, received: float) -> None:
+    async def settle(
+        self, delivery: Delivery, request_id: str, outcome: Outcome, cloud_event: dict[str, str] | None, received: float
+    ) -> None:
         """Apply the retry policy's decision for `outcome` to `delivery`."""
         age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
         decision = decide(outcome.ok, delivery.delivered, age, self._retry())
@@ -210,30 +242,44 @@ class Dispatcher:
             await delivery.ack()
         elif isinstance(decision, Retry):
             self.failed += 1
-            log.warning("%s: attempt %d of request %s failed (%s); retrying in %.2f s", self.function,
-                        delivery.delivered, request_id, error_type_of(outcome.payload), decision.delay)
+            log.warning(
+                "%s: attempt %d of request %s failed (%s); retrying in %.2f s",
+                self.function,
+                delivery.delivered,
+                request_id,
+                error_type_of(outcome.payload),
+                decision.delay,
+            )
             await delivery.nak(decision.delay)
         else:
             self.failed += 1
             await self._dead_letter(delivery, request_id, decision.condition, outcome.payload, cloud_event)
 
-    async def _dead_letter(self, delivery: Delivery, request_id: str, condition: str, error: bytes,
-                           cloud_event: dict[str, str] | None) -> None:
+    async def _dead_letter(
+        self, delivery: Delivery, request_id: str, condition: str, error: bytes, cloud_event: dict[str, str] | None
+    ) -> None:
         record = failure_record(self.function, delivery, request_id, condition, error, cloud_event)
         try:
             # The id makes a repeated write (a crash between the write and the ack) a no-op.
             await self.bus.publish_stored(
-                subjects.DLQ_PREFIX + self.function, record,
-                headers={"Nats-Msg-Id": f"dlq:{delivery.stream}:{delivery.stream_seq}",
-                         "Eventfn-Condition": condition})
-        except Exception as exc:  # noqa: BLE001 - any failure to store means: do not ack, try again later
-            log.error("%s: DLQ write for request %s failed (%s); the event stays queued", self.function,
-                      request_id, exc)
+                subjects.DLQ_PREFIX + self.function,
+                record,
+                headers={"Nats-Msg-Id": f"dlq:{delivery.stream}:{delivery.stream_seq}", "Eventfn-Condition": condition},
+            )
+        except Exception as exc:
+            log.error(
+                "%s: DLQ write for request %s failed (%s); the event stays queued", self.function, request_id, exc
+            )
             await delivery.nak(5.0)
             return
         self.dead_lettered += 1
-        log.error("%s: request %s dead-lettered (%s) after %d attempt(s)", self.function, request_id, condition,
-                  delivery.delivered)
+        log.error(
+            "%s: request %s dead-lettered (%s) after %d attempt(s)",
+            self.function,
+            request_id,
+            condition,
+            delivery.delivered,
+        )
         await delivery.ack()
 
 

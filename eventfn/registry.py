@@ -115,8 +115,9 @@ def discover(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = N
     return found
 
 
-def _settings(name: str, entry: Path, sidecar: Path | None, override: dict[str, Any]
-              ) -> tuple[FunctionSettings | None, str | None, str | None]:
+def _settings(
+    name: str, entry: Path, sidecar: Path | None, override: dict[str, Any]
+) -> tuple[FunctionSettings | None, str | None, str | None]:
     try:
         return read_function_settings(name, entry, sidecar, override), None, None
     except ConfigError as exc:
@@ -142,8 +143,14 @@ def _single_file(path: Path, root: Path, helpers: list[Path], override: dict[str
             error, error_file = f"{path}: handler module {module!r} not found at {entry}", str(path)
     files = [path, sidecar, entry, *helpers]
     return FunctionSource(
-        name=name, task_root=str(root), module=module or name, entry_file=str(entry), attribute=attribute,
-        version=_digest(files, msgspec.json.encode(override)), settings=settings, error=error,
+        name=name,
+        task_root=str(root),
+        module=module or name,
+        entry_file=str(entry),
+        attribute=attribute,
+        version=_digest(files, msgspec.json.encode(override)),
+        settings=settings,
+        error=error,
         error_file=error_file,
     )
 
@@ -167,13 +174,19 @@ def _folder(path: Path, override: dict[str, Any]) -> FunctionSource | None:
     else:
         entry, module = sidecar, ""
     if error is None and (entry == sidecar or not entry.exists()):
-        wanted = f"{module}.py" if module else "lambda_function.py (or set handler = \"module.function\")"
+        wanted = f"{module}.py" if module else 'lambda_function.py (or set handler = "module.function")'
         error, error_file = f"{path}: entry module {wanted} not found", str(path)
     files = [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     return FunctionSource(
-        name=name, task_root=str(path.resolve()), module=module, entry_file=str(entry.resolve()),
-        attribute=attribute, version=_digest(files, msgspec.json.encode(override)), settings=settings,
-        error=error, error_file=error_file,
+        name=name,
+        task_root=str(path.resolve()),
+        module=module,
+        entry_file=str(entry.resolve()),
+        attribute=attribute,
+        version=_digest(files, msgspec.json.encode(override)),
+        settings=settings,
+        error=error,
+        error_file=error_file,
     )
 
 
@@ -190,6 +203,7 @@ async def watch(handlers_dir: Path, stop: anyio.Event, *, debounce_ms: int = 100
     Ends soon after `stop` is set. (Cancelling instead would wait for watchfiles' thread to time out.)
     """
     handlers_dir.mkdir(parents=True, exist_ok=True)
-    async for _changes in awatch(handlers_dir, watch_filter=_HandlerFilter(), debounce=debounce_ms, step=20,
-                                 recursive=True, stop_event=stop):
+    async for _changes in awatch(
+        handlers_dir, watch_filter=_HandlerFilter(), debounce=debounce_ms, step=20, recursive=True, stop_event=stop
+    ):
         yield

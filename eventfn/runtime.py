@@ -190,8 +190,9 @@ def _init_failure(exc: BaseException, spec: WorkerSpec) -> InitFailed:
         error_type = "Runtime.ImportModuleError"
         message = f"Unable to import module '{spec.module}': {type(exc).__name__}: {exc}"
     error = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": []}
-    return InitFailed(error_type=error_type, message=message, file=file or spec.entry_file, line=line,
-                      error=_json.encode(error))
+    return InitFailed(
+        error_type=error_type, message=message, file=file or spec.entry_file, line=line, error=_json.encode(error)
+    )
 
 
 class _Channel:
@@ -240,7 +241,7 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
     started = time.perf_counter()
     try:
         entry = load_handler(spec)
-    except BaseException as exc:  # noqa: BLE001 - any failure in user init code is reported, not raised
+    except BaseException as exc:
         channel.send(_init_failure(exc, spec))
         return
     is_async = inspect.iscoroutinefunction(entry)
@@ -259,11 +260,18 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             try:
                 payload, ok = _json.encode(result), True
             except TypeError as exc:
-                payload, ok = _json.encode({
-                    "errorMessage": f"Unable to marshal response: {exc}",
-                    "errorType": "Runtime.MarshalError", "requestId": invoke.request_id, "stackTrace": [],
-                }), False
-        except Exception as exc:  # noqa: BLE001 - handler errors become Lambda error objects
+                payload, ok = (
+                    _json.encode(
+                        {
+                            "errorMessage": f"Unable to marshal response: {exc}",
+                            "errorType": "Runtime.MarshalError",
+                            "requestId": invoke.request_id,
+                            "stackTrace": [],
+                        }
+                    ),
+                    False,
+                )
+        except Exception as exc:
             error = error_object(exc, skip_frames=1)
             error["requestId"] = invoke.request_id
             payload, ok = _json.encode(error), False

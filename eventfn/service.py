@@ -91,13 +91,18 @@ class Function:
     def info(self) -> FunctionInfo:
         settings = self.settings or self.source.settings
         return FunctionInfo(
-            name=self.name, state=self.state, version=self.source.version,
+            name=self.name,
+            state=self.state,
+            version=self.source.version,
             serving_version=self.pool.version if self.pool else None,
             description=settings.description if settings else "",
             triggers=[s for t in settings.trigger_list() for s in t.subjects] if settings else [],
-            invoke_subject=subjects.INVOKE_PREFIX + self.name, async_subject=subjects.ASYNC_PREFIX + self.name,
-            timeout=settings.timeout if settings else None, memory=settings.memory if settings else None,
-            concurrency=settings.concurrency if settings else None, init_ms=self.init_ms,
+            invoke_subject=subjects.INVOKE_PREFIX + self.name,
+            async_subject=subjects.ASYNC_PREFIX + self.name,
+            timeout=settings.timeout if settings else None,
+            memory=settings.memory if settings else None,
+            concurrency=settings.concurrency if settings else None,
+            init_ms=self.init_ms,
             last_error=self.last_error,
         )
 
@@ -137,8 +142,11 @@ class Service:
             sources = registry.discover(self.handlers_dir, self.config.functions)
             for name in [n for n in self.functions if n not in sources]:
                 await self._remove(self.functions.pop(name))
-            changed = [s for s in sources.values()
-                       if s.name not in self.functions or self.functions[s.name].source.version != s.version]
+            changed = [
+                s
+                for s in sources.values()
+                if s.name not in self.functions or self.functions[s.name].source.version != s.version
+            ]
             limiter = anyio.CapacityLimiter(LOAD_PARALLELISM)
             async with anyio.create_task_group() as tg:
                 for source in changed:
@@ -153,10 +161,19 @@ class Service:
             log.error("function %s: %s%s", source.name, fn.last_error, _keeps_serving(fn))
             return
         settings = source.settings
-        pool = Pool(spec=WorkerSpec(function=source.name, task_root=source.task_root, module=source.module,
-                                    entry_file=source.entry_file, attribute=source.attribute,
-                                    memory=settings.memory, timeout=settings.timeout),
-                    env=self._environment(source, settings), version=source.version)
+        pool = Pool(
+            spec=WorkerSpec(
+                function=source.name,
+                task_root=source.task_root,
+                module=source.module,
+                entry_file=source.entry_file,
+                attribute=source.attribute,
+                memory=settings.memory,
+                timeout=settings.timeout,
+            ),
+            env=self._environment(source, settings),
+            version=source.version,
+        )
         async with limiter:
             try:
                 init_ms = await pool.start()
@@ -167,24 +184,31 @@ class Service:
         old, fn.pool, fn.settings = fn.pool, pool, settings
         fn.last_error, fn.init_ms = None, init_ms
         fn.limiter.total_tokens = max(1, settings.concurrency)
-        log.info("function %s %s (version %s, init %.1f ms)", source.name, "reloaded" if old else "loaded",
-                 source.version, init_ms)
+        log.info(
+            "function %s %s (version %s, init %.1f ms)",
+            source.name,
+            "reloaded" if old else "loaded",
+            source.version,
+            init_ms,
+        )
         if old is not None:
             # In-flight invocations finish on the old code; new ones already go to the new pool.
             self.tg.start_soon(old.retire)
 
     def _environment(self, source: FunctionSource, settings: FunctionSettings) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")}
-        env.update({
-            "AWS_LAMBDA_FUNCTION_NAME": source.name,
-            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(settings.memory),
-            "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(settings.timeout)),
-            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{source.name}",
-            "AWS_EXECUTION_ENV": f"eventfn_python{sys.version_info.major}.{sys.version_info.minor}",
-            "LAMBDA_TASK_ROOT": source.task_root,
-            "_HANDLER": f"{source.module}.{source.attribute or 'handler'}",
-        })
+        env.update(
+            {
+                "AWS_LAMBDA_FUNCTION_NAME": source.name,
+                "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(settings.memory),
+                "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(settings.timeout)),
+                "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{source.name}",
+                "AWS_EXECUTION_ENV": f"eventfn_python{sys.version_info.major}.{sys.version_info.minor}",
+                "LAMBDA_TASK_ROOT": source.task_root,
+                "_HANDLER": f"{source.module}.{source.attribute or 'handler'}",
+            }
+        )
         env.update(settings.environment)
         return env
 
@@ -213,31 +237,54 @@ class Service:
         events arriving meanwhile wait for the fix instead of being missed. Dispatchers run only for functions
         with a loaded version and a concurrency above 0.
         """
-        triggers = [s for fn in self.functions.values() if (st := fn.source.settings or fn.settings)
-                    for t in st.trigger_list() for s in t.subjects]
+        triggers = [
+            s
+            for fn in self.functions.values()
+            if (st := fn.source.settings or fn.settings)
+            for t in st.trigger_list()
+            for s in t.subjects
+        ]
         base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">"]
         stream_subjects, problems = subjects.stream_subjects(base, triggers)
         for problem in problems.values():
             log.error("%s", problem)
         if stream_subjects != self._stream_subjects:
-            await self.bus.ensure_stream(EVENTS_STREAM, stream_subjects, max_age=self.config.stream.max_age,
-                                         max_bytes=self.config.stream.max_bytes)
+            await self.bus.ensure_stream(
+                EVENTS_STREAM,
+                stream_subjects,
+                max_age=self.config.stream.max_age,
+                max_bytes=self.config.stream.max_bytes,
+            )
             self._stream_subjects = stream_subjects
         for fn in self.functions.values():
             settings = fn.source.settings or fn.settings
-            wanted = {name: subs for name, subs in self._consumers(fn.name, settings).items()
-                      if not any(s in problems for s in subs)}
+            wanted = {
+                name: subs
+                for name, subs in self._consumers(fn.name, settings).items()
+                if not any(s in problems for s in subs)
+            }
             runnable = fn.pool is not None and fn.settings is not None and fn.settings.concurrency > 0
             concurrency = fn.settings.concurrency if fn.settings else 0
-            await self._stop_mappings(fn, [n for n, r in fn.mappings.items() if not runnable or n not in wanted
-                                           or r.subjects != wanted[n] or r.concurrency != concurrency])
+            await self._stop_mappings(
+                fn,
+                [
+                    n
+                    for n, r in fn.mappings.items()
+                    if not runnable or n not in wanted or r.subjects != wanted[n] or r.concurrency != concurrency
+                ],
+            )
             for name, filter_subjects in wanted.items():
                 assert settings is not None
                 consumer = (tuple(filter_subjects), settings.timeout + 30.0, max(64, 4 * settings.concurrency))
                 if self._provisioned.get(name) != consumer:
-                    await self.bus.ensure_consumer(EVENTS_STREAM, name, filter_subjects=filter_subjects,
-                                                   ack_wait=consumer[1], max_ack_pending=consumer[2],
-                                                   description=f"eventfn function {fn.name}")
+                    await self.bus.ensure_consumer(
+                        EVENTS_STREAM,
+                        name,
+                        filter_subjects=filter_subjects,
+                        ack_wait=consumer[1],
+                        max_ack_pending=consumer[2],
+                        description=f"eventfn function {fn.name}",
+                    )
                     self._provisioned[name] = consumer
                 if runnable and name not in fn.mappings:
                     await self._start_mapping(fn, name, filter_subjects)
@@ -246,8 +293,15 @@ class Service:
         settings = fn.settings
         assert settings is not None
         feed = self.bus.pull_feed(EVENTS_STREAM, consumer, max_inflight=2 * settings.concurrency)
-        dispatcher = Dispatcher(self.bus, fn.name, consumer, feed, invoke=fn.invoke,
-                                retry=lambda: (fn.settings or settings).retry, concurrency=settings.concurrency)
+        dispatcher = Dispatcher(
+            self.bus,
+            fn.name,
+            consumer,
+            feed,
+            invoke=fn.invoke,
+            retry=lambda: (fn.settings or settings).retry,
+            concurrency=settings.concurrency,
+        )
         running = _Running(dispatcher, filter_subjects, settings.concurrency)
         fn.mappings[consumer] = running
 
@@ -278,8 +332,10 @@ class Service:
     async def _serve_requests(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as inflight:
             with self._intake:
-                async with self.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes, \
-                        self.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api:
+                async with (
+                    self.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes,
+                    self.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api,
+                ):
                     task_status.started()
                     async with anyio.create_task_group() as readers:
                         readers.start_soon(self._read, invokes, inflight, self._invoke_sync)
@@ -295,19 +351,30 @@ class Service:
         fn = self.functions.get(name)
         request_id = str(uuid.uuid4())
         if fn is None:
-            return await _reply_error(request, 404, "ResourceNotFoundException",
-                                      f"Function not found: {name} (loaded: {', '.join(sorted(self.functions))})")
+            return await _reply_error(
+                request,
+                404,
+                "ResourceNotFoundException",
+                f"Function not found: {name} (loaded: {', '.join(sorted(self.functions))})",
+            )
         if len(request.data) > SYNC_PAYLOAD_LIMIT:
-            return await _reply_error(request, 413, "RequestTooLargeException",
-                                      f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the "
-                                      "InvokeFunction operation")
+            return await _reply_error(
+                request,
+                413,
+                "RequestTooLargeException",
+                f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the InvokeFunction operation",
+            )
         if fn.pool is None:
             body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
             return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
-        if fn.settings is not None and fn.settings.concurrency == 0 or fn.limiter.available_tokens < 1:
-            return await _reply_error(request, 429, "TooManyRequestsException",
-                                      f"Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded "
-                                      f"({name} allows {fn.limiter.total_tokens} at once)")
+        if (fn.settings is not None and fn.settings.concurrency == 0) or fn.limiter.available_tokens < 1:
+            return await _reply_error(
+                request,
+                429,
+                "TooManyRequestsException",
+                f"Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded "
+                f"({name} allows {fn.limiter.total_tokens} at once)",
+            )
         client_context = None
         if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
             try:
@@ -332,8 +399,9 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    async def watch(self, stop: anyio.Event, *,
-                    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def watch(
+        self, stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Apply handler directory changes as they settle (hot reload), until `stop` is set.
 
         `started()` is signalled just before the first step of the watch generator, which installs the
@@ -370,8 +438,9 @@ def _keeps_serving(fn: Function) -> str:
 
 
 async def _reply_error(request: Request, status: int, error_type: str, message: str) -> None:
-    await request.respond(_encode_error(error_type, message),
-                          {"Eventfn-Error": error_type, "Eventfn-Status": str(status)})
+    await request.respond(
+        _encode_error(error_type, message), {"Eventfn-Error": error_type, "Eventfn-Status": str(status)}
+    )
 
 
 @asynccontextmanager
@@ -388,8 +457,11 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
     data_dir = Path(config.data_dir)
     handlers = Path(config.handlers)
     if not handlers.is_dir():
-        raise ConfigError(str(handlers), "handler directory not found",
-                          "create it, or point at yours with --handlers / EVENTFN_HANDLERS")
+        raise ConfigError(
+            str(handlers),
+            "handler directory not found",
+            "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
+        )
     async with AsyncExitStack() as stack:
         urls, embedded = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, config.nats))
@@ -419,8 +491,12 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
 def _announce(service: Service, url: str, embedded: bool) -> None:
     loaded = [fn for fn in service.functions.values() if fn.pool is not None]
     failed = [fn.name for fn in service.functions.values() if fn.state == "Failed"]
-    log.info("eventfn ready: %d function(s) from %s%s", len(loaded), service.handlers_dir,
-             f"; failed: {', '.join(failed)}" if failed else "")
+    log.info(
+        "eventfn ready: %d function(s) from %s%s",
+        len(loaded),
+        service.handlers_dir,
+        f"; failed: {', '.join(failed)}" if failed else "",
+    )
     if embedded:
         log.info("embedded NATS at %s: try `nats --server %s req %shello '{}'`", url, url, subjects.INVOKE_PREFIX)
     else:

@@ -94,7 +94,9 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [find_binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         self.log = LogWatcher(self.process.stdout)
         match = self.log.wait_for(r"Listening for client connections on (\S+)")
@@ -125,19 +127,43 @@ class NatsServer:
 class Serve:
     """`eventfn serve` as a subprocess, connected to `nats_url` (or embedded when None)."""
 
-    def __init__(self, handlers: Path, nats_url: str | None, data_dir: Path, *, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None, echo: bool = False) -> None:
-        self.args = [sys.executable, "-m", "eventfn", "serve", "--handlers", str(handlers), "--data-dir",
-                     str(data_dir), *(["--nats", nats_url] if nats_url else ["--nats-port", "0"]),
-                     *(extra_args or [])]
+    def __init__(
+        self,
+        handlers: Path,
+        nats_url: str | None,
+        data_dir: Path,
+        *,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "eventfn",
+            "serve",
+            "--handlers",
+            str(handlers),
+            "--data-dir",
+            str(data_dir),
+            *(["--nats", nats_url] if nats_url else ["--nats-port", "0"]),
+            *(extra_args or []),
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cwd = cwd
         self.echo = echo
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True) -> Serve:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+        self.process = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+        )
         self.log = LogWatcher(self.process.stdout, echo_prefix="serve| " if self.echo else None)
         if wait_ready:
             self.log.wait_for(r"eventfn ready", timeout=30)
@@ -176,8 +202,9 @@ class Serve:
     def __enter__(self) -> Serve:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -209,7 +236,6 @@ def report(subject, text):
     while b"PONG" not in buf:
         buf += _sock.recv(4096)
 '''
-
 
 
 def write_handler(directory: Path, name: str, source: str) -> Path:

@@ -82,7 +82,11 @@ class Worker:
         """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load."""
         process = await anyio.open_process(
             [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, cwd=spec.task_root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=env,
+            cwd=spec.task_root,
             start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
         )
         worker = cls(process, spec)
@@ -91,16 +95,17 @@ class Worker:
                 message = await worker._receive()
         except TimeoutError:
             await worker.kill()
-            raise HandlerLoadError(spec.function, spec.entry_file, None,
-                                   f"init did not finish within {INIT_TIMEOUT:.0f} s") from None
+            raise HandlerLoadError(
+                spec.function, spec.entry_file, None, f"init did not finish within {INIT_TIMEOUT:.0f} s"
+            ) from None
         except WorkerDied as exc:
             await worker.kill()
-            raise HandlerLoadError(spec.function, spec.entry_file, None, f"worker died during init: {exc}") \
-                from exc
+            raise HandlerLoadError(spec.function, spec.entry_file, None, f"worker died during init: {exc}") from exc
         if isinstance(message, InitFailed):
             await worker.kill()
-            raise HandlerLoadError(spec.function, message.file, message.line,
-                                   f"{message.error_type}: {message.message}")
+            raise HandlerLoadError(
+                spec.function, message.file, message.line, f"{message.error_type}: {message.message}"
+            )
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
         return worker
@@ -112,7 +117,8 @@ class Worker:
             body = await self._reader.receive_exactly(size)
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
             raise WorkerDied(await self._returncode()) from None
-        return protocol.decoder.decode(body)
+        message: protocol.Message = protocol.decoder.decode(body)
+        return message
 
     async def _returncode(self) -> int | None:
         with anyio.move_on_after(1.0):
@@ -162,9 +168,15 @@ class Pool:
         self.idle.append(worker)
         return worker.init_ms or 0.0
 
-    async def invoke(self, request_id: str, payload: bytes, *, is_json: bool = False,
-                     client_context: bytes | None = None,
-                     cloud_event: dict[str, str] | None = None) -> Outcome:
+    async def invoke(
+        self,
+        request_id: str,
+        payload: bytes,
+        *,
+        is_json: bool = False,
+        client_context: bytes | None = None,
+        cloud_event: dict[str, str] | None = None,
+    ) -> Outcome:
         """Run one invocation with the function's timeout, on a warm worker or a new one."""
         timeout = self.spec.timeout
         begin = time.perf_counter()
@@ -179,27 +191,56 @@ class Pool:
                 try:
                     worker = await Worker.spawn(self.spec, self.env)
                 except HandlerLoadError as exc:
-                    return self._report(request_id, begin, None, None, _failure(
-                        "Runtime.ImportModuleError", exc.problem, request_id))
+                    return self._report(
+                        request_id, begin, None, None, _failure("Runtime.ImportModuleError", exc.problem, request_id)
+                    )
                 init_ms = worker.init_ms
-            invoke = Invoke(request_id=request_id, payload=payload, deadline=time.time() + timeout,
-                            is_json=is_json, client_context=client_context, cloud_event=cloud_event)
+            invoke = Invoke(
+                request_id=request_id,
+                payload=payload,
+                deadline=time.time() + timeout,
+                is_json=is_json,
+                client_context=client_context,
+                cloud_event=cloud_event,
+            )
             result: Result | None = None
             with anyio.move_on_after(timeout):
                 try:
                     result = await worker.invoke(invoke)
                 except WorkerDied as exc:
-                    return self._report(request_id, begin, init_ms, None, _failure(
-                        "Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id))
+                    return self._report(
+                        request_id,
+                        begin,
+                        init_ms,
+                        None,
+                        _failure("Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id),
+                    )
             if result is None:
                 # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
-                return self._report(request_id, begin, init_ms, None, _failure(
-                    "Sandbox.Timedout", f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds",
-                    request_id))
+                return self._report(
+                    request_id,
+                    begin,
+                    init_ms,
+                    None,
+                    _failure(
+                        "Sandbox.Timedout",
+                        f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds",
+                        request_id,
+                    ),
+                )
             reusable = True
-            return self._report(request_id, begin, init_ms, result, Outcome(
-                ok=result.ok, payload=result.payload, error_type=None if result.ok else "Unhandled",
-                duration_ms=result.duration_ms))
+            return self._report(
+                request_id,
+                begin,
+                init_ms,
+                result,
+                Outcome(
+                    ok=result.ok,
+                    payload=result.payload,
+                    error_type=None if result.ok else "Unhandled",
+                    duration_ms=result.duration_ms,
+                ),
+            )
         finally:
             self.busy -= 1
             if worker is not None:
@@ -208,14 +249,17 @@ class Pool:
                 else:
                     await worker.kill()
 
-    def _report(self, request_id: str, begin: float, init_ms: float | None, result: Result | None,
-                outcome: Outcome) -> Outcome:
+    def _report(
+        self, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
+    ) -> Outcome:
         if report_log.isEnabledFor(logging.INFO):
             duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
-            line = (f"REPORT RequestId: {request_id}\tFunction: {self.spec.function}\t"
-                    f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
-                    f"Memory Size: {self.spec.memory} MB\t"
-                    f"Max Memory Used: {result.max_rss_mb if result else '-'} MB")
+            line = (
+                f"REPORT RequestId: {request_id}\tFunction: {self.spec.function}\t"
+                f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
+                f"Memory Size: {self.spec.memory} MB\t"
+                f"Max Memory Used: {result.max_rss_mb if result else '-'} MB"
+            )
             if init_ms is not None:
                 line += f"\tInit Duration: {init_ms:.2f} ms"
             line += "\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}"

@@ -35,10 +35,16 @@ def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[C
     """Start `eventfn serve` on the test's nats-server and handler directory; stopped at teardown."""
     started: list[Serve] = []
 
-    def start(*, wait_ready: bool = True, extra_args: list[str] | None = None, env: dict[str, str] | None = None
-              ) -> Serve:
-        process = Serve(handlers, nats_server.url, tmp_path / "data", extra_args=extra_args,
-                        env={"PROBE_NATS": nats_server.url, **(env or {})})
+    def start(
+        *, wait_ready: bool = True, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> Serve:
+        process = Serve(
+            handlers,
+            nats_server.url,
+            tmp_path / "data",
+            extra_args=extra_args,
+            env={"PROBE_NATS": nats_server.url, **(env or {})},
+        )
         started.append(process)
         return process.start(wait_ready=wait_ready)
 

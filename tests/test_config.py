@@ -51,7 +51,9 @@ def test_file_without_settings_gets_lambda_defaults(tmp_path: Path) -> None:
 
 
 def test_inline_block_is_read(tmp_path: Path) -> None:
-    entry = handler_file(tmp_path, """
+    entry = handler_file(
+        tmp_path,
+        """
         description = "inline"
         timeout = 7
         memory = 256
@@ -60,7 +62,9 @@ def test_inline_block_is_read(tmp_path: Path) -> None:
         GREETING = "hi"
         [retry]
         max_attempts = 5
-    """, preamble='"""Docstring first."""\nimport os\n')
+    """,
+        preamble='"""Docstring first."""\nimport os\n',
+    )
     settings = read_function_settings("fn", entry, None, {})
     assert settings.description == "inline"
     assert settings.timeout == 7
@@ -86,14 +90,20 @@ def test_inline_settings_text_reports_the_line_the_block_starts_on() -> None:
 
 
 def test_sidecar_wins_over_inline_block_key_by_key(tmp_path: Path) -> None:
-    entry = handler_file(tmp_path, """
+    entry = handler_file(
+        tmp_path,
+        """
         description = "inline"
         timeout = 7
         memory = 256
-    """)
-    sidecar = write(tmp_path / "fn.toml", """
+    """,
+    )
+    sidecar = write(
+        tmp_path / "fn.toml",
+        """
         timeout = 11
-    """)
+    """,
+    )
     settings = read_function_settings("fn", entry, sidecar, {})
     assert settings.timeout == 11  # from the sidecar
     assert settings.memory == 256  # kept from the inline block
@@ -101,15 +111,21 @@ def test_sidecar_wins_over_inline_block_key_by_key(tmp_path: Path) -> None:
 
 
 def test_service_overrides_win_over_sidecar_and_inline_block_key_by_key(tmp_path: Path) -> None:
-    entry = handler_file(tmp_path, """
+    entry = handler_file(
+        tmp_path,
+        """
         description = "inline"
         timeout = 7
         memory = 256
-    """)
-    sidecar = write(tmp_path / "fn.toml", """
+    """,
+    )
+    sidecar = write(
+        tmp_path / "fn.toml",
+        """
         timeout = 11
         concurrency = 4
-    """)
+    """,
+    )
     settings = read_function_settings("fn", entry, sidecar, {"timeout": 20, "memory": 1024})
     assert settings.timeout == 20
     assert settings.memory == 1024
@@ -123,9 +139,12 @@ def test_missing_sidecar_is_not_an_error(tmp_path: Path) -> None:
 
 
 def test_trigger_table_form_with_name(tmp_path: Path) -> None:
-    entry = handler_file(tmp_path, """
+    entry = handler_file(
+        tmp_path,
+        """
         triggers = ["events.a", {subjects = ["events.b.*", "events.c.>"], name = "bc"}]
-    """)
+    """,
+    )
     settings = read_function_settings("fn", entry, None, {})
     assert settings.trigger_list() == [
         Trigger(subjects=["events.a"]),
@@ -193,10 +212,14 @@ def test_wrong_type_is_config_error(tmp_path: Path) -> None:
 
 def test_invalid_toml_in_inline_block_points_at_the_handler_file_line(tmp_path: Path) -> None:
     # Line 1-3: preamble; 4: `# /// eventfn`; 5: timeout; 6: the broken line.
-    entry = handler_file(tmp_path, """
+    entry = handler_file(
+        tmp_path,
+        """
         timeout = 5
         memory = = 256
-    """, preamble='"""Doc."""\nimport os\nimport sys\n')
+    """,
+        preamble='"""Doc."""\nimport os\nimport sys\n',
+    )
     assert entry.read_text().splitlines()[5] == "# memory = = 256"
     with pytest.raises(ConfigError) as info:
         read_function_settings("fn", entry, None, {})
@@ -206,12 +229,15 @@ def test_invalid_toml_in_inline_block_points_at_the_handler_file_line(tmp_path: 
 
 def test_invalid_toml_in_sidecar_points_at_the_sidecar_line(tmp_path: Path) -> None:
     entry = handler_file(tmp_path, None)
-    sidecar = write(tmp_path / "fn.toml", """
+    sidecar = write(
+        tmp_path / "fn.toml",
+        """
         timeout = 5
 
         memory = = 256
         concurrency = 2
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         read_function_settings("fn", entry, sidecar, {})
     assert info.value.where == f"{sidecar}:3"
@@ -226,31 +252,37 @@ def test_invalid_environment_variable_name_is_rejected(tmp_path: Path) -> None:
 # -- triggers ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("subject", [
-    "events..orders",  # empty token
-    ".events",
-    "events.",
-    "",
-    "events.>.orders",  # `>` not last
-    "events.or>ders",
-    "events.ord*",
-    "events.or ders",
-])
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "events..orders",  # empty token
+        ".events",
+        "events.",
+        "",
+        "events.>.orders",  # `>` not last
+        "events.or>ders",
+        "events.ord*",
+        "events.or ders",
+    ],
+)
 def test_invalid_trigger_subject_is_rejected(tmp_path: Path, subject: str) -> None:
     entry = handler_file(tmp_path, None)
     with pytest.raises(ConfigError, match="not a valid NATS subject"):
         read_function_settings("fn", entry, None, {"triggers": [subject]})
 
 
-@pytest.mark.parametrize(("subject", "reserved"), [
-    ("eventfn.invoke.fn", "eventfn.>"),
-    ("eventfn.>", "eventfn.>"),
-    ("*.invoke.fn", "eventfn.>"),
-    (">", "eventfn.>"),
-    ("_INBOX.abc", "_INBOX.>"),
-    ("_INBOX.*", "_INBOX.>"),
-    ("$JS.API.>", "$JS.>"),
-])
+@pytest.mark.parametrize(
+    ("subject", "reserved"),
+    [
+        ("eventfn.invoke.fn", "eventfn.>"),
+        ("eventfn.>", "eventfn.>"),
+        ("*.invoke.fn", "eventfn.>"),
+        (">", "eventfn.>"),
+        ("_INBOX.abc", "_INBOX.>"),
+        ("_INBOX.*", "_INBOX.>"),
+        ("$JS.API.>", "$JS.>"),
+    ],
+)
 def test_trigger_overlapping_reserved_subjects_is_rejected(tmp_path: Path, subject: str, reserved: str) -> None:
     entry = handler_file(tmp_path, None)
     with pytest.raises(ConfigError) as info:
@@ -258,12 +290,15 @@ def test_trigger_overlapping_reserved_subjects_is_rejected(tmp_path: Path, subje
     assert f"overlaps {reserved!r}" in str(info.value)
 
 
-@pytest.mark.parametrize("subjects", [
-    ["events.orders.*", "events.orders.new"],
-    ["events.>", "events.orders"],
-    ["events.*.eu", "events.orders.*"],
-    ["events.a", "events.a"],
-])
+@pytest.mark.parametrize(
+    "subjects",
+    [
+        ["events.orders.*", "events.orders.new"],
+        ["events.>", "events.orders"],
+        ["events.*.eu", "events.orders.*"],
+        ["events.a", "events.a"],
+    ],
+)
 def test_overlapping_subjects_inside_one_trigger_are_rejected(tmp_path: Path, subjects: list[str]) -> None:
     entry = handler_file(tmp_path, None)
     with pytest.raises(ConfigError, match="overlap"):
@@ -336,8 +371,9 @@ def test_service_config_defaults_without_file(tmp_path: Path, monkeypatch: pytes
     assert config.stream.subjects == ["events.>"]
 
 
-def test_service_config_reads_default_file_in_working_directory(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_service_config_reads_default_file_in_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write(tmp_path / "eventfn.toml", 'handlers = "lambdas"\n')
     monkeypatch.chdir(tmp_path)
     assert load_service_config(None, {}).handlers == "lambdas"
@@ -351,7 +387,9 @@ def test_service_config_explicit_path_must_exist(tmp_path: Path) -> None:
 
 
 def test_service_config_file_values_are_read(tmp_path: Path) -> None:
-    path = write(tmp_path / "eventfn.toml", """
+    path = write(
+        tmp_path / "eventfn.toml",
+        """
         handlers = "lambdas"
         log_level = "WARNING"
         [nats]
@@ -361,7 +399,8 @@ def test_service_config_file_values_are_read(tmp_path: Path) -> None:
         subjects = ["events.>", "orders.>"]
         [functions.hello]
         timeout = 9
-    """)
+    """,
+    )
     config = load_service_config(path, {})
     assert config.handlers == "lambdas"
     assert config.log_level == "WARNING"
@@ -372,14 +411,17 @@ def test_service_config_file_values_are_read(tmp_path: Path) -> None:
 
 
 def test_overrides_win_over_file_and_keep_other_nats_settings(tmp_path: Path) -> None:
-    path = write(tmp_path / "eventfn.toml", """
+    path = write(
+        tmp_path / "eventfn.toml",
+        """
         handlers = "lambdas"
         data_dir = "state"
         [nats]
         url = ["nats://file:4222"]
         user = "me"
         port = 4000
-    """)
+    """,
+    )
     overrides = environment_overrides({"EVENTFN_NATS_URL": "nats://env:4222", "EVENTFN_HANDLERS": "from-env"})
     config = load_service_config(path, overrides)
     assert config.handlers == "from-env"
@@ -407,7 +449,7 @@ def test_none_override_keeps_file_value(tmp_path: Path) -> None:
 
 
 def test_unknown_key_in_service_file_names_key_and_file(tmp_path: Path) -> None:
-    path = write(tmp_path / "eventfn.toml", "[nats]\nurls = [\"nats://x:4222\"]\n")
+    path = write(tmp_path / "eventfn.toml", '[nats]\nurls = ["nats://x:4222"]\n')
     with pytest.raises(ConfigError) as info:
         load_service_config(path, {})
     assert "urls" in str(info.value)

@@ -88,8 +88,13 @@ def test_binary_mode_reads_ce_headers() -> None:
 
 
 def test_binary_mode_fills_missing_attributes() -> None:
-    event = from_nats("events.orders", b"raw", {"ce-specversion": "1.0", "Content-Type": "text/plain"},
-                      fallback_id="f", timestamp=WHEN)
+    event = from_nats(
+        "events.orders",
+        b"raw",
+        {"ce-specversion": "1.0", "Content-Type": "text/plain"},
+        fallback_id="f",
+        timestamp=WHEN,
+    )
     assert event.id == "f"
     assert event.source == "nats:events.orders"
     assert event.type == PLAIN_EVENT_TYPE
@@ -112,16 +117,24 @@ CE_JSON = {"content-type": "application/cloudevents+json"}
 
 
 def test_structured_mode_reads_the_attributes_from_the_body() -> None:
-    body = structured(subject="order/1", time="2024-02-02T00:00:00Z", datacontenttype="text/plain",
-                      extension="ignored")
+    body = structured(subject="order/1", time="2024-02-02T00:00:00Z", datacontenttype="text/plain", extension="ignored")
     event = from_nats("events.orders", body, CE_JSON, fallback_id="f", timestamp=WHEN)
-    assert event == Event(id="s-1", source="/src", type="t.created", specversion="1.0", subject="order/1",
-                          time="2024-02-02T00:00:00Z", datacontenttype="text/plain", data=b"")
+    assert event == Event(
+        id="s-1",
+        source="/src",
+        type="t.created",
+        specversion="1.0",
+        subject="order/1",
+        time="2024-02-02T00:00:00Z",
+        datacontenttype="text/plain",
+        data=b"",
+    )
 
 
 def test_structured_mode_content_type_with_parameters_and_capitalized_header() -> None:
-    event = from_nats("events.x", structured(), {"Content-Type": "application/cloudevents+json; charset=utf-8"},
-                      fallback_id="f")
+    event = from_nats(
+        "events.x", structured(), {"Content-Type": "application/cloudevents+json; charset=utf-8"}, fallback_id="f"
+    )
     assert event.id == "s-1"
     assert event.source == "/src"
     assert event.subject == "events.x"  # no subject in the event: the NATS subject
@@ -148,12 +161,15 @@ def test_structured_mode_without_data_has_empty_data() -> None:
     assert event.datacontenttype is None
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json",
-    b'{"id": "x"}',  # required attributes missing
-    b'["an", "array"]',
-    b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"id": "x"}',  # required attributes missing
+        b'["an", "array"]',
+        b"",
+    ],
+)
 def test_broken_structured_event_raises_event_decode_error(body: bytes) -> None:
     with pytest.raises(EventDecodeError) as info:
         from_nats("events.bad", body, CE_JSON, fallback_id="f")
@@ -176,8 +192,15 @@ def test_structured_mode_string_data_with_non_json_content_type_is_the_text_itse
 
 
 def test_binary_headers_round_trip_through_from_nats() -> None:
-    original = Event(id="e-1", source="/svc", type="com.example.thing", subject="thing/1",
-                     time="2024-03-03T03:03:03Z", datacontenttype="application/json", data=b'{"k": "v"}')
+    original = Event(
+        id="e-1",
+        source="/svc",
+        type="com.example.thing",
+        subject="thing/1",
+        time="2024-03-03T03:03:03Z",
+        datacontenttype="application/json",
+        data=b'{"k": "v"}',
+    )
     headers = binary_headers(original)
     assert headers["Nats-Msg-Id"] == "e-1"
     assert from_nats("events.things", original.data, headers, fallback_id="other") == original
@@ -196,8 +219,13 @@ def test_binary_headers_omit_absent_optional_attributes() -> None:
 
 def test_to_attributes_leaves_out_data_and_empty_attributes() -> None:
     event = Event(id="e", source="/s", type="t", time="2024-01-01T00:00:00Z", data=b"xyz")
-    assert to_attributes(event) == {"id": "e", "source": "/s", "type": "t", "specversion": "1.0",
-                                    "time": "2024-01-01T00:00:00Z"}
+    assert to_attributes(event) == {
+        "id": "e",
+        "source": "/s",
+        "type": "t",
+        "specversion": "1.0",
+        "time": "2024-01-01T00:00:00Z",
+    }
 
 
 def test_request_id_is_stable_for_the_same_stored_message() -> None:

@@ -28,8 +28,7 @@ ECHO = """
 """
 
 
-async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Callable[..., Serve],
-                                                      nc: Client) -> None:
+async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     reply = await nc.request("eventfn.invoke.echo", b'{"id": 1}', timeout=10)
@@ -38,11 +37,16 @@ async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Cal
 
 
 async def test_handler_exception_returns_lambda_error_object_and_error_header(
-        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
-    write_handler(handlers, "fails", """
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "fails",
+        """
         def lambda_handler(event, context):
             raise KeyError("missing-field")
-    """)
+    """,
+    )
     serve()
     reply = await nc.request("eventfn.invoke.fails", b"{}", timeout=10)
     error = json.loads(reply.data)
@@ -53,8 +57,12 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
 
 
 async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(
-        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
-    write_handler(handlers, "slow", """
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "slow",
+        """
         # /// eventfn
         # timeout = 1
         # ///
@@ -63,7 +71,8 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
                 while True:
                     pass
             return "fast"
-    """)
+    """,
+    )
     serve()
     reply = await nc.request("eventfn.invoke.slow", b'{"spin": true}', timeout=10)
     error = json.loads(reply.data)
@@ -74,8 +83,9 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
     assert json.loads(again.data) == "fast"
 
 
-async def test_unknown_function_gets_resource_not_found(handlers: Path, serve: Callable[..., Serve],
-                                                        nc: Client) -> None:
+async def test_unknown_function_gets_resource_not_found(
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     reply = await nc.request("eventfn.invoke.nope", b"{}", timeout=10)
@@ -84,7 +94,8 @@ async def test_unknown_function_gets_resource_not_found(handlers: Path, serve: C
 
 
 async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
-        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     seen = await probe("probe.echo")
@@ -97,7 +108,8 @@ async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
 
 
 async def test_non_json_body_arrives_as_text_and_binary_as_base64(
-        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     seen = await probe("probe.echo")
@@ -107,8 +119,9 @@ async def test_non_json_body_arrives_as_text_and_binary_as_base64(
     assert events == ["//4AAQ==", "plain words, not JSON"]
 
 
-async def test_async_invoke_is_stored_and_processed(handlers: Path, serve: Callable[..., Serve], nc: Client,
-                                                    probe) -> None:
+async def test_async_invoke_is_stored_and_processed(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     seen = await probe("probe.echo")
@@ -120,7 +133,10 @@ async def test_async_invoke_is_stored_and_processed(handlers: Path, serve: Calla
 
 
 async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
-    write_handler(handlers, "ctx", """
+    write_handler(
+        handlers,
+        "ctx",
+        """
         # /// eventfn
         # timeout = 7
         # memory = 256
@@ -138,7 +154,8 @@ async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..
                 "client_context": context.client_context,
                 "remaining": context.get_remaining_time_in_millis(),
             }
-    """)
+    """,
+    )
     serve()
     reply = await nc.request("eventfn.invoke.ctx", b"{}", timeout=10)
     ctx = json.loads(reply.data)
@@ -155,12 +172,19 @@ async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..
 
 
 def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eventfn", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=30, input=input.decode() if input else None)
+    return subprocess.run(
+        [sys.executable, "-m", "eventfn", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=input.decode() if input else None,
+    )
 
 
-async def test_cli_invoke_pub_and_functions(tmp_path: Path, handlers: Path, serve: Callable[..., Serve],
-                                            nats_server, probe) -> None:
+async def test_cli_invoke_pub_and_functions(
+    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server, probe
+) -> None:
     write_handler(handlers, "echo", ECHO)
     serve()
     url = ["--nats", nats_server.url]

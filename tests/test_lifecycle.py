@@ -37,7 +37,8 @@ SLOW = """
 
 
 async def test_sigterm_with_events_in_flight_then_restart_loses_none(
-        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
     first = serve()
     seen = await probe("probe.slow")
@@ -61,7 +62,8 @@ async def test_sigterm_with_events_in_flight_then_restart_loses_none(
 
 
 async def test_restart_keeps_configuration_and_applies_changed_settings(
-        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
     serve().stop()
     js = nc.jetstream()
@@ -83,10 +85,14 @@ async def test_restart_keeps_configuration_and_applies_changed_settings(
 
 
 async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_path: Path, handlers: Path) -> None:
-    write_handler(handlers, "hello", """
+    write_handler(
+        handlers,
+        "hello",
+        """
         def handler(event, context):
             return {"hello": event.get("name")}
-    """)
+    """,
+    )
     service = Serve(handlers, None, tmp_path / "data")
     with service:
         url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
@@ -103,29 +109,38 @@ async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_pa
 
 
 def _serve_error(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eventfn", "serve", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "eventfn", "serve", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats_server: NatsServer) -> None:
-    in_use = _serve_error("--handlers", str(handlers), "--nats-port", str(nats_server.port),
-                          "--data-dir", str(tmp_path / "d1"), cwd=tmp_path)
+    in_use = _serve_error(
+        "--handlers",
+        str(handlers),
+        "--nats-port",
+        str(nats_server.port),
+        "--data-dir",
+        str(tmp_path / "d1"),
+        cwd=tmp_path,
+    )
     unreachable = _serve_error("--handlers", str(handlers), "--nats", "nats://127.0.0.1:1", cwd=tmp_path)
     no_dir = _serve_error("--handlers", str(tmp_path / "missing"), "--nats", nats_server.url, cwd=tmp_path)
     (tmp_path / "eventfn.toml").write_text('[stream]\nsubjectz = ["x.>"]\n')
     typo = _serve_error("--handlers", str(handlers), "--nats", nats_server.url, cwd=tmp_path)
-    for result, expected in [(in_use, f"port {nats_server.port} is already in use"),
-                             (unreachable, "cannot connect"),
-                             (no_dir, "handler directory not found"),
-                             (typo, "subjectz")]:
+    for result, expected in [
+        (in_use, f"port {nats_server.port} is already in use"),
+        (unreachable, "cannot connect"),
+        (no_dir, "handler directory not found"),
+        (typo, "subjectz"),
+    ]:
         assert result.returncode == 1, result.stderr
         assert expected in result.stderr
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
-async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(
-        tmp_path: Path, handlers: Path) -> None:
+async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
     store = tmp_path / "restartable"
     first = NatsServer(store).start()

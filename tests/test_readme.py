@@ -48,8 +48,9 @@ def test_settings_reference_is_valid() -> None:
 
 
 @pytest.mark.e2e
-async def test_quickstart_commands_give_what_the_readme_says(tmp_path: Path, nats_server: NatsServer,
-                                                             nc: Client) -> None:
+async def test_quickstart_commands_give_what_the_readme_says(
+    tmp_path: Path, nats_server: NatsServer, nc: Client
+) -> None:
     handlers = tmp_path / "handlers"
     shutil.copytree(ROOT / "handlers", handlers, ignore=shutil.ignore_patterns("__pycache__"))
     with Serve(handlers, nats_server.url, tmp_path / "data") as service:
@@ -83,6 +84,7 @@ async def run_commands(block: str, nc: Client, url: str) -> None:
                 assert json.loads(reply.data) == json.loads(expected.group(1))
         else:
             assert words[0] == ".venv/bin/eventfn", line
-            result = subprocess.run([sys.executable, "-m", "eventfn", *words[1:], "--nats", url],
-                                    capture_output=True, text=True, timeout=30)
+            result = subprocess.run(
+                [sys.executable, "-m", "eventfn", *words[1:], "--nats", url], capture_output=True, text=True, timeout=30
+            )
             assert result.returncode == 0, (line, result.stderr)

@@ -44,12 +44,15 @@ def test_file_defining_handler_is_a_function(handlers_dir: Path) -> None:
     assert source.settings is not None and source.settings.timeout == 3.0
 
 
-@pytest.mark.parametrize("code", [
-    "def lambda_handler(event, context):\n    return 1\n",
-    "async def handler(event, context):\n    return 1\n",
-    "def make():\n    return print\nhandler = make()\n",
-    "from json import dumps as handler\n",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "def lambda_handler(event, context):\n    return 1\n",
+        "async def handler(event, context):\n    return 1\n",
+        "def make():\n    return print\nhandler = make()\n",
+        "from json import dumps as handler\n",
+    ],
+)
 def test_other_ways_to_define_an_entry_point_make_a_function(handlers_dir: Path, code: str) -> None:
     put(handlers_dir, "fn.py", code)
     assert set(discover(handlers_dir)) == {"fn"}
@@ -62,7 +65,11 @@ def test_helper_module_without_entry_point_is_not_a_function(handlers_dir: Path)
 
 
 def test_module_defining_handler_only_inside_a_function_is_not_a_function(handlers_dir: Path) -> None:
-    put(handlers_dir, "factory.py", "def build():\n    def handler(event, context):\n        return 1\n    return handler\n")
+    put(
+        handlers_dir,
+        "factory.py",
+        "def build():\n    def handler(event, context):\n        return 1\n    return handler\n",
+    )
     assert discover(handlers_dir) == {}
 
 
@@ -140,7 +147,11 @@ def test_folder_with_eventfn_toml_names_a_nested_entry_point(handlers_dir: Path)
 
 
 def test_folder_entry_module_named_in_eventfn_toml_has_its_inline_block_read(handlers_dir: Path) -> None:
-    put(handlers_dir, "billing/pkg/mod.py", "# /// eventfn\n# memory = 1024\n# ///\ndef fn(event, context):\n    return 1\n")
+    put(
+        handlers_dir,
+        "billing/pkg/mod.py",
+        "# /// eventfn\n# memory = 1024\n# ///\ndef fn(event, context):\n    return 1\n",
+    )
     put(handlers_dir, "billing/eventfn.toml", 'handler = "pkg.mod.fn"\n')
     source = discover(handlers_dir)["billing"]
     assert source.settings is not None and source.settings.memory == 1024

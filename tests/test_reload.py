@@ -34,7 +34,8 @@ def numbers(texts: list[str]) -> list[int]:
 
 
 async def test_add_change_delete_under_a_steady_stream_loses_nothing(
-        handlers: Path, serve: Callable[..., Serve], nc: Client, probe) -> None:
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
     write_handler(handlers, "counter", reporter("v1", "probe.counter"))
     write_handler(handlers, "doomed", reporter("d", "probe.doomed"))
     service = serve()
@@ -70,18 +71,27 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
 
 
 async def test_broken_file_marks_function_failed_and_previous_version_keeps_serving(
-        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
-    write_handler(handlers, "fn", """
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "fn",
+        """
         def handler(event, context):
             return "v1"
-    """)
+    """,
+    )
     service = serve()
     mark = service.log.mark()
-    write_handler(handlers, "fn", """
+    write_handler(
+        handlers,
+        "fn",
+        """
         def handler(event, context):
             return "v2"
            oops = (
-    """)
+    """,
+    )
     failure = service.log.wait_for(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
     assert failure.group(1).endswith("fn.py") and failure.group(2) == "3"
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
@@ -92,28 +102,41 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
     assert info["serving_version"] != info["version"]
 
     mark = service.log.mark()
-    write_handler(handlers, "fn", """
+    write_handler(
+        handlers,
+        "fn",
+        """
         def handler(event, context):
             return "v3"
-    """)
+    """,
+    )
     service.log.wait_for(r"function fn reloaded", start=mark)
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
     assert json.loads(reply.data) == "v3"
 
 
 async def test_function_failing_at_start_reports_its_error_and_others_run(
-        handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
-    write_handler(handlers, "good", """
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "good",
+        """
         def handler(event, context):
             return "ok"
-    """)
-    write_handler(handlers, "bad", """
+    """,
+    )
+    write_handler(
+        handlers,
+        "bad",
+        """
         import os
         import module_that_does_not_exist
 
         def handler(event, context):
             return "never"
-    """)
+    """,
+    )
     service = serve()
     assert "failed: bad" in service.log.wait_for(r"eventfn ready.*").group(0)
     reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
@@ -126,15 +149,20 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
     assert states == {"bad": "Failed", "good": "Active"}
 
 
-async def test_settings_typo_is_reported_with_file_and_key(handlers: Path, serve: Callable[..., Serve],
-                                                           nc: Client) -> None:
-    write_handler(handlers, "typo", """
+async def test_settings_typo_is_reported_with_file_and_key(
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "typo",
+        """
         # /// eventfn
         # timout = 5
         # ///
         def handler(event, context):
             return "ok"
-    """)
+    """,
+    )
     service = serve()
     line = service.log.wait_for(r"function typo: .*").group(0)
     assert "typo.py" in line and "timout" in line

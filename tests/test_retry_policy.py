@@ -100,12 +100,23 @@ class FakeDelivery:
     delivered: int = 3
 
 
-ERROR = json.dumps({"errorMessage": "boom", "errorType": "ValueError", "requestId": "r-1",
-                    "stackTrace": ["  File \"fn.py\", line 2, in handler\n"]}).encode()
+ERROR = json.dumps(
+    {
+        "errorMessage": "boom",
+        "errorType": "ValueError",
+        "requestId": "r-1",
+        "stackTrace": ['  File "fn.py", line 2, in handler\n'],
+    }
+).encode()
 
 
-def record(delivery: FakeDelivery, *, condition: str = "RetriesExhausted", error: bytes = ERROR,
-           cloud_event: dict[str, str] | None = None) -> dict[str, Any]:
+def record(
+    delivery: FakeDelivery,
+    *,
+    condition: str = "RetriesExhausted",
+    error: bytes = ERROR,
+    cloud_event: dict[str, str] | None = None,
+) -> dict[str, Any]:
     raw = failure_record("orders", delivery, "req-123", condition, error, cloud_event)  # type: ignore[arg-type]
     value = json.loads(raw)
     assert isinstance(value, dict)
@@ -114,8 +125,14 @@ def record(delivery: FakeDelivery, *, condition: str = "RetriesExhausted", error
 
 def test_failure_record_has_lambda_destination_shape() -> None:
     rec = record(FakeDelivery("events.orders.new", b'{"order": 42}', None))
-    assert set(rec) >= {"version", "timestamp", "requestContext", "requestPayload", "responseContext",
-                        "responsePayload"}
+    assert set(rec) >= {
+        "version",
+        "timestamp",
+        "requestContext",
+        "requestPayload",
+        "responseContext",
+        "responsePayload",
+    }
     assert rec["version"] == "1.0"
     assert rec["requestContext"] == {
         "requestId": "req-123",
@@ -146,10 +163,16 @@ def test_failure_record_invoke_count_and_condition_come_from_the_delivery() -> N
 def test_failure_record_keeps_what_is_needed_to_redrive_the_event() -> None:
     headers = {"ce-specversion": "1.0", "ce-id": "e-1"}
     cloud_event = {"id": "e-1", "source": "/s", "type": "t", "specversion": "1.0"}
-    rec = record(FakeDelivery("events.orders.new", b'{"a": 1}', headers, stream="EVENTS", stream_seq=99),
-                 cloud_event=cloud_event)
-    assert rec["eventfn"] == {"subject": "events.orders.new", "stream": "EVENTS", "stream_seq": 99,
-                              "headers": headers, "cloud_event": cloud_event}
+    rec = record(
+        FakeDelivery("events.orders.new", b'{"a": 1}', headers, stream="EVENTS", stream_seq=99), cloud_event=cloud_event
+    )
+    assert rec["eventfn"] == {
+        "subject": "events.orders.new",
+        "stream": "EVENTS",
+        "stream_seq": 99,
+        "headers": headers,
+        "cloud_event": cloud_event,
+    }
 
 
 def test_failure_record_text_payload_is_a_string() -> None:

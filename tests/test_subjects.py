@@ -37,58 +37,67 @@ def test_overlaps_is_symmetric(a: str, b: str, expected: bool) -> None:
     assert overlaps(b, a) is expected
 
 
-@pytest.mark.parametrize(("a", "b", "expected"), [
-    ("a.b", "a.b", True),
-    ("a.*", "a.b", True),
-    ("a.b", "a.*", False),
-    ("a.*", "a.*", True),
-    ("a.>", "a.*", True),
-    ("a.>", "a.b.c", True),
-    ("a.>", "a.>", True),
-    ("a.*", "a.>", False),
-    ("*.*", "a.>", False),
-    ("a.>", "a", False),
-    ("a.b.c", "a.b", False),
-    ("a.b", "a.b.c", False),
-    (">", "a.b", True),
-    (">", ">", True),
-    ("a.>", ">", False),
-    ("*.b", "a.b", True),
-    ("*.b", "a.c", False),
-    ("a.*.c", "a.b.>", False),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("a.b", "a.b", True),
+        ("a.*", "a.b", True),
+        ("a.b", "a.*", False),
+        ("a.*", "a.*", True),
+        ("a.>", "a.*", True),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a.>", True),
+        ("a.*", "a.>", False),
+        ("*.*", "a.>", False),
+        ("a.>", "a", False),
+        ("a.b.c", "a.b", False),
+        ("a.b", "a.b.c", False),
+        (">", "a.b", True),
+        (">", ">", True),
+        ("a.>", ">", False),
+        ("*.b", "a.b", True),
+        ("*.b", "a.c", False),
+        ("a.*.c", "a.b.>", False),
+    ],
+)
 def test_covers_truth_table(a: str, b: str, expected: bool) -> None:
     assert covers(a, b) is expected
 
 
-@pytest.mark.parametrize(("filter_", "subject", "expected"), [
-    ("events.orders.new", "events.orders.new", True),
-    ("events.orders.*", "events.orders.new", True),
-    ("events.orders.*", "events.orders.new.eu", False),
-    ("events.orders.*", "events.orders", False),
-    ("events.>", "events.orders.new.eu", True),
-    ("events.>", "events", False),
-    ("*.orders.*", "events.orders.new", True),
-    ("events.payments.*", "events.orders.new", False),
-    (">", "x", True),
-])
+@pytest.mark.parametrize(
+    ("filter_", "subject", "expected"),
+    [
+        ("events.orders.new", "events.orders.new", True),
+        ("events.orders.*", "events.orders.new", True),
+        ("events.orders.*", "events.orders.new.eu", False),
+        ("events.orders.*", "events.orders", False),
+        ("events.>", "events.orders.new.eu", True),
+        ("events.>", "events", False),
+        ("*.orders.*", "events.orders.new", True),
+        ("events.payments.*", "events.orders.new", False),
+        (">", "x", True),
+    ],
+)
 def test_matches_truth_table(filter_: str, subject: str, expected: bool) -> None:
     assert matches(filter_, subject) is expected
 
 
-@pytest.mark.parametrize(("subject", "expected"), [
-    ("events.>", None),
-    ("events.orders", None),
-    ("eventfn.async.fn", "eventfn.>"),
-    ("*.dlq.fn", "eventfn.>"),
-    ("_INBOX.x.y", "_INBOX.>"),
-    ("$SYS.REQ.>", "$SYS.>"),
-    ("$KV.bucket.key", "$KV.>"),
-    ("$O.store.x", "$O.>"),
-    ("$JS.API.INFO", "$JS.>"),
-    (">", RESERVED[0]),
-    ("eventfn", None),  # the bare token is not under `eventfn.>`
-])
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("events.>", None),
+        ("events.orders", None),
+        ("eventfn.async.fn", "eventfn.>"),
+        ("*.dlq.fn", "eventfn.>"),
+        ("_INBOX.x.y", "_INBOX.>"),
+        ("$SYS.REQ.>", "$SYS.>"),
+        ("$KV.bucket.key", "$KV.>"),
+        ("$O.store.x", "$O.>"),
+        ("$JS.API.INFO", "$JS.>"),
+        (">", RESERVED[0]),
+        ("eventfn", None),  # the bare token is not under `eventfn.>`
+    ],
+)
 def test_reserved_overlap(subject: str, expected: str | None) -> None:
     assert reserved_overlap(subject) == expected
 
@@ -164,5 +173,5 @@ def test_result_never_holds_overlapping_subjects() -> None:
     triggers = ["orders.*", "orders.*.*", "events.a", "audit.x.y", "audit.*.y", "audit.>", "orders.eu.>"]
     subjects, _ = stream_subjects(base, triggers)
     for i, a in enumerate(subjects):
-        for b in subjects[i + 1:]:
+        for b in subjects[i + 1 :]:
             assert not overlaps(a, b), (a, b)

@@ -25,10 +25,18 @@ from eventfn.protocol import WorkerSpec
 from eventfn.workers import Outcome, Pool
 
 
-def spec_for(entry: Path, *, timeout: float, attribute: str | None = None, function: str = "fn",
-             memory: int = 128) -> WorkerSpec:
-    return WorkerSpec(function=function, task_root=str(entry.parent), module=entry.stem, entry_file=str(entry),
-                      attribute=attribute, memory=memory, timeout=timeout)
+def spec_for(
+    entry: Path, *, timeout: float, attribute: str | None = None, function: str = "fn", memory: int = 128
+) -> WorkerSpec:
+    return WorkerSpec(
+        function=function,
+        task_root=str(entry.parent),
+        module=entry.stem,
+        entry_file=str(entry),
+        attribute=attribute,
+        memory=memory,
+        timeout=timeout,
+    )
 
 
 def write_handler(tmp_path: Path, code: str, name: str = "fn") -> Path:
@@ -38,12 +46,12 @@ def write_handler(tmp_path: Path, code: str, name: str = "fn") -> Path:
 
 
 @asynccontextmanager
-async def running_pool(tmp_path: Path, code: str, *, timeout: float = 5.0, env: dict[str, str] | None = None,
-                       memory: int = 128) -> AsyncIterator[Pool]:
+async def running_pool(
+    tmp_path: Path, code: str, *, timeout: float = 5.0, env: dict[str, str] | None = None, memory: int = 128
+) -> AsyncIterator[Pool]:
     """A started pool for `code`; retired on the way out whatever happens."""
     entry = write_handler(tmp_path, code)
-    pool = Pool(spec=spec_for(entry, timeout=timeout, memory=memory), env={**os.environ, **(env or {})},
-                version="v1")
+    pool = Pool(spec=spec_for(entry, timeout=timeout, memory=memory), env={**os.environ, **(env or {})}, version="v1")
     try:
         await pool.start()
         yield pool
@@ -145,8 +153,9 @@ async def test_decimal_result_is_a_json_number(tmp_path: Path) -> None:
         assert result(await pool.invoke("r", b"{}")) == {"price": 1.5, "count": 3}
 
 
-@pytest.mark.parametrize(("value", "encoded"), [
-    ("datetime.datetime(2024, 1, 1)", "2024-01-01T00:00:00"), ("{1}", [1]), ("b'raw'", "cmF3")])
+@pytest.mark.parametrize(
+    ("value", "encoded"), [("datetime.datetime(2024, 1, 1)", "2024-01-01T00:00:00"), ("{1}", [1]), ("b'raw'", "cmF3")]
+)
 async def test_results_beyond_plain_json_are_encoded_leniently(tmp_path: Path, value: str, encoded: object) -> None:
     # Lambda's runtime rejects these with Runtime.MarshalError; eventfn encodes them (a documented superset).
     code = f"""
@@ -306,13 +315,16 @@ async def test_start_returns_init_duration(tmp_path: Path) -> None:
 
 
 async def test_syntax_error_makes_start_raise_handler_load_error_at_the_bad_line(tmp_path: Path) -> None:
-    entry = write_handler(tmp_path, """
+    entry = write_handler(
+        tmp_path,
+        """
         import os
 
 
         def handler(event, context)
             return 1
-    """)
+    """,
+    )
     pool = Pool(spec=spec_for(entry, timeout=5), env=dict(os.environ), version="v1")
     try:
         with pytest.raises(HandlerLoadError) as info:
@@ -328,13 +340,16 @@ async def test_syntax_error_makes_start_raise_handler_load_error_at_the_bad_line
 
 
 async def test_exception_at_import_points_at_the_raising_line(tmp_path: Path) -> None:
-    entry = write_handler(tmp_path, """
+    entry = write_handler(
+        tmp_path,
+        """
         import os
         DB = os.environ["EVENTFN_TEST_SURELY_UNSET_VARIABLE"]
 
         def handler(event, context):
             return 1
-    """)
+    """,
+    )
     pool = Pool(spec=spec_for(entry, timeout=5), env=dict(os.environ), version="v1")
     try:
         with pytest.raises(HandlerLoadError) as info:
@@ -387,15 +402,18 @@ ECHO = """
 """
 
 
-@pytest.mark.parametrize(("payload", "expected_type", "expected"), [
-    (b'{"a": 1}', "dict", {"a": 1}),
-    (b"[1, 2]", "list", [1, 2]),
-    (b"42", "int", 42),
-    (b"hello, not json", "str", "hello, not json"),
-    ("grüße".encode(), "str", "grüße"),
-    (b"\xff\x00\x01binary", "str", base64.b64encode(b"\xff\x00\x01binary").decode()),
-    (b"", "dict", {}),
-])
+@pytest.mark.parametrize(
+    ("payload", "expected_type", "expected"),
+    [
+        (b'{"a": 1}', "dict", {"a": 1}),
+        (b"[1, 2]", "list", [1, 2]),
+        (b"42", "int", 42),
+        (b"hello, not json", "str", "hello, not json"),
+        ("grüße".encode(), "str", "grüße"),
+        (b"\xff\x00\x01binary", "str", base64.b64encode(b"\xff\x00\x01binary").decode()),
+        (b"", "dict", {}),
+    ],
+)
 async def test_payload_becomes_the_event(tmp_path: Path, payload: bytes, expected_type: str, expected: Any) -> None:
     async with running_pool(tmp_path, ECHO) as pool:
         assert result(await pool.invoke("r", payload)) == {"type": expected_type, "event": expected}
@@ -418,8 +436,7 @@ async def test_context_has_lambda_attributes(tmp_path: Path) -> None:
             }
     """
     entry = write_handler(tmp_path, code, name="orders")
-    pool = Pool(spec=spec_for(entry, timeout=2.0, function="orders", memory=256), env=dict(os.environ),
-                version="v1")
+    pool = Pool(spec=spec_for(entry, timeout=2.0, function="orders", memory=256), env=dict(os.environ), version="v1")
     try:
         await pool.start()
         ctx = result(await pool.invoke("6f1c1f43-7f0e-4b5c-9b1e-1f2a3b4c5d6e", b"{}"))
@@ -444,14 +461,18 @@ async def test_client_context_and_cloud_event_reach_the_handler(tmp_path: Path) 
             return {"custom": cc.custom, "env": cc.env, "client": cc.client, "ce": context.cloud_event}
     """
     async with running_pool(tmp_path, code) as pool:
-        outcome = await pool.invoke("r", b"{}", client_context=b'{"custom": {"k": "v"}, "env": {"e": 1}}',
-                                    cloud_event={"id": "e-1", "type": "t"})
-    assert result(outcome) == {"custom": {"k": "v"}, "env": {"e": 1}, "client": None,
-                               "ce": {"id": "e-1", "type": "t"}}
+        outcome = await pool.invoke(
+            "r",
+            b"{}",
+            client_context=b'{"custom": {"k": "v"}, "env": {"e": 1}}',
+            cloud_event={"id": "e-1", "type": "t"},
+        )
+    assert result(outcome) == {"custom": {"k": "v"}, "env": {"e": 1}, "client": None, "ce": {"id": "e-1", "type": "t"}}
 
 
-async def test_print_in_handler_does_not_corrupt_the_protocol(tmp_path: Path,
-                                                              capfd: pytest.CaptureFixture[str]) -> None:
+async def test_print_in_handler_does_not_corrupt_the_protocol(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     code = """
         import os, sys
 
