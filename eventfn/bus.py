@@ -53,6 +53,7 @@ class Delivery:
         "data",
         "delivered",
         "headers",
+        "received_at",
         "settled",
         "stream",
         "stream_seq",
@@ -67,6 +68,7 @@ class Delivery:
         self.data: bytes = msg.data
         self.headers: dict[str, str] | None = msg.headers
         self.settled = False
+        self.received_at = time.time()
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (v1), or with domain and
         # account hash before the stream and a random token after (v2).
         tokens = msg.reply.split(".")
@@ -133,8 +135,18 @@ class PullFeed:
         self._receive: MemoryObjectReceiveStream[Delivery]
         self._send, self._receive = anyio.create_memory_object_stream[Delivery](2 * self.max_inflight)
 
-    def __aiter__(self) -> AsyncIterator[Delivery]:
-        return self._receive.__aiter__()
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called: what is still received should be handed back, not started."""
+        return self._stopping
+
+    async def receive(self) -> Delivery:
+        """The next delivery; raises `anyio.EndOfStream` once the feed has stopped and is drained."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> Delivery:
+        """The next delivery if one is waiting; raises `anyio.WouldBlock` otherwise, `anyio.EndOfStream` at end."""
+        return self._receive.receive_nowait()
 
     def released(self) -> None:
         """A delivery was settled: its credit can be requested again."""
@@ -191,15 +203,6 @@ class PullFeed:
         self._stopping = True
         self._wake.set()
 
-    def take_unstarted(self) -> list[Delivery]:
-        """Deliveries received but not yet picked up (to hand back to the server on shutdown)."""
-        out: list[Delivery] = []
-        while True:
-            try:
-                out.append(self._receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return out
-
     async def _on_message(self, msg: Msg) -> None:
         self._heard = time.monotonic()
         headers = msg.headers
@@ -240,6 +243,28 @@ class Request:
         """Send the reply (a no-op for a plain publish that asked for none)."""
         if self.reply:
             await self._nc.publish(self.reply, data, headers=headers)
+
+
+class StoredRecord(msgspec.Struct, frozen=True):
+    """A message read back from a stream."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+
+
+class ConsumerState(msgspec.Struct, frozen=True):
+    """What `Bus.consumer_state` reports."""
+
+    paused: bool
+    pending: int
+    ack_pending: int
+    redelivered: int
+
+
+#: "Paused until" far enough away to mean: until resumed.
+_PAUSED_FOREVER = "2200-01-01T00:00:00Z"
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -351,10 +376,12 @@ class Bus:
         ack_wait: float,
         max_ack_pending: int,
         description: str = "",
+        metadata: dict[str, str] | None = None,
     ) -> None:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
 
         A new consumer starts at new messages (Lambda's LATEST); an existing one resumes where it left off.
+        An update leaves a consumer's pause state as it is.
         """
         config = ConsumerConfig(
             durable_name=name,
@@ -365,25 +392,86 @@ class Bus:
             max_deliver=-1,
             max_ack_pending=max_ack_pending,
             max_waiting=512,
+            metadata=metadata,
             **_filter_fields(filter_subjects),
         )
         await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
 
-    async def consumer_exists(self, stream: str, name: str) -> bool:
+    async def consumer_metadata(self, stream: str, name: str) -> dict[str, str] | None:
+        """The consumer's metadata, or None if it does not exist."""
         try:
-            await self.js.consumer_info(stream, name)
+            info = await self.js.consumer_info(stream, name)
         except nats.js.errors.NotFoundError:
-            return False
-        return True
+            return None
+        return dict(info.config.metadata or {})
 
-    async def consumer_lag(self, stream: str, name: str) -> dict[str, int]:
-        """Pending (not yet delivered) and unacknowledged counts of a consumer."""
-        info = await self.js.consumer_info(stream, name)
-        return {
-            "pending": info.num_pending or 0,
-            "ack_pending": info.num_ack_pending or 0,
-            "redelivered": info.num_redelivered or 0,
-        }
+    async def consumer_state(self, stream: str, name: str) -> ConsumerState | None:
+        """Paused or not, and the backlog (undelivered) and unacknowledged counts; None if it does not exist."""
+        try:
+            info = await self.js.consumer_info(stream, name)
+        except nats.js.errors.NotFoundError:
+            return None
+        return ConsumerState(
+            paused=bool(info.paused),
+            pending=info.num_pending or 0,
+            ack_pending=info.num_ack_pending or 0,
+            redelivered=info.num_redelivered or 0,
+        )
+
+    async def pause_consumer(self, stream: str, name: str) -> None:
+        """Pause delivery indefinitely (JetStream consumer pause, nats-server 2.11+)."""
+        await self._js_call(self.js.pause_consumer(stream, name, _PAUSED_FOREVER), f"pause consumer {name}")
+
+    async def resume_consumer(self, stream: str, name: str) -> None:
+        """Resume a paused consumer (a no-op for one that is not paused)."""
+        await self._js_call(self.js.resume_consumer(stream, name), f"resume consumer {name}")
+
+    # -- reading and editing a stream (the DLQ) -------------------------------------------------------------
+
+    async def read(self, stream: str, subject: str, *, start: int = 1, limit: int = 1000) -> list[StoredRecord]:
+        """Up to `limit` messages of `stream` on `subject` (wildcards allowed), from sequence `start` on."""
+        out: list[StoredRecord] = []
+        seq = start
+        while len(out) < limit:
+            try:
+                raw = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            assert raw.seq is not None
+            out.append(
+                StoredRecord(
+                    seq=raw.seq,
+                    subject=raw.subject or "",
+                    data=raw.data or b"",
+                    headers=dict(raw.headers) if raw.headers else None,
+                )
+            )
+            seq = raw.seq + 1
+        return out
+
+    async def get(self, stream: str, seq: int) -> StoredRecord | None:
+        """The message at `seq`, or None if there is none (never was, or deleted)."""
+        try:
+            raw = await self.js.get_msg(stream, seq=seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        return StoredRecord(
+            seq=seq, subject=raw.subject or "", data=raw.data or b"", headers=dict(raw.headers) if raw.headers else None
+        )
+
+    async def delete(self, stream: str, seq: int) -> None:
+        """Remove one message from a stream."""
+        try:
+            await self.js.delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            pass
+
+    async def purge(self, stream: str, subject: str) -> int:
+        """Remove every message on `subject` from `stream`; returns how many there were."""
+        before = await self.js.stream_info(stream, subjects_filter=subject)
+        count = sum((before.state.subjects or {}).values())
+        await self.js.purge_stream(stream, subject=subject)
+        return count
 
     def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
         """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""

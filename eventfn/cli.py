@@ -86,6 +86,34 @@ def _parser() -> argparse.ArgumentParser:
     functions = commands.add_parser("functions", help="list functions with state, triggers and last error")
     common(functions)
     functions.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    maps = commands.add_parser(
+        "mappings",
+        help="list event source mappings (state, lag, counters), or enable/disable one",
+        description="`eventfn mappings` lists; `eventfn mappings disable NAME` pauses one (its events wait in "
+        "JetStream); `eventfn mappings enable NAME` resumes it where it stopped.",
+    )
+    common(maps)
+    maps.add_argument("action", nargs="?", choices=["enable", "disable"], help="enable or disable NAME")
+    maps.add_argument("name", nargs="?", help="mapping name, as listed (e.g. orders--t0)")
+    maps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    dlq = commands.add_parser("dlq", help="dead-letter records: ls, show, redrive, purge")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    ls = dlq_commands.add_parser("ls", help="list records (of one function, or all)")
+    common(ls)
+    ls.add_argument("function", nargs="?")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show = dlq_commands.add_parser("show", help="print one whole record")
+    common(show)
+    show.add_argument("id", type=int, help="record id, as listed")
+    redrive = dlq_commands.add_parser("redrive", help="re-inject records into the function (then delete them)")
+    common(redrive)
+    redrive.add_argument("function")
+    redrive.add_argument("--id", dest="ids", type=int, action="append", help="only this record (repeatable)")
+    purge = dlq_commands.add_parser("purge", help="delete every record of a function")
+    common(purge)
+    purge.add_argument("function")
     return parser
 
 
@@ -182,14 +210,98 @@ async def _functions(config: ServiceConfig, args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.format(reply.data, indent=2).decode())
         return 0
-    rows = [("NAME", "STATE", "VERSION", "TRIGGERS", "LAST ERROR")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "VERSION", "TRIGGERS", "LAST ERROR")]
     for info in infos:
         rows.append(
             (info["name"], info["state"], info["version"], ",".join(info["triggers"]) or "-", info["last_error"] or "-")
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
+
+
+async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
+    if args.action and not args.name:
+        raise EventfnError(f"`eventfn mappings {args.action}` needs a mapping NAME (see `eventfn mappings`)")
+    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+        if args.action:
+            reply = await _request(bus, f"{subjects.API_PREFIX}mappings.{args.action}", args.name.encode(), 10.0)
+            if reply.headers and reply.headers.get("Eventfn-Error"):
+                raise EventfnError(msgspec.json.decode(reply.data)["errorMessage"])
+            info = msgspec.json.decode(reply.data)
+            print(f"{info['name']}: {info['state']}")
+            return 0
+        reply = await _request(bus, subjects.API_PREFIX + "mappings", b"", 10.0)
+    if args.json:
+        print(msgspec.json.format(reply.data, indent=2).decode())
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("NAME", "FUNCTION", "STATE", "SUBJECTS", "BATCH", "LAG", "PROCESSED", "FAILED", "FILTERED", "DLQ", "LAST")
+    ]
+    for m in msgspec.json.decode(reply.data):
+        st = m["stats"]
+        rows.append(
+            (
+                m["name"],
+                m["function"],
+                m["state"],
+                ",".join(m["subjects"]),
+                f"{m['batch_size']}/{m['batch_window']:g}s",
+                str(m["lag"]),
+                str(st["processed"]),
+                str(st["failed"]),
+                str(st["filtered"]),
+                str(st["dead_lettered"]),
+                st["last_result"],
+            )
+        )
+    _table(rows)
+    return 0
+
+
+async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
+    from eventfn import dlq
+
+    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+        try:
+            if args.dlq_command == "ls":
+                found = await dlq.list_records(bus, args.function)
+                if args.json:
+                    print(msgspec.json.format(msgspec.json.encode(found), indent=2).decode())
+                    return 0
+                rows: list[tuple[str, ...]] = [("ID", "FUNCTION", "TIME", "CONDITION", "ATTEMPTS", "ERROR")]
+                for r in found:
+                    rows.append(
+                        (
+                            str(r.id),
+                            r.function,
+                            r.timestamp,
+                            r.condition,
+                            str(r.attempts),
+                            f"{r.error_type}: {r.error_message}",
+                        )
+                    )
+                _table(rows)
+            elif args.dlq_command == "show":
+                print(msgspec.json.format(await dlq.show(bus, args.id), indent=2).decode())
+            elif args.dlq_command == "redrive":
+                done = await dlq.redrive(bus, args.function, args.ids)
+                for record_id, seq in done:
+                    print(f"record {record_id} redriven as event {seq}")
+                print(f"{len(done)} record(s) redriven to {args.function}")
+            else:
+                print(f"{await dlq.purge(bus, args.function)} record(s) of {args.function} purged")
+        except dlq.RecordNotFound as exc:
+            raise EventfnError(
+                f"no DLQ record {exc.args[0]}"
+                + (f" for function {args.function!r}" if getattr(args, "function", None) else "")
+                + " (see `eventfn dlq ls`)"
+            ) from None
     return 0
 
 
@@ -210,10 +322,14 @@ def main(argv: list[str] | None = None) -> None:
             logging.basicConfig(
                 level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s"
             )
+            # asyncio's own warnings (a child reaped twice, a slow callback) say nothing a user can act on.
+            logging.getLogger("asyncio").setLevel(logging.ERROR)
             anyio.run(serve, config)
             code = 0
         else:
-            runner = {"invoke": _invoke, "pub": _pub, "functions": _functions}[args.command]
+            runner = {"invoke": _invoke, "pub": _pub, "functions": _functions, "mappings": _mappings, "dlq": _dlq}[
+                args.command
+            ]
             code = anyio.run(runner, config, args)
     except EventfnError as exc:
         print(f"eventfn: error: {exc}", file=sys.stderr)

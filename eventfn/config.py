@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import msgspec
 
 from eventfn.errors import ConfigError
+from eventfn.filters import compile_filters
 from eventfn.subjects import overlaps, reserved_overlap
 
 #: A function name is one NATS subject token and one JetStream consumer name.
@@ -39,11 +40,41 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_event_age: Annotated[float, msgspec.Meta(ge=1, le=604_800)] = 21_600.0
 
 
+#: Lambda's synchronous payload limit: a batch closes before its encoded records pass it.
+MAX_BATCH_BYTES = 6 * 1024 * 1024
+
+
 class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A subscription of a function to events: NATS subject filters (wildcards `*` and `>` allowed)."""
+    """An event source mapping: subject filters feeding a function, with Lambda's batching and filtering.
+
+    Names follow Lambda's CreateEventSourceMapping parameters (BatchSize, MaximumBatchingWindowInSeconds,
+    FilterCriteria, Enabled, ScalingConfig.MaximumConcurrency, FunctionResponseTypes).
+    """
 
     subjects: list[str]
+    #: The mapping's name (its durable consumer is `<function>--<name>`); default `t<index>`.
     name: str | None = None
+    #: Records per invocation. With 1 the handler gets the event itself, otherwise `{"Records": [...]}`.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    #: Seconds to wait for a batch to fill; 0 invokes with whatever is already there.
+    batch_window: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0
+    #: A batch also closes before its payload passes this many bytes.
+    max_batch_bytes: Annotated[int, msgspec.Meta(ge=1024, le=MAX_BATCH_BYTES)] = MAX_BATCH_BYTES
+    #: Up to 5 Lambda filter patterns (JSON strings or tables), OR-ed; non-matching events are acked, not run.
+    filters: list[str | dict[str, Any]] = []
+    #: False pauses the mapping (its events wait in JetStream); `eventfn mappings enable` resumes it.
+    enabled: bool = True
+    #: Batches of this mapping running at once (Lambda's MaximumConcurrency); default: the function's.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    #: Honour `{"batchItemFailures": [...]}` responses (Lambda's ReportBatchItemFailures).
+    report_batch_item_failures: bool = True
+
+
+class Destinations(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Subjects that receive Lambda destination records (`on_failure` in addition to the DLQ)."""
+
+    on_success: str | None = None
+    on_failure: str | None = None
 
 
 class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +91,7 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     retry: RetryPolicy = RetryPolicy()
     #: Subjects that trigger the function; a string is shorthand for `{subjects = [it]}`.
     triggers: list[str | Trigger] = []
+    destinations: Destinations = Destinations()
 
     def trigger_list(self) -> list[Trigger]:
         """The triggers with the string shorthand expanded."""
@@ -217,8 +249,17 @@ def read_function_settings(
         _convert(layer, FunctionSettings, where)
         merged = _merge(merged, layer)
     settings: FunctionSettings = _convert(merged, FunctionSettings, where)
-    for trigger in settings.trigger_list():
+    names: set[str] = set()
+    for i, trigger in enumerate(settings.trigger_list()):
         _check_trigger(trigger, where)
+        compile_filters(trigger.filters, f"{where}: trigger {trigger.name or i}")
+        name = trigger.name or f"t{i}"
+        if name in names:
+            raise ConfigError(where, f"two triggers are named {name!r}", "give each trigger its own name")
+        names.add(name)
+    for subject in (settings.destinations.on_success, settings.destinations.on_failure):
+        if subject is not None and (not valid_subject(subject) or "*" in subject or ">" in subject):
+            raise ConfigError(where, f"destination {subject!r} is not a literal NATS subject")
     for key in settings.environment:
         if not key or "=" in key:
             raise ConfigError(where, f"environment variable name {key!r} is invalid")
@@ -230,6 +271,8 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
         raise ConfigError(where, "a trigger needs at least one subject")
     if trigger.name is not None and not NAME_PATTERN.match(trigger.name):
         raise ConfigError(where, f"trigger name {trigger.name!r} is invalid", "use letters, digits, _ and -")
+    if trigger.name == "async":
+        raise ConfigError(where, "trigger name 'async' is taken by the function's async-invoke queue")
     for i, subject in enumerate(trigger.subjects):
         if not valid_subject(subject):
             raise ConfigError(

@@ -1,33 +1,37 @@
-"""The dispatcher: from stored events to invocations, and from outcomes to acks, retries and dead letters.
+"""The dispatcher: Lambda's event-source-mapping semantics between stored events and invocations.
 
-`decide` is the whole retry policy as one pure function: (outcome, attempt, age, policy) -> ack, retry after
-a delay, or dead-letter. `Dispatcher` applies it: a retry is a JetStream `nak` with a delay (the server holds
-the message; no worker waits), a dead letter is a durable write to the function's DLQ subject followed by
-the ack of the original, never the other way round.
+One `Dispatcher` runs one mapping (a durable consumer feeding one function): it gathers batches (size, window,
+payload cap), drops events its filters reject (acknowledged and counted), invokes the function, and settles
+every event by the retry policy, honouring partial batch responses.
+
+`decide` is the whole retry policy as one pure function: (outcome, attempt, age, policy) -> ack, retry after a
+delay, or dead-letter. A retry is a JetStream `nak` with a delay (the server holds the event; no worker waits);
+a dead letter is a confirmed write to the function's DLQ subject followed by the ack of the original, never the
+other way round.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 
-from eventfn import events, subjects
+from eventfn import events, records, subjects
 from eventfn.bus import Bus, Delivery, PullFeed
-from eventfn.config import RetryPolicy
+from eventfn.config import Destinations, RetryPolicy
 from eventfn.errors import EventDecodeError
+from eventfn.filters import Filter, decode_body
 from eventfn.workers import Outcome, error_payload, error_type_of
 
 log = logging.getLogger(__name__)
-
-ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -69,90 +73,49 @@ def decide(
     return Retry(backoff(attempt, policy, rand))
 
 
-class _RequestContext(msgspec.Struct, frozen=True):
-    requestId: str
-    functionArn: str
-    condition: str
-    approximateInvokeCount: int
+# Kept importable from here: the record shapes live in `records`.
+failure_record = records.failure_record
+
+Invoker = Callable[[str, bytes, dict[str, str] | None, bool], Awaitable[Outcome]]
 
 
-class _ResponseContext(msgspec.Struct, frozen=True):
-    statusCode: int = 200
-    executedVersion: str = "$LATEST"
-    functionError: str = "Unhandled"
+class Mapping(msgspec.Struct, frozen=True, kw_only=True):
+    """How one mapping dispatches: its consumer, batching, filters and parallelism."""
+
+    function: str
+    consumer: str
+    batch_size: int = 1
+    batch_window: float = 0.0
+    max_batch_bytes: int = 6 * 1024 * 1024
+    filter: Filter | None = None
+    report_batch_item_failures: bool = True
+    #: Batches in flight at once.
+    concurrency: int = 1
+    #: The consumer's ack wait: a delivery held longer than a third of it is marked in progress before its
+    #: invocation starts, so a long batching window or a wait for a free worker never causes a redelivery.
+    ack_wait: float = 30.0
+
+    @property
+    def max_inflight(self) -> int:
+        """Deliveries the feed may hold: a batch per slot plus one being gathered, within a memory bound."""
+        return min((self.concurrency + 1) * self.batch_size, 20_000)
 
 
-class _Source(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What eventfn adds to Lambda's record so the event can be redriven byte for byte."""
+class Stats(msgspec.Struct, kw_only=True):
+    """Counters of one mapping in this service process (Lambda's ESM metrics)."""
 
-    subject: str
-    stream: str
-    stream_seq: int
-    data_base64: str | None = None
-    headers: dict[str, str] | None = None
-    cloud_event: dict[str, str] | None = None
-
-
-class FailureRecord(msgspec.Struct, frozen=True):
-    """Lambda's asynchronous-invocation destination record, as written to the DLQ."""
-
-    version: str
-    timestamp: str
-    requestContext: _RequestContext
-    requestPayload: Any
-    responseContext: _ResponseContext
-    responsePayload: Any
-    eventfn: _Source
+    received: int = 0
+    invocations: int = 0
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    filtered: int = 0
+    dead_lettered: int = 0
+    last_result: str = "No records processed"
+    last_error: str | None = None
 
 
-_record_encoder = msgspec.json.Encoder()
-
-
-def _json_or_text(data: bytes) -> Any:
-    """The payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary)."""
-    if not data:
-        return None
-    try:
-        msgspec.json.decode(data)
-        return msgspec.Raw(data)
-    except msgspec.DecodeError:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-
-
-def failure_record(
-    function: str, delivery: Delivery, request_id: str, condition: str, error: bytes, cloud_event: dict[str, str] | None
-) -> bytes:
-    """Encode the DLQ record for `delivery`."""
-    payload = _json_or_text(delivery.data)
-    return _record_encoder.encode(
-        FailureRecord(
-            version="1.0",
-            timestamp=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            requestContext=_RequestContext(
-                requestId=request_id,
-                functionArn=ARN_PREFIX + function,
-                condition=condition,
-                approximateInvokeCount=delivery.delivered,
-            ),
-            requestPayload=payload,
-            responseContext=_ResponseContext(),
-            responsePayload=_json_or_text(error),
-            eventfn=_Source(
-                subject=delivery.subject,
-                stream=delivery.stream,
-                stream_seq=delivery.stream_seq,
-                data_base64=base64.b64encode(delivery.data).decode() if payload is None and delivery.data else None,
-                headers=dict(delivery.headers) if delivery.headers else None,
-                cloud_event=cloud_event,
-            ),
-        )
-    )
-
-
-Invoker = Callable[[str, bytes, dict[str, str] | None], Awaitable[Outcome]]
+_BATCH_ITEM_FAILURE = b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}'
 
 
 class Dispatcher:
@@ -161,126 +124,245 @@ class Dispatcher:
     def __init__(
         self,
         bus: Bus,
-        function: str,
-        consumer: str,
+        mapping: Mapping,
         feed: PullFeed,
         *,
         invoke: Invoker,
-        retry: Callable[[], RetryPolicy],
-        concurrency: int,
+        policy: Callable[[], tuple[RetryPolicy, Destinations]],
     ) -> None:
         self.bus = bus
-        self.function = function
-        self.consumer = consumer
+        self.mapping = mapping
         self.feed = feed
         self._invoke = invoke
-        self._retry = retry
-        self.concurrency = max(1, concurrency)
-        self.processed = 0
-        self.failed = 0
-        self.dead_lettered = 0
+        self._policy = policy
+        self.stats = Stats()
+        self._source_arn = f"arn:eventfn:nats:local:000000000000:consumer/{feed.stream}/{mapping.consumer}"
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until `stop()`; in-flight invocations finish and settle before this returns."""
         async with anyio.create_task_group() as tg:
             await tg.start(self.feed.run)
-            for _ in range(self.concurrency):
-                tg.start_soon(self._consume)
+            for _ in range(max(1, self.mapping.concurrency)):
+                tg.start_soon(self._worker)
             task_status.started()
 
     def stop(self) -> None:
-        """Stop pulling; messages received but not started go back to the server at once."""
+        """Stop pulling; deliveries received but not started go back to the server at once."""
         self.feed.stop()
 
-    async def _consume(self) -> None:
-        async for delivery in self.feed:
-            if self.feed._stopping:
+    # -- gathering ------------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        carry: Delivery | None = None
+        while True:
+            if carry is None:
+                try:
+                    carry = await self.feed.receive()
+                except anyio.EndOfStream:
+                    return
+            batch, carry = [carry], None
+            if self.mapping.batch_size > 1:
+                carry = await self._fill(batch)
+            if self.feed.stopping:
                 # Handed back untouched: redelivered at once to whoever consumes next (a restart, a reload).
                 with anyio.CancelScope(shield=True):
-                    await delivery.nak()
+                    for delivery in [*batch, *([carry] if carry else [])]:
+                        await delivery.nak()
+                carry = None
                 continue
-            await self.handle(delivery)
+            await self.process(batch)
 
-    async def handle(self, delivery: Delivery) -> None:
-        """Invoke the function for one delivery and settle it per the retry policy."""
-        received = time.monotonic()
-        fallback_id = events.request_id_for(delivery.stream_seq, delivery.stream)
-        cloud_event: dict[str, str] | None = None
+    async def _fill(self, batch: list[Delivery]) -> Delivery | None:
+        """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
+        returns an event that did not fit (it starts the next batch)."""
+        mapping = self.mapping
+        size = len(batch[0].data)
+        deadline = time.monotonic() + mapping.batch_window
+        while len(batch) < mapping.batch_size:
+            delivery = await self._next_before(deadline)
+            if delivery is None:
+                return None
+            # Records cost more than their data (JSON escaping, attributes); 512 bytes covers the envelope.
+            size += len(delivery.data) + 512
+            if size > mapping.max_batch_bytes:
+                return delivery
+            batch.append(delivery)
+        return None
+
+    async def _next_before(self, deadline: float) -> Delivery | None:
+        """A delivery that is waiting, or one arriving before `deadline`; None when the window closes."""
         try:
-            event = events.from_nats(
-                delivery.subject,
-                delivery.data,
-                delivery.headers,
-                fallback_id=fallback_id,
-                timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
-            )
-        except EventDecodeError as exc:
-            log.error("%s: %s; dead-lettering", self.function, exc)
-            with anyio.CancelScope(shield=True):
-                await self._dead_letter(
-                    delivery,
-                    fallback_id,
-                    "PoisonMessage",
-                    error_payload("EventDecodeError", str(exc), fallback_id),
-                    None,
-                )
-            return
-        cloud_event = events.to_attributes(event)
-        request_id = event.id if _looks_like_uuid(event.id) else fallback_id
-        outcome = await self._invoke(request_id, event.data, cloud_event)
-        with anyio.CancelScope(shield=True):
-            await self.settle(delivery, request_id, outcome, cloud_event, received)
+            return self.feed.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            with anyio.move_on_after(remaining):
+                try:
+                    return await self.feed.receive()
+                except anyio.EndOfStream:
+                    return None
+        return None
 
-    async def settle(
-        self, delivery: Delivery, request_id: str, outcome: Outcome, cloud_event: dict[str, str] | None, received: float
+    # -- invoking and settling ------------------------------------------------------------------------------
+
+    async def process(self, batch: list[Delivery]) -> None:
+        """Filter, invoke and settle one batch."""
+        stats = self.stats
+        stats.received += len(batch)
+        ready: list[tuple[Delivery, events.Event, str]] = []
+        for delivery in batch:
+            message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
+            try:
+                event = events.from_nats(
+                    records.original_subject(delivery),
+                    delivery.data,
+                    delivery.headers,
+                    fallback_id=message_id,
+                    timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
+                )
+            except EventDecodeError as exc:
+                log.error("%s: %s; dead-lettering", self.mapping.function, exc)
+                with anyio.CancelScope(shield=True):
+                    error = error_payload("EventDecodeError", str(exc), message_id)
+                    await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
+                continue
+            filter_ = self.mapping.filter
+            if filter_ is not None and not filter_.matches(_filter_document(delivery, event)):
+                stats.filtered += 1
+                with anyio.CancelScope(shield=True):
+                    await delivery.ack()
+                continue
+            ready.append((delivery, event, message_id))
+        if ready:
+            await self._mark_in_progress(ready)
+            if self.mapping.batch_size == 1:
+                await self._invoke_one(*ready[0])
+            else:
+                await self._invoke_batch(ready)
+
+    async def _mark_in_progress(self, ready: list[tuple[Delivery, events.Event, str]]) -> None:
+        oldest = time.time() - self.mapping.ack_wait / 3
+        for delivery, _, _ in ready:
+            if delivery.received_at < oldest:
+                await delivery.in_progress()
+
+    async def _invoke_one(self, delivery: Delivery, event: events.Event, message_id: str) -> None:
+        request_id = event.id if _looks_like_uuid(event.id) else message_id
+        cloud_event = events.to_attributes(event)
+        self.stats.invocations += 1
+        outcome = await self._invoke(request_id, event.data, cloud_event, False)
+        with anyio.CancelScope(shield=True):
+            await self._settle(delivery, request_id, outcome.ok, outcome.payload, cloud_event)
+            await self._on_success(outcome, request_id, event.data, delivery.delivered)
+
+    async def _invoke_batch(self, ready: list[tuple[Delivery, events.Event, str]]) -> None:
+        payload = records.batch_payload([records.record_for(d, mid, self._source_arn) for d, _, mid in ready])
+        request_id = str(uuid.uuid4())
+        self.stats.invocations += 1
+        outcome = await self._invoke(request_id, payload, None, True)
+        failed: set[str] | None = set()
+        error = outcome.payload
+        if not outcome.ok:
+            failed = None
+        elif self.mapping.report_batch_item_failures:
+            failed = records.item_failures(outcome.payload, {mid for _, _, mid in ready})
+            if failed is None:
+                error = error_payload(
+                    "Runtime.InvalidBatchResponse",
+                    'batchItemFailures must be a list of {"itemIdentifier": <messageId of this batch>}',
+                    request_id,
+                )
+        with anyio.CancelScope(shield=True):
+            for delivery, event, message_id in ready:
+                ok = failed is not None and message_id not in failed
+                item_error = error if failed is None else _BATCH_ITEM_FAILURE
+                await self._settle(delivery, message_id, ok, item_error, events.to_attributes(event))
+            await self._on_success(outcome, request_id, payload, max(d.delivered for d, _, _ in ready))
+
+    async def _settle(
+        self, delivery: Delivery, request_id: str, ok: bool, error: bytes, cloud_event: dict[str, str] | None
     ) -> None:
-        """Apply the retry policy's decision for `outcome` to `delivery`."""
         age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
-        decision = decide(outcome.ok, delivery.delivered, age, self._retry())
+        retry, _ = self._policy()
+        decision = decide(ok, delivery.delivered, age, retry)
+        stats = self.stats
         if isinstance(decision, Ack):
-            self.processed += 1
+            stats.processed += 1
+            stats.last_result = "OK"
             await delivery.ack()
-        elif isinstance(decision, Retry):
-            self.failed += 1
+            return
+        stats.failed += 1
+        stats.last_result = "PROBLEM: Function call failed"
+        stats.last_error = error_type_of(error)
+        if isinstance(decision, Retry):
+            stats.retried += 1
             log.warning(
                 "%s: attempt %d of request %s failed (%s); retrying in %.2f s",
-                self.function,
+                self.mapping.function,
                 delivery.delivered,
                 request_id,
-                error_type_of(outcome.payload),
+                stats.last_error,
                 decision.delay,
             )
             await delivery.nak(decision.delay)
         else:
-            self.failed += 1
-            await self._dead_letter(delivery, request_id, decision.condition, outcome.payload, cloud_event)
+            await self._dead_letter(delivery, request_id, decision.condition, error, cloud_event)
 
     async def _dead_letter(
         self, delivery: Delivery, request_id: str, condition: str, error: bytes, cloud_event: dict[str, str] | None
     ) -> None:
-        record = failure_record(self.function, delivery, request_id, condition, error, cloud_event)
+        function = self.mapping.function
+        record = records.failure_record(
+            function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
+        )
         try:
             # The id makes a repeated write (a crash between the write and the ack) a no-op.
             await self.bus.publish_stored(
-                subjects.DLQ_PREFIX + self.function,
+                subjects.DLQ_PREFIX + function,
                 record,
-                headers={"Nats-Msg-Id": f"dlq:{delivery.stream}:{delivery.stream_seq}", "Eventfn-Condition": condition},
+                headers={
+                    "Nats-Msg-Id": f"dlq:{delivery.stream}:{delivery.stream_seq}",
+                    "Eventfn-Condition": condition,
+                },
             )
         except Exception as exc:
-            log.error(
-                "%s: DLQ write for request %s failed (%s); the event stays queued", self.function, request_id, exc
-            )
+            log.error("%s: DLQ write for request %s failed (%s); the event stays queued", function, request_id, exc)
             await delivery.nak(5.0)
             return
-        self.dead_lettered += 1
+        self.stats.dead_lettered += 1
         log.error(
-            "%s: request %s dead-lettered (%s) after %d attempt(s)",
-            self.function,
-            request_id,
-            condition,
-            delivery.delivered,
+            "%s: request %s dead-lettered (%s) after %d attempt(s)", function, request_id, condition, delivery.delivered
         )
         await delivery.ack()
+        _, destinations = self._policy()
+        if destinations.on_failure:
+            await self._notify(destinations.on_failure, record)
+
+    async def _on_success(self, outcome: Outcome, request_id: str, payload: bytes, invoke_count: int) -> None:
+        _, destinations = self._policy()
+        if outcome.ok and destinations.on_success:
+            record = records.success_record(self.mapping.function, request_id, payload, outcome.payload, invoke_count)
+            await self._notify(destinations.on_success, record)
+
+    async def _notify(self, subject: str, record: bytes) -> None:
+        try:
+            await self.bus.publish(subject, record)
+        except Exception as exc:
+            log.warning("%s: destination %s not notified: %s", self.mapping.function, subject, exc)
+
+
+def _filter_document(delivery: Delivery, event: events.Event) -> dict[str, Any]:
+    """What filter patterns match against: the body (JSON where it is JSON) and the message's metadata."""
+    return {
+        "subject": event.subject or delivery.subject,
+        # decode_body keeps each number's JSON text: Lambda compares numbers as written (300 is not 300.0).
+        "body": decode_body(event.data),
+        "headers": delivery.headers or {},
+        "attributes": {"type": event.type, "source": event.source, "id": event.id},
+    }
 
 
 def _looks_like_uuid(value: str) -> bool:

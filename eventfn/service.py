@@ -22,10 +22,11 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import registry, subjects
+from eventfn import mappings, registry, subjects
 from eventfn.bus import Bus, Request, connect
-from eventfn.config import FunctionSettings, ServiceConfig
-from eventfn.dispatch import Dispatcher
+from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
+from eventfn.dispatch import Dispatcher, Stats
+from eventfn.dlq import DLQ_STREAM
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.natsserver import embedded_server
 from eventfn.protocol import WorkerSpec
@@ -35,7 +36,6 @@ from eventfn.workers import Outcome, Pool
 log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "EVENTFN"
-DLQ_STREAM = "EVENTFN_DLQ"
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
@@ -59,13 +59,28 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
 
 
-class _Running:
-    """A started dispatcher and the event set when it has fully stopped."""
+class MappingInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `eventfn mappings` shows for one mapping (counters are this service process's)."""
 
-    def __init__(self, dispatcher: Dispatcher, subjects: list[str], concurrency: int) -> None:
+    name: str
+    function: str
+    subjects: list[str]
+    state: str
+    batch_size: int
+    batch_window: float
+    filters: int
+    max_concurrency: int
+    lag: int
+    in_flight: int
+    stats: Stats
+
+
+class _Running:
+    """A started dispatcher, what it was started for, and the event set when it has fully stopped."""
+
+    def __init__(self, dispatcher: Dispatcher, planned: mappings.Planned) -> None:
         self.dispatcher = dispatcher
-        self.subjects = subjects
-        self.concurrency = concurrency
+        self.planned = planned
         self.done = anyio.Event()
 
 
@@ -106,12 +121,14 @@ class Function:
             last_error=self.last_error,
         )
 
-    async def invoke(self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None) -> Outcome:
-        """Run one stored event, waiting for a concurrency slot (its message waits unacked meanwhile)."""
+    async def invoke(
+        self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
+    ) -> Outcome:
+        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
         async with self.limiter:
             pool = self.pool
             assert pool is not None, "mappings run only while a version is loaded"
-            return await pool.invoke(request_id, payload, cloud_event=cloud_event)
+            return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
 
 
 def _encode_error(error_type: str, message: str) -> bytes:
@@ -130,8 +147,8 @@ class Service:
         self._reload_lock = anyio.Lock()
         self._intake = anyio.CancelScope()
         self._stream_subjects: list[str] = []
-        #: Consumer name -> (filters, ack wait, max ack pending) last applied, to skip unchanged ones.
-        self._provisioned: dict[str, tuple[tuple[str, ...], float, int]] = {}
+        #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
+        self._provisioned: dict[str, mappings.Planned] = {}
         self._requests_done = anyio.Event()
 
     # -- functions ----------------------------------------------------------------------------------------
@@ -220,16 +237,6 @@ class Service:
 
     # -- streams, consumers, dispatchers ------------------------------------------------------------------
 
-    @staticmethod
-    def _consumers(name: str, settings: FunctionSettings | None) -> dict[str, list[str]]:
-        """Consumer name -> filter subjects for a function: its async-invoke queue and one per trigger."""
-        if settings is None:
-            return {}
-        wanted = {f"{name}--async": [subjects.ASYNC_PREFIX + name]}
-        for i, trigger in enumerate(settings.trigger_list()):
-            wanted[f"{name}--{trigger.name or f't{i}'}"] = list(trigger.subjects)
-        return wanted
-
     async def _provision(self) -> None:
         """Bring the events stream, the durable consumers and the running dispatchers in line with the functions.
 
@@ -244,7 +251,7 @@ class Service:
             for t in st.trigger_list()
             for s in t.subjects
         ]
-        base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">"]
+        base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">", subjects.REDRIVE_PREFIX + ">"]
         stream_subjects, problems = subjects.stream_subjects(base, triggers)
         for problem in problems.values():
             log.error("%s", problem)
@@ -257,53 +264,35 @@ class Service:
             )
             self._stream_subjects = stream_subjects
         for fn in self.functions.values():
-            settings = fn.source.settings or fn.settings
             wanted = {
-                name: subs
-                for name, subs in self._consumers(fn.name, settings).items()
-                if not any(s in problems for s in subs)
+                name: planned
+                for name, planned in mappings.plan(fn.name, fn.source.settings or fn.settings).items()
+                if not any(s in problems for s in planned.trigger.subjects)
             }
             runnable = fn.pool is not None and fn.settings is not None and fn.settings.concurrency > 0
-            concurrency = fn.settings.concurrency if fn.settings else 0
             await self._stop_mappings(
-                fn,
-                [
-                    n
-                    for n, r in fn.mappings.items()
-                    if not runnable or n not in wanted or r.subjects != wanted[n] or r.concurrency != concurrency
-                ],
+                fn, [n for n, r in fn.mappings.items() if not runnable or wanted.get(n) != r.planned]
             )
-            for name, filter_subjects in wanted.items():
-                assert settings is not None
-                consumer = (tuple(filter_subjects), settings.timeout + 30.0, max(64, 4 * settings.concurrency))
-                if self._provisioned.get(name) != consumer:
-                    await self.bus.ensure_consumer(
-                        EVENTS_STREAM,
-                        name,
-                        filter_subjects=filter_subjects,
-                        ack_wait=consumer[1],
-                        max_ack_pending=consumer[2],
-                        description=f"eventfn function {fn.name}",
-                    )
-                    self._provisioned[name] = consumer
+            for name, planned in wanted.items():
+                if self._provisioned.get(name) != planned:
+                    await mappings.provision(self.bus, EVENTS_STREAM, planned)
+                    self._provisioned[name] = planned
                 if runnable and name not in fn.mappings:
-                    await self._start_mapping(fn, name, filter_subjects)
+                    await self._start_mapping(fn, planned)
 
-    async def _start_mapping(self, fn: Function, consumer: str, filter_subjects: list[str]) -> None:
+    async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
+        mapping = planned.mapping()
+        feed = self.bus.pull_feed(EVENTS_STREAM, planned.consumer, max_inflight=mapping.max_inflight)
         settings = fn.settings
         assert settings is not None
-        feed = self.bus.pull_feed(EVENTS_STREAM, consumer, max_inflight=2 * settings.concurrency)
-        dispatcher = Dispatcher(
-            self.bus,
-            fn.name,
-            consumer,
-            feed,
-            invoke=fn.invoke,
-            retry=lambda: (fn.settings or settings).retry,
-            concurrency=settings.concurrency,
-        )
-        running = _Running(dispatcher, filter_subjects, settings.concurrency)
-        fn.mappings[consumer] = running
+
+        def policy() -> tuple[RetryPolicy, Destinations]:
+            current = fn.settings or settings
+            return current.retry, current.destinations
+
+        dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, policy=policy)
+        running = _Running(dispatcher, planned)
+        fn.mappings[planned.consumer] = running
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             try:
@@ -394,8 +383,46 @@ class Service:
         if op == "functions":
             infos = [fn.info() for fn in sorted(self.functions.values(), key=lambda f: f.name)]
             await request.respond(msgspec.json.encode(infos))
+        elif op == "mappings":
+            await request.respond(msgspec.json.encode(await self._mapping_infos()))
+        elif op in ("mappings.enable", "mappings.disable"):
+            name = request.data.decode(errors="replace").strip()
+            if name not in self._provisioned:
+                known = ", ".join(sorted(self._provisioned))
+                return await _reply_error(
+                    request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
+                )
+            await mappings.set_enabled(self.bus, EVENTS_STREAM, name, op.endswith("enable"))
+            [info] = [i for i in await self._mapping_infos() if i.name == name]
+            await request.respond(msgspec.json.encode(info))
         else:
             await _reply_error(request, 400, "InvalidRequestContentException", f"unknown operation {op!r}")
+
+    async def _mapping_infos(self) -> list[MappingInfo]:
+        infos = []
+        for name, planned in sorted(self._provisioned.items()):
+            fn = self.functions.get(planned.function)
+            running = fn.mappings.get(name) if fn else None
+            state = await self.bus.consumer_state(EVENTS_STREAM, name)
+            if state is None:
+                continue
+            trigger = planned.trigger
+            infos.append(
+                MappingInfo(
+                    name=name,
+                    function=planned.function,
+                    subjects=planned.filter_subjects[:-1],
+                    state="Disabled" if state.paused else ("Enabled" if running else "Inactive"),
+                    batch_size=trigger.batch_size,
+                    batch_window=trigger.batch_window,
+                    filters=len(trigger.filters),
+                    max_concurrency=planned.mapping().concurrency,
+                    lag=state.pending,
+                    in_flight=state.ack_pending,
+                    stats=running.dispatcher.stats if running else Stats(),
+                )
+            )
+        return infos
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

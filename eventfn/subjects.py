@@ -12,6 +12,8 @@ from collections.abc import Iterable
 INVOKE_PREFIX = "eventfn.invoke."
 #: Async invoke: stored in the events stream, processed at least once.
 ASYNC_PREFIX = "eventfn.async."
+#: Redriven events, one subject per mapping (`eventfn.redrive.<consumer>`), stored with the events.
+REDRIVE_PREFIX = "eventfn.redrive."
 #: Dead-letter records, one subject per function, in their own stream.
 DLQ_PREFIX = "eventfn.dlq."
 #: Requests to the running service (function list and other control operations).

@@ -78,8 +78,9 @@ async def test_restart_keeps_configuration_and_applies_changed_settings(
     serve().stop()
     after = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert set(after) == set(before)
-    assert after["slow--t0"].ack_wait == 50.0 and before["slow--t0"].ack_wait == 35.0
-    assert after["slow--t0"].filter_subject == "events.jobs.*"
+    # ack wait = timeout + batching window + 10 s
+    assert after["slow--t0"].ack_wait == 30.0 and before["slow--t0"].ack_wait == 15.0
+    assert after["slow--t0"].filter_subjects == ["events.jobs.*", "eventfn.redrive.slow--t0"]
     stream = await js.stream_info("EVENTFN")
     assert "events.>" in stream.config.subjects
 
