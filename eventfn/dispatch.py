@@ -142,8 +142,14 @@ class Dispatcher:
         """Consume until `stop()`; in-flight invocations finish and settle before this returns."""
         async with anyio.create_task_group() as tg:
             await tg.start(self.feed.run)
-            for _ in range(max(1, self.mapping.concurrency)):
-                tg.start_soon(self._worker)
+            if self.mapping.batch_size == 1:
+                # One event per invocation: `concurrency` workers each take the next event.
+                for _ in range(max(1, self.mapping.concurrency)):
+                    tg.start_soon(self._single_worker)
+            else:
+                # Batches: one gatherer fills them in arrival order (several gatherers would split a trickle
+                # into many one-event batches) and starts up to `concurrency` of them at once.
+                tg.start_soon(self._gatherer, tg)
             task_status.started()
 
     def stop(self) -> None:
@@ -152,7 +158,19 @@ class Dispatcher:
 
     # -- gathering ------------------------------------------------------------------------------------------
 
-    async def _worker(self) -> None:
+    async def _single_worker(self) -> None:
+        while True:
+            try:
+                delivery = await self.feed.receive()
+            except anyio.EndOfStream:
+                return
+            if self.feed.stopping:
+                await _hand_back([delivery])
+                continue
+            await self.process([delivery])
+
+    async def _gatherer(self, tg: anyio.abc.TaskGroup) -> None:
+        slots = anyio.Semaphore(max(1, self.mapping.concurrency))
         carry: Delivery | None = None
         while True:
             if carry is None:
@@ -161,16 +179,20 @@ class Dispatcher:
                 except anyio.EndOfStream:
                     return
             batch, carry = [carry], None
-            if self.mapping.batch_size > 1:
-                carry = await self._fill(batch)
+            carry = await self._fill(batch)
+            await slots.acquire()
             if self.feed.stopping:
-                # Handed back untouched: redelivered at once to whoever consumes next (a restart, a reload).
-                with anyio.CancelScope(shield=True):
-                    for delivery in [*batch, *([carry] if carry else [])]:
-                        await delivery.nak()
+                slots.release()
+                await _hand_back([*batch, *([carry] if carry else [])])
                 carry = None
                 continue
+            tg.start_soon(self._process_in_slot, batch, slots)
+
+    async def _process_in_slot(self, batch: list[Delivery], slots: anyio.Semaphore) -> None:
+        try:
             await self.process(batch)
+        finally:
+            slots.release()
 
     async def _fill(self, batch: list[Delivery]) -> Delivery | None:
         """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
@@ -352,6 +374,13 @@ class Dispatcher:
             await self.bus.publish(subject, record)
         except Exception as exc:
             log.warning("%s: destination %s not notified: %s", self.mapping.function, subject, exc)
+
+
+async def _hand_back(deliveries: list[Delivery]) -> None:
+    """Return unstarted deliveries untouched: redelivered at once to whoever consumes next."""
+    with anyio.CancelScope(shield=True):
+        for delivery in deliveries:
+            await delivery.nak()
 
 
 def _filter_document(delivery: Delivery, event: events.Event) -> dict[str, Any]:
