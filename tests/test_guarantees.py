@@ -1,0 +1,110 @@
+"""The dispatcher's guarantees, each shown against a real nats-server and a real `eventfn serve`:
+at-least-once through SIGKILL, and flat memory while a large backlog drains."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client
+
+from eventfn.testing import Serve, write_handler
+
+pytestmark = pytest.mark.e2e
+
+SINK = """
+    # /// eventfn
+    # timeout = 2
+    # concurrency = 2
+    # triggers = [{{ subjects = ["events.load.>"], batch_size = {batch}, batch_window = 0.05 }}]
+    # ///
+    import json
+    import time
+    import _probe
+
+    def handler(event, context):
+        numbers = [json.loads(r["body"])["n"] for r in event["Records"]]
+        time.sleep({pause})
+        _probe.report("probe.sink", ",".join(map(str, numbers)))
+"""
+
+
+async def publish_numbers(nc: Client, total: int) -> None:
+    """`total` events on a trigger subject, published as the nats CLI does, then confirmed stored."""
+    for n in range(total):
+        await nc.publish("events.load.item", b'{"n": %d}' % n)
+    await nc.flush()
+    js = nc.jetstream()
+    with anyio.fail_after(30):
+        while (await js.stream_info("EVENTFN")).state.messages < total:
+            await anyio.sleep(0.05)  # polling the server's count: JetStream has no "stored" event to await
+
+
+def seen_numbers(texts: list[str]) -> list[int]:
+    return [int(n) for text in texts for n in text.split(",") if n]
+
+
+async def test_sigkill_with_thousands_in_flight_loses_nothing(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
+    batch, concurrency, total = 100, 2, 10_000
+    write_handler(handlers, "sink", SINK.format(batch=batch, pause=0.01))
+    first = serve()
+    seen = await probe("probe.sink")
+    await publish_numbers(nc, total)
+    with anyio.fail_after(30):
+        while len(seen_numbers(seen.texts)) < 1000:
+            await seen.wait_for(len(seen.messages) + 1)
+    first.kill()  # SIGKILL: no chance to settle anything
+    done_before = len(set(seen_numbers(seen.texts)))
+    assert done_before < total, "the kill must interrupt the drain"
+
+    serve()
+    with anyio.fail_after(60):  # unacknowledged events come back after their ack wait (2 + 0.05 + 10 s)
+        while len(set(seen_numbers(seen.texts))) < total:
+            await seen.wait_for(len(seen.messages) + 1)
+    assert sorted(set(seen_numbers(seen.texts))) == list(range(total)), "every event processed, counted by id"
+    # Then let the deliveries the kill left unacknowledged come back (after their ack wait) and settle.
+    js = nc.jetstream()
+    with anyio.fail_after(60):
+        while (info := await js.consumer_info("EVENTFN", "sink--t0")).num_ack_pending or info.num_pending:
+            await anyio.sleep(0.2)  # polling the server's count: there is no event for "all settled"
+    numbers = seen_numbers(seen.texts)
+    in_flight_window = (concurrency + 1) * batch  # the feed's credit: all that can be unacked at a kill
+    print(f"\nSIGKILL after {done_before} of {total}: {len(numbers) - total} duplicates (window {in_flight_window})")
+    assert len(numbers) - total <= in_flight_window, f"{len(numbers) - total} duplicates"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_memory_stays_flat_while_a_large_backlog_drains(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
+    total, batch = 200_000, 100
+    write_handler(handlers, "sink", SINK.format(batch=batch, pause=0.002).replace('",".join(map(str, numbers))',
+                                                                             "str(len(numbers))"))
+    service = serve()
+    assert service.process is not None
+    seen = await probe("probe.sink")
+    idle = rss_mb(service.process.pid)
+    await publish_numbers(nc, total)  # the backlog is in JetStream before (and while) it drains
+    samples: list[float] = []
+    processed = 0
+    with anyio.fail_after(120):
+        while processed < total:
+            await seen.wait_for(len(seen.messages) + 1)
+            processed = sum(int(t) for t in seen.texts)
+            if len(seen.messages) % 50 == 0:
+                samples.append(rss_mb(service.process.pid))
+    assert processed == total, "nothing dropped, nothing run twice"
+    peak = max(samples)
+    print(f"\nRSS of eventfn serve: idle {idle:.1f} MB, peak while draining {total} events {peak:.1f} MB")
+    assert peak - idle < 25, f"memory grew from {idle:.1f} MB to {peak:.1f} MB under backlog"
