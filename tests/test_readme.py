@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.config import FunctionSettings, ServiceConfig
+from eventfn.filters import compile_filters
 from eventfn.testing import NatsServer, Serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +42,26 @@ def test_quickstart_handler_is_the_shipped_example() -> None:
     assert blocks("python")[0] == (ROOT / "handlers" / "hello.py").read_text()
 
 
-def test_settings_reference_is_valid() -> None:
-    function_settings, service_settings = blocks("toml")
-    msgspec.convert(tomllib.loads(function_settings), FunctionSettings)
-    msgspec.convert(tomllib.loads(service_settings), ServiceConfig)
+def test_settings_examples_are_valid() -> None:
+    """Each TOML example is valid function settings or valid service settings, and filters compile."""
+    kinds = []
+    for block in blocks("toml"):
+        data = tomllib.loads(block)
+        try:
+            settings = msgspec.convert(data, FunctionSettings)
+        except msgspec.ValidationError:
+            msgspec.convert(data, ServiceConfig)
+            kinds.append("service")
+            continue
+        for trigger in settings.trigger_list():
+            compile_filters(trigger.filters, "README")
+        kinds.append("function")
+    assert kinds.count("service") == 1 and kinds.count("function") >= 3
+
+
+def test_json_examples_parse() -> None:
+    for block in blocks("json"):
+        assert isinstance(json.loads(block), dict)
 
 
 @pytest.mark.e2e
