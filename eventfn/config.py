@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -92,6 +92,13 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: Subjects that trigger the function; a string is shorthand for `{subjects = [it]}`.
     triggers: list[str | Trigger] = []
     destinations: Destinations = Destinations()
+    #: "process" (default): warm worker processes. "inprocess": in the service process (see README).
+    isolation: Literal["process", "inprocess"] = "process"
+    #: Workers kept warm when idle (Lambda's provisioned concurrency). 1 by default: a version is validated
+    #: by a worker that then serves the first invocation warm. 0 lets an idle function cost no process.
+    min_warm: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
+    #: Seconds an extra worker may stay idle before it is stopped (down to `min_warm`).
+    idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
 
     def trigger_list(self) -> list[Trigger]:
         """The triggers with the string shorthand expanded."""
@@ -131,6 +138,9 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     functions: dict[str, dict[str, Any]] = {}
     #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    #: Invocations running at once across all functions (Lambda's account concurrency). Past it, stored events
+    #: wait in JetStream and a sync invoke gets TooManyRequestsException.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
     log_level: str = "INFO"
 
 
@@ -263,6 +273,12 @@ def read_function_settings(
     for key in settings.environment:
         if not key or "=" in key:
             raise ConfigError(where, f"environment variable name {key!r} is invalid")
+    if settings.isolation == "inprocess" and settings.environment:
+        raise ConfigError(
+            where,
+            'environment variables need isolation = "process"',
+            "an in-process function shares the service's one environment",
+        )
     return settings
 
 

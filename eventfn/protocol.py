@@ -61,6 +61,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
     payload: bytes
     duration_ms: float
     max_rss_mb: int
+    #: The worker must not take another invocation (it ran out of memory).
+    fatal: bool = False
 
 
 Message = Invoke | Ready | InitFailed | Result

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import logging
 import os
 import resource
 import sys
@@ -38,6 +39,8 @@ from eventfn.protocol import (
 )
 
 _ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
+#: Entry points looked up when no `handler = "module.function"` setting names one.
+ENTRY_NAMES = ("handler", "lambda_handler")
 
 
 class CognitoIdentity:
@@ -87,9 +90,10 @@ class LambdaContext:
 class _TaggedStream(io.TextIOBase):
     """Stdout/stderr for handler code: each line goes to fd 2 prefixed with Lambda's log-line fields."""
 
-    def __init__(self, function: str) -> None:
+    def __init__(self, function: str, *, stamp: bool = True) -> None:
         self.function = function
         self.request_id = "-"
+        self._stamp = stamp  # False for the logging handler's stream: its format has the fields already
         self._buffer = ""
 
     def writable(self) -> bool:
@@ -100,7 +104,10 @@ class _TaggedStream(io.TextIOBase):
         if "\n" in self._buffer:
             *lines, self._buffer = self._buffer.split("\n")
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-            out = "".join(f"[{self.function}] {stamp}\t{self.request_id}\t{line}\n" for line in lines)
+            if self._stamp:
+                out = "".join(f"[{self.function}] {stamp}\t{self.request_id}\t{line}\n" for line in lines)
+            else:
+                out = "".join(f"[{self.function}] {line}\n" for line in lines)
             os.write(2, out.encode("utf-8", "replace"))
         return len(text)
 
@@ -119,14 +126,19 @@ _json = msgspec.json.Encoder(enc_hook=_encode_default, decimal_format="number")
 _json_decode = msgspec.json.decode
 
 
-def error_object(exc: BaseException, *, skip_frames: int = 0) -> dict[str, Any]:
-    """Lambda's error object for an exception raised by handler code."""
-    frames = traceback.extract_tb(exc.__traceback__)[skip_frames:]
+def error_object(exc: BaseException, *, task_root: str | None = None, skip_frames: int = 0) -> dict[str, Any]:
+    """Lambda's error object for an exception raised by handler code.
+
+    The stack trace starts at the first frame of the function's own code (under `task_root`), dropping the
+    runtime's frames above it, as Lambda's runtime does; without one, `skip_frames` are dropped.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    start = next((i for i, f in enumerate(frames) if task_root and f.filename.startswith(task_root)), skip_frames)
     return {
         "errorMessage": str(exc),
         "errorType": type(exc).__name__,
         "requestId": "",
-        "stackTrace": traceback.format_list(frames),
+        "stackTrace": traceback.format_list(frames[start:]),
     }
 
 
@@ -167,24 +179,24 @@ def load_handler(spec: WorkerSpec) -> Callable[..., Any]:
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(spec.module)
-    names = [spec.attribute] if spec.attribute else ["handler", "lambda_handler"]
+    names = [spec.attribute] if spec.attribute else list(ENTRY_NAMES)
     for name in names:
         entry = getattr(module, name, None)
         if callable(entry):
             return entry  # type: ignore[no-any-return]
-    raise _HandlerNotFound(f"Handler '{' or '.join(names)}' missing on module '{spec.module}'")
+    raise HandlerNotFound(f"Handler '{' or '.join(names)}' missing on module '{spec.module}'")
 
 
-class _HandlerNotFound(Exception):
-    pass
+class HandlerNotFound(Exception):
+    """The module loaded but has no callable entry point of the configured name."""
 
 
-def _init_failure(exc: BaseException, spec: WorkerSpec) -> InitFailed:
+def init_failure(exc: BaseException, spec: WorkerSpec) -> InitFailed:
     file, line = _user_location(exc, spec.task_root)
     if isinstance(exc, SyntaxError):
         error_type = "Runtime.UserCodeSyntaxError"
         message = f"Syntax error in module '{spec.module}': {exc.msg} ({os.path.basename(file)}, line {line})"
-    elif isinstance(exc, _HandlerNotFound):
+    elif isinstance(exc, HandlerNotFound):
         error_type, message, file = "Runtime.HandlerNotFound", str(exc), spec.entry_file
     else:
         error_type = "Runtime.ImportModuleError"
@@ -233,16 +245,66 @@ def _max_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def encode_result(result: Any, request_id: str) -> tuple[bytes, bool]:
+    """The handler's return value as JSON, or Lambda's marshal error."""
+    try:
+        return _json.encode(result), True
+    except TypeError as exc:
+        error = {
+            "errorMessage": f"Unable to marshal response: {exc}",
+            "errorType": "Runtime.MarshalError",
+            "requestId": request_id,
+            "stackTrace": [],
+        }
+        return _json.encode(error), False
+
+
+def encode_exception(exc: BaseException, request_id: str, task_root: str) -> bytes:
+    """Lambda's error object for an exception the handler raised, as JSON."""
+    error = error_object(exc, task_root=task_root, skip_frames=1)
+    error["requestId"] = request_id
+    return _json.encode(error)
+
+
+def out_of_memory(request_id: str, limit_mb: int) -> bytes:
+    """Lambda's error for an invocation that passed the function's memory setting."""
+    return _json.encode(
+        {
+            "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: memory limit of {limit_mb} MB "
+            "exceeded (raise the function's `memory` setting)",
+            "errorType": "Runtime.OutOfMemory",
+            "requestId": request_id,
+        }
+    )
+
+
+def _limit_memory(megabytes: int) -> None:
+    """Cap the address space at what the interpreter uses now plus the function's memory setting.
+
+    An allocation past it raises MemoryError in the handler (reported as Runtime.OutOfMemory, and the worker
+    is replaced); the parent also fails an invocation whose resident size ended above the setting.
+    """
+    with open("/proc/self/statm") as statm:
+        current = int(statm.read().split()[0]) * resource.getpagesize()
+    limit = current + megabytes * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def serve(spec: WorkerSpec, channel: _Channel) -> None:
     """Load the handler, report readiness, then answer `Invoke` frames until stdin closes."""
     tagged = _TaggedStream(spec.function)
     sys.stdout = tagged
     sys.stderr = tagged
+    _install_logging(tagged)
+    _limit_memory(spec.memory)
     started = time.perf_counter()
     try:
         entry = load_handler(spec)
+    except MemoryError:
+        channel.send(init_failure(MemoryError(f"init passed the memory limit of {spec.memory} MB"), spec))
+        return
     except BaseException as exc:
-        channel.send(_init_failure(exc, spec))
+        channel.send(init_failure(exc, spec))
         return
     is_async = inspect.iscoroutinefunction(entry)
     loop = asyncio.new_event_loop() if is_async else None
@@ -251,34 +313,48 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
     while (invoke := channel.receive()) is not None:
         tagged.request_id = invoke.request_id
         begin = time.perf_counter()
+        fatal = False
         try:
             event = decode_event(invoke.payload, invoke.is_json)
-            context = LambdaContext(spec, log_stream, invoke)
-            result = entry(event, context)
+            result = entry(event, LambdaContext(spec, log_stream, invoke))
             if loop is not None:
                 result = loop.run_until_complete(result)
-            try:
-                payload, ok = _json.encode(result), True
-            except TypeError as exc:
-                payload, ok = (
-                    _json.encode(
-                        {
-                            "errorMessage": f"Unable to marshal response: {exc}",
-                            "errorType": "Runtime.MarshalError",
-                            "requestId": invoke.request_id,
-                            "stackTrace": [],
-                        }
-                    ),
-                    False,
-                )
+            payload, ok = encode_result(result, invoke.request_id)
+        except MemoryError:
+            # The interpreter may be in a bad state: report, then let the pool replace this worker.
+            payload, ok, fatal = out_of_memory(invoke.request_id, spec.memory), False, True
         except Exception as exc:
-            error = error_object(exc, skip_frames=1)
-            error["requestId"] = invoke.request_id
-            payload, ok = _json.encode(error), False
+            payload, ok = encode_exception(exc, invoke.request_id, spec.task_root), False
         tagged.flush()
         duration = (time.perf_counter() - begin) * 1000
-        channel.send(Result(ok=ok, payload=payload, duration_ms=duration, max_rss_mb=_max_rss_mb()))
+        channel.send(Result(ok=ok, payload=payload, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
         tagged.request_id = "-"
+
+
+class _RequestIdFilter(logging.Filter):
+    """Adds the current request id to log records, as Lambda's runtime does (`%(aws_request_id)s`)."""
+
+    def __init__(self, stream: _TaggedStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.aws_request_id = self.stream.request_id
+        return True
+
+
+def _install_logging(stream: _TaggedStream) -> None:
+    """Lambda's root-logger set-up: one handler, `[LEVEL] time request-id message`, level WARNING."""
+    handler = logging.StreamHandler(_TaggedStream(stream.function, stamp=False))
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    )
+    handler.addFilter(_RequestIdFilter(stream))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceC
 from eventfn.dispatch import Dispatcher, Stats
 from eventfn.dlq import DLQ_STREAM
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
+from eventfn.inprocess import InProcessPool
 from eventfn.natsserver import embedded_server
 from eventfn.protocol import WorkerSpec
 from eventfn.registry import FunctionSource
@@ -55,6 +56,8 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float | None
     memory: int | None
     concurrency: int | None
+    isolation: str | None
+    workers: int
     init_ms: float | None
     last_error: str | None
 
@@ -87,10 +90,12 @@ class _Running:
 class Function:
     """One function as the service runs it: its latest source, the pool serving it, its mappings."""
 
-    def __init__(self, source: FunctionSource) -> None:
+    def __init__(self, source: FunctionSource, account: anyio.CapacityLimiter) -> None:
         self.name = source.name
         self.source = source
-        self.pool: Pool | None = None
+        self.pool: Pool | InProcessPool | None = None
+        #: The service-wide cap (Lambda's account concurrency), shared by every function.
+        self.account = account
         self.settings: FunctionSettings | None = None
         self.last_error: str | None = None
         self.init_ms: float | None = None
@@ -117,6 +122,8 @@ class Function:
             timeout=settings.timeout if settings else None,
             memory=settings.memory if settings else None,
             concurrency=settings.concurrency if settings else None,
+            isolation=settings.isolation if settings else None,
+            workers=self.pool.size if self.pool else 0,
             init_ms=self.init_ms,
             last_error=self.last_error,
         )
@@ -125,10 +132,28 @@ class Function:
         self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
     ) -> Outcome:
         """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
-        async with self.limiter:
+        async with self.limiter, self.account:
             pool = self.pool
             assert pool is not None, "mappings run only while a version is loaded"
             return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
+
+    def try_reserve(self) -> str | None:
+        """Take a slot for a sync invoke now, or say why not (Lambda's throttling reasons)."""
+        try:
+            self.limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            return "ReservedFunctionConcurrentInvocationLimitExceeded"
+        try:
+            self.account.acquire_nowait()
+        except anyio.WouldBlock:
+            self.limiter.release()
+            return "ConcurrentInvocationLimitExceeded"
+        return None
+
+    def release(self) -> None:
+        """Give back a slot taken by `try_reserve`."""
+        self.account.release()
+        self.limiter.release()
 
 
 def _encode_error(error_type: str, message: str) -> bytes:
@@ -144,6 +169,7 @@ class Service:
         self.tg = tg
         self.handlers_dir = Path(config.handlers)
         self.functions: dict[str, Function] = {}
+        self.account = anyio.CapacityLimiter(config.max_concurrency)
         self._reload_lock = anyio.Lock()
         self._intake = anyio.CancelScope()
         self._stream_subjects: list[str] = []
@@ -171,26 +197,33 @@ class Service:
             await self._provision()
 
     async def _load(self, source: FunctionSource, limiter: anyio.CapacityLimiter) -> None:
-        fn = self.functions.setdefault(source.name, Function(source))
+        fn = self.functions.setdefault(source.name, Function(source, self.account))
         fn.source = source
         if source.error or source.settings is None:
             fn.last_error = source.error or "settings could not be read"
             log.error("function %s: %s%s", source.name, fn.last_error, _keeps_serving(fn))
             return
         settings = source.settings
-        pool = Pool(
-            spec=WorkerSpec(
-                function=source.name,
-                task_root=source.task_root,
-                module=source.module,
-                entry_file=source.entry_file,
-                attribute=source.attribute,
-                memory=settings.memory,
-                timeout=settings.timeout,
-            ),
-            env=self._environment(source, settings),
-            version=source.version,
+        spec = WorkerSpec(
+            function=source.name,
+            task_root=source.task_root,
+            module=source.module,
+            entry_file=source.entry_file,
+            attribute=source.attribute,
+            memory=settings.memory,
+            timeout=settings.timeout,
         )
+        pool: Pool | InProcessPool
+        if settings.isolation == "inprocess":
+            pool = InProcessPool(spec, source.version)
+        else:
+            pool = Pool(
+                spec=spec,
+                env=self._environment(source, settings),
+                version=source.version,
+                min_warm=settings.min_warm,
+                idle_timeout=settings.idle_timeout,
+            )
         async with limiter:
             try:
                 init_ms = await pool.start()
@@ -213,7 +246,10 @@ class Service:
             self.tg.start_soon(old.retire)
 
     def _environment(self, source: FunctionSource, settings: FunctionSettings) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")}
+        # glibc reserves 64 MB of address space per thread arena; the worker's memory limit caps address
+        # space, so a threaded handler would run out early without a small arena count.
+        env = {"MALLOC_ARENA_MAX": "2"}
+        env.update({k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")})
         env.update(
             {
                 "AWS_LAMBDA_FUNCTION_NAME": source.name,
@@ -269,19 +305,25 @@ class Service:
                 for name, planned in mappings.plan(fn.name, fn.source.settings or fn.settings).items()
                 if not any(s in problems for s in planned.trigger.subjects)
             }
-            runnable = fn.pool is not None and fn.settings is not None and fn.settings.concurrency > 0
+            loaded = fn.pool is not None and fn.settings is not None
+            # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; async invokes go straight
+            # to the DLQ, as Lambda sends them to the dead-letter queue without retries.
+            disabled = fn.settings is not None and fn.settings.concurrency == 0
+            runnable = {n for n, p in wanted.items() if loaded and (not disabled or p.trigger.name == "async")}
             await self._stop_mappings(
-                fn, [n for n, r in fn.mappings.items() if not runnable or wanted.get(n) != r.planned]
+                fn, [n for n, r in fn.mappings.items() if n not in runnable or wanted.get(n) != r.planned]
             )
             for name, planned in wanted.items():
                 if self._provisioned.get(name) != planned:
                     await mappings.provision(self.bus, EVENTS_STREAM, planned)
                     self._provisioned[name] = planned
-                if runnable and name not in fn.mappings:
+                if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
 
     async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
         mapping = planned.mapping()
+        if fn.settings is not None and fn.settings.concurrency == 0:
+            mapping = msgspec.structs.replace(mapping, reject="Throttled", concurrency=1)
         feed = self.bus.pull_feed(EVENTS_STREAM, planned.consumer, max_inflight=mapping.max_inflight)
         settings = fn.settings
         assert settings is not None
@@ -356,22 +398,23 @@ class Service:
         if fn.pool is None:
             body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
             return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
-        if (fn.settings is not None and fn.settings.concurrency == 0) or fn.limiter.available_tokens < 1:
-            return await _reply_error(
-                request,
-                429,
-                "TooManyRequestsException",
-                f"Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded "
-                f"({name} allows {fn.limiter.total_tokens} at once)",
-            )
         client_context = None
         if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
             try:
                 client_context = base64.b64decode(raw)
             except ValueError:
                 client_context = None
-        async with fn.limiter:
+        # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
+        if fn.settings is not None and fn.settings.concurrency == 0:
+            reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
+        else:
+            reason = fn.try_reserve()
+        if reason is not None:
+            return await _reply_error(request, 429, "TooManyRequestsException", f"Rate Exceeded. Reason: {reason}")
+        try:
             outcome = await fn.pool.invoke(request_id, request.data, client_context=client_context)
+        finally:
+            fn.release()
         headers = {"Eventfn-Request-Id": request_id}
         if not outcome.ok:
             headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
@@ -425,6 +468,14 @@ class Service:
         return infos
 
     # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def reap_idle_workers(self, interval: float = 1.0) -> None:
+        """Scale pools down: stop workers idle past their function's `idle_timeout` (down to `min_warm`)."""
+        while True:
+            await anyio.sleep(interval)
+            for fn in list(self.functions.values()):
+                if fn.pool is not None and (stopped := await fn.pool.reap()):
+                    log.info("function %s scaled down by %d idle worker(s) to %d", fn.name, stopped, fn.pool.size)
 
     async def watch(
         self, stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -502,6 +553,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
                 await tg.start(service.serve_requests)
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
+                tg.start_soon(service.reap_idle_workers)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
                 if ready is not None:

@@ -26,6 +26,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from eventfn import protocol
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
+from eventfn.runtime import out_of_memory
 
 log = logging.getLogger(__name__)
 report_log = logging.getLogger("eventfn.report")
@@ -153,20 +154,45 @@ class Worker:
 
 @dataclass
 class Pool:
-    """Warm workers for one version of one function."""
+    """Warm workers for one version of one function.
+
+    It starts with `min_warm` workers (at least one, which validates the handler before the version goes
+    live), grows on demand (a cold start per new worker; the caller bounds concurrency), and `reap` stops
+    workers idle longer than `idle_timeout` down to `min_warm` (Lambda's provisioned concurrency).
+    """
 
     spec: WorkerSpec
     env: dict[str, str]
     version: str
-    idle: list[Worker] = field(default_factory=list)
+    min_warm: int = 1
+    idle_timeout: float = 300.0
+    #: Idle workers with the monotonic time they became idle, the longest idle first.
+    idle: list[tuple[Worker, float]] = field(default_factory=list)
     busy: int = 0
     retired: bool = False
 
+    @property
+    def size(self) -> int:
+        """Workers alive: idle and busy."""
+        return len(self.idle) + self.busy
+
     async def start(self) -> float:
-        """Start the first warm worker; returns its Init Duration. Raises `HandlerLoadError`."""
-        worker = await Worker.spawn(self.spec, self.env)
-        self.idle.append(worker)
-        return worker.init_ms or 0.0
+        """Start the warm workers; returns the first one's Init Duration. Raises `HandlerLoadError`."""
+        first = await Worker.spawn(self.spec, self.env)
+        self.idle.append((first, time.monotonic()))
+        for _ in range(self.min_warm - 1):
+            self.idle.append((await Worker.spawn(self.spec, self.env), time.monotonic()))
+        return first.init_ms or 0.0
+
+    async def reap(self) -> int:
+        """Stop workers idle past `idle_timeout`, keeping `min_warm`; returns how many were stopped."""
+        cutoff = time.monotonic() - self.idle_timeout
+        stopped = 0
+        while self.idle and self.idle[0][1] < cutoff and self.size > self.min_warm:
+            worker, _ = self.idle.pop(0)
+            await worker.kill()
+            stopped += 1
+        return stopped
 
     async def invoke(
         self,
@@ -178,18 +204,20 @@ class Pool:
         cloud_event: dict[str, str] | None = None,
     ) -> Outcome:
         """Run one invocation with the function's timeout, on a warm worker or a new one."""
-        timeout = self.spec.timeout
+        spec = self.spec
         begin = time.perf_counter()
         init_ms: float | None = None
         self.busy += 1
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
+        if report_log.isEnabledFor(logging.INFO):
+            report_log.info("START RequestId: %s Version: $LATEST Function: %s", request_id, spec.function)
         try:
             if self.idle:
-                worker = self.idle.pop()
+                worker, _ = self.idle.pop()
             else:
                 try:
-                    worker = await Worker.spawn(self.spec, self.env)
+                    worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:
                     return self._report(
                         request_id, begin, None, None, _failure("Runtime.ImportModuleError", exc.problem, request_id)
@@ -198,54 +226,44 @@ class Pool:
             invoke = Invoke(
                 request_id=request_id,
                 payload=payload,
-                deadline=time.time() + timeout,
+                deadline=time.time() + spec.timeout,
                 is_json=is_json,
                 client_context=client_context,
                 cloud_event=cloud_event,
             )
             result: Result | None = None
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(spec.timeout):
                 try:
                     result = await worker.invoke(invoke)
                 except WorkerDied as exc:
-                    return self._report(
-                        request_id,
-                        begin,
-                        init_ms,
-                        None,
-                        _failure("Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id),
-                    )
+                    outcome = _failure("Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id)
+                    return self._report(request_id, begin, init_ms, None, outcome)
             if result is None:
                 # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
+                message = f"RequestId: {request_id} Error: Task timed out after {spec.timeout:.2f} seconds"
+                return self._report(request_id, begin, init_ms, None, _failure("Sandbox.Timedout", message, request_id))
+            if result.fatal or result.max_rss_mb > spec.memory:
+                # Past the memory setting: the invocation fails and the worker is replaced, as in Lambda.
                 return self._report(
                     request_id,
                     begin,
                     init_ms,
-                    None,
-                    _failure(
-                        "Sandbox.Timedout",
-                        f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds",
-                        request_id,
-                    ),
+                    result,
+                    Outcome(ok=False, error_type="Unhandled", payload=out_of_memory(request_id, spec.memory)),
                 )
             reusable = True
-            return self._report(
-                request_id,
-                begin,
-                init_ms,
-                result,
-                Outcome(
-                    ok=result.ok,
-                    payload=result.payload,
-                    error_type=None if result.ok else "Unhandled",
-                    duration_ms=result.duration_ms,
-                ),
+            outcome = Outcome(
+                ok=result.ok,
+                payload=result.payload,
+                error_type=None if result.ok else "Unhandled",
+                duration_ms=result.duration_ms,
             )
+            return self._report(request_id, begin, init_ms, result, outcome)
         finally:
             self.busy -= 1
             if worker is not None:
                 if reusable and not self.retired and worker.alive:
-                    self.idle.append(worker)
+                    self.idle.append((worker, time.monotonic()))
                 else:
                     await worker.kill()
 
@@ -253,25 +271,32 @@ class Pool:
         self, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
     ) -> Outcome:
         if report_log.isEnabledFor(logging.INFO):
-            duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
-            line = (
-                f"REPORT RequestId: {request_id}\tFunction: {self.spec.function}\t"
-                f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
-                f"Memory Size: {self.spec.memory} MB\t"
-                f"Max Memory Used: {result.max_rss_mb if result else '-'} MB"
-            )
-            if init_ms is not None:
-                line += f"\tInit Duration: {init_ms:.2f} ms"
-            line += "\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}"
-            report_log.info("%s", line)
+            report_log.info("END RequestId: %s", request_id)
+            report_log.info("%s", report_line(self.spec, request_id, begin, init_ms, result, outcome))
         return outcome
 
     async def retire(self) -> None:
         """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
         self.retired = True
         idle, self.idle = self.idle, []
-        for worker in idle:
+        for worker, _ in idle:
             await worker.kill()
+
+
+def report_line(
+    spec: WorkerSpec, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
+) -> str:
+    """Lambda's REPORT line (with the function's name and the outcome added)."""
+    duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
+    line = (
+        f"REPORT RequestId: {request_id}\tFunction: {spec.function}\t"
+        f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
+        f"Memory Size: {spec.memory} MB\t"
+        f"Max Memory Used: {result.max_rss_mb if result else '-'} MB"
+    )
+    if init_ms is not None:
+        line += f"\tInit Duration: {init_ms:.2f} ms"
+    return line + ("\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}")
 
 
 def _failure(error_type: str, message: str, request_id: str) -> Outcome:

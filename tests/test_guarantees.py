@@ -3,7 +3,6 @@ at-least-once through SIGKILL, and flat memory while a large backlog drains."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +38,7 @@ async def publish_numbers(nc: Client, total: int) -> None:
     await nc.flush()
     js = nc.jetstream()
     with anyio.fail_after(30):
-        while (await js.stream_info("EVENTFN")).state.messages < total:
+        while (await js.stream_info("EVENTFN")).state.messages < total:  # noqa: ASYNC110
             await anyio.sleep(0.05)  # polling the server's count: JetStream has no "stored" event to await
 
 
@@ -70,7 +69,7 @@ async def test_sigkill_with_thousands_in_flight_loses_nothing(
     # Then let the deliveries the kill left unacknowledged come back (after their ack wait) and settle.
     js = nc.jetstream()
     with anyio.fail_after(60):
-        while (info := await js.consumer_info("EVENTFN", "sink--t0")).num_ack_pending or info.num_pending:
+        while (info := await js.consumer_info("EVENTFN", "sink--t0")).num_ack_pending or info.num_pending:  # noqa: ASYNC110
             await anyio.sleep(0.2)  # polling the server's count: there is no event for "all settled"
     numbers = seen_numbers(seen.texts)
     in_flight_window = (concurrency + 1) * batch  # the feed's credit: all that can be unacked at a kill
