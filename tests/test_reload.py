@@ -168,3 +168,39 @@ async def test_settings_typo_is_reported_with_file_and_key(
     assert "typo.py" in line and "timout" in line
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["state"] == "Failed" and "timout" in info["last_error"]
+
+
+async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_the_new(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+) -> None:
+    slow_v1 = """
+        # /// eventfn
+        # timeout = 10
+        # ///
+        import time
+        import _probe
+
+        def handler(event, context):
+            _probe.report("probe.started", "v1")
+            time.sleep(event.get("sleep", 0))
+            return "v1"
+    """
+    write_handler(handlers, "fn", slow_v1)
+    service = serve()
+    started = await probe("probe.started")
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+
+        async def long_call() -> None:
+            reply = await nc.request("eventfn.invoke.fn", b'{"sleep": 1.5}', timeout=15)
+            results.append(json.loads(reply.data))
+
+        tg.start_soon(long_call)
+        await started.wait_for(1)
+        mark = service.log.mark()
+        write_handler(handlers, "fn", slow_v1.replace('"v1"', '"v2"'))
+        service.log.wait_for(r"function fn reloaded", start=mark)
+        reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
+        assert json.loads(reply.data) == "v2", "new invocations run the new code at once"
+        assert results == [], "while the old one is still running"
+    assert results == ["v1"], "the in-flight invocation finished on the code it started with"
