@@ -53,10 +53,10 @@ class Record(msgspec.Struct, frozen=True, omit_defaults=True):
     body: str
     attributes: _Attributes
     subject: str
-    messageAttributes: dict[str, str] = {}
-    eventSource: str = "eventfn:nats"
-    eventSourceARN: str = ""
-    #: Set when `body` holds base64 because the data was not UTF-8 text.
+    messageAttributes: dict[str, str]
+    eventSource: str
+    eventSourceARN: str
+    #: Set (and only then present) when `body` holds base64 because the data was not UTF-8 text.
     bodyEncoding: str | None = None
 
 
@@ -92,6 +92,7 @@ def record_for(message: StoredMessage, message_id: str, source_arn: str) -> Reco
         ),
         subject=original_subject(message),
         messageAttributes=attributes,
+        eventSource="eventfn:nats",
         eventSourceARN=source_arn,
         bodyEncoding=encoding,
     )

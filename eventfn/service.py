@@ -8,12 +8,10 @@ workers, the connection and the embedded server, in that order.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -22,142 +20,25 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import mappings, registry, subjects
-from eventfn.bus import Bus, Request, connect
+from eventfn import api, mappings, registry, subjects
+from eventfn.api import Api
+from eventfn.bus import Bus, connect
 from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
-from eventfn.dispatch import Dispatcher, Stats
+from eventfn.dispatch import Dispatcher
 from eventfn.dlq import DLQ_STREAM
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
+from eventfn.functions import Function, Running
 from eventfn.inprocess import InProcessPool
 from eventfn.natsserver import embedded_server
 from eventfn.protocol import WorkerSpec
 from eventfn.registry import FunctionSource
-from eventfn.workers import Outcome, Pool
+from eventfn.workers import Pool
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = "EVENTFN"
-SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+EVENTS_STREAM = api.EVENTS_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
-
-
-class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What `eventfn functions` shows for one function."""
-
-    name: str
-    state: str
-    version: str
-    serving_version: str | None
-    description: str
-    triggers: list[str]
-    invoke_subject: str
-    async_subject: str
-    timeout: float | None
-    memory: int | None
-    concurrency: int | None
-    isolation: str | None
-    workers: int
-    init_ms: float | None
-    last_error: str | None
-
-
-class MappingInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What `eventfn mappings` shows for one mapping (counters are this service process's)."""
-
-    name: str
-    function: str
-    subjects: list[str]
-    state: str
-    batch_size: int
-    batch_window: float
-    filters: int
-    max_concurrency: int
-    lag: int
-    in_flight: int
-    stats: Stats
-
-
-class _Running:
-    """A started dispatcher, what it was started for, and the event set when it has fully stopped."""
-
-    def __init__(self, dispatcher: Dispatcher, planned: mappings.Planned) -> None:
-        self.dispatcher = dispatcher
-        self.planned = planned
-        self.done = anyio.Event()
-
-
-class Function:
-    """One function as the service runs it: its latest source, the pool serving it, its mappings."""
-
-    def __init__(self, source: FunctionSource, account: anyio.CapacityLimiter) -> None:
-        self.name = source.name
-        self.source = source
-        self.pool: Pool | InProcessPool | None = None
-        #: The service-wide cap (Lambda's account concurrency), shared by every function.
-        self.account = account
-        self.settings: FunctionSettings | None = None
-        self.last_error: str | None = None
-        self.init_ms: float | None = None
-        self.limiter = anyio.CapacityLimiter(1)
-        self.mappings: dict[str, _Running] = {}
-
-    @property
-    def state(self) -> str:
-        if self.source.version != (self.pool.version if self.pool else None):
-            return "Failed" if self.last_error else "Pending"
-        return "Inactive" if self.settings and self.settings.concurrency == 0 else "Active"
-
-    def info(self) -> FunctionInfo:
-        settings = self.settings or self.source.settings
-        return FunctionInfo(
-            name=self.name,
-            state=self.state,
-            version=self.source.version,
-            serving_version=self.pool.version if self.pool else None,
-            description=settings.description if settings else "",
-            triggers=[s for t in settings.trigger_list() for s in t.subjects] if settings else [],
-            invoke_subject=subjects.INVOKE_PREFIX + self.name,
-            async_subject=subjects.ASYNC_PREFIX + self.name,
-            timeout=settings.timeout if settings else None,
-            memory=settings.memory if settings else None,
-            concurrency=settings.concurrency if settings else None,
-            isolation=settings.isolation if settings else None,
-            workers=self.pool.size if self.pool else 0,
-            init_ms=self.init_ms,
-            last_error=self.last_error,
-        )
-
-    async def invoke(
-        self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
-    ) -> Outcome:
-        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
-        async with self.limiter, self.account:
-            pool = self.pool
-            assert pool is not None, "mappings run only while a version is loaded"
-            return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
-
-    def try_reserve(self) -> str | None:
-        """Take a slot for a sync invoke now, or say why not (Lambda's throttling reasons)."""
-        try:
-            self.limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            return "ReservedFunctionConcurrentInvocationLimitExceeded"
-        try:
-            self.account.acquire_nowait()
-        except anyio.WouldBlock:
-            self.limiter.release()
-            return "ConcurrentInvocationLimitExceeded"
-        return None
-
-    def release(self) -> None:
-        """Give back a slot taken by `try_reserve`."""
-        self.account.release()
-        self.limiter.release()
-
-
-def _encode_error(error_type: str, message: str) -> bytes:
-    return msgspec.json.encode({"errorType": error_type, "errorMessage": message})
 
 
 class Service:
@@ -171,11 +52,10 @@ class Service:
         self.functions: dict[str, Function] = {}
         self.account = anyio.CapacityLimiter(config.max_concurrency)
         self._reload_lock = anyio.Lock()
-        self._intake = anyio.CancelScope()
+        self.api = Api(self)
         self._stream_subjects: list[str] = []
         #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
-        self._provisioned: dict[str, mappings.Planned] = {}
-        self._requests_done = anyio.Event()
+        self.provisioned: dict[str, mappings.Planned] = {}
 
     # -- functions ----------------------------------------------------------------------------------------
 
@@ -314,9 +194,9 @@ class Service:
                 fn, [n for n, r in fn.mappings.items() if n not in runnable or wanted.get(n) != r.planned]
             )
             for name, planned in wanted.items():
-                if self._provisioned.get(name) != planned:
+                if self.provisioned.get(name) != planned:
                     await mappings.provision(self.bus, EVENTS_STREAM, planned)
-                    self._provisioned[name] = planned
+                    self.provisioned[name] = planned
                 if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
 
@@ -333,7 +213,7 @@ class Service:
             return current.retry, current.destinations
 
         dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, policy=policy)
-        running = _Running(dispatcher, planned)
+        running = Running(dispatcher, planned)
         fn.mappings[planned.consumer] = running
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -352,120 +232,6 @@ class Service:
             await running.done.wait()
 
     # -- requests -----------------------------------------------------------------------------------------
-
-    async def serve_requests(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Answer sync invokes and control requests until intake stops; in-flight ones finish."""
-        try:
-            await self._serve_requests(task_status)
-        finally:
-            self._requests_done.set()
-
-    async def _serve_requests(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with anyio.create_task_group() as inflight:
-            with self._intake:
-                async with (
-                    self.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes,
-                    self.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api,
-                ):
-                    task_status.started()
-                    async with anyio.create_task_group() as readers:
-                        readers.start_soon(self._read, invokes, inflight, self._invoke_sync)
-                        readers.start_soon(self._read, api, inflight, self._api)
-
-    @staticmethod
-    async def _read(stream: AsyncIterator[Request], tg: anyio.abc.TaskGroup, handle: object) -> None:
-        async for request in stream:
-            tg.start_soon(handle, request)  # type: ignore[arg-type]
-
-    async def _invoke_sync(self, request: Request) -> None:
-        name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
-        fn = self.functions.get(name)
-        request_id = str(uuid.uuid4())
-        if fn is None:
-            return await _reply_error(
-                request,
-                404,
-                "ResourceNotFoundException",
-                f"Function not found: {name} (loaded: {', '.join(sorted(self.functions))})",
-            )
-        if len(request.data) > SYNC_PAYLOAD_LIMIT:
-            return await _reply_error(
-                request,
-                413,
-                "RequestTooLargeException",
-                f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the InvokeFunction operation",
-            )
-        if fn.pool is None:
-            body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
-            return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
-        client_context = None
-        if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
-            try:
-                client_context = base64.b64decode(raw)
-            except ValueError:
-                client_context = None
-        # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
-        if fn.settings is not None and fn.settings.concurrency == 0:
-            reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
-        else:
-            reason = fn.try_reserve()
-        if reason is not None:
-            return await _reply_error(request, 429, "TooManyRequestsException", f"Rate Exceeded. Reason: {reason}")
-        try:
-            outcome = await fn.pool.invoke(request_id, request.data, client_context=client_context)
-        finally:
-            fn.release()
-        headers = {"Eventfn-Request-Id": request_id}
-        if not outcome.ok:
-            headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
-        with anyio.CancelScope(shield=True):
-            await request.respond(outcome.payload, headers)
-
-    async def _api(self, request: Request) -> None:
-        op = request.subject.removeprefix(subjects.API_PREFIX)
-        if op == "functions":
-            infos = [fn.info() for fn in sorted(self.functions.values(), key=lambda f: f.name)]
-            await request.respond(msgspec.json.encode(infos))
-        elif op == "mappings":
-            await request.respond(msgspec.json.encode(await self._mapping_infos()))
-        elif op in ("mappings.enable", "mappings.disable"):
-            name = request.data.decode(errors="replace").strip()
-            if name not in self._provisioned:
-                known = ", ".join(sorted(self._provisioned))
-                return await _reply_error(
-                    request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
-                )
-            await mappings.set_enabled(self.bus, EVENTS_STREAM, name, op.endswith("enable"))
-            [info] = [i for i in await self._mapping_infos() if i.name == name]
-            await request.respond(msgspec.json.encode(info))
-        else:
-            await _reply_error(request, 400, "InvalidRequestContentException", f"unknown operation {op!r}")
-
-    async def _mapping_infos(self) -> list[MappingInfo]:
-        infos = []
-        for name, planned in sorted(self._provisioned.items()):
-            fn = self.functions.get(planned.function)
-            running = fn.mappings.get(name) if fn else None
-            state = await self.bus.consumer_state(EVENTS_STREAM, name)
-            if state is None:
-                continue
-            trigger = planned.trigger
-            infos.append(
-                MappingInfo(
-                    name=name,
-                    function=planned.function,
-                    subjects=planned.filter_subjects[:-1],
-                    state="Disabled" if state.paused else ("Enabled" if running else "Inactive"),
-                    batch_size=trigger.batch_size,
-                    batch_window=trigger.batch_window,
-                    filters=len(trigger.filters),
-                    max_concurrency=planned.mapping().concurrency,
-                    lag=state.pending,
-                    in_flight=state.ack_pending,
-                    stats=running.dispatcher.stats if running else Stats(),
-                )
-            )
-        return infos
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -494,13 +260,13 @@ class Service:
 
     async def shutdown(self) -> None:
         """Stop intake, let in-flight invocations settle (bounded by their timeouts), stop workers."""
-        self._intake.cancel()
+        self.api.stop()
         longest = max((fn.settings.timeout for fn in self.functions.values() if fn.settings), default=0.0)
         with anyio.move_on_after(longest + self.config.shutdown_grace) as scope:
             for fn in self.functions.values():
                 await self._stop_mappings(fn, list(fn.mappings))
             log.debug("mappings stopped")
-            await self._requests_done.wait()
+            await self.api.done.wait()
             log.debug("requests settled")
         if scope.cancelled_caught:
             log.warning("in-flight invocations did not finish in time; their events will be redelivered")
@@ -513,12 +279,6 @@ class Service:
 
 def _keeps_serving(fn: Function) -> str:
     return f"; version {fn.pool.version} keeps serving" if fn.pool else ""
-
-
-async def _reply_error(request: Request, status: int, error_type: str, message: str) -> None:
-    await request.respond(
-        _encode_error(error_type, message), {"Eventfn-Error": error_type, "Eventfn-Status": str(status)}
-    )
 
 
 @asynccontextmanager
@@ -550,7 +310,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             async with anyio.create_task_group() as tg:
                 service = Service(config, bus, tg)
                 await service.reload()
-                await tg.start(service.serve_requests)
+                await tg.start(service.api.serve_requests)
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)

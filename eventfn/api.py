@@ -1,0 +1,180 @@
+"""The service's request/reply surface: sync invoke (`eventfn.invoke.<function>`) and the control API
+(`eventfn.api.functions`, `eventfn.api.mappings[.enable|.disable]`) that the CLI talks to.
+
+Requests are served by queue group `eventfn`, so several service processes share them. A sync invoke over a
+concurrency cap is answered at once with Lambda's 429 error rather than queued.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import msgspec
+
+from eventfn import mappings, subjects
+from eventfn.bus import Request
+from eventfn.dispatch import Stats
+
+if TYPE_CHECKING:
+    from eventfn.service import Service
+
+EVENTS_STREAM = "EVENTFN"
+SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+
+
+class MappingInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `eventfn mappings` shows for one mapping (counters are this service process's)."""
+
+    name: str
+    function: str
+    subjects: list[str]
+    state: str
+    batch_size: int
+    batch_window: float
+    filters: int
+    max_concurrency: int
+    lag: int
+    in_flight: int
+    stats: Stats
+
+
+class Api:
+    """Serves requests for one `Service` until `stop()`; in-flight requests finish first."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._intake = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    def stop(self) -> None:
+        """Take no new requests (those in flight finish; `done` is set after)."""
+        self._intake.cancel()
+
+    async def serve_requests(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Answer sync invokes and control requests until intake stops; in-flight ones finish."""
+        try:
+            await self._serve_requests(task_status)
+        finally:
+            self.done.set()
+
+    async def _serve_requests(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as inflight:
+            with self._intake:
+                async with (
+                    self.service.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes,
+                    self.service.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api,
+                ):
+                    task_status.started()
+                    async with anyio.create_task_group() as readers:
+                        readers.start_soon(self._read, invokes, inflight, self._invoke_sync)
+                        readers.start_soon(self._read, api, inflight, self._api)
+
+    @staticmethod
+    async def _read(stream: AsyncIterator[Request], tg: anyio.abc.TaskGroup, handle: object) -> None:
+        async for request in stream:
+            tg.start_soon(handle, request)  # type: ignore[arg-type]
+
+    async def _invoke_sync(self, request: Request) -> None:
+        name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
+        fn = self.service.functions.get(name)
+        request_id = str(uuid.uuid4())
+        if fn is None:
+            return await _reply_error(
+                request,
+                404,
+                "ResourceNotFoundException",
+                f"Function not found: {name} (loaded: {', '.join(sorted(self.service.functions))})",
+            )
+        if len(request.data) > SYNC_PAYLOAD_LIMIT:
+            return await _reply_error(
+                request,
+                413,
+                "RequestTooLargeException",
+                f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the InvokeFunction operation",
+            )
+        if fn.pool is None:
+            body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
+            return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
+        client_context = None
+        if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
+            try:
+                client_context = base64.b64decode(raw)
+            except ValueError:
+                client_context = None
+        # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
+        if fn.settings is not None and fn.settings.concurrency == 0:
+            reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
+        else:
+            reason = fn.try_reserve()
+        if reason is not None:
+            return await _reply_error(request, 429, "TooManyRequestsException", f"Rate Exceeded. Reason: {reason}")
+        try:
+            outcome = await fn.pool.invoke(request_id, request.data, client_context=client_context)
+        finally:
+            fn.release()
+        headers = {"Eventfn-Request-Id": request_id}
+        if not outcome.ok:
+            headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
+        with anyio.CancelScope(shield=True):
+            await request.respond(outcome.payload, headers)
+
+    async def _api(self, request: Request) -> None:
+        op = request.subject.removeprefix(subjects.API_PREFIX)
+        if op == "functions":
+            infos = [fn.info() for fn in sorted(self.service.functions.values(), key=lambda f: f.name)]
+            await request.respond(msgspec.json.encode(infos))
+        elif op == "mappings":
+            await request.respond(msgspec.json.encode(await self._mapping_infos()))
+        elif op in ("mappings.enable", "mappings.disable"):
+            name = request.data.decode(errors="replace").strip()
+            if name not in self.service.provisioned:
+                known = ", ".join(sorted(self.service.provisioned))
+                return await _reply_error(
+                    request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
+                )
+            await mappings.set_enabled(self.service.bus, EVENTS_STREAM, name, op.endswith("enable"))
+            [info] = [i for i in await self._mapping_infos() if i.name == name]
+            await request.respond(msgspec.json.encode(info))
+        else:
+            await _reply_error(request, 400, "InvalidRequestContentException", f"unknown operation {op!r}")
+
+    async def _mapping_infos(self) -> list[MappingInfo]:
+        infos = []
+        for name, planned in sorted(self.service.provisioned.items()):
+            fn = self.service.functions.get(planned.function)
+            running = fn.mappings.get(name) if fn else None
+            state = await self.service.bus.consumer_state(EVENTS_STREAM, name)
+            if state is None:
+                continue
+            trigger = planned.trigger
+            infos.append(
+                MappingInfo(
+                    name=name,
+                    function=planned.function,
+                    subjects=planned.filter_subjects[:-1],
+                    state="Disabled" if state.paused else ("Enabled" if running else "Inactive"),
+                    batch_size=trigger.batch_size,
+                    batch_window=trigger.batch_window,
+                    filters=len(trigger.filters),
+                    max_concurrency=planned.mapping().concurrency,
+                    lag=state.pending,
+                    in_flight=state.ack_pending,
+                    stats=running.dispatcher.stats if running else Stats(),
+                )
+            )
+        return infos
+
+
+def _encode_error(error_type: str, message: str) -> bytes:
+    return msgspec.json.encode({"errorType": error_type, "errorMessage": message})
+
+
+async def _reply_error(request: Request, status: int, error_type: str, message: str) -> None:
+    await request.respond(
+        _encode_error(error_type, message), {"Eventfn-Error": error_type, "Eventfn-Status": str(status)}
+    )

@@ -1,0 +1,111 @@
+"""A function as the service runs it: its latest source, the version serving, its limits and mappings."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+
+from eventfn import mappings, subjects
+from eventfn.config import FunctionSettings
+from eventfn.dispatch import Dispatcher
+from eventfn.inprocess import InProcessPool
+from eventfn.registry import FunctionSource
+from eventfn.workers import Outcome, Pool
+
+
+class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `eventfn functions` shows for one function."""
+
+    name: str
+    state: str
+    version: str
+    serving_version: str | None
+    description: str
+    triggers: list[str]
+    invoke_subject: str
+    async_subject: str
+    timeout: float | None
+    memory: int | None
+    concurrency: int | None
+    isolation: str | None
+    workers: int
+    init_ms: float | None
+    last_error: str | None
+
+
+class Running:
+    """A started dispatcher, what it was started for, and the event set when it has fully stopped."""
+
+    def __init__(self, dispatcher: Dispatcher, planned: mappings.Planned) -> None:
+        self.dispatcher = dispatcher
+        self.planned = planned
+        self.done = anyio.Event()
+
+
+class Function:
+    """One function as the service runs it: its latest source, the pool serving it, its mappings."""
+
+    def __init__(self, source: FunctionSource, account: anyio.CapacityLimiter) -> None:
+        self.name = source.name
+        self.source = source
+        self.pool: Pool | InProcessPool | None = None
+        #: The service-wide cap (Lambda's account concurrency), shared by every function.
+        self.account = account
+        self.settings: FunctionSettings | None = None
+        self.last_error: str | None = None
+        self.init_ms: float | None = None
+        self.limiter = anyio.CapacityLimiter(1)
+        self.mappings: dict[str, Running] = {}
+
+    @property
+    def state(self) -> str:
+        if self.source.version != (self.pool.version if self.pool else None):
+            return "Failed" if self.last_error else "Pending"
+        return "Inactive" if self.settings and self.settings.concurrency == 0 else "Active"
+
+    def info(self) -> FunctionInfo:
+        settings = self.settings or self.source.settings
+        return FunctionInfo(
+            name=self.name,
+            state=self.state,
+            version=self.source.version,
+            serving_version=self.pool.version if self.pool else None,
+            description=settings.description if settings else "",
+            triggers=[s for t in settings.trigger_list() for s in t.subjects] if settings else [],
+            invoke_subject=subjects.INVOKE_PREFIX + self.name,
+            async_subject=subjects.ASYNC_PREFIX + self.name,
+            timeout=settings.timeout if settings else None,
+            memory=settings.memory if settings else None,
+            concurrency=settings.concurrency if settings else None,
+            isolation=settings.isolation if settings else None,
+            workers=self.pool.size if self.pool else 0,
+            init_ms=self.init_ms,
+            last_error=self.last_error,
+        )
+
+    async def invoke(
+        self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
+    ) -> Outcome:
+        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
+        async with self.limiter, self.account:
+            pool = self.pool
+            assert pool is not None, "mappings run only while a version is loaded"
+            return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
+
+    def try_reserve(self) -> str | None:
+        """Take a slot for a sync invoke now, or say why not (Lambda's throttling reasons)."""
+        try:
+            self.limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            return "ReservedFunctionConcurrentInvocationLimitExceeded"
+        try:
+            self.account.acquire_nowait()
+        except anyio.WouldBlock:
+            self.limiter.release()
+            return "ConcurrentInvocationLimitExceeded"
+        return None
+
+    def release(self) -> None:
+        """Give back a slot taken by `try_reserve`."""
+        self.account.release()
+        self.limiter.release()
