@@ -137,7 +137,12 @@ class Api:
                 return await _reply_error(
                     request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
                 )
-            await mappings.set_enabled(self.service.bus, EVENTS_STREAM, name, op.endswith("enable"))
+            enable = op.endswith("enable")
+            await mappings.set_enabled(self.service.bus, EVENTS_STREAM, name, enable)
+            planned = self.service.provisioned[name]
+            fn = self.service.functions.get(planned.function)
+            if enable and fn is not None and (running := fn.mappings.get(name)):
+                running.dispatcher.feed.refresh()  # requests that waited through the pause go unserved
             [info] = [i for i in await self._mapping_infos() if i.name == name]
             await request.respond(msgspec.json.encode(info))
         else:

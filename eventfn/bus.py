@@ -195,6 +195,11 @@ class PullFeed:
 
     def _requests_lost(self) -> None:
         # A reconnect drops the server's record of our pull requests: ask again now, not after they expire.
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Send fresh pull requests now: the server will not serve those it holds (after a reconnect, or
+        requests that waited while the consumer was paused)."""
         self.outstanding = 0
         self._wake.set()
 

@@ -258,6 +258,14 @@ class Dispatcher:
                 with anyio.CancelScope(shield=True):
                     await delivery.ack()
                 continue
+            if delivery.delivered > 1 and time.time() - delivery.timestamp_ns / 1e9 >= self._policy()[0].max_event_age:
+                # A retry that comes due after the event expired is not run again (Lambda's maximum event age).
+                with anyio.CancelScope(shield=True):
+                    error = error_payload("EventAgeExceeded", "event older than max_event_age", message_id)
+                    await self._dead_letter(
+                        delivery, message_id, "EventAgeExceeded", error, events.to_attributes(event)
+                    )
+                continue
             ready.append((delivery, event, message_id))
         if ready and self.mapping.reject is not None:
             with anyio.CancelScope(shield=True):

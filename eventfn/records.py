@@ -46,6 +46,15 @@ class _Attributes(msgspec.Struct, frozen=True):
     SequenceNumber: str
 
 
+class MessageAttribute(msgspec.Struct, frozen=True):
+    """An SQS message attribute: each header of the message becomes one, as a String."""
+
+    stringValue: str
+    stringListValues: tuple[str, ...] = ()
+    binaryListValues: tuple[str, ...] = ()
+    dataType: str = "String"
+
+
 class Record(msgspec.Struct, frozen=True, omit_defaults=True):
     """One event in a batch, shaped like an SQS record; `body` is the event's data as text."""
 
@@ -53,7 +62,7 @@ class Record(msgspec.Struct, frozen=True, omit_defaults=True):
     body: str
     attributes: _Attributes
     subject: str
-    messageAttributes: dict[str, str]
+    messageAttributes: dict[str, MessageAttribute]
     eventSource: str
     eventSourceARN: str
     #: Set (and only then present) when `body` holds base64 because the data was not UTF-8 text.
@@ -81,7 +90,11 @@ def record_for(message: StoredMessage, message_id: str, source_arn: str) -> Reco
     except UnicodeDecodeError:
         body, encoding = base64.b64encode(message.data).decode("ascii"), "base64"
     headers = message.headers
-    attributes = {k: v for k, v in headers.items() if not k.startswith(("Nats-", "Eventfn-"))} if headers else {}
+    attributes = (
+        {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(("Nats-", "Eventfn-"))}
+        if headers
+        else {}
+    )
     return Record(
         messageId=message_id,
         body=body,
@@ -110,15 +123,15 @@ def item_failures(response: bytes, ids: set[str]) -> set[str] | None:
     """Which items of a batch failed, per Lambda's ReportBatchItemFailures rules; None: the whole batch failed.
 
     Full success: a null or empty response, a response without `batchItemFailures`, or an empty or null list.
-    Full failure: a `batchItemFailures` that is not a list of objects each with a non-empty `itemIdentifier`
-    naming an item of this batch.
+    Full failure: invalid JSON, or a `batchItemFailures` that is not a list of objects each with a non-empty
+    `itemIdentifier` naming an item of this batch.
     """
     if not response.strip():
         return set()
     try:
         value = msgspec.json.decode(response)
     except msgspec.DecodeError:
-        return set()  # not a partial response at all: the handler returned something else successfully
+        return None  # invalid JSON fails the whole batch (Lambda's rule; eventfn's runtime always sends JSON)
     if not isinstance(value, dict) or value.get("batchItemFailures") is None:
         return set()
     failures = value["batchItemFailures"]

@@ -1,0 +1,325 @@
+"""Lambda's JSON shapes as `eventfn.records` writes and reads them: partial batch responses, batch records,
+dead-letter (failure) records with their attempt history, and on-success destination records."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from eventfn.records import (
+    ARN_PREFIX,
+    HISTORY_HEADER,
+    HISTORY_LIMIT,
+    SUBJECT_HEADER,
+    Attempt,
+    batch_payload,
+    encode_history,
+    failure_record,
+    history_of,
+    item_failures,
+    record_for,
+    success_record,
+)
+
+IDS = {"id-1", "id-2", "id-3"}
+SOURCE_ARN = "arn:eventfn:nats:local:000000000000:consumer/EVENTFN/orders--t0"
+#: 2023-11-14T22:13:20.123456789Z
+SENT_NS = 1_700_000_000_123_456_789
+
+
+@dataclass
+class Stored:
+    """A stand-in with the attributes of the `records.StoredMessage` protocol."""
+
+    subject: str = "events.orders.created"
+    data: bytes = b'{"order": 42}'
+    headers: dict[str, str] | None = None
+    stream: str = "EVENTFN"
+    stream_seq: int = 17
+    delivered: int = 1
+    timestamp_ns: int = SENT_NS
+
+
+ERROR = json.dumps({"errorMessage": "no stock", "errorType": "ValueError", "requestId": "r-1"}).encode()
+
+
+# -- item_failures: Lambda's ReportBatchItemFailures rules -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"",
+        b"   ",
+        b"null",
+        b"{}",
+        b'{"statusCode": 200}',
+        b'{"batchItemFailures": []}',
+        b'{"batchItemFailures": null}',
+    ],
+    ids=["empty", "blank", "null", "empty-object", "no-key", "empty-list", "null-list"],
+)
+def test_item_failures_treats_null_empty_and_keyless_responses_as_full_success(response: bytes) -> None:
+    assert item_failures(response, IDS) == set()
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b'{"batchItemFailures": "id-1"}',
+        b'{"batchItemFailures": {"itemIdentifier": "id-1"}}',
+        b'{"batchItemFailures": 1}',
+        b'{"batchItemFailures": ["id-1"]}',
+        b'{"batchItemFailures": [{"itemIdentifier": "id-1"}, null]}',
+        b'{"batchItemFailures": [{}]}',
+        b'{"batchItemFailures": [{"itemId": "id-1"}]}',
+        b'{"batchItemFailures": [{"itemIdentifier": ""}]}',
+        b'{"batchItemFailures": [{"itemIdentifier": null}]}',
+        b'{"batchItemFailures": [{"itemIdentifier": 1}]}',
+        b'{"batchItemFailures": [{"itemIdentifier": "not-in-batch"}]}',
+        b'{"batchItemFailures": [{"itemIdentifier": "id-1"}, {"itemIdentifier": "not-in-batch"}]}',
+        b'{"batchItemFailures": [',
+    ],
+    ids=[
+        "string-not-list",
+        "object-not-list",
+        "number-not-list",
+        "item-not-object",
+        "one-item-null",
+        "missing-identifier",
+        "misspelt-key",
+        "empty-identifier",
+        "null-identifier",
+        "numeric-identifier",
+        "unknown-identifier",
+        "one-unknown-among-known",
+        "invalid-json",
+    ],
+)
+def test_item_failures_fails_the_whole_batch_for_a_malformed_response(response: bytes) -> None:
+    assert item_failures(response, IDS) is None
+
+
+def test_item_failures_returns_exactly_the_reported_identifiers() -> None:
+    response = b'{"batchItemFailures": [{"itemIdentifier": "id-3"}, {"itemIdentifier": "id-1"}]}'
+    assert item_failures(response, IDS) == {"id-1", "id-3"}
+
+
+def test_item_failures_accepts_a_repeated_identifier_and_extra_keys() -> None:
+    response = json.dumps(
+        {
+            "batchItemFailures": [{"itemIdentifier": "id-2", "reason": "x"}, {"itemIdentifier": "id-2"}],
+            "other": 1,
+        }
+    ).encode()
+    assert item_failures(response, IDS) == {"id-2"}
+
+
+def test_item_failures_can_fail_every_item() -> None:
+    response = json.dumps({"batchItemFailures": [{"itemIdentifier": i} for i in sorted(IDS)]}).encode()
+    assert item_failures(response, IDS) == IDS
+
+
+# -- batch records -----------------------------------------------------------------------------------------------------
+
+
+def batch(*messages: Stored) -> list[dict[str, Any]]:
+    payload = json.loads(batch_payload([record_for(m, f"mid-{i}", SOURCE_ARN) for i, m in enumerate(messages)]))
+    assert list(payload) == ["Records"]
+    records = payload["Records"]
+    assert isinstance(records, list)
+    return records
+
+
+def test_batch_payload_is_records_in_the_given_order() -> None:
+    records = batch(Stored(data=b'{"n": 0}', stream_seq=5), Stored(data=b'{"n": 1}', stream_seq=6))
+    assert [r["messageId"] for r in records] == ["mid-0", "mid-1"]
+    assert [json.loads(r["body"]) for r in records] == [{"n": 0}, {"n": 1}]
+
+
+def test_batch_record_has_sqs_like_fields_with_string_attributes() -> None:
+    [rec] = batch(Stored(stream_seq=17, delivered=3))
+    assert rec["messageId"] == "mid-0"
+    assert rec["body"] == '{"order": 42}'  # the data as text, not decoded, as SQS gives it
+    assert rec["attributes"] == {
+        "ApproximateReceiveCount": "3",
+        "SentTimestamp": "1700000000123",  # milliseconds since the epoch
+        "SequenceNumber": "17",
+    }
+    assert all(isinstance(v, str) for v in rec["attributes"].values())
+    assert rec["subject"] == "events.orders.created"
+    assert rec["eventSourceARN"] == SOURCE_ARN
+    assert "bodyEncoding" not in rec
+
+
+def test_batch_record_always_has_event_source_and_message_attributes_as_sqs_records_do() -> None:
+    [rec] = batch(Stored(headers=None))
+    assert rec["eventSource"] == "eventfn:nats"
+    assert rec["messageAttributes"] == {}
+
+
+def test_batch_record_body_is_text_for_utf8_data() -> None:
+    [plain, unicode] = batch(Stored(data=b"plain words, not JSON"), Stored(data="grüße €".encode()))
+    assert plain["body"] == "plain words, not JSON"
+    assert unicode["body"] == "grüße €"
+    assert "bodyEncoding" not in plain and "bodyEncoding" not in unicode
+
+
+def test_batch_record_body_is_base64_with_body_encoding_for_non_utf8_data() -> None:
+    data = b"\xff\xfe\x00\x01binary"
+    [rec] = batch(Stored(data=data))
+    assert rec["bodyEncoding"] == "base64"
+    assert base64.b64decode(rec["body"]) == data
+
+
+def test_batch_record_empty_data_is_an_empty_body() -> None:
+    [rec] = batch(Stored(data=b""))
+    assert rec["body"] == ""
+    assert "bodyEncoding" not in rec
+
+
+def test_batch_record_subject_is_the_original_one_for_a_redriven_event() -> None:
+    redriven = Stored(
+        subject="eventfn.redrive.orders--t0", headers={SUBJECT_HEADER: "events.orders.created", "Nats-Msg-Id": "r:1"}
+    )
+    [rec] = batch(redriven)
+    assert rec["subject"] == "events.orders.created"
+
+
+def test_batch_record_subject_is_the_delivery_subject_without_the_header() -> None:
+    [rec] = batch(Stored(subject="events.orders.paid", headers={"trace": "t-1"}))
+    assert rec["subject"] == "events.orders.paid"
+
+
+def test_batch_record_message_attributes_are_user_headers_without_nats_and_eventfn_ones() -> None:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "e-1",
+        "content-type": "application/json",
+        "trace": "t-1",
+        "Nats-Msg-Id": "dedupe-1",
+        "Nats-Expected-Stream": "EVENTFN",
+        SUBJECT_HEADER: "events.orders.created",
+        HISTORY_HEADER: "[]",
+    }
+    [rec] = batch(Stored(headers=headers))
+
+    def attribute(value: str) -> dict[str, object]:
+        return {"stringValue": value, "stringListValues": [], "binaryListValues": [], "dataType": "String"}
+
+    assert rec["messageAttributes"] == {
+        "ce-specversion": attribute("1.0"),
+        "ce-id": attribute("e-1"),
+        "content-type": attribute("application/json"),
+        "trace": attribute("t-1"),
+    }
+
+
+# -- failure records: the attempt history ------------------------------------------------------------------------------
+
+
+def failure(message: Stored, *, consumer: str | None, condition: str = "RetriesExhausted") -> dict[str, Any]:
+    value = json.loads(failure_record("orders", message, "req-1", condition, ERROR, None, consumer=consumer))
+    assert isinstance(value, dict)
+    return value
+
+
+def earlier(n: int) -> Attempt:
+    return Attempt(f"2024-01-01T00:00:{n:02d}.000Z", "RetriesExhausted", 3, "KeyError", f"earlier {n}")
+
+
+def test_failure_record_without_consumer_has_no_history() -> None:
+    rec = failure(Stored(delivered=3), consumer=None)
+    assert "history" not in rec["eventfn"]
+    assert "consumer" not in rec["eventfn"]
+
+
+def test_failure_record_of_a_first_failure_has_this_attempt_as_its_history() -> None:
+    rec = failure(Stored(delivered=3), consumer="orders--t0")
+    assert rec["eventfn"]["consumer"] == "orders--t0"
+    [attempt] = rec["eventfn"]["history"]
+    assert attempt == {
+        "timestamp": rec["timestamp"],
+        "condition": "RetriesExhausted",
+        "approximateInvokeCount": 3,
+        "errorType": "ValueError",
+        "errorMessage": "no stock",
+    }
+
+
+def test_failure_record_appends_this_attempt_to_the_history_header_of_a_redriven_event() -> None:
+    headers = {HISTORY_HEADER: encode_history([earlier(1), earlier(2)]), SUBJECT_HEADER: "events.orders.created"}
+    rec = failure(
+        Stored(subject="eventfn.redrive.orders--t0", headers=headers, delivered=1),
+        consumer="orders--t0",
+        condition="EventAgeExceeded",
+    )
+    history = rec["eventfn"]["history"]
+    assert [h["errorMessage"] for h in history] == ["earlier 1", "earlier 2", "no stock"]
+    assert history[-1]["condition"] == "EventAgeExceeded"
+    assert history[-1]["approximateInvokeCount"] == 1
+    assert rec["eventfn"]["subject"] == "events.orders.created"
+
+
+def test_failure_record_history_keeps_the_newest_entries_up_to_the_limit() -> None:
+    previous = [earlier(n) for n in range(HISTORY_LIMIT)]
+    headers = {HISTORY_HEADER: encode_history(previous)}
+    rec = failure(Stored(headers=headers), consumer="orders--t0")
+    history = rec["eventfn"]["history"]
+    assert len(history) == HISTORY_LIMIT == 10
+    assert history[0]["errorMessage"] == "earlier 1"  # the oldest is dropped
+    assert history[-1]["errorMessage"] == "no stock"
+
+
+def test_failure_record_ignores_an_unreadable_history_header() -> None:
+    rec = failure(Stored(headers={HISTORY_HEADER: "not json"}), consumer="orders--t0")
+    assert [h["errorMessage"] for h in rec["eventfn"]["history"]] == ["no stock"]
+
+
+def test_history_header_round_trips_and_is_capped() -> None:
+    attempts = [earlier(n) for n in range(HISTORY_LIMIT + 3)]
+    assert history_of({HISTORY_HEADER: encode_history(attempts)}) == attempts[-HISTORY_LIMIT:]
+    assert history_of(None) == [] and history_of({}) == []
+
+
+def test_failure_record_error_fields_for_a_non_json_error() -> None:
+    raw = failure_record("orders", Stored(), "req-1", "RetriesExhausted", b"worker crashed", None, consumer="c")
+    [attempt] = json.loads(raw)["eventfn"]["history"]
+    assert attempt["errorType"] == "?"
+    assert attempt["errorMessage"] == "worker crashed"
+
+
+# -- success records ---------------------------------------------------------------------------------------------------
+
+
+def test_success_record_has_lambdas_on_success_shape_without_function_error() -> None:
+    raw = success_record("orders", "req-9", b'{"order": 42}', b'{"status": "ok"}', 2)
+    rec = json.loads(raw)
+    assert rec["version"] == "1.0"
+    assert rec["requestContext"] == {
+        "requestId": "req-9",
+        "functionArn": ARN_PREFIX + "orders",
+        "condition": "Success",
+        "approximateInvokeCount": 2,
+    }
+    assert rec["responseContext"] == {"statusCode": 200, "executedVersion": "$LATEST"}
+    assert "functionError" not in rec["responseContext"]
+    assert rec["requestPayload"] == {"order": 42}
+    assert rec["responsePayload"] == {"status": "ok"}
+    assert rec.get("eventfn") is None
+    stamp = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
+    assert abs(datetime.now(UTC) - stamp) < timedelta(seconds=5)
+
+
+def test_success_record_payloads_keep_text_and_null() -> None:
+    rec = json.loads(success_record("orders", "req-9", b"plain text", b"null", 1))
+    assert rec["requestPayload"] == "plain text"
+    assert rec["responsePayload"] is None
+    binary = json.loads(success_record("orders", "req-9", b"\xff\x00", b'"done"', 1))
+    assert binary["requestPayload"] is None
+    assert binary["responsePayload"] == "done"
