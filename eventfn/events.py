@@ -11,6 +11,7 @@ Three ways a message arrives, all normalized to one `Event`:
 from __future__ import annotations
 
 import base64
+import functools
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -58,9 +59,18 @@ class _StructuredEvent(msgspec.Struct, kw_only=True):
 _structured_decoder = msgspec.json.Decoder(_StructuredEvent)
 
 
+@functools.cache
+def _stream_prefix(stream: str) -> str:
+    return str(uuid.uuid5(_REQUEST_NAMESPACE, stream))[:24]
+
+
 def request_id_for(stream_sequence: int, stream: str) -> str:
-    """A stable Lambda-style request id for a stored message: the same on every redelivery."""
-    return str(uuid.uuid5(_REQUEST_NAMESPACE, f"{stream}:{stream_sequence}"))
+    """A stable Lambda-style request id for a stored message: the same on every redelivery.
+
+    UUID-shaped: a per-stream prefix and the sequence in the last 12 hex digits (a hash per message cost
+    3 us on the hot path; this is a string format).
+    """
+    return f"{_stream_prefix(stream)}{stream_sequence & 0xFFFF_FFFF_FFFF:012x}"
 
 
 def from_nats(
