@@ -235,25 +235,25 @@ class Dispatcher:
         """Filter, invoke and settle one batch."""
         stats = self.stats
         stats.received += len(batch)
-        ready: list[tuple[Delivery, events.Event, str]] = []
+        filter_ = self.mapping.filter
+        ready: list[tuple[Delivery, events.Event | None, str]] = []
         for delivery in batch:
             message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
-            try:
-                event = events.from_nats(
-                    records.original_subject(delivery),
-                    delivery.data,
-                    delivery.headers,
-                    fallback_id=message_id,
-                    timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
-                )
-            except EventDecodeError as exc:
-                log.error("%s: %s; dead-lettering", self.mapping.function, exc)
-                with anyio.CancelScope(shield=True):
-                    error = error_payload("EventDecodeError", str(exc), message_id)
-                    await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
-                continue
-            filter_ = self.mapping.filter
-            if filter_ is not None and not filter_.matches(_filter_document(delivery, event)):
+            event: events.Event | None = None
+            if delivery.headers:
+                # Only a message with headers can be a CloudEvent (or fail to decode as one); a plain publish
+                # is normalized only when something needs its attributes (a filter, a dead letter).
+                try:
+                    event = _event_of(delivery, message_id)
+                except EventDecodeError as exc:
+                    log.error("%s: %s; dead-lettering", self.mapping.function, exc)
+                    with anyio.CancelScope(shield=True):
+                        error = error_payload("EventDecodeError", str(exc), message_id)
+                        await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
+                    continue
+            if filter_ is not None and not filter_.matches(
+                _filter_document(delivery, event or _event_of(delivery, message_id))
+            ):
                 stats.filtered += 1
                 with anyio.CancelScope(shield=True):
                     await delivery.ack()
@@ -262,9 +262,7 @@ class Dispatcher:
                 # A retry that comes due after the event expired is not run again (Lambda's maximum event age).
                 with anyio.CancelScope(shield=True):
                     error = error_payload("EventAgeExceeded", "event older than max_event_age", message_id)
-                    await self._dead_letter(
-                        delivery, message_id, "EventAgeExceeded", error, events.to_attributes(event)
-                    )
+                    await self._dead_letter(delivery, message_id, "EventAgeExceeded", error, event)
                 continue
             ready.append((delivery, event, message_id))
         if ready and self.mapping.reject is not None:
@@ -275,18 +273,17 @@ class Dispatcher:
                         "Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded (concurrency 0)",
                         message_id,
                     )
-                    await self._dead_letter(
-                        delivery, message_id, self.mapping.reject, error, events.to_attributes(event)
-                    )
+                    await self._dead_letter(delivery, message_id, self.mapping.reject, error, event)
             return
         if ready:
             await self._mark_in_progress(ready)
             if self.mapping.batch_size == 1:
-                await self._invoke_one(*ready[0])
+                delivery, event, message_id = ready[0]
+                await self._invoke_one(delivery, event or _event_of(delivery, message_id), message_id)
             else:
                 await self._invoke_batch(ready)
 
-    async def _mark_in_progress(self, ready: list[tuple[Delivery, events.Event, str]]) -> None:
+    async def _mark_in_progress(self, ready: list[tuple[Delivery, events.Event | None, str]]) -> None:
         oldest = time.time() - self.mapping.ack_wait / 3
         for delivery, _, _ in ready:
             if delivery.received_at < oldest:
@@ -294,14 +291,13 @@ class Dispatcher:
 
     async def _invoke_one(self, delivery: Delivery, event: events.Event, message_id: str) -> None:
         request_id = event.id if _looks_like_uuid(event.id) else message_id
-        cloud_event = events.to_attributes(event)
         self.stats.invocations += 1
-        outcome = await self._invoke(request_id, event.data, cloud_event, False)
+        outcome = await self._invoke(request_id, event.data, events.to_attributes(event), False)
         with anyio.CancelScope(shield=True):
-            await self._settle(delivery, request_id, outcome.ok, outcome.payload, cloud_event)
+            await self._settle(delivery, request_id, outcome.ok, outcome.payload, event)
             await self._on_success(outcome, request_id, event.data, delivery.delivered)
 
-    async def _invoke_batch(self, ready: list[tuple[Delivery, events.Event, str]]) -> None:
+    async def _invoke_batch(self, ready: list[tuple[Delivery, events.Event | None, str]]) -> None:
         payload = records.batch_payload([records.record_for(d, mid, self._source_arn) for d, _, mid in ready])
         if len(payload) > self.mapping.max_batch_bytes and len(ready) > 1:
             # The size estimate missed (unusual escaping): split rather than pass the cap.
@@ -328,21 +324,21 @@ class Dispatcher:
             for delivery, event, message_id in ready:
                 ok = failed is not None and message_id not in failed
                 item_error = error if failed is None else _BATCH_ITEM_FAILURE
-                await self._settle(delivery, message_id, ok, item_error, events.to_attributes(event))
+                await self._settle(delivery, message_id, ok, item_error, event)
             await self._on_success(outcome, request_id, payload, max(d.delivered for d, _, _ in ready))
 
     async def _settle(
-        self, delivery: Delivery, request_id: str, ok: bool, error: bytes, cloud_event: dict[str, str] | None
+        self, delivery: Delivery, request_id: str, ok: bool, error: bytes, event: events.Event | None
     ) -> None:
-        age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
-        retry, _ = self._policy()
-        decision = decide(ok, delivery.delivered, age, retry)
         stats = self.stats
-        if isinstance(decision, Ack):
+        if ok:
             stats.processed += 1
             stats.last_result = "OK"
             await delivery.ack()
             return
+        age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
+        retry, _ = self._policy()
+        decision = decide(ok, delivery.delivered, age, retry)
         stats.failed += 1
         stats.last_result = "PROBLEM: Function call failed"
         stats.last_error = error_type_of(error)
@@ -357,13 +353,16 @@ class Dispatcher:
                 decision.delay,
             )
             await delivery.nak(decision.delay)
-        else:
-            await self._dead_letter(delivery, request_id, decision.condition, error, cloud_event)
+        elif isinstance(decision, DeadLetter):
+            await self._dead_letter(delivery, request_id, decision.condition, error, event)
 
     async def _dead_letter(
-        self, delivery: Delivery, request_id: str, condition: str, error: bytes, cloud_event: dict[str, str] | None
+        self, delivery: Delivery, request_id: str, condition: str, error: bytes, event: events.Event | None
     ) -> None:
         function = self.mapping.function
+        cloud_event = None
+        if event is not None or not delivery.headers:
+            cloud_event = events.to_attributes(event or _event_of(delivery, request_id))
         record = records.failure_record(
             function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
         )
@@ -403,11 +402,22 @@ class Dispatcher:
             log.warning("%s: destination %s not notified: %s", self.mapping.function, subject, exc)
 
 
+def _event_of(delivery: Delivery, message_id: str) -> events.Event:
+    """The delivery as a normalized CloudEvent; raises `EventDecodeError` for a broken structured event."""
+    return events.from_nats(
+        records.original_subject(delivery),
+        delivery.data,
+        delivery.headers,
+        fallback_id=message_id,
+        timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
+    )
+
+
 def _record_size(data: bytes) -> int:
-    """About what one event adds to a batch payload: its body as an escaped JSON string plus the record's
-    other fields (512 bytes covers them). A batch that still comes out too large is split before sending."""
-    escaped = data.count(b'"') + data.count(b"\\") + data.count(b"\n") + data.count(b"\r") + data.count(b"\t")
-    return len(data) + escaped + 512
+    """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
+    bodies need most) plus the record's other fields (512 bytes cover them). A batch that still comes out too
+    large is split before it is sent."""
+    return len(data) + data.count(b'"') + 512
 
 
 async def _hand_back(deliveries: list[Delivery]) -> None:

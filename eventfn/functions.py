@@ -10,6 +10,7 @@ from eventfn.config import FunctionSettings
 from eventfn.dispatch import Dispatcher
 from eventfn.inprocess import InProcessPool
 from eventfn.registry import FunctionSource
+from eventfn.slots import Slots
 from eventfn.workers import Outcome, Pool
 
 
@@ -45,7 +46,7 @@ class Running:
 class Function:
     """One function as the service runs it: its latest source, the pool serving it, its mappings."""
 
-    def __init__(self, source: FunctionSource, account: anyio.CapacityLimiter) -> None:
+    def __init__(self, source: FunctionSource, account: Slots) -> None:
         self.name = source.name
         self.source = source
         self.pool: Pool | InProcessPool | None = None
@@ -54,7 +55,8 @@ class Function:
         self.settings: FunctionSettings | None = None
         self.last_error: str | None = None
         self.init_ms: float | None = None
-        self.limiter = anyio.CapacityLimiter(1)
+        #: The function's own cap (Lambda's reserved concurrency).
+        self.limiter = Slots(1)
         self.mappings: dict[str, Running] = {}
 
     @property
@@ -87,25 +89,28 @@ class Function:
         self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
     ) -> Outcome:
         """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
-        async with self.limiter, self.account:
-            pool = self.pool
-            assert pool is not None, "mappings run only while a version is loaded"
-            return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
+        await self.limiter.take()
+        try:
+            await self.account.take()
+            try:
+                pool = self.pool
+                assert pool is not None, "mappings run only while a version is loaded"
+                return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
+            finally:
+                self.account.give()
+        finally:
+            self.limiter.give()
 
     def try_reserve(self) -> str | None:
         """Take a slot for a sync invoke now, or say why not (Lambda's throttling reasons)."""
-        try:
-            self.limiter.acquire_nowait()
-        except anyio.WouldBlock:
+        if not self.limiter.try_take():
             return "ReservedFunctionConcurrentInvocationLimitExceeded"
-        try:
-            self.account.acquire_nowait()
-        except anyio.WouldBlock:
-            self.limiter.release()
+        if not self.account.try_take():
+            self.limiter.give()
             return "ConcurrentInvocationLimitExceeded"
         return None
 
     def release(self) -> None:
         """Give back a slot taken by `try_reserve`."""
-        self.account.release()
-        self.limiter.release()
+        self.account.give()
+        self.limiter.give()

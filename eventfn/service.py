@@ -32,6 +32,8 @@ from eventfn.inprocess import InProcessPool
 from eventfn.natsserver import embedded_server
 from eventfn.protocol import WorkerSpec
 from eventfn.registry import FunctionSource
+from eventfn.reports import reports
+from eventfn.slots import Slots
 from eventfn.workers import Pool
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class Service:
         self.tg = tg
         self.handlers_dir = Path(config.handlers)
         self.functions: dict[str, Function] = {}
-        self.account = anyio.CapacityLimiter(config.max_concurrency)
+        self.account = Slots(config.max_concurrency)
         self._reload_lock = anyio.Lock()
         self.api = Api(self)
         self._stream_subjects: list[str] = []
@@ -113,7 +115,7 @@ class Service:
                 return
         old, fn.pool, fn.settings = fn.pool, pool, settings
         fn.last_error, fn.init_ms = None, init_ms
-        fn.limiter.total_tokens = max(1, settings.concurrency)
+        fn.limiter.total = max(1, settings.concurrency)
         log.info(
             "function %s %s (version %s, init %.1f ms)",
             source.name,
@@ -314,6 +316,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)
+                tg.start_soon(reports.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
                 if ready is not None:

@@ -26,10 +26,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from eventfn import protocol
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
+from eventfn.reports import reports
 from eventfn.runtime import out_of_memory
 
 log = logging.getLogger(__name__)
-report_log = logging.getLogger("eventfn.report")
 
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
@@ -210,8 +210,8 @@ class Pool:
         self.busy += 1
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
-        if report_log.isEnabledFor(logging.INFO):
-            report_log.info("START RequestId: %s Version: $LATEST Function: %s", request_id, spec.function)
+        if reports.enabled():
+            reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
         try:
             if self.idle:
                 worker, _ = self.idle.pop()
@@ -270,10 +270,9 @@ class Pool:
     def _report(
         self, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
     ) -> Outcome:
-        if report_log.isEnabledFor(logging.INFO):
-            # END and REPORT as one record: one formatting pass and one write on the hot path.
-            line = report_line(self.spec, request_id, begin, init_ms, result, outcome)
-            report_log.info("END RequestId: %s\n%s", request_id, line)
+        if reports.enabled():
+            reports.add(f"END RequestId: {request_id}")
+            reports.add(report_line(self.spec, request_id, begin, init_ms, result, outcome))
         return outcome
 
     async def retire(self) -> None:

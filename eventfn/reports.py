@@ -1,0 +1,67 @@
+"""Lambda's per-invocation log lines (START, END, REPORT), written at thousands per second.
+
+They obey the `eventfn.report` logger's level (INFO shows them) and look like the service's other log
+lines, but they bypass logging's per-record machinery: lines are buffered and written with one call per
+flush interval. At batch size 1, building and emitting two log records per invocation took a third of the
+dispatcher's time (profiled with py-spy).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+import anyio
+
+logger = logging.getLogger("eventfn.report")
+
+
+class ReportLog:
+    """A buffer of report lines, flushed by `run()` (or at once when nothing runs it)."""
+
+    def __init__(self, max_lines: int = 1024) -> None:
+        self.max_lines = max_lines
+        self._lines: list[str] = []
+        self._running = False
+        self._second = -1
+        self._prefix = ""
+
+    def enabled(self) -> bool:
+        """Whether report lines are wanted (the `eventfn.report` logger's level admits INFO)."""
+        return logger.isEnabledFor(logging.INFO)
+
+    def add(self, text: str) -> None:
+        """Queue `text` (one or more lines) with the service log's timestamp, level and name."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        self._lines.append(f"{self._prefix},{int((now - second) * 1000):03d} INFO  eventfn.report: {text}\n")
+        if not self._running or len(self._lines) >= self.max_lines:
+            self.flush()
+
+    def flush(self, stream: TextIO | None = None) -> None:
+        """Write what is queued."""
+        if self._lines:
+            lines, self._lines = self._lines, []
+            out = stream or sys.stderr
+            out.write("".join(lines))
+            out.flush()
+
+    async def run(self, interval: float = 0.05) -> None:
+        """Flush every `interval` seconds until cancelled; then flush what is left."""
+        self._running = True
+        try:
+            while True:
+                await anyio.sleep(interval)
+                self.flush()
+        finally:
+            self._running = False
+            self.flush()
+
+
+#: The service's one report log.
+reports = ReportLog()
