@@ -10,6 +10,7 @@ consumer never waits for a round trip between batches (the stock `fetch()` loop 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -21,7 +22,7 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
@@ -130,10 +131,11 @@ class PullFeed:
         self._stopping = False
         self._wake = anyio.Event()
         self._heard = time.monotonic()
-        # Twice the credit: a late message from a request presumed lost still fits without blocking nats-py.
-        self._send: MemoryObjectSendStream[Delivery]
-        self._receive: MemoryObjectReceiveStream[Delivery]
-        self._send, self._receive = anyio.create_memory_object_stream[Delivery](2 * self.max_inflight)
+        # A plain asyncio queue: anyio's memory stream yields to the loop on every receive, even with items
+        # waiting (5 us a message). The credit bounds it; twice the credit leaves room for a late message
+        # from a request presumed lost. None marks the end.
+        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._closed = False
 
     @property
     def stopping(self) -> bool:
@@ -142,11 +144,22 @@ class PullFeed:
 
     async def receive(self) -> Delivery:
         """The next delivery; raises `anyio.EndOfStream` once the feed has stopped and is drained."""
-        return await self._receive.receive()
+        delivery = await self._queue.get()
+        if delivery is None:
+            self._queue.put_nowait(None)  # the end, for every other receiver too
+            raise anyio.EndOfStream
+        return delivery
 
     def receive_nowait(self) -> Delivery:
         """The next delivery if one is waiting; raises `anyio.WouldBlock` otherwise, `anyio.EndOfStream` at end."""
-        return self._receive.receive_nowait()
+        try:
+            delivery = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            raise anyio.WouldBlock from None
+        if delivery is None:
+            self._queue.put_nowait(None)
+            raise anyio.EndOfStream
+        return delivery
 
     def released(self) -> None:
         """A delivery was settled: its credit can be requested again."""
@@ -191,7 +204,8 @@ class PullFeed:
                     await sub.drain()  # type: ignore[no-untyped-call]
                 except nats.errors.Error:
                     pass
-                self._send.close()
+                self._closed = True
+                self._queue.put_nowait(None)
 
     def _requests_lost(self) -> None:
         # A reconnect drops the server's record of our pull requests: ask again now, not after they expire.
@@ -226,10 +240,10 @@ class PullFeed:
         self.outstanding = max(0, self.outstanding - 1)
         self.inflight += 1
         delivery = Delivery(msg, self)
-        try:
-            self._send.send_nowait(delivery)
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        if self._closed or self._queue.qsize() >= 2 * self.max_inflight:
             await delivery.nak()
+        else:
+            self._queue.put_nowait(delivery)
 
 
 class Request:

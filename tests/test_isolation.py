@@ -227,6 +227,7 @@ async def test_warm_worker_runs_init_once_and_reports_init_duration_on_cold_star
     results = [(await invoke(nc, "warm"))[0] for _ in range(5)]
     assert {r[0] for r in results} == {results[0][0]}, "one warm worker served them all"  # type: ignore[index]
     assert [r[1:] for r in results] == [[1, n] for n in range(1, 6)]  # type: ignore[index]
+    service.log.wait_for(r"REPORT RequestId", start=mark, count=5)  # report lines are written in batches
     reports = [line for line in service.log.lines[mark:] if "REPORT RequestId" in line]
     assert len(reports) == 5 and not any("Init Duration" in line for line in reports), "the first was warm too"
     request = service.log.wait_for(r"START RequestId: (\S+) Version: \$LATEST", start=mark).group(1)
@@ -268,6 +269,7 @@ async def test_pool_scales_up_on_demand_and_down_after_idle(
     assert service.log.wait_for(r"function elastic scaled down by \d idle worker\(s\) to 1", timeout=10)
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["workers"] == 1
+    service.log.wait_for(r"REPORT RequestId.*elastic", count=4)
     reports = [line for line in service.log.lines if "REPORT" in line and "elastic" in line]
     assert sum("Init Duration" in line for line in reports) == 3, "three cold starts beyond the warm worker"
 
