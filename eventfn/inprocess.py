@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 import itertools
 import math
 import os
@@ -74,7 +73,7 @@ class InProcessPool:
                 spec.function, failure.file, failure.line, f"{failure.error_type}: {failure.message}"
             ) from None
         self._entry = entry
-        self._is_async = inspect.iscoroutinefunction(entry)
+        self._is_async = runtime.is_coroutine_function(entry)
         return (time.perf_counter() - started) * 1000
 
     async def reap(self) -> int:

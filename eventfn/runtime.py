@@ -7,11 +7,9 @@ stderr, tagged with the request id, instead of corrupting the protocol.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import importlib
 import importlib.util
-import inspect
 import io
 import logging
 import os
@@ -241,6 +239,17 @@ def _take_protocol_descriptors() -> _Channel:
     return _Channel(reader, writer)
 
 
+def is_coroutine_function(entry: Callable[..., Any]) -> bool:
+    """Whether `entry` is an `async def` (without importing inspect or asyncio for plain functions)."""
+    code = getattr(entry, "__code__", None)
+    if code is not None:
+        return bool(code.co_flags & 0x80)  # CO_COROUTINE
+    import inspect
+
+    # A callable object with `async def __call__` is awaited like a coroutine function.
+    return inspect.iscoroutinefunction(entry) or inspect.iscoroutinefunction(type(entry).__call__)
+
+
 def _max_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
@@ -306,8 +315,11 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
     except BaseException as exc:
         channel.send(init_failure(exc, spec))
         return
-    is_async = inspect.iscoroutinefunction(entry)
-    loop = asyncio.new_event_loop() if is_async else None
+    loop = None
+    if is_coroutine_function(entry):
+        import asyncio  # only for async handlers: it is half of a cold start's imports
+
+        loop = asyncio.new_event_loop()
     channel.send(Ready(init_ms=(time.perf_counter() - started) * 1000))
     log_stream = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{os.getpid():08x}"
     while (invoke := channel.receive()) is not None:

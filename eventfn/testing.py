@@ -213,8 +213,10 @@ PROBE_MODULE = '''\
 """Publishes to NATS over a raw socket (the text protocol), so handlers need no client library."""
 import os
 import socket
+import threading
 
 _sock = None
+_lock = threading.Lock()  # in-process handlers run on several threads; one socket, one reader at a time
 
 
 def _connect():
@@ -228,13 +230,14 @@ def _connect():
 
 def report(subject, text):
     """Publish `text` to `subject` and wait for the server's PONG, so it is delivered before we return."""
-    if _sock is None:
-        _connect()
-    data = text.encode()
-    _sock.sendall(b"PUB %s %d\\r\\n%s\\r\\nPING\\r\\n" % (subject.encode(), len(data), data))
-    buf = b""
-    while b"PONG" not in buf:
-        buf += _sock.recv(4096)
+    with _lock:
+        if _sock is None:
+            _connect()
+        data = text.encode()
+        _sock.sendall(b"PUB %s %d\\r\\n%s\\r\\nPING\\r\\n" % (subject.encode(), len(data), data))
+        buf = b""
+        while b"PONG" not in buf:
+            buf += _sock.recv(4096)
 '''
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 import msgspec
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from eventfn import protocol
 from eventfn.errors import HandlerLoadError
@@ -30,6 +29,9 @@ from eventfn.reports import reports
 from eventfn.runtime import out_of_memory
 
 log = logging.getLogger(__name__)
+
+_HEADER_SIZE = protocol.HEADER.size
+_READ_SIZE = 256 * 1024
 
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
@@ -74,7 +76,8 @@ class Worker:
         self.spec = spec
         assert process.stdin is not None and process.stdout is not None
         self._stdin = process.stdin
-        self._reader = BufferedByteReceiveStream(process.stdout)
+        self._stdout = process.stdout
+        self._buffer = bytearray()
         self.init_ms: float | None = None
         self.invocations = 0
 
@@ -112,14 +115,21 @@ class Worker:
         return worker
 
     async def _receive(self) -> protocol.Message:
+        # A frame usually arrives in one read: parse it from our own buffer rather than two exact reads
+        # through anyio's buffered stream (a tenth of the service's time per invocation at batch size 1).
+        buffer = self._buffer
         try:
-            header = await self._reader.receive_exactly(protocol.HEADER.size)
-            (size,) = protocol.HEADER.unpack(header)
-            body = await self._reader.receive_exactly(size)
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+            while True:
+                if len(buffer) >= _HEADER_SIZE:
+                    (size,) = protocol.HEADER.unpack_from(buffer)
+                    end = _HEADER_SIZE + size
+                    if len(buffer) >= end:
+                        message: protocol.Message = protocol.decoder.decode(buffer[_HEADER_SIZE:end])
+                        del buffer[:end]
+                        return message
+                buffer += await self._stdout.receive(_READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise WorkerDied(await self._returncode()) from None
-        message: protocol.Message = protocol.decoder.decode(body)
-        return message
 
     async def _returncode(self) -> int | None:
         with anyio.move_on_after(1.0):
