@@ -88,8 +88,11 @@ async def test_memory_stays_flat_while_a_large_backlog_drains(
     handlers: Path, serve: Callable[..., Serve], nc: Client, probe
 ) -> None:
     total, batch = 200_000, 100
-    write_handler(handlers, "sink", SINK.format(batch=batch, pause=0.002).replace('",".join(map(str, numbers))',
-                                                                             "str(len(numbers))"))
+    write_handler(
+        handlers,
+        "sink",
+        SINK.format(batch=batch, pause=0.002).replace('",".join(map(str, numbers))', "str(len(numbers))"),
+    )
     service = serve()
     assert service.process is not None
     seen = await probe("probe.sink")
