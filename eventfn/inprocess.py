@@ -28,7 +28,7 @@ from eventfn import runtime
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import Invoke, WorkerSpec
 from eventfn.reports import reports
-from eventfn.workers import Outcome, error_payload, error_type_of
+from eventfn.workers import Outcome, error_type_of, timed_out
 
 _versions = itertools.count()
 
@@ -115,10 +115,7 @@ class InProcessPool:
         finally:
             self.busy -= 1
         if outcome is None:
-            message = f"RequestId: {request_id} Error: Task timed out after {spec.timeout:.2f} seconds"
-            outcome = Outcome(
-                ok=False, error_type="Unhandled", payload=error_payload("Sandbox.Timedout", message, request_id)
-            )
+            outcome = timed_out(request_id, spec.timeout)
         if reports.enabled():
             duration = (time.perf_counter() - begin) * 1000
             status = "ok" if outcome.ok else f"error {error_type_of(outcome.payload)}"

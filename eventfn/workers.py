@@ -250,8 +250,7 @@ class Pool:
                     return self._report(request_id, begin, init_ms, None, outcome)
             if result is None:
                 # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
-                message = f"RequestId: {request_id} Error: Task timed out after {spec.timeout:.2f} seconds"
-                return self._report(request_id, begin, init_ms, None, _failure("Sandbox.Timedout", message, request_id))
+                return self._report(request_id, begin, init_ms, None, timed_out(request_id, spec.timeout))
             if result.fatal or result.max_rss_mb > spec.memory:
                 # Past the memory setting: the invocation fails and the worker is replaced, as in Lambda.
                 return self._report(
@@ -307,6 +306,12 @@ def report_line(
     if init_ms is not None:
         line += f"\tInit Duration: {init_ms:.2f} ms"
     return line + ("\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}")
+
+
+def timed_out(request_id: str, timeout: float) -> Outcome:
+    """Lambda's outcome for an invocation that ran past the function's timeout."""
+    message = f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds"
+    return _failure("Sandbox.Timedout", message, request_id)
 
 
 def _failure(error_type: str, message: str, request_id: str) -> Outcome:
