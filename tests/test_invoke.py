@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client
 
@@ -212,3 +213,26 @@ async def test_cli_invoke_pub_and_functions(
     assert missing.returncode == 1
     assert "ResourceNotFoundException" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+async def test_sync_payload_over_lambdas_6_mb_gets_request_too_large(tmp_path: Path, handlers: Path) -> None:
+    write_handler(
+        handlers,
+        "echo",
+        """
+        def handler(event, context):
+            return {"event": event}
+    """,
+    )
+    # The embedded server allows 8 MB messages, so the 6 MB rule is eventfn's to enforce.
+    with Serve(handlers, None, tmp_path / "data") as service:
+        url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
+        client = await nats.connect(url)
+        try:
+            reply = await client.request("eventfn.invoke.echo", b'"' + b"x" * (7 * 1024 * 1024) + b'"', timeout=20)
+            assert reply.headers["Eventfn-Status"] == "413"
+            assert json.loads(reply.data)["errorType"] == "RequestTooLargeException"
+            small = await client.request("eventfn.invoke.echo", b'{"ok": 1}', timeout=10)
+            assert json.loads(small.data)["event"] == {"ok": 1}
+        finally:
+            await client.close()
