@@ -8,8 +8,9 @@ concurrency cap is answered at once with Lambda's 429 error rather than queued.
 from __future__ import annotations
 
 import base64
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -19,11 +20,14 @@ import msgspec
 from eventfn import mappings, subjects
 from eventfn.bus import Request
 from eventfn.dispatch import Stats
+from eventfn.workers import error_payload
 
 if TYPE_CHECKING:
     from eventfn.service import Service
 
-EVENTS_STREAM = "EVENTFN"
+log = logging.getLogger(__name__)
+
+EVENTS_STREAM = subjects.EVENTS_STREAM
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 
 
@@ -75,9 +79,11 @@ class Api:
                         readers.start_soon(self._read, api, inflight, self._api)
 
     @staticmethod
-    async def _read(stream: AsyncIterator[Request], tg: anyio.abc.TaskGroup, handle: object) -> None:
+    async def _read(
+        stream: AsyncIterator[Request], tg: anyio.abc.TaskGroup, handle: Callable[[Request], Awaitable[None]]
+    ) -> None:
         async for request in stream:
-            tg.start_soon(handle, request)  # type: ignore[arg-type]
+            tg.start_soon(_guarded, handle, request)
 
     async def _invoke_sync(self, request: Request) -> None:
         name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
@@ -118,10 +124,19 @@ class Api:
         finally:
             fn.release()
         headers = {"Eventfn-Request-Id": request_id}
+        payload = outcome.payload
+        limit = min(SYNC_PAYLOAD_LIMIT, self.service.bus.max_payload - 1024)
+        if len(payload) > limit:
+            payload = error_payload(
+                "Function.ResponseSizeTooLarge",
+                f"Response payload size ({len(payload)} bytes) exceeded maximum allowed payload size ({limit} bytes).",
+                request_id,
+            )
+            outcome = msgspec.structs.replace(outcome, ok=False, error_type="Unhandled")
         if not outcome.ok:
             headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
         with anyio.CancelScope(shield=True):
-            await request.respond(outcome.payload, headers)
+            await request.respond(payload, headers)
 
     async def _api(self, request: Request) -> None:
         op = request.subject.removeprefix(subjects.API_PREFIX)
@@ -173,6 +188,19 @@ class Api:
                 )
             )
         return infos
+
+
+async def _guarded(handle: Callable[[Request], Awaitable[None]], request: Request) -> None:
+    """Run one request handler; an unexpected error is logged and answered, never the end of the service."""
+    try:
+        await handle(request)
+    except Exception as exc:
+        log.exception("request on %s failed", request.subject)
+        with anyio.CancelScope(shield=True):
+            try:
+                await _reply_error(request, 500, "ServiceException", f"{type(exc).__name__}: {exc}")
+            except Exception:  # the reply itself cannot go out: the caller times out, the service goes on
+                log.warning("could not answer the failed request on %s", request.subject)
 
 
 def _encode_error(error_type: str, message: str) -> bytes:

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 _ACK = b"+ACK"
 _WIP = b"+WPI"
-_TERM = b"+TERM"
 _pull_request = msgspec.json.Encoder()
 
 
@@ -87,10 +86,6 @@ class Delivery:
         """Deliver the message again after `delay` seconds (JetStream holds it; no worker waits)."""
         body = b"-NAK" if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
         await self._settle(body)
-
-    async def term(self) -> None:
-        """Never deliver this message again, without it counting as processed."""
-        await self._settle(_TERM)
 
     async def in_progress(self) -> None:
         """Reset the ack timer: the message is still being worked on."""
@@ -302,6 +297,11 @@ class Bus:
         self.url = url
         self._reconnect_hooks = reconnect_hooks if reconnect_hooks is not None else []
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the connected server accepts."""
+        return int(self.nc.max_payload)
+
     # -- publishing ---------------------------------------------------------------------------------------
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
@@ -396,16 +396,21 @@ class Bus:
         max_ack_pending: int,
         description: str = "",
         metadata: dict[str, str] | None = None,
+        from_start: bool = False,
     ) -> None:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
 
-        A new consumer starts at new messages (Lambda's LATEST); an existing one resumes where it left off.
-        An update leaves a consumer's pause state as it is.
+        A new consumer starts at new messages (Lambda's LATEST), or with `from_start` at the first stored
+        one; an existing one resumes where it left off. An update leaves a consumer's pause state as it is.
         """
+        try:
+            policy = (await self.js.consumer_info(stream, name)).config.deliver_policy  # fixed at creation
+        except nats.js.errors.NotFoundError:
+            policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
         config = ConsumerConfig(
             durable_name=name,
             description=description or None,
-            deliver_policy=DeliverPolicy.NEW,
+            deliver_policy=policy,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
             max_deliver=-1,
@@ -415,6 +420,10 @@ class Bus:
             **_filter_fields(filter_subjects),
         )
         await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
+
+    async def consumer_exists(self, stream: str, name: str) -> bool:
+        """Whether the durable consumer exists."""
+        return await self.consumer_metadata(stream, name) is not None
 
     async def consumer_metadata(self, stream: str, name: str) -> dict[str, str] | None:
         """The consumer's metadata, or None if it does not exist."""
@@ -501,6 +510,12 @@ class Bus:
         try:
             return await call
         except nats.js.errors.APIError as exc:
+            if exc.err_code == 10065:  # subjects overlap with an existing stream
+                raise ConfigError(
+                    "JetStream",
+                    f"cannot {what}: another stream on this server already stores some of these subjects",
+                    "give eventfn subjects no other stream holds with [stream] subjects in eventfn.toml",
+                ) from exc
             raise ConfigError("JetStream", f"cannot {what}: {exc.description} (code {exc.err_code})") from exc
 
 

@@ -296,6 +296,16 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
                 print(f"{len(done)} record(s) redriven to {args.function}")
             else:
                 print(f"{await dlq.purge(bus, args.function)} record(s) of {args.function} purged")
+        except dlq.MappingGone as exc:
+            raise EventfnError(
+                f"record {exc.args[0]} came through mapping {exc.args[1]!r}, which no longer exists; nothing was "
+                "redriven from there (restore the trigger, or `eventfn dlq show` it and publish it yourself)"
+            ) from None
+        except dlq.OriginalGone as exc:
+            raise EventfnError(
+                f"record {exc.args[0]} was stored without its payload (too large for one message) and stream "
+                f"{exc.args[1]} no longer holds event {exc.args[2]}: it cannot be redriven"
+            ) from None
         except dlq.RecordNotFound as exc:
             raise EventfnError(
                 f"no DLQ record {exc.args[0]}"
@@ -303,6 +313,13 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
                 + " (see `eventfn dlq ls`)"
             ) from None
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[EventfnError]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,7 +342,12 @@ def main(argv: list[str] | None = None) -> None:
             # asyncio's own warnings (a child reaped twice, a slow callback) say nothing a user can act on.
             logging.getLogger("asyncio").setLevel(logging.ERROR)
             anyio.run(serve, config)
-            code = 0
+            # The service stopped cleanly. An in-process handler abandoned at its timeout may still hold a
+            # thread, and the interpreter would wait for it at exit: flush and leave now.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         else:
             runner = {"invoke": _invoke, "pub": _pub, "functions": _functions, "mappings": _mappings, "dlq": _dlq}[
                 args.command
@@ -333,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
             code = anyio.run(runner, config, args)
     except EventfnError as exc:
         print(f"eventfn: error: {exc}", file=sys.stderr)
+        code = 1
+    except BaseExceptionGroup as group:  # raised inside a task group: a user's mistake is still one line
+        mistakes, bugs = group.split(EventfnError)
+        if bugs is not None:
+            raise
+        assert mistakes is not None
+        for mistake in _leaves(mistakes):
+            print(f"eventfn: error: {mistake}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -73,10 +73,9 @@ def decide(
     return Retry(backoff(attempt, policy, rand))
 
 
-# Kept importable from here: the record shapes live in `records`.
-failure_record = records.failure_record
-
-Invoker = Callable[[str, bytes, dict[str, str] | None, bool], Awaitable[Outcome]]
+Invoker = Callable[
+    [str, bytes, dict[str, str] | None, bool, Callable[[], Awaitable[None]] | None, float], Awaitable[Outcome]
+]
 
 
 class Mapping(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,7 +168,7 @@ class Dispatcher:
             if self.feed.stopping:
                 await _hand_back([delivery])
                 continue
-            await self.process([delivery])
+            await self.process_guarded([delivery])
 
     async def _gatherer(self, tg: anyio.abc.TaskGroup) -> None:
         slots = anyio.Semaphore(max(1, self.mapping.concurrency))
@@ -192,9 +191,22 @@ class Dispatcher:
 
     async def _process_in_slot(self, batch: list[Delivery], slots: anyio.Semaphore) -> None:
         try:
-            await self.process(batch)
+            await self.process_guarded(batch)
         finally:
             slots.release()
+
+    async def process_guarded(self, batch: list[Delivery]) -> None:
+        """`process`, but an unexpected error dead-letters what it left unsettled instead of ending the loop."""
+        try:
+            await self.process(batch)
+        except Exception as exc:
+            log.exception("%s: dispatching a batch failed; dead-lettering its unsettled events", self.mapping.function)
+            with anyio.CancelScope(shield=True):
+                for delivery in batch:
+                    if not delivery.settled:
+                        message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
+                        error = error_payload("PoisonMessage", f"{type(exc).__name__}: {exc}", message_id)
+                        await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
 
     async def _fill(self, batch: list[Delivery]) -> Delivery | None:
         """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
@@ -292,7 +304,9 @@ class Dispatcher:
     async def _invoke_one(self, delivery: Delivery, event: events.Event, message_id: str) -> None:
         request_id = event.id if _looks_like_uuid(event.id) else message_id
         self.stats.invocations += 1
-        outcome = await self._invoke(request_id, event.data, events.to_attributes(event), False)
+        outcome = await self._invoke(
+            request_id, event.data, events.to_attributes(event), False, delivery.in_progress, self.mapping.ack_wait / 3
+        )
         with anyio.CancelScope(shield=True):
             await self._settle(delivery, request_id, outcome.ok, outcome.payload, event)
             await self._on_success(outcome, request_id, event.data, delivery.delivered)
@@ -307,7 +321,12 @@ class Dispatcher:
             return
         request_id = str(uuid.uuid4())
         self.stats.invocations += 1
-        outcome = await self._invoke(request_id, payload, None, True)
+
+        async def keepalive() -> None:
+            for delivery, _, _ in ready:
+                await delivery.in_progress()
+
+        outcome = await self._invoke(request_id, payload, None, True, keepalive, self.mapping.ack_wait / 3)
         failed: set[str] | None = set()
         error = outcome.payload
         if not outcome.ok:
@@ -366,13 +385,26 @@ class Dispatcher:
         record = records.failure_record(
             function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
         )
+        if len(record) > self.bus.max_payload - 4096:
+            # Too big for one NATS message with the event inside: keep the reference to it in the stream.
+            record = records.failure_record(
+                function,
+                delivery,
+                request_id,
+                condition,
+                error[:4096],
+                cloud_event,
+                consumer=self.mapping.consumer,
+                truncate=True,
+            )
         try:
             # The id makes a repeated write (a crash between the write and the ack) a no-op.
             await self.bus.publish_stored(
                 subjects.DLQ_PREFIX + function,
                 record,
                 headers={
-                    "Nats-Msg-Id": f"dlq:{delivery.stream}:{delivery.stream_seq}",
+                    # Per mapping: two functions dead-lettering one fanned-out event are two records.
+                    "Nats-Msg-Id": f"dlq:{self.mapping.consumer}:{delivery.stream_seq}",
                     "Eventfn-Condition": condition,
                 },
             )

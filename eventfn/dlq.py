@@ -17,7 +17,8 @@ import msgspec
 from eventfn import records, subjects
 from eventfn.bus import Bus, StoredRecord
 
-DLQ_STREAM = "EVENTFN_DLQ"
+DLQ_STREAM = subjects.DLQ_STREAM
+EVENTS_STREAM = subjects.EVENTS_STREAM
 
 
 class Summary(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,7 +36,10 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
 
 class _Source(msgspec.Struct, frozen=True):
     subject: str
+    stream: str
+    stream_seq: int
     consumer: str | None = None
+    truncated: bool = False
     data_base64: str | None = None
     headers: dict[str, str] | None = None
     history: list[records.Attempt] | None = None
@@ -61,6 +65,14 @@ _decoder = msgspec.json.Decoder(_Record)
 
 class RecordNotFound(LookupError):
     """No DLQ record has that id (or it belongs to another function)."""
+
+
+class MappingGone(LookupError):
+    """The mapping that failed the event no longer exists (its trigger was renamed or its function deleted)."""
+
+
+class OriginalGone(LookupError):
+    """A record stored without its payload, whose event the stream no longer holds."""
 
 
 def _function_of(record: StoredRecord) -> str:
@@ -124,13 +136,22 @@ async def redrive(bus: Bus, function: str, ids: list[int] | None = None) -> list
     for stored in stored_records:
         record = _decoder.decode(stored.data)
         source = record.eventfn
-        headers = {k: v for k, v in (source.headers or {}).items() if not k.startswith(("Nats-", "Eventfn-"))}
+        target = subjects.REDRIVE_PREFIX + (source.consumer or f"{function}--async")
+        if not await bus.consumer_exists(EVENTS_STREAM, target.removeprefix(subjects.REDRIVE_PREFIX)):
+            raise MappingGone(stored.seq, target.removeprefix(subjects.REDRIVE_PREFIX))
+        original_headers = source.headers or {}
+        data = original_event(record)
+        if source.truncated:
+            original = await bus.get(source.stream, source.stream_seq)
+            if original is None:
+                raise OriginalGone(stored.seq, source.stream, source.stream_seq)
+            data, original_headers = original.data, original.headers or {}
+        headers = {k: v for k, v in original_headers.items() if not k.startswith(("Nats-", "Eventfn-"))}
         headers[records.SUBJECT_HEADER] = source.subject
         headers[records.HISTORY_HEADER] = records.encode_history(source.history or [])
         # Redriving the same record twice inside the dedupe window stores it once.
         headers["Nats-Msg-Id"] = f"redrive:{stored.seq}"
-        target = subjects.REDRIVE_PREFIX + (source.consumer or f"{function}--async")
-        seq = await bus.publish_stored(target, original_event(record), headers)
+        seq = await bus.publish_stored(target, data, headers)
         await bus.delete(DLQ_STREAM, stored.seq)
         done.append((stored.seq, seq))
     return done

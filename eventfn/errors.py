@@ -36,15 +36,6 @@ class HandlerLoadError(EventfnError):
         super().__init__(f"function {function!r} failed to load at {place}: {problem}")
 
 
-class FunctionNotFound(EventfnError):
-    """No function of that name is loaded."""
-
-    def __init__(self, name: str, known: list[str] | None = None) -> None:
-        self.name = name
-        hint = f"; loaded functions: {', '.join(sorted(known))}" if known else ""
-        super().__init__(f"no function named {name!r}{hint}")
-
-
 class EventDecodeError(EventfnError):
     """A message on the bus could not be decoded into an event."""
 

@@ -106,7 +106,7 @@ def decode_body(data: bytes | str) -> Any:
     """
     try:
         return _loads(data)
-    except ValueError:  # Invalid JSON, and bytes that are not UTF-8, are both ValueErrors.
+    except (ValueError, RecursionError):  # invalid JSON, bytes that are not UTF-8, nesting too deep to parse
         return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import msgspec
 
@@ -60,6 +62,13 @@ class Function:
         self.mappings: dict[str, Running] = {}
 
     @property
+    def routing_settings(self) -> FunctionSettings | None:
+        """The settings its triggers and mappings follow: the serving version's while one serves (a broken
+        update must not reroute events to the old code), else the latest readable ones (so events wait for
+        a fix in their consumers instead of being missed)."""
+        return self.settings if self.pool is not None else self.source.settings
+
+    @property
     def state(self) -> str:
         if self.source.version != (self.pool.version if self.pool else None):
             return "Failed" if self.last_error else "Pending"
@@ -86,12 +95,22 @@ class Function:
         )
 
     async def invoke(
-        self, request_id: str, payload: bytes, cloud_event: dict[str, str] | None, is_json: bool
+        self,
+        request_id: str,
+        payload: bytes,
+        cloud_event: dict[str, str] | None,
+        is_json: bool,
+        keepalive: Callable[[], Awaitable[None]] | None = None,
+        keepalive_every: float = 10.0,
     ) -> Outcome:
-        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile)."""
-        await self.limiter.take()
+        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile).
+
+        While it waits, `keepalive` runs every `keepalive_every` seconds: a wait for another function's long
+        invocation to free a service-wide slot can outlast this function's ack wait.
+        """
+        await _take(self.limiter, keepalive, keepalive_every)
         try:
-            await self.account.take()
+            await _take(self.account, keepalive, keepalive_every)
             try:
                 pool = self.pool
                 assert pool is not None, "mappings run only while a version is loaded"
@@ -114,3 +133,21 @@ class Function:
         """Give back a slot taken by `try_reserve`."""
         self.account.give()
         self.limiter.give()
+
+
+async def _take(slots: Slots, keepalive: Callable[[], Awaitable[None]] | None, every: float) -> None:
+    if slots.try_take():
+        return
+    if keepalive is None:
+        await slots.take()
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def beat() -> None:
+            while True:
+                await anyio.sleep(every)
+                await keepalive()
+
+        tg.start_soon(beat)
+        await slots.take()
+        tg.cancel_scope.cancel()

@@ -19,7 +19,7 @@ from eventfn import subjects
 from eventfn.bus import Bus
 from eventfn.config import FunctionSettings, Trigger
 from eventfn.dispatch import Mapping
-from eventfn.filters import compile_filters
+from eventfn.filters import Filter, compile_filters
 
 _ENABLED_KEY = "eventfn_enabled"
 _ASYNC_QUEUE = Trigger(subjects=[], name="async")
@@ -55,11 +55,19 @@ class Planned(msgspec.Struct, frozen=True, kw_only=True):
             batch_size=trigger.batch_size,
             batch_window=trigger.batch_window,
             max_batch_bytes=trigger.max_batch_bytes,
-            filter=compile_filters(trigger.filters, f"function {self.function}") if trigger.filters else None,
+            filter=_filter(trigger, self.function),
             report_batch_item_failures=trigger.report_batch_item_failures,
             concurrency=min(trigger.max_concurrency or self.concurrency, max(1, self.concurrency)),
             ack_wait=self.ack_wait,
         )
+
+
+def _filter(trigger: Trigger, function: str) -> Filter | None:
+    """The trigger's compiled filters, or None when they pass everything (no per-event work then)."""
+    if not trigger.filters:
+        return None
+    compiled = compile_filters(trigger.filters, f"function {function}")
+    return None if compiled.matches_everything else compiled
 
 
 def plan(function: str, settings: FunctionSettings | None) -> dict[str, Planned]:
@@ -95,6 +103,10 @@ async def provision(bus: Bus, stream: str, planned: Planned) -> None:
         max_ack_pending=planned.mapping().max_inflight,
         description=f"eventfn mapping of function {planned.function}",
         metadata={_ENABLED_KEY: declared},
+        # The async queue's subject is the function's own: whatever was sent to it before its consumer existed
+        # (the function was broken at first sight, or a producer came first) is its work too. Triggers on
+        # shared subjects start at new events, as Lambda's LATEST.
+        from_start=planned.trigger.name == _ASYNC_QUEUE.name,
     )
     if existing is None or existing.get(_ENABLED_KEY) != declared:
         await set_enabled(bus, stream, planned.consumer, planned.trigger.enabled)

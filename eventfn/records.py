@@ -186,6 +186,9 @@ class _Source(msgspec.Struct, frozen=True, omit_defaults=True):
     consumer: str | None = None
     #: Earlier failures (from redrives), oldest first, this one last.
     history: list[Attempt] | None = None
+    #: The payload and headers were left out to fit NATS's message size; a redrive reads the event back from
+    #: `stream` at `stream_seq` (while the stream still holds it).
+    truncated: bool = False
 
 
 class DestinationRecord(msgspec.Struct, frozen=True):
@@ -256,9 +259,10 @@ def failure_record(
     cloud_event: dict[str, str] | None,
     *,
     consumer: str | None = None,
+    truncate: bool = False,
 ) -> bytes:
-    """The dead-letter (and on-failure destination) record for one event."""
-    payload = _json_or_text(message.data)
+    """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`)."""
+    payload = None if truncate else _json_or_text(message.data)
     timestamp = _now()
     history = None
     if consumer is not None:
@@ -284,11 +288,16 @@ def failure_record(
                 subject=original_subject(message),
                 stream=message.stream,
                 stream_seq=message.stream_seq,
-                data_base64=base64.b64encode(message.data).decode() if payload is None and message.data else None,
-                headers=dict(message.headers) if message.headers else None,
+                data_base64=(
+                    base64.b64encode(message.data).decode()
+                    if payload is None and message.data and not truncate
+                    else None
+                ),
+                headers=dict(message.headers) if message.headers and not truncate else None,
                 cloud_event=cloud_event,
                 consumer=consumer,
                 history=history,
+                truncated=truncate,
             ),
         )
     )

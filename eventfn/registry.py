@@ -27,10 +27,10 @@ from watchfiles import Change, DefaultFilter, awatch
 
 from eventfn.config import NAME_PATTERN, FunctionSettings, inline_settings_text, read_function_settings
 from eventfn.errors import ConfigError
+from eventfn.runtime import ENTRY_NAMES
 
 log = logging.getLogger(__name__)
 
-ENTRY_NAMES = ("handler", "lambda_handler")
 FOLDER_ENTRY_MODULES = ("lambda_function", "handler", "app", "main")
 
 

@@ -35,8 +35,8 @@ from eventfn.protocol import (
     decoder,
     frame,
 )
+from eventfn.records import ARN_PREFIX
 
-_ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
 #: Entry points looked up when no `handler = "module.function"` setting names one.
 ENTRY_NAMES = ("handler", "lambda_handler")
 
@@ -65,7 +65,7 @@ class LambdaContext:
 
     def __init__(self, spec: WorkerSpec, log_stream: str, invoke: Invoke) -> None:
         self.function_name = spec.function
-        self.invoked_function_arn = _ARN_PREFIX + spec.function
+        self.invoked_function_arn = ARN_PREFIX + spec.function
         # Lambda's runtime reads this from the environment, so it is a string there too.
         self.memory_limit_in_mb = str(spec.memory)
         self.log_group_name = f"/aws/lambda/{spec.function}"

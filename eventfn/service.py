@@ -20,12 +20,11 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import api, mappings, registry, subjects
+from eventfn import mappings, registry, subjects
 from eventfn.api import Api
 from eventfn.bus import Bus, connect
 from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
 from eventfn.dispatch import Dispatcher
-from eventfn.dlq import DLQ_STREAM
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.functions import Function, Running
 from eventfn.inprocess import InProcessPool
@@ -38,7 +37,8 @@ from eventfn.workers import Pool
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = api.EVENTS_STREAM
+EVENTS_STREAM = subjects.EVENTS_STREAM
+DLQ_STREAM = subjects.DLQ_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
 
@@ -165,7 +165,7 @@ class Service:
         triggers = [
             s
             for fn in self.functions.values()
-            if (st := fn.source.settings or fn.settings)
+            if (st := fn.routing_settings)
             for t in st.trigger_list()
             for s in t.subjects
         ]
@@ -184,7 +184,7 @@ class Service:
         for fn in self.functions.values():
             wanted = {
                 name: planned
-                for name, planned in mappings.plan(fn.name, fn.source.settings or fn.settings).items()
+                for name, planned in mappings.plan(fn.name, fn.routing_settings).items()
                 if not any(s in problems for s in planned.trigger.subjects)
             }
             loaded = fn.pool is not None and fn.settings is not None
@@ -233,8 +233,6 @@ class Service:
         for running in stopping:
             await running.done.wait()
 
-    # -- requests -----------------------------------------------------------------------------------------
-
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def reap_idle_workers(self, interval: float = 1.0) -> None:
@@ -259,22 +257,32 @@ class Service:
                 await self.reload()
             except EventfnError as exc:
                 log.error("reload failed: %s", exc)
+            except Exception:
+                # NATS unreachable mid-reload, a folder removed under us...: keep serving what is loaded.
+                log.exception("reload failed; the functions loaded before keep serving")
 
     async def shutdown(self) -> None:
         """Stop intake, let in-flight invocations settle (bounded by their timeouts), stop workers."""
         self.api.stop()
-        longest = max((fn.settings.timeout for fn in self.functions.values() if fn.settings), default=0.0)
-        with anyio.move_on_after(longest + self.config.shutdown_grace) as scope:
-            for fn in self.functions.values():
-                await self._stop_mappings(fn, list(fn.mappings))
-            log.debug("mappings stopped")
-            await self.api.done.wait()
-            log.debug("requests settled")
-        if scope.cancelled_caught:
-            log.warning("in-flight invocations did not finish in time; their events will be redelivered")
-        for fn in self.functions.values():
-            if fn.pool is not None:
-                await fn.pool.retire()
+        async with self._reload_lock:  # a reload under way finishes first; none starts after
+            functions = list(self.functions.values())
+            running = [r for fn in functions for r in fn.mappings.values()]
+            for fn in functions:
+                fn.mappings.clear()
+            for r in running:  # every feed stops pulling before any wait
+                r.dispatcher.stop()
+            longest = max((fn.settings.timeout for fn in functions if fn.settings), default=0.0)
+            with anyio.move_on_after(longest + self.config.shutdown_grace) as scope:
+                for r in running:
+                    await r.done.wait()
+                log.debug("mappings stopped")
+                await self.api.done.wait()
+                log.debug("requests settled")
+            if scope.cancelled_caught:
+                log.warning("in-flight invocations did not finish in time; their events will be redelivered")
+            for fn in functions:
+                if fn.pool is not None:
+                    await fn.pool.retire()
         # Whatever still runs past the deadline is cancelled (its worker killed); its events are redelivered.
         self.tg.cancel_scope.cancel()
 

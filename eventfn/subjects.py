@@ -1,4 +1,4 @@
-"""NATS subject algebra: which filters overlap or cover each other, and the subjects eventfn itself owns.
+"""NATS subject algebra (which filters overlap or cover each other) and the subjects and streams eventfn owns.
 
 JetStream refuses a stream whose subjects overlap, and a consumer whose filters overlap; these pure functions
 let eventfn build a valid set up front and name the offending trigger instead of relaying a server error.
@@ -7,6 +7,11 @@ let eventfn build a valid set up front and name the offending trigger instead of
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+#: The stream of stored events: trigger subjects, async invokes, redrives.
+EVENTS_STREAM = "EVENTFN"
+#: The stream of dead-letter records.
+DLQ_STREAM = "EVENTFN_DLQ"
 
 #: Sync invoke: core request/reply, never stored.
 INVOKE_PREFIX = "eventfn.invoke."

@@ -84,15 +84,18 @@ class Worker:
     @classmethod
     async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
         """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load."""
-        process = await anyio.open_process(
-            [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            env=env,
-            cwd=spec.task_root,
-            start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
-        )
+        try:
+            process = await anyio.open_process(
+                [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                env=env,
+                cwd=spec.task_root,
+                start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
+            )
+        except OSError as exc:  # the folder vanished, no more processes allowed...
+            raise HandlerLoadError(spec.function, spec.entry_file, None, f"cannot start a worker: {exc}") from exc
         worker = cls(process, spec)
         try:
             with anyio.fail_after(INIT_TIMEOUT):
@@ -105,6 +108,9 @@ class Worker:
         except WorkerDied as exc:
             await worker.kill()
             raise HandlerLoadError(spec.function, spec.entry_file, None, f"worker died during init: {exc}") from exc
+        except BaseException:
+            await worker.kill()  # cancelled during init: leave no process behind
+            raise
         if isinstance(message, InitFailed):
             await worker.kill()
             raise HandlerLoadError(
@@ -188,10 +194,14 @@ class Pool:
 
     async def start(self) -> float:
         """Start the warm workers; returns the first one's Init Duration. Raises `HandlerLoadError`."""
-        first = await Worker.spawn(self.spec, self.env)
-        self.idle.append((first, time.monotonic()))
-        for _ in range(self.min_warm - 1):
-            self.idle.append((await Worker.spawn(self.spec, self.env), time.monotonic()))
+        try:
+            first = await Worker.spawn(self.spec, self.env)
+            self.idle.append((first, time.monotonic()))
+            for _ in range(self.min_warm - 1):
+                self.idle.append((await Worker.spawn(self.spec, self.env), time.monotonic()))
+        except BaseException:
+            await self.retire()  # the workers already started are not left running in a discarded pool
+            raise
         return first.init_ms or 0.0
 
     async def reap(self) -> int:
