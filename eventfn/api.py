@@ -113,7 +113,7 @@ class Api:
             except ValueError:
                 client_context = None
         # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
-        if fn.settings is not None and fn.settings.concurrency == 0:
+        if fn.disabled:
             reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
         else:
             reason = fn.try_reserve()
@@ -181,7 +181,7 @@ class Api:
                     batch_size=trigger.batch_size,
                     batch_window=trigger.batch_window,
                     filters=len(trigger.filters),
-                    max_concurrency=planned.mapping().concurrency,
+                    max_concurrency=planned.batches_at_once,
                     lag=state.pending,
                     in_flight=state.ack_pending,
                     stats=running.dispatcher.stats if running else Stats(),

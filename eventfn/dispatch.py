@@ -98,8 +98,13 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def max_inflight(self) -> int:
-        """Deliveries the feed may hold: a batch per slot plus one being gathered, within a memory bound."""
-        return min((self.concurrency + 1) * self.batch_size, 20_000)
+        """Deliveries the feed may hold."""
+        return feed_credit(self.concurrency, self.batch_size)
+
+
+def feed_credit(concurrency: int, batch_size: int) -> int:
+    """Deliveries a mapping's feed may hold: a batch per slot plus one being gathered, within a memory bound."""
+    return min((concurrency + 1) * batch_size, 20_000)
 
 
 class Stats(msgspec.Struct, kw_only=True):

@@ -69,10 +69,15 @@ class Function:
         return self.settings if self.pool is not None else self.source.settings
 
     @property
+    def disabled(self) -> bool:
+        """Concurrency 0 (Lambda's way to switch a function off)."""
+        return self.settings is not None and self.settings.concurrency == 0
+
+    @property
     def state(self) -> str:
         if self.source.version != (self.pool.version if self.pool else None):
             return "Failed" if self.last_error else "Pending"
-        return "Inactive" if self.settings and self.settings.concurrency == 0 else "Active"
+        return "Inactive" if self.disabled else "Active"
 
     def info(self) -> FunctionInfo:
         settings = self.settings or self.source.settings

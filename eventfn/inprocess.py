@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from eventfn import runtime
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import Invoke, WorkerSpec
 from eventfn.reports import reports
-from eventfn.workers import Outcome, error_type_of, timed_out
+from eventfn.workers import Outcome, report_line, timed_out
 
 _versions = itertools.count()
 
@@ -118,14 +117,9 @@ class InProcessPool:
             outcome = timed_out(request_id, spec.timeout)
         if reports.enabled():
             duration = (time.perf_counter() - begin) * 1000
-            status = "ok" if outcome.ok else f"error {error_type_of(outcome.payload)}"
             reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
             reports.add(f"END RequestId: {request_id}")
-            reports.add(
-                f"REPORT RequestId: {request_id}\tFunction: {spec.function}\tDuration: {duration:.2f} ms\t"
-                f"Billed Duration: {math.ceil(duration)} ms\tMemory Size: {spec.memory} MB\t"
-                f"Isolation: inprocess\tStatus: {status}"
-            )
+            reports.add(report_line(spec, request_id, duration, outcome, isolation="inprocess"))
         return outcome
 
     async def _run(self, entry: Callable[..., Any], invoke: Invoke) -> Outcome:

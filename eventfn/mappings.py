@@ -18,7 +18,7 @@ import msgspec
 from eventfn import subjects
 from eventfn.bus import Bus
 from eventfn.config import FunctionSettings, Trigger
-from eventfn.dispatch import Mapping
+from eventfn.dispatch import Mapping, feed_credit
 from eventfn.filters import Filter, compile_filters
 
 _ENABLED_KEY = "eventfn_enabled"
@@ -46,6 +46,16 @@ class Planned(msgspec.Struct, frozen=True, kw_only=True):
         # covers the wait for a worker (long waits are marked in progress, see Mapping.ack_wait).
         return self.timeout + self.trigger.batch_window + 10.0
 
+    @property
+    def batches_at_once(self) -> int:
+        """The mapping's `max_concurrency`, within the function's concurrency."""
+        return min(self.trigger.max_concurrency or self.concurrency, max(1, self.concurrency))
+
+    @property
+    def max_inflight(self) -> int:
+        """The feed's credit, which is also the consumer's max ack pending."""
+        return feed_credit(self.batches_at_once, self.trigger.batch_size)
+
     def mapping(self) -> Mapping:
         """The dispatcher's view of this mapping (filters compiled)."""
         trigger = self.trigger
@@ -57,7 +67,7 @@ class Planned(msgspec.Struct, frozen=True, kw_only=True):
             max_batch_bytes=trigger.max_batch_bytes,
             filter=_filter(trigger, self.function),
             report_batch_item_failures=trigger.report_batch_item_failures,
-            concurrency=min(trigger.max_concurrency or self.concurrency, max(1, self.concurrency)),
+            concurrency=self.batches_at_once,
             ack_wait=self.ack_wait,
         )
 
@@ -100,7 +110,7 @@ async def provision(bus: Bus, stream: str, planned: Planned) -> None:
         planned.consumer,
         filter_subjects=planned.filter_subjects,
         ack_wait=planned.ack_wait,
-        max_ack_pending=planned.mapping().max_inflight,
+        max_ack_pending=planned.max_inflight,
         description=f"eventfn mapping of function {planned.function}",
         metadata={_ENABLED_KEY: declared},
         # The async queue's subject is the function's own: whatever was sent to it before its consumer existed

@@ -225,7 +225,8 @@ def _json_or_text(data: bytes) -> Any:
             return None
 
 
-def _error_fields(error: bytes) -> tuple[str, str]:
+def error_fields(error: bytes) -> tuple[str, str]:
+    """`errorType` and `errorMessage` (first 1 KB) of a Lambda error object; `?` where it has none."""
     try:
         value = msgspec.json.decode(error)
     except msgspec.DecodeError:
@@ -266,7 +267,7 @@ def failure_record(
     timestamp = _now()
     history = None
     if consumer is not None:
-        error_type, error_message = _error_fields(error)
+        error_type, error_message = error_fields(error)
         history = [
             *history_of(message.headers),
             Attempt(timestamp, condition, message.delivered, error_type, error_message),

@@ -190,8 +190,7 @@ class Service:
             loaded = fn.pool is not None and fn.settings is not None
             # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; async invokes go straight
             # to the DLQ, as Lambda sends them to the dead-letter queue without retries.
-            disabled = fn.settings is not None and fn.settings.concurrency == 0
-            runnable = {n for n, p in wanted.items() if loaded and (not disabled or p.trigger.name == "async")}
+            runnable = {n for n, p in wanted.items() if loaded and (not fn.disabled or p.trigger.name == "async")}
             await self._stop_mappings(
                 fn, [n for n, r in fn.mappings.items() if n not in runnable or wanted.get(n) != r.planned]
             )
@@ -204,7 +203,7 @@ class Service:
 
     async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
         mapping = planned.mapping()
-        if fn.settings is not None and fn.settings.concurrency == 0:
+        if fn.disabled:
             mapping = msgspec.structs.replace(mapping, reject="Throttled", concurrency=1)
         feed = self.bus.pull_feed(EVENTS_STREAM, planned.consumer, max_inflight=mapping.max_inflight)
         settings = fn.settings

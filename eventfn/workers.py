@@ -25,6 +25,7 @@ import msgspec
 from eventfn import protocol
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
+from eventfn.records import error_fields
 from eventfn.reports import reports
 from eventfn.runtime import out_of_memory
 
@@ -291,7 +292,9 @@ class Pool:
     ) -> Outcome:
         if reports.enabled():
             reports.add(f"END RequestId: {request_id}")
-            reports.add(report_line(self.spec, request_id, begin, init_ms, result, outcome))
+            duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
+            rss = result.max_rss_mb if result else None
+            reports.add(report_line(self.spec, request_id, duration, outcome, init_ms=init_ms, max_rss_mb=rss))
         return outcome
 
     async def retire(self) -> None:
@@ -303,18 +306,27 @@ class Pool:
 
 
 def report_line(
-    spec: WorkerSpec, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
+    spec: WorkerSpec,
+    request_id: str,
+    duration_ms: float,
+    outcome: Outcome,
+    *,
+    init_ms: float | None = None,
+    max_rss_mb: int | None = None,
+    isolation: str | None = None,
 ) -> str:
     """Lambda's REPORT line (with the function's name and the outcome added)."""
-    duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
     line = (
         f"REPORT RequestId: {request_id}\tFunction: {spec.function}\t"
-        f"Duration: {duration:.2f} ms\tBilled Duration: {math.ceil(duration)} ms\t"
-        f"Memory Size: {spec.memory} MB\t"
-        f"Max Memory Used: {result.max_rss_mb if result else '-'} MB"
+        f"Duration: {duration_ms:.2f} ms\tBilled Duration: {math.ceil(duration_ms)} ms\t"
+        f"Memory Size: {spec.memory} MB"
     )
+    if max_rss_mb is not None:
+        line += f"\tMax Memory Used: {max_rss_mb} MB"
     if init_ms is not None:
         line += f"\tInit Duration: {init_ms:.2f} ms"
+    if isolation is not None:
+        line += f"\tIsolation: {isolation}"
     return line + ("\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}")
 
 
@@ -330,8 +342,4 @@ def _failure(error_type: str, message: str, request_id: str) -> Outcome:
 
 def error_type_of(payload: bytes) -> str:
     """The `errorType` of a Lambda error object, or `?`."""
-    try:
-        value = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        return "?"
-    return str(value.get("errorType", "?")) if isinstance(value, dict) else "?"
+    return error_fields(payload)[0]
