@@ -20,6 +20,7 @@ import msgspec
 from eventfn import mappings, subjects
 from eventfn.bus import Request
 from eventfn.dispatch import Stats
+from eventfn.functions import invalid_info
 from eventfn.workers import error_payload
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class Api:
         op = request.subject.removeprefix(subjects.API_PREFIX)
         if op == "functions":
             infos = [fn.info() for fn in sorted(self.service.functions.values(), key=lambda f: f.name)]
+            infos += [invalid_info(entry, reason) for entry, reason in sorted(self.service.invalid.items())]
             await request.respond(msgspec.json.encode(infos))
         elif op == "mappings":
             await request.respond(msgspec.json.encode(await self._mapping_infos()))
