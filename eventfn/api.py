@@ -97,6 +97,17 @@ class Api:
                 "ResourceNotFoundException",
                 f"Function not found: {name} (loaded: {', '.join(sorted(self.service.functions))})",
             )
+        invocation_type = (request.headers or {}).get("Eventfn-Invocation-Type", "RequestResponse")
+        if invocation_type == "DryRun":  # Lambda's: the function exists and may be invoked; nothing runs
+            return await request.respond(b"", {"Eventfn-Status": "204"})
+        if invocation_type != "RequestResponse":
+            return await _reply_error(
+                request,
+                400,
+                "InvalidParameterValueException",
+                f"Eventfn-Invocation-Type {invocation_type!r}: use RequestResponse or DryRun here "
+                f"(for an Event invocation publish to {subjects.ASYNC_PREFIX}{name})",
+            )
         if len(request.data) > SYNC_PAYLOAD_LIMIT:
             return await _reply_error(
                 request,
