@@ -20,6 +20,7 @@ import msgspec
 from eventfn import mappings, subjects
 from eventfn.bus import Request
 from eventfn.dispatch import Stats
+from eventfn.functions import invalid_info
 from eventfn.workers import error_payload
 
 if TYPE_CHECKING:
@@ -96,6 +97,17 @@ class Api:
                 "ResourceNotFoundException",
                 f"Function not found: {name} (loaded: {', '.join(sorted(self.service.functions))})",
             )
+        invocation_type = (request.headers or {}).get("Eventfn-Invocation-Type", "RequestResponse")
+        if invocation_type == "DryRun":  # Lambda's: the function exists and may be invoked; nothing runs
+            return await request.respond(b"", {"Eventfn-Status": "204"})
+        if invocation_type != "RequestResponse":
+            return await _reply_error(
+                request,
+                400,
+                "InvalidParameterValueException",
+                f"Eventfn-Invocation-Type {invocation_type!r}: use RequestResponse or DryRun here "
+                f"(for an Event invocation publish to {subjects.ASYNC_PREFIX}{name})",
+            )
         if len(request.data) > SYNC_PAYLOAD_LIMIT:
             return await _reply_error(
                 request,
@@ -142,6 +154,7 @@ class Api:
         op = request.subject.removeprefix(subjects.API_PREFIX)
         if op == "functions":
             infos = [fn.info() for fn in sorted(self.service.functions.values(), key=lambda f: f.name)]
+            infos += [invalid_info(entry, reason) for entry, reason in sorted(self.service.invalid.items())]
             await request.respond(msgspec.json.encode(infos))
         elif op == "mappings":
             await request.respond(msgspec.json.encode(await self._mapping_infos()))

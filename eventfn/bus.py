@@ -528,9 +528,14 @@ def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:
 
 @asynccontextmanager
 async def connect(
-    urls: Sequence[str], settings: NatsSettings, *, name: str = "eventfn", connect_timeout: float = 5.0
+    urls: Sequence[str],
+    settings: NatsSettings,
+    *,
+    name: str = "eventfn",
+    connect_timeout: float = 5.0,
+    fix: str = "check the URL and that the server is running, or omit --nats to start an embedded server",
 ) -> AsyncIterator[Bus]:
-    """Connect to NATS (any of `urls`); raises `NatsUnavailable` with the reason when it cannot."""
+    """Connect to NATS (any of `urls`); raises `NatsUnavailable` with the reason and `fix` when it cannot."""
     options: dict[str, Any] = {
         "servers": list(urls),
         "name": name,
@@ -556,11 +561,7 @@ async def connect(
     try:
         nc = await _first_connect(options, hooks)
     except ConnectionError as exc:
-        raise NatsUnavailable(
-            where,
-            f"cannot connect: {exc}",
-            "check the URL and that the server is running, or omit --nats to start an embedded server",
-        ) from exc
+        raise NatsUnavailable(where, f"cannot connect: {exc}", fix) from exc
     try:
         yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where, hooks)
     finally:

@@ -7,9 +7,12 @@ only a bug in eventfn itself shows a traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
+import signal
 import sys
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,15 @@ import msgspec
 
 from eventfn import __version__, events, subjects
 from eventfn.bus import Bus, connect
-from eventfn.config import ServiceConfig, environment_overrides, load_service_config
+from eventfn.config import ServiceConfig, environment_overrides, load_service_config, name_problem, valid_subject
 from eventfn.errors import EventfnError, ServiceUnavailable
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+#: What to do when a client command cannot reach NATS (`serve` keeps bus.connect's own hint).
+CLIENT_FIX = "is `eventfn serve` running? Start it, or point at it with --nats URL"
+#: Table cells are cut to these widths (`dlq show` and `--json` print everything).
+CELL_WIDTH = 64
+LAST_CELL_WIDTH = 120
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,12 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Settings: flags override EVENTFN_* environment variables, which override eventfn.toml.",
     )
     parser.add_argument("--version", action="version", version=f"eventfn {__version__}")
+    _global_options(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, help="service settings file (default: ./eventfn.toml if present)")
-        p.add_argument("--nats", metavar="URL", help="NATS server URL(s), comma-separated (env EVENTFN_NATS_URL)")
-        p.add_argument("--data-dir", help="state directory (default: ./.eventfn; env EVENTFN_DATA_DIR)")
+        # Given after the subcommand they win; left out, the value given before it (or None) stays.
+        _global_options(p, default=argparse.SUPPRESS)
 
     serve = commands.add_parser(
         "serve",
@@ -99,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     maps.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     dlq = commands.add_parser("dlq", help="dead-letter records: ls, show, redrive, purge")
+    common(dlq)
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     ls = dlq_commands.add_parser("ls", help="list records (of one function, or all)")
     common(ls)
@@ -115,6 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     common(purge)
     purge.add_argument("function")
     return parser
+
+
+def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
+    """The options every command takes, before or after its name (`eventfn --nats URL functions`)."""
+    p.add_argument(
+        "--config", type=Path, default=default, help="service settings file (default: ./eventfn.toml if present)"
+    )
+    p.add_argument(
+        "--nats", metavar="URL", default=default, help="NATS server URL(s), comma-separated (env EVENTFN_NATS_URL)"
+    )
+    p.add_argument("--data-dir", default=default, help="state directory (default: ./.eventfn; env EVENTFN_DATA_DIR)")
 
 
 def _config(args: argparse.Namespace) -> ServiceConfig:
@@ -145,6 +165,17 @@ def _client_urls(config: ServiceConfig) -> list[str]:
     return [DEFAULT_URL]
 
 
+def _connect(config: ServiceConfig) -> AbstractAsyncContextManager[Bus]:
+    """A client command's connection; when NATS cannot be reached, the hint is about `eventfn serve`."""
+    return connect(_client_urls(config), config.nats, name="eventfn-cli", fix=CLIENT_FIX)
+
+
+def _check_name(name: str) -> None:
+    """A one-line error unless `name` can be a function's (a bad name would make a bad NATS subject)."""
+    if problem := name_problem(name):
+        raise EventfnError(f"{name!r} is not a valid function name: {problem} (see `eventfn functions`)")
+
+
 def _payload(value: str | None) -> bytes:
     if value is None:
         return b"{}"
@@ -152,9 +183,13 @@ def _payload(value: str | None) -> bytes:
 
 
 async def _invoke(config: ServiceConfig, args: argparse.Namespace) -> int:
+    _check_name(args.name)
     data = _payload(args.payload)
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         if args.is_async:
+            # Lambda answers an async invoke of an unknown function with 404; a stored event would wait for
+            # it forever. (A plain publish to eventfn.async.<name> still waits: the function may come later.)
+            await _dry_run(bus, args.name)
             event = events.new_event(subjects.ASYNC_PREFIX + args.name, data, source="eventfn-cli")
             seq = await bus.publish_stored(event.subject or "", data, events.binary_headers(event))
             print(msgspec.json.encode({"StatusCode": 202, "RequestId": event.id, "Sequence": seq}).decode())
@@ -171,9 +206,21 @@ async def _invoke(config: ServiceConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _request(bus: Bus, subject: str, data: bytes, timeout: float) -> Any:
+async def _dry_run(bus: Bus, name: str) -> None:
+    """Ask the running service whether function `name` exists (Lambda's DryRun invocation); nothing runs."""
+    headers = {"Eventfn-Invocation-Type": "DryRun"}
+    reply = await _request(bus, subjects.INVOKE_PREFIX + name, b"", 10.0, headers)
+    if error := (reply.headers or {}).get("Eventfn-Error"):
+        try:
+            message = str(msgspec.json.decode(reply.data)["errorMessage"])
+        except (msgspec.DecodeError, KeyError, TypeError):
+            message = reply.data.decode(errors="replace")
+        raise EventfnError(f"{error}: {message}; nothing was queued")
+
+
+async def _request(bus: Bus, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None) -> Any:
     try:
-        return await bus.request(subject, data, timeout=timeout)
+        return await bus.request(subject, data, headers=headers, timeout=timeout)
     except LookupError:
         raise ServiceUnavailable(bus.url) from None
     except TimeoutError:
@@ -181,6 +228,8 @@ async def _request(bus: Bus, subject: str, data: bytes, timeout: float) -> Any:
 
 
 async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
+    if not valid_subject(args.subject) or "*" in args.subject or ">" in args.subject:
+        raise EventfnError(f"{args.subject!r} is not a NATS subject to publish to (dot-separated tokens, no wildcards)")
     data = _payload(args.payload)
     content_type = "application/json"
     try:
@@ -188,7 +237,7 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
     except msgspec.DecodeError:
         content_type = "text/plain"
     event = events.new_event(args.subject, data, source="eventfn-cli", type=args.type, content_type=content_type)
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         try:
             seq = await bus.publish_stored(args.subject, data, events.binary_headers(event))
         except Exception:
@@ -204,7 +253,7 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 
 async def _functions(config: ServiceConfig, args: argparse.Namespace) -> int:
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         reply = await _request(bus, subjects.API_PREFIX + "functions", b"", 5.0)
     infos: list[dict[str, Any]] = msgspec.json.decode(reply.data)
     if args.json:
@@ -212,23 +261,38 @@ async def _functions(config: ServiceConfig, args: argparse.Namespace) -> int:
         return 0
     rows: list[tuple[str, ...]] = [("NAME", "STATE", "VERSION", "TRIGGERS", "LAST ERROR")]
     for info in infos:
+        state = info["state"]
+        serving = info.get("serving_version")
+        if serving and serving != info["version"]:  # a broken update: the old version still answers
+            state += f" (serving {serving})"
         rows.append(
-            (info["name"], info["state"], info["version"], ",".join(info["triggers"]) or "-", info["last_error"] or "-")
+            (info["name"], state, info["version"] or "-", ",".join(info["triggers"]) or "-", info["last_error"] or "-")
         )
     _table(rows)
     return 0
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
+    """Print aligned columns, one line per row whatever the cells hold."""
+    cells = [[_cell(c, CELL_WIDTH) for c in row[:-1]] + [_cell(row[-1], LAST_CELL_WIDTH)] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]) - 1)]
+    for row in cells:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` on one line: whitespace runs (newlines, tabs) become one space, other control characters are
+    escaped (a record's error text is user data), and text past `width` ends in an ellipsis."""
+    flat = " ".join(text.split())
+    if not flat.isprintable():
+        flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat)
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
     if args.action and not args.name:
         raise EventfnError(f"`eventfn mappings {args.action}` needs a mapping NAME (see `eventfn mappings`)")
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         if args.action:
             reply = await _request(bus, f"{subjects.API_PREFIX}mappings.{args.action}", args.name.encode(), 10.0)
             if reply.headers and reply.headers.get("Eventfn-Error"):
@@ -267,7 +331,9 @@ async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
 async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
     from eventfn import dlq
 
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    if getattr(args, "function", None) is not None:
+        _check_name(args.function)
+    async with _connect(config) as bus:
         try:
             if args.dlq_command == "ls":
                 found = await dlq.list_records(bus, args.function)
@@ -352,12 +418,21 @@ def main(argv: list[str] | None = None) -> None:
             runner = {"invoke": _invoke, "pub": _pub, "functions": _functions, "mappings": _mappings, "dlq": _dlq}[
                 args.command
             ]
+            # Unencodable text (a function's output on a non-UTF-8 terminal) is escaped, not a traceback.
+            if isinstance(sys.stdout, io.TextIOWrapper):
+                sys.stdout.reconfigure(errors="backslashreplace")
             code = anyio.run(runner, config, args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except EventfnError as exc:
         print(f"eventfn: error: {exc}", file=sys.stderr)
         code = 1
+    except BrokenPipeError:
+        code = _reader_gone()
     except BaseExceptionGroup as group:  # raised inside a task group: a user's mistake is still one line
-        mistakes, bugs = group.split(EventfnError)
+        rest = group.split(BrokenPipeError)[1]
+        if rest is None:
+            sys.exit(_reader_gone())
+        mistakes, bugs = rest.split(EventfnError)
         if bugs is not None:
             raise
         assert mistakes is not None
@@ -367,3 +442,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`eventfn mappings | head -3`): stop quietly, as a tool killed by SIGPIPE does."""
+    # Whatever is still buffered cannot be written; point stdout at /dev/null so the exit does not try again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

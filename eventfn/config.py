@@ -22,8 +22,38 @@ from eventfn.errors import ConfigError
 from eventfn.filters import compile_filters
 from eventfn.subjects import overlaps, reserved_overlap
 
-#: A function name is one NATS subject token and one JetStream consumer name.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A function (or trigger) name is one NATS subject token, part of a JetStream consumer name
+#: (`<function>--<trigger>`, hence no `--`) and one CLI argument (hence no leading `-`).
+NAME_PATTERN = re.compile(r"^(?!.*--)[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_NAME_LENGTH = 64
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a function or trigger name (a phrase starting "it ..."), or None if it can.
+
+    Valid: 1 to 64 ASCII letters, digits, `_` and `-`, starting with a letter or digit, without `--`.
+    """
+    if NAME_PATTERN.match(name):
+        return None
+    if not name:
+        return "it is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"it is {len(name)} characters long, over {MAX_NAME_LENGTH}"
+    if name[0] == "-":
+        return "it starts with '-', so the CLI would read it as an option"
+    if name[0] == "_":
+        return "it starts with '_'"
+    for char in name:
+        if char.isspace():
+            return "it contains whitespace, which NATS subjects cannot hold"
+        if char in ".*>":
+            return f"it contains {char!r}, which NATS subjects use as a separator or wildcard"
+        if not char.isascii():
+            return f"it contains the non-ASCII character {char!r}"
+        if not (char.isalnum() or char in "_-"):
+            return f"it contains {char!r}"
+    return "it contains `--`, which separates a function from its trigger in mapping names"
+
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=900)]
 
@@ -151,15 +181,28 @@ def _convert(data: dict[str, Any], type_: type[Any], where: str) -> Any:
         raise ConfigError(where, f"invalid setting: {exc}", "see the settings reference in README.md") from exc
 
 
+# tomllib ends its messages with "(at line N, column M)" or, when the problem shows only at the end of the
+# text (an unclosed string, array or table; a missing value), "(at end of document)".
+_TOML_POSITION = re.compile(r"\s*\((?:at line (?P<line>\d+), column (?P<column>\d+)|at end of document)\)$")
+
+
 def _parse_toml(text: str, where: str, line_offset: int = 0) -> dict[str, Any]:
+    """Parse TOML; an error names `where`:line, counted in the file (the text starts after `line_offset` lines)."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
-        match = re.search(r"\(at line (\d+)", message)
-        line = int(match.group(1)) + line_offset if match else None
-        place = f"{where}:{line}" if line else where
-        raise ConfigError(place, f"invalid TOML: {message}") from exc
+        position = _TOML_POSITION.search(message)
+        if position is None:
+            raise ConfigError(where, f"invalid TOML: {message}") from exc
+        problem = message[: position.start()]
+        if position.group("line"):
+            line = int(position.group("line"))
+            problem += f" (column {position.group('column')})"
+        else:  # the last line with content, where what was opened should have been closed
+            line = max(1, len(text.rstrip().splitlines()))
+            problem += " (at the end of the settings)"
+        raise ConfigError(f"{where}:{line + line_offset}", f"invalid TOML: {problem}") from exc
 
 
 def load_service_config(path: Path | None, overrides: dict[str, Any]) -> ServiceConfig:
@@ -285,8 +328,12 @@ def read_function_settings(
 def _check_trigger(trigger: Trigger, where: str) -> None:
     if not trigger.subjects:
         raise ConfigError(where, "a trigger needs at least one subject")
-    if trigger.name is not None and not NAME_PATTERN.match(trigger.name):
-        raise ConfigError(where, f"trigger name {trigger.name!r} is invalid", "use letters, digits, _ and -")
+    if trigger.name is not None and (problem := name_problem(trigger.name)):
+        raise ConfigError(
+            where,
+            f"trigger name {trigger.name!r} is invalid: {problem}",
+            "use letters, digits, `_` and `-`, starting with a letter or digit",
+        )
     if trigger.name == "async":
         raise ConfigError(where, "trigger name 'async' is taken by the function's async-invoke queue")
     for i, subject in enumerate(trigger.subjects):

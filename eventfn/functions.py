@@ -36,6 +36,27 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
 
 
+def invalid_info(entry: str, reason: str) -> FunctionInfo:
+    """What `eventfn functions` shows for a handler file or folder refused for its name (state `Invalid`)."""
+    return FunctionInfo(
+        name=entry,
+        state="Invalid",
+        version="",
+        serving_version=None,
+        description="",
+        triggers=[],
+        invoke_subject="",
+        async_subject="",
+        timeout=None,
+        memory=None,
+        concurrency=None,
+        isolation=None,
+        workers=0,
+        init_ms=None,
+        last_error=reason,
+    )
+
+
 class Running:
     """A started dispatcher, what it was started for, and the event set when it has fully stopped."""
 
@@ -78,6 +99,16 @@ class Function:
         if self.source.version != (self.pool.version if self.pool else None):
             return "Failed" if self.last_error else "Pending"
         return "Inactive" if self.disabled else "Active"
+
+    def failed(self, error: str) -> bool:
+        """Record why the latest version cannot load; True if that is news, to be logged.
+
+        A failing function is retried whenever its version changes, and a change to a shared helper module
+        changes every single-file function's version: the same error again is not news.
+        """
+        news = error != self.last_error
+        self.last_error = error
+        return news
 
     def info(self) -> FunctionInfo:
         settings = self.settings or self.source.settings

@@ -10,6 +10,9 @@ of its code and settings (Lambda's CodeSha256): a change to either makes a new v
 - `handlers/<name>/` is a folder function with its own modules: its entry module is the one named by the
   `handler = "module.function"` setting, else the first of `lambda_function.py`, `handler.py`, `app.py`,
   `main.py`; settings come from that module's block and `handlers/<name>/eventfn.toml`.
+- A file or folder that would be a function but whose name cannot be one (a dot, a space, a leading `-`,
+  non-ASCII, too long: see `config.name_problem`) is *invalid*: reported with the reason, never loaded, and
+  not a helper either, so a change to it reloads nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import anyio
 import msgspec
 from watchfiles import Change, DefaultFilter, awatch
 
-from eventfn.config import NAME_PATTERN, FunctionSettings, inline_settings_text, read_function_settings
+from eventfn.config import FunctionSettings, inline_settings_text, name_problem, read_function_settings
 from eventfn.errors import ConfigError
 from eventfn.runtime import ENTRY_NAMES
 
@@ -85,9 +88,8 @@ def _digest(paths: list[Path], extra: bytes) -> str:
     return h.hexdigest()[:12]
 
 
-def _is_function_file(path: Path) -> bool:
-    if path.name.startswith(("_", ".")) or not NAME_PATTERN.match(path.stem):
-        return False
+def _looks_like_function(path: Path) -> bool:
+    """Whether a top-level module is meant as a function (whatever its name)."""
     source = _read(path)
     entry = _defines_entry(source)
     try:
@@ -97,22 +99,65 @@ def _is_function_file(path: Path) -> bool:
     return entry is None or entry or has_block or path.with_suffix(".toml").exists()
 
 
-def discover(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, FunctionSource]:
-    """Every function in `handlers_dir`, by name. Never raises for a broken function: it carries the error."""
+def _is_folder_function(path: Path) -> bool:
+    return (path / "eventfn.toml").exists() or any((path / f"{m}.py").exists() for m in FOLDER_ENTRY_MODULES)
+
+
+class Discovery(msgspec.Struct, frozen=True, kw_only=True):
+    """What the handler directory holds: functions by name, and entries that cannot be functions."""
+
+    functions: dict[str, FunctionSource]
+    #: File or folder name (`my func.py`, `bad.name/`) -> why it is not loaded and what to do.
+    invalid: dict[str, str]
+
+
+def scan(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Discovery:
+    """Every function in `handlers_dir`, and every entry refused for its name. Never raises for a broken
+    function: it carries its error."""
     overrides = overrides or {}
     found: dict[str, FunctionSource] = {}
+    invalid: dict[str, str] = {}
     if not handlers_dir.is_dir():
-        return found
+        return Discovery(functions=found, invalid=invalid)
     root = handlers_dir.resolve()
-    entries = sorted(root.iterdir())
-    helpers = [p for p in entries if p.suffix == ".py" and p.is_file() and not _is_function_file(p)]
-    for path in entries:
-        if path.is_file() and path.suffix == ".py" and path not in helpers:
-            found[path.stem] = _single_file(path, root, helpers, overrides.get(path.stem, {}))
-        elif path.is_dir() and not path.name.startswith((".", "_")) and NAME_PATTERN.match(path.name):
-            if source := _folder(path, overrides.get(path.name, {})):
+    files: list[Path] = []
+    helpers: list[Path] = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith((".", "_")):
+            if path.suffix == ".py" and path.is_file():
+                helpers.append(path)
+            continue
+        if path.is_dir():
+            if problem := name_problem(path.name):
+                if _is_folder_function(path):
+                    invalid[path.name + "/"] = _refused(path.name, problem, "rename the folder")
+            elif source := _folder(path, overrides.get(path.name, {})):
                 found[path.name] = source
-    return found
+            continue
+        if path.suffix != ".py" or not path.is_file():
+            continue
+        problem = name_problem(path.stem)
+        if problem is None:
+            (files if _looks_like_function(path) else helpers).append(path)
+        elif path.stem.isidentifier() and not _looks_like_function(path):
+            helpers.append(path)  # an importable helper module (a long or non-ASCII name is fine for that)
+        else:
+            invalid[path.name] = _refused(path.stem, problem, "rename the file")
+    for path in files:
+        found[path.stem] = _single_file(path, root, helpers, overrides.get(path.stem, {}))
+    return Discovery(functions=dict(sorted(found.items())), invalid=invalid)
+
+
+def discover(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, FunctionSource]:
+    """Every function in `handlers_dir`, by name. Never raises for a broken function: it carries the error."""
+    return scan(handlers_dir, overrides).functions
+
+
+def _refused(name: str, problem: str, fix: str) -> str:
+    return (
+        f"{name!r} is not a valid function name: {problem} "
+        f"({fix}: letters, digits, `_` and `-`, starting with a letter or digit, at most 64)"
+    )
 
 
 def _settings(
@@ -157,9 +202,9 @@ def _single_file(path: Path, root: Path, helpers: list[Path], override: dict[str
 
 def _folder(path: Path, override: dict[str, Any]) -> FunctionSource | None:
     sidecar = path / "eventfn.toml"
-    default_entry = next((path / f"{m}.py" for m in FOLDER_ENTRY_MODULES if (path / f"{m}.py").exists()), None)
-    if default_entry is None and not sidecar.exists():
+    if not _is_folder_function(path):
         return None  # a plain data or package folder, not a function
+    default_entry = next((path / f"{m}.py" for m in FOLDER_ENTRY_MODULES if (path / f"{m}.py").exists()), None)
     name = path.name
     probe = default_entry or sidecar
     settings, error, error_file = _settings(name, probe, sidecar, override)

@@ -52,6 +52,8 @@ class Service:
         self.tg = tg
         self.handlers_dir = Path(config.handlers)
         self.functions: dict[str, Function] = {}
+        #: Handler files and folders refused for their names: entry -> reason (shown, never loaded).
+        self.invalid: dict[str, str] = {}
         self.account = Slots(config.max_concurrency)
         self._reload_lock = anyio.Lock()
         self.api = Api(self)
@@ -64,7 +66,12 @@ class Service:
     async def reload(self) -> None:
         """Re-discover the handler directory and apply what changed. Safe to call at any time."""
         async with self._reload_lock:
-            sources = registry.discover(self.handlers_dir, self.config.functions)
+            found = registry.scan(self.handlers_dir, self.config.functions)
+            for entry, reason in found.invalid.items():
+                if self.invalid.get(entry) != reason:  # once per entry, not at every reload
+                    log.error("%r not loaded: %s", str(self.handlers_dir / entry), reason)
+            self.invalid = found.invalid
+            sources = found.functions
             for name in [n for n in self.functions if n not in sources]:
                 await self._remove(self.functions.pop(name))
             changed = [
@@ -82,8 +89,9 @@ class Service:
         fn = self.functions.setdefault(source.name, Function(source, self.account))
         fn.source = source
         if source.error or source.settings is None:
-            fn.last_error = source.error or "settings could not be read"
-            log.error("function %s: %s%s", source.name, fn.last_error, _keeps_serving(fn))
+            error = source.error or "settings could not be read"
+            if fn.failed(error):
+                log.error("function %s: %s%s", source.name, error, _keeps_serving(fn))
             return
         settings = source.settings
         spec = WorkerSpec(
@@ -110,8 +118,8 @@ class Service:
             try:
                 init_ms = await pool.start()
             except HandlerLoadError as exc:
-                fn.last_error = str(exc)
-                log.error("%s%s", exc, _keeps_serving(fn))
+                if fn.failed(str(exc)):
+                    log.error("%s%s", exc, _keeps_serving(fn))
                 return
         old, fn.pool, fn.settings = fn.pool, pool, settings
         fn.last_error, fn.init_ms = None, init_ms
@@ -338,15 +346,25 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
 
 
 def _announce(service: Service, url: str, embedded: bool) -> None:
-    loaded = [fn for fn in service.functions.values() if fn.pool is not None]
-    failed = [fn.name for fn in service.functions.values() if fn.state == "Failed"]
+    loaded = sorted(fn.name for fn in service.functions.values() if fn.pool is not None)
+    failed = sorted(fn.name for fn in service.functions.values() if fn.state == "Failed")
     log.info(
-        "eventfn ready: %d function(s) from %s%s",
+        "eventfn ready: %d function(s) from %s%s%s",
         len(loaded),
         service.handlers_dir,
         f"; failed: {', '.join(failed)}" if failed else "",
+        f"; invalid: {', '.join(map(repr, sorted(service.invalid)))}" if service.invalid else "",
     )
-    if embedded:
-        log.info("embedded NATS at %s: try `nats --server %s req %shello '{}'`", url, url, subjects.INVOKE_PREFIX)
-    else:
+    if not embedded:
         log.info("connected to NATS at %s", url)
+    elif loaded:
+        example = "hello" if "hello" in loaded else loaded[0]
+        log.info("embedded NATS at %s: try `nats --server %s req %s%s '{}'`", url, url, subjects.INVOKE_PREFIX, example)
+    else:
+        log.info(
+            "embedded NATS at %s: add a handler file to %s, then try `nats --server %s req %s<name> '{}'`",
+            url,
+            service.handlers_dir,
+            url,
+            subjects.INVOKE_PREFIX,
+        )

@@ -68,8 +68,7 @@ def test_json_examples_parse() -> None:
 async def test_quickstart_commands_give_what_the_readme_says(
     tmp_path: Path, nats_server: NatsServer, nc: Client
 ) -> None:
-    handlers = tmp_path / "handlers"
-    shutil.copytree(ROOT / "handlers", handlers, ignore=shutil.ignore_patterns("__pycache__"))
+    handlers = copy_shipped_handlers(ROOT, tmp_path / "handlers")
     with Serve(handlers, nats_server.url, tmp_path / "data") as service:
         states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}
         assert set(states.values()) == {"Active"}, f"every shipped example loads: {states}"
@@ -83,6 +82,43 @@ async def test_quickstart_commands_give_what_the_readme_says(
         await run_commands(after_new_file, nc, nats_server.url)
         # The stored events (two trigger publishes, two async invokes) all ran.
         service.log.wait_for(r"greeting (Bob|Cy)", start=mark, count=4)
+
+
+def copy_shipped_handlers(repo: Path, target: Path) -> Path:
+    """Copy the examples that ship in `repo`'s handlers/ (the files git tracks) to `target`.
+
+    Following the Quickstart leaves `handlers/shout.py` behind, and a user may add anything else there: the
+    tests run what the repository ships, not what is in the folder today.
+    """
+    listed = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--", "handlers"], capture_output=True, check=True, timeout=30
+    )
+    target.mkdir(parents=True)
+    for relative in filter(None, listed.stdout.decode().split("\0")):
+        destination = target / Path(relative).relative_to("handlers")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / relative, destination)
+    return target
+
+
+def test_only_the_shipped_handlers_are_copied(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "handlers" / "folder").mkdir(parents=True)
+    (repo / "handlers" / "hello.py").write_text("shipped\n")
+    (repo / "handlers" / "folder" / "lambda_function.py").write_text("shipped too\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    subprocess.run([*git, "add", "handlers"], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-qm", "examples"], check=True, timeout=30)
+    (repo / "handlers" / "shout.py").write_text("what the Quickstart leaves behind\n")
+    (repo / "handlers" / "hello.py").write_text("edited, not yet committed\n")
+
+    copied = copy_shipped_handlers(repo, tmp_path / "copy")
+    assert sorted(str(p.relative_to(copied)) for p in copied.rglob("*") if p.is_file()) == [
+        "folder/lambda_function.py",
+        "hello.py",
+    ]
+    assert (copied / "hello.py").read_text() == "edited, not yet committed\n", "the working copy is what is tested"
 
 
 async def run_commands(block: str, nc: Client, url: str) -> None:
