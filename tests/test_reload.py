@@ -63,11 +63,15 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
     versions = [t.split(":")[0] for t in seen]
     assert versions.count("v1") >= 100 and versions.count("v2") > 0
     assert versions[-1] == "v2"
-    # The added function gets every event from its start on; the deleted one a gapless prefix, then nothing.
+    # The added function gets every event from its start on; the deleted one a prefix, then nothing. Its
+    # feed held at most `concurrency + 1` events when it stopped: those not yet started were handed back, so
+    # gaps may open only among its last few events (4 workers take events in arrival order).
     late_seen = sorted(numbers(late.texts))
     assert late_seen and late_seen == list(range(late_seen[0], total))
     doomed_seen = sorted(numbers(doomed.texts))
-    assert doomed_seen == list(range(len(doomed_seen))) and len(doomed_seen) < total
+    assert len(doomed_seen) == len(set(doomed_seen)) and len(doomed_seen) < total, "each event at most once"
+    gaps = set(range(doomed_seen[-1])) - set(doomed_seen)
+    assert all(gap > doomed_seen[-1] - 5 for gap in gaps), f"gaps {sorted(gaps)} before the last {doomed_seen[-1]}"
 
 
 async def test_broken_file_marks_function_failed_and_previous_version_keeps_serving(
