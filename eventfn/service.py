@@ -282,12 +282,16 @@ class Service:
             for name in missing:
                 del self.provisioned[name]
             await self._provision(recreated=events_lost)
+            # A removed function's consumer is not provisioned again: only what the functions still call for.
+            recreated = sorted(name for name in missing if name in self.provisioned)
         self.bus.refresh_feeds()
         what = [f"stream {DLQ_STREAM} (its records are lost)"] if dlq_lost else []
         if events_lost:
-            what.append(f"stream {EVENTS_STREAM} with its {len(missing)} consumer(s) (events it held are lost)")
-        elif missing:
-            what.append(f"consumer(s) {', '.join(sorted(missing))} (a trigger's consumer starts at new events)")
+            what.append(f"stream {EVENTS_STREAM} with its {len(recreated)} consumer(s) (events it held are lost)")
+        elif recreated:
+            what.append(f"consumer(s) {', '.join(recreated)} (a trigger's consumer starts at new events)")
+        if not what:
+            return
         log.warning("deleted while the service ran, now re-created: %s", "; ".join(what))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
