@@ -106,7 +106,7 @@ def lock_data_dir(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise DataDirInUse(str(data_dir), holder if holder.isdigit() else "") from None
+            raise DataDirInUse(str(data_dir.resolve()), holder if holder.isdigit() else "") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -250,7 +250,8 @@ def test_second_serve_on_the_same_data_dir_fails_at_once_and_leaves_the_first_al
         url = first.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
         files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file()}
         second = subprocess.run(
-            [sys.executable, "-m", "eventfn", "serve", "--handlers", str(handlers), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "eventfn", "serve", "--handlers", str(handlers), "--data-dir", "data"],
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=60,
@@ -258,7 +259,7 @@ def test_second_serve_on_the_same_data_dir_fails_at_once_and_leaves_the_first_al
         assert second.returncode == 1
         assert second.stderr.strip().count("\n") == 0 and "Traceback" not in second.stderr, second.stderr
         assert f"in use by another eventfn serve (pid {first.process.pid})" in second.stderr
-        assert "--data-dir" in second.stderr
+        assert f"data directory {data_dir} is in use" in second.stderr and "--data-dir" in second.stderr
         after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in data_dir.iterdir() if p.is_file()}
         # The first server's log grows on its own; every other file is as the first service left it.
         assert {k: v for k, v in after.items() if k != "nats-server.log"} == {
