@@ -114,9 +114,11 @@ class PullFeed:
         max_inflight: int,
         expires: float = 5.0,
         reconnect_hooks: list[Callable[[], None]] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.nc = nc
         self._hooks = reconnect_hooks if reconnect_hooks is not None else []
+        self._on_lost = on_lost
         self.stream = stream
         self.consumer = consumer
         self.max_inflight = max(1, max_inflight)
@@ -231,6 +233,11 @@ class PullFeed:
                         "pull request on %s/%s ended: %s", self.stream, self.consumer, headers.get("Description", "")
                     )
                 self._wake.set()
+            if self._on_lost and (status == "503" or headers.get("Description") == "Consumer Deleted"):
+                # No consumer answers the request (503), or it was deleted under us: its stream or it may be
+                # gone. The owner checks and re-creates them, then refreshes the feeds; until then a request
+                # that found nobody waits out its expiry, as any lost request does.
+                self._on_lost()
             return
         self.outstanding = max(0, self.outstanding - 1)
         self.inflight += 1
@@ -296,6 +303,13 @@ class Bus:
         self.js = nc.jetstream()
         self.url = url
         self._reconnect_hooks = reconnect_hooks if reconnect_hooks is not None else []
+        #: Called when a stream or consumer turns out to be missing (a pull found no consumer, a stored publish
+        #: found no stream): the service checks and re-creates what was deleted under it.
+        self.on_lost: Callable[[], None] | None = None
+
+    def _lost(self) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
 
     @property
     def max_payload(self) -> int:
@@ -312,7 +326,11 @@ class Bus:
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 5.0
     ) -> int:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
-        ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
+        try:
+            ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
+        except nats.js.errors.NoStreamResponseError:
+            self._lost()  # no stream stores the subject: it may have been deleted
+            raise
         return ack.seq
 
     async def request(
@@ -385,6 +403,14 @@ class Bus:
             or current.duplicate_window != duplicate_window
         ):
             await self._js_call(self.js.update_stream(config), f"update stream {name}")
+
+    async def stream_exists(self, name: str) -> bool:
+        """Whether the stream exists (other failures, such as no JetStream answering, raise)."""
+        try:
+            await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def ensure_consumer(
         self,
@@ -503,7 +529,19 @@ class Bus:
 
     def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
         """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""
-        return PullFeed(self.nc, stream, consumer, max_inflight=max_inflight, reconnect_hooks=self._reconnect_hooks)
+        return PullFeed(
+            self.nc,
+            stream,
+            consumer,
+            max_inflight=max_inflight,
+            reconnect_hooks=self._reconnect_hooks,
+            on_lost=self._lost,
+        )
+
+    def refresh_feeds(self) -> None:
+        """Have every running feed send fresh pull requests now (after its consumer was re-created)."""
+        for hook in list(self._reconnect_hooks):
+            hook()
 
     @staticmethod
     async def _js_call(call: Awaitable[Any], what: str) -> Any:
@@ -570,7 +608,10 @@ async def connect(
                 try:
                     await nc.drain()
                 except (nats.errors.Error, TimeoutError):
-                    await nc.close()
+                    try:
+                        await nc.close()
+                    except (OSError, nats.errors.Error):
+                        pass  # the connection was already lost (the server died): nothing left to close
 
 
 async def _first_connect(options: dict[str, Any], reconnect_hooks: list[Callable[[], None]]) -> Client:

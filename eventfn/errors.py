@@ -55,6 +55,18 @@ class NatsUnavailable(EventfnError):
         super().__init__(message)
 
 
+class DataDirInUse(EventfnError):
+    """Another `eventfn serve` holds the data directory (its lock file)."""
+
+    def __init__(self, data_dir: str, holder_pid: str) -> None:
+        self.data_dir = data_dir
+        holder = f"pid {holder_pid}" if holder_pid else "another process"
+        super().__init__(
+            f"data directory {data_dir} is in use by another eventfn serve ({holder}); two services never share "
+            "one store (stop that one first, or give this one its own --data-dir)"
+        )
+
+
 class ServiceUnavailable(EventfnError):
     """The CLI found NATS but no running `eventfn serve` answered."""
 

@@ -101,8 +101,12 @@ def plan(function: str, settings: FunctionSettings | None) -> dict[str, Planned]
     return {p.consumer: p for p in planned}
 
 
-async def provision(bus: Bus, stream: str, planned: Planned) -> None:
-    """Create or update the mapping's consumer; apply `enabled` when the declared value changed."""
+async def provision(bus: Bus, stream: str, planned: Planned, *, from_start: bool = False) -> None:
+    """Create or update the mapping's consumer; apply `enabled` when the declared value changed.
+
+    `from_start` creates a missing consumer at the stream's first event whatever its trigger (for a stream
+    re-created after it was deleted: all it holds arrived after that).
+    """
     declared = "true" if planned.trigger.enabled else "false"
     existing = await bus.consumer_metadata(stream, planned.consumer)
     await bus.ensure_consumer(
@@ -116,7 +120,7 @@ async def provision(bus: Bus, stream: str, planned: Planned) -> None:
         # The async queue's subject is the function's own: whatever was sent to it before its consumer existed
         # (the function was broken at first sight, or a producer came first) is its work too. Triggers on
         # shared subjects start at new events, as Lambda's LATEST.
-        from_start=planned.trigger.name == _ASYNC_QUEUE.name,
+        from_start=from_start or planned.trigger.name == _ASYNC_QUEUE.name,
     )
     if existing is None or existing.get(_ENABLED_KEY) != declared:
         await set_enabled(bus, stream, planned.consumer, planned.trigger.enabled)

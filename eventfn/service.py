@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 
 import anyio
@@ -28,7 +28,7 @@ from eventfn.dispatch import Dispatcher
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.functions import Function, Running
 from eventfn.inprocess import InProcessPool
-from eventfn.natsserver import embedded_server
+from eventfn.natsserver import embedded_server, lock_data_dir
 from eventfn.protocol import WorkerSpec
 from eventfn.registry import FunctionSource
 from eventfn.reports import reports
@@ -41,6 +41,9 @@ EVENTS_STREAM = subjects.EVENTS_STREAM
 DLQ_STREAM = subjects.DLQ_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
+#: Seconds between checks that the streams still exist (a feed or a write that finds one gone asks at once).
+STREAM_CHECK_INTERVAL = 5.0
+DLQ_MAX_AGE = 14 * 86_400.0
 
 
 class Service:
@@ -60,6 +63,7 @@ class Service:
         self._stream_subjects: list[str] = []
         #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
         self.provisioned: dict[str, mappings.Planned] = {}
+        self._check_streams = anyio.Event()
 
     # -- functions ----------------------------------------------------------------------------------------
 
@@ -163,12 +167,13 @@ class Service:
 
     # -- streams, consumers, dispatchers ------------------------------------------------------------------
 
-    async def _provision(self) -> None:
+    async def _provision(self, *, recreated: bool = False) -> None:
         """Bring the events stream, the durable consumers and the running dispatchers in line with the functions.
 
         Consumers exist for every function whose settings are valid, even while its code fails to load, so
         events arriving meanwhile wait for the fix instead of being missed. Dispatchers run only for functions
-        with a loaded version and a concurrency above 0.
+        with a loaded version and a concurrency above 0. `recreated`: the stream was just re-created, so the
+        consumers made now start at its first event (none published since is missed).
         """
         triggers = [
             s
@@ -204,7 +209,7 @@ class Service:
             )
             for name, planned in wanted.items():
                 if self.provisioned.get(name) != planned:
-                    await mappings.provision(self.bus, EVENTS_STREAM, planned)
+                    await mappings.provision(self.bus, EVENTS_STREAM, planned, from_start=recreated)
                     self.provisioned[name] = planned
                 if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
@@ -239,6 +244,63 @@ class Service:
             running.dispatcher.stop()
         for running in stopping:
             await running.done.wait()
+
+    def streams_lost(self) -> None:
+        """A feed found its consumer gone, or a stored write found no stream: check the streams now."""
+        self._check_streams.set()
+
+    async def keep_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
+        """Re-create the streams and consumers that are deleted while the service runs, and say so.
+
+        Checked when `streams_lost` asks (at once), and every `interval` seconds otherwise: a deleted DLQ, or
+        a stream no feed reads, is found that way too.
+        """
+        while True:
+            with anyio.move_on_after(interval):
+                await self._check_streams.wait()
+            asked = self._check_streams.is_set()
+            self._check_streams = anyio.Event()
+            try:
+                await self._restore(consumers=asked)
+            except EventfnError as exc:
+                log.error("re-creating deleted streams failed: %s", exc)
+            except Exception as exc:
+                # NATS unreachable or without a leader: its client and the feeds report that; check again later.
+                log.debug("stream check failed: %s", exc)
+            if asked:
+                await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
+
+    async def _restore(self, *, consumers: bool) -> None:
+        """Re-create the DLQ and events streams, and (with `consumers`) the mappings' consumers, that are gone."""
+        async with self._reload_lock:
+            dlq_lost = not await self.bus.stream_exists(DLQ_STREAM)
+            events_lost = bool(self._stream_subjects) and not await self.bus.stream_exists(EVENTS_STREAM)
+            missing = [
+                name
+                for name in (list(self.provisioned) if consumers and not events_lost else [])
+                if not await self.bus.consumer_exists(EVENTS_STREAM, name)
+            ]
+            if not (dlq_lost or events_lost or missing):
+                return
+            if dlq_lost:
+                await _ensure_dlq(self.bus, self.config)
+            if events_lost:
+                self._stream_subjects = []
+                missing = list(self.provisioned)
+            for name in missing:
+                del self.provisioned[name]
+            await self._provision(recreated=events_lost)
+            # A removed function's consumer is not provisioned again: only what the functions still call for.
+            recreated = sorted(name for name in missing if name in self.provisioned)
+        self.bus.refresh_feeds()
+        what = [f"stream {DLQ_STREAM} (its records are lost)"] if dlq_lost else []
+        if events_lost:
+            what.append(f"stream {EVENTS_STREAM} with its {len(recreated)} consumer(s) (events it held are lost)")
+        elif recreated:
+            what.append(f"consumer(s) {', '.join(recreated)} (a trigger's consumer starts at new events)")
+        if not what:
+            return
+        log.warning("deleted while the service ran, now re-created: %s", "; ".join(what))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -307,6 +369,10 @@ async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], boo
         yield [url], True
 
 
+async def _ensure_dlq(bus: Bus, config: ServiceConfig) -> None:
+    await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=DLQ_MAX_AGE)
+
+
 async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> None:
     """Run the service until SIGTERM or SIGINT."""
     data_dir = Path(config.data_dir)
@@ -317,20 +383,33 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             "handler directory not found",
             "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
         )
+    # With the embedded server the data directory holds its store: locked before anything is written there, so
+    # a second service on it leaves the first's files, store and server alone. Services on an external NATS
+    # share no store, and may share a directory.
+    with lock_data_dir(data_dir) if not config.nats.url else nullcontext():
+        await _serve(config, data_dir, ready)
+    log.info("stopped")
+
+
+async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | None) -> None:
     async with AsyncExitStack() as stack:
         urls, embedded = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, config.nats))
-        await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=14 * 86_400.0)
+        await _ensure_dlq(bus, config)
         data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "nats.url").write_text(bus.url + "\n", encoding="utf-8")
+        url_file = data_dir / "nats.url"
+        url_file.write_text(bus.url + "\n", encoding="utf-8")
+        stack.callback(url_file.unlink, missing_ok=True)  # however the service ends
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as tg:
                 service = Service(config, bus, tg)
+                bus.on_lost = service.streams_lost
                 await service.reload()
                 await tg.start(service.api.serve_requests)
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)
+                tg.start_soon(service.keep_streams)
                 tg.start_soon(reports.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
@@ -341,8 +420,6 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
                     break
                 stop_watching.set()
                 await service.shutdown()
-        (data_dir / "nats.url").unlink(missing_ok=True)
-    log.info("stopped")
 
 
 def _announce(service: Service, url: str, embedded: bool) -> None:

@@ -125,7 +125,8 @@ class NatsServer:
 
 
 class Serve:
-    """`eventfn serve` as a subprocess, connected to `nats_url` (or embedded when None)."""
+    """`eventfn serve` as a subprocess, connected to `nats_url`, or with its embedded server on `nats_port`
+    (default 0: any free port) when `nats_url` is None."""
 
     def __init__(
         self,
@@ -137,6 +138,7 @@ class Serve:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         echo: bool = False,
+        nats_port: int = 0,
     ) -> None:
         self.args = [
             sys.executable,
@@ -147,7 +149,7 @@ class Serve:
             str(handlers),
             "--data-dir",
             str(data_dir),
-            *(["--nats", nats_url] if nats_url else ["--nats-port", "0"]),
+            *(["--nats", nats_url] if nats_url else ["--nats-port", str(nats_port)]),
             *(extra_args or []),
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
