@@ -10,15 +10,16 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 
-from eventfn import __version__, events, subjects
+from eventfn import __version__, auth, events, subjects
 from eventfn.bus import Bus, connect
-from eventfn.config import ServiceConfig, environment_overrides, load_service_config
+from eventfn.config import NatsSettings, ServiceConfig, environment_overrides, load_service_config
 from eventfn.errors import EventfnError, ServiceUnavailable
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -145,6 +146,31 @@ def _client_urls(config: ServiceConfig) -> list[str]:
     return [DEFAULT_URL]
 
 
+def _client(config: ServiceConfig) -> tuple[list[str], NatsSettings]:
+    """Where a client command finds NATS, and as whom it connects.
+
+    Credentials: a nats CLI context file ([nats] context / EVENTFN_NATS_CONTEXT), else those in the settings,
+    else the admin credentials the embedded server wrote to `<data dir>/auth/admin.json` (sent only to that
+    server). Replies come to the admin's inbox prefix unless one is set.
+    """
+    nats = config.nats
+    if nats.context:
+        nats = auth.client_settings(nats, auth.read_context(Path(nats.context)))
+        config = msgspec.structs.replace(config, nats=nats)
+    urls = _client_urls(config)
+    if not (nats.context or nats.creds or nats.token or nats.user) and (found := auth.admin_context(config, urls)):
+        nats = auth.client_settings(nats, found)
+    return urls, msgspec.structs.replace(nats, inbox_prefix=nats.inbox_prefix or auth.INBOX_PREFIXES[auth.ADMIN])
+
+
+def _connect(config: ServiceConfig) -> AbstractAsyncContextManager[Bus]:
+    """A client command's connection."""
+    urls, settings = _client(config)
+    # A refused request is this command's one error line; the client's own warning would repeat it.
+    logging.getLogger("eventfn.bus").setLevel(logging.ERROR)
+    return connect(urls, settings, name="eventfn-cli")
+
+
 def _payload(value: str | None) -> bytes:
     if value is None:
         return b"{}"
@@ -153,7 +179,7 @@ def _payload(value: str | None) -> bytes:
 
 async def _invoke(config: ServiceConfig, args: argparse.Namespace) -> int:
     data = _payload(args.payload)
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         if args.is_async:
             event = events.new_event(subjects.ASYNC_PREFIX + args.name, data, source="eventfn-cli")
             seq = await bus.publish_stored(event.subject or "", data, events.binary_headers(event))
@@ -188,7 +214,7 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
     except msgspec.DecodeError:
         content_type = "text/plain"
     event = events.new_event(args.subject, data, source="eventfn-cli", type=args.type, content_type=content_type)
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         try:
             seq = await bus.publish_stored(args.subject, data, events.binary_headers(event))
         except Exception:
@@ -204,7 +230,7 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 
 async def _functions(config: ServiceConfig, args: argparse.Namespace) -> int:
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         reply = await _request(bus, subjects.API_PREFIX + "functions", b"", 5.0)
     infos: list[dict[str, Any]] = msgspec.json.decode(reply.data)
     if args.json:
@@ -228,7 +254,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
     if args.action and not args.name:
         raise EventfnError(f"`eventfn mappings {args.action}` needs a mapping NAME (see `eventfn mappings`)")
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         if args.action:
             reply = await _request(bus, f"{subjects.API_PREFIX}mappings.{args.action}", args.name.encode(), 10.0)
             if reply.headers and reply.headers.get("Eventfn-Error"):
@@ -267,7 +293,7 @@ async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
 async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
     from eventfn import dlq
 
-    async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
+    async with _connect(config) as bus:
         try:
             if args.dlq_command == "ls":
                 found = await dlq.list_records(bus, args.function)

@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from eventfn.auth import write_private
 from eventfn.errors import NatsUnavailable
 
 #: Lambda's sync payload limit is 6 MB; NATS defaults to 1 MB, so the embedded server allows 8 MB.
@@ -41,17 +42,27 @@ def find_binary() -> str:
     )
 
 
-def _config(host: str, port: int, store: Path) -> str:
-    return f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
+def _config(host: str, port: int, store: Path, authorization: str = "") -> str:
+    # `authorization` is the users and permissions block (eventfn.auth.server_config); empty runs the server open.
+    return (
+        f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
+        + authorization
+    )
 
 
 @asynccontextmanager
-async def embedded_server(data_dir: Path, port: int, *, host: str = "127.0.0.1") -> AsyncIterator[str]:
-    """Run nats-server for the duration of the context; yields the client URL. Port 0 picks a free one."""
+async def embedded_server(
+    data_dir: Path, port: int, *, host: str = "127.0.0.1", authorization: str = ""
+) -> AsyncIterator[str]:
+    """Run nats-server for the duration of the context; yields the client URL. Port 0 picks a free one.
+
+    `authorization` is the users block of its configuration (see `eventfn.auth`).
+    """
     binary = find_binary()
     data_dir.mkdir(parents=True, exist_ok=True)
     config_file = data_dir / "nats-server.conf"
-    config_file.write_text(_config(host, port if port else -1, data_dir / "jetstream"), encoding="utf-8")
+    # The configuration holds the users' passwords: readable by this user only.
+    write_private(config_file, _config(host, port if port else -1, data_dir / "jetstream", authorization).encode())
     process = await anyio.open_process(
         [binary, "-c", str(config_file)],
         stdin=subprocess.DEVNULL,
