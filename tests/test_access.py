@@ -337,6 +337,9 @@ def test_anonymous_access_is_off_by_default_beyond_loopback() -> None:
     assert not auth.anonymous_allowed(NatsSettings(host="10.1.2.3"))
     assert auth.anonymous_allowed(NatsSettings(host="10.1.2.3", auth=AuthSettings(anonymous=True)))
     assert not auth.anonymous_allowed(NatsSettings(auth=AuthSettings(anonymous=False)))
+    credentials = {auth.ADMIN: auth.Context(user="admin", password="pw")}
+    assert "no_auth_user" in auth.server_config(credentials, NatsSettings(), ["events.>"])
+    assert "no_auth_user" not in auth.server_config(credentials, NatsSettings(host="0.0.0.0"), ["events.>"])
 
 
 @pytest.mark.parametrize(
