@@ -27,8 +27,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
 
+from eventfn.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.config import NatsSettings
-from eventfn.errors import ConfigError, NatsUnavailable
+from eventfn.errors import ConfigError, NatsUnavailable, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,13 @@ class PullFeed:
             self._queue.put_nowait(delivery)
 
 
+#: Reply subjects a request may not name: the server's own APIs (JetStream, system, KV...) and eventfn's
+#: subjects. Replies go out with the service's rights (NATS `allow_responses` lets it answer whatever reply
+#: subject a request carries), so a caller that named `$JS.API.STREAM.PURGE.EVENTFN_DLQ` as its reply
+#: subject would otherwise have the service purge the DLQ for it.
+_FORBIDDEN_REPLY = ("$", "eventfn.")
+
+
 class Request:
     """A core NATS request (sync invoke, control API) awaiting its reply."""
 
@@ -261,8 +269,12 @@ class Request:
         self.reply: str = msg.reply
 
     async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
-        """Send the reply (a no-op for a plain publish that asked for none)."""
+        """Send the reply (a no-op for a plain publish that asked for none, or one whose reply subject is a
+        NATS API or eventfn subject: no reply is sent there)."""
         if self.reply:
+            if self.reply.startswith(_FORBIDDEN_REPLY):
+                log.warning("request on %s named reply subject %r: not answered there", self.subject, self.reply)
+                return
             await self._nc.publish(self.reply, data, headers=headers)
 
 
@@ -295,14 +307,43 @@ class Reply(msgspec.Struct, frozen=True):
     headers: dict[str, str] | None
 
 
+class Denials:
+    """The permission violations the server reported on one connection (it reports them asynchronously)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = ""
+        self.at = -1e9  # time.monotonic() of the last one
+        self._changed = asyncio.Event()
+
+    def add(self, text: str) -> None:
+        """Record one violation (called from the client's error callback)."""
+        self.count += 1
+        self.last = text
+        self.at = time.monotonic()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def next(self) -> None:
+        """Return when the next violation is reported."""
+        await self._changed.wait()
+
+
 class Bus:
     """A connected NATS client with eventfn's operations on it."""
 
-    def __init__(self, nc: Client, url: str, reconnect_hooks: list[Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        url: str,
+        reconnect_hooks: list[Callable[[], None]] | None = None,
+        denials: Denials | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.url = url
         self._reconnect_hooks = reconnect_hooks if reconnect_hooks is not None else []
+        self.denials = denials if denials is not None else Denials()
         #: Called when a stream or consumer turns out to be missing (a pull found no consumer, a stored publish
         #: found no stream): the service checks and re-creates what was deleted under it.
         self.on_lost: Callable[[], None] | None = None
@@ -336,9 +377,21 @@ class Bus:
     async def request(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
     ) -> Reply:
-        """A core request; raises `TimeoutError` when nothing answers in time, `LookupError` for no responders."""
+        """A core request; raises `TimeoutError` when nothing answers in time, `LookupError` for no responders,
+        and `PermissionDenied` at once when the server refuses the request or its reply subscription."""
+        # The server refuses with an error of its own, and the request would only time out: wait for either.
+        ask = asyncio.ensure_future(self.nc.request(subject, data, headers=headers, timeout=timeout))
+        refused = asyncio.ensure_future(self.denials.next())
         try:
-            msg = await self.nc.request(subject, data, headers=headers, timeout=timeout)
+            await asyncio.wait((ask, refused), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+            if not ask.done():
+                ask.cancel()
+        if not ask.done():  # cancelled above: the server refused
+            raise PermissionDenied(self.url, self.denials.last)
+        try:
+            msg = ask.result()
         except nats.errors.NoRespondersError:
             raise LookupError(subject) from None
         except nats.errors.TimeoutError:
@@ -577,6 +630,9 @@ async def connect(
     options: dict[str, Any] = {
         "servers": list(urls),
         "name": name,
+        # Replies come to this prefix: the NATS user must be allowed to subscribe to `<prefix>.>`, and no one
+        # else should be (README "Security and isolation").
+        "inbox_prefix": settings.inbox_prefix or INBOX_PREFIXES[SERVICE],
         "connect_timeout": connect_timeout,
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
@@ -594,14 +650,29 @@ async def connect(
         if settings.tls_cert:
             context.load_cert_chain(settings.tls_cert, settings.tls_key)
         options["tls"] = context
-    where = ",".join(urls)
+    where = ",".join(redact(u) for u in urls)
     hooks: list[Callable[[], None]] = []
+    denials = Denials()
     try:
-        nc = await _first_connect(options, hooks)
+        nc = await _first_connect(options, hooks, denials)
     except ConnectionError as exc:
+        if "authorization violation" in str(exc).lower():
+            raise NatsUnavailable(
+                where,
+                "the server refused these credentials",
+                "check the user and password, token or creds file; the embedded server's are in "
+                "<data dir>/auth/ (README: Security and isolation)",
+            ) from exc
         raise NatsUnavailable(where, f"cannot connect: {exc}", fix) from exc
+    bus = Bus(nc, redact(nc.connected_url.geturl()) if nc.connected_url else where, hooks, denials)
     try:
-        yield Bus(nc, nc.connected_url.geturl() if nc.connected_url else where, hooks)
+        yield bus
+    except TimeoutError as exc:
+        # A JetStream call the server refused shows up as a timeout (JetStream's is 5 s); the refusal came
+        # before it, as an error of its own.
+        if time.monotonic() - denials.at < 15.0:
+            raise PermissionDenied(bus.url, denials.last) from exc
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             if not nc.is_closed:
@@ -614,7 +685,9 @@ async def connect(
                         pass  # the connection was already lost (the server died): nothing left to close
 
 
-async def _first_connect(options: dict[str, Any], reconnect_hooks: list[Callable[[], None]]) -> Client:
+async def _first_connect(
+    options: dict[str, Any], reconnect_hooks: list[Callable[[], None]], denials: Denials
+) -> Client:
     """Connect once, failing fast (a wrong URL is a user error); once connected, reconnects retry forever."""
     nc = Client()
     first_errors: list[str] = []
@@ -623,6 +696,8 @@ async def _first_connect(options: dict[str, Any], reconnect_hooks: list[Callable
     # Without these callbacks nats-py prints every reconnect attempt's traceback to stderr.
     async def on_error(exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
+        if "permissions violation" in text:
+            denials.add(text.removeprefix("nats: "))
         if not established:
             first_errors.append(text)  # still connecting for the first time: reported by the raise below
         elif not (nc.is_closed or nc.is_draining):

@@ -19,9 +19,16 @@ from typing import Any
 import anyio
 import msgspec
 
-from eventfn import __version__, events, subjects
+from eventfn import __version__, auth, events, subjects
 from eventfn.bus import Bus, connect
-from eventfn.config import ServiceConfig, environment_overrides, load_service_config, name_problem, valid_subject
+from eventfn.config import (
+    NatsSettings,
+    ServiceConfig,
+    environment_overrides,
+    load_service_config,
+    name_problem,
+    valid_subject,
+)
 from eventfn.errors import EventfnError, ServiceUnavailable
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -165,9 +172,29 @@ def _client_urls(config: ServiceConfig) -> list[str]:
     return [DEFAULT_URL]
 
 
+def _client(config: ServiceConfig) -> tuple[list[str], NatsSettings]:
+    """Where a client command finds NATS, and as whom it connects.
+
+    Credentials: a nats CLI context file ([nats] context / EVENTFN_NATS_CONTEXT), else those in the settings,
+    else the admin credentials the embedded server wrote to `<data dir>/auth/admin.json` (sent only to that
+    server). Replies come to the admin's inbox prefix unless one is set.
+    """
+    nats = config.nats
+    if nats.context:
+        nats = auth.client_settings(nats, auth.read_context(Path(nats.context)))
+        config = msgspec.structs.replace(config, nats=nats)
+    urls = _client_urls(config)
+    if not (nats.context or nats.creds or nats.token or nats.user) and (found := auth.admin_context(config, urls)):
+        nats = auth.client_settings(nats, found)
+    return urls, msgspec.structs.replace(nats, inbox_prefix=nats.inbox_prefix or auth.INBOX_PREFIXES[auth.ADMIN])
+
+
 def _connect(config: ServiceConfig) -> AbstractAsyncContextManager[Bus]:
     """A client command's connection; when NATS cannot be reached, the hint is about `eventfn serve`."""
-    return connect(_client_urls(config), config.nats, name="eventfn-cli", fix=CLIENT_FIX)
+    urls, settings = _client(config)
+    # A refused request is this command's one error line; the client's own warning would repeat it.
+    logging.getLogger("eventfn.bus").setLevel(logging.ERROR)
+    return connect(urls, settings, name="eventfn-cli", fix=CLIENT_FIX)
 
 
 def _check_name(name: str) -> None:

@@ -135,11 +135,31 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return [Trigger(subjects=[t]) if isinstance(t, str) else t for t in self.triggers]
 
 
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Access control of the embedded NATS server (README "Security and isolation")."""
+
+    #: Require credentials: three users (service, admin, invoker) whose passwords are kept in `<data_dir>/auth/`.
+    #: False runs the server open to any client, for anything (not advised).
+    enabled: bool = True
+    #: Clients without credentials may invoke (NATS `no_auth_user` with the invoker's rights), as the quickstart's
+    #: plain `nats req` does. Default: only while the embedded server listens on loopback.
+    anonymous: bool | None = None
+    #: Your own passwords instead of generated ones (or EVENTFN_NATS_SERVICE_PASSWORD, ..._ADMIN_..., ..._INVOKER_...).
+    service_password: str | None = None
+    admin_password: str | None = None
+    invoker_password: str | None = None
+    #: Subjects beyond `[stream] subjects` that invokers, admins and the service may publish to: trigger
+    #: subjects outside the stream's, destinations.
+    publish: list[str] = []
+
+
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where NATS is. No `url`: start an embedded nats-server bound to loopback."""
 
     url: list[str] = []
     port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 4222
+    #: The address the embedded server listens on. Beyond loopback, clients without credentials are refused.
+    host: str = "127.0.0.1"
     creds: str | None = None
     token: str | None = None
     user: str | None = None
@@ -147,6 +167,13 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: The first token of this client's reply subjects, which its NATS user must be allowed to subscribe to.
+    #: Default: `_INBOX_eventfn_service` for `eventfn serve`, `_INBOX_eventfn_admin` for the client commands.
+    inbox_prefix: str | None = None
+    #: For the client commands: a nats CLI context file (JSON with url, user, password or creds,
+    #: inbox_prefix) to connect with. Default: the admin credentials the embedded server wrote.
+    context: str | None = None
+    auth: AuthSettings = AuthSettings()
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -223,7 +250,9 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     for key, value in overrides.items():
         if value is None:
             continue
-        if key.startswith("nats."):
+        if key.startswith("nats.auth."):
+            nats["auth"] = {**nats.get("auth", {}), key.removeprefix("nats.auth."): value}
+        elif key.startswith("nats."):
             nats[key.removeprefix("nats.")] = value
         else:
             data[key] = value
@@ -243,7 +272,16 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
     ):
         if value := environ.get(env):
             out[key] = value
-    for key, env in (("nats.creds", "EVENTFN_NATS_CREDS"), ("nats.token", "EVENTFN_NATS_TOKEN")):
+    for key, env in (
+        ("nats.creds", "EVENTFN_NATS_CREDS"),
+        ("nats.token", "EVENTFN_NATS_TOKEN"),
+        ("nats.user", "EVENTFN_NATS_USER"),
+        ("nats.password", "EVENTFN_NATS_PASSWORD"),
+        ("nats.context", "EVENTFN_NATS_CONTEXT"),
+        ("nats.auth.service_password", "EVENTFN_NATS_SERVICE_PASSWORD"),
+        ("nats.auth.admin_password", "EVENTFN_NATS_ADMIN_PASSWORD"),
+        ("nats.auth.invoker_password", "EVENTFN_NATS_INVOKER_PASSWORD"),
+    ):
         if value := environ.get(env):
             out[key] = value
     if port := environ.get("EVENTFN_NATS_PORT"):

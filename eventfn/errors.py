@@ -74,3 +74,15 @@ class ServiceUnavailable(EventfnError):
         super().__init__(
             f"no eventfn service answered on {url} (start one with `eventfn serve`, or point at it with --nats)"
         )
+
+
+class PermissionDenied(EventfnError):
+    """The NATS server refused a publish or subscription: the user connected as lacks the permission."""
+
+    def __init__(self, url: str, violation: str) -> None:
+        self.violation = violation
+        super().__init__(
+            f"NATS at {url} refused it: {violation} (connect as a user allowed to: the client commands use the "
+            "admin credentials, by default those the embedded server wrote to <data dir>/auth/admin.json; "
+            "see README: Security and isolation)"
+        )

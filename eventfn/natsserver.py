@@ -34,6 +34,7 @@ from typing import BinaryIO
 
 import anyio
 
+from eventfn.auth import write_private
 from eventfn.errors import DataDirInUse, NatsUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,12 @@ def find_binary() -> str:
     )
 
 
-def _config(host: str, port: int, store: Path) -> str:
-    return f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
+def _config(host: str, port: int, store: Path, authorization: str = "") -> str:
+    # `authorization` is the users and permissions block (eventfn.auth.server_config); empty runs the server open.
+    return (
+        f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
+        + authorization
+    )
 
 
 def _log_config(log_file: Path) -> str:
@@ -249,8 +254,9 @@ def _last_lines(path: Path, count: int) -> list[str]:
 class _Server:
     """The nats-server of one data directory: started, watched, restarted on its port, stopped."""
 
-    def __init__(self, data_dir: Path, host: str, port: int) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, authorization: str = "") -> None:
         self.data_dir = data_dir
+        self.authorization = authorization
         self.host = host
         self.port = port
         self.binary = find_binary()
@@ -264,10 +270,13 @@ class _Server:
     async def start(self) -> str:
         """Stop an orphan left on this store, start the server, wait until it is ready; returns its URL."""
         await self._stop_orphan()
-        self.config_file.write_text(
-            _config(self.host, self.port if self.port else -1, self.data_dir / "jetstream")
-            + _log_config(self.log_file),
-            encoding="utf-8",
+        # The configuration holds the users' passwords: readable by this user only.
+        write_private(
+            self.config_file,
+            (
+                _config(self.host, self.port if self.port else -1, self.data_dir / "jetstream", self.authorization)
+                + _log_config(self.log_file)
+            ).encode(),
         )
         tail = _LogTail(self.log_file)
         try:
@@ -411,13 +420,15 @@ class _Server:
 
 
 @asynccontextmanager
-async def embedded_server(data_dir: Path, port: int, *, host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def embedded_server(
+    data_dir: Path, port: int, *, host: str = "127.0.0.1", authorization: str = ""
+) -> AsyncIterator[str]:
     """Run a supervised nats-server for the duration of the context; yields the client URL.
 
     Port 0 picks a free one, which restarts keep. The caller holds `data_dir`'s lock (`lock_data_dir`). If the
     server cannot be kept running, the context's body is cancelled and `NatsUnavailable` raised.
     """
-    server = _Server(data_dir.resolve(), host, port)
+    server = _Server(data_dir.resolve(), host, port, authorization)
     try:
         url = await server.start()
         async with anyio.create_task_group() as tg:

@@ -22,8 +22,9 @@ import msgspec
 
 from eventfn import mappings, registry, subjects
 from eventfn.api import Api
+from eventfn.auth import EmbeddedAuth
 from eventfn.bus import Bus, connect
-from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
+from eventfn.config import Destinations, FunctionSettings, NatsSettings, RetryPolicy, ServiceConfig
 from eventfn.dispatch import Dispatcher
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.functions import Function, Running
@@ -361,12 +362,16 @@ def _keeps_serving(fn: Function) -> str:
 
 
 @asynccontextmanager
-async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], bool]]:
+async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], bool, NatsSettings]]:
+    """Where NATS is, whether it is embedded, and the settings to connect to it with."""
     if config.nats.url:
-        yield list(config.nats.url), False
+        yield list(config.nats.url), False, config.nats
         return
-    async with embedded_server(Path(config.data_dir), config.nats.port) as url:
-        yield [url], True
+    access = EmbeddedAuth(config)
+    async with embedded_server(
+        Path(config.data_dir), config.nats.port, host=config.nats.host, authorization=access.server_config
+    ) as url:
+        yield [url], True, access.started(url)
 
 
 async def _ensure_dlq(bus: Bus, config: ServiceConfig) -> None:
@@ -393,8 +398,8 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
 
 async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | None) -> None:
     async with AsyncExitStack() as stack:
-        urls, embedded = await stack.enter_async_context(_nats_url(config))
-        bus = await stack.enter_async_context(connect(urls, config.nats))
+        urls, embedded, settings = await stack.enter_async_context(_nats_url(config))
+        bus = await stack.enter_async_context(connect(urls, settings))
         await _ensure_dlq(bus, config)
         data_dir.mkdir(parents=True, exist_ok=True)
         url_file = data_dir / "nats.url"

@@ -23,8 +23,22 @@ REDRIVE_PREFIX = "eventfn.redrive."
 DLQ_PREFIX = "eventfn.dlq."
 #: Requests to the running service (function list and other control operations).
 API_PREFIX = "eventfn.api."
+#: Reply subjects of eventfn's NATS users, one prefix per role (see `eventfn.auth`).
+SERVICE_INBOX = "_INBOX_eventfn_service"
+ADMIN_INBOX = "_INBOX_eventfn_admin"
+INVOKER_INBOX = "_INBOX_eventfn_invoker"
 #: Subjects a trigger may not touch: eventfn's own, JetStream's API, inboxes and the system account.
-RESERVED = ("eventfn.>", "$JS.>", "$KV.>", "$O.>", "$SYS.>", "_INBOX.>")
+RESERVED = (
+    "eventfn.>",
+    "$JS.>",
+    "$KV.>",
+    "$O.>",
+    "$SYS.>",
+    "_INBOX.>",
+    SERVICE_INBOX + ".>",
+    ADMIN_INBOX + ".>",
+    INVOKER_INBOX + ".>",
+)
 
 
 def overlaps(a: str, b: str) -> bool:

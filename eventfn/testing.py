@@ -6,6 +6,10 @@ Used by eventfn's own tests and usable by anyone testing their functions against
         ...  # publish with nats-py exactly as the nats CLI would
 
 Both wait for readiness by reading the child's log (never by sleeping), and both are stopped on exit.
+A `Serve` with the embedded server (`nats_url` None) has access control on: `serve.url` is the server,
+`serve.connect_options("admin")` the keyword arguments for `nats.connect` as one of its roles, and
+`serve.cli("dlq", "ls")` runs a client command that finds the admin credentials itself. Clients without
+credentials (`nats.connect(serve.url)`) may invoke, as `nats req` does.
 `PROBE_MODULE` is a tiny helper a handler can import to report to NATS over a raw socket, so a test can
 count what handlers saw without any client library inside the worker.
 """
@@ -22,7 +26,9 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from eventfn import auth
 from eventfn.natsserver import find_binary
 
 __all__ = ["PROBE_MODULE", "LogWatcher", "NatsServer", "Serve", "write_handler"]
@@ -82,21 +88,38 @@ class LogWatcher:
 
 
 class NatsServer:
-    """A nats-server with JetStream on a free loopback port, its store in `store_dir`."""
+    """A nats-server with JetStream on a free loopback port, its store in `store_dir`.
 
-    def __init__(self, store_dir: Path, *, port: int = -1) -> None:
+    `config` starts it with that configuration file (`-c`) instead: address and port are still the ones above,
+    JetStream and its store are the file's. `env` is added to the server's environment (a configuration may
+    read variables such as passwords from there).
+    """
+
+    def __init__(
+        self, store_dir: Path, *, port: int = -1, config: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port
+        self.config = config
+        self.env = env
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [find_binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port)],
+            [
+                find_binary(),
+                *(["-c", str(self.config)] if self.config else ["-js", "-sd", str(self.store_dir)]),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
         self.log = LogWatcher(self.process.stdout)
         match = self.log.wait_for(r"Listening for client connections on (\S+)")
@@ -155,6 +178,8 @@ class Serve:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cwd = cwd
         self.echo = echo
+        self.nats_url = nats_url
+        self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True) -> Serve:
@@ -170,6 +195,42 @@ class Serve:
         if wait_ready:
             self.log.wait_for(r"eventfn ready", timeout=30)
         return self
+
+    @property
+    def url(self) -> str:
+        """The NATS server the service uses (the embedded one's once the service is ready), without credentials."""
+        if self.nats_url:
+            return self.nats_url
+        return (Path(self.cwd or ".") / self.data_dir / "nats.url").read_text(encoding="utf-8").strip()
+
+    def credentials(self, role: str = auth.ADMIN) -> auth.Context:
+        """The embedded server's credentials of `role` (service, admin or invoker), as written to the data dir."""
+        return auth.read_context(auth.context_file(Path(self.cwd or ".") / self.data_dir, role))
+
+    def connect_options(self, role: str = auth.ADMIN) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect` to the embedded server as `role`."""
+        found = self.credentials(role)
+        return {
+            "servers": [self.url],
+            "user": found.user,
+            "password": found.password,
+            "inbox_prefix": found.inbox_prefix,
+        }
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `eventfn <args>` against this service as a user would (with the service's environment plus
+        `env`); with the embedded server, it finds the admin credentials in the data directory itself."""
+        where = ["--data-dir", str(self.data_dir), *(["--nats", self.nats_url] if self.nats_url else [])]
+        return subprocess.run(
+            [sys.executable, "-m", "eventfn", *args, *where],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+            cwd=self.cwd,
+        )
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -25,6 +25,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
+from eventfn import auth
 from eventfn.natsserver import find_binary
 from eventfn.testing import NatsServer, Serve, write_handler
 from tests.conftest import Collector
@@ -51,10 +52,13 @@ HELLO = """
 
 
 async def admin_client(url: str, data_dir: Path) -> Client:
-    """A client with the rights of an administrator: the JetStream API (stream info, deleting a stream) and
-    the DLQ. Every such use in this module goes through here; with authentication on the embedded server, the
-    admin credentials under `data_dir` are what this would present."""
-    return await nats.connect(url)
+    """A client with the JetStream API on the embedded server (stream info, deleting a stream, the DLQ): the
+    service's credentials, which `serve` wrote under `data_dir` (an admin may not touch the events stream)."""
+    credentials = auth.context_file(data_dir, auth.SERVICE)
+    if not credentials.exists():  # an external nats-server (the fixture's), which runs without authentication
+        return await nats.connect(url)
+    found = auth.read_context(credentials)
+    return await nats.connect(url, user=found.user, password=found.password, inbox_prefix=found.inbox_prefix)
 
 
 async def _quiet(_: object = None) -> None:
