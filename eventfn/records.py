@@ -10,11 +10,17 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
+
+from eventfn import decoding
+from eventfn.errors import UnreadableData
+
+log = logging.getLogger(__name__)
 
 ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
 #: How many earlier failures a record carries in its attempt history (the newest are kept).
@@ -123,14 +129,14 @@ def item_failures(response: bytes, ids: set[str]) -> set[str] | None:
     """Which items of a batch failed, per Lambda's ReportBatchItemFailures rules; None: the whole batch failed.
 
     Full success: a null or empty response, a response without `batchItemFailures`, or an empty or null list.
-    Full failure: invalid JSON, or a `batchItemFailures` that is not a list of objects each with a non-empty
-    `itemIdentifier` naming an item of this batch.
+    Full failure: invalid JSON (or JSON nested too deeply to read), or a `batchItemFailures` that is not a list of
+    objects each with a non-empty `itemIdentifier` naming an item of this batch.
     """
     if not response.strip():
         return set()
     try:
-        value = msgspec.json.decode(response)
-    except msgspec.DecodeError:
+        value = decoding.json_value(response)
+    except UnreadableData:
         return None  # invalid JSON fails the whole batch (Lambda's rule; eventfn's runtime always sends JSON)
     if not isinstance(value, dict) or value.get("batchItemFailures") is None:
         return set()
@@ -212,38 +218,62 @@ def _now() -> str:
 
 
 def _json_or_text(data: bytes) -> Any:
-    """A payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary)."""
+    """A payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary).
+
+    JSON eventfn cannot parse (nested too deeply, say) is kept as text, so the record itself stays readable.
+    """
     if not data:
         return None
     try:
-        msgspec.json.decode(data)
+        decoding.json_value(data)
         return msgspec.Raw(data)
-    except msgspec.DecodeError:
+    except UnreadableData:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             return None
 
 
+#: How much of an error message a record or history entry keeps.
+MESSAGE_LIMIT = 1024
+
+
 def error_fields(error: bytes) -> tuple[str, str]:
     """`errorType` and `errorMessage` (first 1 KB) of a Lambda error object; `?` where it has none."""
     try:
-        value = msgspec.json.decode(error)
-    except msgspec.DecodeError:
-        return "?", error.decode(errors="replace")[:1024]
+        value = decoding.json_value(error)
+    except UnreadableData:
+        return "?", decoding.text(error, MESSAGE_LIMIT)
     if not isinstance(value, dict):
-        return "?", str(value)[:1024]
-    return str(value.get("errorType", "?")), str(value.get("errorMessage", ""))[:1024]
+        return "?", decoding.text(error, MESSAGE_LIMIT)
+    return _field(value, "errorType", "?"), _field(value, "errorMessage", "")
+
+
+def _field(error: dict[str, Any], key: str, default: str) -> str:
+    """One field of an error object as text: a string as it is, anything else as its JSON (cut to 1 KB)."""
+    value = error.get(key, default)
+    if isinstance(value, str):
+        return value[:MESSAGE_LIMIT]
+    try:
+        return decoding.text(_record_encoder.encode(value), MESSAGE_LIMIT)
+    except decoding.ERRORS:  # a value too deep to write back; it was readable, so it is not worth more
+        return default
 
 
 def history_of(headers: Mapping[str, str] | None) -> list[Attempt]:
-    """The attempt history a redriven event carries, or an empty list."""
+    """The attempt history a redriven event carries (its messages cut to 1 KB), or an empty list."""
     if not headers or not (raw := headers.get(HISTORY_HEADER)):
         return []
     try:
-        return _history_decoder.decode(raw)
-    except msgspec.DecodeError:
-        return []
+        history = decoding.typed(_history_decoder, raw)
+    except UnreadableData:
+        return []  # a header that is not eventfn's: the history starts again rather than the event failing
+    return [
+        a
+        if len(a.errorMessage) <= MESSAGE_LIMIT
+        else msgspec.structs.replace(a, errorMessage=a.errorMessage[:MESSAGE_LIMIT])
+        for a in history[-HISTORY_LIMIT:]
+    ]
 
 
 def encode_history(history: Sequence[Attempt]) -> str:
@@ -262,7 +292,30 @@ def failure_record(
     consumer: str | None = None,
     truncate: bool = False,
 ) -> bytes:
-    """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`)."""
+    """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`).
+
+    Never raises: should the event's data or headers defeat the record's shape, a last-resort record keeps the
+    event's bytes as base64 and the error as text, so that dead-lettering cannot fail on what it dead-letters.
+    """
+    try:
+        return _failure_record(function, message, request_id, condition, error, cloud_event, consumer, truncate)
+    except Exception as exc:
+        log.exception(
+            "%s: the failure record of request %s could not be built; writing a plain one", function, request_id
+        )
+        return last_resort_record(function, message, request_id, condition, error, exc, consumer, truncate)
+
+
+def _failure_record(
+    function: str,
+    message: StoredMessage,
+    request_id: str,
+    condition: str,
+    error: bytes,
+    cloud_event: dict[str, str] | None,
+    consumer: str | None,
+    truncate: bool,
+) -> bytes:
     payload = None if truncate else _json_or_text(message.data)
     timestamp = _now()
     history = None
@@ -298,6 +351,52 @@ def failure_record(
                 cloud_event=cloud_event,
                 consumer=consumer,
                 history=history,
+                truncated=truncate,
+            ),
+        )
+    )
+
+
+def last_resort_record(
+    function: str,
+    message: StoredMessage,
+    request_id: str,
+    condition: str,
+    error: bytes,
+    problem: BaseException,
+    consumer: str | None = None,
+    truncate: bool = False,
+) -> bytes:
+    """A failure record built without decoding anything: the event as base64, the error as (cut) text.
+
+    Its every string is made encodable first, so it is as close to unable to fail as Python allows. The
+    event's headers are left out (they may be what failed), so a redrive of it republishes the bytes alone.
+    """
+    return _record_encoder.encode(
+        DestinationRecord(
+            version="1.0",
+            timestamp=_now(),
+            requestContext=_RequestContext(
+                requestId=decoding.encodable(request_id),
+                functionArn=ARN_PREFIX + decoding.encodable(function),
+                condition=decoding.encodable(condition),
+                approximateInvokeCount=int(message.delivered),
+            ),
+            requestPayload=None,
+            responseContext=_ResponseContext(statusCode=200, executedVersion="$LATEST", functionError="Unhandled"),
+            responsePayload={
+                "errorType": "Eventfn.RecordFallback",
+                "errorMessage": decoding.encodable(
+                    f"the failure record could not be built ({type(problem).__name__}: {problem}); the event is "
+                    f"kept as base64; its error, as text: {decoding.text(error, MESSAGE_LIMIT)}"
+                )[: 2 * MESSAGE_LIMIT],
+            },
+            eventfn=_Source(
+                subject=decoding.encodable(original_subject(message)),
+                stream=decoding.encodable(message.stream),
+                stream_seq=int(message.stream_seq),
+                data_base64=base64.b64encode(message.data).decode() if message.data and not truncate else None,
+                consumer=None if consumer is None else decoding.encodable(consumer),
                 truncated=truncate,
             ),
         )
