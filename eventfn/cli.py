@@ -265,7 +265,7 @@ async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 
 async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
-    from eventfn import dlq
+    from eventfn import decoding, dlq
 
     async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
         try:
@@ -288,7 +288,7 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
                     )
                 _table(rows)
             elif args.dlq_command == "show":
-                print(msgspec.json.format(await dlq.show(bus, args.id), indent=2).decode())
+                print(decoding.pretty(await dlq.show(bus, args.id)))
             elif args.dlq_command == "redrive":
                 done = await dlq.redrive(bus, args.function, args.ids)
                 for record_id, seq in done:
@@ -305,6 +305,11 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
             raise EventfnError(
                 f"record {exc.args[0]} was stored without its payload (too large for one message) and stream "
                 f"{exc.args[1]} no longer holds event {exc.args[2]}: it cannot be redriven"
+            ) from None
+        except dlq.UnreadableRecord as exc:
+            raise EventfnError(
+                f"record {exc.args[0]} cannot be redriven: {decoding.one_line(exc.args[1])}; nothing was redriven "
+                f"(see `eventfn dlq show {exc.args[0]}`; redrive other records with --id)"
             ) from None
         except dlq.RecordNotFound as exc:
             raise EventfnError(

@@ -82,9 +82,23 @@ def encodable(value: object) -> str:
     return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
+def one_line(value: str, limit: int = 1024) -> str:
+    """`value` cut to `limit` characters, as one line safe for a terminal: control characters (line breaks,
+    escape sequences) become spaces."""
+    value = value[:limit]
+    return value if value.isprintable() else "".join(c if c.isprintable() else " " for c in value)
+
+
+def printable(value: str) -> str:
+    """`value` safe to print to a terminal: control characters other than line breaks and tabs are escaped."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in value)
+
+
 def pretty(data: bytes) -> str:
-    """JSON indented for reading, or the bytes as text when they are not JSON that can be indented."""
+    """JSON indented for reading, else the bytes as text; either way safe to print to a terminal."""
     try:
-        return msgspec.json.format(data, indent=2).decode()
+        return printable(msgspec.json.format(data, indent=2).decode())
     except ERRORS:
-        return text(data)
+        return printable(text(data))

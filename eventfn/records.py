@@ -217,6 +217,19 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _kept_exactly(payload: Any, data: bytes) -> bool:
+    """Whether a redrive can rebuild `data` from `payload` alone. Text is kept as a JSON string, so JSON that is
+    itself a string would read back as text: it keeps base64 beside it, as does JSON with whitespace around it
+    (a reader of the record drops that) and binary data (stored as null)."""
+    if isinstance(payload, str) or not data:
+        return True
+    return isinstance(payload, msgspec.Raw) and data[:1] not in b'" \t\r\n' and not data[-1:].isspace()
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def _json_or_text(data: bytes) -> Any:
     """A payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary).
 
@@ -342,11 +355,7 @@ def _failure_record(
                 subject=original_subject(message),
                 stream=message.stream,
                 stream_seq=message.stream_seq,
-                data_base64=(
-                    base64.b64encode(message.data).decode()
-                    if payload is None and message.data and not truncate
-                    else None
-                ),
+                data_base64=None if truncate or _kept_exactly(payload, message.data) else _base64(message.data),
                 headers=dict(message.headers) if message.headers and not truncate else None,
                 cloud_event=cloud_event,
                 consumer=consumer,
