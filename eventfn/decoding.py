@@ -16,6 +16,7 @@ limit upstream; what this module returns for display is cut to a stated length.
 from __future__ import annotations
 
 import base64
+import re
 import sys
 from typing import Any, TypeVar
 
@@ -89,11 +90,14 @@ def one_line(value: str, limit: int = 1024) -> str:
     return value if value.isprintable() else "".join(c if c.isprintable() else " " for c in value)
 
 
+#: What a terminal would act on rather than show: C0 and C1 controls (escape sequences start with one), line and
+#: paragraph separators, and the invisible or direction-changing format characters.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
 def printable(value: str) -> str:
     """`value` safe to print to a terminal: control characters other than line breaks and tabs are escaped."""
-    if value.isprintable():
-        return value
-    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in value)
+    return _TERMINAL_CONTROLS.sub(lambda m: ascii(m.group())[1:-1], value)
 
 
 def pretty(data: bytes) -> str:

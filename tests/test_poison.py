@@ -13,6 +13,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
+from eventfn import records
 from eventfn.testing import NatsServer, Serve, write_handler
 
 pytestmark = pytest.mark.e2e
@@ -125,3 +126,218 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
     again.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\)")
     assert [json.loads(t) for t in await seen.wait_for(2)][-1] == {"n": 2}
     assert alive(again)
+
+
+async def test_poison_on_a_filtered_trigger_and_inside_a_batch_is_dead_lettered_alone(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Any
+) -> None:
+    write_handler(
+        handlers,
+        "picky",
+        """
+        # /// eventfn
+        # [[triggers]]
+        # subjects = ["events.poison.>"]
+        # filters = ['{"subject": [{"prefix": "events.poison.keep"}]}', '{"body": {"keep": [true]}}']
+        # [retry]
+        # max_attempts = 0
+        # ///
+        import json
+        import _probe
+
+        def handler(event, context):
+            _probe.report("probe.picky", json.dumps(event))
+        """,
+    )
+    write_handler(
+        handlers,
+        "batcher",
+        """
+        # /// eventfn
+        # [[triggers]]
+        # subjects = ["events.batch.>"]
+        # batch_size = 10
+        # batch_window = 1.0
+        # [retry]
+        # max_attempts = 1
+        # base_delay = 0.2
+        # ///
+        import json
+        import _probe
+
+        def handler(event, context):
+            failures = []
+            for record in event["Records"]:
+                try:
+                    body = json.loads(record["body"])
+                except (ValueError, RecursionError):  # Python's json fails on the poison too
+                    failures.append({"itemIdentifier": record["messageId"]})
+                    continue
+                _probe.report("probe.batcher", json.dumps(body))
+            return {"batchItemFailures": failures}
+        """,
+    )
+    service = serve()
+    picky, batcher = await probe("probe.picky"), await probe("probe.batcher")
+    structured = {"content-type": "application/cloudevents+json"}
+    broken_event = b'{"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": ' + POISON + b"}"
+
+    await nc.publish("events.poison.keep.deep", POISON)  # passes the subject pattern, fails in the worker
+    await nc.publish("events.poison.keep.event", broken_event, headers=structured)  # cannot be normalized
+    await nc.publish("events.poison.drop", POISON)  # matches no pattern: filtered, never run
+    await nc.publish("events.poison.other", b'{"keep": true}')
+
+    for n in range(3):
+        await nc.publish("events.batch.in", json.dumps({"n": n}).encode())
+    await nc.publish("events.batch.in", POISON)
+    await nc.publish("events.batch.in", broken_event, headers=structured)
+    for n in range(3, 5):
+        await nc.publish("events.batch.in", json.dumps({"n": n}).encode())
+    await nc.flush()
+
+    service.log.wait_for(r"picky: request \S+ dead-lettered \(RetriesExhausted\) after 1 attempt")
+    service.log.wait_for(r"picky: request \S+ dead-lettered \(PoisonMessage\)")
+    service.log.wait_for(r"batcher: request \S+ dead-lettered \(RetriesExhausted\) after 2 attempt")
+    service.log.wait_for(r"batcher: request \S+ dead-lettered \(PoisonMessage\)")
+    assert [json.loads(t) for t in await picky.wait_for(1)] == [{"keep": True}]
+    assert sorted(json.loads(t)["n"] for t in await batcher.wait_for(5)) == [0, 1, 2, 3, 4]
+
+    js = nc.jetstream()
+    errors = {}
+    for seq in range(1, 5):
+        record = json.loads((await js.get_msg("EVENTFN_DLQ", seq)).data)
+        function = record["requestContext"]["functionArn"].rsplit(":", 1)[1]
+        errors[function, record["requestContext"]["condition"]] = record["responsePayload"]
+    assert errors["picky", "RetriesExhausted"]["errorType"] == "Runtime.UnmarshalError"
+    assert errors["batcher", "RetriesExhausted"]["errorType"] == "BatchItemFailure"
+    for function, subject in (("picky", "events.poison.keep.event"), ("batcher", "events.batch.in")):
+        error = errors[function, "PoisonMessage"]
+        assert error["errorType"] == "EventDecodeError"
+        assert error["errorMessage"].startswith(
+            f"cannot decode message on '{subject}': invalid structured CloudEvent: nested too deeply"
+        )
+    assert alive(service)
+    assert "Traceback" not in service.log.text()
+
+
+async def test_sync_invoke_normalizes_cloudevents_and_answers_a_broken_one_with_400(
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(
+        handlers,
+        "mirror",
+        """
+        def handler(event, context):
+            return {"event": event, "ce": context.cloud_event}
+        """,
+    )
+    service = serve()
+
+    async def invoke(body: bytes, headers: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
+        reply = await nc.request("eventfn.invoke.mirror", body, timeout=10, headers=headers)
+        return json.loads(reply.data), reply.headers or {}
+
+    structured = {
+        "specversion": "1.0",
+        "id": "e-1",
+        "source": "/orders",
+        "type": "orders.created",
+        "datacontenttype": "application/json",
+        "data": {"order": 1},
+    }
+    result, _ = await invoke(json.dumps(structured).encode(), {"content-type": "application/cloudevents+json"})
+    assert result["event"] == {"order": 1}
+    assert result["ce"]["id"] == "e-1" and result["ce"]["type"] == "orders.created"
+    assert result["ce"]["source"] == "/orders" and result["ce"]["datacontenttype"] == "application/json"
+
+    binary = {"ce-specversion": "1.0", "ce-id": "e-2", "ce-source": "/b", "ce-type": "b.t", "content-type": "text/x"}
+    result, _ = await invoke(b"some text", binary)
+    assert result["event"] == "some text"
+    assert result["ce"]["id"] == "e-2" and result["ce"]["type"] == "b.t" and result["ce"]["datacontenttype"] == "text/x"
+
+    result, _ = await invoke(b'{"plain": true}')
+    assert result == {"event": {"plain": True}, "ce": None}
+
+    for broken in (b"{not json", b'{"specversion": "1.0", "data": ' + POISON + b"}", b"[1, 2]"):
+        error, headers = await invoke(broken, {"content-type": "application/cloudevents+json"})
+        assert headers["Eventfn-Status"] == "400"
+        assert headers["Eventfn-Error"] == error["errorType"] == "InvalidRequestContentException"
+        assert (
+            "cannot decode message on 'eventfn.invoke.mirror': invalid structured CloudEvent" in error["errorMessage"]
+        )
+
+    error, headers = await invoke(b"{}", {"Eventfn-Client-Context": "not base64!"})
+    assert headers["Eventfn-Status"] == "400" and "Eventfn-Client-Context" in error["errorMessage"]
+
+    error, headers = await invoke(POISON)
+    assert headers["Eventfn-Function-Error"] == "Unhandled"
+    assert error["errorType"] == "Runtime.UnmarshalError" and "nested too deeply" in error["errorMessage"]
+
+    result, _ = await invoke(b'{"still": "up"}')
+    assert result["event"] == {"still": "up"}
+    assert alive(service)
+
+
+async def test_hostile_dlq_records_are_listed_shown_and_refused_without_a_traceback(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, nats_server: NatsServer, probe: Any
+) -> None:
+    echo_handler(handlers, "victim")
+    serve()
+    js = nc.jetstream()
+    seen = await probe("probe.victim")
+    # Anyone who may publish to eventfn.dlq.> can store anything there.
+    deep_record = b'{"timestamp": "t", "requestPayload": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    hostile = [
+        deep_record,
+        b"\xff\xfe not even text",
+        json.dumps(
+            {
+                "timestamp": "2026-01-01T00:00:00Z\u001b[2J",
+                "requestContext": {"condition": "RetriesExhausted", "approximateInvokeCount": 1},
+                "responsePayload": {"errorType": "Evil", "errorMessage": "line one\nline two\u001b[31m red"},
+                "eventfn": {"subject": "events.x", "stream": "EVENTFN", "stream_seq": 1, "consumer": "a.b"},
+            }
+        ).encode(),
+    ]
+    ids = [(await js.publish("eventfn.dlq.victim", data)).seq for data in hostile]
+    good = records.failure_record(
+        "victim",
+        _Stored("eventfn.async.victim", b'{"redriven": true}'),
+        "r-1",
+        "RetriesExhausted",
+        b"{}",
+        None,
+        consumer="victim--async",
+    )
+    good_id = (await js.publish("eventfn.dlq.victim", good)).seq
+
+    code, out, err = await cli(nats_server, "dlq", "ls", "victim")
+    assert code == 0, err
+    assert "Traceback" not in out + err and "\x1b" not in out
+    rows = out.splitlines()[1:]
+    assert [int(row.split()[0]) for row in rows] == [*ids, good_id]
+    assert "Eventfn.UnreadableRecord: not a failure record eventfn can read: nested too deeply" in rows[0]
+    assert "Evil: line one line two" in rows[2]
+
+    for record_id in ids:
+        code, out, err = await cli(nats_server, "dlq", "show", str(record_id))
+        assert code == 0 and "Traceback" not in out + err and "\x1b" not in out, err
+
+    code, out, err = await cli(nats_server, "dlq", "redrive", "victim")
+    assert code == 1 and "Traceback" not in out + err
+    assert err.startswith(f"eventfn: error: record {ids[0]} cannot be redriven: not a failure record eventfn can")
+    assert "nothing was redriven" in err
+    code, out, err = await cli(nats_server, "dlq", "redrive", "victim", "--id", str(ids[2]))
+    assert code == 1 and "its mapping 'a.b' is not a consumer name" in err
+
+    code, out, err = await cli(nats_server, "dlq", "redrive", "victim", "--id", str(good_id))
+    assert code == 0, err
+    assert [json.loads(t) for t in await seen.wait_for(1)] == [{"redriven": True}]
+
+
+class _Stored:
+    """A message as the dispatcher hands it to `records.failure_record`."""
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject, self.data, self.headers = subject, data, None
+        self.stream, self.stream_seq, self.delivered, self.timestamp_ns = "EVENTFN", 1, 3, 0
