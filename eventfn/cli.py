@@ -16,10 +16,10 @@ from typing import Any
 import anyio
 import msgspec
 
-from eventfn import __version__, events, subjects
+from eventfn import __version__, decoding, events, subjects
 from eventfn.bus import Bus, connect
 from eventfn.config import ServiceConfig, environment_overrides, load_service_config
-from eventfn.errors import EventfnError, ServiceUnavailable
+from eventfn.errors import EventfnError, ServiceUnavailable, UnreadableData
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -184,8 +184,8 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
     data = _payload(args.payload)
     content_type = "application/json"
     try:
-        msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        decoding.json_value(data)
+    except UnreadableData:  # not JSON eventfn can read (invalid, or nested too deeply)
         content_type = "text/plain"
     event = events.new_event(args.subject, data, source="eventfn-cli", type=args.type, content_type=content_type)
     async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
@@ -265,7 +265,7 @@ async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 
 async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
-    from eventfn import decoding, dlq
+    from eventfn import dlq
 
     async with connect(_client_urls(config), config.nats, name="eventfn-cli") as bus:
         try:

@@ -171,8 +171,9 @@ class Redrive(msgspec.Struct, frozen=True, kw_only=True):
 
 def plan_redrive(stored: StoredRecord, function: str) -> Redrive:
     """What redriving `stored` would publish; raises `UnreadableRecord` (and nothing else) for a record that is
-    not eventfn's or whose fields cannot be sent as they are (a consumer or stream name that is not a name, a
-    subject or header that would break the NATS protocol)."""
+    not eventfn's or whose fields cannot be used as they are: a mapping that is not `function`'s (a forged record
+    must not send an event to another function), a reference to a stream other than the events stream (nor read
+    one out of it), a subject or header that would break the NATS protocol."""
 
     def refuse(problem: str) -> UnreadableRecord:
         return UnreadableRecord(stored.seq, problem)
@@ -186,11 +187,13 @@ def plan_redrive(stored: StoredRecord, function: str) -> Redrive:
     consumer = source.consumer or f"{function}--async"
     if not _is_name(consumer):
         raise refuse(f"its mapping {consumer!r} is not a consumer name")
+    if not consumer.startswith(f"{function}--"):
+        raise refuse(f"its mapping {consumer!r} is not one of {function}'s")
     if not _is_token(source.subject):
         raise refuse(f"its subject {source.subject!r} is not a NATS subject")
     original = None
     if source.truncated:
-        if not _is_name(source.stream) or source.stream_seq < 1:
+        if source.stream != EVENTS_STREAM or source.stream_seq < 1:
             raise refuse(f"it points at {source.stream!r} sequence {source.stream_seq}, which is not an event")
         original = (source.stream, source.stream_seq)
     headers = _headers(source.headers or {}, refuse)
@@ -216,7 +219,7 @@ def _headers(original: Mapping[str, str], refuse: Callable[[str], UnreadableReco
 
 
 def _is_name(value: str) -> bool:
-    """A stream or consumer name eventfn creates: letters, digits, `_` and `-`."""
+    """A consumer name eventfn creates: letters, digits, `_` and `-`."""
     return 0 < len(value) <= 255 and value.isascii() and value.replace("_", "a").replace("-", "a").isalnum()
 
 

@@ -354,12 +354,13 @@ def _list_and_plan(data: bytes, function: str) -> dlq.Redrive | None:
         plan = dlq.plan_redrive(stored, "fn")
     except dlq.UnreadableRecord:
         return None
-    assert plan.consumer and all(c.isascii() and (c.isalnum() or c in "-_") for c in plan.consumer)
+    # Only through one of the function's own mappings, reading back only from the events stream.
+    assert plan.consumer.startswith("fn--") and all(c.isascii() and (c.isalnum() or c in "-_") for c in plan.consumer)
     assert plan.headers[records.SUBJECT_HEADER].isprintable()
     for key, value in plan.headers.items():
         assert key.isprintable() and " " not in key and ":" not in key and "\r" not in value and "\n" not in value
         value.encode()  # sendable
-    assert plan.original is None or plan.original[1] >= 1
+    assert plan.original is None or (plan.original[0] == "EVENTFN" and plan.original[1] >= 1)
     return plan
 
 

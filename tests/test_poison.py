@@ -341,3 +341,27 @@ class _Stored:
     def __init__(self, subject: str, data: bytes) -> None:
         self.subject, self.data, self.headers = subject, data, None
         self.stream, self.stream_seq, self.delivered, self.timestamp_ns = "EVENTFN", 1, 3, 0
+
+
+async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_it(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Any
+) -> None:
+    echo_handler(handlers, "deep", attempts=0)
+    service = serve()
+    js = nc.jetstream()
+    await js.delete_stream("EVENTFN_DLQ")  # every DLQ write now fails: no stream stores eventfn.dlq.>
+    seen = await probe("probe.deep")
+    mark = service.log.mark()
+    await js.publish("eventfn.async.deep", POISON)
+    service.log.wait_for(r"deep: DLQ write for request \S+ failed .*; the event stays queued", start=mark)
+    # Not acknowledged: the event is still the consumer's to deliver, and the mapping goes on with others.
+    info = await js.consumer_info("EVENTFN", "deep--async")
+    assert info.num_ack_pending + info.num_pending + info.num_redelivered >= 1
+    await js.publish("eventfn.async.deep", b'{"n": 1}')
+    assert [json.loads(t) for t in await seen.wait_for(1)] == [{"n": 1}]
+
+    await js.add_stream(name="EVENTFN_DLQ", subjects=["eventfn.dlq.>"])
+    service.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\)", start=mark, timeout=30)
+    record = await dlq_record(nc, "deep")
+    assert record["responsePayload"]["errorType"] == "Runtime.UnmarshalError"
+    assert alive(service)
