@@ -123,8 +123,6 @@ def _encode_default(obj: Any) -> Any:
 # Decimal as a JSON number, as Lambda's runtime does (DynamoDB hands out Decimals). More lenient than Lambda:
 # datetime, set and bytes are encoded (ISO string, array, base64) where Lambda reports Runtime.MarshalError.
 _json = msgspec.json.Encoder(enc_hook=_encode_default, decimal_format="number")
-
-
 _json_decode = msgspec.json.decode
 
 
