@@ -13,6 +13,7 @@ from eventfn.errors import (
     HandlerLoadError,
     NatsUnavailable,
     ServiceUnavailable,
+    UnreadableData,
 )
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "HandlerLoadError",
     "NatsUnavailable",
     "ServiceUnavailable",
+    "UnreadableData",
 ]
 __version__ = "0.1.0"

@@ -2,24 +2,26 @@
 (`eventfn.api.functions`, `eventfn.api.mappings[.enable|.disable]`) that the CLI talks to.
 
 Requests are served by queue group `eventfn`, so several service processes share them. A sync invoke over a
-concurrency cap is answered at once with Lambda's 429 error rather than queued.
+concurrency cap is answered at once with Lambda's 429 error rather than queued. A sync invoke that is a
+CloudEvent (binary or structured mode) is normalized as a stored event is: the handler gets its data and
+`context.cloud_event` its attributes; one that cannot be read is answered with a 400 error, never a crash.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import mappings, subjects
+from eventfn import decoding, events, mappings, subjects
 from eventfn.bus import Request
 from eventfn.dispatch import Stats
+from eventfn.errors import EventDecodeError, UnreadableData
 from eventfn.functions import invalid_info
 from eventfn.workers import error_payload
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 EVENTS_STREAM = subjects.EVENTS_STREAM
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+#: Header of a sync invoke that holds Lambda's client context: base64 of a JSON object.
+CLIENT_CONTEXT_HEADER = "Eventfn-Client-Context"
 
 
 class MappingInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,12 +122,18 @@ class Api:
         if fn.pool is None:
             body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
             return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
-        client_context = None
-        if request.headers and (raw := request.headers.get("Eventfn-Client-Context")):
+        payload, client_context, cloud_event = request.data, None, None
+        if request.headers:
             try:
-                client_context = base64.b64decode(raw)
-            except ValueError:
-                client_context = None
+                client_context = _client_context(request.headers)
+                if events.is_cloud_event(request.headers):
+                    event = events.from_nats(request.subject, request.data, request.headers, fallback_id=request_id)
+                    payload, cloud_event = event.data, events.to_attributes(event)
+            except EventDecodeError as exc:
+                return await _reply_error(request, 400, "InvalidRequestContentException", str(exc))
+            except UnreadableData as exc:
+                message = f"{CLIENT_CONTEXT_HEADER} must be a base64-encoded JSON object: {exc.problem}"
+                return await _reply_error(request, 400, "InvalidRequestContentException", message)
         # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
         if fn.disabled:
             reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
@@ -132,7 +142,7 @@ class Api:
         if reason is not None:
             return await _reply_error(request, 429, "TooManyRequestsException", f"Rate Exceeded. Reason: {reason}")
         try:
-            outcome = await fn.pool.invoke(request_id, request.data, client_context=client_context)
+            outcome = await fn.pool.invoke(request_id, payload, client_context=client_context, cloud_event=cloud_event)
         finally:
             fn.release()
         headers = {"Eventfn-Request-Id": request_id}
@@ -214,6 +224,20 @@ async def _guarded(handle: Callable[[Request], Awaitable[None]], request: Reques
                 await _reply_error(request, 500, "ServiceException", f"{type(exc).__name__}: {exc}")
             except Exception:  # the reply itself cannot go out: the caller times out, the service goes on
                 log.warning("could not answer the failed request on %s", request.subject)
+
+
+def _client_context(headers: Mapping[str, str]) -> bytes | None:
+    """The JSON of a request's client context, checked; raises `UnreadableData` for one that is not base64 JSON
+    of an object (Lambda refuses those too)."""
+    raw = headers.get(CLIENT_CONTEXT_HEADER)
+    if not raw:
+        return None
+    data = decoding.base64_bytes(raw)
+    value: Any = decoding.json_value(data)
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else "a string" if isinstance(value, str) else "a scalar"
+        raise UnreadableData(f"it is {kind}, not an object")
+    return data
 
 
 def _encode_error(error_type: str, message: str) -> bytes:

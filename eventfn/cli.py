@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from eventfn import __version__, auth, events, subjects
+from eventfn import __version__, auth, decoding, events, subjects
 from eventfn.bus import Bus, connect
 from eventfn.config import (
     NatsSettings,
@@ -29,7 +29,7 @@ from eventfn.config import (
     name_problem,
     valid_subject,
 )
-from eventfn.errors import EventfnError, ServiceUnavailable
+from eventfn.errors import EventfnError, ServiceUnavailable, UnreadableData
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 #: What to do when a client command cannot reach NATS (`serve` keeps bus.connect's own hint).
@@ -260,8 +260,8 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
     data = _payload(args.payload)
     content_type = "application/json"
     try:
-        msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        decoding.json_value(data)
+    except UnreadableData:  # not JSON eventfn can read (invalid, or nested too deeply)
         content_type = "text/plain"
     event = events.new_event(args.subject, data, source="eventfn-cli", type=args.type, content_type=content_type)
     async with _connect(config) as bus:
@@ -381,7 +381,7 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
                     )
                 _table(rows)
             elif args.dlq_command == "show":
-                print(msgspec.json.format(await dlq.show(bus, args.id), indent=2).decode())
+                print(decoding.pretty(await dlq.show(bus, args.id)))
             elif args.dlq_command == "redrive":
                 done = await dlq.redrive(bus, args.function, args.ids)
                 for record_id, seq in done:
@@ -398,6 +398,11 @@ async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
             raise EventfnError(
                 f"record {exc.args[0]} was stored without its payload (too large for one message) and stream "
                 f"{exc.args[1]} no longer holds event {exc.args[2]}: it cannot be redriven"
+            ) from None
+        except dlq.UnreadableRecord as exc:
+            raise EventfnError(
+                f"record {exc.args[0]} cannot be redriven: {decoding.one_line(exc.args[1])}; nothing was redriven "
+                f"(see `eventfn dlq show {exc.args[0]}`; redrive other records with --id)"
             ) from None
         except dlq.RecordNotFound as exc:
             raise EventfnError(

@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import events, records, subjects
+from eventfn import decoding, events, records, subjects
 from eventfn.bus import Bus, Delivery, PullFeed
 from eventfn.config import Destinations, RetryPolicy
 from eventfn.errors import EventDecodeError
@@ -51,6 +51,9 @@ class DeadLetter(msgspec.Struct, frozen=True):
 
 
 Decision = Ack | Retry | DeadLetter
+
+#: Seconds before an event whose DLQ write failed is delivered again (it stays in the stream meanwhile).
+DLQ_RETRY_DELAY = 5.0
 
 
 def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
@@ -201,7 +204,10 @@ class Dispatcher:
             slots.release()
 
     async def process_guarded(self, batch: list[Delivery]) -> None:
-        """`process`, but an unexpected error dead-letters what it left unsettled instead of ending the loop."""
+        """`process`, but an unexpected error dead-letters what it left unsettled instead of ending the loop.
+
+        Never raises (short of cancellation): no event can stop its mapping, or the service.
+        """
         try:
             await self.process(batch)
         except Exception as exc:
@@ -209,9 +215,20 @@ class Dispatcher:
             with anyio.CancelScope(shield=True):
                 for delivery in batch:
                     if not delivery.settled:
-                        message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
-                        error = error_payload("PoisonMessage", f"{type(exc).__name__}: {exc}", message_id)
-                        await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
+                        await self._dead_letter_poison(delivery, exc)
+
+    async def _dead_letter_poison(self, delivery: Delivery, exc: Exception) -> None:
+        """Dead-letter an event that dispatching failed on; if even that fails, hand it back after a delay."""
+        try:
+            message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
+            problem = decoding.encodable(f"{type(exc).__name__}: {exc}")
+            error = error_payload("PoisonMessage", problem, message_id)
+            await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
+        except Exception:
+            log.exception(
+                "%s: dead-lettering event %d failed; it stays queued", self.mapping.function, delivery.stream_seq
+            )
+            await _nak_quietly(delivery, DLQ_RETRY_DELAY)
 
     async def _fill(self, batch: list[Delivery]) -> Delivery | None:
         """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
@@ -383,9 +400,14 @@ class Dispatcher:
     async def _dead_letter(
         self, delivery: Delivery, request_id: str, condition: str, error: bytes, event: events.Event | None
     ) -> None:
+        """Write the event's failure record to the DLQ and, once that write is durable, acknowledge the event.
+
+        Does not raise for anything the event holds (the record cannot fail to build) or for NATS trouble: if the
+        write fails, the event is handed back after a delay and stays in the stream.
+        """
         function = self.mapping.function
         cloud_event = None
-        if event is not None or not delivery.headers:
+        if event is not None or not delivery.headers:  # a message with headers decoded as `event` if it could
             cloud_event = events.to_attributes(event or _event_of(delivery, request_id))
         record = records.failure_record(
             function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
@@ -415,13 +437,16 @@ class Dispatcher:
             )
         except Exception as exc:
             log.error("%s: DLQ write for request %s failed (%s); the event stays queued", function, request_id, exc)
-            await delivery.nak(5.0)
+            await _nak_quietly(delivery, DLQ_RETRY_DELAY)
             return
         self.stats.dead_lettered += 1
         log.error(
             "%s: request %s dead-lettered (%s) after %d attempt(s)", function, request_id, condition, delivery.delivered
         )
-        await delivery.ack()
+        try:
+            await delivery.ack()
+        except Exception as exc:  # redelivered, it is dead-lettered again: the record's id makes that a no-op
+            log.warning("%s: ack of dead-lettered request %s failed: %s", function, request_id, exc)
         _, destinations = self._policy()
         if destinations.on_failure:
             await self._notify(destinations.on_failure, record)
@@ -461,7 +486,16 @@ async def _hand_back(deliveries: list[Delivery]) -> None:
     """Return unstarted deliveries untouched: redelivered at once to whoever consumes next."""
     with anyio.CancelScope(shield=True):
         for delivery in deliveries:
-            await delivery.nak()
+            await _nak_quietly(delivery, 0.0)
+
+
+async def _nak_quietly(delivery: Delivery, delay: float) -> None:
+    """Hand an event back for redelivery after `delay`; if even that fails (NATS gone), its ack wait expires and
+    JetStream redelivers it anyway, so the failure is only logged."""
+    try:
+        await delivery.nak(delay)
+    except Exception as exc:
+        log.warning("event %d not handed back (%s); it is redelivered after its ack wait", delivery.stream_seq, exc)
 
 
 def _filter_document(delivery: Delivery, event: events.Event) -> dict[str, Any]:

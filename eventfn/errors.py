@@ -44,6 +44,15 @@ class EventDecodeError(EventfnError):
         super().__init__(f"cannot decode message on {subject!r}: {problem}")
 
 
+class UnreadableData(EventfnError):
+    """Bytes eventfn does not control (an event, a header, a handler's reply, a stored record) cannot be read:
+    not JSON, nested too deeply, not UTF-8, not base64, or not the expected shape. `problem` says which."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(problem)
+
+
 class NatsUnavailable(EventfnError):
     """The NATS server could not be reached or started."""
 

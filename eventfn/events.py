@@ -10,7 +10,6 @@ Three ways a message arrives, all normalized to one `Event`:
 
 from __future__ import annotations
 
-import base64
 import functools
 import uuid
 from collections.abc import Mapping
@@ -19,7 +18,8 @@ from typing import Any
 
 import msgspec
 
-from eventfn.errors import EventDecodeError
+from eventfn import decoding
+from eventfn.errors import EventDecodeError, UnreadableData
 
 SPEC_VERSION = "1.0"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
@@ -57,6 +57,7 @@ class _StructuredEvent(msgspec.Struct, kw_only=True):
 
 
 _structured_decoder = msgspec.json.Decoder(_StructuredEvent)
+_text_decoder = msgspec.json.Decoder(str)
 
 
 @functools.cache
@@ -81,7 +82,10 @@ def from_nats(
     fallback_id: str,
     timestamp: datetime | None = None,
 ) -> Event:
-    """Normalize a NATS message into an `Event`. Raises `EventDecodeError` for a broken structured event."""
+    """Normalize a NATS message into an `Event`.
+
+    Raises `EventDecodeError` (and nothing else) for a structured event that cannot be read, whatever its bytes.
+    """
     if headers:
         if (spec := headers.get("ce-specversion")) is not None:
             return Event(
@@ -94,8 +98,7 @@ def from_nats(
                 datacontenttype=headers.get("content-type") or headers.get("Content-Type"),
                 data=data,
             )
-        content_type = headers.get("content-type") or headers.get("Content-Type") or ""
-        if content_type.startswith(STRUCTURED_CONTENT_TYPE):
+        if _is_structured(headers):
             return _from_structured(subject, data)
         fallback_id = headers.get("Nats-Msg-Id") or fallback_id
     return Event(
@@ -108,22 +111,38 @@ def from_nats(
     )
 
 
+def is_cloud_event(headers: Mapping[str, str] | None) -> bool:
+    """Whether a message with these headers is a CloudEvent (binary or structured mode), not a plain message."""
+    if not headers:
+        return False
+    return "ce-specversion" in headers or _is_structured(headers)
+
+
+def _is_structured(headers: Mapping[str, str]) -> bool:
+    content_type = headers.get("content-type") or headers.get("Content-Type") or ""
+    return content_type.startswith(STRUCTURED_CONTENT_TYPE)
+
+
 def _from_structured(subject: str, data: bytes) -> Event:
     try:
-        raw = _structured_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise EventDecodeError(subject, f"invalid structured CloudEvent: {exc}") from exc
+        raw = decoding.typed(_structured_decoder, data)
+    except UnreadableData as exc:
+        raise EventDecodeError(subject, f"invalid structured CloudEvent: {exc.problem}") from exc
     content_type = raw.datacontenttype
     if raw.data_base64 is not None:
         try:
-            body = base64.b64decode(raw.data_base64, validate=True)
-        except ValueError as exc:
-            raise EventDecodeError(subject, "data_base64 is not valid base64") from exc
+            body = decoding.base64_bytes(raw.data_base64)
+        except UnreadableData as exc:
+            raise EventDecodeError(subject, f"data_base64 is {exc.problem}") from exc
     elif not (data := bytes(raw.data)):
         body = b""
     elif content_type and not _is_json_type(content_type) and data.startswith(b'"'):
-        # CloudEvents JSON format 3.1.2: a string `data` with a non-JSON content type is that text itself.
-        body = msgspec.json.decode(data, type=str).encode()
+        # CloudEvents JSON format 3.1.2: a string `data` with a non-JSON content type is that text itself. (It
+        # was read once already as part of the event, so this cannot fail; it is bounded all the same.)
+        try:
+            body = decoding.typed(_text_decoder, data).encode()
+        except UnreadableData as exc:
+            raise EventDecodeError(subject, f"invalid structured CloudEvent: data is {exc.problem}") from exc
     else:
         body = data
         content_type = content_type or "application/json"

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn
 
+from eventfn import decoding
 from eventfn.errors import ConfigError
 
 #: Lambda's default quota of filters per event source mapping.
@@ -93,8 +94,11 @@ def compile_filters(patterns: Sequence[str | Mapping[str, Any]], where: str) -> 
     sources: list[dict[str, Any]] = []
     for index, pattern in enumerate(patterns):
         compiler = _Compiler(where, f"patterns[{index}]")
-        source = compiler.parse(pattern)
-        matchers.append(compiler.compile_object(source, "$", top=True))
+        try:
+            source = compiler.parse(pattern)
+            matchers.append(compiler.compile_object(source, "$", top=True))
+        except RecursionError as exc:
+            raise ConfigError(where, f"patterns[{index}] is nested too deeply", "a filter needs a few levels") from exc
         sources.append(source)
     return Filter(matchers, sources)
 
@@ -102,11 +106,12 @@ def compile_filters(patterns: Sequence[str | Mapping[str, Any]], where: str) -> 
 def decode_body(data: bytes | str) -> Any:
     """The body as patterns see it: its JSON value with each number's text kept, or the text if it is not JSON.
 
-    For filtering only: decoded floats are a float subclass that some encoders (msgspec) refuse.
+    For filtering only: decoded floats are a float subclass that some encoders (msgspec) refuse. Never raises:
+    a body that is not JSON eventfn can parse (invalid, not UTF-8, nested too deeply) is matched as text.
     """
     try:
         return _loads(data)
-    except (ValueError, RecursionError):  # invalid JSON, bytes that are not UTF-8, nesting too deep to parse
+    except decoding.ERRORS:
         return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 

@@ -135,6 +135,8 @@ class InProcessPool:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self._threads, entry, event, context)
             body, ok = runtime.encode_result(result, request_id)
+        except runtime.UnmarshalError as exc:
+            body, ok = runtime.unmarshal_error(exc, request_id), False
         except MemoryError:
             body, ok = runtime.out_of_memory(request_id, self.spec.memory), False
         except Exception as exc:  # handler errors become Lambda error objects

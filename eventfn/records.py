@@ -10,11 +10,17 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
+
+from eventfn import decoding
+from eventfn.errors import UnreadableData
+
+log = logging.getLogger(__name__)
 
 ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
 #: How many earlier failures a record carries in its attempt history (the newest are kept).
@@ -123,14 +129,14 @@ def item_failures(response: bytes, ids: set[str]) -> set[str] | None:
     """Which items of a batch failed, per Lambda's ReportBatchItemFailures rules; None: the whole batch failed.
 
     Full success: a null or empty response, a response without `batchItemFailures`, or an empty or null list.
-    Full failure: invalid JSON, or a `batchItemFailures` that is not a list of objects each with a non-empty
-    `itemIdentifier` naming an item of this batch.
+    Full failure: invalid JSON (or JSON nested too deeply to read), or a `batchItemFailures` that is not a list of
+    objects each with a non-empty `itemIdentifier` naming an item of this batch.
     """
     if not response.strip():
         return set()
     try:
-        value = msgspec.json.decode(response)
-    except msgspec.DecodeError:
+        value = decoding.json_value(response)
+    except UnreadableData:
         return None  # invalid JSON fails the whole batch (Lambda's rule; eventfn's runtime always sends JSON)
     if not isinstance(value, dict) or value.get("batchItemFailures") is None:
         return set()
@@ -211,39 +217,76 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _kept_exactly(payload: Any, data: bytes) -> bool:
+    """Whether a redrive can rebuild `data` from `payload` alone. Text is kept as a JSON string, so JSON that is
+    itself a string would read back as text: it keeps base64 beside it, as does JSON with whitespace around it
+    (a reader of the record drops that) and binary data (stored as null)."""
+    if isinstance(payload, str) or not data:
+        return True
+    return isinstance(payload, msgspec.Raw) and data[:1] not in b'" \t\r\n' and not data[-1:].isspace()
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def _json_or_text(data: bytes) -> Any:
-    """A payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary)."""
+    """A payload as Lambda puts it in a record: JSON as JSON, else text, else None (binary).
+
+    JSON eventfn cannot parse (nested too deeply, say) is kept as text, so the record itself stays readable.
+    """
     if not data:
         return None
     try:
-        msgspec.json.decode(data)
+        decoding.json_value(data)
         return msgspec.Raw(data)
-    except msgspec.DecodeError:
+    except UnreadableData:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             return None
 
 
+#: How much of an error message a record or history entry keeps.
+MESSAGE_LIMIT = 1024
+
+
 def error_fields(error: bytes) -> tuple[str, str]:
     """`errorType` and `errorMessage` (first 1 KB) of a Lambda error object; `?` where it has none."""
     try:
-        value = msgspec.json.decode(error)
-    except msgspec.DecodeError:
-        return "?", error.decode(errors="replace")[:1024]
+        value = decoding.json_value(error)
+    except UnreadableData:
+        return "?", decoding.text(error, MESSAGE_LIMIT)
     if not isinstance(value, dict):
-        return "?", str(value)[:1024]
-    return str(value.get("errorType", "?")), str(value.get("errorMessage", ""))[:1024]
+        return "?", decoding.text(error, MESSAGE_LIMIT)
+    return _field(value, "errorType", "?"), _field(value, "errorMessage", "")
+
+
+def _field(error: dict[str, Any], key: str, default: str) -> str:
+    """One field of an error object as text: a string as it is, anything else as its JSON (cut to 1 KB)."""
+    value = error.get(key, default)
+    if isinstance(value, str):
+        return value[:MESSAGE_LIMIT]
+    try:
+        return decoding.text(_record_encoder.encode(value), MESSAGE_LIMIT)
+    except decoding.ERRORS:  # a value too deep to write back; it was readable, so it is not worth more
+        return default
 
 
 def history_of(headers: Mapping[str, str] | None) -> list[Attempt]:
-    """The attempt history a redriven event carries, or an empty list."""
+    """The attempt history a redriven event carries (its messages cut to 1 KB), or an empty list."""
     if not headers or not (raw := headers.get(HISTORY_HEADER)):
         return []
     try:
-        return _history_decoder.decode(raw)
-    except msgspec.DecodeError:
-        return []
+        history = decoding.typed(_history_decoder, raw)
+    except UnreadableData:
+        return []  # a header that is not eventfn's: the history starts again rather than the event failing
+    return [
+        a
+        if len(a.errorMessage) <= MESSAGE_LIMIT
+        else msgspec.structs.replace(a, errorMessage=a.errorMessage[:MESSAGE_LIMIT])
+        for a in history[-HISTORY_LIMIT:]
+    ]
 
 
 def encode_history(history: Sequence[Attempt]) -> str:
@@ -262,7 +305,30 @@ def failure_record(
     consumer: str | None = None,
     truncate: bool = False,
 ) -> bytes:
-    """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`)."""
+    """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`).
+
+    Never raises: should the event's data or headers defeat the record's shape, a last-resort record keeps the
+    event's bytes as base64 and the error as text, so that dead-lettering cannot fail on what it dead-letters.
+    """
+    try:
+        return _failure_record(function, message, request_id, condition, error, cloud_event, consumer, truncate)
+    except Exception as exc:
+        log.exception(
+            "%s: the failure record of request %s could not be built; writing a plain one", function, request_id
+        )
+        return last_resort_record(function, message, request_id, condition, error, exc, consumer, truncate)
+
+
+def _failure_record(
+    function: str,
+    message: StoredMessage,
+    request_id: str,
+    condition: str,
+    error: bytes,
+    cloud_event: dict[str, str] | None,
+    consumer: str | None,
+    truncate: bool,
+) -> bytes:
     payload = None if truncate else _json_or_text(message.data)
     timestamp = _now()
     history = None
@@ -289,15 +355,57 @@ def failure_record(
                 subject=original_subject(message),
                 stream=message.stream,
                 stream_seq=message.stream_seq,
-                data_base64=(
-                    base64.b64encode(message.data).decode()
-                    if payload is None and message.data and not truncate
-                    else None
-                ),
+                data_base64=None if truncate or _kept_exactly(payload, message.data) else _base64(message.data),
                 headers=dict(message.headers) if message.headers and not truncate else None,
                 cloud_event=cloud_event,
                 consumer=consumer,
                 history=history,
+                truncated=truncate,
+            ),
+        )
+    )
+
+
+def last_resort_record(
+    function: str,
+    message: StoredMessage,
+    request_id: str,
+    condition: str,
+    error: bytes,
+    problem: BaseException,
+    consumer: str | None = None,
+    truncate: bool = False,
+) -> bytes:
+    """A failure record built without decoding anything: the event as base64, the error as (cut) text.
+
+    Its every string is made encodable first, so it is as close to unable to fail as Python allows. The
+    event's headers are left out (they may be what failed), so a redrive of it republishes the bytes alone.
+    """
+    return _record_encoder.encode(
+        DestinationRecord(
+            version="1.0",
+            timestamp=_now(),
+            requestContext=_RequestContext(
+                requestId=decoding.encodable(request_id),
+                functionArn=ARN_PREFIX + decoding.encodable(function),
+                condition=decoding.encodable(condition),
+                approximateInvokeCount=int(message.delivered),
+            ),
+            requestPayload=None,
+            responseContext=_ResponseContext(statusCode=200, executedVersion="$LATEST", functionError="Unhandled"),
+            responsePayload={
+                "errorType": "Eventfn.RecordFallback",
+                "errorMessage": decoding.encodable(
+                    f"the failure record could not be built ({type(problem).__name__}: {problem}); the event is "
+                    f"kept as base64; its error, as text: {decoding.text(error, MESSAGE_LIMIT)}"
+                )[: 2 * MESSAGE_LIMIT],
+            },
+            eventfn=_Source(
+                subject=decoding.encodable(original_subject(message)),
+                stream=decoding.encodable(message.stream),
+                stream_seq=int(message.stream_seq),
+                data_base64=base64.b64encode(message.data).decode() if message.data and not truncate else None,
+                consumer=None if consumer is None else decoding.encodable(consumer),
                 truncated=truncate,
             ),
         )

@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import msgspec
 
+from eventfn import decoding
+from eventfn.errors import UnreadableData
 from eventfn.protocol import (
     HEADER,
     MAX_FRAME,
@@ -75,8 +77,8 @@ class LambdaContext:
         self.client_context = None
         if invoke.client_context:
             try:
-                self.client_context = ClientContext(msgspec.json.decode(invoke.client_context))
-            except (msgspec.DecodeError, AttributeError):
+                self.client_context = ClientContext(decoding.json_value(invoke.client_context))
+            except (UnreadableData, AttributeError):  # the service checks it; an in-process caller may not
                 self.client_context = None
         self._deadline = invoke.deadline
 
@@ -140,15 +142,26 @@ def error_object(exc: BaseException, *, task_root: str | None = None, skip_frame
     }
 
 
+class UnmarshalError(Exception):
+    """The event cannot be parsed as JSON (Lambda's `Runtime.UnmarshalError`): the handler is not run."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"Unable to unmarshal input: the event could not be parsed as JSON: {problem}")
+
+
 def decode_event(payload: bytes, is_json: bool) -> Any:
-    """The handler's `event`: JSON as Python values; otherwise text, or base64 for binary data."""
+    """The handler's `event`: JSON as Python values; otherwise text, or base64 for binary data.
+
+    Raises `UnmarshalError` (and nothing else) for JSON nested too deeply to parse, or for a payload that is not
+    JSON although `is_json` says it is. Deep JSON is not handed over as text: the handler expects its structure.
+    """
     if not payload:
         return {}
     try:
-        return _json_decode(payload)
-    except msgspec.DecodeError:
-        if is_json:
-            raise
+        return _json_decode(payload)  # `decoding.json_value`, inlined: this runs once per event
+    except decoding.ERRORS as exc:
+        if is_json or isinstance(exc, RecursionError):
+            raise UnmarshalError(decoding.problem(exc)) from None
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -268,6 +281,13 @@ def encode_result(result: Any, request_id: str) -> tuple[bytes, bool]:
         return _json.encode(error), False
 
 
+def unmarshal_error(exc: UnmarshalError, request_id: str) -> bytes:
+    """Lambda's error object for an event the runtime could not parse (no stack: no handler code ran)."""
+    return _json.encode(
+        {"errorMessage": str(exc), "errorType": "Runtime.UnmarshalError", "requestId": request_id, "stackTrace": []}
+    )
+
+
 def encode_exception(exc: BaseException, request_id: str, task_root: str) -> bytes:
     """Lambda's error object for an exception the handler raised, as JSON."""
     error = error_object(exc, task_root=task_root, skip_frames=1)
@@ -332,6 +352,8 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             if loop is not None:
                 result = loop.run_until_complete(result)
             payload, ok = encode_result(result, invoke.request_id)
+        except UnmarshalError as exc:
+            payload, ok = unmarshal_error(exc, invoke.request_id), False
         except MemoryError:
             # The interpreter may be in a bad state: report, then let the pool replace this worker.
             payload, ok, fatal = out_of_memory(invoke.request_id, spec.memory), False, True
