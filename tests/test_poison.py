@@ -3,6 +3,7 @@ keeps running, across a SIGKILL and restart too (issue 8, section 1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from nats.aio.client import Client
+from nats.js.api import DiscardPolicy
 
 from eventfn import records
 from eventfn.testing import NatsServer, Serve, write_handler
@@ -354,7 +356,11 @@ async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_i
     echo_handler(handlers, "deep", attempts=0)
     service = serve()
     js = nc.jetstream()
-    await js.delete_stream("EVENTFN_DLQ")  # every DLQ write now fails: no stream stores eventfn.dlq.>
+    # A full DLQ that refuses new records: every DLQ write now fails (the stream is there, so the service has
+    # nothing to re-create; a deleted one is re-created, see test_broker.py).
+    full = (await js.stream_info("EVENTFN_DLQ")).config
+    await js.publish("eventfn.dlq.filler", b"{}")
+    await js.update_stream(dataclasses.replace(full, max_msgs=1, discard=DiscardPolicy.NEW))
     seen = await probe("probe.deep")
     mark = service.log.mark()
     await js.publish("eventfn.async.deep", POISON)
@@ -365,7 +371,7 @@ async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_i
     await js.publish("eventfn.async.deep", b'{"n": 1}')
     assert [json.loads(t) for t in await seen.wait_for(1, timeout=30)] == [{"n": 1}]
 
-    await js.add_stream(name="EVENTFN_DLQ", subjects=["eventfn.dlq.>"])
+    await js.update_stream(full)
     service.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\)", start=mark, timeout=30)
     record = await dlq_record(nc, "deep")
     assert record["responsePayload"]["errorType"] == "Runtime.UnmarshalError"
