@@ -22,7 +22,7 @@ import msgspec
 
 from eventfn import mappings, registry, subjects
 from eventfn.api import Api
-from eventfn.bus import Bus, connect
+from eventfn.bus import Bus, StreamSpec, connect
 from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
 from eventfn.dispatch import Dispatcher
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
@@ -41,6 +41,8 @@ EVENTS_STREAM = subjects.EVENTS_STREAM
 DLQ_STREAM = subjects.DLQ_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
+#: Seconds between two checks of the streams (leader, replicas, what another process changed).
+STREAM_CHECK_INTERVAL = 2.0
 
 
 class Service:
@@ -55,7 +57,10 @@ class Service:
         self.account = Slots(config.max_concurrency)
         self._reload_lock = anyio.Lock()
         self.api = Api(self)
-        self._stream_subjects: list[str] = []
+        #: Stream name -> what this service last made sure it has (see `watch_streams`).
+        self._streams: dict[str, StreamSpec] = {}
+        #: Events stream subjects JetStream refused (they partly overlap one it stores), with the reason.
+        self._refused: dict[str, str] = {}
         #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
         self.provisioned: dict[str, mappings.Planned] = {}
 
@@ -171,16 +176,33 @@ class Service:
         ]
         base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">", subjects.REDRIVE_PREFIX + ">"]
         stream_subjects, problems = subjects.stream_subjects(base, triggers)
-        for problem in problems.values():
+        stream = self.config.stream
+        events = StreamSpec(
+            name=EVENTS_STREAM,
+            subjects=stream_subjects,
+            max_age=stream.max_age,
+            max_bytes=stream.max_bytes,
+            replicas=stream.replicas,
+        )
+        dlq = StreamSpec(
+            name=DLQ_STREAM,
+            subjects=[subjects.DLQ_PREFIX + ">"],
+            max_age=self.config.dlq.max_age,
+            replicas=self.config.dlq.replicas or stream.replicas,
+        )
+        if self._streams.get(DLQ_STREAM) != dlq:
+            await self._ensure_stream(dlq)
+        if self._streams.get(EVENTS_STREAM) != events:
+            self._refused = await self._ensure_stream(events)
+        # Subjects another service or an operator put in the stream stay; a trigger that partly overlaps one of
+        # them cannot be stored, so its consumers wait until a subject covering both is configured.
+        problems.update(self._refused)
+        stored = [s for s in stream_subjects if s not in self._refused]
+        for trigger in dict.fromkeys(triggers):
+            if trigger not in problems and not any(subjects.covers(s, trigger) for s in stored):
+                problems[trigger] = next(r for s, r in self._refused.items() if subjects.covers(s, trigger))
+        for problem in dict.fromkeys(problems.values()):
             log.error("%s", problem)
-        if stream_subjects != self._stream_subjects:
-            await self.bus.ensure_stream(
-                EVENTS_STREAM,
-                stream_subjects,
-                max_age=self.config.stream.max_age,
-                max_bytes=self.config.stream.max_bytes,
-            )
-            self._stream_subjects = stream_subjects
         for fn in self.functions.values():
             wanted = {
                 name: planned
@@ -200,6 +222,45 @@ class Service:
                     self.provisioned[name] = planned
                 if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
+
+    async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
+        refused = await self.bus.ensure_stream(
+            spec.name,
+            spec.subjects,
+            max_age=spec.max_age,
+            max_bytes=spec.max_bytes,
+            duplicate_window=spec.duplicate_window,
+            replicas=spec.replicas,
+        )
+        self._streams[spec.name] = spec
+        return refused
+
+    async def watch_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
+        """Check the streams every `interval` seconds, for good.
+
+        A stall (no leader, no answer) is reported through the bus's rate-limited reporter, so an election
+        after a server was lost shows in the log even while nothing is published. A stream that lost what this
+        service needs (a service that read it before our update wrote its own subjects back, or an operator
+        lowered its replicas) is widened again: JetStream has no compare-and-set on a stream's configuration,
+        so this check is what makes concurrent provisioning by several services converge.
+        """
+        while True:
+            await anyio.sleep(interval)
+            for name, spec in list(self._streams.items()):
+                try:
+                    health = await self.bus.check_stream(name)
+                    if health is None or not (lacks := spec.lacks(health)):
+                        continue
+                    log.warning(
+                        "stream %s lacks %s (changed by another process or by hand); widening it again",
+                        name,
+                        ", ".join(lacks),
+                    )
+                    async with self._reload_lock:
+                        self._streams.pop(name, None)
+                        await self._provision()
+                except Exception as exc:  # NATS unreachable, the JetStream API refusing: report, check again later
+                    self.bus.stalls.failed(f"stream {name}", str(exc) or type(exc).__name__)
 
     async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
         mapping = planned.mapping()
@@ -312,7 +373,6 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
     async with AsyncExitStack() as stack:
         urls, embedded = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, config.nats))
-        await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=14 * 86_400.0)
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "nats.url").write_text(bus.url + "\n", encoding="utf-8")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -323,6 +383,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)
+                tg.start_soon(service.watch_streams)
                 tg.start_soon(reports.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
