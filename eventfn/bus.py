@@ -310,6 +310,9 @@ class ConsumerState(msgspec.Struct, frozen=True):
     redelivered: int
 
 
+#: What JetStream API calls that time out stall (`Bus.stalls` key).
+_API = "JetStream API"
+
 #: "Paused until" far enough away to mean: until resumed.
 _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
 
@@ -447,11 +450,14 @@ class Bus:
         """The stream's state, or None when it cannot be had; stalls (no answer, no leader, no stream) go to
         `stalls`, and replicas falling behind or coming back are logged when that changes."""
         what = f"stream {name}"
+        asked = time.monotonic()
         try:
-            info = await self._stream_info(name, timeout=timeout)
+            info = await self._stream_info(name, timeout=timeout, stall=None)
         except NatsUnavailable:
             self.stalls.failed(
-                what, f"no answer within {timeout:.0f} s: it has no leader (an election is under way?) or NATS is down"
+                what,
+                f"no answer within {timeout:.0f} s: it has no leader (an election is under way?) or NATS is down",
+                since=asked,
             )
             return None
         if info is None:
@@ -489,11 +495,11 @@ class Bus:
                 log.info("stream %s: all %d replicas current again (leader %s)", name, health.replicas, health.leader)
         return health
 
-    async def _stream_info(self, name: str, *, timeout: float = 5.0) -> dict[str, Any] | None:
+    async def _stream_info(self, name: str, *, timeout: float = 5.0, stall: str | None = _API) -> dict[str, Any] | None:
         """The stream's info as the server sent it (every field, also those nats-py does not know), or None."""
         try:
             info: dict[str, Any] = await self._js_call(
-                self._api(f"STREAM.INFO.{name}", None, timeout=timeout), f"read stream {name}"
+                self._api(f"STREAM.INFO.{name}", None, timeout=timeout), f"read stream {name}", stall=stall
             )
         except _NotFound:
             return None
@@ -650,12 +656,17 @@ class Bus:
             stalls=self.stalls,
         )
 
-    async def _js_call(self, call: Awaitable[Any], what: str, spec: StreamSpec | None = None) -> Any:
-        """Await a JetStream API call; its errors become eventfn's, each saying what to do, and a timeout is a stall."""
+    async def _js_call(
+        self, call: Awaitable[Any], what: str, spec: StreamSpec | None = None, *, stall: str | None = _API
+    ) -> Any:
+        """Await a JetStream API call; its errors become eventfn's, each saying what to do. A timeout is a stall
+        of `stall` (None: the caller reports it)."""
+        asked = time.monotonic()
         try:
             result = await call
         except nats.errors.TimeoutError:
-            self.stalls.failed("JetStream API", f"no answer to: {what}")
+            if stall is not None:
+                self.stalls.failed(stall, f"no answer to: {what}", since=asked)
             raise NatsUnavailable(
                 self.url,
                 f"JetStream did not answer in time: {what}",
@@ -668,7 +679,7 @@ class Bus:
         except nats.js.errors.APIError as exc:
             raise _api_error(exc, what, spec) from exc
         if self.stalls.stalled:
-            self.stalls.recovered("JetStream API")
+            self.stalls.recovered(_API)
         return result
 
 

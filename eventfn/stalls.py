@@ -49,13 +49,15 @@ class Stalls:
         trouble = self._active.get(what)
         return trouble.count if trouble else 0
 
-    def failed(self, what: str, reason: str) -> None:
-        """`what` is not working, because of `reason`. Cheap to call for every failure."""
+    def failed(self, what: str, reason: str, *, since: float | None = None) -> None:
+        """`what` is not working, because of `reason`; `since` is when that began, if known before now (a request
+        sent then got no answer). Cheap to call for every failure."""
         now = self._clock()
         if not self._active:
             self._active[what] = _Trouble(reason)
             self._affected = [what]
-            self._since = self._logged_at = now
+            self._since = now if since is None else min(since, now)
+            self._logged_at = now
             log.warning("JetStream stall: %s: %s", what, reason)
             return
         trouble = self._active.get(what)
@@ -74,9 +76,7 @@ class Stalls:
         """`what` works (again). A no-op unless it had failed; cheap enough for every success."""
         if not self._active or self._active.pop(what, None) is None or self._active:
             return
-        log.info(
-            "JetStream recovered after %.1f s: %s works again", self._clock() - self._since, ", ".join(self._affected)
-        )
+        log.info("JetStream recovered after %.1f s (%s)", self._clock() - self._since, ", ".join(self._affected))
 
     def forget(self, what: str) -> None:
         """`what` is no longer watched (its feed stopped): it neither keeps a stall going nor ends one in the log."""
