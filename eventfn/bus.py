@@ -782,7 +782,7 @@ def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any],
 def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None) -> ConfigError:
     """The JetStream error `exc` as eventfn's, saying what to do about it."""
     if exc.code == 404:
-        return _NotFound("JetStream", f"cannot {what}: not found")
+        return _NotFound("JetStream", f"cannot {what}: {exc.description}")
     if exc.err_code == 10058:  # stream name already in use with a different configuration
         return _Raced("JetStream", f"cannot {what}: {exc.description}")
     if exc.err_code == 10065:  # subjects overlap with an existing stream

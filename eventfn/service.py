@@ -224,7 +224,10 @@ class Service:
                     await self._start_mapping(fn, planned)
 
     async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
-        refused = await self.bus.ensure_stream(
+        # Recorded before it is applied: if JetStream does not answer now (an election), `watch_streams` finds
+        # the stream lacking it and provisions again.
+        self._streams[spec.name] = spec
+        return await self.bus.ensure_stream(
             spec.name,
             spec.subjects,
             max_age=spec.max_age,
@@ -232,8 +235,6 @@ class Service:
             duplicate_window=spec.duplicate_window,
             replicas=spec.replicas,
         )
-        self._streams[spec.name] = spec
-        return refused
 
     async def watch_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
         """Check the streams every `interval` seconds, for good.

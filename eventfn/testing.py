@@ -203,6 +203,10 @@ class NatsCluster:
         """SIGKILL server `name` (`n1`..)."""
         self.nodes[name].kill()
 
+    def restart(self, name: str) -> None:
+        """Start server `name` again (after `kill`) on its ports and store; it rejoins and catches up."""
+        self.nodes[name].start()
+
     def stop(self) -> None:
         """Stop every server still running."""
         for node in self.nodes.values():

@@ -200,6 +200,11 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
     )
     assert resumed_after < 30
 
+    # The lost server comes back, catches up from the others, and the log says the stream is whole again.
+    mark = serve.log.mark()
+    cluster.restart(leader)
+    serve.log.wait_for(r"stream EVENTFN: all 3 replicas current again", start=mark, timeout=45)
+
 
 async def test_replicas_raised_by_hand_stay_and_consumers_follow(
     serve_on_cluster: Callable[..., Serve], handlers: Path, admin: Client
