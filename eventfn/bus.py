@@ -14,7 +14,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -708,9 +708,14 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
             "duplicate_window": _ns(min(self.duplicate_window, self.max_age)),
         }
 
-    def lacks(self, health: StreamHealth) -> list[str]:
-        """What the stream as `health` describes it lacks of this spec (empty: nothing)."""
-        out = [f"subject {s!r}" for s in self.subjects if not any(covers(have, s) for have in health.subjects)]
+    def lacks(self, health: StreamHealth, refused: Collection[str] = ()) -> list[str]:
+        """What the stream as `health` describes it lacks of this spec (empty: nothing), but for the `refused`
+        subjects (`Bus.ensure_stream` could not add them)."""
+        out = [
+            f"subject {s!r}"
+            for s in self.subjects
+            if s not in refused and not any(covers(have, s) for have in health.subjects)
+        ]
         if health.replicas < self.replicas:
             out.append(f"{self.replicas} replicas (it has {health.replicas})")
         if 0 < health.max_age < self.max_age:

@@ -200,7 +200,10 @@ class Service:
         stored = [s for s in stream_subjects if s not in self._refused]
         for trigger in dict.fromkeys(triggers):
             if trigger not in problems and not any(subjects.covers(s, trigger) for s in stored):
-                problems[trigger] = next(r for s, r in self._refused.items() if subjects.covers(s, trigger))
+                problems[trigger] = next(
+                    (r for s, r in self._refused.items() if subjects.covers(s, trigger)),
+                    f"trigger subject {trigger!r} is not stored by stream {EVENTS_STREAM}",
+                )
         for problem in dict.fromkeys(problems.values()):
             log.error("%s", problem)
         for fn in self.functions.values():
@@ -250,16 +253,17 @@ class Service:
             for name, spec in list(self._streams.items()):
                 try:
                     health = await self.bus.check_stream(name)
-                    if health is None or not (lacks := spec.lacks(health)):
+                    if health is None or not (lacks := spec.lacks(health, self._refused)):
                         continue
                     log.warning(
                         "stream %s lacks %s (changed by another process or by hand); widening it again",
                         name,
                         ", ".join(lacks),
                     )
-                    async with self._reload_lock:
-                        self._streams.pop(name, None)
-                        await self._provision()
+                    async with self._reload_lock:  # not while a reload provisions
+                        refused = await self._ensure_stream(self._streams.get(name, spec))
+                        if name == EVENTS_STREAM:
+                            self._refused = refused
                 except Exception as exc:  # NATS unreachable, the JetStream API refusing: report, check again later
                     self.bus.stalls.failed(f"stream {name}", str(exc) or type(exc).__name__)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from nats.aio.client import Client
 
-from eventfn.bus import Bus, connect
+from eventfn.bus import Bus, StreamHealth, StreamSpec, connect
 from eventfn.config import NatsSettings, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
@@ -217,3 +218,41 @@ async def test_two_services_with_different_handler_dirs_keep_each_others_trigger
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.e2e
+async def test_a_trigger_overlapping_another_services_subject_is_refused_alone(
+    tmp_path: Path, nats_server: NatsServer, nc: Client, probe: Callable[[str], Any]
+) -> None:
+    first_dir, second_dir = service_dir(tmp_path, "first"), service_dir(tmp_path, "second")
+    write_handler(first_dir, "created", TRIGGERED.format(subject="x.*.created", name="created"))
+    write_handler(second_dir, "eu", TRIGGERED.format(subject="x.eu.>", name="eu"))  # x.eu.created is both
+    write_handler(second_dir, "other", TRIGGERED.format(subject="y.>", name="other"))
+    env = {"PROBE_NATS": nats_server.url}
+    created, other = await probe("probe.created"), await probe("probe.other")
+    first = Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).start()
+    second = Serve(second_dir, nats_server.url, tmp_path / "data2", env=env)
+    try:
+        second.start()
+        second.log.wait_for(r"ERROR .*trigger subject 'x.eu.>' partly overlaps 'x.\*.created'.*\[stream\] subjects")
+        await delivered(nc, created, "x.us.created", 1)  # the first service's trigger is untouched
+        await delivered(nc, other, "y.z", 1)  # and the second's other functions run
+        js = nc.jetstream()
+        assert "eu--t0" not in {c.name for c in await js.consumers_info("EVENTFN")}
+    finally:
+        first.stop()
+        second.stop()
+    assert "lacks" not in second.log.text(), "a refused subject is not something to widen again"
+
+
+def test_a_refused_subject_is_not_lacking() -> None:
+    spec = StreamSpec(name="S", subjects=["a.>", "x.eu.>"], max_age=60, replicas=3)
+    health = StreamHealth(
+        subjects=["a.>", "x.*.created"], replicas=3, max_age=60, max_bytes=-1, leader="n1", lagging=[]
+    )
+    assert spec.lacks(health) == ["subject 'x.eu.>'"]
+    assert spec.lacks(health, refused={"x.eu.>"}) == []
+    assert spec.lacks(msgspec.structs.replace(health, replicas=1, max_age=30), refused={"x.eu.>"}) == [
+        "3 replicas (it has 1)",
+        "max_age 60 s (it has 30 s)",
+    ]
