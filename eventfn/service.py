@@ -264,6 +264,8 @@ class Service:
                         refused = await self._ensure_stream(self._streams.get(name, spec))
                         if name == EVENTS_STREAM:
                             self._refused = refused
+                            # Consumers a reload could not provision while the stream did not answer.
+                            await self._provision()
                 except Exception as exc:  # NATS unreachable, the JetStream API refusing: report, check again later
                     self.bus.stalls.failed(f"stream {name}", str(exc) or type(exc).__name__)
 
