@@ -563,7 +563,14 @@ class Bus:
             metadata=metadata,
             **_filter_fields(filter_subjects),
         )
-        await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
+        what = f"provision consumer {stream}/{name}"
+        for delay in (0.25, 0.5, 1.0, 2.0, 4.0):  # about 8 s for JetStream to finish what it is busy with
+            try:
+                await self._js_call(self.js.add_consumer(stream, config), what)
+                return
+            except _Busy:
+                await anyio.sleep(delay)
+        await self._js_call(self.js.add_consumer(stream, config), what)
 
     async def consumer_exists(self, stream: str, name: str) -> bool:
         """Whether the durable consumer exists."""
@@ -750,6 +757,10 @@ class _Raced(ConfigError):
     pass
 
 
+class _Busy(ConfigError):
+    """JetStream cannot do it now, but will soon (a move or an election under way)."""
+
+
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
@@ -795,6 +806,13 @@ def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None)
             "JetStream",
             f"cannot {what}: another stream on this server already stores some of these subjects",
             "give eventfn subjects no other stream holds with [stream] subjects in eventfn.toml",
+        )
+    if spec is None and (exc.err_code in (10005, 10023) or exc.code == 503):
+        # A consumer has its stream's replicas: no place for it means the stream's servers are changing (an
+        # operator just raised its replicas, a server is down), which passes.
+        return _Busy(
+            "JetStream",
+            f"cannot {what} now: {exc.description} (the stream's replicas are moving, or a server is down)",
         )
     replicas = spec.replicas if spec else 1
     if exc.err_code == 10074:  # replicas > 1 not supported in non-clustered mode

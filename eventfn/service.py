@@ -63,6 +63,9 @@ class Service:
         self._refused: dict[str, str] = {}
         #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
         self.provisioned: dict[str, mappings.Planned] = {}
+        #: False while the last provisioning failed part-way (JetStream did not answer): retried by
+        #: `watch_streams` rather than left until the next change in the handler directory.
+        self._provisioned = True
 
     # -- functions ----------------------------------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class Service:
         events arriving meanwhile wait for the fix instead of being missed. Dispatchers run only for functions
         with a loaded version and a concurrency above 0.
         """
+        self._provisioned = False
         triggers = [
             s
             for fn in self.functions.values()
@@ -225,6 +229,7 @@ class Service:
                     self.provisioned[name] = planned
                 if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
+        self._provisioned = True
 
     async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
         # Recorded before it is applied: if JetStream does not answer now (an election), `watch_streams` finds
@@ -250,6 +255,16 @@ class Service:
         """
         while True:
             await anyio.sleep(interval)
+            if not self._provisioned:
+                try:
+                    async with self._reload_lock:
+                        if not self._provisioned:
+                            await self._provision()
+                            log.info("provisioning done (it had failed part-way)")
+                except Exception as exc:  # still failing: reported once per interval, tried again
+                    self.bus.stalls.failed("provisioning", str(exc) or type(exc).__name__)
+                else:
+                    self.bus.stalls.recovered("provisioning")
             for name, spec in list(self._streams.items()):
                 try:
                     health = await self.bus.check_stream(name)

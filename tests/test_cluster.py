@@ -225,6 +225,8 @@ async def test_replicas_raised_by_hand_stay_and_consumers_follow(
     assert config["num_replicas"] == 3 and "orders.>" in config["subjects"]
     assert await consumer_copies(js, "orders--t0") == 3
     assert await consumer_copies(js, "sink--t0") == 3  # created at R1, raised with its stream
+    # A consumer created while the stream's new replicas are being placed waits for them, not for the next reload.
+    assert "reload failed" not in serve.log.text()
 
 
 async def test_a_stream_narrowed_by_hand_is_widened_again(
