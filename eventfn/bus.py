@@ -14,7 +14,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,11 +25,13 @@ import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from eventfn.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.config import NatsSettings
 from eventfn.errors import ConfigError, NatsUnavailable, PermissionDenied
+from eventfn.stalls import Stalls
+from eventfn.subjects import covers, stream_subjects
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +118,17 @@ class PullFeed:
         expires: float = 5.0,
         reconnect_hooks: list[Callable[[], None]] | None = None,
         on_lost: Callable[[], None] | None = None,
+        stalls: Stalls | None = None,
     ) -> None:
         self.nc = nc
         self._hooks = reconnect_hooks if reconnect_hooks is not None else []
         self._on_lost = on_lost
+        self._stalls = stalls if stalls is not None else Stalls()
+        self._stall_key = f"consumer {stream}/{consumer}"
+        self._stalled = False
+        # After a request nobody took (503: the consumer has no leader), wait before asking again.
+        self._backoff = 0.0
+        self._retry_at = 0.0
         self.stream = stream
         self.consumer = consumer
         self.max_inflight = max(1, max_inflight)
@@ -179,19 +188,24 @@ class PullFeed:
         try:
             while not self._stopping:
                 want = self.max_inflight - self.outstanding - self.inflight
-                if want >= self._threshold or (want > 0 and self.outstanding == 0):
+                wait = self.expires + 2.0
+                if (held := self._retry_at - time.monotonic()) > 0:
+                    wait = held
+                elif want >= self._threshold or (want > 0 and self.outstanding == 0):
                     body = _pull_request.encode(PullRequest(batch=want, expires=int(self.expires * 1e9)))
                     await self.nc.publish(subject, body, reply=inbox)
                     self.outstanding += want
                     self._heard = time.monotonic()
-                with anyio.move_on_after(self.expires + 2.0):
+                with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
                 if self.outstanding and time.monotonic() - self._heard > self.expires + 2.0:
                     # Neither messages nor the request's 408 came back: the request was lost (reconnect,
-                    # server restart). Ask again rather than wait forever.
+                    # server restart, the consumer's leader lost). Ask again rather than wait forever.
                     self.outstanding = 0
+                    self._trouble(f"no answer to a pull request in {self.expires + 2.0:.0f} s")
         finally:
+            self._stalls.forget(self._stall_key)
             self._hooks.remove(self._requests_lost)
             with anyio.CancelScope(shield=True):
                 try:
@@ -220,6 +234,15 @@ class PullFeed:
         self._stopping = True
         self._wake.set()
 
+    def _trouble(self, reason: str) -> None:
+        self._stalled = True
+        self._stalls.failed(self._stall_key, reason)
+
+    def _healthy(self) -> None:
+        self._stalled = False
+        self._backoff = 0.0
+        self._stalls.recovered(self._stall_key)
+
     async def _on_message(self, msg: Msg) -> None:
         self._heard = time.monotonic()
         headers = msg.headers
@@ -230,9 +253,17 @@ class PullFeed:
                 pending = int(headers.get("Nats-Pending-Messages", "0") or 0)
                 self.outstanding = max(0, self.outstanding - pending) if pending else 0
                 if status == "409":
-                    log.warning(
-                        "pull request on %s/%s ended: %s", self.stream, self.consumer, headers.get("Description", "")
-                    )
+                    self._trouble(f"pull request ended: {headers.get('Description', '')}")
+                elif self._stalled:
+                    self._healthy()  # an expiry is the consumer's leader answering
+                self._wake.set()
+            elif status == "503":
+                # No one serves the consumer's pull requests: it has no leader (an election after a server was
+                # lost), or JetStream is down. Ask again after a pause that grows to 2 s, not in a tight loop.
+                self.outstanding = 0
+                self._backoff = min(2.0, max(0.25, self._backoff * 2))
+                self._retry_at = time.monotonic() + self._backoff
+                self._trouble("no responders: the consumer has no leader (an election is under way?)")
                 self._wake.set()
             if self._on_lost and (status == "503" or headers.get("Description") == "Consumer Deleted"):
                 # No consumer answers the request (503), or it was deleted under us: its stream or it may be
@@ -240,6 +271,8 @@ class PullFeed:
                 # that found nobody waits out its expiry, as any lost request does.
                 self._on_lost()
             return
+        if self._stalled:
+            self._healthy()
         self.outstanding = max(0, self.outstanding - 1)
         self.inflight += 1
         delivery = Delivery(msg, self)
@@ -296,6 +329,9 @@ class ConsumerState(msgspec.Struct, frozen=True):
     redelivered: int
 
 
+#: What JetStream API calls that time out stall (`Bus.stalls` key).
+_API = "JetStream API"
+
 #: "Paused until" far enough away to mean: until resumed.
 _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
 
@@ -347,6 +383,10 @@ class Bus:
         #: Called when a stream or consumer turns out to be missing (a pull found no consumer, a stored publish
         #: found no stream): the service checks and re-creates what was deleted under it.
         self.on_lost: Callable[[], None] | None = None
+        #: Where every stall this connection notices is reported (rate-limited in the log).
+        self.stalls = Stalls()
+        self._lagging: dict[str, frozenset[str]] = {}
+        self._leaders: dict[str, str] = {}
 
     def _lost(self) -> None:
         if self.on_lost is not None:
@@ -369,9 +409,15 @@ class Bus:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
         try:
             ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
+        except nats.errors.TimeoutError:
+            self.stalls.failed(f"stored publish to {subject}", f"no acknowledgement within {timeout:.0f} s")
+            raise
         except nats.js.errors.NoStreamResponseError:
+            self.stalls.failed(f"stored publish to {subject}", "no stream answered: no leader, or none stores it")
             self._lost()  # no stream stores the subject: it may have been deleted
             raise
+        if self.stalls.stalled:
+            self.stalls.recovered(f"stored publish to {subject}")
         return ack.seq
 
     async def request(
@@ -432,30 +478,113 @@ class Bus:
         max_age: float,
         max_bytes: int = -1,
         duplicate_window: float = 120.0,
-    ) -> None:
-        """Create the stream, or update it so that its settings are exactly these."""
-        config = StreamConfig(
+        replicas: int = 1,
+    ) -> dict[str, str]:
+        """Create the stream, or widen it to hold what is asked; never narrow it.
+
+        Other eventfn services and operators share the stream, so provisioning only adds: `subjects` join those
+        the stream has, replicas, `max_age` and `max_bytes` only go up (services asking for different values
+        settle on the larger instead of undoing each other at every reload), and every other setting is left
+        as it is. Returns the subjects that cannot be added, with the reason (each partly overlaps one the
+        stream stores, which JetStream refuses).
+        """
+        spec = StreamSpec(
             name=name,
             subjects=list(subjects),
-            retention=RetentionPolicy.LIMITS,
             max_age=max_age,
             max_bytes=max_bytes,
-            discard=DiscardPolicy.OLD,
             duplicate_window=duplicate_window,
+            replicas=replicas,
         )
+        for _ in range(3):
+            current = await self._stream_info(name)
+            if current is None:
+                try:
+                    await self._js_call(
+                        self._api(f"STREAM.CREATE.{name}", spec.new_config()), f"create stream {name}", spec
+                    )
+                except _Raced:
+                    continue  # another service created it first: widen theirs
+                return {}
+            config, refused, kept = _widened(current["config"], spec)
+            if kept:
+                log.info("stream %s keeps %s: provisioning never narrows a stream", name, "; ".join(kept))
+            if config != current["config"]:
+                await self._js_call(self._api(f"STREAM.UPDATE.{name}", config), f"update stream {name}", spec)
+            return refused
+        raise ConfigError("JetStream", f"cannot create stream {name}: it keeps being created and deleted meanwhile")
+
+    async def check_stream(self, name: str, *, timeout: float = 5.0) -> StreamHealth | None:
+        """The stream's state, or None when it cannot be had; stalls (no answer, no leader, no stream) go to
+        `stalls`, and replicas falling behind or coming back are logged when that changes."""
+        what = f"stream {name}"
+        asked = time.monotonic()
         try:
-            info = await self.js.stream_info(name)
-        except nats.js.errors.NotFoundError:
-            await self._js_call(self.js.add_stream(config), f"create stream {name}")
-            return
-        current = info.config
-        if (
-            sorted(current.subjects or []) != sorted(subjects)
-            or current.max_age != max_age
-            or (current.max_bytes or -1) != max_bytes
-            or current.duplicate_window != duplicate_window
-        ):
-            await self._js_call(self.js.update_stream(config), f"update stream {name}")
+            info = await self._stream_info(name, timeout=timeout, stall=None)
+        except NatsUnavailable:
+            self.stalls.failed(
+                what,
+                f"no answer within {timeout:.0f} s: it has no leader (an election is under way?) or NATS is down",
+                since=asked,
+            )
+            return None
+        if info is None:
+            self.stalls.failed(what, "the stream does not exist")
+            return None
+        cluster = info.get("cluster") or {}
+        if not cluster.get("leader"):
+            self.stalls.failed(what, "it has no leader (an election is under way?)")
+            return None
+        self.stalls.recovered(what)
+        config = info["config"]
+        health = StreamHealth(
+            subjects=list(config.get("subjects") or []),
+            replicas=int(config.get("num_replicas") or 1),
+            max_age=int(config.get("max_age") or 0) / 1e9,
+            max_bytes=int(config.get("max_bytes") or -1),
+            leader=str(cluster["leader"]),
+            lagging=sorted(str(r.get("name")) for r in cluster.get("replicas") or [] if not r.get("current")),
+        )
+        if health.replicas > 1 and self._leaders.get(name) != health.leader:
+            self._leaders[name] = health.leader
+            log.info("stream %s: %d replicas, leader %s", name, health.replicas, health.leader)
+        lagging = frozenset(health.lagging)
+        if lagging != self._lagging.get(name, frozenset()):
+            self._lagging[name] = lagging
+            if lagging:
+                log.warning(
+                    "stream %s: replica(s) %s not current (down or catching up); it keeps working while a majority "
+                    "of its %d replicas is up",
+                    name,
+                    ", ".join(health.lagging),
+                    health.replicas,
+                )
+            else:
+                log.info("stream %s: all %d replicas current again (leader %s)", name, health.replicas, health.leader)
+        return health
+
+    async def _stream_info(self, name: str, *, timeout: float = 5.0, stall: str | None = _API) -> dict[str, Any] | None:
+        """The stream's info as the server sent it (every field, also those nats-py does not know), or None."""
+        try:
+            info: dict[str, Any] = await self._js_call(
+                self._api(f"STREAM.INFO.{name}", None, timeout=timeout), f"read stream {name}", stall=stall
+            )
+        except _NotFound:
+            return None
+        return info
+
+    async def _api(self, subject: str, body: dict[str, Any] | None, *, timeout: float = 5.0) -> dict[str, Any]:
+        """One JetStream API request with a JSON body as is; an error reply raises nats-py's `APIError`.
+
+        Streams are read and updated as plain JSON so that an update sends back every setting the server has,
+        also those this nats-py does not know (it would drop them, and the update would reset them).
+        """
+        payload = b"" if body is None else _json.encode(body)
+        msg = await self.nc.request("$JS.API." + subject, payload, timeout=timeout)
+        reply: dict[str, Any] = msgspec.json.decode(msg.data)
+        if error := reply.get("error"):
+            nats.js.errors.APIError.from_error(error)
+        return reply
 
     async def stream_exists(self, name: str) -> bool:
         """Whether the stream exists (other failures, such as no JetStream answering, raise)."""
@@ -480,12 +609,23 @@ class Bus:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
 
         A new consumer starts at new messages (Lambda's LATEST), or with `from_start` at the first stored
-        one; an existing one resumes where it left off. An update leaves a consumer's pause state as it is.
+        one; an existing one resumes where it left off. An update leaves a consumer's pause state as it is,
+        and its replicas: by default a consumer has as many as its stream (it follows when the stream's change),
+        so its acknowledgements survive what the stream survives; a count an operator set stays. Metadata an
+        operator added stays too.
         """
+        replicas = 0  # as many as the stream
         try:
-            policy = (await self.js.consumer_info(stream, name)).config.deliver_policy  # fixed at creation
-        except nats.js.errors.NotFoundError:
+            info = await self._js_call(self.js.consumer_info(stream, name), f"read consumer {stream}/{name}")
+            existing = info.config
+        except _NotFound:
             policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+        else:
+            policy = existing.deliver_policy  # fixed at creation
+            replicas = existing.num_replicas or 0
+            # The server sets its own `_nats.` keys on every update.
+            kept = {k: v for k, v in (existing.metadata or {}).items() if not k.startswith("_nats.")}
+            metadata = {**kept, **(metadata or {})} or None
         config = ConsumerConfig(
             durable_name=name,
             description=description or None,
@@ -495,10 +635,18 @@ class Bus:
             max_deliver=-1,
             max_ack_pending=max_ack_pending,
             max_waiting=512,
+            num_replicas=replicas,
             metadata=metadata,
             **_filter_fields(filter_subjects),
         )
-        await self._js_call(self.js.add_consumer(stream, config), f"provision consumer {stream}/{name}")
+        what = f"provision consumer {stream}/{name}"
+        for delay in (0.25, 0.5, 1.0, 2.0, 4.0):  # about 8 s for JetStream to finish what it is busy with
+            try:
+                await self._js_call(self.js.add_consumer(stream, config), what)
+                return
+            except _Busy:
+                await anyio.sleep(delay)
+        await self._js_call(self.js.add_consumer(stream, config), what)
 
     async def consumer_exists(self, stream: str, name: str) -> bool:
         """Whether the durable consumer exists."""
@@ -589,6 +737,7 @@ class Bus:
             max_inflight=max_inflight,
             reconnect_hooks=self._reconnect_hooks,
             on_lost=self._lost,
+            stalls=self.stalls,
         )
 
     def refresh_feeds(self) -> None:
@@ -596,18 +745,172 @@ class Bus:
         for hook in list(self._reconnect_hooks):
             hook()
 
-    @staticmethod
-    async def _js_call(call: Awaitable[Any], what: str) -> Any:
+    async def _js_call(
+        self, call: Awaitable[Any], what: str, spec: StreamSpec | None = None, *, stall: str | None = _API
+    ) -> Any:
+        """Await a JetStream API call; its errors become eventfn's, each saying what to do. A timeout is a stall
+        of `stall` (None: the caller reports it)."""
+        asked = time.monotonic()
         try:
-            return await call
+            result = await call
+        except nats.errors.TimeoutError:
+            if stall is not None:
+                self.stalls.failed(stall, f"no answer to: {what}", since=asked)
+            raise NatsUnavailable(
+                self.url,
+                f"JetStream did not answer in time: {what}",
+                "on a cluster, check that a majority of its servers is up; then try again",
+            ) from None
+        except nats.errors.NoRespondersError:
+            raise NatsUnavailable(
+                self.url, f"JetStream is not enabled: {what}", "enable JetStream in the server's configuration"
+            ) from None
         except nats.js.errors.APIError as exc:
-            if exc.err_code == 10065:  # subjects overlap with an existing stream
-                raise ConfigError(
-                    "JetStream",
-                    f"cannot {what}: another stream on this server already stores some of these subjects",
-                    "give eventfn subjects no other stream holds with [stream] subjects in eventfn.toml",
-                ) from exc
-            raise ConfigError("JetStream", f"cannot {what}: {exc.description} (code {exc.err_code})") from exc
+            raise _api_error(exc, what, spec) from exc
+        if self.stalls.stalled:
+            self.stalls.recovered(_API)
+        return result
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What eventfn needs of a stream: these subjects stored, on at least so many servers, kept at least so long."""
+
+    name: str
+    subjects: list[str]
+    max_age: float
+    max_bytes: int = -1
+    duplicate_window: float = 120.0
+    replicas: int = 1
+
+    def new_config(self) -> dict[str, Any]:
+        """The configuration of a new stream (JetStream's JSON; durations in nanoseconds)."""
+        return {
+            "name": self.name,
+            "subjects": self.subjects,
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "num_replicas": self.replicas,
+            "max_age": _ns(self.max_age),
+            "max_bytes": self.max_bytes,
+            # JetStream refuses a duplicate window longer than the stream keeps messages.
+            "duplicate_window": _ns(min(self.duplicate_window, self.max_age)),
+        }
+
+    def lacks(self, health: StreamHealth, refused: Collection[str] = ()) -> list[str]:
+        """What the stream as `health` describes it lacks of this spec (empty: nothing), but for the `refused`
+        subjects (`Bus.ensure_stream` could not add them)."""
+        out = [
+            f"subject {s!r}"
+            for s in self.subjects
+            if s not in refused and not any(covers(have, s) for have in health.subjects)
+        ]
+        if health.replicas < self.replicas:
+            out.append(f"{self.replicas} replicas (it has {health.replicas})")
+        if 0 < health.max_age < self.max_age:
+            out.append(f"max_age {self.max_age:g} s (it has {health.max_age:g} s)")
+        if 0 <= health.max_bytes and (self.max_bytes < 0 or health.max_bytes < self.max_bytes):
+            out.append(f"max_bytes {self.max_bytes} (it has {health.max_bytes})")
+        return out
+
+
+class StreamHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A stream as `Bus.check_stream` found it."""
+
+    subjects: list[str]
+    replicas: int
+    #: Seconds; 0 is unlimited.
+    max_age: float
+    #: -1 is unlimited.
+    max_bytes: int
+    leader: str
+    #: Replicas that are not current: down, or catching up.
+    lagging: list[str]
+
+
+_json = msgspec.json.Encoder()
+
+
+class _NotFound(ConfigError):
+    pass
+
+
+class _Raced(ConfigError):
+    pass
+
+
+class _Busy(ConfigError):
+    """JetStream cannot do it now, but will soon (a move or an election under way)."""
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """`current` (a stream configuration) widened to hold `spec`: the new configuration, the subjects that
+    cannot be added (with the reason), and the settings kept because they are wider than asked (described)."""
+    config = dict(current)
+    kept: list[str] = []
+    merged, refused = stream_subjects(current.get("subjects") or [], spec.subjects)
+    config["subjects"] = merged
+    replicas = int(current.get("num_replicas") or 1)
+    config["num_replicas"] = max(replicas, spec.replicas)
+    if replicas > spec.replicas:
+        kept.append(f"{replicas} replicas (asked for {spec.replicas})")
+    age = int(current.get("max_age") or 0)  # 0: unlimited
+    if age and age < _ns(spec.max_age):
+        config["max_age"] = age = _ns(spec.max_age)
+    elif age != _ns(spec.max_age):
+        kept.append(f"max_age {age / 1e9:g} s (asked for {spec.max_age:g} s; 0 is unlimited)")
+    size = int(current.get("max_bytes") or -1)  # -1: unlimited
+    if size >= 0 and (spec.max_bytes < 0 or size < spec.max_bytes):
+        config["max_bytes"] = spec.max_bytes
+    elif size != spec.max_bytes:
+        kept.append(f"max_bytes {size} (asked for {spec.max_bytes}; -1 is unlimited)")
+    window = int(current.get("duplicate_window") or 0)
+    wanted_window = _ns(spec.duplicate_window)
+    if age:
+        wanted_window = min(wanted_window, age)
+    if window < wanted_window:
+        config["duplicate_window"] = wanted_window
+    return config, refused, kept
+
+
+def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None) -> ConfigError:
+    """The JetStream error `exc` as eventfn's, saying what to do about it."""
+    if exc.code == 404:
+        return _NotFound("JetStream", f"cannot {what}: {exc.description}")
+    if exc.err_code == 10058:  # stream name already in use with a different configuration
+        return _Raced("JetStream", f"cannot {what}: {exc.description}")
+    if exc.err_code == 10065:  # subjects overlap with an existing stream
+        return ConfigError(
+            "JetStream",
+            f"cannot {what}: another stream on this server already stores some of these subjects",
+            "give eventfn subjects no other stream holds with [stream] subjects in eventfn.toml",
+        )
+    if spec is None and (exc.err_code in (10005, 10023) or exc.code == 503):
+        # A consumer has its stream's replicas: no place for it means the stream's servers are changing (an
+        # operator just raised its replicas, a server is down), which passes.
+        return _Busy(
+            "JetStream",
+            f"cannot {what} now: {exc.description} (the stream's replicas are moving, or a server is down)",
+        )
+    replicas = spec.replicas if spec else 1
+    if exc.err_code == 10074:  # replicas > 1 not supported in non-clustered mode
+        return ConfigError(
+            "JetStream",
+            f"cannot {what} with {replicas} replicas: this NATS server is not part of a cluster",
+            "set [stream] replicas = 1 (and [dlq] replicas) in eventfn.toml, or connect to a cluster",
+        )
+    if exc.err_code in (10005, 10023):  # no suitable peers for placement, insufficient resources
+        return ConfigError(
+            "JetStream",
+            f"cannot {what} with {replicas} replicas: {exc.description} (fewer JetStream servers are up in the "
+            "cluster, or they lack storage)",
+            "bring the cluster's servers up, or lower [stream] replicas / [dlq] replicas in eventfn.toml",
+        )
+    return ConfigError("JetStream", f"cannot {what}: {exc.description} (code {exc.err_code})")
 
 
 def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:

@@ -176,6 +176,10 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     auth: AuthSettings = AuthSettings()
 
 
+#: JetStream keeps at most 5 copies of a stream.
+Replicas = Annotated[int, msgspec.Meta(ge=1, le=5)]
+
+
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The JetStream stream that stores events published to plain subjects."""
 
@@ -183,6 +187,17 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     subjects: list[str] = msgspec.field(default_factory=lambda: ["events.>"])
     max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86_400.0
     max_bytes: int = -1
+    #: Servers holding a copy (JetStream R1/R3/R5). 3 on a 3-node cluster survives the loss of one; its
+    #: consumers inherit it. Provisioning only raises a stream's replicas, retention and subjects (see README).
+    replicas: Replicas = 1
+
+
+class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The JetStream stream that stores dead-letter records."""
+
+    max_age: Annotated[float, msgspec.Meta(gt=0)] = 14 * 86_400.0
+    #: Default: the events stream's `replicas`.
+    replicas: Replicas | None = None
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -192,6 +207,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     data_dir: str = ".eventfn"
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
+    dlq: DlqSettings = DlqSettings()
     functions: dict[str, dict[str, Any]] = {}
     #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0

@@ -23,7 +23,7 @@ import msgspec
 from eventfn import mappings, registry, subjects
 from eventfn.api import Api
 from eventfn.auth import EmbeddedAuth
-from eventfn.bus import Bus, connect
+from eventfn.bus import Bus, StreamSpec, connect
 from eventfn.config import Destinations, FunctionSettings, NatsSettings, RetryPolicy, ServiceConfig
 from eventfn.dispatch import Dispatcher
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
@@ -42,9 +42,10 @@ EVENTS_STREAM = subjects.EVENTS_STREAM
 DLQ_STREAM = subjects.DLQ_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
+#: Seconds between two checks of the streams (leader, replicas, what another process changed).
+STREAM_CHECK_INTERVAL = 2.0
 #: Seconds between checks that the streams still exist (a feed or a write that finds one gone asks at once).
-STREAM_CHECK_INTERVAL = 5.0
-DLQ_MAX_AGE = 14 * 86_400.0
+STREAM_LOSS_CHECK_INTERVAL = 5.0
 
 
 class Service:
@@ -61,10 +62,16 @@ class Service:
         self.account = Slots(config.max_concurrency)
         self._reload_lock = anyio.Lock()
         self.api = Api(self)
-        self._stream_subjects: list[str] = []
+        #: Stream name -> what this service last made sure it has (see `watch_streams`).
+        self._streams: dict[str, StreamSpec] = {}
+        #: Events stream subjects JetStream refused (they partly overlap one it stores), with the reason.
+        self._refused: dict[str, str] = {}
         #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
         self.provisioned: dict[str, mappings.Planned] = {}
         self._check_streams = anyio.Event()
+        #: False while the last provisioning failed part-way (JetStream did not answer): retried by
+        #: `watch_streams` rather than left until the next change in the handler directory.
+        self._provisioned = True
 
     # -- functions ----------------------------------------------------------------------------------------
 
@@ -176,6 +183,7 @@ class Service:
         with a loaded version and a concurrency above 0. `recreated`: the stream was just re-created, so the
         consumers made now start at its first event (none published since is missed).
         """
+        self._provisioned = False
         triggers = [
             s
             for fn in self.functions.values()
@@ -185,16 +193,36 @@ class Service:
         ]
         base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">", subjects.REDRIVE_PREFIX + ">"]
         stream_subjects, problems = subjects.stream_subjects(base, triggers)
-        for problem in problems.values():
+        stream = self.config.stream
+        events = StreamSpec(
+            name=EVENTS_STREAM,
+            subjects=stream_subjects,
+            max_age=stream.max_age,
+            max_bytes=stream.max_bytes,
+            replicas=stream.replicas,
+        )
+        dlq = StreamSpec(
+            name=DLQ_STREAM,
+            subjects=[subjects.DLQ_PREFIX + ">"],
+            max_age=self.config.dlq.max_age,
+            replicas=self.config.dlq.replicas or stream.replicas,
+        )
+        if self._streams.get(DLQ_STREAM) != dlq:
+            await self._ensure_stream(dlq)
+        if self._streams.get(EVENTS_STREAM) != events:
+            self._refused = await self._ensure_stream(events)
+        # Subjects another service or an operator put in the stream stay; a trigger that partly overlaps one of
+        # them cannot be stored, so its consumers wait until a subject covering both is configured.
+        problems.update(self._refused)
+        stored = [s for s in stream_subjects if s not in self._refused]
+        for trigger in dict.fromkeys(triggers):
+            if trigger not in problems and not any(subjects.covers(s, trigger) for s in stored):
+                problems[trigger] = next(
+                    (r for s, r in self._refused.items() if subjects.covers(s, trigger)),
+                    f"trigger subject {trigger!r} is not stored by stream {EVENTS_STREAM}",
+                )
+        for problem in dict.fromkeys(problems.values()):
             log.error("%s", problem)
-        if stream_subjects != self._stream_subjects:
-            await self.bus.ensure_stream(
-                EVENTS_STREAM,
-                stream_subjects,
-                max_age=self.config.stream.max_age,
-                max_bytes=self.config.stream.max_bytes,
-            )
-            self._stream_subjects = stream_subjects
         for fn in self.functions.values():
             wanted = {
                 name: planned
@@ -214,6 +242,60 @@ class Service:
                     self.provisioned[name] = planned
                 if name in runnable and name not in fn.mappings:
                     await self._start_mapping(fn, planned)
+        self._provisioned = True
+
+    async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
+        # Recorded before it is applied: if JetStream does not answer now (an election), `watch_streams` finds
+        # the stream lacking it and provisions again.
+        self._streams[spec.name] = spec
+        return await self.bus.ensure_stream(
+            spec.name,
+            spec.subjects,
+            max_age=spec.max_age,
+            max_bytes=spec.max_bytes,
+            duplicate_window=spec.duplicate_window,
+            replicas=spec.replicas,
+        )
+
+    async def watch_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
+        """Check the streams every `interval` seconds, for good.
+
+        A stall (no leader, no answer) is reported through the bus's rate-limited reporter, so an election
+        after a server was lost shows in the log even while nothing is published. A stream that lost what this
+        service needs (a service that read it before our update wrote its own subjects back, or an operator
+        lowered its replicas) is widened again: JetStream has no compare-and-set on a stream's configuration,
+        so this check is what makes concurrent provisioning by several services converge.
+        """
+        while True:
+            await anyio.sleep(interval)
+            if not self._provisioned:
+                try:
+                    async with self._reload_lock:
+                        if not self._provisioned:
+                            await self._provision()
+                            log.info("provisioning done (it had failed part-way)")
+                except Exception as exc:  # still failing: reported once per interval, tried again
+                    self.bus.stalls.failed("provisioning", str(exc) or type(exc).__name__)
+                else:
+                    self.bus.stalls.recovered("provisioning")
+            for name, spec in list(self._streams.items()):
+                try:
+                    health = await self.bus.check_stream(name)
+                    if health is None or not (lacks := spec.lacks(health, self._refused)):
+                        continue
+                    log.warning(
+                        "stream %s lacks %s (changed by another process or by hand); widening it again",
+                        name,
+                        ", ".join(lacks),
+                    )
+                    async with self._reload_lock:  # not while a reload provisions
+                        refused = await self._ensure_stream(self._streams.get(name, spec))
+                        if name == EVENTS_STREAM:
+                            self._refused = refused
+                            # Consumers a reload could not provision while the stream did not answer.
+                            await self._provision()
+                except Exception as exc:  # NATS unreachable, the JetStream API refusing: report, check again later
+                    self.bus.stalls.failed(f"stream {name}", str(exc) or type(exc).__name__)
 
     async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
         mapping = planned.mapping()
@@ -250,7 +332,7 @@ class Service:
         """A feed found its consumer gone, or a stored write found no stream: check the streams now."""
         self._check_streams.set()
 
-    async def keep_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
+    async def keep_streams(self, interval: float = STREAM_LOSS_CHECK_INTERVAL) -> None:
         """Re-create the streams and consumers that are deleted while the service runs, and say so.
 
         Checked when `streams_lost` asks (at once), and every `interval` seconds otherwise: a deleted DLQ, or
@@ -275,7 +357,7 @@ class Service:
         """Re-create the DLQ and events streams, and (with `consumers`) the mappings' consumers, that are gone."""
         async with self._reload_lock:
             dlq_lost = not await self.bus.stream_exists(DLQ_STREAM)
-            events_lost = bool(self._stream_subjects) and not await self.bus.stream_exists(EVENTS_STREAM)
+            events_lost = EVENTS_STREAM in self._streams and not await self.bus.stream_exists(EVENTS_STREAM)
             missing = [
                 name
                 for name in (list(self.provisioned) if consumers and not events_lost else [])
@@ -284,9 +366,9 @@ class Service:
             if not (dlq_lost or events_lost or missing):
                 return
             if dlq_lost:
-                await _ensure_dlq(self.bus, self.config)
+                self._streams.pop(DLQ_STREAM, None)  # provisioned again below
             if events_lost:
-                self._stream_subjects = []
+                self._streams.pop(EVENTS_STREAM, None)
                 missing = list(self.provisioned)
             for name in missing:
                 del self.provisioned[name]
@@ -374,10 +456,6 @@ async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], boo
         yield [url], True, access.started(url)
 
 
-async def _ensure_dlq(bus: Bus, config: ServiceConfig) -> None:
-    await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=DLQ_MAX_AGE)
-
-
 async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> None:
     """Run the service until SIGTERM or SIGINT."""
     data_dir = Path(config.data_dir)
@@ -400,7 +478,6 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
     async with AsyncExitStack() as stack:
         urls, embedded, settings = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, settings))
-        await _ensure_dlq(bus, config)
         data_dir.mkdir(parents=True, exist_ok=True)
         url_file = data_dir / "nats.url"
         url_file.write_text(bus.url + "\n", encoding="utf-8")
@@ -415,6 +492,7 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)
                 tg.start_soon(service.keep_streams)
+                tg.start_soon(service.watch_streams)
                 tg.start_soon(reports.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)

@@ -5,7 +5,8 @@ Used by eventfn's own tests and usable by anyone testing their functions against
     with NatsServer(tmp_path / "nats") as nats, Serve(handlers_dir, nats.url, tmp_path / "data") as serve:
         ...  # publish with nats-py exactly as the nats CLI would
 
-Both wait for readiness by reading the child's log (never by sleeping), and both are stopped on exit.
+`NatsCluster` starts three such servers as one JetStream cluster, to test what a lost server does. All of
+them wait for readiness by reading the child's log (never by sleeping), and all are stopped on exit.
 A `Serve` with the embedded server (`nats_url` None) has access control on: `serve.url` is the server,
 `serve.connect_options("admin")` the keyword arguments for `nats.connect` as one of its roles, and
 `serve.cli("dlq", "ls")` runs a client command that finds the admin credentials itself. Clients without
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -31,7 +33,7 @@ from typing import Any
 from eventfn import auth
 from eventfn.natsserver import find_binary
 
-__all__ = ["PROBE_MODULE", "LogWatcher", "NatsServer", "Serve", "write_handler"]
+__all__ = ["PROBE_MODULE", "LogWatcher", "NatsCluster", "NatsServer", "Serve", "write_handler"]
 
 
 class LogWatcher:
@@ -92,16 +94,24 @@ class NatsServer:
 
     `config` starts it with that configuration file (`-c`) instead: address and port are still the ones above,
     JetStream and its store are the file's. `env` is added to the server's environment (a configuration may
-    read variables such as passwords from there).
+    read variables such as passwords from there). `args` are more nats-server flags (a name, cluster routes).
+    A restart (`start()` after `stop()` or `kill()`) keeps the port of the first start.
     """
 
     def __init__(
-        self, store_dir: Path, *, port: int = -1, config: Path | None = None, env: dict[str, str] | None = None
+        self,
+        store_dir: Path,
+        *,
+        port: int = -1,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port
         self.config = config
         self.env = env
+        self.args = args or []
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -115,6 +125,7 @@ class NatsServer:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -129,6 +140,7 @@ class NatsServer:
         return self
 
     def stop(self) -> None:
+        """SIGTERM (a clean shutdown), SIGKILL after 10 s."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -138,6 +150,14 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if not self.process.stdout.closed:  # type: ignore[union-attr]
+            self.log.close(self.process.stdout)
+
+    def kill(self) -> None:
+        """SIGKILL: the server gets no chance to tell its peers or clients, as when its machine dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
         self.log.close(self.process.stdout)
 
     def __enter__(self) -> NatsServer:
@@ -145,6 +165,104 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """`size` nats-servers with JetStream forming one cluster on loopback: server names `n1`..`nN`, a store each
+    under `base_dir`, client ports picked by the servers, cluster ports found free, and every server routed to
+    all the others.
+
+        with NatsCluster(tmp_path / "cluster") as cluster:
+            ...  # `eventfn serve --nats cluster.url`; cluster.kill("n2") to lose a server
+    """
+
+    def __init__(self, base_dir: Path, *, size: int = 3, name: str = "eventfn-test") -> None:
+        self.base_dir = base_dir
+        self.size = size
+        self.name = name
+        self.nodes: dict[str, NatsServer] = {}
+
+    @property
+    def urls(self) -> list[str]:
+        """Every server's client URL."""
+        return [node.url for node in self.nodes.values()]
+
+    @property
+    def url(self) -> str:
+        """The client URLs comma-separated, as `--nats` and EVENTFN_NATS_URL take them."""
+        return ",".join(self.urls)
+
+    def start(self) -> NatsCluster:
+        """Start every server, then wait until each knows the cluster's JetStream meta leader."""
+        for attempt in range(3):
+            # A port found free can be taken by someone else before the server binds it: then try new ones.
+            ports = _free_ports(self.size)
+            routes = ",".join(f"nats://127.0.0.1:{port}" for port in ports)
+            self.nodes = {
+                f"n{i + 1}": NatsServer(
+                    self.base_dir / f"n{i + 1}",
+                    args=[
+                        *("--server_name", f"n{i + 1}", "--cluster_name", self.name),
+                        *("--cluster", f"nats://127.0.0.1:{port}", "--routes", routes),
+                    ],
+                )
+                for i, port in enumerate(ports)
+            }
+            try:
+                for node in self.nodes.values():
+                    node.start()
+                for node in self.nodes.values():
+                    node.log.wait_for(
+                        r"JetStream cluster new metadata leader|Self is new JetStream cluster metadata", timeout=30
+                    )
+            except TimeoutError:
+                in_use = any(
+                    "address already in use" in node.log.text() for node in self.nodes.values() if node.process
+                )
+                self.stop()
+                if in_use and attempt < 2:
+                    continue
+                raise
+            return self
+        raise AssertionError("unreachable")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL server `name` (`n1`..)."""
+        self.nodes[name].kill()
+
+    def restart(self, name: str) -> None:
+        """Start server `name` again (after `kill`) on its ports and store; it rejoins and catches up."""
+        self.nodes[name].start()
+
+    def stop(self) -> None:
+        """Stop every server still running."""
+        for node in self.nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.stop()
+            elif node.process is not None and not node.process.stdout.closed:  # type: ignore[union-attr]
+                node.log.close(node.process.stdout)
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+#: What a cluster's server logs once it knows the JetStream meta leader (another server, or itself).
+_META_LEADER_KNOWN = r"JetStream cluster new metadata leader|Self is new JetStream cluster metadata leader"
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports nobody listens on right now."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class Serve:
