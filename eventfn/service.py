@@ -82,7 +82,7 @@ class Service:
         fn = self.functions.setdefault(source.name, Function(source, self.account))
         fn.source = source
         if source.error or source.settings is None:
-            fn.last_error = source.error or "settings could not be read"
+            fn.last_error, fn.load_error = source.error or "settings could not be read", None
             log.error("function %s: %s%s", source.name, fn.last_error, _keeps_serving(fn))
             return
         settings = source.settings
@@ -94,6 +94,7 @@ class Service:
             attribute=source.attribute,
             memory=settings.memory,
             timeout=settings.timeout,
+            max_log_bytes=settings.max_log_bytes,
         )
         pool: Pool | InProcessPool
         if settings.isolation == "inprocess":
@@ -110,11 +111,11 @@ class Service:
             try:
                 init_ms = await pool.start()
             except HandlerLoadError as exc:
-                fn.last_error = str(exc)
+                fn.last_error, fn.load_error = str(exc), exc
                 log.error("%s%s", exc, _keeps_serving(fn))
                 return
         old, fn.pool, fn.settings = fn.pool, pool, settings
-        fn.last_error, fn.init_ms = None, init_ms
+        fn.last_error, fn.load_error, fn.init_ms = None, None, init_ms
         fn.limiter.total = max(1, settings.concurrency)
         log.info(
             "function %s %s (version %s, init %.1f ms)",
