@@ -136,9 +136,9 @@ class HandlerOutput:
                 kept.append(head + raw)
                 self.used += len(raw)
                 continue
-            if not self.dropped and room > 1:
+            if not self.dropped and room > 1:  # the first part of the line, ended by a newline of our own
                 kept.append(head + raw[: room - 1] + b"\n")
-                self.used = self.limit
+                self.used += room - 1
                 raw = raw[room - 1 :]
             self.dropped += len(raw)
         return b"".join(kept)
