@@ -12,7 +12,9 @@ import datetime
 import enum
 import json
 import math
+import os
 import re
+import textwrap
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -25,7 +27,9 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from eventfn import marshal
+from eventfn.protocol import WorkerSpec
 from eventfn.testing import Serve, write_handler
+from eventfn.workers import Pool
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
 ISOLATIONS = ["process", "inprocess"]
@@ -354,3 +358,38 @@ async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
         )
         where = [next((i for i, line in enumerate(lines) if re.search(p, line)), -1) for p in patterns]
         assert -1 not in where and where == sorted(where), "\n".join(lines[-10:])
+
+
+async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    entry = tmp_path / "fn.py"
+    entry.write_text(
+        textwrap.dedent("""
+            import os, subprocess
+
+            def handler(event, context):
+                os.write(2, b"written to fd 2\\n")
+                subprocess.run(["sh", "-c", "echo from a child; echo from its stderr >&2"], check=True)
+                return "ok"
+        """)
+    )
+    spec = WorkerSpec(
+        function="fn",
+        task_root=str(tmp_path),
+        module="fn",
+        entry_file=str(entry),
+        attribute=None,
+        memory=128,
+        timeout=10,
+    )
+    pool = Pool(spec=spec, env=dict(os.environ), version="v1")
+    try:
+        await pool.start()
+        outcome = await pool.invoke("req-child", b"{}")
+    finally:
+        await pool.retire()
+    assert outcome.ok, outcome.payload
+    err = capfd.readouterr().err
+    for text in ("written to fd 2", "from a child", "from its stderr"):
+        assert re.search(rf"^\[fn\] \S+\treq-child\t{text}$", err, re.MULTILINE), err
