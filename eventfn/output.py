@@ -59,9 +59,13 @@ class HandlerOutput:
         if self.capture is not None:
             self.capture.settle()
         with self.lock:
-            self._flush(True)
-            self._flush(False)
-            self._close()
+            if self._partial[True]:
+                self._flush(True)
+            if self._partial[False]:
+                self._flush(False)
+            if self.dropped:
+                self._close()
+            self.used = 0
             self.request_id = "-"
 
     def write(self, text: str, *, stamp: bool = True) -> None:
@@ -206,6 +210,9 @@ class DescriptorCapture:
 
     def settle(self) -> None:
         """Wait until what was written to the descriptors so far has been taken in; flush a partial line."""
+        # The common case, without a lock: nothing in the pipe, then (in this order) nothing being taken in.
+        if not self._pending.poll(0) and not self._busy and not self._partial:
+            return
         with self._cond:
             # `_busy` is set (under this lock) before each read, so data is either still in the pipe or busy.
             while not self._broken and (self._busy or self._pending.poll(0)):

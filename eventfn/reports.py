@@ -46,15 +46,17 @@ class ReportLog:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        self._queue(f"{self._prefix},{int((now - second) * 1000):03d} INFO  eventfn.report: {text}\n")
+        line = f"{self._prefix},{int((now - second) * 1000):03d} INFO  eventfn.report: {text}\n"
+        with self._lock:  # (inlined: this runs three times per invocation)
+            self._lines.append(line)
+            if self._running and len(self._lines) < self.max_lines:
+                return
+        self.flush()
 
     def output(self, data: bytes) -> None:
         """Queue handler output: whole lines, tagged by the runtime, written whatever the log level."""
-        self._queue(data.decode("utf-8", "replace"))
-
-    def _queue(self, text: str) -> None:
         with self._lock:
-            self._lines.append(text)
+            self._lines.append(data.decode("utf-8", "replace"))
             if self._running and len(self._lines) < self.max_lines:
                 return
         self.flush()
