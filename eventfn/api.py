@@ -23,7 +23,7 @@ from eventfn.bus import Request
 from eventfn.dispatch import Stats
 from eventfn.errors import EventDecodeError, UnreadableData
 from eventfn.functions import invalid_info
-from eventfn.workers import error_payload
+from eventfn.workers import error_payload, load_failure
 
 if TYPE_CHECKING:
     from eventfn.service import Service
@@ -119,9 +119,14 @@ class Api:
                 "RequestTooLargeException",
                 f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the InvokeFunction operation",
             )
-        if fn.pool is None:
-            body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
-            return await request.respond(body, {"Eventfn-Function-Error": "Unhandled"})
+        if fn.pool is None:  # the function failed to load: Lambda's error object for that failure
+            if fn.load_error is not None:
+                body = load_failure(fn.load_error, request_id).payload
+            else:
+                body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
+            return await request.respond(
+                body, {"Eventfn-Function-Error": "Unhandled", "Eventfn-Request-Id": request_id}
+            )
         payload, client_context, cloud_event = request.data, None, None
         if request.headers:
             try:

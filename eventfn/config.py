@@ -72,6 +72,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 #: Lambda's synchronous payload limit: a batch closes before its encoded records pass it.
 MAX_BATCH_BYTES = 6 * 1024 * 1024
+#: Handler output kept per invocation by default: the size of CloudWatch's largest log event, and Cloudflare Workers'
+#: per-invocation log limit. A function that logs more on purpose raises it.
+MAX_LOG_BYTES = 256 * 1024
 
 
 class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -129,6 +132,9 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     min_warm: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
     #: Seconds an extra worker may stay idle before it is stopped (down to `min_warm`).
     idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    #: Bytes of output (print, logging, fd 1 and 2) one invocation may write to the log; the rest is dropped,
+    #: with one line saying how much. The init phase has its own budget of the same size.
+    max_log_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = MAX_LOG_BYTES
 
     def trigger_list(self) -> list[Trigger]:
         """The triggers with the string shorthand expanded."""

@@ -25,13 +25,30 @@ class ConfigError(EventfnError):
 
 
 class HandlerLoadError(EventfnError):
-    """A handler file could not be loaded: syntax error, import error, missing entry point."""
+    """A handler file could not be loaded: syntax error, import error, missing entry point.
 
-    def __init__(self, function: str, file: str, line: int | None, problem: str) -> None:
+    `error_type`, `error_message` and `stack_trace` are Lambda's error object for the failure (for example
+    `Runtime.UserCodeSyntaxError`), which an invocation that meets this failure answers with.
+    """
+
+    def __init__(
+        self,
+        function: str,
+        file: str,
+        line: int | None,
+        problem: str,
+        *,
+        error_type: str = "Runtime.Unknown",
+        error_message: str | None = None,
+        stack_trace: list[str] | None = None,
+    ) -> None:
         self.function = function
         self.file = file
         self.line = line
         self.problem = problem
+        self.error_type = error_type
+        self.error_message = problem if error_message is None else error_message
+        self.stack_trace = stack_trace or []
         place = f"{file}:{line}" if line else file
         super().__init__(f"function {function!r} failed to load at {place}: {problem}")
 

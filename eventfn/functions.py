@@ -10,6 +10,7 @@ import msgspec
 from eventfn import mappings, subjects
 from eventfn.config import FunctionSettings
 from eventfn.dispatch import Dispatcher
+from eventfn.errors import HandlerLoadError
 from eventfn.inprocess import InProcessPool
 from eventfn.registry import FunctionSource
 from eventfn.slots import Slots
@@ -77,6 +78,8 @@ class Function:
         self.account = account
         self.settings: FunctionSettings | None = None
         self.last_error: str | None = None
+        #: Why the latest version failed to load, with Lambda's error object for invocations meanwhile.
+        self.load_error: HandlerLoadError | None = None
         self.init_ms: float | None = None
         #: The function's own cap (Lambda's reserved concurrency).
         self.limiter = Slots(1)

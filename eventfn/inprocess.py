@@ -6,30 +6,127 @@ thread and a timeout fails the invocation but cannot stop the thread. A crash, a
 handler, a memory leak or `os._exit` affects the whole service and every other function. Environment
 variables cannot be per-function (the process has one environment), so such a function may not set any.
 Use it for trusted, well-behaved, latency-critical handlers.
+
+Handler output is tagged and capped per invocation as a worker's is: once an in-process function is loaded,
+the service's sys.stdout and sys.stderr route what an invocation (or an init) writes, found by a context
+variable, to its `HandlerOutput`; logging records it emits count against the same budget. Writes from threads
+the handler starts itself, and C code writing to fd 1 or 2, are not attributed and go to the service's streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.util
+import io
 import itertools
+import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 
 from eventfn import runtime
 from eventfn.errors import HandlerLoadError
+from eventfn.output import HandlerOutput
 from eventfn.protocol import Invoke, WorkerSpec
 from eventfn.reports import reports
 from eventfn.workers import Outcome, report_line, timed_out
 
 _versions = itertools.count()
+
+
+class _Invocation:
+    """The invocation (or init) that code running in this context belongs to; its output budget is made on
+    its first write, so that a silent invocation costs nothing."""
+
+    __slots__ = ("_output", "request_id", "spec")
+
+    def __init__(self, spec: WorkerSpec, request_id: str) -> None:
+        self.spec = spec
+        self.request_id = request_id
+        self._output: HandlerOutput | None = None
+
+    def output(self) -> HandlerOutput:
+        with _creating:
+            if self._output is None:
+                self._output = HandlerOutput(self.spec.function, self.spec.max_log_bytes, reports.output)
+                self._output.begin(self.request_id)
+        return self._output
+
+    def end(self) -> None:
+        if self._output is not None:
+            self._output.end()
+
+
+_current: contextvars.ContextVar[_Invocation | None] = contextvars.ContextVar("eventfn_invocation", default=None)
+_creating = threading.Lock()
+
+
+class _Router(io.TextIOBase):
+    """The service's sys.stdout or sys.stderr while in-process functions are loaded: what an invocation writes
+    goes to its output budget; everything else to the original stream."""
+
+    def __init__(self, original: TextIO) -> None:
+        self.original = original
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        invocation = _current.get()
+        if invocation is None:
+            return self.original.write(text)
+        invocation.output().write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        invocation = _current.get()
+        if invocation is not None:
+            invocation.output().flush()
+        self.original.flush()
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    def isatty(self) -> bool:
+        return self.original.isatty()
+
+
+class _CountRecords(logging.Filter):
+    """On the service's log handlers: a record an in-process invocation logs counts against its output budget
+    (dropped past it), and the report log is written first, so the record follows its START line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        invocation = _current.get()
+        if invocation is None or record.name == "eventfn" or record.name.startswith("eventfn."):
+            return True
+        admitted = getattr(record, "eventfn_admitted", None)
+        if admitted is None:  # once per record, however many handlers it passes
+            admitted = invocation.output().admit(len(record.getMessage()) + 1)
+            record.eventfn_admitted = admitted
+        if admitted:
+            reports.flush()
+        return bool(admitted)
+
+
+def _route_output() -> None:
+    """Install the routing streams and the record filter, once per process."""
+    if isinstance(sys.stdout, _Router):
+        return
+    if reports.stream is None:
+        reports.stream = sys.stderr  # the report log keeps writing to the service's own stream
+    sys.stdout = _Router(sys.stdout)
+    sys.stderr = _Router(sys.stderr)
+    records = _CountRecords()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(records)
 
 
 class InProcessPool:
@@ -57,6 +154,9 @@ class InProcessPool:
         if spec.task_root not in sys.path:
             sys.path.insert(0, spec.task_root)
         name = f"_eventfn_inprocess_{spec.function.replace('-', '_')}_{next(_versions)}"
+        _route_output()
+        init = _Invocation(spec, "-")
+        token = _current.set(init)
         try:
             module_spec = importlib.util.spec_from_file_location(name, spec.entry_file)
             assert module_spec is not None and module_spec.loader is not None
@@ -69,8 +169,17 @@ class InProcessPool:
         except BaseException as exc:  # any failure in user init code is reported, not raised
             failure = runtime.init_failure(exc, spec)
             raise HandlerLoadError(
-                spec.function, failure.file, failure.line, f"{failure.error_type}: {failure.message}"
+                spec.function,
+                failure.file,
+                failure.line,
+                f"{failure.error_type}: {failure.message}",
+                error_type=failure.error_type,
+                error_message=failure.message,
+                stack_trace=failure.stack_trace,
             ) from None
+        finally:
+            _current.reset(token)
+            init.end()
         self._entry = entry
         self._is_async = runtime.is_coroutine_function(entry)
         return (time.perf_counter() - started) * 1000
@@ -106,18 +215,24 @@ class InProcessPool:
             client_context=client_context,
             cloud_event=cloud_event,
         )
+        report = reports.enabled()
+        if report:
+            reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
         self.busy += 1
         outcome: Outcome | None = None
+        invocation = _Invocation(spec, request_id)
+        token = _current.set(invocation)
         try:
             with anyio.move_on_after(spec.timeout):
                 outcome = await self._run(entry, invoke)
         finally:
+            _current.reset(token)
             self.busy -= 1
+            invocation.end()
         if outcome is None:
             outcome = timed_out(request_id, spec.timeout)
-        if reports.enabled():
+        if report:
             duration = (time.perf_counter() - begin) * 1000
-            reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
             reports.add(f"END RequestId: {request_id}")
             reports.add(report_line(spec, request_id, duration, outcome, isolation="inprocess"))
         return outcome
@@ -132,13 +247,15 @@ class InProcessPool:
             else:
                 # A plain thread pool: anyio's to_thread costs several event-loop round trips per call. A
                 # timeout abandons the thread's work: it cannot be stopped, only no longer waited for.
+                # The thread runs in a copy of this context, so that its output is found to be this invocation's.
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._threads, entry, event, context)
+                run = contextvars.copy_context().run
+                result = await loop.run_in_executor(self._threads, run, entry, event, context)
             body, ok = runtime.encode_result(result, request_id)
         except runtime.UnmarshalError as exc:
             body, ok = runtime.unmarshal_error(exc, request_id), False
         except MemoryError:
             body, ok = runtime.out_of_memory(request_id, self.spec.memory), False
         except Exception as exc:  # handler errors become Lambda error objects
-            body, ok = runtime.encode_exception(exc, request_id, self.spec.task_root), False
+            body, ok = runtime.encode_exception(exc, request_id), False
         return Outcome(ok=ok, payload=body, error_type=None if ok else "Unhandled")

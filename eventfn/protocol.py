@@ -25,6 +25,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     attribute: str | None
     memory: int
     timeout: float
+    #: Bytes of handler output (print, logging, fd 1 and 2) kept per invocation; the rest is counted and dropped.
+    max_log_bytes: int = 256 * 1024
 
 
 class Invoke(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
@@ -45,13 +47,13 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
 
 
 class InitFailed(msgspec.Struct, frozen=True, kw_only=True, tag="init_failed"):
-    """The handler could not be loaded; `error` is Lambda's error object (JSON)."""
+    """The handler could not be loaded: Lambda's `errorType`, `errorMessage` and `stackTrace`, and where."""
 
     error_type: str
     message: str
     file: str
     line: int | None
-    error: bytes
+    stack_trace: list[str] = []
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
@@ -65,7 +67,17 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
     fatal: bool = False
 
 
-Message = Invoke | Ready | InitFailed | Result
+class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
+    """Handler output, already tagged and capped: whole lines of UTF-8 for the service log.
+
+    It travels on the frame channel, ahead of the `Result` it belongs to, so that the service writes it
+    between that invocation's START and END lines.
+    """
+
+    data: bytes
+
+
+Message = Invoke | Ready | InitFailed | Result | Output
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Message)

@@ -1,8 +1,10 @@
 """The worker process: loads one handler once (Lambda's init phase) and runs it per `Invoke` frame.
 
 Run as `python -m eventfn.runtime SPEC_JSON`. Frames travel on the process's original stdin/stdout; those
-descriptors are moved aside first, so that the handler's `print` (and any C library writing to fd 1) goes to
-stderr, tagged with the request id, instead of corrupting the protocol.
+descriptors are moved aside first, so that nothing the handler writes can corrupt the protocol. The handler's
+output (`print`, logging, and whatever C code or child processes write to fd 1 and 2) is tagged with the
+request id, capped per invocation (`eventfn.output`) and sent to the service in `Output` frames ahead of the
+invocation's `Result`.
 """
 
 from __future__ import annotations
@@ -10,27 +12,29 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
-import io
 import logging
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import ModuleType
+from types import ModuleType, TracebackType
 from typing import Any, BinaryIO
 
 import msgspec
 
-from eventfn import decoding
+from eventfn import decoding, marshal
 from eventfn.errors import UnreadableData
+from eventfn.output import DescriptorCapture, HandlerOutput, TaggedStream
 from eventfn.protocol import (
     HEADER,
     MAX_FRAME,
     InitFailed,
     Invoke,
+    Output,
     Ready,
     Result,
     WorkerSpec,
@@ -87,58 +91,37 @@ class LambdaContext:
         return max(0, int((self._deadline - time.time()) * 1000))
 
 
-class _TaggedStream(io.TextIOBase):
-    """Stdout/stderr for handler code: each line goes to fd 2 prefixed with Lambda's log-line fields."""
-
-    def __init__(self, function: str, *, stamp: bool = True) -> None:
-        self.function = function
-        self.request_id = "-"
-        self._stamp = stamp  # False for the logging handler's stream: its format has the fields already
-        self._buffer = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._buffer += text
-        if "\n" in self._buffer:
-            *lines, self._buffer = self._buffer.split("\n")
-            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-            if self._stamp:
-                out = "".join(f"[{self.function}] {stamp}\t{self.request_id}\t{line}\n" for line in lines)
-            else:
-                out = "".join(f"[{self.function}] {line}\n" for line in lines)
-            os.write(2, out.encode("utf-8", "replace"))
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buffer:
-            self.write("\n")
-
-
-def _encode_default(obj: Any) -> Any:
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-# Decimal as a JSON number, as Lambda's runtime does (DynamoDB hands out Decimals). More lenient than Lambda:
-# datetime, set and bytes are encoded (ISO string, array, base64) where Lambda reports Runtime.MarshalError.
-_json = msgspec.json.Encoder(enc_hook=_encode_default, decimal_format="number")
+_json = msgspec.json.Encoder()
 _json_decode = msgspec.json.decode
 
+# Frames of the machinery between the runtime and the handler, left out of a stack trace as Lambda's runtime
+# leaves out its bootstrap: eventfn itself, asyncio (async handlers), concurrent.futures (an in-process
+# handler's thread) and the import system (init).
+_STDLIB = os.path.dirname(os.__file__)
+_MACHINERY = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    *(os.path.join(_STDLIB, package) + os.sep for package in ("asyncio", "concurrent", "importlib")),
+    "<frozen importlib.",
+)
 
-def error_object(exc: BaseException, *, task_root: str | None = None, skip_frames: int = 0) -> dict[str, Any]:
-    """Lambda's error object for an exception raised by handler code.
 
-    The stack trace starts at the first frame of the function's own code (under `task_root`), dropping the
-    runtime's frames above it, as Lambda's runtime does; without one, `skip_frames` are dropped.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    start = next((i for i, f in enumerate(frames) if task_root and f.filename.startswith(task_root)), skip_frames)
+def stack_trace(tb: TracebackType | None) -> list[str]:
+    """Lambda's `stackTrace`: the frames from the first one past eventfn's machinery, each formatted as
+    Lambda's runtime does (`  File "path", line N, in name\n    source\n`, no column markers)."""
+    frames = [(f.filename, f.lineno or 0, f.name, f.line) for f in traceback.extract_tb(tb)]
+    start = 0
+    while start < len(frames) and frames[start][0].startswith(_MACHINERY):
+        start += 1
+    return traceback.format_list(frames[start:] or frames)  # all machinery: an eventfn bug, show it whole
+
+
+def error_object(exc: BaseException, request_id: str = "") -> dict[str, Any]:
+    """Lambda's error object for an exception raised by handler code."""
     return {
         "errorMessage": str(exc),
         "errorType": type(exc).__name__,
-        "requestId": "",
-        "stackTrace": traceback.format_list(frames[start:]),
+        "requestId": request_id,
+        "stackTrace": stack_trace(exc.__traceback__),
     }
 
 
@@ -203,18 +186,27 @@ class HandlerNotFound(Exception):
 
 
 def init_failure(exc: BaseException, spec: WorkerSpec) -> InitFailed:
+    """What Lambda's runtime reports when the handler fails to load, and where in the function's code.
+
+    Lambda's names: `Runtime.UserCodeSyntaxError` (its one-frame stack trace included), `Runtime.ImportModuleError`
+    for an import that fails, `Runtime.HandlerNotFound`; any other exception by its own type, with its stack
+    trace. eventfn adds the stack trace of a failed import too, so that it says where.
+    """
     file, line = _user_location(exc, spec.task_root)
+    trace = stack_trace(exc.__traceback__)
     if isinstance(exc, SyntaxError):
-        error_type = "Runtime.UserCodeSyntaxError"
-        message = f"Syntax error in module '{spec.module}': {exc.msg} ({os.path.basename(file)}, line {line})"
+        error_type, message = "Runtime.UserCodeSyntaxError", f"Syntax error in module '{spec.module}': {exc}"
+        trace = [f'  File "{exc.filename}" Line {exc.lineno}\n    {exc.text}']
     elif isinstance(exc, HandlerNotFound):
-        error_type, message, file = "Runtime.HandlerNotFound", str(exc), spec.entry_file
+        error_type, message, file, trace = "Runtime.HandlerNotFound", str(exc), spec.entry_file, []
+    elif isinstance(exc, ImportError):
+        error_type, message = "Runtime.ImportModuleError", f"Unable to import module '{spec.module}': {exc}"
+    elif isinstance(exc, SystemExit):
+        error_type, message = "Runtime.ExitError", f"Runtime exited with error: exit status {exc.code}"
     else:
-        error_type = "Runtime.ImportModuleError"
-        message = f"Unable to import module '{spec.module}': {type(exc).__name__}: {exc}"
-    error = {"errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": []}
+        error_type, message = type(exc).__name__, str(exc)
     return InitFailed(
-        error_type=error_type, message=message, file=file or spec.entry_file, line=line, error=_json.encode(error)
+        error_type=error_type, message=message, file=file or spec.entry_file, line=line, stack_trace=trace
     )
 
 
@@ -224,10 +216,16 @@ class _Channel:
     def __init__(self, reader: BinaryIO, writer: BinaryIO) -> None:
         self.reader = reader
         self.writer = writer
+        self._lock = threading.Lock()  # output frames also come from handler threads and the descriptor pump
 
-    def send(self, message: Ready | InitFailed | Result) -> None:
-        self.writer.write(frame(message))
-        self.writer.flush()
+    def send(self, message: Ready | InitFailed | Result | Output) -> None:
+        data = frame(message)
+        with self._lock:
+            self.writer.write(data)
+            self.writer.flush()
+
+    def send_output(self, data: bytes) -> None:
+        self.send(Output(data=data))
 
     def receive(self) -> Invoke | None:
         header = self.reader.read(HEADER.size)
@@ -248,7 +246,7 @@ def _take_protocol_descriptors() -> _Channel:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    os.dup2(2, 1)  # C-level writes to stdout land on stderr, never in the protocol stream
+    os.dup2(2, 1)  # C-level writes to stdout never reach the protocol stream (`serve` then captures both)
     return _Channel(reader, writer)
 
 
@@ -268,10 +266,12 @@ def _max_rss_mb() -> int:
 
 
 def encode_result(result: Any, request_id: str) -> tuple[bytes, bool]:
-    """The handler's return value as JSON, or Lambda's marshal error."""
+    """The handler's return value as JSON, or Lambda's `Runtime.MarshalError` where Lambda cannot encode it."""
     try:
-        return _json.encode(result), True
-    except TypeError as exc:
+        return marshal.encode(result), True
+    except MemoryError:
+        raise
+    except Exception as exc:  # what Lambda's runtime catches: TypeError, ValueError (a cycle), RecursionError...
         error = {
             "errorMessage": f"Unable to marshal response: {exc}",
             "errorType": "Runtime.MarshalError",
@@ -288,11 +288,9 @@ def unmarshal_error(exc: UnmarshalError, request_id: str) -> bytes:
     )
 
 
-def encode_exception(exc: BaseException, request_id: str, task_root: str) -> bytes:
+def encode_exception(exc: BaseException, request_id: str) -> bytes:
     """Lambda's error object for an exception the handler raised, as JSON."""
-    error = error_object(exc, task_root=task_root, skip_frames=1)
-    error["requestId"] = request_id
-    return _json.encode(error)
+    return _json.encode(error_object(exc, request_id))
 
 
 def out_of_memory(request_id: str, limit_mb: int) -> bytes:
@@ -321,19 +319,23 @@ def _limit_memory(megabytes: int) -> None:
 
 def serve(spec: WorkerSpec, channel: _Channel) -> None:
     """Load the handler, report readiness, then answer `Invoke` frames until stdin closes."""
-    tagged = _TaggedStream(spec.function)
-    sys.stdout = tagged
-    sys.stderr = tagged
-    _install_logging(tagged)
+    output = HandlerOutput(spec.function, spec.max_log_bytes, channel.send_output)
+    DescriptorCapture(output)
+    sys.stdout = sys.stderr = TaggedStream(output, stamp=True)
+    _install_logging(output)
     _limit_memory(spec.memory)
     started = time.perf_counter()
+    failure: InitFailed | None = None
     try:
         entry = load_handler(spec)
     except MemoryError:
-        channel.send(init_failure(MemoryError(f"init passed the memory limit of {spec.memory} MB"), spec))
-        return
+        message = f"Runtime exited with error: init passed the memory limit of {spec.memory} MB"
+        failure = InitFailed(error_type="Runtime.OutOfMemory", message=message, file=spec.entry_file, line=None)
     except BaseException as exc:
-        channel.send(init_failure(exc, spec))
+        failure = init_failure(exc, spec)
+    output.end()  # the init phase's output is in, and capped, before the service hears how it went
+    if failure is not None:
+        channel.send(failure)
         return
     loop = None
     if is_coroutine_function(entry):
@@ -343,7 +345,7 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
     channel.send(Ready(init_ms=(time.perf_counter() - started) * 1000))
     log_stream = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{os.getpid():08x}"
     while (invoke := channel.receive()) is not None:
-        tagged.request_id = invoke.request_id
+        output.begin(invoke.request_id)
         begin = time.perf_counter()
         fatal = False
         try:
@@ -358,34 +360,33 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             # The interpreter may be in a bad state: report, then let the pool replace this worker.
             payload, ok, fatal = out_of_memory(invoke.request_id, spec.memory), False, True
         except Exception as exc:
-            payload, ok = encode_exception(exc, invoke.request_id, spec.task_root), False
-        tagged.flush()
+            payload, ok = encode_exception(exc, invoke.request_id), False
+        output.end()  # this invocation's output goes out ahead of its result
         duration = (time.perf_counter() - begin) * 1000
         channel.send(Result(ok=ok, payload=payload, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
-        tagged.request_id = "-"
 
 
 class _RequestIdFilter(logging.Filter):
     """Adds the current request id to log records, as Lambda's runtime does (`%(aws_request_id)s`)."""
 
-    def __init__(self, stream: _TaggedStream) -> None:
+    def __init__(self, output: HandlerOutput) -> None:
         super().__init__()
-        self.stream = stream
+        self.output = output
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.aws_request_id = self.stream.request_id
+        record.aws_request_id = self.output.request_id
         return True
 
 
-def _install_logging(stream: _TaggedStream) -> None:
+def _install_logging(output: HandlerOutput) -> None:
     """Lambda's root-logger set-up: one handler, `[LEVEL] time request-id message`, level WARNING."""
-    handler = logging.StreamHandler(_TaggedStream(stream.function, stamp=False))
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
-        )
+    handler = logging.StreamHandler(TaggedStream(output, stamp=False))
+    formatter = logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
     )
-    handler.addFilter(_RequestIdFilter(stream))
+    formatter.converter = time.gmtime  # the `Z`: UTC, as Lambda's runtime sets it
+    handler.setFormatter(formatter)
+    handler.addFilter(_RequestIdFilter(output))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)

@@ -102,6 +102,7 @@ class Service:
         fn.source = source
         if source.error or source.settings is None:
             error = source.error or "settings could not be read"
+            fn.load_error = None
             if fn.failed(error):
                 log.error("function %s: %s%s", source.name, error, _keeps_serving(fn))
             return
@@ -114,6 +115,7 @@ class Service:
             attribute=source.attribute,
             memory=settings.memory,
             timeout=settings.timeout,
+            max_log_bytes=settings.max_log_bytes,
         )
         pool: Pool | InProcessPool
         if settings.isolation == "inprocess":
@@ -130,11 +132,12 @@ class Service:
             try:
                 init_ms = await pool.start()
             except HandlerLoadError as exc:
+                fn.load_error = exc
                 if fn.failed(str(exc)):
                     log.error("%s%s", exc, _keeps_serving(fn))
                 return
         old, fn.pool, fn.settings = fn.pool, pool, settings
-        fn.last_error, fn.init_ms = None, init_ms
+        fn.last_error, fn.load_error, fn.init_ms = None, None, init_ms
         fn.limiter.total = max(1, settings.concurrency)
         log.info(
             "function %s %s (version %s, init %.1f ms)",

@@ -24,7 +24,7 @@ import msgspec
 
 from eventfn import protocol
 from eventfn.errors import HandlerLoadError
-from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
+from eventfn.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
 from eventfn.records import error_fields
 from eventfn.reports import reports
 from eventfn.runtime import out_of_memory
@@ -50,9 +50,22 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float = 0.0
 
 
-def error_payload(error_type: str, message: str, request_id: str) -> bytes:
-    """Lambda's error object for errors that are not exceptions in handler code."""
-    return _json.encode({"errorMessage": message, "errorType": error_type, "requestId": request_id})
+def error_payload(error_type: str, message: str, request_id: str, stack_trace: list[str] | None = None) -> bytes:
+    """Lambda's error object for errors that are not exceptions in handler code (with a stack trace where
+    Lambda's runtime gives one: a failed init)."""
+    error: dict[str, object] = {"errorMessage": message, "errorType": error_type, "requestId": request_id}
+    if stack_trace is not None:
+        error["stackTrace"] = stack_trace
+    return _json.encode(error)
+
+
+def load_failure(exc: HandlerLoadError, request_id: str) -> Outcome:
+    """The outcome of an invocation that met a handler that fails to load: Lambda's init error object."""
+    return Outcome(
+        ok=False,
+        error_type="Unhandled",
+        payload=error_payload(exc.error_type, exc.error_message, request_id, exc.stack_trace),
+    )
 
 
 class WorkerDied(Exception):
@@ -104,24 +117,42 @@ class Worker:
         except TimeoutError:
             await worker.kill()
             raise HandlerLoadError(
-                spec.function, spec.entry_file, None, f"init did not finish within {INIT_TIMEOUT:.0f} s"
+                spec.function,
+                spec.entry_file,
+                None,
+                f"init did not finish within {INIT_TIMEOUT:.0f} s",
+                error_type="Sandbox.Timedout",
             ) from None
         except WorkerDied as exc:
             await worker.kill()
-            raise HandlerLoadError(spec.function, spec.entry_file, None, f"worker died during init: {exc}") from exc
+            raise HandlerLoadError(
+                spec.function,
+                spec.entry_file,
+                None,
+                f"worker died during init: {exc}",
+                error_type="Runtime.ExitError",
+                error_message=str(exc),
+            ) from exc
         except BaseException:
             await worker.kill()  # cancelled during init: leave no process behind
             raise
         if isinstance(message, InitFailed):
             await worker.kill()
             raise HandlerLoadError(
-                spec.function, message.file, message.line, f"{message.error_type}: {message.message}"
+                spec.function,
+                message.file,
+                message.line,
+                f"{message.error_type}: {message.message}",
+                error_type=message.error_type,
+                error_message=message.message,
+                stack_trace=message.stack_trace,
             )
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
         return worker
 
     async def _receive(self) -> protocol.Message:
+        """The next frame other than handler output, which goes to the service log on the way."""
         # A frame usually arrives in one read: parse it from our own buffer rather than two exact reads
         # through anyio's buffered stream (a tenth of the service's time per invocation at batch size 1).
         buffer = self._buffer
@@ -133,7 +164,10 @@ class Worker:
                     if len(buffer) >= end:
                         message: protocol.Message = protocol.decoder.decode(buffer[_HEADER_SIZE:end])
                         del buffer[:end]
-                        return message
+                        if type(message) is not Output:
+                            return message
+                        reports.output(message.data)
+                        continue
                 buffer += await self._stdout.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise WorkerDied(await self._returncode()) from None
@@ -231,8 +265,7 @@ class Pool:
         self.busy += 1
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
-        if reports.enabled():
-            reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
+        report = reports.enabled()
         try:
             if self.idle:
                 worker, _ = self.idle.pop()
@@ -240,10 +273,14 @@ class Pool:
                 try:
                     worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:
-                    return self._report(
-                        request_id, begin, None, None, _failure("Runtime.ImportModuleError", exc.problem, request_id)
-                    )
+                    if report:
+                        reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
+                    return self._report(request_id, begin, None, None, load_failure(exc, request_id))
                 init_ms = worker.init_ms
+            # After a cold start's init output, and in the one log buffer that the invocation's output joins:
+            # START, the output, END and REPORT are written in that order.
+            if report:
+                reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
             invoke = Invoke(
                 request_id=request_id,
                 payload=payload,

@@ -146,7 +146,8 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
     reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Runtime.ImportModuleError"
-    assert "bad.py:2" in error["errorMessage"] and "module_that_does_not_exist" in error["errorMessage"]
+    assert error["errorMessage"] == "Unable to import module 'bad': No module named 'module_that_does_not_exist'"
+    assert 'bad.py", line 2, in <module>' in error["stackTrace"][-1]  # where, beyond Lambda's empty trace
     assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
     assert json.loads((await nc.request("eventfn.invoke.good", b"{}", timeout=10)).data) == "ok"
     states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}

@@ -1,0 +1,395 @@
+"""What a caller and the log see of a handler: its result, its errors, its output (issue 8, section 1).
+
+The encoding rules are checked as a pure function against what Lambda's Python runtime does (awslambdaric's
+marshaller: simplejson with Decimal support, whose results are written out below), then end to end against a
+real `eventfn serve` on a real nats-server, in both isolation modes where the behaviour applies.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import enum
+import json
+import math
+import os
+import re
+import textwrap
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.client import Client
+
+from eventfn import marshal
+from eventfn.protocol import WorkerSpec
+from eventfn.testing import Serve, write_handler
+from eventfn.workers import Pool
+
+ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
+ISOLATIONS = ["process", "inprocess"]
+
+
+async def invoke(nc: Client, name: str, payload: object = None) -> tuple[Any, dict[str, str]]:
+    reply = await nc.request(f"eventfn.invoke.{name}", json.dumps(payload or {}).encode(), timeout=15)
+    return json.loads(reply.data), dict(reply.headers or {})
+
+
+# -- results: exactly what Lambda's runtime encodes, as it encodes it --------------------------------------------
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+class Size(enum.IntEnum):
+    LARGE = 3
+
+
+class Word(str, enum.Enum):  # noqa: UP042 (the mixin whose str() is "Word.HELLO", not its value)
+    HELLO = "hello"
+
+
+# Each value with the JSON Lambda's runtime answers, or the message of its Runtime.MarshalError.
+LAMBDA_ENCODES = [
+    (Decimal("1.50"), "1.50"),  # a number, written as str() gives it (DynamoDB's numbers keep their digits)
+    (Decimal("1E+2"), "1E+2"),
+    (Decimal("NaN"), "NaN"),
+    (Decimal("-Infinity"), "-Infinity"),
+    ((1, "two"), '[1,"two"]'),
+    (Point(1, 2), '{"x":1,"y":2}'),  # a namedtuple is an object
+    ({1: "a", 2.5: "b", False: "c", None: "d"}, '{"1":"a","2.5":"b","false":"c","null":"d"}'),
+    ([float("nan"), float("inf"), float("-inf")], "[NaN,Infinity,-Infinity]"),  # as Python's json writes them
+    ({"b": b"utf-8 bytes"}, '{"b":"utf-8 bytes"}'),
+    (Size.LARGE, "3"),
+    (Word.HELLO, '"hello"'),
+    ("\ud800", '"\\ud800"'),  # a lone surrogate, escaped
+    (10**30, "1000000000000000000000000000000"),
+]
+LAMBDA_REFUSES = [
+    (datetime.datetime(2024, 1, 1), "Object of type datetime is not JSON serializable"),
+    (datetime.date(2024, 1, 1), "Object of type date is not JSON serializable"),
+    ({1, 2}, "Object of type set is not JSON serializable"),
+    (uuid.UUID(int=1), "Object of type UUID is not JSON serializable"),
+    (Colour.RED, "Object of type Colour is not JSON serializable"),
+    (object(), "Object of type object is not JSON serializable"),
+    (bytearray(b"x"), "Object of type bytearray is not JSON serializable"),
+    ({(1, 2): "tuple key"}, "keys must be str, int, float, bool or None, not tuple"),
+    ([b"\xff"], "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+]
+
+
+@pytest.mark.parametrize(("value", "encoded"), LAMBDA_ENCODES, ids=lambda v: repr(v)[:30])
+def test_results_are_encoded_as_lambdas_runtime_encodes_them(value: object, encoded: str) -> None:
+    assert marshal.encode(value) == encoded.encode()
+
+
+@pytest.mark.parametrize(("value", "message"), LAMBDA_REFUSES, ids=lambda v: repr(v)[:30])
+def test_results_lambda_cannot_encode_are_refused_with_its_message(value: object, message: str) -> None:
+    with pytest.raises(Exception) as info:
+        marshal.encode(value)
+    assert str(info.value) == message
+
+
+def test_a_reference_cycle_is_refused_as_lambda_refuses_it() -> None:
+    cycle: list[object] = []
+    cycle.append({"again": cycle})
+    with pytest.raises(ValueError) as info:
+        marshal.encode(cycle)
+    assert str(info.value) == "Circular reference detected"
+
+
+def test_a_bytes_result_is_the_response_body_itself() -> None:
+    assert marshal.encode(b"\x00raw, not JSON") == b"\x00raw, not JSON"
+
+
+# What Python's json module and Lambda's encoder agree on: scalars, lists, tuples, str/int/float/bool/None keys.
+_keys = st.one_of(st.text(max_size=5), st.integers(), st.floats(), st.booleans(), st.none())
+_json_like = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.lists(inner, max_size=4).map(tuple), st.dictionaries(_keys, inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+@given(_json_like)
+def test_any_value_json_can_encode_reads_back_as_json_encodes_it(value: object) -> None:
+    assert _same(json.loads(marshal.encode(value)), json.loads(json.dumps(value)))
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_a_decimal_is_written_digit_for_digit(value: Decimal) -> None:
+    assert marshal.encode({"n": value}) == b'{"n":' + str(value).encode() + b"}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_unencodable_result_is_lambdas_marshal_error(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+) -> None:
+    write_handler(
+        handlers,
+        "when",
+        f"""
+        # /// eventfn
+        # isolation = "{isolation}"
+        # ///
+        import datetime
+        from decimal import Decimal
+
+        def handler(event, context):
+            if event.get("decimal"):
+                return {{"price": Decimal("19.90")}}
+            return {{"at": datetime.datetime(2024, 1, 1)}}
+    """,
+    )
+    serve()
+    error, headers = await invoke(nc, "when")
+    assert error == {
+        "errorMessage": "Unable to marshal response: Object of type datetime is not JSON serializable",
+        "errorType": "Runtime.MarshalError",
+        "requestId": headers["Eventfn-Request-Id"],
+        "stackTrace": [],
+    }
+    assert headers["Eventfn-Function-Error"] == "Unhandled"
+    reply = await nc.request("eventfn.invoke.when", b'{"decimal": true}', timeout=15)
+    assert reply.data == b'{"price":19.90}'
+
+
+# -- errors: Lambda's types and stack traces ---------------------------------------------------------------------
+
+BROKEN = """
+    # /// eventfn
+    # isolation = "{isolation}"
+    # ///
+    def handler(event, context)
+        return 1
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_syntax_error_is_user_code_syntax_error_for_every_caller(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+) -> None:
+    path = write_handler(handlers, "broken", BROKEN.format(isolation=isolation))
+    service = serve()
+    logged = service.log.wait_for(r"function 'broken' failed to load at (\S+): (\S+): ").groups()
+    assert logged == (f"{path}:4", "Runtime.UserCodeSyntaxError")
+    error, headers = await invoke(nc, "broken")
+    assert error == {
+        "errorMessage": "Syntax error in module 'broken': expected ':' (broken.py, line 4)",
+        "errorType": "Runtime.UserCodeSyntaxError",
+        "requestId": headers["Eventfn-Request-Id"],
+        "stackTrace": [f'  File "{path}" Line 4\n    def handler(event, context)\n'],  # Lambda's shape
+    }
+    assert headers["Eventfn-Function-Error"] == "Unhandled"
+    [info] = json.loads((await nc.request("eventfn.api.functions", b"", timeout=10)).data)
+    assert "Runtime.UserCodeSyntaxError: Syntax error in module 'broken'" in info["last_error"]
+
+
+@pytest.mark.e2e
+async def test_syntax_error_met_by_a_cold_start_is_user_code_syntax_error_in_the_dlq(
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    settings = "# /// eventfn\n# min_warm = 0\n# idle_timeout = 1\n# retry = { max_attempts = 0 }\n# ///\n"
+    write_handler(handlers, "later", settings + "def handler(event, context):\n    return 1\n")
+    service = serve()
+    # No warm worker left: the next invocation of the version still serving starts one, which reads the file.
+    service.log.wait_for(r"function later scaled down by 1 idle worker\(s\) to 0")
+    mark = service.log.mark()
+    write_handler(handlers, "later", settings + "def handler(event, context)\n    return 1\n")
+    service.log.wait_for(
+        r"function 'later' failed to load at .*Runtime\.UserCodeSyntaxError.*keeps serving", start=mark
+    )
+    js = nc.jetstream()
+    await js.publish("eventfn.async.later", b'{"n": 1}')
+    request = service.log.wait_for(r"later: request (\S+) dead-lettered", start=mark).group(1)
+    record = json.loads((await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.later")).data)
+    response = record["responsePayload"]
+    assert set(response) == ERROR_KEYS
+    assert response["errorType"] == "Runtime.UserCodeSyntaxError"
+    assert response["requestId"] == request
+    assert record["eventfn"]["history"][-1]["errorType"] == "Runtime.UserCodeSyntaxError"
+    service.log.wait_for(rf"REPORT RequestId: {request}\t.*Status: error Runtime\.UserCodeSyntaxError", start=mark)
+
+
+RAISES = """
+    # /// eventfn
+    # isolation = "{isolation}"
+    # ///
+    {kw}def handler(event, context):
+        return {aw}helper(event)
+
+
+    {kw}def helper(event):
+        raise ValueError("bad order")
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_stack_trace_shows_the_handlers_frames_only(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+) -> None:
+    for name, kw, aw in [("plain", "", ""), ("coroutine", "async ", "await ")]:
+        write_handler(handlers, name, RAISES.format(isolation=isolation, kw=kw, aw=aw))
+    serve()
+    for name, aw in [("plain", ""), ("coroutine", "await ")]:
+        path = handlers / f"{name}.py"
+        error, headers = await invoke(nc, name)
+        assert error == {
+            "errorMessage": "bad order",
+            "errorType": "ValueError",
+            "requestId": headers["Eventfn-Request-Id"],
+            "stackTrace": [  # as Lambda formats them: no eventfn, asyncio or thread-pool frames, no ^^^ markers
+                f'  File "{path}", line 5, in handler\n    return {aw}helper(event)\n',
+                f'  File "{path}", line 9, in helper\n    raise ValueError("bad order")\n',
+            ],
+        }
+
+
+# -- output: capped per invocation, logged between START and END ------------------------------------------------
+
+LOUD = """
+    # /// eventfn
+    # isolation = "{isolation}"
+    # max_log_bytes = 10000
+    # ///
+    import logging, os
+
+    print("i" * 29999)  # init: 30,000 bytes with the newline
+
+    def handler(event, context):
+        if event.get("loud"):
+            for _ in range(200):
+                print("x" * 999)  # 200,000 bytes
+            if {fds}:  # C code and child processes write to the descriptors
+                os.write(1, b"y" * 49999 + b"\\n")
+                os.write(2, b"z" * 49999 + b"\\n")
+        elif event.get("logs"):
+            for n in range(200):
+                logging.getLogger("loud").warning("record %d %s", n, "w" * 990)
+        else:
+            print("a small line")
+        return "done"
+"""
+
+
+def _lines_of(service: Serve, request_id: str) -> list[str]:
+    return [line for line in service.log.lines if line.startswith("[loud] ") and f"\t{request_id}\t" in line]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_output_is_capped_per_invocation_with_one_marker_line(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+) -> None:
+    process = isolation == "process"  # only a worker process can capture what is written to fd 1 and 2
+    write_handler(handlers, "loud", LOUD.format(isolation=isolation, fds=process))
+    service = serve()
+    marker = r"\[loud\] \S+\t{}\teventfn: output truncated: (\d+) bytes dropped after the first (\d+) \(.*max_log_bytes"
+    assert service.log.wait_for(marker.format("-")).groups() == ("20001", "9999"), "the init phase is capped too"
+
+    _, headers = await invoke(nc, "loud", {"loud": True})
+    loud = headers["Eventfn-Request-Id"]
+    dropped, kept = service.log.wait_for(marker.format(loud)).groups()
+    assert (int(dropped), int(kept)) == (190_000 + 100_000 * process, 10_000)
+    lines = _lines_of(service, loud)
+    assert len(lines) == 11, "ten lines of output, then the one marker"
+    assert all(line.endswith("\t" + "x" * 999) for line in lines[:10])
+
+    _, headers = await invoke(nc, "loud", {"logs": True})
+    logs = headers["Eventfn-Request-Id"]
+    service.log.wait_for(marker.format(logs))
+    assert 5 <= sum("record" in line for line in service.log.lines if "w" * 990 in line) <= 10
+
+    _, headers = await invoke(nc, "loud")
+    quiet = headers["Eventfn-Request-Id"]
+    service.log.wait_for(rf"END RequestId: {quiet}")
+    assert [line.split("\t", 2)[2] for line in _lines_of(service, quiet)] == ["a small line"], "the budget resets"
+
+
+PRINTS = """
+    # /// eventfn
+    # isolation = "{isolation}"
+    # ///
+    def handler(event, context):
+        print("printed by", context.aws_request_id)
+        return "ok"
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
+    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+) -> None:
+    write_handler(handlers, "chatty", PRINTS.format(isolation=isolation))
+    service = serve()
+    for _ in range(3):
+        _, headers = await invoke(nc, "chatty")
+        request = re.escape(headers["Eventfn-Request-Id"])
+        service.log.wait_for(rf"END RequestId: {request}")
+        lines = service.log.lines
+        patterns = (
+            rf"START RequestId: {request} ",
+            rf"^\[chatty\] .*\tprinted by {request}$",
+            rf"END RequestId: {request}",
+        )
+        where = [next((i for i, line in enumerate(lines) if re.search(p, line)), -1) for p in patterns]
+        assert -1 not in where and where == sorted(where), "\n".join(lines[-10:])
+
+
+async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    entry = tmp_path / "fn.py"
+    entry.write_text(
+        textwrap.dedent("""
+            import os, subprocess
+
+            def handler(event, context):
+                os.write(2, b"written to fd 2\\n")
+                subprocess.run(["sh", "-c", "echo from a child; echo from its stderr >&2"], check=True)
+                return "ok"
+        """)
+    )
+    spec = WorkerSpec(
+        function="fn",
+        task_root=str(tmp_path),
+        module="fn",
+        entry_file=str(entry),
+        attribute=None,
+        memory=128,
+        timeout=10,
+    )
+    pool = Pool(spec=spec, env=dict(os.environ), version="v1")
+    try:
+        await pool.start()
+        outcome = await pool.invoke("req-child", b"{}")
+    finally:
+        await pool.retire()
+    assert outcome.ok, outcome.payload
+    err = capfd.readouterr().err
+    for text in ("written to fd 2", "from a child", "from its stderr"):
+        assert re.search(rf"^\[fn\] \S+\treq-child\t{text}$", err, re.MULTILINE), err
