@@ -461,3 +461,20 @@ def test_urls_lose_their_credentials_before_they_are_logged() -> None:
     assert auth.redact("nats://service:s3cret@127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert auth.redact("tls://t0ken@[::1]:4222") == "tls://[::1]:4222"
     assert auth.redact("nats://10.0.0.1:4222") == "nats://10.0.0.1:4222"
+
+
+async def test_a_reconnect_after_the_server_restarts_logs_no_password(tmp_path: Path, handlers: Path) -> None:
+    """nats-py keeps the URL as it was given, credentials included; the reconnect log line printed it."""
+    password = "pw-" + secrets.token_hex(8)
+    server = NatsServer(tmp_path / "nats", args=["--user", "service", "--pass", password]).start()
+    try:
+        url = server.url.replace("nats://", f"nats://service:{password}@")
+        with Serve(handlers, url, tmp_path / "data") as service:
+            server.stop()
+            service.log.wait_for(r"NATS: disconnected from")
+            server.start()  # same port, same store
+            line = service.log.wait_for(r"NATS: reconnected to (.*)", timeout=30)
+            assert password not in service.log.text()
+            assert line.group(1) == server.url, "the server is named by its URL, not by a parse result"
+    finally:
+        server.stop()
