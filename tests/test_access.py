@@ -478,3 +478,31 @@ async def test_a_reconnect_after_the_server_restarts_logs_no_password(tmp_path: 
             assert line.group(1) == server.url, "the server is named by its URL, not by a parse result"
     finally:
         server.stop()
+
+
+SUBJECTS = """
+    # /// eventfn
+    # triggers = ["events.spoof.>"]
+    # ///
+    from _probe import report
+
+    def handler(event, context):
+        report("spoof.seen", context.cloud_event["source"] + " " + context.cloud_event["subject"])
+"""
+
+
+async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
+    handlers: Path, serve: Any, nc: Client, probe: Any
+) -> None:
+    """`Eventfn-Subject` carries a redriven event's first subject; only a redrive (which only the admin may
+    publish) sets it. From anyone else it would let a client allowed one subject pose as another."""
+    write_handler(handlers, "spoof", SUBJECTS)
+    serve()
+    seen = await probe("spoof.seen")
+    forged = {"Eventfn-Subject": "payments.refund.approved"}
+    await nc.publish("events.spoof.public", b'{"n": 1}', headers=forged)
+    await nc.publish("eventfn.async.spoof", b'{"n": 2}', headers=forged)
+    assert sorted(await seen.wait_for(2)) == [
+        "nats:eventfn.async.spoof eventfn.async.spoof",
+        "nats:events.spoof.public events.spoof.public",
+    ]
