@@ -967,7 +967,7 @@ async def connect(
                 "<data dir>/auth/ (README: Security and isolation)",
             ) from exc
         raise NatsUnavailable(where, f"cannot connect: {exc}", fix) from exc
-    bus = Bus(nc, redact(nc.connected_url.geturl()) if nc.connected_url else where, hooks, denials)
+    bus = Bus(nc, _server_of(nc, where), hooks, denials)
     try:
         yield bus
     except TimeoutError as exc:
@@ -986,6 +986,12 @@ async def connect(
                         await nc.close()
                     except (OSError, nats.errors.Error):
                         pass  # the connection was already lost (the server died): nothing left to close
+
+
+def _server_of(nc: Client, default: str = "the NATS server") -> str:
+    """The server `nc` is (or was last) connected to, as a URL without credentials: nats-py keeps the URL as
+    given, `nats://user:password@host`, and it goes to the log."""
+    return redact(nc.connected_url.geturl()) if nc.connected_url else default
 
 
 async def _first_connect(
@@ -1008,10 +1014,10 @@ async def _first_connect(
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
-            log.warning("NATS: disconnected from %s; reconnecting", nc.connected_url)
+            log.warning("NATS: disconnected from %s; reconnecting", _server_of(nc))
 
     async def on_reconnected() -> None:
-        log.info("NATS: reconnected to %s", nc.connected_url)
+        log.info("NATS: reconnected to %s", _server_of(nc))
         for hook in list(reconnect_hooks):
             hook()
 

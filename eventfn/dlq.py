@@ -139,10 +139,15 @@ async def list_records(bus: Bus, function: str | None, *, limit: int = 1000) -> 
 
 async def show(bus: Bus, record_id: int) -> bytes:
     """The whole failure record (JSON) with id `record_id` (as stored: it may not be eventfn's, or JSON)."""
-    stored = await bus.get(DLQ_STREAM, record_id) if record_id > 0 else None
+    stored = await bus.get(DLQ_STREAM, record_id) if _is_sequence(record_id) else None
     if stored is None or not stored.subject.startswith(subjects.DLQ_PREFIX):
         raise RecordNotFound(record_id)
     return stored.data
+
+
+def _is_sequence(record_id: int) -> bool:
+    """Whether `record_id` can be a stream sequence (JetStream refuses to look up anything else)."""
+    return 0 < record_id < 2**64
 
 
 def original_event(record: _Record) -> bytes:
@@ -236,7 +241,7 @@ async def redrive(bus: Bus, function: str, ids: list[int] | None = None) -> list
     if ids:
         stored_records = []
         for record_id in ids:
-            stored = await bus.get(DLQ_STREAM, record_id) if record_id > 0 else None
+            stored = await bus.get(DLQ_STREAM, record_id) if _is_sequence(record_id) else None
             if stored is None or _function_of(stored) != function:
                 raise RecordNotFound(record_id)
             stored_records.append(stored)

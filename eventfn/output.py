@@ -74,8 +74,8 @@ class HandlerOutput:
             pieces = self._partial[stamp]
             if "\n" not in text:
                 pieces.append(text)
-                if len(pieces) > 1 and sum(map(len, pieces)) > MAX_LINE:
-                    self._flush(stamp)
+                if sum(map(len, pieces)) > MAX_LINE:  # one write of megabytes is cut now, not copied later
+                    self._flush(stamp, keep_tail=True)
                 return
             *lines, rest = "".join([*pieces, text]).split("\n") if pieces else text.split("\n")
             pieces.clear()
@@ -105,18 +105,31 @@ class HandlerOutput:
             self.used += size
             return True
 
-    def _flush(self, stamp: bool) -> None:
+    def _flush(self, stamp: bool, *, keep_tail: bool = False) -> None:
+        """Write the partial line as lines of `MAX_LINE`; with `keep_tail`, what is left of the last one stays
+        partial (its newline may still come)."""
         pieces = self._partial[stamp]
         if pieces:
             line = "".join(pieces)
             pieces.clear()
-            self._lines([line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE)], stamp)
+            end = len(line) - len(line) % MAX_LINE if keep_tail else len(line)
+            # One piece at a time: a single write of many megabytes must not be copied whole (the worker's
+            # memory limit counts each copy).
+            for i in range(0, end, MAX_LINE):
+                self._lines([line[i : i + MAX_LINE]], stamp)
+            if end < len(line):
+                pieces.append(line[end:])
 
     def _lines(self, lines: list[str], stamp: bool) -> None:
         if self.dropped:
             self.dropped += sum(len(line.encode("utf-8", "replace")) + 1 for line in lines)
             return
         prefix = self._prefix(stamp)
+        if sum(map(len, lines)) + len(lines) > self.limit - self.used:
+            # Over the budget even counted in characters (each at least one byte): cut line by line rather
+            # than encode everything first.
+            self._send(self._cut(lines, prefix))
+            return
         head = len(prefix.encode("utf-8", "replace"))
         data = "".join([f"{prefix}{line}\n" for line in lines]).encode("utf-8", "replace")
         size = len(data) - head * len(lines)

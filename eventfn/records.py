@@ -19,6 +19,7 @@ import msgspec
 
 from eventfn import decoding
 from eventfn.errors import UnreadableData
+from eventfn.subjects import REDRIVE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,16 @@ _batch_encoder = msgspec.json.Encoder()
 
 
 def original_subject(message: StoredMessage) -> str:
-    """The subject the event was first published to (a redriven event keeps it in a header)."""
-    if message.headers and (subject := message.headers.get(SUBJECT_HEADER)):
+    """The subject the event was first published to (a redriven event keeps it in a header).
+
+    The header counts only on a redrive subject, which only the admin role may publish to: from any other
+    publisher it would let a client allowed one subject pose as another.
+    """
+    if (
+        message.headers
+        and message.subject.startswith(REDRIVE_PREFIX)
+        and (subject := message.headers.get(SUBJECT_HEADER))
+    ):
         return subject
     return message.subject
 

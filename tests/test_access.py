@@ -461,3 +461,48 @@ def test_urls_lose_their_credentials_before_they_are_logged() -> None:
     assert auth.redact("nats://service:s3cret@127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert auth.redact("tls://t0ken@[::1]:4222") == "tls://[::1]:4222"
     assert auth.redact("nats://10.0.0.1:4222") == "nats://10.0.0.1:4222"
+
+
+async def test_a_reconnect_after_the_server_restarts_logs_no_password(tmp_path: Path, handlers: Path) -> None:
+    """nats-py keeps the URL as it was given, credentials included; the reconnect log line printed it."""
+    password = "pw-" + secrets.token_hex(8)
+    server = NatsServer(tmp_path / "nats", args=["--user", "service", "--pass", password]).start()
+    try:
+        url = server.url.replace("nats://", f"nats://service:{password}@")
+        with Serve(handlers, url, tmp_path / "data") as service:
+            server.stop()
+            service.log.wait_for(r"NATS: disconnected from")
+            server.start()  # same port, same store
+            line = service.log.wait_for(r"NATS: reconnected to (.*)", timeout=30)
+            assert password not in service.log.text()
+            assert line.group(1) == server.url, "the server is named by its URL, not by a parse result"
+    finally:
+        server.stop()
+
+
+SUBJECTS = """
+    # /// eventfn
+    # triggers = ["events.spoof.>"]
+    # ///
+    from _probe import report
+
+    def handler(event, context):
+        report("spoof.seen", context.cloud_event["source"] + " " + context.cloud_event["subject"])
+"""
+
+
+async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
+    handlers: Path, serve: Any, nc: Client, probe: Any
+) -> None:
+    """`Eventfn-Subject` carries a redriven event's first subject; only a redrive (which only the admin may
+    publish) sets it. From anyone else it would let a client allowed one subject pose as another."""
+    write_handler(handlers, "spoof", SUBJECTS)
+    serve()
+    seen = await probe("spoof.seen")
+    forged = {"Eventfn-Subject": "payments.refund.approved"}
+    await nc.publish("events.spoof.public", b'{"n": 1}', headers=forged)
+    await nc.publish("eventfn.async.spoof", b'{"n": 2}', headers=forged)
+    assert sorted(await seen.wait_for(2)) == [
+        "nats:eventfn.async.spoof eventfn.async.spoof",
+        "nats:events.spoof.public events.spoof.public",
+    ]

@@ -232,3 +232,11 @@ async def test_functions_shows_the_broken_version_and_the_one_still_serving(
     table = await eventfn("functions", "--nats", nats_server.url, cwd=tmp_path)
     [row] = table.stdout.decode().splitlines()[1:]
     assert f"Failed (serving {serving})" in row and info["version"] in row and "fn.py:1" in row
+
+
+@pytest.mark.parametrize("command", [["dlq", "show"], ["dlq", "redrive", "fn", "--id"]])
+async def test_a_record_id_beyond_what_jetstream_counts_is_not_found_not_a_traceback(
+    tmp_path: Path, nats_server: NatsServer, command: list[str]
+) -> None:
+    result = await eventfn(*command, str(2**64), "--nats", nats_server.url, cwd=tmp_path)
+    assert one_line_error(result).startswith(f"eventfn: error: no DLQ record {2**64}")

@@ -360,6 +360,27 @@ async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
         assert -1 not in where and where == sorted(where), "\n".join(lines[-10:])
 
 
+HUGE_LINE = """
+    # memory = 128 (the default): the handler's own 40 MB line fits; copies of it made by eventfn would not
+    def handler(event, context):
+        print("y" * 40_000_000)
+        return "printed"
+"""
+
+
+@pytest.mark.e2e
+async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(
+    handlers: Path, serve: Callable[..., Serve], nc: Client
+) -> None:
+    write_handler(handlers, "huge", HUGE_LINE)
+    service = serve()
+    result, headers = await invoke(nc, "huge")
+    assert result == "printed", result
+    request = re.escape(headers["Eventfn-Request-Id"])
+    service.log.wait_for(rf"\t{request}\teventfn: output truncated: \d+ bytes dropped")
+    service.log.wait_for(rf"REPORT RequestId: {request}\t.*Status: ok")
+
+
 async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
