@@ -99,7 +99,8 @@ class Api:
                 request,
                 404,
                 "ResourceNotFoundException",
-                f"Function not found: {name} (loaded: {', '.join(sorted(self.service.functions))})",
+                # Lambda's message: no list of the other functions (an invoker may not see them).
+                f"Function not found: {name}",
             )
         invocation_type = (request.headers or {}).get("Eventfn-Invocation-Type", "RequestResponse")
         if invocation_type == "DryRun":  # Lambda's: the function exists and may be invoked; nothing runs

@@ -289,6 +289,29 @@ class PullFeed:
 _FORBIDDEN_REPLY = ("$", "eventfn.")
 
 
+class _RefusedReplies:
+    """Logs requests whose reply subject was refused, at most once a minute: any client may send them, and one
+    line each would let it fill the log."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self._logged_at = -self.INTERVAL
+        self._since_logged = 0
+
+    def report(self, subject: str, reply: str) -> None:
+        self._since_logged += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.INTERVAL:
+            return
+        more = f" ({self._since_logged - 1} more since the last such line)" if self._since_logged > 1 else ""
+        log.warning("request on %s named reply subject %r: not answered there%s", subject, reply, more)
+        self._logged_at, self._since_logged = now, 0
+
+
+_refused_replies = _RefusedReplies()
+
+
 class Request:
     """A core NATS request (sync invoke, control API) awaiting its reply."""
 
@@ -306,7 +329,7 @@ class Request:
         NATS API or eventfn subject: no reply is sent there)."""
         if self.reply:
             if self.reply.startswith(_FORBIDDEN_REPLY):
-                log.warning("request on %s named reply subject %r: not answered there", self.subject, self.reply)
+                _refused_replies.report(self.subject, self.reply)
                 return
             await self._nc.publish(self.reply, data, headers=headers)
 

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue the event (stored, at least once) and return at once",
     )
-    invoke.add_argument("--timeout", type=float, default=930.0, help="seconds to wait for the result")
+    invoke.add_argument("--timeout", type=_seconds, default=930.0, help="seconds to wait for the result")
 
     pub = commands.add_parser(
         "pub",
@@ -144,6 +144,17 @@ def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
     p.add_argument("--data-dir", default=default, help="state directory (default: ./.eventfn; env EVENTFN_DATA_DIR)")
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds (anything else is argparse's one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _config(args: argparse.Namespace) -> ServiceConfig:
     overrides: dict[str, Any] = environment_overrides(os.environ)
     flags = {
@@ -193,7 +204,7 @@ def _connect(config: ServiceConfig) -> AbstractAsyncContextManager[Bus]:
     """A client command's connection; when NATS cannot be reached, the hint is about `eventfn serve`."""
     urls, settings = _client(config)
     # A refused request is this command's one error line; the client's own warning would repeat it.
-    logging.getLogger("eventfn.bus").setLevel(logging.ERROR)
+    logging.getLogger("eventfn").setLevel(logging.ERROR)
     return connect(urls, settings, name="eventfn-cli", fix=CLIENT_FIX)
 
 
@@ -242,7 +253,8 @@ async def _dry_run(bus: Bus, name: str) -> None:
             message = str(msgspec.json.decode(reply.data)["errorMessage"])
         except (msgspec.DecodeError, KeyError, TypeError):
             message = reply.data.decode(errors="replace")
-        raise EventfnError(f"{error}: {message}; nothing was queued")
+        hint = " (see `eventfn functions`)" if error == "ResourceNotFoundException" else ""
+        raise EventfnError(f"{error}: {message}; nothing was queued{hint}")
 
 
 async def _request(bus: Bus, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None) -> Any:
@@ -265,9 +277,14 @@ async def _pub(config: ServiceConfig, args: argparse.Namespace) -> int:
         content_type = "text/plain"
     event = events.new_event(args.subject, data, source="eventfn-cli", type=args.type, content_type=content_type)
     async with _connect(config) as bus:
+        denied = bus.denials.count
         try:
             seq = await bus.publish_stored(args.subject, data, events.binary_headers(event))
         except Exception:
+            if bus.denials.count > denied:  # refused, not merely unstored: say so rather than publish again
+                raise EventfnError(
+                    f"the NATS server refused to let this user publish to {args.subject!r}: {bus.denials.last}"
+                ) from None
             await bus.publish(args.subject, data, events.binary_headers(event))
             print(
                 f"eventfn: no stream stores {args.subject!r}: published to core NATS only "

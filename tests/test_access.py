@@ -506,3 +506,48 @@ async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
         "nats:eventfn.async.spoof eventfn.async.spoof",
         "nats:events.spoof.public events.spoof.public",
     ]
+
+
+async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(tmp_path: Path, handlers: Path) -> None:
+    """The admin may not touch the JetStream API: `eventfn pub` there says the server refused it, exits 1,
+    and does not fall back to a core publish as it does for a subject no stream stores."""
+    write_handler(handlers, "echo", ECHO)
+    with Serve(handlers, None, tmp_path / "data") as service:
+        refused = service.cli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
+        assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
+        stored = service.cli("pub", "events.access.x", "{}")
+        assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
+
+
+async def test_an_unknown_function_is_not_found_without_naming_the_others(tmp_path: Path, handlers: Path) -> None:
+    """Anonymous callers may not list functions (the control API is the admin's): a 404 names only what
+    they asked for, as Lambda's does."""
+    write_handler(handlers, "secretive", ECHO)
+    with Serve(handlers, None, tmp_path / "data") as service:
+        nc = await nats.connect(service.url)
+        try:
+            reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
+        finally:
+            await nc.close()
+    assert reply.headers and reply.headers["Eventfn-Status"] == "404"
+    assert json.loads(reply.data)["errorMessage"] == "Function not found: nosuch"
+
+
+async def test_requests_naming_a_refused_reply_subject_are_logged_at_most_once_a_minute(
+    handlers: Path, serve: Any, nc: Client
+) -> None:
+    """Any client may name a NATS API subject as its reply: none is answered there, and a flood of them
+    is one log line (with a count on the next), not one each."""
+    write_handler(handlers, "echo", ECHO)
+    service = serve()
+    mark = service.log.mark()
+    for n in range(50):  # each is answered at once (404), so each reply is refused in turn
+        await nc.publish("eventfn.invoke.nosuch", b"{}", reply=f"$JS.API.STREAM.PURGE.EVENTFN_DLQ.{n}")
+    # Requests are handled in arrival order: once this one is answered, the 50 before it were too.
+    answered = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
+    assert answered.headers and answered.headers["Eventfn-Status"] == "404"
+    service.log.wait_for(r"named reply subject .*not answered there", start=mark)
+    lines = [line for line in service.log.lines[mark:] if "not answered there" in line]
+    assert len(lines) == 1, lines

@@ -240,3 +240,12 @@ async def test_a_record_id_beyond_what_jetstream_counts_is_not_found_not_a_trace
 ) -> None:
     result = await eventfn(*command, str(2**64), "--nats", nats_server.url, cwd=tmp_path)
     assert one_line_error(result).startswith(f"eventfn: error: no DLQ record {2**64}")
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
+async def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    result = await eventfn(
+        "invoke", "hello", "--timeout", value, "--nats", f"nats://127.0.0.1:{free_port()}", cwd=tmp_path
+    )
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert f"{value!r} is not a positive number of seconds".encode() in result.stderr, result.stderr
