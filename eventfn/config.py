@@ -128,6 +128,21 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_bytes: int = -1
 
 
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How worker processes are separated from the service and from each other (README: Handler isolation)."""
+
+    #: Service environment variables every worker also gets, by name; `PREFIX_*` takes all that start so.
+    #: Nothing else of the service's environment reaches a handler beyond Lambda's variables and the basics.
+    env_passthrough: list[str] = []
+    #: Workers run as this user (name or uid) when the service runs as root. None: `nobody`, falling back to
+    #: root with a warning when that user cannot run the interpreter or read the handlers.
+    user: str | None = None
+    #: Each worker in a user namespace of its own, where the kernel allows it.
+    user_namespace: bool = True
+    #: Each worker and whatever it starts in a cgroup of its own, where a cgroup v2 hierarchy is writable.
+    cgroup: bool = True
+
+
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole service configuration after files, environment and flags are merged."""
 
@@ -135,6 +150,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     data_dir: str = ".eventfn"
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
+    workers: WorkerSettings = WorkerSettings()
     functions: dict[str, dict[str, Any]] = {}
     #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
@@ -177,14 +193,20 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     nats = dict(data.get("nats", {}))
     if isinstance(nats.get("url"), str):
         nats["url"] = [u for u in nats["url"].split(",") if u]
+    workers = data.get("workers", {})
+    workers = dict(workers) if isinstance(workers, dict) else workers  # not a table: the validator says so
     for key, value in overrides.items():
         if value is None:
             continue
         if key.startswith("nats."):
             nats[key.removeprefix("nats.")] = value
+        elif key.startswith("workers.") and isinstance(workers, dict):
+            workers[key.removeprefix("workers.")] = value
         else:
             data[key] = value
     data["nats"] = nats
+    if workers:
+        data["workers"] = workers
     return _convert(data, ServiceConfig, where)  # type: ignore[no-any-return]
 
 
@@ -203,6 +225,10 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
     for key, env in (("nats.creds", "EVENTFN_NATS_CREDS"), ("nats.token", "EVENTFN_NATS_TOKEN")):
         if value := environ.get(env):
             out[key] = value
+    if names := environ.get("EVENTFN_WORKER_ENV_PASSTHROUGH"):
+        out["workers.env_passthrough"] = [n.strip() for n in names.split(",") if n.strip()]
+    if user := environ.get("EVENTFN_WORKER_USER"):
+        out["workers.user"] = user
     if port := environ.get("EVENTFN_NATS_PORT"):
         out["nats.port"] = int(port) if port.isdigit() else port
     return out

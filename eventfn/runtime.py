@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 
+from eventfn import sandbox
 from eventfn.protocol import (
     HEADER,
     MAX_FRAME,
@@ -372,6 +373,7 @@ def _install_logging(stream: _TaggedStream) -> None:
 def main() -> None:
     """Entry point of a worker process."""
     spec = msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec)
+    sandbox.confine()  # reads the preamble on stdin, before the protocol takes it over
     channel = _take_protocol_descriptors()
     os.chdir(spec.task_root)
     serve(spec, channel)

@@ -9,7 +9,6 @@ workers, the connection and the embedded server, in that order.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import mappings, registry, subjects
+from eventfn import isolation, mappings, registry, subjects
 from eventfn.api import Api
 from eventfn.bus import Bus, connect
 from eventfn.config import Destinations, FunctionSettings, RetryPolicy, ServiceConfig
@@ -128,10 +127,11 @@ class Service:
             self.tg.start_soon(old.retire)
 
     def _environment(self, source: FunctionSource, settings: FunctionSettings) -> dict[str, str]:
-        # glibc reserves 64 MB of address space per thread arena; the worker's memory limit caps address
-        # space, so a threaded handler would run out early without a small arena count.
-        env = {"MALLOC_ARENA_MAX": "2"}
-        env.update({k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")})
+        """A worker's whole environment: basics and passthrough, Lambda's variables, the function's own.
+
+        Nothing else of the service's environment (its NATS credentials, anyone's secrets) reaches a handler.
+        """
+        env = dict(isolation.current().environment)
         env.update(
             {
                 "AWS_LAMBDA_FUNCTION_NAME": source.name,
@@ -310,6 +310,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
         )
     async with AsyncExitStack() as stack:
+        await stack.enter_async_context(isolation.isolated(config))
         urls, embedded = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, config.nats))
         await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=14 * 86_400.0)

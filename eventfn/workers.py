@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import protocol
+from eventfn import isolation, protocol
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import InitFailed, Invoke, Ready, Result, WorkerSpec
 from eventfn.records import error_fields
@@ -81,25 +81,42 @@ class Worker:
         self._buffer = bytearray()
         self.init_ms: float | None = None
         self.invocations = 0
+        self.isolation = isolation.current()
+        #: The worker's own cgroup, or its user namespace's inode: what `kill` finds its processes by.
+        self.cgroup: Path | None = None
+        self.namespace: int | None = None
+        self._killed = False
 
     @classmethod
     async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
-        """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load."""
+        """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load.
+
+        `env` is the worker's whole environment. Only its start-up variables go on the command's environment;
+        the worker reads the rest from the preamble on stdin and confines itself before any handler code runs.
+        """
+        iso = isolation.current()
         try:
             process = await anyio.open_process(
                 [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
-                env=env,
+                env=iso.command_environment(env),
                 cwd=spec.task_root,
                 start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
+                **iso.credentials(),
             )
         except OSError as exc:  # the folder vanished, no more processes allowed...
             raise HandlerLoadError(spec.function, spec.entry_file, None, f"cannot start a worker: {exc}") from exc
         worker = cls(process, spec)
         try:
             with anyio.fail_after(INIT_TIMEOUT):
+                # Into its cgroup before the preamble lets it go on: nothing it starts is outside.
+                worker.cgroup = iso.adopt(process.pid)
+                try:
+                    await worker._stdin.send(iso.preamble(env))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    raise WorkerDied(await worker._returncode()) from None
                 message = await worker._receive()
         except TimeoutError:
             await worker.kill()
@@ -119,6 +136,7 @@ class Worker:
             )
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
+        worker.namespace = iso.namespace_of(process.pid)
         return worker
 
     async def _receive(self) -> protocol.Message:
@@ -159,14 +177,17 @@ class Worker:
         return self.process.returncode is None
 
     async def kill(self) -> None:
-        """Stop the worker at once; it holds nothing that needs a graceful end."""
+        """Stop the worker and every process it started, at once; it holds nothing that needs a graceful end.
+
+        Also after the worker died on its own: what it started may still run.
+        """
         with anyio.CancelScope(shield=True):
-            if self.process.returncode is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if self._killed:
+                return  # once reaped, its pid may belong to another process
+            self._killed = True
+            self.isolation.kill(self.process.pid, self.cgroup, self.namespace)
             await self.process.aclose()
+            self.isolation.release(self.cgroup)
 
 
 @dataclass

@@ -1,0 +1,538 @@
+"""The service side of handler isolation: how workers start, and how they and what they start are stopped.
+
+- **Environment**: a worker gets the basics (`base_environment`), the service variables named in
+  `[workers] env_passthrough`, Lambda's variables and the function's own `environment`; nothing else of the
+  service's environment. Only the start-up variables are on its command's environment; the rest arrives in
+  the preamble on stdin (`eventfn.sandbox`), so /proc/<pid>/environ never shows a function's variables.
+- **User**: a service running as root starts workers as `[workers] user` (default `nobody`), after a probe at
+  start-up shows that user can run the interpreter and read the handlers; otherwise they stay root, without
+  capabilities, and the log says why and what to change.
+- **Process trees**: each worker gets a cgroup of its own where a cgroup v2 hierarchy is writable;
+  `cgroup.kill` then stops the worker and everything it started, detached or not, even after the worker died.
+  A keeper process does the same for all of them if the service is SIGKILLed. Without cgroups, the worker's
+  descendants are found through /proc (and, with a user namespace, every process in it, which nothing the
+  handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
+
+`isolated(config)` sets this up for `eventfn serve`; pools created outside it (tests, embedding) get `current()`'s
+default: the worker confines itself, without a user switch, user namespace or cgroup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from eventfn import sandbox
+from eventfn.config import ServiceConfig
+from eventfn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Service variables every worker gets: what processes and the interpreter need to start and behave.
+BASIC_NAMES = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH")
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+PROBE_TIMEOUT = 30.0
+
+
+def base_environment(
+    environ: Mapping[str, str], passthrough: Iterable[str] = (), home: str | None = None
+) -> dict[str, str]:
+    """The part of every worker's environment that comes from the service: the basics and the passthrough."""
+    # glibc reserves 64 MB of address space per thread arena; the worker's memory limit caps address
+    # space, so a threaded handler would run out early without a small arena count.
+    env = {"MALLOC_ARENA_MAX": "2", "PATH": _DEFAULT_PATH}
+    env.update({k: v for k, v in environ.items() if k in BASIC_NAMES or k.startswith("LC_")})
+    if home is not None:
+        env["HOME"] = home
+    for name in passthrough:
+        if name.endswith("*"):
+            env.update({k: v for k, v in environ.items() if k.startswith(name[:-1])})
+        elif name in environ:
+            env[name] = environ[name]
+    return env
+
+
+@dataclass
+class Isolation:
+    """What the service applies to every worker it starts (see the module docstring)."""
+
+    #: `base_environment` for this service: `Service._environment` builds on it.
+    environment: dict[str, str] = field(default_factory=lambda: base_environment(os.environ))
+    #: Run workers as this uid and gid; None: as the service.
+    uid: int | None = None
+    gid: int | None = None
+    user_namespace: bool = False
+    cgroups: Cgroups | None = None
+
+    def command_environment(self, env: Mapping[str, str]) -> dict[str, str]:
+        """The part of a worker's environment that must be there when its process starts."""
+        return {k: v for k, v in env.items() if sandbox.is_start_up_variable(k)}
+
+    def preamble(self, env: Mapping[str, str]) -> bytes:
+        """What the worker reads before anything else: its whole environment and how to confine itself."""
+        return sandbox.encode_preamble(sandbox.Preamble(environ=dict(env), user_namespace=self.user_namespace))
+
+    def credentials(self) -> dict[str, Any]:
+        """`open_process` arguments that start a worker as the worker user."""
+        if self.uid is None:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def adopt(self, pid: int) -> Path | None:
+        """Put a new worker in a cgroup of its own (before it runs handler code); None without cgroups."""
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.add(pid)
+        except OSError as exc:
+            log.warning("worker %d runs without a cgroup of its own: %s", pid, exc)
+            return None
+
+    def namespace_of(self, pid: int) -> int | None:
+        """The inode of a worker's user namespace, which identifies every process it starts; None without."""
+        if not self.user_namespace or self.cgroups is not None:
+            return None  # with a cgroup, the cgroup already holds them all
+        try:
+            return os.stat(f"/proc/{pid}/ns/user").st_ino
+        except OSError:
+            return None
+
+    def kill(self, pid: int, cgroup: Path | None, namespace: int | None) -> None:
+        """SIGKILL a worker (alive, or dead and not yet reaped) and every process it started."""
+        if cgroup is not None and self.cgroups is not None:
+            try:
+                self.cgroups.kill(cgroup)
+                return
+            except OSError as exc:
+                log.warning("cannot kill cgroup %s (%s); killing worker %d's processes one by one", cgroup, exc, pid)
+        kill_tree(pid, namespace)
+
+    def release(self, cgroup: Path | None) -> None:
+        """After the worker was reaped: remove its cgroup."""
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.remove(cgroup)
+
+
+_current = Isolation()
+
+
+def current() -> Isolation:
+    """The isolation `Worker.spawn` applies: the service's inside `isolated()`, else the default."""
+    return _current
+
+
+# -- process trees without cgroups ------------------------------------------------------------------------
+
+
+def _process_table(namespace: int | None) -> tuple[dict[int, list[int]], set[int]]:
+    """Children by parent pid for every process, and the pids in user namespace `namespace`."""
+    children: dict[int, list[int]] = {}
+    members: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as file:
+                stat = file.read()
+            # The command name may hold spaces and parentheses: the fields that follow it start after the last `)`.
+            ppid = int(stat[stat.rindex(b")") + 2 :].split(maxsplit=2)[1])
+            if namespace is not None and os.stat(f"/proc/{name}/ns/user").st_ino == namespace:
+                members.add(int(name))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile, or not ours to look at
+        children.setdefault(ppid, []).append(int(name))
+    return children, members
+
+
+def kill_tree(root: int, namespace: int | None = None, *, rounds: int = 16) -> set[int]:
+    """SIGKILL `root`, its descendants, and (given its user namespace's inode) every process in that namespace.
+
+    Each process found is stopped at once, so it cannot fork while the rest of the tree is read; the table is
+    re-read until it holds nothing new (at most `rounds` times). Returns the pids killed besides `root`.
+    """
+    _signal(root, signal.SIGSTOP)
+    stopped: set[int] = set()
+    for _ in range(rounds):
+        children, found = _process_table(namespace)
+        stack = [root]
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+        new = found - stopped - {root, os.getpid()}
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in (root, *stopped):
+        _signal(pid, signal.SIGKILL)
+    try:
+        os.killpg(root, signal.SIGKILL)  # its process group too (the worker leads one; it is not reaped yet)
+    except OSError:
+        pass
+    return stopped
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # gone already
+
+
+# -- cgroups ---------------------------------------------------------------------------------------------
+
+
+class CgroupsUnavailable(Exception):
+    """No writable cgroup v2 hierarchy with `cgroup.kill` here; the message says why."""
+
+
+class Cgroups:
+    """A cgroup v2 folder for this service (`eventfn-<pid>`, under its own cgroup), with one child per worker."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._next = 0
+        self._leftover: set[Path] = set()
+
+    @classmethod
+    def create(cls) -> Cgroups:
+        """Create this service's cgroup, after removing those of services that died; `CgroupsUnavailable`."""
+        own = own_cgroup()
+        sweep_stale(own)
+        base = own / f"eventfn-{os.getpid()}"
+        try:
+            base.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CgroupsUnavailable(f"cannot create a cgroup in {own}: {exc.strerror}") from exc
+        if not (base / "cgroup.kill").exists():
+            base.rmdir()
+            raise CgroupsUnavailable("the kernel has no cgroup.kill (Linux 5.14 or later)")
+        return cls(base)
+
+    def add(self, pid: int) -> Path:
+        """A new cgroup holding process `pid`."""
+        for path in list(self._leftover):
+            self.remove(path)
+        path = self.base / f"w{self._next}"
+        self._next += 1
+        path.mkdir()
+        try:
+            (path / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            path.rmdir()
+            raise
+        return path
+
+    def kill(self, path: Path) -> None:
+        """SIGKILL every process in cgroup `path`, at once."""
+        (path / "cgroup.kill").write_text("1")
+
+    def remove(self, path: Path) -> None:
+        """Remove cgroup `path`; one whose last processes are still exiting is retried later."""
+        try:
+            path.rmdir()
+            self._leftover.discard(path)
+        except FileNotFoundError:
+            self._leftover.discard(path)
+        except OSError:
+            self._leftover.add(path)
+
+    async def close(self) -> None:
+        """Kill whatever is left in this service's cgroups and remove them."""
+        await _remove_tree(self.base)
+
+
+def own_cgroup() -> Path:
+    """This process's cgroup folder in the cgroup v2 hierarchy; `CgroupsUnavailable` if there is none."""
+    try:
+        with open("/proc/self/cgroup") as file:
+            lines = file.read().splitlines()
+        with open("/proc/self/mountinfo") as file:
+            mounts = file.read().splitlines()
+    except OSError as exc:
+        raise CgroupsUnavailable(f"cannot read /proc: {exc.strerror}") from exc
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        raise CgroupsUnavailable("no cgroup v2 hierarchy (cgroup v1 only)")
+    for line in mounts:
+        before, _, after = line.partition(" - ")
+        fields = before.split()
+        if after.split()[:1] == ["cgroup2"] and len(fields) >= 5:
+            root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
+            if path == root or path.startswith(root.rstrip("/") + "/"):
+                return Path(mountpoint) / path[len(root) :].lstrip("/")
+    raise CgroupsUnavailable(f"cgroup v2 is not mounted where this process's cgroup ({path}) is visible")
+
+
+def _unescape(text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def sweep_stale(parent: Path) -> None:
+    """Kill and remove the cgroups of eventfn services that are gone (SIGKILLed before they could)."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        match = re.fullmatch(r"eventfn-(\d+)", path.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        try:
+            (path / "cgroup.kill").write_text("1")
+        except OSError:
+            continue
+        log.warning("killed what was left in %s by an eventfn service that ended without cleaning up", path)
+        for child in path.iterdir():
+            if child.is_dir():
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass  # still exiting: removed by a later start
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _remove_tree(base: Path, wait: float = 2.0) -> None:
+    """Kill everything in `base` and remove it with its children, waiting up to `wait` s for processes to exit."""
+    try:
+        (base / "cgroup.kill").write_text("1")
+    except OSError:
+        return
+    with anyio.move_on_after(wait):
+        while True:
+            for child in [p for p in base.iterdir() if p.is_dir()]:
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+            try:
+                base.rmdir()
+                return
+            except OSError:
+                pass
+            # Killed processes leave their cgroup as they finish exiting: nothing announces it but cgroup.events.
+            await anyio.sleep(0.02)
+    log.warning("cgroup %s still holds processes; the next start removes it", base)
+
+
+# The keeper: if the service dies without cleaning up, it kills what is left in the service's cgroups.
+# Its stdin is a pipe whose only writer is the service: end of file means the service is gone.
+_KEEPER = """trap '' INT TERM HUP
+read -r _
+echo 1 > "$1/cgroup.kill" 2>/dev/null
+i=0
+while [ -d "$1" ] && [ "$i" -lt 100 ]; do
+  for d in "$1"/*/; do rmdir "$d" 2>/dev/null; done
+  rmdir "$1" 2>/dev/null && break
+  sleep 0.05 2>/dev/null || sleep 1
+  i=$((i + 1))
+done
+"""
+
+
+@asynccontextmanager
+async def _keeper(base: Path) -> AsyncIterator[None]:
+    read, write = os.pipe()
+    try:
+        process = await anyio.open_process(
+            ["/bin/sh", "-c", _KEEPER, "eventfn-keeper", str(base)],
+            stdin=read,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # no terminal signal reaches it
+        )
+    except OSError as exc:
+        os.close(read)
+        os.close(write)
+        log.warning("no keeper for the workers' cgroups (%s): a SIGKILLed service may leave processes", exc)
+        yield
+        return
+    os.close(read)
+    try:
+        yield
+    finally:
+        os.close(write)
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+
+# -- start-up --------------------------------------------------------------------------------------------
+
+
+async def _probe(
+    handlers: str, env: Mapping[str, str], *, user_namespace: bool, user: pwd.struct_passwd | None = None
+) -> sandbox.Probe | str:
+    """Run `eventfn.sandbox probe` as the worker user; the probe's findings, or why it could not run."""
+    command = [sys.executable, "-P", "-m", "eventfn.sandbox", "probe", handlers]
+    if user_namespace:
+        command.append("--user-namespace")
+    credentials: dict[str, Any] = {}
+    if user is not None:
+        credentials = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    try:
+        with anyio.fail_after(PROBE_TIMEOUT):
+            done = await anyio.run_process(
+                command,
+                check=False,
+                env={k: v for k, v in env.items() if sandbox.is_start_up_variable(k)},
+                cwd="/",
+                **credentials,
+            )
+    except TimeoutError:
+        return f"the probe did not finish within {PROBE_TIMEOUT:.0f} s"
+    except OSError as exc:
+        return f"cannot run {sys.executable}: {exc.strerror}"
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"{sys.executable} -m eventfn.sandbox failed: {lines[-1] if lines else f'exit {done.returncode}'}"
+    try:
+        return msgspec.json.decode(done.stdout, type=sandbox.Probe)
+    except msgspec.DecodeError:
+        return f"unexpected probe output: {done.stdout[:200]!r}"
+
+
+def _lookup(user: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            "[workers] user", f"no user {user!r} on this system", "create it (e.g. `useradd --system eventfn-worker`)"
+        ) from None
+
+
+async def detect(config: ServiceConfig) -> tuple[Isolation, list[str]]:
+    """Work out what isolation this platform allows for `config`; returns it and what to log about it."""
+    settings = config.workers
+    handlers = os.path.abspath(config.handlers)
+    notes: list[str] = []
+    euid = os.geteuid()
+    found: sandbox.Probe | str | None = None
+    worker_user: pwd.struct_passwd | None = None
+    if sandbox.LINUX and euid == 0 and (settings.user or "nobody") not in ("root", "0"):
+        name = settings.user or "nobody"
+        candidate = _lookup(name)
+        if candidate.pw_uid != 0:
+            env = base_environment(os.environ, settings.env_passthrough, home=candidate.pw_dir)
+            found = await _probe(handlers, env, user_namespace=settings.user_namespace, user=candidate)
+            if isinstance(found, sandbox.Probe) and found.unreadable:
+                found = f"it cannot read {found.unreadable.removesuffix(': permission denied')}"
+            if isinstance(found, str):
+                notes.append(
+                    f"workers run as root, not as {name}: {found}. To fix: install Python where {name} can run it "
+                    f"(not under /root), make {handlers} readable to {name}, or choose another user with "
+                    '[workers] user; set [workers] user = "root" to run workers as root on purpose'
+                )
+                found = None
+            else:
+                worker_user = candidate
+    elif settings.user is not None and euid != 0 and settings.user not in (str(euid), _name_of(euid)):
+        notes.append(f"[workers] user = {settings.user!r} needs the service to run as root; workers run as uid {euid}")
+    home = worker_user.pw_dir if worker_user else os.environ.get("HOME")
+    environment = base_environment(os.environ, settings.env_passthrough, home=home)
+    if found is None and sandbox.LINUX and settings.user_namespace:
+        found = await _probe(handlers, environment, user_namespace=True)
+    userns = False
+    if settings.user_namespace and sandbox.LINUX:
+        if isinstance(found, sandbox.Probe) and found.user_namespace is None:
+            userns = True
+        else:
+            reason = found if isinstance(found, str) else found.user_namespace if found else "not probed"
+            notes.append(f"workers share one user namespace: {reason}")
+    cgroups: Cgroups | None = None
+    if settings.cgroup and sandbox.LINUX:
+        try:
+            cgroups = Cgroups.create()
+        except CgroupsUnavailable as exc:
+            notes.append(
+                f"workers have no cgroups ({exc}): what a handler starts detached can outlive a worker that "
+                "crashes, or a SIGKILLed service"
+            )
+    isolation = Isolation(
+        environment=environment,
+        uid=worker_user.pw_uid if worker_user else None,
+        gid=worker_user.pw_gid if worker_user else None,
+        user_namespace=userns,
+        cgroups=cgroups,
+    )
+    return isolation, notes
+
+
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)  # a container's arbitrary uid may have no passwd entry
+
+
+def describe(isolation: Isolation) -> str:
+    """One line for the log: how workers run."""
+    if isolation.uid is not None:
+        user = f"{_name_of(isolation.uid)} (uid {isolation.uid})"
+    else:
+        user = f"uid {os.geteuid()}, like the service"
+    parts = [f"workers run as {user}", "without capabilities", "not dumpable"]
+    if isolation.user_namespace:
+        parts.append("each in its own user namespace")
+    if isolation.cgroups is not None:
+        parts.append(f"each in its own cgroup under {isolation.cgroups.base}")
+    return ", ".join(parts)
+
+
+@asynccontextmanager
+async def isolated(config: ServiceConfig) -> AsyncIterator[Isolation]:
+    """Detect and apply worker isolation for the service's lifetime (`current()` returns it meanwhile)."""
+    global _current
+    isolation, notes = await detect(config)
+    for note in notes:
+        log.warning("%s", note)
+    if sandbox.LINUX and isolation.uid is None and os.geteuid() != 0 and not isolation.user_namespace:
+        # Workers share the service's uid and a user namespace: only this keeps them out of its
+        # /proc/<pid>/environ (which holds its NATS credentials) and memory.
+        sandbox.set_dumpable(False)
+        log.info("the service made itself non-dumpable, so that workers cannot read its environment or memory")
+    if not sandbox.LINUX:
+        log.warning("worker isolation beyond separate processes and a clean environment needs Linux")
+    else:
+        log.info("%s", describe(isolation))
+    previous, _current = _current, isolation
+    async with AsyncExitStack() as stack:
+        if isolation.cgroups is not None:
+            await stack.enter_async_context(_keeper(isolation.cgroups.base))
+        try:
+            yield isolation
+        finally:
+            _current = previous
+            if isolation.cgroups is not None:
+                with anyio.CancelScope(shield=True):
+                    await isolation.cgroups.close()  # then the keeper, finding nothing left, ends
