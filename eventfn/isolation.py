@@ -42,8 +42,10 @@ from eventfn.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Service variables every worker gets: what processes and the interpreter need to start and behave.
-BASIC_NAMES = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH")
+#: Service variables every worker gets: what processes and the interpreter need to start and behave the same
+#: as the service's (`PYTHONPATH` to find eventfn, `PYTHONDONTWRITEBYTECODE`, ...).
+BASIC_NAMES = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH")
+BASIC_PREFIXES = ("LC_", "PYTHON")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PROBE_TIMEOUT = 30.0
 
@@ -55,7 +57,7 @@ def base_environment(
     # glibc reserves 64 MB of address space per thread arena; the worker's memory limit caps address
     # space, so a threaded handler would run out early without a small arena count.
     env = {"MALLOC_ARENA_MAX": "2", "PATH": _DEFAULT_PATH}
-    env.update({k: v for k, v in environ.items() if k in BASIC_NAMES or k.startswith("LC_")})
+    env.update({k: v for k, v in environ.items() if k in BASIC_NAMES or k.startswith(BASIC_PREFIXES)})
     if home is not None:
         env["HOME"] = home
     for name in passthrough:
@@ -104,10 +106,12 @@ class Isolation:
 
     def namespace_of(self, pid: int) -> int | None:
         """The inode of a worker's user namespace, which identifies every process it starts; None without."""
-        if not self.user_namespace or self.cgroups is not None:
-            return None  # with a cgroup, the cgroup already holds them all
+        if not self.user_namespace:
+            return None
         try:
-            return os.stat(f"/proc/{pid}/ns/user").st_ino
+            inode = os.stat(f"/proc/{pid}/ns/user").st_ino
+            # Never the service's own namespace: `kill_tree` kills every process in the one it is given.
+            return None if inode == os.stat("/proc/self/ns/user").st_ino else inode
         except OSError:
             return None
 
@@ -164,6 +168,8 @@ def kill_tree(root: int, namespace: int | None = None, *, rounds: int = 16) -> s
     Each process found is stopped at once, so it cannot fork while the rest of the tree is read; the table is
     re-read until it holds nothing new (at most `rounds` times). Returns the pids killed besides `root`.
     """
+    if namespace is not None and namespace == os.stat("/proc/self/ns/user").st_ino:
+        namespace = None  # ours: that would be every process around
     _signal(root, signal.SIGSTOP)
     stopped: set[int] = set()
     for _ in range(rounds):
@@ -412,7 +418,7 @@ async def _probe(
     except TimeoutError:
         return f"the probe did not finish within {PROBE_TIMEOUT:.0f} s"
     except OSError as exc:
-        return f"cannot run {sys.executable}: {exc.strerror}"
+        return f"cannot run {os.path.realpath(sys.executable)}: {exc.strerror}"
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         return f"{sys.executable} -m eventfn.sandbox failed: {lines[-1] if lines else f'exit {done.returncode}'}"
@@ -449,9 +455,10 @@ async def detect(config: ServiceConfig) -> tuple[Isolation, list[str]]:
                 found = f"it cannot read {found.unreadable.removesuffix(': permission denied')}"
             if isinstance(found, str):
                 notes.append(
-                    f"workers run as root, not as {name}: {found}. To fix: install Python where {name} can run it "
-                    f"(not under /root), make {handlers} readable to {name}, or choose another user with "
-                    '[workers] user; set [workers] user = "root" to run workers as root on purpose'
+                    f"workers run as root, not as {name}: {found}. Without capabilities, but they can still read "
+                    f"and write every file root owns. To fix: install Python where {name} can run it (not under "
+                    f"/root), make {handlers} readable to {name}, or choose another user with [workers] user; "
+                    'set [workers] user = "root" to run workers as root on purpose'
                 )
                 found = None
             else:
@@ -474,9 +481,10 @@ async def detect(config: ServiceConfig) -> tuple[Isolation, list[str]]:
         try:
             cgroups = Cgroups.create()
         except CgroupsUnavailable as exc:
+            outlives = "a SIGKILLed service" if userns else "a worker that crashes, or a SIGKILLed service"
             notes.append(
-                f"workers have no cgroups ({exc}): what a handler starts detached can outlive a worker that "
-                "crashes, or a SIGKILLed service"
+                f"workers have no cgroups of their own ({exc}; under systemd, set Delegate=yes): "
+                f"a process a handler starts detached can outlive {outlives}"
             )
     isolation = Isolation(
         environment=environment,

@@ -310,9 +310,9 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
         )
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(isolation.isolated(config))
         urls, embedded = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, config.nats))
+        await stack.enter_async_context(isolation.isolated(config))  # once NATS works: its errors come first
         await bus.ensure_stream(DLQ_STREAM, [subjects.DLQ_PREFIX + ">"], max_age=14 * 86_400.0)
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "nats.url").write_text(bus.url + "\n", encoding="utf-8")
