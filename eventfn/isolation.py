@@ -9,9 +9,9 @@
   capabilities, and the log says why and what to change.
 - **Process trees**: each worker gets a cgroup of its own where a cgroup v2 hierarchy is writable;
   `cgroup.kill` then stops the worker and everything it started, detached or not, even after the worker died.
-  A keeper process does the same for all of them if the service is SIGKILLed. Without cgroups, the worker's
-  descendants are found through /proc (and, with a user namespace, every process in it, which nothing the
-  handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
+  A keeper process does the same for all of them if the service is SIGKILLed (`eventfn.cgroups`). Without
+  cgroups, the worker's descendants are found through /proc (and, with a user namespace, every process in
+  it, which nothing the handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
 
 `isolated(config)` sets this up for `eventfn serve`; pools created outside it (tests, embedding) get `current()`'s
 default: the worker confines itself, without a user switch, user namespace or cgroup.
@@ -22,9 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import re
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -37,6 +35,7 @@ import anyio.abc
 import msgspec
 
 from eventfn import sandbox
+from eventfn.cgroups import Cgroups, CgroupsUnavailable, keeper, kill_cgroup
 from eventfn.config import ServiceConfig
 from eventfn.errors import ConfigError
 
@@ -74,9 +73,10 @@ class Isolation:
 
     #: `base_environment` for this service: `Service._environment` builds on it.
     environment: dict[str, str] = field(default_factory=lambda: base_environment(os.environ))
-    #: Run workers as this uid and gid; None: as the service.
+    #: Run workers as this uid, gid and supplementary groups (the user's own); None: as the service.
     uid: int | None = None
     gid: int | None = None
+    groups: list[int] = field(default_factory=list)
     user_namespace: bool = False
     cgroups: Cgroups | None = None
 
@@ -92,43 +92,63 @@ class Isolation:
         """`open_process` arguments that start a worker as the worker user."""
         if self.uid is None:
             return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
-    def adopt(self, pid: int) -> Path | None:
-        """Put a new worker in a cgroup of its own (before it runs handler code); None without cgroups."""
-        if self.cgroups is None:
-            return None
-        try:
-            return self.cgroups.add(pid)
-        except OSError as exc:
-            log.warning("worker %d runs without a cgroup of its own: %s", pid, exc)
-            return None
-
-    def namespace_of(self, pid: int) -> int | None:
-        """The inode of a worker's user namespace, which identifies every process it starts; None without."""
-        if not self.user_namespace:
-            return None
-        try:
-            inode = os.stat(f"/proc/{pid}/ns/user").st_ino
-            # Never the service's own namespace: `kill_tree` kills every process in the one it is given.
-            return None if inode == os.stat("/proc/self/ns/user").st_ino else inode
-        except OSError:
-            return None
-
-    def kill(self, pid: int, cgroup: Path | None, namespace: int | None) -> None:
-        """SIGKILL a worker (alive, or dead and not yet reaped) and every process it started."""
-        if cgroup is not None and self.cgroups is not None:
+    def track(self, pid: int) -> ProcessTree:
+        """Start tracking a new worker: into a cgroup of its own, if there are cgroups (before it runs any
+        handler code, so that nothing it starts is outside)."""
+        tree = ProcessTree(self, pid)
+        if self.cgroups is not None:
             try:
-                self.cgroups.kill(cgroup)
+                tree.cgroup = self.cgroups.add(pid)
+            except OSError as exc:
+                log.warning("worker %d runs without a cgroup of its own: %s", pid, exc)
+        return tree
+
+
+@dataclass
+class ProcessTree:
+    """One worker and every process it starts, and how to kill them all."""
+
+    isolation: Isolation
+    pid: int
+    cgroup: Path | None = None
+    #: Without a cgroup: an open descriptor of the worker's user namespace. It identifies what the worker
+    #: started, and holding it open keeps the namespace, so its inode number cannot pass to a new one.
+    namespace: int | None = None
+
+    def hold_namespace(self) -> None:
+        """Once the worker has entered its user namespace: hold it (only needed without a cgroup)."""
+        if self.cgroup is not None or not self.isolation.user_namespace or self.namespace is not None:
+            return
+        try:
+            fd = os.open(f"/proc/{self.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        if os.fstat(fd).st_ino == os.stat("/proc/self/ns/user").st_ino:
+            os.close(fd)  # never the service's own: `kill_tree` kills every process in the one it is given
+            return
+        self.namespace = fd
+
+    async def kill(self, *, reaped: bool) -> None:
+        """SIGKILL the worker (unless already `reaped`: its pid may be another process's) and all it started."""
+        if self.cgroup is not None:
+            try:
+                kill_cgroup(self.cgroup)
                 return
             except OSError as exc:
-                log.warning("cannot kill cgroup %s (%s); killing worker %d's processes one by one", cgroup, exc, pid)
-        kill_tree(pid, namespace)
+                log.warning("cannot kill cgroup %s (%s); killing its processes one by one", self.cgroup, exc)
+        namespace = os.fstat(self.namespace).st_ino if self.namespace is not None else None
+        # Reading every /proc entry takes milliseconds per hundred processes: not on the event loop.
+        await anyio.to_thread.run_sync(kill_tree, None if reaped else self.pid, namespace)
 
-    def release(self, cgroup: Path | None) -> None:
-        """After the worker was reaped: remove its cgroup."""
-        if cgroup is not None and self.cgroups is not None:
-            self.cgroups.remove(cgroup)
+    def release(self) -> None:
+        """After the worker was reaped: remove its cgroup, let go of its namespace."""
+        if self.cgroup is not None and self.isolation.cgroups is not None:
+            self.isolation.cgroups.remove(self.cgroup)
+        if self.namespace is not None:
+            os.close(self.namespace)
+            self.namespace = None
 
 
 _current = Isolation()
@@ -162,19 +182,21 @@ def _process_table(namespace: int | None) -> tuple[dict[int, list[int]], set[int
     return children, members
 
 
-def kill_tree(root: int, namespace: int | None = None, *, rounds: int = 16) -> set[int]:
+def kill_tree(root: int | None, namespace: int | None = None, *, rounds: int = 16) -> set[int]:
     """SIGKILL `root`, its descendants, and (given its user namespace's inode) every process in that namespace.
 
-    Each process found is stopped at once, so it cannot fork while the rest of the tree is read; the table is
-    re-read until it holds nothing new (at most `rounds` times). Returns the pids killed besides `root`.
+    `root` None: only the namespace (the worker itself is gone). Each process found is stopped at once, so it
+    cannot fork while the rest of the tree is read; the table is re-read until it holds nothing new (at most
+    `rounds` times). Returns the pids killed besides `root`.
     """
     if namespace is not None and namespace == os.stat("/proc/self/ns/user").st_ino:
         namespace = None  # ours: that would be every process around
-    _signal(root, signal.SIGSTOP)
+    if root is not None:
+        _signal(root, signal.SIGSTOP)
     stopped: set[int] = set()
     for _ in range(rounds):
         children, found = _process_table(namespace)
-        stack = [root]
+        stack = [root] if root is not None else []
         while stack:
             for child in children.get(stack.pop(), ()):
                 if child not in found:
@@ -186,12 +208,14 @@ def kill_tree(root: int, namespace: int | None = None, *, rounds: int = 16) -> s
         for pid in new:
             _signal(pid, signal.SIGSTOP)
         stopped |= new
-    for pid in (root, *stopped):
+    for pid in stopped:
         _signal(pid, signal.SIGKILL)
-    try:
-        os.killpg(root, signal.SIGKILL)  # its process group too (the worker leads one; it is not reaped yet)
-    except OSError:
-        pass
+    if root is not None:
+        _signal(root, signal.SIGKILL)
+        try:
+            os.killpg(root, signal.SIGKILL)  # its process group too (the worker leads one)
+        except OSError:
+            pass
     return stopped
 
 
@@ -200,197 +224,6 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except OSError:
         pass  # gone already
-
-
-# -- cgroups ---------------------------------------------------------------------------------------------
-
-
-class CgroupsUnavailable(Exception):
-    """No writable cgroup v2 hierarchy with `cgroup.kill` here; the message says why."""
-
-
-class Cgroups:
-    """A cgroup v2 folder for this service (`eventfn-<pid>`, under its own cgroup), with one child per worker."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self._next = 0
-        self._leftover: set[Path] = set()
-
-    @classmethod
-    def create(cls) -> Cgroups:
-        """Create this service's cgroup, after removing those of services that died; `CgroupsUnavailable`."""
-        own = own_cgroup()
-        sweep_stale(own)
-        base = own / f"eventfn-{os.getpid()}"
-        try:
-            base.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise CgroupsUnavailable(f"cannot create a cgroup in {own}: {exc.strerror}") from exc
-        if not (base / "cgroup.kill").exists():
-            base.rmdir()
-            raise CgroupsUnavailable("the kernel has no cgroup.kill (Linux 5.14 or later)")
-        return cls(base)
-
-    def add(self, pid: int) -> Path:
-        """A new cgroup holding process `pid`."""
-        for path in list(self._leftover):
-            self.remove(path)
-        path = self.base / f"w{self._next}"
-        self._next += 1
-        path.mkdir()
-        try:
-            (path / "cgroup.procs").write_text(str(pid))
-        except OSError:
-            path.rmdir()
-            raise
-        return path
-
-    def kill(self, path: Path) -> None:
-        """SIGKILL every process in cgroup `path`, at once."""
-        (path / "cgroup.kill").write_text("1")
-
-    def remove(self, path: Path) -> None:
-        """Remove cgroup `path`; one whose last processes are still exiting is retried later."""
-        try:
-            path.rmdir()
-            self._leftover.discard(path)
-        except FileNotFoundError:
-            self._leftover.discard(path)
-        except OSError:
-            self._leftover.add(path)
-
-    async def close(self) -> None:
-        """Kill whatever is left in this service's cgroups and remove them."""
-        await _remove_tree(self.base)
-
-
-def own_cgroup() -> Path:
-    """This process's cgroup folder in the cgroup v2 hierarchy; `CgroupsUnavailable` if there is none."""
-    try:
-        with open("/proc/self/cgroup") as file:
-            lines = file.read().splitlines()
-        with open("/proc/self/mountinfo") as file:
-            mounts = file.read().splitlines()
-    except OSError as exc:
-        raise CgroupsUnavailable(f"cannot read /proc: {exc.strerror}") from exc
-    path = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if path is None:
-        raise CgroupsUnavailable("no cgroup v2 hierarchy (cgroup v1 only)")
-    for line in mounts:
-        before, _, after = line.partition(" - ")
-        fields = before.split()
-        if after.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-            root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
-            if path == root or path.startswith(root.rstrip("/") + "/"):
-                return Path(mountpoint) / path[len(root) :].lstrip("/")
-    raise CgroupsUnavailable(f"cgroup v2 is not mounted where this process's cgroup ({path}) is visible")
-
-
-def _unescape(text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def sweep_stale(parent: Path) -> None:
-    """Kill and remove the cgroups of eventfn services that are gone (SIGKILLed before they could)."""
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for path in entries:
-        match = re.fullmatch(r"eventfn-(\d+)", path.name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
-            continue
-        try:
-            (path / "cgroup.kill").write_text("1")
-        except OSError:
-            continue
-        log.warning("killed what was left in %s by an eventfn service that ended without cleaning up", path)
-        for child in path.iterdir():
-            if child.is_dir():
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass  # still exiting: removed by a later start
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def _remove_tree(base: Path, wait: float = 2.0) -> None:
-    """Kill everything in `base` and remove it with its children, waiting up to `wait` s for processes to exit."""
-    try:
-        (base / "cgroup.kill").write_text("1")
-    except OSError:
-        return
-    with anyio.move_on_after(wait):
-        while True:
-            for child in [p for p in base.iterdir() if p.is_dir()]:
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
-            try:
-                base.rmdir()
-                return
-            except OSError:
-                pass
-            # Killed processes leave their cgroup as they finish exiting: nothing announces it but cgroup.events.
-            await anyio.sleep(0.02)
-    log.warning("cgroup %s still holds processes; the next start removes it", base)
-
-
-# The keeper: if the service dies without cleaning up, it kills what is left in the service's cgroups.
-# Its stdin is a pipe whose only writer is the service: end of file means the service is gone.
-_KEEPER = """trap '' INT TERM HUP
-read -r _
-echo 1 > "$1/cgroup.kill" 2>/dev/null
-i=0
-while [ -d "$1" ] && [ "$i" -lt 100 ]; do
-  for d in "$1"/*/; do rmdir "$d" 2>/dev/null; done
-  rmdir "$1" 2>/dev/null && break
-  sleep 0.05 2>/dev/null || sleep 1
-  i=$((i + 1))
-done
-"""
-
-
-@asynccontextmanager
-async def _keeper(base: Path) -> AsyncIterator[None]:
-    read, write = os.pipe()
-    try:
-        process = await anyio.open_process(
-            ["/bin/sh", "-c", _KEEPER, "eventfn-keeper", str(base)],
-            stdin=read,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # no terminal signal reaches it
-        )
-    except OSError as exc:
-        os.close(read)
-        os.close(write)
-        log.warning("no keeper for the workers' cgroups (%s): a SIGKILLed service may leave processes", exc)
-        yield
-        return
-    os.close(read)
-    try:
-        yield
-    finally:
-        os.close(write)
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
 
 
 # -- start-up --------------------------------------------------------------------------------------------
@@ -405,7 +238,8 @@ async def _probe(
         command.append("--user-namespace")
     credentials: dict[str, Any] = {}
     if user is not None:
-        credentials = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        groups = os.getgrouplist(user.pw_name, user.pw_gid)
+        credentials = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": groups}
     try:
         with anyio.fail_after(PROBE_TIMEOUT):
             done = await anyio.run_process(
@@ -490,6 +324,7 @@ async def detect(config: ServiceConfig) -> tuple[Isolation, list[str]]:
         environment=environment,
         uid=worker_user.pw_uid if worker_user else None,
         gid=worker_user.pw_gid if worker_user else None,
+        groups=os.getgrouplist(worker_user.pw_name, worker_user.pw_gid) if worker_user else [],
         user_namespace=userns,
         cgroups=cgroups,
     )
@@ -536,7 +371,7 @@ async def isolated(config: ServiceConfig) -> AsyncIterator[Isolation]:
     previous, _current = _current, isolation
     async with AsyncExitStack() as stack:
         if isolation.cgroups is not None:
-            await stack.enter_async_context(_keeper(isolation.cgroups.base))
+            await stack.enter_async_context(keeper(isolation.cgroups.base))
         try:
             yield isolation
         finally:

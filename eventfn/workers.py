@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -81,10 +80,8 @@ class Worker:
         self._buffer = bytearray()
         self.init_ms: float | None = None
         self.invocations = 0
-        self.isolation = isolation.current()
-        #: The worker's own cgroup, or its user namespace's inode: what `kill` finds its processes by.
-        self.cgroup: Path | None = None
-        self.namespace: int | None = None
+        #: The worker and what it starts, as `kill` finds them (set by `spawn`).
+        self.tree: isolation.ProcessTree | None = None
         self._killed = False
 
     @classmethod
@@ -112,7 +109,7 @@ class Worker:
         try:
             with anyio.fail_after(INIT_TIMEOUT):
                 # Into its cgroup before the preamble lets it go on: nothing it starts is outside.
-                worker.cgroup = iso.adopt(process.pid)
+                worker.tree = iso.track(process.pid)
                 try:
                     await worker._stdin.send(iso.preamble(env))
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -136,7 +133,7 @@ class Worker:
             )
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
-        worker.namespace = iso.namespace_of(process.pid)
+        worker.tree.hold_namespace()
         return worker
 
     async def _receive(self) -> protocol.Message:
@@ -185,9 +182,14 @@ class Worker:
             if self._killed:
                 return  # once reaped, its pid may belong to another process
             self._killed = True
-            self.isolation.kill(self.process.pid, self.cgroup, self.namespace)
+            if self.tree is None:  # `spawn` tracks it right after the process started
+                if self.process.returncode is None:
+                    self.process.kill()
+            else:
+                await self.tree.kill(reaped=self.process.returncode is not None)
             await self.process.aclose()
-            self.isolation.release(self.cgroup)
+            if self.tree is not None:
+                self.tree.release()
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pytest
 from nats.aio.client import Client
 
 import eventfn
-from eventfn import isolation, sandbox
+from eventfn import cgroups, isolation, sandbox
 from eventfn.config import environment_overrides, load_service_config
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
 
@@ -334,7 +334,7 @@ async def test_processes_a_handler_starts_end_with_its_worker(
     assert service.wait() == 0
     assert wait_gone(pids[reach]) == [], "after the service stopped"
     if mode == "cgroup":
-        assert not list(Path(isolation.own_cgroup()).glob(f"eventfn-{service.process.pid}")), "cgroups removed"  # type: ignore[union-attr]
+        assert not list(Path(cgroups.own_cgroup()).glob(f"eventfn-{service.process.pid}")), "cgroups removed"  # type: ignore[union-attr]
 
 
 @linux_only
@@ -487,7 +487,7 @@ sys.stdin.read()
             assert os.stat(f"/proc/{daemon}/ns/user").st_ino == namespace
             root.kill()  # the "worker" dies first, as a crash would; not reaped yet, as in `Worker.kill`
             assert wait_gone([root.pid]) == [] and not dead(daemon)
-            isolation.kill_tree(root.pid, namespace)
+            isolation.kill_tree(None, namespace)  # reaped or not, the namespace alone finds it
             assert wait_gone([daemon]) == []
         finally:
             if daemon:
