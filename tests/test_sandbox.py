@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
@@ -414,52 +415,110 @@ def test_a_root_service_that_cannot_switch_users_says_why_once(tmp_path: Path, n
     assert 'set [workers] user = "root"' in reason
 
 
-@linux_only
-@pytest.mark.e2e
-async def test_a_root_service_runs_workers_as_an_unprivileged_user(tmp_path: Path, nats_server: NatsServer) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs a service running as root")
-    nobody = 65534
-    site = str(Path(__import__("msgspec").__file__).parent.parent)
-    source = str(Path(eventfn.__file__).parent.parent)
-    interpreter = _interpreter_for(nobody, f"{source}:{site}")
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_python() -> tuple[str, str]:
+    """A Python that uid 65534 can run, with the PYTHONPATH that gives it eventfn; skips without one."""
+    if not sandbox.LINUX or os.geteuid() != 0:
+        pytest.skip("needs Linux and a test run as root")
+    site = str(Path(msgspec.__file__).parent.parent)
+    pythonpath = f"{Path(eventfn.__file__).parent.parent}:{site}"
+    interpreter = _interpreter_for(NOBODY, pythonpath)
     if interpreter is None:
         pytest.skip("no Python of this version that uid 65534 can run with eventfn's dependencies")
-    shared = Path(tempfile.mkdtemp(prefix="eventfn-users-"))
-    try:
-        shared.chmod(0o755)
-        handlers = shared / "handlers"
-        handlers.mkdir(mode=0o755)
-        (handlers / "_probe.py").write_text(PROBE_MODULE)
-        private = shared / "root-only.txt"
-        private.write_text("root's")
-        private.chmod(0o600)
-        write_handler(
-            handlers,
-            "whoami",
-            f"""
-            import os
+    return interpreter, pythonpath
 
-            def handler(event, context):
-                try:
-                    text = open({str(private)!r}).read()
-                except OSError as exc:
-                    text = type(exc).__name__
-                return {{"uid": os.getuid(), "private": text, "home": os.environ.get("HOME")}}
-            """,
-        )
-        service = Serve(handlers, nats_server.url, tmp_path / "data", env={"PYTHONPATH": f"{source}:{site}"})
-        service.args[0] = interpreter
-        with service:
-            service.log.wait_for(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
-            nc = await nats.connect(nats_server.url)
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder other users can read (pytest's own are root's alone), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="eventfn-users-"))
+    path.chmod(0o755)
+    (path / "handlers").mkdir(mode=0o755)
+    (path / "handlers" / "_probe.py").write_text(PROBE_MODULE)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.e2e
+async def test_a_root_service_runs_workers_as_an_unprivileged_user(
+    tmp_path: Path, nats_server: NatsServer, nobody_python: tuple[str, str], shared: Path
+) -> None:
+    interpreter, pythonpath = nobody_python
+    private = shared / "root-only.txt"
+    private.write_text("root's")
+    private.chmod(0o600)
+    write_handler(
+        shared / "handlers",
+        "whoami",
+        f"""
+        import os
+
+        def handler(event, context):
             try:
-                seen = await invoke(nc, "whoami")
-            finally:
-                await nc.close()
-    finally:
-        shutil.rmtree(shared)
-    assert seen == {"uid": nobody, "private": "PermissionError", "home": "/nonexistent"}
+                text = open({str(private)!r}).read()
+            except OSError as exc:
+                text = type(exc).__name__
+            return {{"uid": os.getuid(), "private": text, "home": os.environ.get("HOME")}}
+        """,
+    )
+    service = Serve(shared / "handlers", nats_server.url, tmp_path / "data", env={"PYTHONPATH": pythonpath})
+    service.args[0] = interpreter
+    with service:
+        service.log.wait_for(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
+        nc = await nats.connect(nats_server.url)
+        try:
+            seen = await invoke(nc, "whoami")
+        finally:
+            await nc.close()
+    assert seen == {"uid": NOBODY, "private": "PermissionError", "home": "/nonexistent"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("user_namespace", [True, False], ids=["own-user-namespace", "shared-user-namespace"])
+async def test_workers_of_a_non_root_service_cannot_read_its_environment(
+    nats_server: NatsServer, nobody_python: tuple[str, str], shared: Path, user_namespace: bool
+) -> None:
+    """The shipped systemd unit's shape: the service and its workers share one uid (no capabilities either)."""
+    interpreter, pythonpath = nobody_python
+    write_handler(
+        shared / "handlers",
+        "peek",
+        """
+        import os
+
+        def handler(event, context):
+            try:
+                return open(f"/proc/{os.getppid()}/environ", "rb").read().decode(errors="replace")
+            except OSError as exc:
+                return type(exc).__name__
+        """,
+    )
+    data = shared / "data"
+    data.mkdir()
+    os.chown(data, NOBODY, NOBODY)
+    (shared / "eventfn.toml").write_text(f"[workers]\nuser_namespace = {str(user_namespace).lower()}\n")
+    service = Serve(
+        shared / "handlers",
+        nats_server.url,
+        data,
+        extra_args=["--config", str(shared / "eventfn.toml")],
+        env={"PYTHONPATH": pythonpath, "SECRET_DB_PASSWORD": "hunter2"},
+    )
+    service.args[:1] = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", interpreter]
+    with service:
+        if user_namespace:
+            service.log.wait_for(r"workers run as uid 65534, like the service.*own user namespace")
+        else:
+            service.log.wait_for(r"the service made itself non-dumpable")
+        nc = await nats.connect(nats_server.url)
+        try:
+            seen = await invoke(nc, "peek")
+        finally:
+            await nc.close()
+    assert seen == "PermissionError"
 
 
 # -- the pieces on their own --------------------------------------------------------------------------------
