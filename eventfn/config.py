@@ -206,6 +206,21 @@ class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     replicas: Replicas | None = None
 
 
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How worker processes are separated from the service and from each other (README: Handler isolation)."""
+
+    #: Service environment variables every worker also gets, by name; `PREFIX_*` takes all that start so.
+    #: Nothing else of the service's environment reaches a handler beyond Lambda's variables and the basics.
+    env_passthrough: list[str] = []
+    #: Workers run as this user (name or uid) when the service runs as root. None: `nobody`, falling back to
+    #: root with a warning when that user cannot run the interpreter or read the handlers.
+    user: str | None = None
+    #: Each worker in a user namespace of its own, where the kernel allows it.
+    user_namespace: bool = True
+    #: Each worker and whatever it starts in a cgroup of its own, where a cgroup v2 hierarchy is writable.
+    cgroup: bool = True
+
+
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole service configuration after files, environment and flags are merged."""
 
@@ -214,6 +229,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
     dlq: DlqSettings = DlqSettings()
+    workers: WorkerSettings = WorkerSettings()
     functions: dict[str, dict[str, Any]] = {}
     #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
@@ -269,6 +285,8 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     nats = dict(data.get("nats", {}))
     if isinstance(nats.get("url"), str):
         nats["url"] = [u for u in nats["url"].split(",") if u]
+    workers = data.get("workers", {})
+    workers = dict(workers) if isinstance(workers, dict) else workers  # not a table: the validator says so
     for key, value in overrides.items():
         if value is None:
             continue
@@ -276,9 +294,13 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
             nats["auth"] = {**nats.get("auth", {}), key.removeprefix("nats.auth."): value}
         elif key.startswith("nats."):
             nats[key.removeprefix("nats.")] = value
+        elif key.startswith("workers.") and isinstance(workers, dict):
+            workers[key.removeprefix("workers.")] = value
         else:
             data[key] = value
     data["nats"] = nats
+    if workers:
+        data["workers"] = workers
     return _convert(data, ServiceConfig, where)  # type: ignore[no-any-return]
 
 
@@ -306,6 +328,10 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
     ):
         if value := environ.get(env):
             out[key] = value
+    if names := environ.get("EVENTFN_WORKER_ENV_PASSTHROUGH"):
+        out["workers.env_passthrough"] = [n.strip() for n in names.split(",") if n.strip()]
+    if user := environ.get("EVENTFN_WORKER_USER"):
+        out["workers.user"] = user
     if port := environ.get("EVENTFN_NATS_PORT"):
         out["nats.port"] = int(port) if port.isdigit() else port
     return out

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from eventfn import decoding, marshal
+from eventfn import decoding, marshal, sandbox
 from eventfn.errors import UnreadableData
 from eventfn.output import DescriptorCapture, HandlerOutput, TaggedStream
 from eventfn.protocol import (
@@ -395,6 +395,7 @@ def _install_logging(output: HandlerOutput) -> None:
 def main() -> None:
     """Entry point of a worker process."""
     spec = msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec)
+    sandbox.confine()  # reads the preamble on stdin, before the protocol takes it over
     channel = _take_protocol_descriptors()
     os.chdir(spec.task_root)
     serve(spec, channel)

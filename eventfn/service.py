@@ -9,7 +9,6 @@ workers, the connection and the embedded server, in that order.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import mappings, registry, subjects
+from eventfn import isolation, mappings, registry, subjects
 from eventfn.api import Api
 from eventfn.auth import EmbeddedAuth
 from eventfn.bus import Bus, StreamSpec, connect
@@ -151,10 +150,11 @@ class Service:
             self.tg.start_soon(old.retire)
 
     def _environment(self, source: FunctionSource, settings: FunctionSettings) -> dict[str, str]:
-        # glibc reserves 64 MB of address space per thread arena; the worker's memory limit caps address
-        # space, so a threaded handler would run out early without a small arena count.
-        env = {"MALLOC_ARENA_MAX": "2"}
-        env.update({k: v for k, v in os.environ.items() if not k.startswith("EVENTFN_")})
+        """A worker's whole environment: basics and passthrough, Lambda's variables, the function's own.
+
+        Nothing else of the service's environment (its NATS credentials, anyone's secrets) reaches a handler.
+        """
+        env = dict(isolation.current().environment)
         env.update(
             {
                 "AWS_LAMBDA_FUNCTION_NAME": source.name,
@@ -481,6 +481,7 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
     async with AsyncExitStack() as stack:
         urls, embedded, settings = await stack.enter_async_context(_nats_url(config))
         bus = await stack.enter_async_context(connect(urls, settings))
+        await stack.enter_async_context(isolation.isolated(config))  # once NATS works: its errors come first
         data_dir.mkdir(parents=True, exist_ok=True)
         url_file = data_dir / "nats.url"
         url_file.write_text(bus.url + "\n", encoding="utf-8")

@@ -294,6 +294,9 @@ class Serve:
             *(extra_args or []),
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if "PROBE_NATS" in self.env and "EVENTFN_WORKER_ENV_PASSTHROUGH" not in self.env:
+            # Workers see only what is passed through to them: the probe needs to know where NATS is.
+            self.env["EVENTFN_WORKER_ENV_PASSTHROUGH"] = "PROBE_NATS"
         self.cwd = cwd
         self.echo = echo
         self.nats_url = nats_url

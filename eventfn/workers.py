@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import protocol
+from eventfn import isolation, protocol
 from eventfn.errors import HandlerLoadError
 from eventfn.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
 from eventfn.records import error_fields
@@ -94,25 +93,40 @@ class Worker:
         self._buffer = bytearray()
         self.init_ms: float | None = None
         self.invocations = 0
+        #: The worker and what it starts, as `kill` finds them (set by `spawn`).
+        self.tree: isolation.ProcessTree | None = None
+        self._killed = False
 
     @classmethod
     async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
-        """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load."""
+        """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load.
+
+        `env` is the worker's whole environment. Only its start-up variables go on the command's environment;
+        the worker reads the rest from the preamble on stdin and confines itself before any handler code runs.
+        """
+        iso = isolation.current()
         try:
             process = await anyio.open_process(
                 [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
-                env=env,
+                env=iso.command_environment(env),
                 cwd=spec.task_root,
                 start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
+                **iso.credentials(),
             )
         except OSError as exc:  # the folder vanished, no more processes allowed...
             raise HandlerLoadError(spec.function, spec.entry_file, None, f"cannot start a worker: {exc}") from exc
         worker = cls(process, spec)
         try:
             with anyio.fail_after(INIT_TIMEOUT):
+                # Into its cgroup before the preamble lets it go on: nothing it starts is outside.
+                worker.tree = iso.track(process.pid)
+                try:
+                    await worker._stdin.send(iso.preamble(env))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    raise WorkerDied(await worker._returncode()) from None
                 message = await worker._receive()
         except TimeoutError:
             await worker.kill()
@@ -149,6 +163,7 @@ class Worker:
             )
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
+        worker.tree.hold_namespace()
         return worker
 
     async def _receive(self) -> protocol.Message:
@@ -193,14 +208,22 @@ class Worker:
         return self.process.returncode is None
 
     async def kill(self) -> None:
-        """Stop the worker at once; it holds nothing that needs a graceful end."""
+        """Stop the worker and every process it started, at once; it holds nothing that needs a graceful end.
+
+        Also after the worker died on its own: what it started may still run.
+        """
         with anyio.CancelScope(shield=True):
-            if self.process.returncode is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if self._killed:
+                return  # once reaped, its pid may belong to another process
+            self._killed = True
+            if self.tree is None:  # `spawn` tracks it right after the process started
+                if self.process.returncode is None:
+                    self.process.kill()
+            else:
+                await self.tree.kill(reaped=self.process.returncode is not None)
             await self.process.aclose()
+            if self.tree is not None:
+                self.tree.release()
 
 
 @dataclass
