@@ -161,7 +161,13 @@ class InProcessPool:
             module_spec = importlib.util.spec_from_file_location(name, spec.entry_file)
             assert module_spec is not None and module_spec.loader is not None
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            # As in workers (`python -B`): no .pyc in the handler directory, which a later edit of the same size
+            # within the same second would not invalidate.
+            writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.dont_write_bytecode = writes_bytecode
             names = [spec.attribute] if spec.attribute else list(runtime.ENTRY_NAMES)
             entry = next((getattr(module, n) for n in names if callable(getattr(module, n, None))), None)
             if entry is None:

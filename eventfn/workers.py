@@ -107,7 +107,10 @@ class Worker:
         iso = isolation.current()
         try:
             process = await anyio.open_process(
-                [sys.executable, "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
+                # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
+                # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
+                # last load would otherwise run the old code after a hot reload.
+                [sys.executable, "-B", "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import NatsServer, Serve, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -213,3 +214,27 @@ async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_
         assert json.loads(reply.data) == "v2", "new invocations run the new code at once"
         assert results == [], "while the old one is still running"
     assert results == ["v1"], "the in-flight invocation finished on the code it started with"
+
+
+@pytest.mark.parametrize("isolation", ["process", "inprocess"])
+async def test_an_edit_of_the_same_size_in_the_same_second_runs_the_new_code(
+    handlers: Path, tmp_path: Path, nats_server: NatsServer, nc: Client, isolation: str
+) -> None:
+    """Python trusts a cached .pyc whose source has the same size and mtime: eventfn writes none in the handler
+    directory, so such an edit is not served as the old code. (This machine's PYTHONDONTWRITEBYTECODE would
+    hide the bug: the service runs without it here, as it does for most users.)"""
+    source = 'ISOLATION = "{isolation}"\ndef handler(event, context):\n    return "{version}"\n'
+    path = handlers / "same.py"
+    path.write_text(source.format(isolation=isolation, version="v1"))
+    (handlers / "same.toml").write_text(f'isolation = "{isolation}"\n')
+    stamp = path.stat().st_mtime_ns
+    service = Serve(handlers, nats_server.url, tmp_path / "data")
+    service.env.pop("PYTHONDONTWRITEBYTECODE", None)
+    with service:
+        assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v1"
+        mark = service.log.mark()
+        path.write_text(source.format(isolation=isolation, version="v2"))  # same size
+        os.utime(path, ns=(stamp, stamp))  # and the same mtime: a cached .pyc would look current
+        service.log.wait_for(r"function same reloaded", start=mark)
+        assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v2"
+    assert not list(handlers.glob("__pycache__/same.*.pyc"))
