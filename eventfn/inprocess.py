@@ -33,7 +33,6 @@ from typing import Any, TextIO
 import anyio
 
 from eventfn import runtime
-from eventfn.errors import HandlerLoadError
 from eventfn.output import HandlerOutput
 from eventfn.protocol import Invoke, WorkerSpec
 from eventfn.reports import reports
@@ -173,16 +172,7 @@ class InProcessPool:
             if entry is None:
                 raise runtime.HandlerNotFound(f"Handler '{' or '.join(names)}' missing on module '{spec.module}'")
         except BaseException as exc:  # any failure in user init code is reported, not raised
-            failure = runtime.init_failure(exc, spec)
-            raise HandlerLoadError(
-                spec.function,
-                failure.file,
-                failure.line,
-                f"{failure.error_type}: {failure.message}",
-                error_type=failure.error_type,
-                error_message=failure.message,
-                stack_trace=failure.stack_trace,
-            ) from None
+            raise runtime.init_failure(exc, spec).load_error(spec.function) from None
         finally:
             _current.reset(token)
             init.end()

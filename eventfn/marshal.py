@@ -47,32 +47,26 @@ def _plain(obj: Any) -> bool:
     """Whether `obj` holds only what msgspec and Lambda encode alike (the common case: checked, not copied)."""
     kind = type(obj)
     if kind is dict:
-        for key, value in obj.items():
+        for key in obj:
             if type(key) is not str:
                 return False
-            kind = type(value)
-            if kind is str or kind is int or kind is bool or value is None:
-                continue
-            if kind is float:
-                if value - value != 0.0:  # NaN and the infinities
-                    return False
-            elif not _plain(value):
-                return False
-        return True
-    if kind is list:
-        for value in obj:
-            kind = type(value)
-            if kind is str or kind is int or kind is bool or value is None:
-                continue
-            if kind is float:
-                if value - value != 0.0:  # NaN and the infinities
-                    return False
-            elif not _plain(value):
-                return False
-        return True
-    if kind is float:
+        values: Any = obj.values()
+    elif kind is list:
+        values = obj
+    elif kind is float:
         return bool(obj - obj == 0.0)  # false for NaN and the infinities
-    return kind is str or kind is int or kind is bool or obj is None
+    else:
+        return kind is str or kind is int or kind is bool or obj is None
+    for value in values:
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or value is None:
+            continue
+        if kind is float:
+            if value - value != 0.0:  # NaN and the infinities
+                return False
+        elif not _plain(value):
+            return False
+    return True
 
 
 def _convert(obj: Any, active: set[int]) -> Any:

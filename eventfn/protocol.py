@@ -10,6 +10,8 @@ import struct
 
 import msgspec
 
+from eventfn.errors import HandlerLoadError
+
 HEADER = struct.Struct(">I")
 #: Largest frame either side accepts: a 6 MB payload (Lambda's sync limit) with room for its envelope.
 MAX_FRAME = 8 * 1024 * 1024
@@ -54,6 +56,18 @@ class InitFailed(msgspec.Struct, frozen=True, kw_only=True, tag="init_failed"):
     file: str
     line: int | None
     stack_trace: list[str] = []
+
+    def load_error(self, function: str) -> HandlerLoadError:
+        """The service's error for this failure, in Lambda's terms."""
+        return HandlerLoadError(
+            function,
+            self.file,
+            self.line,
+            f"{self.error_type}: {self.message}",
+            error_type=self.error_type,
+            error_message=self.message,
+            stack_trace=self.stack_trace,
+        )
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):

@@ -155,15 +155,7 @@ class Worker:
             raise
         if isinstance(message, InitFailed):
             await worker.kill()
-            raise HandlerLoadError(
-                spec.function,
-                message.file,
-                message.line,
-                f"{message.error_type}: {message.message}",
-                error_type=message.error_type,
-                error_message=message.message,
-                stack_trace=message.stack_trace,
-            )
+            raise message.load_error(spec.function)
         assert isinstance(message, Ready)
         worker.init_ms = message.init_ms
         worker.tree.hold_namespace()
