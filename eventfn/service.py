@@ -41,10 +41,9 @@ EVENTS_STREAM = subjects.EVENTS_STREAM
 DLQ_STREAM = subjects.DLQ_STREAM
 #: Function loads at once during start-up (each is a process starting and importing user code).
 LOAD_PARALLELISM = 4
-#: Seconds between two checks of the streams (leader, replicas, what another process changed).
+#: Seconds between two checks of the streams (deleted, leader, replicas, what another process changed); a feed or a
+#: write that finds one gone asks at once.
 STREAM_CHECK_INTERVAL = 2.0
-#: Seconds between checks that the streams still exist (a feed or a write that finds one gone asks at once).
-STREAM_LOSS_CHECK_INTERVAL = 5.0
 
 
 class Service:
@@ -261,16 +260,20 @@ class Service:
         )
 
     async def watch_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
-        """Check the streams every `interval` seconds, for good.
+        """Check the streams every `interval` seconds, and at once when `streams_lost` asks, for good.
 
         A stall (no leader, no answer) is reported through the bus's rate-limited reporter, so an election
         after a server was lost shows in the log even while nothing is published. A stream that lost what this
         service needs (a service that read it before our update wrote its own subjects back, or an operator
         lowered its replicas) is widened again: JetStream has no compare-and-set on a stream's configuration,
-        so this check is what makes concurrent provisioning by several services converge.
+        so this check is what makes concurrent provisioning by several services converge. A stream that could
+        not be read, or a feed or write that found something gone, has `_restore` re-create what was deleted.
         """
         while True:
-            await anyio.sleep(interval)
+            with anyio.move_on_after(interval):
+                await self._check_streams.wait()
+            asked = self._check_streams.is_set()
+            self._check_streams = anyio.Event()
             if not self._provisioned:
                 try:
                     async with self._reload_lock:
@@ -281,10 +284,14 @@ class Service:
                     self.bus.stalls.failed("provisioning", str(exc) or type(exc).__name__)
                 else:
                     self.bus.stalls.recovered("provisioning")
+            unreadable = False
             for name, spec in list(self._streams.items()):
                 try:
                     health = await self.bus.check_stream(name)
-                    if health is None or not (lacks := spec.lacks(health, self._refused)):
+                    if health is None:
+                        unreadable = True  # deleted, or without a leader: `_restore` tells which
+                        continue
+                    if not (lacks := spec.lacks(health, self._refused)):
                         continue
                     log.warning(
                         "stream %s lacks %s (changed by another process or by hand); widening it again",
@@ -299,6 +306,16 @@ class Service:
                             await self._provision()
                 except Exception as exc:  # NATS unreachable, the JetStream API refusing: report, check again later
                     self.bus.stalls.failed(f"stream {name}", str(exc) or type(exc).__name__)
+            if asked or unreadable:
+                try:
+                    await self._restore(consumers=asked)
+                except EventfnError as exc:
+                    log.error("re-creating deleted streams failed: %s", exc)
+                except Exception as exc:
+                    # NATS unreachable or without a leader: the bus and the feeds report that; check again later.
+                    log.debug("stream check failed: %s", exc)
+            if asked:
+                await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
 
     async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
         mapping = planned.mapping()
@@ -334,27 +351,6 @@ class Service:
     def streams_lost(self) -> None:
         """A feed found its consumer gone, or a stored write found no stream: check the streams now."""
         self._check_streams.set()
-
-    async def keep_streams(self, interval: float = STREAM_LOSS_CHECK_INTERVAL) -> None:
-        """Re-create the streams and consumers that are deleted while the service runs, and say so.
-
-        Checked when `streams_lost` asks (at once), and every `interval` seconds otherwise: a deleted DLQ, or
-        a stream no feed reads, is found that way too.
-        """
-        while True:
-            with anyio.move_on_after(interval):
-                await self._check_streams.wait()
-            asked = self._check_streams.is_set()
-            self._check_streams = anyio.Event()
-            try:
-                await self._restore(consumers=asked)
-            except EventfnError as exc:
-                log.error("re-creating deleted streams failed: %s", exc)
-            except Exception as exc:
-                # NATS unreachable or without a leader: its client and the feeds report that; check again later.
-                log.debug("stream check failed: %s", exc)
-            if asked:
-                await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
 
     async def _restore(self, *, consumers: bool) -> None:
         """Re-create the DLQ and events streams, and (with `consumers`) the mappings' consumers, that are gone."""
@@ -495,7 +491,6 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)
                 tg.start_soon(service.reap_idle_workers)
-                tg.start_soon(service.keep_streams)
                 tg.start_soon(service.watch_streams)
                 tg.start_soon(reports.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
