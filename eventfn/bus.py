@@ -511,14 +511,20 @@ class Bus:
         as it is. Returns the subjects that cannot be added, with the reason (each partly overlaps one the
         stream stores, which JetStream refuses).
         """
-        spec = StreamSpec(
-            name=name,
-            subjects=list(subjects),
-            max_age=max_age,
-            max_bytes=max_bytes,
-            duplicate_window=duplicate_window,
-            replicas=replicas,
+        return await self.ensure(
+            StreamSpec(
+                name=name,
+                subjects=list(subjects),
+                max_age=max_age,
+                max_bytes=max_bytes,
+                duplicate_window=duplicate_window,
+                replicas=replicas,
+            )
         )
+
+    async def ensure(self, spec: StreamSpec) -> dict[str, str]:
+        """`ensure_stream` for a stream described by `spec`."""
+        name = spec.name
         for _ in range(3):
             current = await self._stream_info(name)
             if current is None:

@@ -16,9 +16,7 @@ One store has one owner, and the server never outlives it:
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
-import functools
 import logging
 import os
 import shutil
@@ -34,6 +32,7 @@ from typing import BinaryIO
 
 import anyio
 
+from eventfn import sandbox
 from eventfn.auth import write_private
 from eventfn.errors import DataDirInUse, NatsUnavailable
 
@@ -61,7 +60,6 @@ STABLE_AFTER = 30.0
 STOP_TIMEOUT = 10.0
 #: How often a server is checked for having exited, where there is no pidfd to wait on.
 EXIT_POLL = 0.2
-PR_SET_PDEATHSIG = 1
 
 
 def find_binary() -> str:
@@ -122,19 +120,6 @@ def lock_data_dir(data_dir: Path) -> Iterator[None]:
 # -- the process --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
 def _parent_death_signal(parent: int) -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel send SIGTERM to the child when its parent dies (None off Linux).
 
@@ -142,12 +127,12 @@ def _parent_death_signal(parent: int) -> Callable[[], None] | None:
     event loop's thread, which lives as long as `serve`. SIGTERM, not SIGKILL: the server closes its store
     cleanly, and a restart that finds it still closing waits for it.
     """
-    prctl = _prctl()
-    if prctl is None:
+    die_with_parent = sandbox.parent_death_signal(signal.SIGTERM)
+    if die_with_parent is None:
         return None
 
     def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        die_with_parent()
         if os.getppid() != parent:  # the parent died before the signal was armed: nobody would send it
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -27,6 +27,7 @@ import os
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -130,6 +131,20 @@ def _prctl(libc: Any, option: int, arg: int = 0, *, check: bool = True) -> bool:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
     return False
+
+
+def parent_death_signal(signum: int) -> Callable[[], None] | None:
+    """A function that has the kernel send `signum` to the process calling it when that process's parent dies
+    (None off Linux). libc is loaded now, so that calling it in a child after a fork (a `preexec_fn`) only
+    makes the system call."""
+    if not LINUX:
+        return None
+    libc = _libc()
+
+    def arm() -> None:
+        _prctl(libc, _PR_SET_PDEATHSIG, signum)
+
+    return arm
 
 
 def set_dumpable(dumpable: bool) -> None:

@@ -250,14 +250,7 @@ class Service:
         # Recorded before it is applied: if JetStream does not answer now (an election), `watch_streams` finds
         # the stream lacking it and provisions again.
         self._streams[spec.name] = spec
-        return await self.bus.ensure_stream(
-            spec.name,
-            spec.subjects,
-            max_age=spec.max_age,
-            max_bytes=spec.max_bytes,
-            duplicate_window=spec.duplicate_window,
-            replicas=spec.replicas,
-        )
+        return await self.bus.ensure(spec)
 
     async def watch_streams(self, interval: float = STREAM_CHECK_INTERVAL) -> None:
         """Check the streams every `interval` seconds, and at once when `streams_lost` asks, for good.
