@@ -213,7 +213,7 @@ def _headers(original: Mapping[str, str], refuse: Callable[[str], UnreadableReco
     """The event's own headers (not NATS's or eventfn's), each checked to be sendable."""
     out = {}
     for key, value in original.items():
-        if key.startswith(("Nats-", "Eventfn-")):
+        if key.startswith(records.SYSTEM_HEADER_PREFIXES):
             continue
         if not _is_token(key) or ":" in key:
             raise refuse(f"its header name {key!r} cannot be sent")
@@ -257,7 +257,9 @@ async def redrive(bus: Bus, function: str, ids: list[int] | None = None) -> list
             original = await bus.get(*plan.original)
             if original is None:
                 raise OriginalGone(plan.record_id, *plan.original)
-            own = {k: v for k, v in (original.headers or {}).items() if not k.startswith(("Nats-", "Eventfn-"))}
+            own = {
+                k: v for k, v in (original.headers or {}).items() if not k.startswith(records.SYSTEM_HEADER_PREFIXES)
+            }
             data, headers = original.data, {**own, **headers}
         seq = await bus.publish_stored(subjects.REDRIVE_PREFIX + plan.consumer, data, headers)
         await bus.delete(DLQ_STREAM, plan.record_id)

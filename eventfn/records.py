@@ -30,6 +30,8 @@ HISTORY_LIMIT = 10
 HISTORY_HEADER = "Eventfn-History"
 #: Header holding the subject an event was first published to (a redrive republishes it elsewhere).
 SUBJECT_HEADER = "Eventfn-Subject"
+#: Headers NATS and eventfn set themselves; the rest are the event's own (message attributes, kept on a redrive).
+SYSTEM_HEADER_PREFIXES = ("Nats-", "Eventfn-")
 
 
 class StoredMessage(Protocol):
@@ -106,7 +108,7 @@ def record_for(message: StoredMessage, message_id: str, source_arn: str) -> Reco
         body, encoding = base64.b64encode(message.data).decode("ascii"), "base64"
     headers = message.headers
     attributes = (
-        {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(("Nats-", "Eventfn-"))}
+        {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(SYSTEM_HEADER_PREFIXES)}
         if headers
         else {}
     )
@@ -413,7 +415,7 @@ def last_resort_record(
                 subject=decoding.encodable(original_subject(message)),
                 stream=decoding.encodable(message.stream),
                 stream_seq=int(message.stream_seq),
-                data_base64=base64.b64encode(message.data).decode() if message.data and not truncate else None,
+                data_base64=_base64(message.data) if message.data and not truncate else None,
                 consumer=None if consumer is None else decoding.encodable(consumer),
                 truncated=truncate,
             ),
