@@ -414,3 +414,36 @@ async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
     err = capfd.readouterr().err
     for text in ("written to fd 2", "from a child", "from its stderr"):
         assert re.search(rf"^\[fn\] \S+\treq-child\t{text}$", err, re.MULTILINE), err
+
+
+async def test_a_child_that_keeps_writing_does_not_hold_up_the_invocation(tmp_path: Path) -> None:
+    """Output is taken in at the end of an invocation, but a process the handler left running may write
+    forever: the invocation still ends when its handler returns (the child's output counts after it)."""
+    entry = tmp_path / "fn.py"
+    entry.write_text(
+        textwrap.dedent("""
+            import subprocess
+
+            def handler(event, context):
+                subprocess.Popen(["yes", "chatter"])
+                return "ok"
+        """)
+    )
+    spec = WorkerSpec(
+        function="fn",
+        task_root=str(tmp_path),
+        module="fn",
+        entry_file=str(entry),
+        attribute=None,
+        memory=128,
+        timeout=5,
+    )
+    pool = Pool(spec=spec, env=dict(os.environ), version="v1")
+    try:
+        await pool.start()
+        first = await pool.invoke("req-chatter-1", b"{}")
+        second = await pool.invoke("req-chatter-2", b"{}")  # the worker is still usable, the child still writing
+    finally:
+        await pool.retire()  # ends the worker and what it started
+    assert first.ok and first.payload == b'"ok"', first.payload
+    assert second.ok and second.payload == b'"ok"', second.payload
