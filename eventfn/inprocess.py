@@ -36,7 +36,7 @@ from eventfn import runtime
 from eventfn.output import HandlerOutput
 from eventfn.protocol import Invoke, WorkerSpec
 from eventfn.reports import reports
-from eventfn.workers import Outcome, report_line, timed_out
+from eventfn.workers import Outcome, report_line, start_line, timed_out
 
 _versions = itertools.count()
 
@@ -213,7 +213,7 @@ class InProcessPool:
         )
         report = reports.enabled()
         if report:
-            reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
+            reports.add(start_line(spec, request_id))
         self.busy += 1
         outcome: Outcome | None = None
         invocation = _Invocation(spec, request_id)

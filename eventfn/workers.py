@@ -292,13 +292,13 @@ class Pool:
                     worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:
                     if report:
-                        reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
+                        reports.add(start_line(spec, request_id))
                     return self._report(request_id, begin, None, None, load_failure(exc, request_id))
                 init_ms = worker.init_ms
             # After a cold start's init output, and in the one log buffer that the invocation's output joins:
             # START, the output, END and REPORT are written in that order.
             if report:
-                reports.add(f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}")
+                reports.add(start_line(spec, request_id))
             invoke = Invoke(
                 request_id=request_id,
                 payload=payload,
@@ -358,6 +358,11 @@ class Pool:
         idle, self.idle = self.idle, []
         for worker, _ in idle:
             await worker.kill()
+
+
+def start_line(spec: WorkerSpec, request_id: str) -> str:
+    """Lambda's START line (with the function's name added)."""
+    return f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}"
 
 
 def report_line(
