@@ -17,6 +17,7 @@ import io
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -25,6 +26,8 @@ from datetime import UTC, datetime
 MAX_LINE = 64 * 1024
 #: Output is sent in pieces of at most this size (well under the frame limit).
 CHUNK = 1024 * 1024
+#: Seconds the end of an invocation waits for what was written to fd 1 and 2 to be taken in.
+SETTLE_LIMIT = 0.5
 
 
 def _now() -> str:
@@ -221,16 +224,27 @@ class DescriptorCapture:
         output.capture = self
         threading.Thread(target=self._pump, name="eventfn-output", daemon=True).start()
 
-    def settle(self) -> None:
-        """Wait until what was written to the descriptors so far has been taken in; flush a partial line."""
+    def settle(self, limit: float = SETTLE_LIMIT) -> None:
+        """Wait until what was written to the descriptors so far has been taken in; flush a partial line.
+
+        Waits at most `limit` seconds: a process the handler left running may keep the pipe full for good, and
+        what it writes after the handler returned belongs to the time between invocations anyway.
+        """
         # The common case, without a lock: nothing in the pipe, then (in this order) nothing being taken in.
         if not self._pending.poll(0) and not self._busy and not self._partial:
             return
+        deadline = time.monotonic() + limit
         with self._cond:
             # `_busy` is set (under this lock) before each read, so data is either still in the pipe or busy.
             while not self._broken and (self._busy or self._pending.poll(0)):
-                self._cond.wait(1.0)
-            partial, self._partial = self._partial, b""
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            # The pump owns the partial line while it is busy: it stays for the pump to finish.
+            partial = b""
+            if not self._busy:
+                partial, self._partial = self._partial, b""
         if partial:
             self.output.lines([partial.decode("utf-8", "replace")])
 

@@ -425,7 +425,8 @@ async def test_a_child_that_keeps_writing_does_not_hold_up_the_invocation(tmp_pa
             import subprocess
 
             def handler(event, context):
-                subprocess.Popen(["yes", "chatter"])
+                for _ in range(3):  # enough writers that the pipe is never empty for long
+                    subprocess.Popen(["yes", "chatter"])
                 return "ok"
         """)
     )
