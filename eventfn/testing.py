@@ -133,10 +133,14 @@ class NatsServer:
             env={**os.environ, **self.env} if self.env else None,
         )
         self.log = LogWatcher(self.process.stdout)
-        match = self.log.wait_for(r"Listening for client connections on (\S+)")
-        self.url = "nats://" + match.group(1)
-        self.port = int(match.group(1).rsplit(":", 1)[1])
-        self.log.wait_for(r"Server is ready")
+        try:
+            match = self.log.wait_for(r"Listening for client connections on (\S+)")
+            self.url = "nats://" + match.group(1)
+            self.port = int(match.group(1).rsplit(":", 1)[1])
+            self.log.wait_for(r"Server is ready")
+        except BaseException:
+            self.stop()  # a server that did not start (a bad configuration) is not left running or unreaped
+            raise
         return self
 
     def stop(self) -> None:

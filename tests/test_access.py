@@ -369,7 +369,8 @@ def test_client_credentials_without_a_nats_url_are_a_clear_error(
 @pytest.fixture
 def deployed(tmp_path: Path, handlers: Path) -> Iterator[tuple[Roles, dict[str, str]]]:
     """nats-server with deploy/nats-server.conf, and `eventfn serve --nats URL` as its service user."""
-    passwords = {role: secrets.token_urlsafe(16) for role in auth.ROLES}
+    # A letter first: nats-server parses a variable's value, and may read one starting with a digit or `-` as a number.
+    passwords = {role: "p" + secrets.token_urlsafe(16) for role in auth.ROLES}
     env = {f"EVENTFN_{role.upper()}_PASSWORD": password for role, password in passwords.items()}
     write_handler(handlers, "echo", ECHO)
     write_handler(handlers, "fail", FAIL)
