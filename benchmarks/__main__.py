@@ -25,7 +25,7 @@ import nats
 
 from benchmarks import lifecycle, report, scenarios, stream
 from benchmarks.harness import FULL, QUICK, Bench, Sizes
-from eventfn.natsserver import find_binary
+from eventfn.broker.natsserver import find_binary
 from eventfn.testing import NatsServer, Serve
 
 SCENARIOS = ("1", "2", "3", "4", "5", "6")

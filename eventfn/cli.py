@@ -19,8 +19,9 @@ from typing import Any
 import anyio
 import msgspec
 
-from eventfn import __version__, auth, decoding, events, subjects
-from eventfn.bus import Bus, connect
+from eventfn import __version__, decoding, events, subjects
+from eventfn.broker import auth
+from eventfn.broker.bus import Bus, connect
 from eventfn.config import (
     NatsSettings,
     ServiceConfig,
@@ -373,7 +374,7 @@ async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 
 async def _dlq(config: ServiceConfig, args: argparse.Namespace) -> int:
-    from eventfn import dlq
+    from eventfn.sources import dlq
 
     if getattr(args, "function", None) is not None:
         _check_name(args.function)

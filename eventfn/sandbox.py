@@ -1,6 +1,6 @@
 """What a worker does to itself before any handler code runs (the worker side of handler isolation).
 
-`eventfn.runtime` calls `confine()` first thing. It reads the preamble the service writes on stdin before any
+`eventfn.invoke.runtime` calls `confine()` first thing. It reads the preamble the service writes on stdin before any
 frame: the function's environment, delivered there rather than on the command line or in the initial
 environment block (both visible in /proc to processes of the same user from the moment the process starts),
 and what to apply. Then, in this order:

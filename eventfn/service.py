@@ -19,21 +19,23 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import isolation, mappings, registry, subjects
-from eventfn.api import Api
-from eventfn.auth import EmbeddedAuth
-from eventfn.bus import Bus, StreamSpec, connect
+from eventfn import subjects
+from eventfn.broker.auth import EmbeddedAuth
+from eventfn.broker.bus import Bus, StreamSpec, connect
+from eventfn.broker.natsserver import embedded_server, lock_data_dir
 from eventfn.config import Destinations, FunctionSettings, NatsSettings, RetryPolicy, ServiceConfig
-from eventfn.dispatch import Dispatcher
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
-from eventfn.functions import Function, Running
-from eventfn.inprocess import InProcessPool
-from eventfn.natsserver import embedded_server, lock_data_dir
-from eventfn.protocol import WorkerSpec
-from eventfn.registry import FunctionSource
-from eventfn.reports import reports
-from eventfn.slots import Slots
-from eventfn.workers import Pool
+from eventfn.fronts.nats_api import Api
+from eventfn.invoke import isolation, registry
+from eventfn.invoke.functions import Function, Running
+from eventfn.invoke.inprocess import InProcessPool
+from eventfn.invoke.protocol import WorkerSpec
+from eventfn.invoke.registry import FunctionSource
+from eventfn.invoke.reports import reports
+from eventfn.invoke.slots import Slots
+from eventfn.invoke.workers import Pool
+from eventfn.sources import mappings
+from eventfn.sources.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 

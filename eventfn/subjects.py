@@ -23,7 +23,9 @@ REDRIVE_PREFIX = "eventfn.redrive."
 DLQ_PREFIX = "eventfn.dlq."
 #: Requests to the running service (function list and other control operations).
 API_PREFIX = "eventfn.api."
-#: Reply subjects of eventfn's NATS users, one prefix per role (see `eventfn.auth`).
+#: A function's ARN is this plus its name (Lambda's shape, with region `local` and account 0).
+FUNCTION_ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
+#: Reply subjects of eventfn's NATS users, one prefix per role (see `eventfn.broker.auth`).
 SERVICE_INBOX = "_INBOX_eventfn_service"
 ADMIN_INBOX = "_INBOX_eventfn_admin"
 INVOKER_INBOX = "_INBOX_eventfn_invoker"

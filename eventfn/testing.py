@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from eventfn import auth
-from eventfn.natsserver import find_binary
+from eventfn.broker import auth
+from eventfn.broker.natsserver import find_binary
 
 __all__ = ["PROBE_MODULE", "LogWatcher", "NatsCluster", "NatsServer", "Serve", "write_handler"]
 

@@ -24,7 +24,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from eventfn import auth
+from eventfn.broker import auth
 from eventfn.config import AuthSettings, NatsSettings, ServiceConfig, environment_overrides, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import NatsServer, Serve, write_handler

@@ -25,8 +25,8 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from eventfn import auth
-from eventfn.natsserver import find_binary
+from eventfn.broker import auth
+from eventfn.broker.natsserver import find_binary
 from eventfn.testing import NatsServer, Serve, write_handler
 from tests.conftest import Collector
 

@@ -26,10 +26,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from eventfn import marshal
-from eventfn.protocol import WorkerSpec
+from eventfn.invoke import marshal
+from eventfn.invoke.protocol import WorkerSpec
+from eventfn.invoke.workers import Pool
 from eventfn.testing import Serve, write_handler
-from eventfn.workers import Pool
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
 ISOLATIONS = ["process", "inprocess"]

@@ -20,9 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from eventfn import api, decoding, dispatch, dlq, events, filters, records, runtime
-from eventfn.bus import StoredRecord
+from eventfn import decoding, events, filters
+from eventfn.broker.bus import StoredRecord
 from eventfn.errors import EventDecodeError, UnreadableData
+from eventfn.fronts import nats_api as api
+from eventfn.invoke import handler as runtime
+from eventfn.sources import dispatch, dlq, records
 
 # Hypothesis caches constants it reads from the source in its home directory, from test collection on: keep that
 # out of the repository too.

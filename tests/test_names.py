@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from eventfn.config import name_problem, read_function_settings
 from eventfn.errors import ConfigError
-from eventfn.registry import scan
+from eventfn.invoke.registry import scan
 from eventfn.testing import Serve, write_handler
 
 HANDLER = "def handler(event, context):\n    return event\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eventfn import natsserver
+from eventfn.broker import natsserver
 from eventfn.errors import DataDirInUse, NatsUnavailable
 
 

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy
 
-from eventfn import records
+from eventfn.sources import records
 from eventfn.testing import NatsServer, Serve, write_handler
 
 pytestmark = pytest.mark.e2e

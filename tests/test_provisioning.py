@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from eventfn.bus import Bus, StreamHealth, StreamSpec, connect
+from eventfn.broker.bus import Bus, StreamHealth, StreamSpec, connect
 from eventfn.config import NatsSettings, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler

@@ -1,4 +1,4 @@
-"""Lambda's JSON shapes as `eventfn.records` writes and reads them: partial batch responses, batch records,
+"""Lambda's JSON shapes as `eventfn.sources.records` writes and reads them: partial batch responses, batch records,
 dead-letter (failure) records with their attempt history, and on-success destination records."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from eventfn.records import (
-    ARN_PREFIX,
+from eventfn.sources.records import (
     HISTORY_HEADER,
     HISTORY_LIMIT,
     SUBJECT_HEADER,
@@ -25,6 +24,7 @@ from eventfn.records import (
     record_for,
     success_record,
 )
+from eventfn.subjects import FUNCTION_ARN_PREFIX
 
 IDS = {"id-1", "id-2", "id-3"}
 SOURCE_ARN = "arn:eventfn:nats:local:000000000000:consumer/EVENTFN/orders--t0"
@@ -303,7 +303,7 @@ def test_success_record_has_lambdas_on_success_shape_without_function_error() ->
     assert rec["version"] == "1.0"
     assert rec["requestContext"] == {
         "requestId": "req-9",
-        "functionArn": ARN_PREFIX + "orders",
+        "functionArn": FUNCTION_ARN_PREFIX + "orders",
         "condition": "Success",
         "approximateInvokeCount": 2,
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eventfn.registry import discover
+from eventfn.invoke.registry import discover
 
 HANDLER = "def handler(event, context):\n    return event\n"
 

@@ -25,8 +25,9 @@ import pytest
 from nats.aio.client import Client
 
 import eventfn
-from eventfn import cgroups, isolation, sandbox
+from eventfn import sandbox
 from eventfn.config import environment_overrides, load_service_config
+from eventfn.invoke import cgroups, isolation
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
 
 linux_only = pytest.mark.skipif(not sandbox.LINUX, reason="process isolation beyond a clean environment is Linux's")

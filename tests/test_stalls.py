@@ -11,9 +11,9 @@ import anyio
 import nats.js.errors
 import pytest
 
-from eventfn.bus import connect
+from eventfn.broker.bus import connect
+from eventfn.broker.stalls import Stalls
 from eventfn.config import NatsSettings
-from eventfn.stalls import Stalls
 from eventfn.testing import NatsServer
 
 

@@ -1,4 +1,4 @@
-"""Worker pools driven directly: real `python -m eventfn.runtime` processes, no NATS.
+"""Worker pools driven directly: real `python -m eventfn.invoke.runtime` processes, no NATS.
 
 Each test writes a handler file to `tmp_path`, starts a `Pool` for it and always retires the pool, so no
 worker process outlives its test.
@@ -21,8 +21,8 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from eventfn.errors import HandlerLoadError
-from eventfn.protocol import WorkerSpec
-from eventfn.workers import Outcome, Pool
+from eventfn.invoke.protocol import WorkerSpec
+from eventfn.invoke.workers import Outcome, Pool
 
 
 def spec_for(

@@ -1,6 +1,6 @@
 """Worker pools: warm worker processes for one version of one function, reused across invocations.
 
-Each worker is a `python -m eventfn.runtime` process that loads the handler once (Lambda's init phase) and
+Each worker is a `python -m eventfn.invoke.runtime` process that loads the handler once (Lambda's init phase) and
 then runs one invocation at a time. A pool hands an invocation to an idle worker, or starts a new one (a cold
 start) when none is idle; the caller bounds how many run at once. A worker that times out or dies is killed
 and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload) lets its in-flight
@@ -21,12 +21,12 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import isolation, protocol
 from eventfn.errors import HandlerLoadError
-from eventfn.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
-from eventfn.records import error_fields
-from eventfn.reports import reports
-from eventfn.runtime import out_of_memory
+from eventfn.invoke import isolation, protocol
+from eventfn.invoke.handler import out_of_memory
+from eventfn.invoke.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
+from eventfn.invoke.reports import reports
+from eventfn.sources.records import error_fields
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Worker:
                 # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
                 # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
                 # last load would otherwise run the old code after a hot reload.
-                [sys.executable, "-B", "-P", "-m", "eventfn.runtime", msgspec.json.encode(spec).decode()],
+                [sys.executable, "-B", "-P", "-m", "eventfn.invoke.runtime", msgspec.json.encode(spec).decode()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,

@@ -16,10 +16,10 @@ from __future__ import annotations
 import msgspec
 
 from eventfn import subjects
-from eventfn.bus import Bus
+from eventfn.broker.bus import Bus
 from eventfn.config import FunctionSettings, Trigger
-from eventfn.dispatch import Mapping, feed_credit
 from eventfn.filters import Filter, compile_filters
+from eventfn.sources.dispatch import Mapping, feed_credit
 
 _ENABLED_KEY = "eventfn_enabled"
 _ASYNC_QUEUE = Trigger(subjects=[], name="async")

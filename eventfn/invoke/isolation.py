@@ -9,7 +9,7 @@
   capabilities, and the log says why and what to change.
 - **Process trees**: each worker gets a cgroup of its own where a cgroup v2 hierarchy is writable;
   `cgroup.kill` then stops the worker and everything it started, detached or not, even after the worker died.
-  A keeper process does the same for all of them if the service is SIGKILLed (`eventfn.cgroups`). Without
+  A keeper process does the same for all of them if the service is SIGKILLed (`eventfn.invoke.cgroups`). Without
   cgroups, the worker's descendants are found through /proc (and, with a user namespace, every process in
   it, which nothing the handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
 
@@ -35,9 +35,9 @@ import anyio.abc
 import msgspec
 
 from eventfn import sandbox
-from eventfn.cgroups import Cgroups, CgroupsUnavailable, keeper, kill_cgroup
 from eventfn.config import ServiceConfig
 from eventfn.errors import ConfigError
+from eventfn.invoke.cgroups import Cgroups, CgroupsUnavailable, keeper, kill_cgroup
 
 log = logging.getLogger(__name__)
 

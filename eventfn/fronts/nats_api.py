@@ -18,12 +18,13 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import decoding, events, mappings, subjects
-from eventfn.bus import Request
-from eventfn.dispatch import Stats
+from eventfn import decoding, events, subjects
+from eventfn.broker.bus import Request
 from eventfn.errors import EventDecodeError, UnreadableData
-from eventfn.functions import invalid_info
-from eventfn.workers import error_payload, load_failure
+from eventfn.invoke.functions import invalid_info
+from eventfn.invoke.workers import error_payload, load_failure
+from eventfn.sources import mappings
+from eventfn.sources.dispatch import Stats
 
 if TYPE_CHECKING:
     from eventfn.service import Service

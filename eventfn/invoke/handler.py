@@ -1,10 +1,9 @@
-"""The worker process: loads one handler once (Lambda's init phase) and runs it per `Invoke` frame.
+"""Lambda's calling convention for Python handlers, shared by the worker runtime (`invoke.runtime`) and by
+in-process functions (`invoke.inprocess`): loading the entry point, the `context` object, decoding the event,
+and encoding the result or Lambda's error object exactly as Lambda's Python runtime does.
 
-Run as `python -m eventfn.runtime SPEC_JSON`. Frames travel on the process's original stdin/stdout; those
-descriptors are moved aside first, so that nothing the handler writes can corrupt the protocol. The handler's
-output (`print`, logging, and whatever C code or child processes write to fd 1 and 2) is tagged with the
-request id, capped per invocation (`eventfn.output`) and sent to the service in `Output` frames ahead of the
-invocation's `Result`.
+Imported by the worker before user code, so it keeps to the standard library, msgspec and eventfn's own small
+modules: every import here is paid on each cold start.
 """
 
 from __future__ import annotations
@@ -12,36 +11,21 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
-import logging
 import os
-import resource
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import UTC, datetime
 from types import ModuleType, TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
-from eventfn import decoding, marshal, sandbox
+from eventfn import decoding
 from eventfn.errors import UnreadableData
-from eventfn.output import DescriptorCapture, HandlerOutput, TaggedStream
-from eventfn.protocol import (
-    HEADER,
-    MAX_FRAME,
-    InitFailed,
-    Invoke,
-    Output,
-    Ready,
-    Result,
-    WorkerSpec,
-    decoder,
-    frame,
-)
-from eventfn.records import ARN_PREFIX
+from eventfn.invoke import marshal
+from eventfn.invoke.protocol import InitFailed, Invoke, WorkerSpec
+from eventfn.subjects import FUNCTION_ARN_PREFIX
 
 #: Entry points looked up when no `handler = "module.function"` setting names one.
 ENTRY_NAMES = ("handler", "lambda_handler")
@@ -71,7 +55,7 @@ class LambdaContext:
 
     def __init__(self, spec: WorkerSpec, log_stream: str, invoke: Invoke) -> None:
         self.function_name = spec.function
-        self.invoked_function_arn = ARN_PREFIX + spec.function
+        self.invoked_function_arn = FUNCTION_ARN_PREFIX + spec.function
         # Lambda's runtime reads this from the environment, so it is a string there too.
         self.memory_limit_in_mb = str(spec.memory)
         self.log_group_name = f"/aws/lambda/{spec.function}"
@@ -99,7 +83,7 @@ _json_decode = msgspec.json.decode
 # handler's thread) and the import system (init).
 _STDLIB = os.path.dirname(os.__file__)
 _MACHINERY = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # eventfn/
     *(os.path.join(_STDLIB, package) + os.sep for package in ("asyncio", "concurrent", "importlib")),
     "<frozen importlib.",
 )
@@ -210,46 +194,6 @@ def init_failure(exc: BaseException, spec: WorkerSpec) -> InitFailed:
     )
 
 
-class _Channel:
-    """Reads and writes frames on the descriptors moved aside from stdin/stdout."""
-
-    def __init__(self, reader: BinaryIO, writer: BinaryIO) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._lock = threading.Lock()  # output frames also come from handler threads and the descriptor pump
-
-    def send(self, message: Ready | InitFailed | Result | Output) -> None:
-        data = frame(message)
-        with self._lock:
-            self.writer.write(data)
-            self.writer.flush()
-
-    def send_output(self, data: bytes) -> None:
-        self.send(Output(data=data))
-
-    def receive(self) -> Invoke | None:
-        header = self.reader.read(HEADER.size)
-        if len(header) < HEADER.size:
-            return None
-        (size,) = HEADER.unpack(header)
-        if size > MAX_FRAME:
-            raise SystemExit(f"eventfn worker: frame of {size} bytes exceeds the limit")
-        message = decoder.decode(self.reader.read(size))
-        if not isinstance(message, Invoke):
-            raise SystemExit(f"eventfn worker: unexpected frame {type(message).__name__}")
-        return message
-
-
-def _take_protocol_descriptors() -> _Channel:
-    reader = os.fdopen(os.dup(0), "rb")
-    writer = os.fdopen(os.dup(1), "wb")
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(2, 1)  # C-level writes to stdout never reach the protocol stream (`serve` then captures both)
-    return _Channel(reader, writer)
-
-
 def is_coroutine_function(entry: Callable[..., Any]) -> bool:
     """Whether `entry` is an `async def` (without importing inspect or asyncio for plain functions)."""
     code = getattr(entry, "__code__", None)
@@ -259,10 +203,6 @@ def is_coroutine_function(entry: Callable[..., Any]) -> bool:
 
     # A callable object with `async def __call__` is awaited like a coroutine function.
     return inspect.iscoroutinefunction(entry) or inspect.iscoroutinefunction(type(entry).__call__)
-
-
-def _max_rss_mb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def encode_result(result: Any, request_id: str) -> tuple[bytes, bool]:
@@ -303,103 +243,3 @@ def out_of_memory(request_id: str, limit_mb: int) -> bytes:
             "requestId": request_id,
         }
     )
-
-
-def _limit_memory(megabytes: int) -> None:
-    """Cap the address space at what the interpreter uses now plus the function's memory setting.
-
-    An allocation past it raises MemoryError in the handler (reported as Runtime.OutOfMemory, and the worker
-    is replaced); the parent also fails an invocation whose resident size ended above the setting.
-    """
-    with open("/proc/self/statm") as statm:
-        current = int(statm.read().split()[0]) * resource.getpagesize()
-    limit = current + megabytes * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def serve(spec: WorkerSpec, channel: _Channel) -> None:
-    """Load the handler, report readiness, then answer `Invoke` frames until stdin closes."""
-    output = HandlerOutput(spec.function, spec.max_log_bytes, channel.send_output)
-    DescriptorCapture(output)
-    sys.stdout = sys.stderr = TaggedStream(output, stamp=True)
-    _install_logging(output)
-    _limit_memory(spec.memory)
-    started = time.perf_counter()
-    failure: InitFailed | None = None
-    try:
-        entry = load_handler(spec)
-    except MemoryError:
-        message = f"Runtime exited with error: init passed the memory limit of {spec.memory} MB"
-        failure = InitFailed(error_type="Runtime.OutOfMemory", message=message, file=spec.entry_file, line=None)
-    except BaseException as exc:
-        failure = init_failure(exc, spec)
-    output.end()  # the init phase's output is in, and capped, before the service hears how it went
-    if failure is not None:
-        channel.send(failure)
-        return
-    loop = None
-    if is_coroutine_function(entry):
-        import asyncio  # only for async handlers: it is half of a cold start's imports
-
-        loop = asyncio.new_event_loop()
-    channel.send(Ready(init_ms=(time.perf_counter() - started) * 1000))
-    log_stream = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{os.getpid():08x}"
-    while (invoke := channel.receive()) is not None:
-        output.begin(invoke.request_id)
-        begin = time.perf_counter()
-        fatal = False
-        try:
-            event = decode_event(invoke.payload, invoke.is_json)
-            result = entry(event, LambdaContext(spec, log_stream, invoke))
-            if loop is not None:
-                result = loop.run_until_complete(result)
-            payload, ok = encode_result(result, invoke.request_id)
-        except UnmarshalError as exc:
-            payload, ok = unmarshal_error(exc, invoke.request_id), False
-        except MemoryError:
-            # The interpreter may be in a bad state: report, then let the pool replace this worker.
-            payload, ok, fatal = out_of_memory(invoke.request_id, spec.memory), False, True
-        except Exception as exc:
-            payload, ok = encode_exception(exc, invoke.request_id), False
-        output.end()  # this invocation's output goes out ahead of its result
-        duration = (time.perf_counter() - begin) * 1000
-        channel.send(Result(ok=ok, payload=payload, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
-
-
-class _RequestIdFilter(logging.Filter):
-    """Adds the current request id to log records, as Lambda's runtime does (`%(aws_request_id)s`)."""
-
-    def __init__(self, output: HandlerOutput) -> None:
-        super().__init__()
-        self.output = output
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.aws_request_id = self.output.request_id
-        return True
-
-
-def _install_logging(output: HandlerOutput) -> None:
-    """Lambda's root-logger set-up: one handler, `[LEVEL] time request-id message`, level WARNING."""
-    handler = logging.StreamHandler(TaggedStream(output, stamp=False))
-    formatter = logging.Formatter(
-        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
-    )
-    formatter.converter = time.gmtime  # the `Z`: UTC, as Lambda's runtime sets it
-    handler.setFormatter(formatter)
-    handler.addFilter(_RequestIdFilter(output))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-
-
-def main() -> None:
-    """Entry point of a worker process."""
-    spec = msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec)
-    sandbox.confine()  # reads the preamble on stdin, before the protocol takes it over
-    channel = _take_protocol_descriptors()
-    os.chdir(spec.task_root)
-    serve(spec, channel)
-
-
-if __name__ == "__main__":
-    main()

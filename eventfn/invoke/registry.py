@@ -30,7 +30,7 @@ from watchfiles import Change, DefaultFilter, awatch
 
 from eventfn.config import FunctionSettings, inline_settings_text, name_problem, read_function_settings
 from eventfn.errors import ConfigError
-from eventfn.runtime import ENTRY_NAMES
+from eventfn.invoke.handler import ENTRY_NAMES
 
 log = logging.getLogger(__name__)
 

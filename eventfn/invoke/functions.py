@@ -7,14 +7,15 @@ from collections.abc import Awaitable, Callable
 import anyio
 import msgspec
 
-from eventfn import mappings, subjects
+from eventfn import subjects
 from eventfn.config import FunctionSettings
-from eventfn.dispatch import Dispatcher
 from eventfn.errors import HandlerLoadError
-from eventfn.inprocess import InProcessPool
-from eventfn.registry import FunctionSource
-from eventfn.slots import Slots
-from eventfn.workers import Outcome, Pool
+from eventfn.invoke.inprocess import InProcessPool
+from eventfn.invoke.registry import FunctionSource
+from eventfn.invoke.slots import Slots
+from eventfn.invoke.workers import Outcome, Pool
+from eventfn.sources import mappings
+from eventfn.sources.dispatch import Dispatcher
 
 
 class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):

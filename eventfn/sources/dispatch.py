@@ -24,12 +24,13 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import decoding, events, records, subjects
-from eventfn.bus import Bus, Delivery, PullFeed
+from eventfn import decoding, events, subjects
+from eventfn.broker.bus import Bus, Delivery, PullFeed
 from eventfn.config import Destinations, RetryPolicy
 from eventfn.errors import EventDecodeError
 from eventfn.filters import Filter, decode_body
-from eventfn.workers import Outcome, error_payload, error_type_of
+from eventfn.invoke.workers import Outcome, error_payload, error_type_of
+from eventfn.sources import records
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ at thousands of lines per second.
 Report lines obey the `eventfn.report` logger's level (INFO shows them) and look like the service's other log
 lines, but they bypass logging's per-record machinery: lines are buffered and written with one call per
 flush interval. At batch size 1, building and emitting two log records per invocation took a third of the
-dispatcher's time (profiled with py-spy). Handler output (already tagged and capped, see `eventfn.output`)
+dispatcher's time (profiled with py-spy). Handler output (already tagged and capped, see `eventfn.invoke.output`)
 joins the same buffer as it arrives, so it is written after its invocation's START line and before its END.
 """
 

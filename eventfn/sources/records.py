@@ -19,11 +19,10 @@ import msgspec
 
 from eventfn import decoding
 from eventfn.errors import UnreadableData
-from eventfn.subjects import REDRIVE_PREFIX
+from eventfn.subjects import FUNCTION_ARN_PREFIX, REDRIVE_PREFIX
 
 log = logging.getLogger(__name__)
 
-ARN_PREFIX = "arn:aws:lambda:local:000000000000:function:"
 #: How many earlier failures a record carries in its attempt history (the newest are kept).
 HISTORY_LIMIT = 10
 #: Header a redriven event carries its attempt history in (JSON list of `Attempt`).
@@ -355,7 +354,7 @@ def _failure_record(
             timestamp=timestamp,
             requestContext=_RequestContext(
                 requestId=request_id,
-                functionArn=ARN_PREFIX + function,
+                functionArn=FUNCTION_ARN_PREFIX + function,
                 condition=condition,
                 approximateInvokeCount=message.delivered,
             ),
@@ -398,7 +397,7 @@ def last_resort_record(
             timestamp=_now(),
             requestContext=_RequestContext(
                 requestId=decoding.encodable(request_id),
-                functionArn=ARN_PREFIX + decoding.encodable(function),
+                functionArn=FUNCTION_ARN_PREFIX + decoding.encodable(function),
                 condition=decoding.encodable(condition),
                 approximateInvokeCount=int(message.delivered),
             ),
@@ -431,7 +430,7 @@ def success_record(function: str, request_id: str, payload: bytes, result: bytes
             timestamp=_now(),
             requestContext=_RequestContext(
                 requestId=request_id,
-                functionArn=ARN_PREFIX + function,
+                functionArn=FUNCTION_ARN_PREFIX + function,
                 condition="Success",
                 approximateInvokeCount=invoke_count,
             ),

@@ -32,11 +32,11 @@ from typing import Any, TextIO
 
 import anyio
 
-from eventfn import runtime
-from eventfn.output import HandlerOutput
-from eventfn.protocol import Invoke, WorkerSpec
-from eventfn.reports import reports
-from eventfn.workers import Outcome, report_line, start_line, timed_out
+from eventfn.invoke import handler as runtime
+from eventfn.invoke.output import HandlerOutput
+from eventfn.invoke.protocol import Invoke, WorkerSpec
+from eventfn.invoke.reports import reports
+from eventfn.invoke.workers import Outcome, report_line, start_line, timed_out
 
 _versions = itertools.count()
 

@@ -33,7 +33,7 @@ from typing import BinaryIO
 import anyio
 
 from eventfn import sandbox
-from eventfn.auth import write_private
+from eventfn.broker.auth import write_private
 from eventfn.errors import DataDirInUse, NatsUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def find_binary() -> str:
 
 
 def _config(host: str, port: int, store: Path, authorization: str = "") -> str:
-    # `authorization` is the users and permissions block (eventfn.auth.server_config); empty runs the server open.
+    # `authorization` is the users and permissions block (`auth.server_config`); empty runs the server open.
     return (
         f'listen: "{host}:{port}"\nmax_payload: {MAX_PAYLOAD}\njetstream {{\n  store_dir: "{store}"\n}}\n'
         + authorization

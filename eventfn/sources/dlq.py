@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from eventfn import decoding, records, subjects
-from eventfn.bus import Bus, StoredRecord
+from eventfn import decoding, subjects
+from eventfn.broker.bus import Bus, StoredRecord
 from eventfn.errors import UnreadableData
+from eventfn.sources import records
 
 DLQ_STREAM = subjects.DLQ_STREAM
 EVENTS_STREAM = subjects.EVENTS_STREAM

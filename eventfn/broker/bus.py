@@ -27,10 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from eventfn.auth import INBOX_PREFIXES, SERVICE, redact
+from eventfn.broker.auth import INBOX_PREFIXES, SERVICE, redact
+from eventfn.broker.stalls import Stalls
 from eventfn.config import NatsSettings
 from eventfn.errors import ConfigError, NatsUnavailable, PermissionDenied
-from eventfn.stalls import Stalls
 from eventfn.subjects import covers, stream_subjects
 
 log = logging.getLogger(__name__)

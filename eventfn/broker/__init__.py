@@ -1,0 +1,1 @@
+"""The broker: the embedded nats-server, its users and permissions, and `Bus`, the only module that talks to NATS."""

@@ -1,0 +1,1 @@
+"""Fronts: thin adapters from a transport (NATS request/reply today, HTTP next) to the one invocation call."""
