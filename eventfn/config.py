@@ -101,6 +101,17 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     #: Honour `{"batchItemFailures": [...]}` responses (Lambda's ReportBatchItemFailures).
     report_batch_item_failures: bool = True
+    #: "none": any order, retries included (a retry waits in JetStream, later events overtake it). "key": events
+    #: with the same `key` never run at once and never overtake each other, retries included (Lambda's rule for
+    #: SQS FIFO message groups). "shard": `key` names a shard; strictly in order per shard, one batch per shard
+    #: at a time, each batch from one shard (Lambda's rule for Kinesis shards).
+    ordering: Literal["none", "key", "shard"] = "none"
+    #: Where an event's ordering key is: `header:<Name>` or `subject:<index>` (a 0-based subject token).
+    key: str | None = None
+    #: Where a new mapping starts: at new events (LATEST), at the first one stored (TRIM_HORIZON), or at
+    #: `starting_position_timestamp` (AT_TIMESTAMP, epoch seconds). An existing mapping resumes where it left.
+    starting_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
+    starting_position_timestamp: float | None = None
 
 
 class Destinations(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -422,6 +433,23 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
         )
     if trigger.name == "async":
         raise ConfigError(where, "trigger name 'async' is taken by the function's async-invoke queue")
+    if trigger.ordering != "none":
+        if trigger.key is None:
+            raise ConfigError(
+                where,
+                f"ordering = {trigger.ordering!r} needs a key",
+                'add key = "header:<Name>" or key = "subject:<token index>"',
+            )
+    if trigger.key is not None and (problem := key_problem(trigger.key)):
+        raise ConfigError(
+            where, f"key {trigger.key!r} is invalid: {problem}", 'use "header:<Name>" or "subject:<index>"'
+        )
+    if (trigger.starting_position == "AT_TIMESTAMP") != (trigger.starting_position_timestamp is not None):
+        raise ConfigError(
+            where,
+            "starting_position_timestamp goes with starting_position = 'AT_TIMESTAMP', and only with it",
+            "set both, or neither",
+        )
     for i, subject in enumerate(trigger.subjects):
         if not valid_subject(subject):
             raise ConfigError(
@@ -440,6 +468,20 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
                 raise ConfigError(
                     where, f"trigger subjects {other!r} and {subject!r} overlap", "keep only the wider one"
                 )
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` (an ordering key's place) is not `header:<Name>` or `subject:<index>`; None if it is."""
+    kind, _, where = key.partition(":")
+    if kind == "header":
+        if not where or any(c.isspace() or c == ":" or not c.isprintable() for c in where):
+            return "a header name is printable text without spaces or `:`"
+        return None
+    if kind == "subject":
+        if not where.isdigit() or int(where) > 255:
+            return "a subject token index is a number from 0 to 255"
+        return None
+    return "it starts with neither `header:` nor `subject:`"
 
 
 def valid_subject(subject: str) -> bool:

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import msgspec
 
 from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
 from eventfn.broker.bus import Bus, StreamSpec, connect
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
-from eventfn.config import Destinations, FunctionSettings, NatsSettings, RetryPolicy, ServiceConfig
+from eventfn.config import FunctionSettings, NatsSettings, ServiceConfig
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
-from eventfn.invoke.functions import Function, Running
+from eventfn.invoke.functions import Function
 from eventfn.invoke.inprocess import InProcessPool
 from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.registry import FunctionSource
@@ -35,7 +34,8 @@ from eventfn.invoke.reports import reports
 from eventfn.invoke.slots import Slots
 from eventfn.invoke.workers import Pool
 from eventfn.sources import mappings
-from eventfn.sources.dispatch import Dispatcher
+from eventfn.sources.dispatch import Dispatcher, Running
+from eventfn.sources.mappings import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,10 @@ class Service:
         self._streams: dict[str, StreamSpec] = {}
         #: Events stream subjects JetStream refused (they partly overlap one it stores), with the reason.
         self._refused: dict[str, str] = {}
-        #: Consumer name -> the mapping last provisioned for it, to skip unchanged ones.
-        self.provisioned: dict[str, mappings.Planned] = {}
+        #: Mapping name -> the mapping last provisioned (its consumer), to skip unchanged ones.
+        self.provisioned: dict[str, Mapping] = {}
+        #: Mapping name -> its running dispatcher.
+        self.running: dict[str, Running] = {}
         self._check_streams = anyio.Event()
         #: False while the last provisioning failed part-way (JetStream did not answer): retried by
         #: `watch_streams` rather than left until the next change in the handler directory.
@@ -173,7 +175,7 @@ class Service:
 
     async def _remove(self, fn: Function) -> None:
         log.info("function %s removed", fn.name)
-        await self._stop_mappings(fn, list(fn.mappings))
+        await self._stop_mappings([n for n, r in self.running.items() if r.mapping.function == fn.name])
         if fn.pool is not None:
             self.tg.start_soon(fn.pool.retire)
 
@@ -229,23 +231,22 @@ class Service:
             log.error("%s", problem)
         for fn in self.functions.values():
             wanted = {
-                name: planned
-                for name, planned in mappings.plan(fn.name, fn.routing_settings).items()
-                if not any(s in problems for s in planned.trigger.subjects)
+                name: mapping
+                for name, mapping in mappings.plan(fn.name, fn.routing_settings).items()
+                if not any(s in problems for s in mapping.source.subjects)
             }
             loaded = fn.pool is not None and fn.settings is not None
-            # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; async invokes go straight
-            # to the DLQ, as Lambda sends them to the dead-letter queue without retries.
-            runnable = {n for n, p in wanted.items() if loaded and (not fn.disabled or p.trigger.name == "async")}
-            await self._stop_mappings(
-                fn, [n for n, r in fn.mappings.items() if n not in runnable or wanted.get(n) != r.planned]
-            )
-            for name, planned in wanted.items():
-                if self.provisioned.get(name) != planned:
-                    await mappings.provision(self.bus, EVENTS_STREAM, planned, from_start=recreated)
-                    self.provisioned[name] = planned
-                if name in runnable and name not in fn.mappings:
-                    await self._start_mapping(fn, planned)
+            # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; a source that dead-letters
+            # instead (the async queue: Lambda sends those to the DLQ without retries) keeps running.
+            runnable = {n for n, m in wanted.items() if loaded and (not fn.disabled or mappings.runs_while_disabled(m))}
+            own = [n for n, r in self.running.items() if r.mapping.function == fn.name]
+            await self._stop_mappings([n for n in own if n not in runnable or wanted.get(n) != self.running[n].mapping])
+            for name, mapping in wanted.items():
+                if self.provisioned.get(name) != mapping:
+                    await mappings.provision(self.bus, mapping, from_start=recreated)
+                    self.provisioned[name] = mapping
+                if name in runnable and name not in self.running:
+                    await self._start_mapping(fn, mapping)
         self._provisioned = True
 
     async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
@@ -312,21 +313,17 @@ class Service:
             if asked:
                 await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
 
-    async def _start_mapping(self, fn: Function, planned: mappings.Planned) -> None:
-        mapping = planned.mapping()
-        if fn.disabled:
-            mapping = msgspec.structs.replace(mapping, reject="Throttled", concurrency=1)
-        feed = self.bus.pull_feed(EVENTS_STREAM, planned.consumer, max_inflight=mapping.max_inflight)
-        settings = fn.settings
-        assert settings is not None
+    async def _start_mapping(self, fn: Function, mapping: Mapping) -> None:
+        stream = mapping.source.stream
+        feed = self.bus.pull_feed(stream, mapping.name, max_inflight=mapping.max_inflight)
 
-        def policy() -> tuple[RetryPolicy, Destinations]:
-            current = fn.settings or settings
-            return current.retry, current.destinations
+        async def recovery() -> tuple[int, int]:
+            state = await self.bus.consumer_state(stream, mapping.name)
+            return (state.ack_pending, state.delivered_stream_seq) if state else (0, 0)
 
-        dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, policy=policy)
-        running = Running(dispatcher, planned)
-        fn.mappings[planned.consumer] = running
+        dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery)
+        running = Running(dispatcher, mapping)
+        self.running[mapping.name] = running
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             try:
@@ -336,8 +333,8 @@ class Service:
 
         await self.tg.start(run)
 
-    async def _stop_mappings(self, fn: Function, names: list[str]) -> None:
-        stopping = [fn.mappings.pop(name) for name in names]
+    async def _stop_mappings(self, names: list[str]) -> None:
+        stopping = [self.running.pop(name) for name in names]
         for running in stopping:
             running.dispatcher.stop()
         for running in stopping:
@@ -355,7 +352,7 @@ class Service:
             missing = [
                 name
                 for name in (list(self.provisioned) if consumers and not events_lost else [])
-                if not await self.bus.consumer_exists(EVENTS_STREAM, name)
+                if not await self.bus.consumer_exists(self.provisioned[name].source.stream, name)
             ]
             if not (dlq_lost or events_lost or missing):
                 return
@@ -412,9 +409,8 @@ class Service:
         self.api.stop()
         async with self._reload_lock:  # a reload under way finishes first; none starts after
             functions = list(self.functions.values())
-            running = [r for fn in functions for r in fn.mappings.values()]
-            for fn in functions:
-                fn.mappings.clear()
+            running = list(self.running.values())
+            self.running.clear()
             for r in running:  # every feed stops pulling before any wait
                 r.dispatcher.stop()
             longest = max((fn.settings.timeout for fn in functions if fn.settings), default=0.0)

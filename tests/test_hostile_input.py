@@ -25,7 +25,7 @@ from eventfn.broker.bus import StoredRecord
 from eventfn.errors import EventDecodeError, UnreadableData
 from eventfn.fronts import nats_api as api
 from eventfn.invoke import handler as runtime
-from eventfn.sources import dispatch, dlq, records
+from eventfn.sources import deadletters, dispatch, dlq, records
 
 # Hypothesis caches constants it reads from the source in its home directory, from test collection on: keep that
 # out of the repository too.
@@ -164,7 +164,7 @@ FILTER = filters.compile_filters(
 def _normalize(message: Message) -> events.Event | None:
     """`events.from_nats` as the dispatcher calls it; None for the documented failure."""
     try:
-        event = dispatch._event_of(message, "fallback-id")  # type: ignore[arg-type]
+        event = deadletters.event_of(message, "fallback-id")  # type: ignore[arg-type]
     except EventDecodeError as exc:
         assert str(exc).startswith(f"cannot decode message on {records.original_subject(message)!r}")  # type: ignore[arg-type]
         return None

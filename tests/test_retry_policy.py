@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from eventfn.config import RetryPolicy
-from eventfn.sources.dispatch import Ack, DeadLetter, Retry, backoff, decide
 from eventfn.sources.records import failure_record
+from eventfn.sources.retry import Ack, DeadLetter, Retry, backoff, decide
 
 POLICY = RetryPolicy(max_attempts=3, base_delay=2.0, max_delay=10.0, max_event_age=3600.0)
 

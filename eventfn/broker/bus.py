@@ -16,7 +16,8 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -343,6 +344,18 @@ class StoredRecord(msgspec.Struct, frozen=True):
     headers: dict[str, str] | None
 
 
+class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How a source's durable consumer delivers: where a new one starts, acks, redelivery limit, exclusivity."""
+
+    start_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
+    #: Epoch seconds, for AT_TIMESTAMP.
+    start_time: float | None = None
+    ack: Literal["explicit", "none"] = "explicit"
+    max_deliveries: int = -1
+    #: One pull client at a time (ordered mappings).
+    exclusive: bool = False
+
+
 class ConsumerState(msgspec.Struct, frozen=True):
     """What `Bus.consumer_state` reports."""
 
@@ -350,6 +363,9 @@ class ConsumerState(msgspec.Struct, frozen=True):
     pending: int
     ack_pending: int
     redelivered: int
+    #: The highest stream position delivered, and the one below which all is acknowledged.
+    delivered_stream_seq: int = 0
+    ack_floor_stream_seq: int = 0
 
 
 #: What JetStream API calls that time out stall (`Bus.stalls` key).
@@ -633,6 +649,7 @@ class Bus:
         max_ack_pending: int,
         description: str = "",
         metadata: dict[str, str] | None = None,
+        options: ConsumerOptions | None = None,
         from_start: bool = False,
     ) -> None:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
@@ -644,11 +661,19 @@ class Bus:
         operator added stays too.
         """
         replicas = 0  # as many as the stream
+        start_time: datetime | None = None
         try:
             info = await self._js_call(self.js.consumer_info(stream, name), f"read consumer {stream}/{name}")
             existing = info.config
         except _NotFound:
-            policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+            start = "TRIM_HORIZON" if from_start else (options or ConsumerOptions()).start_position
+            policy = {
+                "LATEST": DeliverPolicy.NEW,
+                "TRIM_HORIZON": DeliverPolicy.ALL,
+                "AT_TIMESTAMP": DeliverPolicy.BY_START_TIME,
+            }[start]
+            if start == "AT_TIMESTAMP":
+                start_time = datetime.fromtimestamp((options or ConsumerOptions()).start_time or 0.0, UTC)
         else:
             policy = existing.deliver_policy  # fixed at creation
             replicas = existing.num_replicas or 0
@@ -656,6 +681,7 @@ class Bus:
             kept = {k: v for k, v in (existing.metadata or {}).items() if not k.startswith("_nats.")}
             metadata = {**kept, **(metadata or {})} or None
         config = ConsumerConfig(
+            opt_start_time=start_time,
             durable_name=name,
             description=description or None,
             deliver_policy=policy,
@@ -700,6 +726,8 @@ class Bus:
             pending=info.num_pending or 0,
             ack_pending=info.num_ack_pending or 0,
             redelivered=info.num_redelivered or 0,
+            delivered_stream_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
+            ack_floor_stream_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
         )
 
     async def pause_consumer(self, stream: str, name: str) -> None:

@@ -183,10 +183,9 @@ class Api:
                     request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
                 )
             enable = op.endswith("enable")
-            await mappings.set_enabled(self.service.bus, EVENTS_STREAM, name, enable)
-            planned = self.service.provisioned[name]
-            fn = self.service.functions.get(planned.function)
-            if enable and fn is not None and (running := fn.mappings.get(name)):
+            mapping = self.service.provisioned[name]
+            await mappings.set_enabled(self.service.bus, mapping, enable)
+            if enable and (running := self.service.running.get(name)):
                 running.dispatcher.feed.refresh()  # requests that waited through the pause go unserved
             [info] = [i for i in await self._mapping_infos() if i.name == name]
             await request.respond(msgspec.json.encode(info))
@@ -195,23 +194,21 @@ class Api:
 
     async def _mapping_infos(self) -> list[MappingInfo]:
         infos = []
-        for name, planned in sorted(self.service.provisioned.items()):
-            fn = self.service.functions.get(planned.function)
-            running = fn.mappings.get(name) if fn else None
-            state = await self.service.bus.consumer_state(EVENTS_STREAM, name)
+        for name, mapping in sorted(self.service.provisioned.items()):
+            running = self.service.running.get(name)
+            state = await self.service.bus.consumer_state(mapping.source.stream, name)
             if state is None:
                 continue
-            trigger = planned.trigger
             infos.append(
                 MappingInfo(
                     name=name,
-                    function=planned.function,
-                    subjects=planned.filter_subjects[:-1],
+                    function=mapping.function,
+                    subjects=list(mapping.source.subjects),
                     state="Disabled" if state.paused else ("Enabled" if running else "Inactive"),
-                    batch_size=trigger.batch_size,
-                    batch_window=trigger.batch_window,
-                    filters=len(trigger.filters),
-                    max_concurrency=planned.batches_at_once,
+                    batch_size=mapping.batch_size,
+                    batch_window=mapping.batch_window,
+                    filters=len(mapping.filters),
+                    max_concurrency=mapping.concurrency,
                     lag=state.pending,
                     in_flight=state.ack_pending,
                     stats=running.dispatcher.stats if running else Stats(),

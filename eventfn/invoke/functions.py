@@ -11,11 +11,10 @@ from eventfn import subjects
 from eventfn.config import FunctionSettings
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke.inprocess import InProcessPool
+from eventfn.invoke.invocation import Invocation
 from eventfn.invoke.registry import FunctionSource
 from eventfn.invoke.slots import Slots
 from eventfn.invoke.workers import Outcome, Pool
-from eventfn.sources import mappings
-from eventfn.sources.dispatch import Dispatcher
 
 
 class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,15 +58,6 @@ def invalid_info(entry: str, reason: str) -> FunctionInfo:
     )
 
 
-class Running:
-    """A started dispatcher, what it was started for, and the event set when it has fully stopped."""
-
-    def __init__(self, dispatcher: Dispatcher, planned: mappings.Planned) -> None:
-        self.dispatcher = dispatcher
-        self.planned = planned
-        self.done = anyio.Event()
-
-
 class Function:
     """One function as the service runs it: its latest source, the pool serving it, its mappings."""
 
@@ -84,7 +74,6 @@ class Function:
         self.init_ms: float | None = None
         #: The function's own cap (Lambda's reserved concurrency).
         self.limiter = Slots(1)
-        self.mappings: dict[str, Running] = {}
 
     @property
     def routing_settings(self) -> FunctionSettings | None:
@@ -134,27 +123,25 @@ class Function:
             last_error=self.last_error,
         )
 
-    async def invoke(
-        self,
-        request_id: str,
-        payload: bytes,
-        cloud_event: dict[str, str] | None,
-        is_json: bool,
-        keepalive: Callable[[], Awaitable[None]] | None = None,
-        keepalive_every: float = 10.0,
-    ) -> Outcome:
+    async def invoke(self, invocation: Invocation) -> Outcome:
         """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile).
 
-        While it waits, `keepalive` runs every `keepalive_every` seconds: a wait for another function's long
-        invocation to free a service-wide slot can outlast this function's ack wait.
+        While it waits, `invocation.keepalive` runs every `keepalive_every` seconds: a wait for another
+        function's long invocation to free a service-wide slot can outlast this function's ack wait.
         """
-        await _take(self.limiter, keepalive, keepalive_every)
+        keepalive, every = invocation.keepalive, invocation.keepalive_every
+        await _take(self.limiter, keepalive, every)
         try:
-            await _take(self.account, keepalive, keepalive_every)
+            await _take(self.account, keepalive, every)
             try:
                 pool = self.pool
                 assert pool is not None, "mappings run only while a version is loaded"
-                return await pool.invoke(request_id, payload, cloud_event=cloud_event, is_json=is_json)
+                return await pool.invoke(
+                    invocation.request_id,
+                    invocation.payload,
+                    cloud_event=invocation.cloud_event,
+                    is_json=invocation.is_json,
+                )
             finally:
                 self.account.give()
         finally:

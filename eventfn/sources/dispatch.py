@@ -1,114 +1,43 @@
-"""The dispatcher: Lambda's event-source-mapping semantics between stored events and invocations.
+"""The dispatcher: Lambda's event-source-mapping semantics between a source's stored events and invocations.
 
-One `Dispatcher` runs one mapping (a durable consumer feeding one function): it gathers batches (size, window,
-payload cap), drops events its filters reject (acknowledged and counted), invokes the function, and settles
-every event by the retry policy, honouring partial batch responses.
-
-`decide` is the whole retry policy as one pure function: (outcome, attempt, age, policy) -> ack, retry after a
-delay, or dead-letter. A retry is a JetStream `nak` with a delay (the server holds the event; no worker waits);
-a dead letter is a confirmed write to the function's DLQ subject followed by the ack of the original, never the
-other way round.
+One `Dispatcher` runs one mapping. Its scheduler (`ordering`) gathers batches by the source's ordering model;
+`process` drops events the filters reject (acknowledged and counted), invokes the function through the one
+invocation path, and settles every event by the retry policy (`retry.decide`), honouring partial batch
+responses. An unordered mapping hands a retry back to its source with a delay; an ordered one holds the
+event, and its key, until the delay has passed. Dead letters go through `deadletters`.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import decoding, events, subjects
-from eventfn.broker.bus import Bus, Delivery, PullFeed
-from eventfn.config import Destinations, RetryPolicy
+from eventfn import events
 from eventfn.errors import EventDecodeError
-from eventfn.filters import Filter, decode_body
+from eventfn.filters import decode_body
+from eventfn.invoke.invocation import Invocation
 from eventfn.invoke.workers import Outcome, error_payload, error_type_of
 from eventfn.sources import records
+from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
+from eventfn.sources.mappings import Mapping
+from eventfn.sources.ordering import Keyed, Recovery, Unordered
+from eventfn.sources.retry import DeadLetter, Retry, decide
+from eventfn.sources.source import Feed, Message, key_reader
 
 log = logging.getLogger(__name__)
 
+Invoke = Callable[[Invocation], Awaitable[Outcome]]
 
-class Ack(msgspec.Struct, frozen=True):
-    """Done: acknowledge."""
-
-
-class Retry(msgspec.Struct, frozen=True):
-    """Deliver again after `delay` seconds."""
-
-    delay: float
-
-
-class DeadLetter(msgspec.Struct, frozen=True):
-    """Give up: write a failure record to the DLQ, then acknowledge. `condition` uses Lambda's names."""
-
-    condition: str
-
-
-Decision = Ack | Retry | DeadLetter
-
-#: Seconds before an event whose DLQ write failed is delivered again (it stays in the stream meanwhile).
-DLQ_RETRY_DELAY = 5.0
-
-
-def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
-    """Delay before retry number `attempt` (1-based): exponential, capped, with equal jitter in [d/2, d]."""
-    # The exponent is bounded first: 2 ** 1024 does not fit a float, and the cap is reached long before.
-    delay = min(policy.max_delay, policy.base_delay * 2.0 ** min(attempt - 1, 64))
-    return delay / 2 + rand() * delay / 2
-
-
-def decide(
-    ok: bool, attempt: int, age: float, policy: RetryPolicy, rand: Callable[[], float] = random.random
-) -> Decision:
-    """What to do after invocation number `attempt` (1-based) of an event `age` seconds old."""
-    if ok:
-        return Ack()
-    if age >= policy.max_event_age:
-        return DeadLetter("EventAgeExceeded")
-    if attempt > policy.max_attempts:
-        return DeadLetter("RetriesExhausted")
-    return Retry(backoff(attempt, policy, rand))
-
-
-Invoker = Callable[
-    [str, bytes, dict[str, str] | None, bool, Callable[[], Awaitable[None]] | None, float], Awaitable[Outcome]
-]
-
-
-class Mapping(msgspec.Struct, frozen=True, kw_only=True):
-    """How one mapping dispatches: its consumer, batching, filters and parallelism."""
-
-    function: str
-    consumer: str
-    batch_size: int = 1
-    batch_window: float = 0.0
-    max_batch_bytes: int = 6 * 1024 * 1024
-    filter: Filter | None = None
-    report_batch_item_failures: bool = True
-    #: Batches in flight at once.
-    concurrency: int = 1
-    #: The consumer's ack wait: a delivery held longer than a third of it is marked in progress before its
-    #: invocation starts, so a long batching window or a wait for a free worker never causes a redelivery.
-    ack_wait: float = 30.0
-    #: Set when the function may not run (concurrency 0): every event is dead-lettered with this condition.
-    reject: str | None = None
-
-    @property
-    def max_inflight(self) -> int:
-        """Deliveries the feed may hold."""
-        return feed_credit(self.concurrency, self.batch_size)
-
-
-def feed_credit(concurrency: int, batch_size: int) -> int:
-    """Deliveries a mapping's feed may hold: a batch per slot plus one being gathered, within a memory bound."""
-    return min((concurrency + 1) * batch_size, 20_000)
+#: What `process` says of each event of a batch: None, settled (acknowledged, dead-lettered or handed back);
+#: a number, held by an ordered mapping, to run again after that many seconds.
+Verdict = float | None
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -127,229 +56,176 @@ class Stats(msgspec.Struct, kw_only=True):
 
 _BATCH_ITEM_FAILURE = b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}'
 
+_Ready = tuple[Message, events.Event | None, str]
+
 
 class Dispatcher:
-    """Runs one mapping: a pull feed on one durable consumer, feeding one function."""
+    """Runs one mapping: its source's feed, scheduled by the source's ordering model, feeding one function."""
 
     def __init__(
-        self,
-        bus: Bus,
-        mapping: Mapping,
-        feed: PullFeed,
-        *,
-        invoke: Invoker,
-        policy: Callable[[], tuple[RetryPolicy, Destinations]],
+        self, sink: Sink, mapping: Mapping, feed: Feed, *, invoke: Invoke, recovery: Recovery | None = None
     ) -> None:
-        self.bus = bus
         self.mapping = mapping
         self.feed = feed
         self._invoke = invoke
-        self._policy = policy
         self.stats = Stats()
-        self._source_arn = f"arn:eventfn:nats:local:000000000000:consumer/{feed.stream}/{mapping.consumer}"
+        self.filter = mapping.compiled_filter()
+        self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
+        self._source_arn = f"arn:eventfn:nats:local:000000000000:consumer/{feed.stream}/{mapping.name}"
+        self._shape = records.SHAPES[mapping.source.records]
+        ordering = mapping.source.ordering
+        #: Ordered mappings retry in place: the attempts made beyond the source's delivery count, by position.
+        self._extra_attempts: dict[int, int] | None = None
+        self._key_of = None
+        self.scheduler: Unordered | Keyed
+        if ordering.ordered:
+            self._extra_attempts = {}
+            self._key_of = key_reader(ordering)
+            self.scheduler = Keyed(self, self._key_of, one_key_per_batch=ordering.model == "shard", recovery=recovery)
+        else:
+            self.scheduler = Unordered(self)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until `stop()`; in-flight invocations finish and settle before this returns."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.feed.run)
-            if self.mapping.batch_size == 1:
-                # One event per invocation: `concurrency` workers each take the next event.
-                for _ in range(max(1, self.mapping.concurrency)):
-                    tg.start_soon(self._single_worker)
-            else:
-                # Batches: one gatherer fills them in arrival order (several gatherers would split a trickle
-                # into many one-event batches) and starts up to `concurrency` of them at once.
-                tg.start_soon(self._gatherer, tg)
-            task_status.started()
+        await self.scheduler.run(task_status=task_status)
 
     def stop(self) -> None:
-        """Stop pulling; deliveries received but not started go back to the server at once."""
+        """Stop pulling; deliveries received but not started go back to the source at once."""
         self.feed.stop()
 
-    # -- gathering ------------------------------------------------------------------------------------------
+    # -- processing one batch -------------------------------------------------------------------------------
 
-    async def _single_worker(self) -> None:
-        while True:
-            try:
-                delivery = await self.feed.receive()
-            except anyio.EndOfStream:
-                return
-            if self.feed.stopping:
-                await _hand_back([delivery])
-                continue
-            await self.process_guarded([delivery])
-
-    async def _gatherer(self, tg: anyio.abc.TaskGroup) -> None:
-        slots = anyio.Semaphore(max(1, self.mapping.concurrency))
-        carry: Delivery | None = None
-        while True:
-            if carry is None:
-                try:
-                    carry = await self.feed.receive()
-                except anyio.EndOfStream:
-                    return
-            batch, carry = [carry], None
-            carry = await self._fill(batch)
-            await slots.acquire()
-            if self.feed.stopping:
-                slots.release()
-                await _hand_back([*batch, *([carry] if carry else [])])
-                carry = None
-                continue
-            tg.start_soon(self._process_in_slot, batch, slots)
-
-    async def _process_in_slot(self, batch: list[Delivery], slots: anyio.Semaphore) -> None:
-        try:
-            await self.process_guarded(batch)
-        finally:
-            slots.release()
-
-    async def process_guarded(self, batch: list[Delivery]) -> None:
+    async def process_guarded(self, batch: Sequence[Message]) -> list[Verdict]:
         """`process`, but an unexpected error dead-letters what it left unsettled instead of ending the loop.
 
         Never raises (short of cancellation): no event can stop its mapping, or the service.
         """
         try:
-            await self.process(batch)
+            return await self.process(batch)
         except Exception as exc:
             log.exception("%s: dispatching a batch failed; dead-lettering its unsettled events", self.mapping.function)
             with anyio.CancelScope(shield=True):
-                for delivery in batch:
-                    if not delivery.settled:
-                        await self._dead_letter_poison(delivery, exc)
+                for message in batch:
+                    if not message.settled:
+                        self._forget(message)
+                        await self.dead_letters.poison(message, exc)
+            return [None] * len(batch)
 
-    async def _dead_letter_poison(self, delivery: Delivery, exc: Exception) -> None:
-        """Dead-letter an event that dispatching failed on; if even that fails, hand it back after a delay."""
-        try:
-            message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
-            problem = decoding.encodable(f"{type(exc).__name__}: {exc}")
-            error = error_payload("PoisonMessage", problem, message_id)
-            await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
-        except Exception:
-            log.exception(
-                "%s: dead-lettering event %d failed; it stays queued", self.mapping.function, delivery.stream_seq
-            )
-            await _nak_quietly(delivery, DLQ_RETRY_DELAY)
-
-    async def _fill(self, batch: list[Delivery]) -> Delivery | None:
-        """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
-        returns an event that did not fit (it starts the next batch)."""
-        mapping = self.mapping
-        size = _record_size(batch[0].data)
-        deadline = time.monotonic() + mapping.batch_window
-        while len(batch) < mapping.batch_size:
-            delivery = await self._next_before(deadline)
-            if delivery is None:
-                return None
-            size += _record_size(delivery.data)
-            if size > mapping.max_batch_bytes:
-                return delivery
-            batch.append(delivery)
-        return None
-
-    async def _next_before(self, deadline: float) -> Delivery | None:
-        """A delivery that is waiting, or one arriving before `deadline`; None when the window closes."""
-        try:
-            return self.feed.receive_nowait()
-        except anyio.WouldBlock:
-            pass
-        except anyio.EndOfStream:
-            return None
-        remaining = deadline - time.monotonic()
-        if remaining > 0:
-            with anyio.move_on_after(remaining):
-                try:
-                    return await self.feed.receive()
-                except anyio.EndOfStream:
-                    return None
-        return None
-
-    # -- invoking and settling ------------------------------------------------------------------------------
-
-    async def process(self, batch: list[Delivery]) -> None:
-        """Filter, invoke and settle one batch."""
+    async def process(self, batch: Sequence[Message]) -> list[Verdict]:
+        """Filter, invoke and settle one batch; says of each event whether it is settled or held for a retry."""
         stats = self.stats
         stats.received += len(batch)
-        filter_ = self.mapping.filter
-        ready: list[tuple[Delivery, events.Event | None, str]] = []
-        for delivery in batch:
-            message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
+        verdicts: list[Verdict] = [None] * len(batch)
+        filter_ = self.filter
+        max_age = self.mapping.retry.max_event_age
+        ready: list[_Ready] = []
+        positions: list[int] = []
+        for index, message in enumerate(batch):
+            message_id = events.request_id_for(message.stream_seq, message.stream)
             event: events.Event | None = None
-            if delivery.headers:
+            if message.headers:
                 # Only a message with headers can be a CloudEvent (or fail to decode as one); a plain publish
                 # is normalized only when something needs its attributes (a filter, a dead letter).
                 try:
-                    event = _event_of(delivery, message_id)
+                    event = event_of(message, message_id)
                 except EventDecodeError as exc:
                     log.error("%s: %s; dead-lettering", self.mapping.function, exc)
+                    error = error_payload("EventDecodeError", str(exc), message_id)
                     with anyio.CancelScope(shield=True):
-                        error = error_payload("EventDecodeError", str(exc), message_id)
-                        await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
+                        verdicts[index] = await self._dead_letter(message, message_id, "PoisonMessage", error, None)
                     continue
             if filter_ is not None and not filter_.matches(
-                _filter_document(delivery, event or _event_of(delivery, message_id))
+                _filter_document(message, event or event_of(message, message_id))
             ):
                 stats.filtered += 1
                 with anyio.CancelScope(shield=True):
-                    await delivery.ack()
+                    await message.ack()
                 continue
-            if delivery.delivered > 1 and time.time() - delivery.timestamp_ns / 1e9 >= self._policy()[0].max_event_age:
+            if self._attempt(message) > 1 and time.time() - message.timestamp_ns / 1e9 >= max_age:
                 # A retry that comes due after the event expired is not run again (Lambda's maximum event age).
                 with anyio.CancelScope(shield=True):
                     error = error_payload("EventAgeExceeded", "event older than max_event_age", message_id)
-                    await self._dead_letter(delivery, message_id, "EventAgeExceeded", error, event)
+                    verdicts[index] = await self._dead_letter(message, message_id, "EventAgeExceeded", error, event)
                 continue
-            ready.append((delivery, event, message_id))
-        if ready and self.mapping.reject is not None:
+            ready.append((message, event, message_id))
+            positions.append(index)
+        if not ready:
+            return verdicts
+        if self.mapping.reject is not None:
             with anyio.CancelScope(shield=True):
-                for delivery, event, message_id in ready:
+                for index, (message, event, message_id) in zip(positions, ready, strict=True):
                     error = error_payload(
                         "TooManyRequestsException",
                         "Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded (concurrency 0)",
                         message_id,
                     )
-                    await self._dead_letter(delivery, message_id, self.mapping.reject, error, event)
-            return
-        if ready:
-            await self._mark_in_progress(ready)
-            if self.mapping.batch_size == 1:
-                delivery, event, message_id = ready[0]
-                await self._invoke_one(delivery, event or _event_of(delivery, message_id), message_id)
-            else:
-                await self._invoke_batch(ready)
+                    verdicts[index] = await self._dead_letter(message, message_id, self.mapping.reject, error, event)
+            return verdicts
+        await self._mark_in_progress(ready)
+        if self.mapping.batch_size == 1:
+            message, event, message_id = ready[0]
+            held = [await self._invoke_one(message, event or event_of(message, message_id), message_id)]
+        else:
+            held = await self._invoke_batch(ready)
+        for index, verdict in zip(positions, held, strict=True):
+            verdicts[index] = verdict
+        return verdicts
 
-    async def _mark_in_progress(self, ready: list[tuple[Delivery, events.Event | None, str]]) -> None:
+    def _attempt(self, message: Message) -> int:
+        """Invocations of `message` so far, this one included: its deliveries, plus retries held in place."""
+        extra = self._extra_attempts
+        return message.delivered + (extra.get(message.stream_seq, 0) if extra else 0)
+
+    def _forget(self, message: Message) -> None:
+        if self._extra_attempts:
+            self._extra_attempts.pop(message.stream_seq, None)
+
+    async def _mark_in_progress(self, ready: list[_Ready]) -> None:
         oldest = time.time() - self.mapping.ack_wait / 3
-        for delivery, _, _ in ready:
-            if delivery.received_at < oldest:
-                await delivery.in_progress()
+        for message, _, _ in ready:
+            if message.received_at < oldest:
+                await message.in_progress()
 
-    async def _invoke_one(self, delivery: Delivery, event: events.Event, message_id: str) -> None:
+    async def _invoke_one(self, message: Message, event: events.Event, message_id: str) -> Verdict:
         request_id = event.id if _looks_like_uuid(event.id) else message_id
         self.stats.invocations += 1
         outcome = await self._invoke(
-            request_id, event.data, events.to_attributes(event), False, delivery.in_progress, self.mapping.ack_wait / 3
+            Invocation(
+                request_id=request_id,
+                payload=event.data,
+                cloud_event=events.to_attributes(event),
+                keepalive=message.in_progress,
+                keepalive_every=self.mapping.ack_wait / 3,
+            )
         )
         with anyio.CancelScope(shield=True):
-            await self._settle(delivery, request_id, outcome.ok, outcome.payload, event)
-            await self._on_success(outcome, request_id, event.data, delivery.delivered)
+            verdict = await self._settle(message, request_id, outcome.ok, outcome.payload, event)
+            if outcome.ok:
+                await self.dead_letters.succeeded(request_id, event.data, outcome.payload, self._attempt(message))
+        return verdict
 
-    async def _invoke_batch(self, ready: list[tuple[Delivery, events.Event | None, str]]) -> None:
-        payload = records.batch_payload([records.record_for(d, mid, self._source_arn) for d, _, mid in ready])
+    async def _invoke_batch(self, ready: list[_Ready]) -> list[Verdict]:
+        payload = self._shape.batch([m for m, _, _ in ready], [mid for _, _, mid in ready], self._source_arn)
         if len(payload) > self.mapping.max_batch_bytes and len(ready) > 1:
             # The size estimate missed (unusual escaping): split rather than pass the cap.
             half = len(ready) // 2
-            await self._invoke_batch(ready[:half])
-            await self._invoke_batch(ready[half:])
-            return
+            return [*await self._invoke_batch(ready[:half]), *await self._invoke_batch(ready[half:])]
         request_id = str(uuid.uuid4())
         self.stats.invocations += 1
 
         async def keepalive() -> None:
-            for delivery, _, _ in ready:
-                await delivery.in_progress()
+            for message, _, _ in ready:
+                await message.in_progress()
 
-        outcome = await self._invoke(request_id, payload, None, True, keepalive, self.mapping.ack_wait / 3)
+        outcome = await self._invoke(
+            Invocation(
+                request_id=request_id,
+                payload=payload,
+                is_json=True,
+                keepalive=keepalive,
+                keepalive_every=self.mapping.ack_wait / 3,
+            )
+        )
         failed: set[str] | None = set()
         error = outcome.payload
         if not outcome.ok:
@@ -362,25 +238,40 @@ class Dispatcher:
                     'batchItemFailures must be a list of {"itemIdentifier": <messageId of this batch>}',
                     request_id,
                 )
+        verdicts: list[Verdict] = []
+        # An ordered mapping settles no event of a key after that key's first failure in the batch: those go back
+        # with it, unattempted, so that nothing of the key overtakes the retry.
+        stopped: set[str] = set()
         with anyio.CancelScope(shield=True):
-            for delivery, event, message_id in ready:
+            for message, event, message_id in ready:
+                key = self._key_of(message) if self._key_of is not None else None
+                if key is not None and key in stopped:
+                    verdicts.append(0.0)
+                    continue
                 ok = failed is not None and message_id not in failed
                 item_error = error if failed is None else _BATCH_ITEM_FAILURE
-                await self._settle(delivery, message_id, ok, item_error, event)
-            await self._on_success(outcome, request_id, payload, max(d.delivered for d, _, _ in ready))
+                verdict = await self._settle(message, message_id, ok, item_error, event)
+                if verdict is not None and key is not None:
+                    stopped.add(key)
+                verdicts.append(verdict)
+            if outcome.ok:
+                invokes = max(self._attempt(m) for m, _, _ in ready)
+                await self.dead_letters.succeeded(request_id, payload, outcome.payload, invokes)
+        return verdicts
 
     async def _settle(
-        self, delivery: Delivery, request_id: str, ok: bool, error: bytes, event: events.Event | None
-    ) -> None:
+        self, message: Message, request_id: str, ok: bool, error: bytes, event: events.Event | None
+    ) -> Verdict:
         stats = self.stats
         if ok:
             stats.processed += 1
             stats.last_result = "OK"
-            await delivery.ack()
-            return
-        age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
-        retry, _ = self._policy()
-        decision = decide(ok, delivery.delivered, age, retry)
+            self._forget(message)
+            await message.ack()
+            return None
+        attempt = self._attempt(message)
+        age = max(0.0, time.time() - message.timestamp_ns / 1e9)
+        decision = decide(ok, attempt, age, self.mapping.retry)
         stats.failed += 1
         stats.last_result = "PROBLEM: Function call failed"
         stats.last_error = error_type_of(error)
@@ -389,126 +280,58 @@ class Dispatcher:
             log.warning(
                 "%s: attempt %d of request %s failed (%s); retrying in %.2f s",
                 self.mapping.function,
-                delivery.delivered,
+                attempt,
                 request_id,
                 stats.last_error,
                 decision.delay,
             )
-            await delivery.nak(decision.delay)
+            if self._extra_attempts is not None:
+                self._extra_attempts[message.stream_seq] = self._extra_attempts.get(message.stream_seq, 0) + 1
+                return decision.delay
+            await message.nak(decision.delay)
         elif isinstance(decision, DeadLetter):
-            await self._dead_letter(delivery, request_id, decision.condition, error, event)
+            return await self._dead_letter(message, request_id, decision.condition, error, event)
+        return None
 
     async def _dead_letter(
-        self, delivery: Delivery, request_id: str, condition: str, error: bytes, event: events.Event | None
-    ) -> None:
-        """Write the event's failure record to the DLQ and, once that write is durable, acknowledge the event.
-
-        Does not raise for anything the event holds (the record cannot fail to build) or for NATS trouble: if the
-        write fails, the event is handed back after a delay and stays in the stream.
-        """
-        function = self.mapping.function
-        cloud_event = None
-        if event is not None or not delivery.headers:  # a message with headers decoded as `event` if it could
-            cloud_event = events.to_attributes(event or _event_of(delivery, request_id))
-        record = records.failure_record(
-            function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
-        )
-        if len(record) > self.bus.max_payload - 4096:
-            # Too big for one NATS message with the event inside: keep the reference to it in the stream.
-            record = records.failure_record(
-                function,
-                delivery,
-                request_id,
-                condition,
-                error[:4096],
-                cloud_event,
-                consumer=self.mapping.consumer,
-                truncate=True,
-            )
-        try:
-            # The id makes a repeated write (a crash between the write and the ack) a no-op.
-            await self.bus.publish_stored(
-                subjects.DLQ_PREFIX + function,
-                record,
-                headers={
-                    # Per mapping: two functions dead-lettering one fanned-out event are two records.
-                    "Nats-Msg-Id": f"dlq:{self.mapping.consumer}:{delivery.stream_seq}",
-                    "Eventfn-Condition": condition,
-                },
-            )
-        except Exception as exc:
-            log.error("%s: DLQ write for request %s failed (%s); the event stays queued", function, request_id, exc)
-            await _nak_quietly(delivery, DLQ_RETRY_DELAY)
-            return
-        self.stats.dead_lettered += 1
-        log.error(
-            "%s: request %s dead-lettered (%s) after %d attempt(s)", function, request_id, condition, delivery.delivered
-        )
-        try:
-            await delivery.ack()
-        except Exception as exc:  # redelivered, it is dead-lettered again: the record's id makes that a no-op
-            log.warning("%s: ack of dead-lettered request %s failed: %s", function, request_id, exc)
-        _, destinations = self._policy()
-        if destinations.on_failure:
-            await self._notify(destinations.on_failure, record)
-
-    async def _on_success(self, outcome: Outcome, request_id: str, payload: bytes, invoke_count: int) -> None:
-        _, destinations = self._policy()
-        if outcome.ok and destinations.on_success:
-            record = records.success_record(self.mapping.function, request_id, payload, outcome.payload, invoke_count)
-            await self._notify(destinations.on_success, record)
-
-    async def _notify(self, subject: str, record: bytes) -> None:
-        try:
-            await self.bus.publish(subject, record)
-        except Exception as exc:
-            log.warning("%s: destination %s not notified: %s", self.mapping.function, subject, exc)
+        self, message: Message, request_id: str, condition: str, error: bytes, event: events.Event | None
+    ) -> Verdict:
+        """Dead-letter `message`. If the DLQ cannot take it now, an unordered mapping hands it back to its source
+        with a delay; an ordered one holds it (and its key) and runs it again after that delay."""
+        ordered = self._extra_attempts is not None
+        if await self.dead_letters.write(message, request_id, condition, error, event, hand_back=not ordered):
+            self._forget(message)
+            self.stats.dead_lettered += 1
+            return None
+        return DLQ_RETRY_DELAY if ordered else None
 
 
-def _event_of(delivery: Delivery, message_id: str) -> events.Event:
-    """The delivery as a normalized CloudEvent; raises `EventDecodeError` for a broken structured event."""
-    return events.from_nats(
-        records.original_subject(delivery),
-        delivery.data,
-        delivery.headers,
-        fallback_id=message_id,
-        timestamp=datetime.fromtimestamp(delivery.timestamp_ns / 1e9, UTC),
-    )
+class Running:
+    """A started dispatcher, the mapping it runs, and the event set when it has fully stopped."""
+
+    def __init__(self, dispatcher: Dispatcher, mapping: Mapping) -> None:
+        self.dispatcher = dispatcher
+        self.mapping = mapping
+        self.done = anyio.Event()
 
 
-def _record_size(data: bytes) -> int:
-    """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
-    bodies need most) plus the record's other fields (512 bytes cover them). A batch that still comes out too
-    large is split before it is sent."""
-    return len(data) + data.count(b'"') + 512
-
-
-async def _hand_back(deliveries: list[Delivery]) -> None:
-    """Return unstarted deliveries untouched: redelivered at once to whoever consumes next."""
-    with anyio.CancelScope(shield=True):
-        for delivery in deliveries:
-            await _nak_quietly(delivery, 0.0)
-
-
-async def _nak_quietly(delivery: Delivery, delay: float) -> None:
-    """Hand an event back for redelivery after `delay`; if even that fails (NATS gone), its ack wait expires and
-    JetStream redelivers it anyway, so the failure is only logged."""
-    try:
-        await delivery.nak(delay)
-    except Exception as exc:
-        log.warning("event %d not handed back (%s); it is redelivered after its ack wait", delivery.stream_seq, exc)
-
-
-def _filter_document(delivery: Delivery, event: events.Event) -> dict[str, Any]:
+def _filter_document(message: Message, event: events.Event) -> dict[str, Any]:
     """What filter patterns match against: the body (JSON where it is JSON) and the message's metadata."""
     return {
-        "subject": event.subject or delivery.subject,
+        "subject": event.subject or message.subject,
         # decode_body keeps each number's JSON text: Lambda compares numbers as written (300 is not 300.0).
         "body": decode_body(event.data),
-        "headers": delivery.headers or {},
+        "headers": message.headers or {},
         "attributes": {"type": event.type, "source": event.source, "id": event.id},
     }
 
 
 def _looks_like_uuid(value: str) -> bool:
     return len(value) == 36 and value.count("-") == 4
+
+
+def record_size(data: bytes) -> int:
+    """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
+    bodies need most) plus the record's other fields (512 bytes cover them). A batch that still comes out too
+    large is split before it is sent."""
+    return len(data) + data.count(b'"') + 512

@@ -1,9 +1,10 @@
-"""Event source mappings: what durable consumers a function's settings call for, and their provisioning.
+"""Event source mappings: one `Mapping` from a function's settings to its dispatcher, and its provisioning.
 
-Every function has one mapping for its async-invoke queue (`<function>--async`) and one per trigger
-(`<function>--<trigger name>`, default `t<index>`). Each mapping is one durable pull consumer on the events
-stream, filtering the trigger's subjects plus the mapping's own redrive subject, so an event redriven from
-the DLQ goes back through the same batching and filters.
+Every function has one mapping of its async-invoke queue (`<function>--async`, the built-in `async_queue`
+source) and one per trigger (`<function>--<trigger name>`, default `t<index>`, a `plain_subjects` source).
+Each mapping is one durable pull consumer on its source's stream, filtering the source's subjects plus the
+mapping's own redrive subject, so an event redriven from the DLQ goes back through the same batching and
+filters.
 
 `enabled` is durable server-side state: a disabled mapping is a *paused* consumer (JetStream's consumer
 pause), so it holds for every eventfn process on the stream and across restarts. The `enabled` value the
@@ -13,122 +14,166 @@ settings declared is kept in the consumer's metadata; provisioning applies it on
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from eventfn import subjects
 from eventfn.broker.bus import Bus
-from eventfn.config import FunctionSettings, Trigger
+from eventfn.config import MAX_BATCH_BYTES, Destinations, FunctionSettings, RetryPolicy, Trigger
 from eventfn.filters import Filter, compile_filters
-from eventfn.sources.dispatch import Mapping, feed_credit
+from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
 
 _ENABLED_KEY = "eventfn_enabled"
-_ASYNC_QUEUE = Trigger(subjects=[], name="async")
+#: The async-invoke mapping's name (`<function>--async`); trigger names may not take it.
+ASYNC_MAPPING = "async"
 
 
-class Planned(msgspec.Struct, frozen=True, kw_only=True):
-    """One mapping as the settings declare it."""
+class Mapping(msgspec.Struct, frozen=True, kw_only=True):
+    """One event source mapping, from settings to dispatch: its source, batching, filters, parallelism and
+    retry policy. Provisioning and the dispatcher read everything from here; a change to any of it is a new
+    `Mapping`, and the service restarts the dispatcher (in-flight batches finish first)."""
 
     function: str
-    consumer: str
-    trigger: Trigger
-    timeout: float
-    concurrency: int
+    #: `<function>--<name>`: the durable consumer's name too.
+    name: str
+    source: Source
+    batch_size: int = 1
+    batch_window: float = 0.0
+    max_batch_bytes: int = MAX_BATCH_BYTES
+    #: Lambda filter patterns as declared (compiled by `compiled_filter`).
+    filters: tuple[str | dict[str, Any], ...] = ()
+    report_batch_item_failures: bool = True
+    enabled: bool = True
+    #: Batches in flight at once: the trigger's `max_concurrency` within the function's concurrency.
+    concurrency: int = 1
+    #: The function's timeout: the consumer's ack wait covers a batching window and one invocation.
+    timeout: float = 3.0
+    retry: RetryPolicy = RetryPolicy()
+    destinations: Destinations = Destinations()
+    #: Set when the function may not run (concurrency 0) and the source dead-letters rather than waits:
+    #: every event is dead-lettered with this condition.
+    reject: str | None = None
+
+    @property
+    def consumer(self) -> str:
+        return self.name
 
     @property
     def filter_subjects(self) -> list[str]:
-        """What the consumer takes: the trigger's subjects (or the async queue) and the redrive subject."""
-        own = self.trigger.subjects or [subjects.ASYNC_PREFIX + self.function]
-        return [*own, subjects.REDRIVE_PREFIX + self.consumer]
+        """What the consumer takes: the source's subjects and the mapping's redrive subject."""
+        return [*self.source.subjects, subjects.REDRIVE_PREFIX + self.name]
 
     @property
     def ack_wait(self) -> float:
-        # An event waits at most a batching window plus one invocation before it is settled; the margin
-        # covers the wait for a worker (long waits are marked in progress, see Mapping.ack_wait).
-        return self.timeout + self.trigger.batch_window + 10.0
-
-    @property
-    def batches_at_once(self) -> int:
-        """The mapping's `max_concurrency`, within the function's concurrency."""
-        return min(self.trigger.max_concurrency or self.concurrency, max(1, self.concurrency))
+        """An event waits at most a batching window plus one invocation before it is settled; the margin covers
+        the wait for a worker (long waits are marked in progress before the invocation starts)."""
+        return self.timeout + self.batch_window + 10.0
 
     @property
     def max_inflight(self) -> int:
         """The feed's credit, which is also the consumer's max ack pending."""
-        return feed_credit(self.batches_at_once, self.trigger.batch_size)
+        return feed_credit(self.concurrency, self.batch_size, ordered=self.source.ordering.ordered)
 
-    def mapping(self) -> Mapping:
-        """The dispatcher's view of this mapping (filters compiled)."""
-        trigger = self.trigger
-        return Mapping(
-            function=self.function,
-            consumer=self.consumer,
-            batch_size=trigger.batch_size,
-            batch_window=trigger.batch_window,
-            max_batch_bytes=trigger.max_batch_bytes,
-            filter=_filter(trigger, self.function),
-            report_batch_item_failures=trigger.report_batch_item_failures,
-            concurrency=self.batches_at_once,
-            ack_wait=self.ack_wait,
-        )
+    def compiled_filter(self) -> Filter | None:
+        """The compiled filters, or None when they pass everything (no per-event work then)."""
+        if not self.filters:
+            return None
+        compiled = compile_filters(list(self.filters), f"function {self.function}")
+        return None if compiled.matches_everything else compiled
 
 
-def _filter(trigger: Trigger, function: str) -> Filter | None:
-    """The trigger's compiled filters, or None when they pass everything (no per-event work then)."""
-    if not trigger.filters:
-        return None
-    compiled = compile_filters(trigger.filters, f"function {function}")
-    return None if compiled.matches_everything else compiled
+def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False) -> int:
+    """Deliveries a mapping's feed may hold: a batch per slot plus one being gathered, within a memory bound.
+
+    An ordered mapping holds the events of a key that waits for a retry: its credit leaves room for other keys
+    to go on meanwhile.
+    """
+    credit = (concurrency + 1) * batch_size
+    if ordered:
+        credit = max(credit, 1000)
+    return min(credit, 20_000)
 
 
-def plan(function: str, settings: FunctionSettings | None) -> dict[str, Planned]:
-    """The mappings `settings` call for, by consumer name."""
+def plan(function: str, settings: FunctionSettings | None) -> dict[str, Mapping]:
+    """The mappings `settings` call for, by name."""
     if settings is None:
         return {}
-    triggers = [
-        _ASYNC_QUEUE,
-        *(t if t.name else msgspec.structs.replace(t, name=f"t{i}") for i, t in enumerate(settings.trigger_list())),
-    ]
-    planned = [
-        Planned(
-            function=function,
-            consumer=f"{function}--{trigger.name}",
-            trigger=trigger,
-            timeout=settings.timeout,
-            concurrency=settings.concurrency,
+    base: dict[str, Any] = {
+        "function": function,
+        "timeout": settings.timeout,
+        "retry": settings.retry,
+        "destinations": settings.destinations,
+    }
+    planned = [Mapping(name=f"{function}--{ASYNC_MAPPING}", source=async_queue(function), **base)]
+    for i, trigger in enumerate(settings.trigger_list()):
+        planned.append(
+            Mapping(
+                name=f"{function}--{trigger.name or f't{i}'}",
+                source=_trigger_source(trigger),
+                batch_size=trigger.batch_size,
+                batch_window=trigger.batch_window,
+                max_batch_bytes=trigger.max_batch_bytes,
+                filters=tuple(trigger.filters),
+                report_batch_item_failures=trigger.report_batch_item_failures,
+                enabled=trigger.enabled,
+                concurrency=min(trigger.max_concurrency or settings.concurrency, max(1, settings.concurrency)),
+                **base,
+            )
         )
-        for trigger in triggers
-    ]
-    return {p.consumer: p for p in planned}
+    if settings.concurrency == 0:
+        planned = [_disabled(m) for m in planned]
+    return {m.name: m for m in planned}
 
 
-async def provision(bus: Bus, stream: str, planned: Planned, *, from_start: bool = False) -> None:
+def _trigger_source(trigger: Trigger) -> Source:
+    return plain_subjects(
+        trigger.subjects,
+        ordering=Ordering(model=trigger.ordering, key=trigger.key),
+        start_position=trigger.starting_position,
+        start_time=trigger.starting_position_timestamp,
+    )
+
+
+def _disabled(mapping: Mapping) -> Mapping:
+    """A mapping of a function switched off (concurrency 0): its events wait, or are dead-lettered at once."""
+    if mapping.source.when_disabled == "dead_letter":
+        return msgspec.structs.replace(mapping, reject="Throttled", concurrency=1)
+    return mapping
+
+
+def runs_while_disabled(mapping: Mapping) -> bool:
+    """Whether the mapping's dispatcher runs while its function is switched off (to dead-letter its events)."""
+    return mapping.reject is not None
+
+
+async def provision(bus: Bus, mapping: Mapping, *, from_start: bool = False) -> None:
     """Create or update the mapping's consumer; apply `enabled` when the declared value changed.
 
-    `from_start` creates a missing consumer at the stream's first event whatever its trigger (for a stream
+    `from_start` creates a missing consumer at the stream's first event whatever its source (for a stream
     re-created after it was deleted: all it holds arrived after that).
     """
-    declared = "true" if planned.trigger.enabled else "false"
-    existing = await bus.consumer_metadata(stream, planned.consumer)
+    stream = mapping.source.stream
+    declared = "true" if mapping.enabled else "false"
+    existing = await bus.consumer_metadata(stream, mapping.name)
     await bus.ensure_consumer(
         stream,
-        planned.consumer,
-        filter_subjects=planned.filter_subjects,
-        ack_wait=planned.ack_wait,
-        max_ack_pending=planned.max_inflight,
-        description=f"eventfn mapping of function {planned.function}",
+        mapping.name,
+        filter_subjects=mapping.filter_subjects,
+        ack_wait=mapping.ack_wait,
+        max_ack_pending=mapping.max_inflight,
+        description=f"eventfn mapping of function {mapping.function}",
         metadata={_ENABLED_KEY: declared},
-        # The async queue's subject is the function's own: whatever was sent to it before its consumer existed
-        # (the function was broken at first sight, or a producer came first) is its work too. Triggers on
-        # shared subjects start at new events, as Lambda's LATEST.
-        from_start=from_start or planned.trigger.name == _ASYNC_QUEUE.name,
+        options=mapping.source.consumer,
+        from_start=from_start,
     )
     if existing is None or existing.get(_ENABLED_KEY) != declared:
-        await set_enabled(bus, stream, planned.consumer, planned.trigger.enabled)
+        await set_enabled(bus, mapping, mapping.enabled)
 
 
-async def set_enabled(bus: Bus, stream: str, consumer: str, enabled: bool) -> None:
-    """Resume or pause the mapping's consumer (events wait in JetStream while it is paused)."""
+async def set_enabled(bus: Bus, mapping: Mapping, enabled: bool) -> None:
+    """Resume or pause the mapping's consumer (events wait in its stream while it is paused)."""
     if enabled:
-        await bus.resume_consumer(stream, consumer)
+        await bus.resume_consumer(mapping.source.stream, mapping.name)
     else:
-        await bus.pause_consumer(stream, consumer)
+        await bus.pause_consumer(mapping.source.stream, mapping.name)

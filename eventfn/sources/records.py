@@ -132,6 +132,17 @@ def batch_payload(records: Sequence[Record]) -> bytes:
     return _batch_encoder.encode(Batch(Records=list(records)))
 
 
+class SqsShape:
+    """Batches as SQS delivers them to Lambda: `{"Records": [...]}`, one record per message."""
+
+    def batch(self, messages: Sequence[StoredMessage], ids: Sequence[str], source_arn: str) -> bytes:
+        return batch_payload([record_for(m, i, source_arn) for m, i in zip(messages, ids, strict=True)])
+
+
+#: Record shapes by the name a source declares.
+SHAPES = {"sqs": SqsShape()}
+
+
 # -- partial batch responses ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,412 @@
+"""The ordering models: how a mapping's events are gathered into batches and run.
+
+- `Unordered` (ordering "none"): any order. With batch size 1, `concurrency` tasks each take the next event;
+  otherwise one gatherer fills batches in arrival order and starts up to `concurrency` at once. A retry goes
+  back to the source with a delay, and later events overtake it.
+- `Keyed` (ordering "key" and "shard"): events with the same key never run at the same time and never overtake
+  each other, retries included. Each key has a queue in stream order; a batch takes a key's events from the
+  head of its queue and holds the key until the batch is settled. A failing event stays at the head of its
+  key, which waits for the retry's delay, until it succeeds or is dead-lettered; other keys go on. With
+  "shard", a batch holds one key (the shard) only. Both keep the events they hold alive in the source
+  (`in_progress`) while they wait.
+
+After a crash, a new `Keyed` scheduler first waits (at most an ack wait) for the events the dead process held
+to be redelivered, then releases everything in stream order: an event received before it can never run
+before one of its own key that the dead process had not settled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from eventfn.sources.deadletters import nak_quietly
+from eventfn.sources.source import KeyReader, Message
+
+if TYPE_CHECKING:
+    from eventfn.sources.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+#: Unsettled events of the consumer (its ack pending count) and the highest stream position it delivered, as
+#: the source reports them when a mapping starts.
+Recovery = Callable[[], Awaitable[tuple[int, int]]]
+
+
+def _record_size(data: bytes) -> int:
+    # As `dispatch.record_size` (kept here: the gatherers are its only users on the hot path).
+    return len(data) + data.count(b'"') + 512
+
+
+async def hand_back(messages: list[Message]) -> None:
+    """Return unstarted events untouched: redelivered at once to whoever consumes next."""
+    with anyio.CancelScope(shield=True):
+        for message in messages:
+            await nak_quietly(message, 0.0)
+
+
+class Unordered:
+    """Ordering "none": today's behaviour, as fast as it can be."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.mapping = dispatcher.mapping
+        self.feed = dispatcher.feed
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.feed.run)
+            if self.mapping.batch_size == 1:
+                for _ in range(max(1, self.mapping.concurrency)):
+                    tg.start_soon(self._single_worker)
+            else:
+                # Several gatherers would split a trickle into many one-event batches: one fills them.
+                tg.start_soon(self._gatherer, tg)
+            task_status.started()
+
+    async def _single_worker(self) -> None:
+        feed, process = self.feed, self.dispatcher.process_guarded
+        while True:
+            try:
+                message = await feed.receive()
+            except anyio.EndOfStream:
+                return
+            if feed.stopping:
+                await hand_back([message])
+                continue
+            await process([message])
+
+    async def _gatherer(self, tg: anyio.abc.TaskGroup) -> None:
+        slots = anyio.Semaphore(max(1, self.mapping.concurrency))
+        carry: Message | None = None
+        while True:
+            if carry is None:
+                try:
+                    carry = await self.feed.receive()
+                except anyio.EndOfStream:
+                    return
+            batch, carry = [carry], None
+            carry = await self._fill(batch)
+            await slots.acquire()
+            if self.feed.stopping:
+                slots.release()
+                await hand_back([*batch, *([carry] if carry else [])])
+                carry = None
+                continue
+            tg.start_soon(self._process_in_slot, batch, slots)
+
+    async def _process_in_slot(self, batch: list[Message], slots: anyio.Semaphore) -> None:
+        try:
+            await self.dispatcher.process_guarded(batch)
+        finally:
+            slots.release()
+
+    async def _fill(self, batch: list[Message]) -> Message | None:
+        """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
+        returns an event that did not fit (it starts the next batch)."""
+        mapping = self.mapping
+        size = _record_size(batch[0].data)
+        deadline = time.monotonic() + mapping.batch_window
+        while len(batch) < mapping.batch_size:
+            message = await self._next_before(deadline)
+            if message is None:
+                return None
+            size += _record_size(message.data)
+            if size > mapping.max_batch_bytes:
+                return message
+            batch.append(message)
+        return None
+
+    async def _next_before(self, deadline: float) -> Message | None:
+        """An event that is waiting, or one arriving before `deadline`; None when the window closes."""
+        try:
+            return self.feed.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            with anyio.move_on_after(remaining):
+                try:
+                    return await self.feed.receive()
+                except anyio.EndOfStream:
+                    return None
+        return None
+
+
+class _Barrier:
+    """After a crash: events wait until the `expected` unsettled ones up to position `upto` are redelivered."""
+
+    def __init__(self, expected: int, upto: int, until: float) -> None:
+        self.expected = expected
+        self.upto = upto
+        self.until = until
+        self.seen: set[int] = set()
+        self.held: list[Message] = []
+
+
+class Keyed:
+    """Orderings "key" and "shard": per-key queues in stream order, one batch per key at a time."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        key_of: KeyReader,
+        *,
+        one_key_per_batch: bool,
+        recovery: Recovery | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.mapping = dispatcher.mapping
+        self.feed = dispatcher.feed
+        self.key_of = key_of
+        self.one_key_per_batch = one_key_per_batch
+        self._recovery = recovery
+        #: Each key's events not yet started, in stream order.
+        self.queues: dict[str, list[Message]] = {}
+        #: Keys with events, neither running nor waiting for a retry, in the order they became ready.
+        self._ready: deque[str] = deque()
+        self._ready_set: set[str] = set()
+        #: Keys with a batch running.
+        self.busy: set[str] = set()
+        #: Keys waiting for a retry: monotonic time they may run again.
+        self.blocked: dict[str, float] = {}
+        self._changed = anyio.Event()
+        self._closed = False
+        self._barrier: _Barrier | None = None
+        #: When a held event was last kept alive (by stream position).
+        self._touched: dict[int, float] = {}
+
+    @property
+    def held(self) -> int:
+        """Events received and not yet started (waiting for their key, or for the recovery barrier)."""
+        barrier = len(self._barrier.held) if self._barrier else 0
+        return sum(len(q) for q in self.queues.values()) + barrier
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.feed.run)
+            await self._recover()
+            timers = anyio.CancelScope()
+
+            async def keep_time() -> None:
+                with timers:
+                    await self._timers()
+
+            async with anyio.create_task_group() as work:
+                work.start_soon(self._intake)
+                work.start_soon(keep_time)
+                task_status.started()
+                async with anyio.create_task_group() as runners:
+                    for _ in range(max(1, self.mapping.concurrency)):
+                        runners.start_soon(self._runner)
+                timers.cancel()
+            # Stopped: what is held goes back to the source (the next consumer runs it, in order).
+            left = [m for q in self.queues.values() for m in q] + (self._barrier.held if self._barrier else [])
+            self.queues.clear()
+            self._barrier = None
+            await hand_back(sorted(left, key=lambda m: m.stream_seq))
+
+    # -- intake ---------------------------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        if self._recovery is None:
+            return
+        try:
+            unsettled, upto = await self._recovery()
+        except Exception as exc:  # the source cannot say: go on without the barrier (logged)
+            log.warning("%s: could not read where it left off (%s); starting at once", self.mapping.name, exc)
+            return
+        if unsettled > 0:
+            log.info(
+                "%s: %d event(s) left unsettled by an earlier run; waiting for them (at most %.0f s) before "
+                "later events of their keys",
+                self.mapping.name,
+                unsettled,
+                self.mapping.ack_wait + 5,
+            )
+            self._barrier = _Barrier(unsettled, upto, time.monotonic() + self.mapping.ack_wait + 5)
+
+    async def _intake(self) -> None:
+        while True:
+            try:
+                message = await self.feed.receive()
+            except anyio.EndOfStream:
+                break
+            barrier = self._barrier
+            if barrier is not None:
+                barrier.held.append(message)
+                if message.stream_seq <= barrier.upto:
+                    barrier.seen.add(message.stream_seq)
+                    if len(barrier.seen) >= barrier.expected:
+                        self._release_barrier()
+                continue
+            self._add(message)
+        self._closed = True
+        self._changed.set()
+
+    def _release_barrier(self) -> None:
+        barrier, self._barrier = self._barrier, None
+        if barrier is None:
+            return
+        log.info("%s: resuming in order (%d event(s) were waiting)", self.mapping.name, len(barrier.held))
+        for message in sorted(barrier.held, key=lambda m: m.stream_seq):
+            self._add(message)
+
+    def _add(self, message: Message) -> None:
+        key = self.key_of(message)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = [message]
+        elif queue[-1].stream_seq < message.stream_seq:
+            queue.append(message)
+        else:
+            # A redelivery behind later events of its key that have not started: back into stream order (the same
+            # event twice, after a lapsed keepalive, keeps only the newer delivery).
+            positions = [m.stream_seq for m in queue]
+            at = bisect.bisect_left(positions, message.stream_seq)
+            if at < len(queue) and queue[at].stream_seq == message.stream_seq:
+                queue[at] = message
+            else:
+                queue.insert(at, message)
+        self._make_ready(key)
+
+    def _make_ready(self, key: str) -> None:
+        if key not in self._ready_set and key not in self.busy and key not in self.blocked and self.queues.get(key):
+            self._ready.append(key)
+            self._ready_set.add(key)
+            self._changed.set()
+
+    # -- batches ------------------------------------------------------------------------------------------
+
+    async def _runner(self) -> None:
+        while True:
+            taken = await self._next_batch()
+            if taken is None:
+                return
+            batch, keys = taken
+            verdicts = await self.dispatcher.process_guarded(batch)
+            self._settled(batch, keys, verdicts)
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        event = self._changed
+        if timeout is None:
+            await event.wait()
+        else:
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        if self._changed is event and event.is_set():
+            self._changed = anyio.Event()
+
+    async def _next_batch(self) -> tuple[list[Message], list[str]] | None:
+        mapping = self.mapping
+        while not self._ready:
+            if self.feed.stopping or self._closed:
+                return None
+            await self._wait()
+        if self.feed.stopping:
+            return None
+        batch: list[Message] = []
+        keys: list[str] = []
+        size = 0
+        deadline = time.monotonic() + mapping.batch_window
+        while True:
+            while self._ready and len(batch) < mapping.batch_size and not (self.one_key_per_batch and keys):
+                key = self._ready.popleft()
+                self._ready_set.discard(key)
+                self.busy.add(key)
+                keys.append(key)
+                size = self._take(key, batch, size)
+            for key in keys:  # more events of the batch's own keys may have arrived during the window
+                size = self._take(key, batch, size)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= mapping.batch_size or size >= mapping.max_batch_bytes or remaining <= 0:
+                return batch, keys
+            if self.feed.stopping or self._closed:
+                return batch, keys
+            await self._wait(remaining)
+
+    def _take(self, key: str, batch: list[Message], size: int) -> int:
+        """Move events from the head of `key`'s queue into `batch` while it has room; returns its size."""
+        queue = self.queues.get(key)
+        mapping = self.mapping
+        taken = 0
+        while queue and taken < len(queue) and len(batch) < mapping.batch_size:
+            message = queue[taken]
+            grown = size + _record_size(message.data)
+            if batch and grown > mapping.max_batch_bytes:
+                break
+            batch.append(message)
+            size = grown
+            taken += 1
+        if taken and queue is not None:
+            del queue[:taken]
+            for message in batch[-taken:]:
+                self._touched.pop(message.stream_seq, None)
+        return size
+
+    def _settled(self, batch: list[Message], keys: list[str], verdicts: list[float | None]) -> None:
+        """After a batch: held events go back to the head of their keys, which wait for the retry's delay."""
+        held: dict[str, list[tuple[Message, float]]] = {}
+        for message, verdict in zip(batch, verdicts, strict=True):
+            if verdict is not None:
+                held.setdefault(self.key_of(message), []).append((message, verdict))
+        now = time.monotonic()
+        for key in keys:
+            self.busy.discard(key)
+            back = held.get(key)
+            queue = self.queues.setdefault(key, [])
+            if back:
+                queue[:0] = [m for m, _ in back]
+                self.blocked[key] = now + back[0][1]
+                self._changed.set()
+            elif queue:
+                self._make_ready(key)
+            else:
+                del self.queues[key]
+
+    # -- time ---------------------------------------------------------------------------------------------
+
+    async def _timers(self) -> None:
+        """Unblock keys whose retry delay passed, keep held events alive, and end a recovery barrier in time."""
+        every = self.mapping.ack_wait / 3
+        next_keepalive = time.monotonic() + every
+        while True:
+            now = time.monotonic()
+            for key in [k for k, until in self.blocked.items() if until <= now]:
+                del self.blocked[key]
+                self._make_ready(key)
+            if self._barrier is not None and now >= self._barrier.until:
+                self._release_barrier()
+            if now >= next_keepalive:
+                await self._keep_alive(time.time() - every)
+                next_keepalive = now + every
+            wake = min([next_keepalive, *self.blocked.values(), *([self._barrier.until] if self._barrier else [])])
+            await self._wait_timer(max(0.0, wake - time.monotonic()))
+
+    async def _wait_timer(self, timeout: float) -> None:
+        # Not `_changed`: the runners reset that one. A blocked key only needs its own deadline, and one set
+        # while this sleeps is at least a retry delay away; 0.1 s bounds how late it may be noticed.
+        await anyio.sleep(min(timeout, 0.1) if self.blocked else min(timeout, 1.0))
+
+    async def _keep_alive(self, older_than: float) -> None:
+        """Tell the source that held events are still being worked on, so that it does not redeliver them."""
+        now = time.time()
+        waiting = [m for q in self.queues.values() for m in q]
+        if self._barrier is not None:
+            waiting += self._barrier.held
+        for message in waiting:
+            if max(message.received_at, self._touched.get(message.stream_seq, 0.0)) < older_than:
+                try:
+                    await message.in_progress()
+                except Exception as exc:  # NATS gone: the source redelivers it later, in order
+                    log.debug("keepalive of event %d failed: %s", message.stream_seq, exc)
+                self._touched[message.stream_seq] = now

@@ -1,0 +1,171 @@
+"""The seams a source plugs into: what it delivers (`Message`, `Feed`), and what it declares (`Source`).
+
+A source owns where its events are stored (stream and subjects), how its durable consumer delivers them
+(`ConsumerOptions`: start position, acks, redelivery limit, exclusivity), the shape its batches take
+(`RecordShape`), and its ordering model. The dispatcher applies Lambda's event-source-mapping semantics
+(batching, window, filters, retries, partial failures, DLQ, destinations) to whatever a source delivers.
+
+Built-in sources: a function's async-invoke queue (`async_queue`) and plain NATS subjects (`subjects`).
+Connectors (the bucket watcher, cron, queues, shards) declare their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import anyio.abc
+import msgspec
+
+from eventfn import subjects
+from eventfn.broker.bus import ConsumerOptions
+from eventfn.sources.records import original_subject
+
+#: The three ordering models.
+OrderingModel = Literal["none", "key", "shard"]
+
+
+class Message(Protocol):
+    """One stored event as a feed hands it over, with the ways to settle it (JetStream's `Delivery`)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    stream: str
+    #: The event's position in its stream: unique per stream, growing in publish order.
+    stream_seq: int
+    #: Deliveries so far, this one included.
+    delivered: int
+    timestamp_ns: int
+    #: When this delivery reached us (epoch seconds).
+    received_at: float
+    settled: bool
+
+    async def ack(self) -> None:
+        """Done: never deliver again."""
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Deliver again after `delay` seconds (the source holds it meanwhile)."""
+
+    async def in_progress(self) -> None:
+        """Still being worked on: do not redeliver yet."""
+
+
+class Feed(Protocol):
+    """A bounded supply of messages from one durable consumer."""
+
+    stream: str
+    consumer: str
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called: what is still received is handed back, not started."""
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None:
+        """Supply messages until `stop()`."""
+
+    async def receive(self) -> Message:
+        """The next message; raises `anyio.EndOfStream` once stopped and drained."""
+
+    def receive_nowait(self) -> Message:
+        """The next message if one is waiting (`anyio.WouldBlock` if not, `anyio.EndOfStream` at the end)."""
+
+    def stop(self) -> None:
+        """Stop supplying; what was received stays available to drain."""
+
+    def refresh(self) -> None:
+        """Ask again now (after a pause or a reconnect)."""
+
+
+class RecordShape(Protocol):
+    """How a batch of a source's messages looks to the handler (SQS, Kinesis, S3, EventBridge, ...)."""
+
+    def batch(self, messages: Sequence[Message], ids: Sequence[str], source_arn: str) -> bytes:
+        """The handler's event for `messages`, whose item identifiers are `ids` (one per message)."""
+        ...
+
+
+class Ordering(msgspec.Struct, frozen=True, kw_only=True):
+    """An ordering model and, for `key` and `shard`, where the key is: `header:<Name>` or `subject:<index>`."""
+
+    model: OrderingModel = "none"
+    key: str | None = None
+
+    @property
+    def ordered(self) -> bool:
+        return self.model != "none"
+
+
+def key_reader(ordering: Ordering) -> KeyReader:
+    """A function from a message to its ordering key (an empty string where the message has none)."""
+    kind, _, where = (ordering.key or "").partition(":")
+    if kind == "header":
+        name = where
+
+        def by_header(message: Message) -> str:
+            headers = message.headers
+            return headers.get(name, "") if headers else ""
+
+        return by_header
+    index = int(where or 0)
+
+    def by_subject(message: Message) -> str:
+        tokens = original_subject(message).split(".")
+        return tokens[index] if index < len(tokens) else ""
+
+    return by_subject
+
+
+class KeyReader(Protocol):
+    def __call__(self, message: Message, /) -> str: ...
+
+
+class Source(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a mapping's events come from and how they are delivered, shaped and ordered."""
+
+    #: What kind of source ("async", "subjects", or a connector's type).
+    kind: str
+    stream: str
+    #: What the consumer takes (the mapping's redrive subject is added to these).
+    subjects: tuple[str, ...]
+    consumer: ConsumerOptions = ConsumerOptions()
+    #: The record shape its batches take, by name (`records.SHAPES`).
+    records: str = "sqs"
+    ordering: Ordering = Ordering()
+    #: Largest batch the source allows (the async queue: one event per invocation).
+    max_batch_size: int = 10_000
+    #: While its function is switched off (concurrency 0): its events wait, or go to the DLQ at once (Lambda
+    #: sends async invokes of a throttled-to-zero function to the DLQ without retries).
+    when_disabled: Literal["wait", "dead_letter"] = "wait"
+
+
+def async_queue(function: str) -> Source:
+    """A function's async-invoke queue: everything published to `eventfn.async.<function>`, kept from the first
+    message on (what was sent before the function existed, or while it failed to load, is its work too)."""
+    return Source(
+        kind="async",
+        stream=subjects.EVENTS_STREAM,
+        subjects=(subjects.ASYNC_PREFIX + function,),
+        consumer=ConsumerOptions(start_position="TRIM_HORIZON"),
+        max_batch_size=1,
+        when_disabled="dead_letter",
+    )
+
+
+def plain_subjects(
+    trigger_subjects: Sequence[str],
+    *,
+    ordering: Ordering | None = None,
+    start_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST",
+    start_time: float | None = None,
+) -> Source:
+    """Plain NATS subjects of the events stream (what `nats pub` sends), delivered as SQS-shaped records."""
+    return Source(
+        kind="subjects",
+        stream=subjects.EVENTS_STREAM,
+        subjects=tuple(trigger_subjects),
+        consumer=ConsumerOptions(
+            start_position=start_position, start_time=start_time, exclusive=bool(ordering and ordering.ordered)
+        ),
+        ordering=ordering or Ordering(),
+    )
