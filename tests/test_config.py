@@ -467,3 +467,39 @@ def test_non_numeric_port_from_environment_is_config_error(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="port"):
         load_service_config(None, environment_overrides({"EVENTFN_NATS_PORT": "abc"}))
+
+
+@pytest.mark.parametrize(
+    ("trigger", "problem"),
+    [
+        ({"ordering": "key"}, "ordering = 'key' needs a key"),
+        ({"ordering": "shard"}, "ordering = 'shard' needs a key"),
+        ({"ordering": "key", "key": "body:x"}, "key 'body:x' is invalid: it starts with neither"),
+        ({"ordering": "key", "key": "subject:x"}, "a subject token index is a number"),
+        ({"ordering": "key", "key": "header:"}, "a header name is printable text"),
+        ({"ordering": "sorted", "key": "header:K"}, "Invalid enum value 'sorted' - at `$.triggers[0].ordering`"),
+        ({"starting_position": "AT_TIMESTAMP"}, "starting_position_timestamp goes with"),
+        ({"starting_position_timestamp": 1.0}, "starting_position_timestamp goes with"),
+    ],
+)
+def test_ordering_and_start_settings_are_checked_with_the_file_and_the_fix(
+    tmp_path: Path, trigger: dict[str, object], problem: str
+) -> None:
+    entry = handler_file(tmp_path, None)
+    with pytest.raises(ConfigError) as info:
+        read_function_settings("fn", entry, None, {"triggers": [{"subjects": ["events.x"], **trigger}]})
+    assert problem in str(info.value)
+    assert str(entry) in str(info.value) or "eventfn.toml" in str(info.value)
+
+
+def test_ordering_by_header_or_subject_token_is_accepted(tmp_path: Path) -> None:
+    entry = handler_file(tmp_path, None)
+    triggers = [
+        {"subjects": ["orders.>"], "ordering": "key", "key": "header:Order-Id"},
+        {"subjects": ["clicks.*"], "ordering": "shard", "key": "subject:1", "starting_position": "TRIM_HORIZON"},
+    ]
+    settings = read_function_settings("fn", entry, None, {"triggers": triggers})
+    assert [(t.ordering, t.key) for t in settings.trigger_list()] == [
+        ("key", "header:Order-Id"),
+        ("shard", "subject:1"),
+    ]

@@ -154,6 +154,8 @@ async def provision(bus: Bus, mapping: Mapping, *, from_start: bool = False) -> 
     re-created after it was deleted: all it holds arrived after that).
     """
     stream = mapping.source.stream
+    if mapping.source.stream_spec is not None:
+        await bus.ensure(mapping.source.stream_spec)
     declared = "true" if mapping.enabled else "false"
     existing = await bus.consumer_metadata(stream, mapping.name)
     await bus.ensure_consumer(

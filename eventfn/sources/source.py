@@ -18,7 +18,7 @@ import anyio.abc
 import msgspec
 
 from eventfn import subjects
-from eventfn.broker.bus import ConsumerOptions
+from eventfn.broker.bus import ConsumerOptions, StreamSpec
 from eventfn.sources.records import original_subject
 
 #: The three ordering models.
@@ -126,6 +126,9 @@ class Source(msgspec.Struct, frozen=True, kw_only=True):
     #: What kind of source ("async", "subjects", or a connector's type).
     kind: str
     stream: str
+    #: A stream of the source's own (a work queue, say), made sure of before its consumer; None: the events
+    #: stream, whose subjects the service provisions from every trigger.
+    stream_spec: StreamSpec | None = None
     #: What the consumer takes (the mapping's redrive subject is added to these).
     subjects: tuple[str, ...]
     consumer: ConsumerOptions = ConsumerOptions()
