@@ -68,6 +68,11 @@ def parsed(texts: list[str]) -> list[Any]:
     return [json.loads(t) for t in texts]
 
 
+def attribute(value: str) -> dict[str, Any]:
+    """An SQS String message attribute as a batch record holds it."""
+    return {"stringValue": value, "stringListValues": [], "binaryListValues": [], "dataType": "String"}
+
+
 def dlq_subject(function: str) -> str:
     return f"eventfn.dlq.{function}"
 
@@ -133,9 +138,9 @@ async def test_batches_fill_to_batch_size_in_publish_order_and_the_window_closes
         assert rec["attributes"]["ApproximateReceiveCount"] == "1"
         assert rec["attributes"]["SequenceNumber"].isdigit()
         assert len(rec["messageId"]) == 36
-        assert rec["eventSource"] == "eventfn:nats"
+        assert rec["eventSource"] == "aws:sqs"
         assert rec["eventSourceARN"].endswith("batcher--t0")
-        assert rec["messageAttributes"] == {}  # a plain publish has no headers
+        assert list(rec["messageAttributes"]) == ["Eventfn-Subject"]  # a plain publish has no headers
     assert len({rec["messageId"] for b in batches for rec in b}) == 25
 
 
@@ -551,7 +556,8 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
     assert rec["subject"] == "events.fixme.created"
     assert json.loads(rec["body"]) == {"order": 7}
     assert rec["eventSourceARN"].endswith("fixme--t0")
-    assert rec["messageAttributes"] == {}  # eventfn's redrive headers are not the user's attributes
+    # eventfn's redrive headers are not the user's attributes; the subject is the original one.
+    assert rec["messageAttributes"] == {"Eventfn-Subject": attribute("events.fixme.created")}
     assert await cli_json(nats_server, tmp_path, "dlq", "ls", "fixme") == []
 
     # Processed once: a later event through the same mapping comes next, and everything is acknowledged.
