@@ -222,10 +222,10 @@ async def test_functions_shows_the_broken_version_and_the_one_still_serving(
 ) -> None:
     write_handler(handlers, "fn", "def handler(event, context):\n    return 'v1'\n")
     service = serve()
-    serving = service.log.wait_for(r"function fn loaded \(version (\w+)").group(1)
+    serving = (await service.log.await_line(r"function fn loaded \(version (\w+)")).group(1)
     mark = service.log.mark()
     write_handler(handlers, "fn", "def handler(event, context)\n    return 'v2'\n")
-    service.log.wait_for(r"function 'fn' failed to load", start=mark)
+    await service.log.await_line(r"function 'fn' failed to load", start=mark)
 
     [info] = json.loads((await eventfn("functions", "--json", "--nats", nats_server.url, cwd=tmp_path)).stdout)
     assert info["state"] == "Failed" and info["serving_version"] == serving != info["version"]

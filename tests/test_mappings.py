@@ -546,7 +546,7 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             _probe.report("probe.fixme", json.dumps(event))
         """,
     )
-    service.log.wait_for(r"function fixme reloaded", start=mark)
+    await service.log.await_line(r"function fixme reloaded", start=mark)
     redriven = await cli(nats_server, tmp_path, "dlq", "redrive", "fixme")
     assert redriven.returncode == 0, redriven.stderr.decode()
     assert "1 record(s) redriven to fixme" in redriven.stdout.decode()

@@ -59,9 +59,9 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
         write_handler(handlers, "counter", reporter("v2", "probe.counter"))
         write_handler(handlers, "late", reporter("late", "probe.late"))
         (handlers / "doomed.py").unlink()
-        service.log.wait_for(r"function counter reloaded", start=mark)
-        service.log.wait_for(r"function late loaded", start=mark)
-        service.log.wait_for(r"function doomed removed", start=mark)
+        await service.log.await_line(r"function counter reloaded", start=mark)
+        await service.log.await_line(r"function late loaded", start=mark)
+        await service.log.await_line(r"function doomed removed", start=mark)
         # (The waits above block this thread, the publisher with it: nothing is published while they wait.)
         published_at_removal = published
 
@@ -101,7 +101,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
            oops = (
     """,
     )
-    failure = service.log.wait_for(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
+    failure = await service.log.await_line(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
     assert failure.group(1).endswith("fn.py") and failure.group(2) == "3"
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
     assert json.loads(reply.data) == "v1"
@@ -119,7 +119,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
             return "v3"
     """,
     )
-    service.log.wait_for(r"function fn reloaded", start=mark)
+    await service.log.await_line(r"function fn reloaded", start=mark)
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
     assert json.loads(reply.data) == "v3"
 
@@ -147,7 +147,7 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
     """,
     )
     service = serve()
-    assert "failed: bad" in service.log.wait_for(r"eventfn ready.*").group(0)
+    assert "failed: bad" in (await service.log.await_line(r"eventfn ready.*")).group(0)
     reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Runtime.ImportModuleError"
@@ -174,7 +174,7 @@ async def test_settings_typo_is_reported_with_file_and_key(
     """,
     )
     service = serve()
-    line = service.log.wait_for(r"function typo: .*").group(0)
+    line = (await service.log.await_line(r"function typo: .*")).group(0)
     assert "typo.py" in line and "timout" in line
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["state"] == "Failed" and "timout" in info["last_error"]
@@ -209,7 +209,7 @@ async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_
         await started.wait_for(1)
         mark = service.log.mark()
         write_handler(handlers, "fn", slow_v1.replace('"v1"', '"v2"'))
-        service.log.wait_for(r"function fn reloaded", start=mark)
+        await service.log.await_line(r"function fn reloaded", start=mark)
         reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
         assert json.loads(reply.data) == "v2", "new invocations run the new code at once"
         assert results == [], "while the old one is still running"
@@ -235,6 +235,6 @@ async def test_an_edit_of_the_same_size_in_the_same_second_runs_the_new_code(
         mark = service.log.mark()
         path.write_text(source.format(isolation=isolation, version="v2"))  # same size
         os.utime(path, ns=(stamp, stamp))  # and the same mtime: a cached .pyc would look current
-        service.log.wait_for(r"function same reloaded", start=mark)
+        await service.log.await_line(r"function same reloaded", start=mark)
         assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v2"
     assert not list(handlers.glob("__pycache__/same.*.pyc"))

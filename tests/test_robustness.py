@@ -32,8 +32,8 @@ async def test_two_functions_dead_lettering_the_same_event_each_keep_a_record(
     service = serve()
     await nc.publish("events.shared.thing", b'{"n": 1}')
     await nc.flush()  # the log waits below block this thread, nats-py's flusher with it
-    service.log.wait_for(r"alpha: request \S+ dead-lettered")
-    service.log.wait_for(r"beta: request \S+ dead-lettered")
+    await service.log.await_line(r"alpha: request \S+ dead-lettered")
+    await service.log.await_line(r"beta: request \S+ dead-lettered")
     js = nc.jetstream()
     for function in ("alpha", "beta"):
         record = await js.get_last_msg("EVENTFN_DLQ", f"eventfn.dlq.{function}")
@@ -103,5 +103,5 @@ async def test_async_invokes_sent_before_the_function_exists_are_run_once_it_doe
             _probe.report("probe.later", json.dumps(event))
     """,
     )
-    service.log.wait_for(r"function later loaded", start=mark)
+    await service.log.await_line(r"function later loaded", start=mark)
     assert [json.loads(t) for t in await seen.wait_for(1)] == [{"early": True}]
