@@ -15,9 +15,9 @@ credentials (`nats.connect(serve.url)`) may invoke, as `nats req` does.
 count what handlers saw without any client library inside the worker.
 
 To learn an outcome, prefer a structured signal to log wording: `mapping_stats(nc, "fn--t0")` (the counters
-`eventfn mappings` shows), `function_info(nc, "fn")` (state and versions), polled by `wait_until` with a
-deadline. In async tests wait for a log line with `await serve.log.await_line(...)`, which leaves the event
-loop running; `wait_for` blocks and is for sync code.
+`eventfn mappings` shows) and `function_info(nc, "fn")` (state and versions), polled by `wait_until` with a
+deadline; `wait_stats` and `wait_serving` wait for the common cases. In async tests wait for a log line with
+`await serve.log.await_line(...)`, which leaves the event loop running; `wait_for` blocks and is for sync code.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ __all__ = [
     "function_info",
     "mapping_info",
     "mapping_stats",
+    "wait_serving",
+    "wait_stats",
     "wait_until",
     "write_handler",
 ]
@@ -515,6 +517,33 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached in {timeout} s; last: {value!r}")
         await anyio.sleep(interval)
+
+
+async def wait_stats(nc: Requester, mapping: str, *, timeout: float = 20.0, **at_least: int) -> dict[str, Any]:
+    """Wait until each counter named in `at_least` of `mapping` has reached that value; returns the counters.
+
+    await wait_stats(nc, "orders--t0", dead_lettered=1)  # rather than a wait for "... dead-lettered" in the log
+    """
+
+    def reached(stats: dict[str, Any]) -> bool:
+        return all(stats[counter] >= value for counter, value in at_least.items())
+
+    what = f"{mapping}: " + ", ".join(f"{counter} >= {value}" for counter, value in at_least.items())
+    return await wait_until(lambda: mapping_stats(nc, mapping), reached, timeout=timeout, what=what)
+
+
+async def wait_serving(
+    nc: Requester, function: str, *, replacing: str | None = None, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait until `function` serves the latest version of its code, and that is not version `replacing` (the
+    one it served before an edit); returns its info. The log says this as `function NAME loaded|reloaded`."""
+
+    def serving(info: dict[str, Any] | None) -> bool:
+        return info is not None and info["serving_version"] == info["version"] != replacing
+
+    info = await wait_until(lambda: function_info(nc, function), serving, timeout=timeout, what=f"{function} serving")
+    assert info is not None
+    return info
 
 
 #: Save as `_probe.py` in a handler directory; handlers call `report(subject, text)` to publish to NATS.
