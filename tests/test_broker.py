@@ -27,7 +27,7 @@ from nats.aio.client import Client
 
 from eventfn.broker import auth
 from eventfn.broker.natsserver import find_binary
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, wait_stats, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
@@ -423,7 +423,7 @@ async def test_streams_and_consumers_deleted_under_a_running_service_are_recreat
         await js.delete_stream("EVENTFN_DLQ")
         await js.publish("events.sd.x", b'{"n": 4, "fail": true}')
         await service.log.await_line(r"now re-created: stream EVENTFN_DLQ", start=mark, timeout=30)
-        await service.log.await_line(r"sink: request \S+ dead-lettered", start=mark, timeout=30)
+        await wait_stats(admin, "sink--t0", dead_lettered=1, timeout=30)
         record = await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.sink")
         assert b"failing on purpose" in (record.data or b"")
         assert "Traceback" not in service.log.text()

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from eventfn.config import ServiceConfig
-from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, write_handler
+from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, wait_serving, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -217,7 +217,7 @@ async def test_replicas_raised_by_hand_stay_and_consumers_follow(
 
     # A reload that changes the stream (a trigger outside `events.>`) keeps the three replicas.
     write_handler(handlers, "orders", ORDERS)
-    await serve.log.await_line(r"function orders loaded")
+    await wait_serving(admin, "orders")
     with anyio.fail_after(15):
         while "orders--t0" not in {c.name for c in await js.consumers_info("EVENTFN")}:  # noqa: ASYNC110
             await anyio.sleep(0.05)  # polling the server: nothing logs "consumer created" after a reload

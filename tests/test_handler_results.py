@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from eventfn.invoke import marshal
 from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.workers import Pool
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, function_info, wait_stats, wait_until, write_handler
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
 ISOLATIONS = ["process", "inprocess"]
@@ -218,13 +218,13 @@ async def test_syntax_error_met_by_a_cold_start_is_user_code_syntax_error_in_the
     await service.log.await_line(r"function later scaled down by 1 idle worker\(s\) to 0")
     mark = service.log.mark()
     write_handler(handlers, "later", settings + "def handler(event, context)\n    return 1\n")
-    await service.log.await_line(
-        r"function 'later' failed to load at .*Runtime\.UserCodeSyntaxError.*keeps serving", start=mark
-    )
+    info = await wait_until(lambda: function_info(nc, "later"), lambda i: i is not None and i["state"] == "Failed")
+    assert "Runtime.UserCodeSyntaxError" in info["last_error"] and info["serving_version"]  # the old one serves
     js = nc.jetstream()
     await js.publish("eventfn.async.later", b'{"n": 1}')
-    request = (await service.log.await_line(r"later: request (\S+) dead-lettered", start=mark)).group(1)
+    await wait_stats(nc, "later--async", dead_lettered=1)
     record = json.loads((await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.later")).data)
+    request = record["requestContext"]["requestId"]
     response = record["responsePayload"]
     assert set(response) == ERROR_KEYS
     assert response["errorType"] == "Runtime.UserCodeSyntaxError"

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, wait_stats, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -335,15 +335,16 @@ async def test_concurrency_zero_throttles_sync_dead_letters_async_and_holds_trig
             return "never"
     """,
     )
-    service = serve()
+    serve()
     error, headers = await invoke(nc, "off")
     assert headers["Eventfn-Status"] == "429" and "Reserved" in error["errorMessage"]  # type: ignore[index]
     js = nc.jetstream()
     await js.publish("eventfn.async.off", b'{"queued": true}')
     await nc.publish("events.off.thing", b'{"held": true}')
-    await service.log.await_line(r"off: request \S+ dead-lettered \(Throttled\)")
-    record = await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.off")
-    assert json.loads(record.data)["requestPayload"] == {"queued": True}
+    await wait_stats(nc, "off--async", dead_lettered=1)
+    record = json.loads((await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.off")).data)
+    assert record["requestPayload"] == {"queued": True}
+    assert record["requestContext"]["condition"] == "Throttled"
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["state"] == "Inactive"
     state = await js.consumer_info("EVENTFN", "off--t0")

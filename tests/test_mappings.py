@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, wait_serving, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
@@ -529,14 +529,14 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             raise RuntimeError("not yet")
         """,
     )
-    service = serve()
+    serve()
     seen = await probe("probe.fixme")
     dead = await probe(dlq_subject("fixme"))
     settled = await watch_settlements(nc, "fixme--t0")
     await publish_json(nc, "events.fixme.created", {"order": 7})
     await dead.wait_for(1)
 
-    mark = service.log.mark()
+    failing = (await wait_serving(nc, "fixme"))["version"]
     add_function(
         handlers,
         "fixme",
@@ -546,7 +546,7 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             _probe.report("probe.fixme", json.dumps(event))
         """,
     )
-    await service.log.await_line(r"function fixme reloaded", start=mark)
+    await wait_serving(nc, "fixme", replacing=failing)
     redriven = await cli(nats_server, tmp_path, "dlq", "redrive", "fixme")
     assert redriven.returncode == 0, redriven.stderr.decode()
     assert "1 record(s) redriven to fixme" in redriven.stdout.decode()

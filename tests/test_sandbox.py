@@ -28,7 +28,7 @@ import eventfn
 from eventfn import sandbox
 from eventfn.config import environment_overrides, load_service_config
 from eventfn.invoke import cgroups, isolation
-from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, function_info, wait_until, write_handler
 
 linux_only = pytest.mark.skipif(not sandbox.LINUX, reason="process isolation beyond a clean environment is Linux's")
 
@@ -324,9 +324,8 @@ async def test_processes_a_handler_starts_end_with_its_worker(
 
     reply, pids = await spawn_case(nc, await probe("probe.retiree"), "idle", started, function="retiree")
     assert reply == "started" and not any(map(dead, pids))
-    mark = service.log.mark()
     (handlers / "retiree.py").unlink()
-    await service.log.await_line(r"function retiree removed", start=mark)
+    await wait_until(lambda: function_info(nc, "retiree"), lambda info: info is None, what="retiree removed")
     assert wait_gone(pids[reach]) == [], "after its function was removed"
 
     reply, pids = await spawn_case(nc, spawned, "idle", started)
