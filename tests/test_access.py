@@ -136,7 +136,7 @@ async def check_confined(roles: Roles, role: str) -> None:
         mark = serve.log.mark()
         await caller.nc.publish("eventfn.async.echo", json.dumps({"marker": f"async-{marker}"}).encode())
         await caller.nc.publish(f"events.access.{marker}", json.dumps({"marker": f"trigger-{marker}"}).encode())
-        await caller.nc.flush()  # the log waits below block this thread
+        await caller.nc.flush()
         await serve.log.await_line(rf"echoed async-{marker}", start=mark, timeout=30)
         await serve.log.await_line(rf"echoed trigger-{marker}", start=mark, timeout=30)
 
