@@ -13,10 +13,16 @@ A `Serve` with the embedded server (`nats_url` None) has access control on: `ser
 credentials (`nats.connect(serve.url)`) may invoke, as `nats req` does.
 `PROBE_MODULE` is a tiny helper a handler can import to report to NATS over a raw socket, so a test can
 count what handlers saw without any client library inside the worker.
+
+To learn an outcome, prefer a structured signal to log wording: `mapping_stats(nc, "fn--t0")` (the counters
+`eventfn mappings` shows) and `function_info(nc, "fn")` (state and versions), polled by `wait_until` with a
+deadline; `wait_stats` and `wait_serving` wait for the common cases. In async tests wait for a log line with
+`await serve.log.await_line(...)`, which leaves the event loop running; `wait_for` blocks and is for sync code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,18 +32,44 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import anyio
+import anyio.to_thread
+
+from eventfn import subjects
 from eventfn.broker import auth
 from eventfn.broker.natsserver import find_binary
 
-__all__ = ["PROBE_MODULE", "LogWatcher", "NatsCluster", "NatsServer", "Serve", "write_handler"]
+__all__ = [
+    "PROBE_MODULE",
+    "LogWatcher",
+    "NatsCluster",
+    "NatsServer",
+    "Requester",
+    "Serve",
+    "api",
+    "function_info",
+    "mapping_info",
+    "mapping_stats",
+    "wait_serving",
+    "wait_stats",
+    "wait_until",
+    "write_handler",
+]
+
+_T = TypeVar("_T")
 
 
 class LogWatcher:
-    """Collects a child process's output lines in a thread; `wait_for` blocks until a line matches."""
+    """Collects a child process's output lines in a thread. `await_line` waits for a matching line without
+    blocking the event loop (for async tests); `wait_for` blocks the calling thread (for sync code)."""
+
+    #: How long one wait in a worker thread lasts at most: a cancelled `await_line` leaves a thread this long.
+    _SLICE = 0.25
 
     def __init__(self, stream: object, echo_prefix: str | None = None) -> None:
         self.lines: list[str] = []
@@ -60,7 +92,10 @@ class LogWatcher:
             self._cond.notify_all()
 
     def wait_for(self, pattern: str, *, timeout: float = 15.0, start: int = 0, count: int = 1) -> re.Match[str]:
-        """Block until `count` lines from index `start` on match `pattern`; returns the last match."""
+        """Block until `count` lines from index `start` on match `pattern`; returns the last match.
+
+        In async code use `await_line`, which does not hold up the event loop while it waits.
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -70,9 +105,42 @@ class LogWatcher:
                     return found[count - 1]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
-                    tail = "\n".join(self.lines[-40:])
-                    raise TimeoutError(f"{len(found)}/{count} lines matching {pattern!r}; last lines:\n{tail}")
+                    raise self._not_found(pattern, len(found), count)
                 self._cond.wait(remaining)
+
+    async def await_line(self, pattern: str, *, timeout: float = 15.0, start: int = 0, count: int = 1) -> re.Match[str]:
+        """Wait until `count` lines from index `start` on match `pattern`; returns the last match.
+
+        The event loop keeps running meanwhile (the waiting happens in a worker thread, a slice at a time), and
+        cancelling the wait (a `fail_after` around it, the test's end) ends it at once.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        found: list[re.Match[str]] = []
+        scanned = start
+        while True:
+            with self._cond:
+                new, closed = self.lines[scanned:], self._closed
+            found += [m for line in new if (m := regex.search(line))]
+            scanned += len(new)
+            if len(found) >= count:
+                return found[count - 1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or closed:
+                raise self._not_found(pattern, len(found), count)
+            await anyio.to_thread.run_sync(
+                self._wait_past, scanned, min(remaining, self._SLICE), abandon_on_cancel=True
+            )
+
+    def _wait_past(self, index: int, timeout: float) -> None:
+        """Block until there is a line past `index`, the output has ended, or `timeout` has passed."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.lines) > index or self._closed, timeout)
+
+    def _not_found(self, pattern: str, found: int, count: int) -> TimeoutError:
+        with self._cond:
+            tail = "\n".join(self.lines[-40:])
+        return TimeoutError(f"{found}/{count} lines matching {pattern!r}; last lines:\n{tail}")
 
     def close(self, stream: object) -> None:
         """After the process exited: read the rest of its output, then close the pipe."""
@@ -394,6 +462,88 @@ class Serve:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# -- structured signals: the control API ------------------------------------------------------------------------
+
+
+class Requester(Protocol):
+    """What the API helpers need of a NATS client (a connected `nats.aio.client.Client` has it)."""
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5) -> Any: ...
+
+
+async def api(nc: Requester, operation: str, data: bytes = b"", *, timeout: float = 5.0) -> Any:
+    """The decoded JSON answer of control-API operation `operation` (`functions`, `mappings`), as the CLI sees it."""
+    reply = await nc.request(subjects.API_PREFIX + operation, data, timeout=timeout)
+    return json.loads(reply.data)
+
+
+async def mapping_info(nc: Requester, name: str) -> dict[str, Any]:
+    """What `eventfn mappings` shows for mapping `name` (`<function>--<trigger>` or `<function>--async`)."""
+    infos = {m["name"]: m for m in await api(nc, "mappings")}
+    if name not in infos:
+        raise LookupError(f"no mapping {name!r} listed (mappings: {', '.join(sorted(infos)) or 'none'})")
+    return dict(infos[name])
+
+
+async def mapping_stats(nc: Requester, name: str) -> dict[str, Any]:
+    """Mapping `name`'s counters in the service that answered: received, invocations, processed, failed,
+    retried, filtered, dead_lettered, last_result, last_error (they start again when the mapping restarts)."""
+    return dict((await mapping_info(nc, name))["stats"])
+
+
+async def function_info(nc: Requester, name: str) -> dict[str, Any] | None:
+    """What `eventfn functions` shows for function `name` (state, version, serving_version, last_error, …);
+    None while the service does not list it."""
+    return next((dict(f) for f in await api(nc, "functions") if f["name"] == name), None)
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[_T]],
+    done: Callable[[_T], bool],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "the condition",
+) -> _T:
+    """Poll `probe()` every `interval` s until `done(value)` holds; returns that value. After `timeout` s it
+    raises TimeoutError naming `what` and the last value seen (a structured signal, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached in {timeout} s; last: {value!r}")
+        await anyio.sleep(interval)
+
+
+async def wait_stats(nc: Requester, mapping: str, *, timeout: float = 20.0, **at_least: int) -> dict[str, Any]:
+    """Wait until each counter named in `at_least` of `mapping` has reached that value; returns the counters.
+
+    await wait_stats(nc, "orders--t0", dead_lettered=1)  # rather than a wait for "... dead-lettered" in the log
+    """
+
+    def reached(stats: dict[str, Any]) -> bool:
+        return all(stats[counter] >= value for counter, value in at_least.items())
+
+    what = f"{mapping}: " + ", ".join(f"{counter} >= {value}" for counter, value in at_least.items())
+    return await wait_until(lambda: mapping_stats(nc, mapping), reached, timeout=timeout, what=what)
+
+
+async def wait_serving(
+    nc: Requester, function: str, *, replacing: str | None = None, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait until `function` serves the latest version of its code, and that is not version `replacing` (the
+    one it served before an edit); returns its info. The log says this as `function NAME loaded|reloaded`."""
+
+    def serving(info: dict[str, Any] | None) -> bool:
+        return info is not None and info["serving_version"] == info["version"] != replacing
+
+    info = await wait_until(lambda: function_info(nc, function), serving, timeout=timeout, what=f"{function} serving")
+    assert info is not None
+    return info
 
 
 #: Save as `_probe.py` in a handler directory; handlers call `report(subject, text)` to publish to NATS.

@@ -136,14 +136,14 @@ async def check_confined(roles: Roles, role: str) -> None:
         mark = serve.log.mark()
         await caller.nc.publish("eventfn.async.echo", json.dumps({"marker": f"async-{marker}"}).encode())
         await caller.nc.publish(f"events.access.{marker}", json.dumps({"marker": f"trigger-{marker}"}).encode())
-        await caller.nc.flush()  # the log waits below block this thread
-        serve.log.wait_for(rf"echoed async-{marker}", start=mark, timeout=30)
-        serve.log.wait_for(rf"echoed trigger-{marker}", start=mark, timeout=30)
+        await caller.nc.flush()
+        await serve.log.await_line(rf"echoed async-{marker}", start=mark, timeout=30)
+        await serve.log.await_line(rf"echoed trigger-{marker}", start=mark, timeout=30)
 
         # A DLQ record to guard, made by this check itself.
         await caller.nc.publish("eventfn.async.fail", json.dumps({"marker": marker}).encode())
         await caller.nc.flush()
-        serve.log.wait_for(r"fail: request \S+ dead-lettered", start=mark, timeout=30)
+        await serve.log.await_line(r"fail: request \S+ dead-lettered", start=mark, timeout=30)
         records = await dlq_count(roles)
         assert records >= 1
 
@@ -282,7 +282,7 @@ async def check_admin(service: Serve, env: dict[str, str]) -> None:
     """The CLI, as admin: functions, mappings, invoke, pub, and the DLQ from listing to purge."""
     mark = service.log.mark()
     assert service.cli("invoke", "doomed", "--async", '{"n": 1}', env=env).returncode == 0
-    service.log.wait_for(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)
+    await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)
     listed = service.cli("dlq", "ls", "doomed", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     (record,) = json.loads(listed.stdout)
@@ -291,7 +291,7 @@ async def check_admin(service: Serve, env: dict[str, str]) -> None:
     mark = service.log.mark()
     redriven = service.cli("dlq", "redrive", "doomed", "--id", str(record["id"]), env=env)
     assert redriven.returncode == 0 and "1 record(s) redriven" in redriven.stdout, redriven.stderr
-    service.log.wait_for(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)  # it fails again
+    await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)  # it fails again
     for args in [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]:
         result = service.cli(*args, env=env)
         assert result.returncode == 0, (args, result.stderr)
@@ -322,7 +322,7 @@ async def test_anonymous_access_can_be_turned_off(tmp_path: Path, handlers: Path
     write_handler(handlers, "echo", ECHO)
     (tmp_path / "eventfn.toml").write_text("[nats.auth]\nanonymous = false\n")
     with Serve(handlers, None, tmp_path / "data", cwd=tmp_path) as service:
-        service.log.wait_for(r"clients without credentials are refused")
+        await service.log.await_line(r"clients without credentials are refused")
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await Peer.connect(service.url, max_reconnect_attempts=0)
         invoker = await Peer.connect(service.url, **login(service, auth.INVOKER))
@@ -473,9 +473,9 @@ async def test_a_reconnect_after_the_server_restarts_logs_no_password(tmp_path: 
         url = server.url.replace("nats://", f"nats://service:{password}@")
         with Serve(handlers, url, tmp_path / "data") as service:
             server.stop()
-            service.log.wait_for(r"NATS: disconnected from")
+            await service.log.await_line(r"NATS: disconnected from")
             server.start()  # same port, same store
-            line = service.log.wait_for(r"NATS: reconnected to (.*)", timeout=30)
+            line = await service.log.await_line(r"NATS: reconnected to (.*)", timeout=30)
             assert password not in service.log.text()
             assert line.group(1) == server.url, "the server is named by its URL, not by a parse result"
     finally:
@@ -550,6 +550,6 @@ async def test_requests_naming_a_refused_reply_subject_are_logged_at_most_once_a
     # Requests are handled in arrival order: once this one is answered, the 50 before it were too.
     answered = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
     assert answered.headers and answered.headers["Eventfn-Status"] == "404"
-    service.log.wait_for(r"named reply subject .*not answered there", start=mark)
+    await service.log.await_line(r"named reply subject .*not answered there", start=mark)
     lines = [line for line in service.log.lines[mark:] if "not answered there" in line]
     assert len(lines) == 1, lines

@@ -27,7 +27,7 @@ from nats.aio.client import Client
 
 from eventfn.broker import auth
 from eventfn.broker.natsserver import find_binary
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, wait_stats, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
@@ -215,16 +215,16 @@ async def test_embedded_server_killed_mid_stream_is_restarted_and_nothing_acknow
     data_dir = tmp_path / "data"
     seen = await probe("probe.steady")
     with embedded(handlers, data_dir, nats_server.url) as service:
-        url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
+        url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         steady = Steady(url)
         async with anyio.create_task_group() as tg:
             await tg.start(steady.run)
             await wait_until_seen(seen, lambda got: len(got) >= 50, timeout=30)
             killed = server_pid(data_dir)
             os.kill(killed, signal.SIGKILL)
-            service.log.wait_for(rf"embedded nats-server \(pid {killed}\) was killed by SIGKILL", timeout=15)
-            service.log.wait_for(r"embedded nats-server restarted \(pid \d+\) at " + url, timeout=30)
-            service.log.wait_for(r"NATS: reconnected", timeout=30)
+            await service.log.await_line(rf"embedded nats-server \(pid {killed}\) was killed by SIGKILL", timeout=15)
+            await service.log.await_line(r"embedded nats-server restarted \(pid \d+\) at " + url, timeout=30)
+            await service.log.await_line(r"NATS: reconnected", timeout=30)
             count = len(steady.acked)
             with anyio.fail_after(30):
                 while len(steady.acked) < count + 50:  # noqa: ASYNC110
@@ -300,7 +300,7 @@ async def test_serve_dying_with_exit_1_leaves_no_nats_server(tmp_path: Path, han
     data_dir = tmp_path / "data"
     service = Serve(handlers, None, data_dir).start()
     try:
-        url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
+        url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         pid = server_pid(data_dir)
         client = await nats.connect(url)
         await client.publish("events.crash", b"{}")
@@ -346,7 +346,7 @@ async def test_restart_stops_an_orphan_holding_its_store_and_spares_an_unrelated
                 await anyio.sleep(0.05)  # it logs to a file: there is nothing to wait on but its growth
         (data_dir / "nats-server.pid").write_text(f"{orphan.pid}\n")
         with Serve(handlers, None, data_dir, nats_port=port) as service:
-            service.log.wait_for(rf"stopping nats-server pid {orphan.pid}, left running on")
+            await service.log.await_line(rf"stopping nats-server pid {orphan.pid}, left running on")
             assert orphan.poll() is not None, "the orphan was stopped before the new server started"
             assert servers_on(data_dir) == [server_pid(data_dir)]
             client = await nats.connect(f"nats://127.0.0.1:{port}")
@@ -368,7 +368,7 @@ async def test_a_broker_that_keeps_dying_is_restarted_a_bounded_number_of_times_
     try:
         for restarts in range(5):
             os.kill(server_pid(data_dir), signal.SIGKILL)
-            service.log.wait_for(r"embedded nats-server restarted", count=restarts + 1, timeout=30)
+            await service.log.await_line(r"embedded nats-server restarted", count=restarts + 1, timeout=30)
         os.kill(server_pid(data_dir), signal.SIGKILL)
         assert await anyio.to_thread.run_sync(service.wait) == 1
         service.stop()
@@ -409,21 +409,21 @@ async def test_streams_and_consumers_deleted_under_a_running_service_are_recreat
 
         mark = service.log.mark()
         await js.delete_stream("EVENTFN")
-        service.log.wait_for(r"now re-created: stream EVENTFN with its 2 consumer\(s\)", start=mark)
+        await service.log.await_line(r"now re-created: stream EVENTFN with its 2 consumer\(s\)", start=mark)
         await js.publish("events.sd.x", b'{"n": 2}')  # acknowledged by the re-created stream
         assert await seen.wait_for(2) == ["1", "2"]
 
         mark = service.log.mark()
         await js.delete_consumer("EVENTFN", "sink--t0")
-        service.log.wait_for(r"now re-created: consumer\(s\) sink--t0", start=mark)
+        await service.log.await_line(r"now re-created: consumer\(s\) sink--t0", start=mark)
         await js.publish("events.sd.x", b'{"n": 3}')
         assert await seen.wait_for(3) == ["1", "2", "3"]
 
         mark = service.log.mark()
         await js.delete_stream("EVENTFN_DLQ")
         await js.publish("events.sd.x", b'{"n": 4, "fail": true}')
-        service.log.wait_for(r"now re-created: stream EVENTFN_DLQ", start=mark, timeout=30)
-        service.log.wait_for(r"sink: request \S+ dead-lettered", start=mark, timeout=30)
+        await service.log.await_line(r"now re-created: stream EVENTFN_DLQ", start=mark, timeout=30)
+        await wait_stats(admin, "sink--t0", dead_lettered=1, timeout=30)
         record = await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.sink")
         assert b"failing on purpose" in (record.data or b"")
         assert "Traceback" not in service.log.text()

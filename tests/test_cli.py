@@ -15,7 +15,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, function_info, wait_serving, wait_until, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -218,14 +218,13 @@ async def test_publishing_to_an_invalid_subject_is_a_one_line_error(tmp_path: Pa
 
 
 async def test_functions_shows_the_broken_version_and_the_one_still_serving(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer
+    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client
 ) -> None:
     write_handler(handlers, "fn", "def handler(event, context):\n    return 'v1'\n")
-    service = serve()
-    serving = service.log.wait_for(r"function fn loaded \(version (\w+)").group(1)
-    mark = service.log.mark()
+    serve()
+    serving = (await wait_serving(nc, "fn"))["version"]
     write_handler(handlers, "fn", "def handler(event, context)\n    return 'v2'\n")
-    service.log.wait_for(r"function 'fn' failed to load", start=mark)
+    await wait_until(lambda: function_info(nc, "fn"), lambda i: i is not None and i["state"] == "Failed")
 
     [info] = json.loads((await eventfn("functions", "--json", "--nats", nats_server.url, cwd=tmp_path)).stdout)
     assert info["state"] == "Failed" and info["serving_version"] == serving != info["version"]

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from eventfn.config import ServiceConfig
-from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, write_handler
+from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, wait_serving, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -188,8 +188,8 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
         while (state := await js.consumer_info("EVENTFN", "sink--t0")).num_ack_pending or state.num_pending:  # noqa: ASYNC110
             await anyio.sleep(0.2)  # polling the server's counts: there is no event for "all settled"
 
-    stall = serve.log.wait_for(r"JetStream stall: (.*)", start=mark, timeout=30).group(1)
-    recovered = serve.log.wait_for(r"JetStream recovered after ([\d.]+) s", start=mark, timeout=30).group(1)
+    stall = (await serve.log.await_line(r"JetStream stall: (.*)", start=mark, timeout=30)).group(1)
+    recovered = (await serve.log.await_line(r"JetStream recovered after ([\d.]+) s", start=mark, timeout=30)).group(1)
     new_leader = (await js.stream_info("EVENTFN")).cluster
     assert new_leader is not None and new_leader.leader not in (None, "", leader)
     seen_all = [n for text in seen.texts for n in text.split(",") if n]
@@ -203,7 +203,7 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
     # The lost server comes back, catches up from the others, and the log says the stream is whole again.
     mark = serve.log.mark()
     cluster.restart(leader)
-    serve.log.wait_for(r"stream EVENTFN: all 3 replicas current again", start=mark, timeout=45)
+    await serve.log.await_line(r"stream EVENTFN: all 3 replicas current again", start=mark, timeout=45)
 
 
 async def test_replicas_raised_by_hand_stay_and_consumers_follow(
@@ -217,7 +217,7 @@ async def test_replicas_raised_by_hand_stay_and_consumers_follow(
 
     # A reload that changes the stream (a trigger outside `events.>`) keeps the three replicas.
     write_handler(handlers, "orders", ORDERS)
-    serve.log.wait_for(r"function orders loaded")
+    await wait_serving(admin, "orders")
     with anyio.fail_after(15):
         while "orders--t0" not in {c.name for c in await js.consumers_info("EVENTFN")}:  # noqa: ASYNC110
             await anyio.sleep(0.05)  # polling the server: nothing logs "consumer created" after a reload
@@ -239,7 +239,7 @@ async def test_a_stream_narrowed_by_hand_is_widened_again(
     mark = serve.log.mark()
     config = await stream_config(admin, "EVENTFN")
     await edit_stream(admin, "EVENTFN", num_replicas=1, subjects=[s for s in config["subjects"] if s != "orders.>"])
-    serve.log.wait_for(
+    await serve.log.await_line(
         r"stream EVENTFN lacks subject 'orders.>', 3 replicas \(it has 1\) \(changed by another process or by hand\)",
         start=mark,
     )

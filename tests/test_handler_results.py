@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from eventfn.invoke import marshal
 from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.workers import Pool
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, function_info, wait_stats, wait_until, write_handler
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
 ISOLATIONS = ["process", "inprocess"]
@@ -193,7 +193,7 @@ async def test_syntax_error_is_user_code_syntax_error_for_every_caller(
 ) -> None:
     path = write_handler(handlers, "broken", BROKEN.format(isolation=isolation))
     service = serve()
-    logged = service.log.wait_for(r"function 'broken' failed to load at (\S+): (\S+): ").groups()
+    logged = (await service.log.await_line(r"function 'broken' failed to load at (\S+): (\S+): ")).groups()
     assert logged == (f"{path}:4", "Runtime.UserCodeSyntaxError")
     error, headers = await invoke(nc, "broken")
     assert error == {
@@ -215,22 +215,24 @@ async def test_syntax_error_met_by_a_cold_start_is_user_code_syntax_error_in_the
     write_handler(handlers, "later", settings + "def handler(event, context):\n    return 1\n")
     service = serve()
     # No warm worker left: the next invocation of the version still serving starts one, which reads the file.
-    service.log.wait_for(r"function later scaled down by 1 idle worker\(s\) to 0")
+    await service.log.await_line(r"function later scaled down by 1 idle worker\(s\) to 0")
     mark = service.log.mark()
     write_handler(handlers, "later", settings + "def handler(event, context)\n    return 1\n")
-    service.log.wait_for(
-        r"function 'later' failed to load at .*Runtime\.UserCodeSyntaxError.*keeps serving", start=mark
-    )
+    info = await wait_until(lambda: function_info(nc, "later"), lambda i: i is not None and i["state"] == "Failed")
+    assert "Runtime.UserCodeSyntaxError" in info["last_error"] and info["serving_version"]  # the old one serves
     js = nc.jetstream()
     await js.publish("eventfn.async.later", b'{"n": 1}')
-    request = service.log.wait_for(r"later: request (\S+) dead-lettered", start=mark).group(1)
+    await wait_stats(nc, "later--async", dead_lettered=1)
     record = json.loads((await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.later")).data)
+    request = record["requestContext"]["requestId"]
     response = record["responsePayload"]
     assert set(response) == ERROR_KEYS
     assert response["errorType"] == "Runtime.UserCodeSyntaxError"
     assert response["requestId"] == request
     assert record["eventfn"]["history"][-1]["errorType"] == "Runtime.UserCodeSyntaxError"
-    service.log.wait_for(rf"REPORT RequestId: {request}\t.*Status: error Runtime\.UserCodeSyntaxError", start=mark)
+    await service.log.await_line(
+        rf"REPORT RequestId: {request}\t.*Status: error Runtime\.UserCodeSyntaxError", start=mark
+    )
 
 
 RAISES = """
@@ -308,11 +310,13 @@ async def test_output_is_capped_per_invocation_with_one_marker_line(
     write_handler(handlers, "loud", LOUD.format(isolation=isolation, fds=process))
     service = serve()
     marker = r"\[loud\] \S+\t{}\teventfn: output truncated: (\d+) bytes dropped after the first (\d+) \(.*max_log_bytes"
-    assert service.log.wait_for(marker.format("-")).groups() == ("20001", "9999"), "the init phase is capped too"
+    assert (await service.log.await_line(marker.format("-"))).groups() == ("20001", "9999"), (
+        "the init phase is capped too"
+    )
 
     _, headers = await invoke(nc, "loud", {"loud": True})
     loud = headers["Eventfn-Request-Id"]
-    dropped, kept = service.log.wait_for(marker.format(loud)).groups()
+    dropped, kept = (await service.log.await_line(marker.format(loud))).groups()
     assert (int(dropped), int(kept)) == (190_000 + 100_000 * process, 10_000)
     lines = _lines_of(service, loud)
     assert len(lines) == 11, "ten lines of output, then the one marker"
@@ -320,12 +324,12 @@ async def test_output_is_capped_per_invocation_with_one_marker_line(
 
     _, headers = await invoke(nc, "loud", {"logs": True})
     logs = headers["Eventfn-Request-Id"]
-    service.log.wait_for(marker.format(logs))
+    await service.log.await_line(marker.format(logs))
     assert 5 <= sum("record" in line for line in service.log.lines if "w" * 990 in line) <= 10
 
     _, headers = await invoke(nc, "loud")
     quiet = headers["Eventfn-Request-Id"]
-    service.log.wait_for(rf"END RequestId: {quiet}")
+    await service.log.await_line(rf"END RequestId: {quiet}")
     assert [line.split("\t", 2)[2] for line in _lines_of(service, quiet)] == ["a small line"], "the budget resets"
 
 
@@ -349,7 +353,7 @@ async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
     for _ in range(3):
         _, headers = await invoke(nc, "chatty")
         request = re.escape(headers["Eventfn-Request-Id"])
-        service.log.wait_for(rf"END RequestId: {request}")
+        await service.log.await_line(rf"END RequestId: {request}")
         lines = service.log.lines
         patterns = (
             rf"START RequestId: {request} ",
@@ -377,8 +381,8 @@ async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(
     result, headers = await invoke(nc, "huge")
     assert result == "printed", result
     request = re.escape(headers["Eventfn-Request-Id"])
-    service.log.wait_for(rf"\t{request}\teventfn: output truncated: \d+ bytes dropped")
-    service.log.wait_for(rf"REPORT RequestId: {request}\t.*Status: ok")
+    await service.log.await_line(rf"\t{request}\teventfn: output truncated: \d+ bytes dropped")
+    await service.log.await_line(rf"REPORT RequestId: {request}\t.*Status: ok")
 
 
 async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(

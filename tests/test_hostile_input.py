@@ -9,6 +9,7 @@ keeps no example database (nothing is written into the repository).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class Message:
     stream_seq: int = 7
     delivered: int = 3
     timestamp_ns: int = 1_700_000_000_000_000_000
+    received_at: float = 1_700_000_001.0
 
 
 messages = st.builds(Message, SUBJECTS, bodies | structured_bodies, headers_st)
@@ -216,6 +218,7 @@ def test_a_batch_record_is_built_and_encoded_for_any_message(message: Message) -
         assert base64.b64decode(body) == message.data
     else:
         assert body.encode() == message.data
+    assert payload["Records"][0]["md5OfBody"] == hashlib.md5(body.encode()).hexdigest()
 
 
 @HOSTILE

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, wait_stats, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -227,12 +227,12 @@ async def test_warm_worker_runs_init_once_and_reports_init_duration_on_cold_star
     results = [(await invoke(nc, "warm"))[0] for _ in range(5)]
     assert {r[0] for r in results} == {results[0][0]}, "one warm worker served them all"  # type: ignore[index]
     assert [r[1:] for r in results] == [[1, n] for n in range(1, 6)]  # type: ignore[index]
-    service.log.wait_for(r"REPORT RequestId", start=mark, count=5)  # report lines are written in batches
+    await service.log.await_line(r"REPORT RequestId", start=mark, count=5)  # report lines are written in batches
     reports = [line for line in service.log.lines[mark:] if "REPORT RequestId" in line]
     assert len(reports) == 5 and not any("Init Duration" in line for line in reports), "the first was warm too"
-    request = service.log.wait_for(r"START RequestId: (\S+) Version: \$LATEST", start=mark).group(1)
-    service.log.wait_for(rf"\[warm\] \S+\t{request}\thandled call 1", start=mark)
-    service.log.wait_for(rf"END RequestId: {request}", start=mark)
+    request = (await service.log.await_line(r"START RequestId: (\S+) Version: \$LATEST", start=mark)).group(1)
+    await service.log.await_line(rf"\[warm\] \S+\t{request}\thandled call 1", start=mark)
+    await service.log.await_line(rf"END RequestId: {request}", start=mark)
 
 
 async def test_pool_scales_up_on_demand_and_down_after_idle(
@@ -266,10 +266,10 @@ async def test_pool_scales_up_on_demand_and_down_after_idle(
     assert len(set(pids)) == 4, "four concurrent invocations, four workers"
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["workers"] == 4
-    assert service.log.wait_for(r"function elastic scaled down by \d idle worker\(s\) to 1", timeout=10)
+    assert await service.log.await_line(r"function elastic scaled down by \d idle worker\(s\) to 1", timeout=10)
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["workers"] == 1
-    service.log.wait_for(r"REPORT RequestId.*elastic", count=4)
+    await service.log.await_line(r"REPORT RequestId.*elastic", count=4)
     reports = [line for line in service.log.lines if "REPORT" in line and "elastic" in line]
     assert sum("Init Duration" in line for line in reports) == 3, "three cold starts beyond the warm worker"
 
@@ -335,15 +335,16 @@ async def test_concurrency_zero_throttles_sync_dead_letters_async_and_holds_trig
             return "never"
     """,
     )
-    service = serve()
+    serve()
     error, headers = await invoke(nc, "off")
     assert headers["Eventfn-Status"] == "429" and "Reserved" in error["errorMessage"]  # type: ignore[index]
     js = nc.jetstream()
     await js.publish("eventfn.async.off", b'{"queued": true}')
     await nc.publish("events.off.thing", b'{"held": true}')
-    service.log.wait_for(r"off: request \S+ dead-lettered \(Throttled\)")
-    record = await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.off")
-    assert json.loads(record.data)["requestPayload"] == {"queued": True}
+    await wait_stats(nc, "off--async", dead_lettered=1)
+    record = json.loads((await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.off")).data)
+    assert record["requestPayload"] == {"queued": True}
+    assert record["requestContext"]["condition"] == "Throttled"
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["state"] == "Inactive"
     state = await js.consumer_info("EVENTFN", "off--t0")

@@ -96,7 +96,7 @@ async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_pa
     )
     service = Serve(handlers, None, tmp_path / "data")
     with service:
-        url = service.log.wait_for(r"embedded NATS at (nats://\S+):").group(1)
+        url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         assert url.startswith("nats://127.0.0.1:")
         assert (tmp_path / "data" / "jetstream").is_dir()
         client = await nats.connect(url)
@@ -150,7 +150,7 @@ async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_
             first.stop()
             second = NatsServer(store, port=first.port).start()
             try:
-                service.log.wait_for(r"reconnected", timeout=30)
+                await service.log.await_line(r"reconnected", timeout=30)
                 client = await nats.connect(second.url)
                 seen = Collector()
                 await client.subscribe("probe.slow", cb=seen.on_message)

@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, wait_serving, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
@@ -66,6 +66,11 @@ async def publish_json(nc: Client, subject: str, value: Any) -> None:
 
 def parsed(texts: list[str]) -> list[Any]:
     return [json.loads(t) for t in texts]
+
+
+def attribute(value: str) -> dict[str, Any]:
+    """An SQS String message attribute as a batch record holds it."""
+    return {"stringValue": value, "stringListValues": [], "binaryListValues": [], "dataType": "String"}
 
 
 def dlq_subject(function: str) -> str:
@@ -133,9 +138,9 @@ async def test_batches_fill_to_batch_size_in_publish_order_and_the_window_closes
         assert rec["attributes"]["ApproximateReceiveCount"] == "1"
         assert rec["attributes"]["SequenceNumber"].isdigit()
         assert len(rec["messageId"]) == 36
-        assert rec["eventSource"] == "eventfn:nats"
+        assert rec["eventSource"] == "aws:sqs"
         assert rec["eventSourceARN"].endswith("batcher--t0")
-        assert rec["messageAttributes"] == {}  # a plain publish has no headers
+        assert list(rec["messageAttributes"]) == ["Eventfn-Subject"]  # a plain publish has no headers
     assert len({rec["messageId"] for b in batches for rec in b}) == 25
 
 
@@ -524,14 +529,14 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             raise RuntimeError("not yet")
         """,
     )
-    service = serve()
+    serve()
     seen = await probe("probe.fixme")
     dead = await probe(dlq_subject("fixme"))
     settled = await watch_settlements(nc, "fixme--t0")
     await publish_json(nc, "events.fixme.created", {"order": 7})
     await dead.wait_for(1)
 
-    mark = service.log.mark()
+    failing = (await wait_serving(nc, "fixme"))["version"]
     add_function(
         handlers,
         "fixme",
@@ -541,7 +546,7 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             _probe.report("probe.fixme", json.dumps(event))
         """,
     )
-    service.log.wait_for(r"function fixme reloaded", start=mark)
+    await wait_serving(nc, "fixme", replacing=failing)
     redriven = await cli(nats_server, tmp_path, "dlq", "redrive", "fixme")
     assert redriven.returncode == 0, redriven.stderr.decode()
     assert "1 record(s) redriven to fixme" in redriven.stdout.decode()
@@ -551,7 +556,8 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
     assert rec["subject"] == "events.fixme.created"
     assert json.loads(rec["body"]) == {"order": 7}
     assert rec["eventSourceARN"].endswith("fixme--t0")
-    assert rec["messageAttributes"] == {}  # eventfn's redrive headers are not the user's attributes
+    # eventfn's redrive headers are not the user's attributes; the subject is the original one.
+    assert rec["messageAttributes"] == {"Eventfn-Subject": attribute("events.fixme.created")}
     assert await cli_json(nats_server, tmp_path, "dlq", "ls", "fixme") == []
 
     # Processed once: a later event through the same mapping comes next, and everything is acknowledged.

@@ -124,7 +124,7 @@ async def test_invalid_file_names_are_reported_once_and_never_restart_other_func
         write_handler(handlers, stem, HANDLER)
     service = serve()
     for entry in ("my func.py", "-dash.py", "a.b.py", "café.py"):
-        service.log.wait_for(rf"/{re.escape(entry)}' not loaded: .* is not a valid function name")
+        await service.log.await_line(rf"/{re.escape(entry)}' not loaded: .* is not a valid function name")
 
     infos = json.loads((await nc.request("eventfn.api.functions", b"", timeout=10)).data)
     states = {i["name"]: (i["state"], i["last_error"]) for i in infos}
@@ -143,7 +143,7 @@ async def test_invalid_file_names_are_reported_once_and_never_restart_other_func
     (handlers / "a.b.py").write_text(HANDLER + "# edited\n")
     (handlers / "notes.v2.py").write_text("X = 1\n")
     write_handler(handlers, "marker", HANDLER)  # a reload after the edits above has run once this loads
-    service.log.wait_for(r"function marker loaded", start=mark)
+    await service.log.await_line(r"function marker loaded", start=mark)
     after = service.log.lines[mark:]
     assert not [line for line in after if "function good" in line], "the other functions kept their workers"
     [reported] = [line for line in after if "not loaded" in line]

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy
 
 from eventfn.sources import records
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, wait_stats, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -67,10 +67,12 @@ async def test_a_body_nested_too_deep_ends_in_the_dlq_and_the_service_stays_up(
     service = serve()
     seen = await probe("probe.deep")
     await nc.publish("eventfn.async.deep", POISON)  # exactly what `nats pub eventfn.async.deep "[[[…]]]"` sends
-    await nc.flush()  # the log wait below blocks this thread, nats-py's flusher with it
-    service.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\) after 2 attempt", timeout=30)
+    stats = await wait_stats(nc, "deep--async", dead_lettered=1, timeout=30)
+    assert (stats["invocations"], stats["retried"]) == (2, 1)
 
     record = await dlq_record(nc, "deep")
+    assert record["requestContext"]["condition"] == "RetriesExhausted"
+    assert record["requestContext"]["approximateInvokeCount"] == 2
     error = record["responsePayload"]
     assert error["errorType"] == "Runtime.UnmarshalError"
     assert "could not be parsed as JSON" in error["errorMessage"]
@@ -107,15 +109,17 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
     js = nc.jetstream()
     await js.publish("eventfn.async.deep", POISON)
     # Killed after the first attempt failed and before the event is settled for good: it stays in the stream.
-    service.log.wait_for(r"deep: attempt 1 of request \S+ failed \(Runtime.UnmarshalError\); retrying", timeout=30)
+    stats = await wait_stats(nc, "deep--async", retried=1, timeout=30)
+    assert stats["last_error"] == "Runtime.UnmarshalError"
     service.kill()
     await js.publish("eventfn.async.deep", b'{"n": 1}')  # waits in the stream behind the poison
 
     seen = await probe("probe.deep")
     restarted = serve()
-    restarted.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\) after \d attempt", timeout=60)
+    await wait_stats(nc, "deep--async", dead_lettered=1, timeout=60)
     assert [json.loads(t) for t in await seen.wait_for(1, timeout=60)] == [{"n": 1}]
     record = await dlq_record(nc, "deep")
+    assert record["requestContext"]["condition"] == "RetriesExhausted"
     assert record["responsePayload"]["errorType"] == "Runtime.UnmarshalError"
     assert alive(restarted)
 
@@ -125,7 +129,8 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
     await js.publish("eventfn.async.deep", POISON)
     await js.publish("eventfn.async.deep", b'{"n": 2}')
     again = serve()
-    again.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\)", timeout=30)
+    await wait_stats(nc, "deep--async", dead_lettered=1, timeout=30)
+    assert (await dlq_record(nc, "deep"))["requestContext"]["condition"] == "RetriesExhausted"
     assert [json.loads(t) for t in await seen.wait_for(2, timeout=60)][-1] == {"n": 2}
     assert alive(again)
 
@@ -197,24 +202,22 @@ async def test_poison_on_a_filtered_trigger_and_inside_a_batch_is_dead_lettered_
         await nc.publish("events.batch.in", json.dumps({"n": n}).encode())
     await nc.flush()
 
-    service.log.wait_for(r"picky: request \S+ dead-lettered \(RetriesExhausted\) after 1 attempt", timeout=30)
-    service.log.wait_for(r"picky: request \S+ dead-lettered \(PoisonMessage\)", timeout=30)
-    service.log.wait_for(r"batcher: request \S+ dead-lettered \(RetriesExhausted\) after 2 attempt", timeout=30)
-    service.log.wait_for(r"batcher: request \S+ dead-lettered \(PoisonMessage\)", timeout=30)
+    await wait_stats(nc, "batcher--t0", dead_lettered=2, timeout=30)
+    stats = await wait_stats(nc, "picky--t0", dead_lettered=2, timeout=30)
     assert [json.loads(t) for t in await picky.wait_for(1, timeout=30)] == [{"keep": True}]
     assert sorted(json.loads(t)["n"] for t in await batcher.wait_for(5, timeout=30)) == [0, 1, 2, 3, 4]
     # One event at a time, in order: the poison published before {"keep": true} was filtered out, never run.
-    reply = await nc.request("eventfn.api.mappings", b"", timeout=10)
-    [stats] = [m["stats"] for m in json.loads(reply.data) if m["name"] == "picky--t0"]
     assert stats["filtered"] == 1
 
     js = nc.jetstream()
     assert (await js.stream_info("EVENTFN_DLQ")).state.messages == 4
-    errors = {}
+    errors, attempts = {}, {}
     for seq in range(1, 5):
         record = json.loads((await js.get_msg("EVENTFN_DLQ", seq)).data)
         function = record["requestContext"]["functionArn"].rsplit(":", 1)[1]
         errors[function, record["requestContext"]["condition"]] = record["responsePayload"]
+        attempts[function, record["requestContext"]["condition"]] = record["requestContext"]["approximateInvokeCount"]
+    assert attempts["picky", "RetriesExhausted"] == 1 and attempts["batcher", "RetriesExhausted"] == 2
     assert errors["picky", "RetriesExhausted"]["errorType"] == "Runtime.UnmarshalError"
     assert errors["batcher", "RetriesExhausted"]["errorType"] == "BatchItemFailure"
     for function, subject in (("picky", "events.poison.keep.event"), ("batcher", "events.batch.in")):
@@ -364,7 +367,9 @@ async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_i
     seen = await probe("probe.deep")
     mark = service.log.mark()
     await js.publish("eventfn.async.deep", POISON)
-    service.log.wait_for(r"deep: DLQ write for request \S+ failed .*; the event stays queued", start=mark, timeout=30)
+    await service.log.await_line(
+        r"deep: DLQ write for request \S+ failed .*; the event stays queued", start=mark, timeout=30
+    )
     # Not acknowledged: the event is still the consumer's to deliver, and the mapping goes on with others.
     info = await js.consumer_info("EVENTFN", "deep--async")
     assert info.num_ack_pending + info.num_pending + info.num_redelivered >= 1
@@ -372,7 +377,8 @@ async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_i
     assert [json.loads(t) for t in await seen.wait_for(1, timeout=30)] == [{"n": 1}]
 
     await js.update_stream(full)
-    service.log.wait_for(r"deep: request \S+ dead-lettered \(RetriesExhausted\)", start=mark, timeout=30)
+    await wait_stats(nc, "deep--async", dead_lettered=1, timeout=30)
     record = await dlq_record(nc, "deep")
+    assert record["requestContext"]["condition"] == "RetriesExhausted"
     assert record["responsePayload"]["errorType"] == "Runtime.UnmarshalError"
     assert alive(service)

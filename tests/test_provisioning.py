@@ -195,7 +195,7 @@ async def test_two_services_with_different_handler_dirs_keep_each_others_trigger
 
         # The first service reloads with a new trigger: the second one's subject stays in the stream.
         write_handler(first_dir, "shipping", TRIGGERED.format(subject="shipping.>", name="shipping"))
-        first.log.wait_for(r"function shipping loaded")
+        await first.log.await_line(r"function shipping loaded")
         with anyio.fail_after(15):
             while "shipping--t0" not in {c.name for c in await js.consumers_info("EVENTFN")}:  # noqa: ASYNC110
                 await anyio.sleep(0.05)  # polling the server: nothing logs "consumer created" after a reload
@@ -234,7 +234,9 @@ async def test_a_trigger_overlapping_another_services_subject_is_refused_alone(
     second = Serve(second_dir, nats_server.url, tmp_path / "data2", env=env)
     try:
         second.start()
-        second.log.wait_for(r"ERROR .*trigger subject 'x.eu.>' partly overlaps 'x.\*.created'.*\[stream\] subjects")
+        await second.log.await_line(
+            r"ERROR .*trigger subject 'x.eu.>' partly overlaps 'x.\*.created'.*\[stream\] subjects"
+        )
         await delivered(nc, created, "x.us.created", 1)  # the first service's trigger is untouched
         await delivered(nc, other, "y.z", 1)  # and the second's other functions run
         js = nc.jetstream()

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from eventfn.config import FunctionSettings, ServiceConfig
 from eventfn.filters import compile_filters
-from eventfn.testing import NatsServer, Serve
+from eventfn.testing import NatsServer, Serve, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -78,10 +78,10 @@ async def test_quickstart_commands_give_what_the_readme_says(
         mark = service.log.mark()
         await run_commands(quickstart, nc, nats_server.url)
         (handlers / "shout.py").write_text(blocks("python")[1])
-        service.log.wait_for(r"function shout loaded", start=mark)
+        await wait_serving(nc, "shout")
         await run_commands(after_new_file, nc, nats_server.url)
         # The stored events (two trigger publishes, two async invokes) all ran.
-        service.log.wait_for(r"greeting (Bob|Cy)", start=mark, count=4)
+        await service.log.await_line(r"greeting (Bob|Cy)", start=mark, count=4)
 
 
 def copy_shipped_handlers(repo: Path, target: Path) -> Path:

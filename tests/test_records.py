@@ -1,9 +1,11 @@
-"""Lambda's JSON shapes as `eventfn.sources.records` writes and reads them: partial batch responses, batch records,
+"""Lambda's JSON shapes as `eventfn.sources.records` writes and reads them: partial batch responses, batch records
+(SQS records; `tests/test_powertools.py` has Powertools parse them),
 dead-letter (failure) records with their attempt history, and on-success destination records."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,14 +16,17 @@ import pytest
 from eventfn.sources.records import (
     HISTORY_HEADER,
     HISTORY_LIMIT,
+    SUBJECT_ATTRIBUTE,
     SUBJECT_HEADER,
     Attempt,
+    Receipt,
     batch_payload,
     encode_history,
     failure_record,
     history_of,
     item_failures,
     record_for,
+    source_arn,
     success_record,
 )
 from eventfn.subjects import FUNCTION_ARN_PREFIX
@@ -30,6 +35,8 @@ IDS = {"id-1", "id-2", "id-3"}
 SOURCE_ARN = "arn:eventfn:nats:local:000000000000:consumer/EVENTFN/orders--t0"
 #: 2023-11-14T22:13:20.123456789Z
 SENT_NS = 1_700_000_000_123_456_789
+#: A third of a second later, in seconds (as `Delivery.received_at`).
+RECEIVED_AT = 1_700_000_000.456
 
 
 @dataclass
@@ -43,6 +50,7 @@ class Stored:
     stream_seq: int = 17
     delivered: int = 1
     timestamp_ns: int = SENT_NS
+    received_at: float = RECEIVED_AT
 
 
 ERROR = json.dumps({"errorMessage": "no stock", "errorType": "ValueError", "requestId": "r-1"}).encode()
@@ -136,31 +144,83 @@ def batch(*messages: Stored) -> list[dict[str, Any]]:
     return records
 
 
+def attribute(value: str) -> dict[str, object]:
+    return {"stringValue": value, "stringListValues": [], "binaryListValues": [], "dataType": "String"}
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
 def test_batch_payload_is_records_in_the_given_order() -> None:
     records = batch(Stored(data=b'{"n": 0}', stream_seq=5), Stored(data=b'{"n": 1}', stream_seq=6))
     assert [r["messageId"] for r in records] == ["mid-0", "mid-1"]
     assert [json.loads(r["body"]) for r in records] == [{"n": 0}, {"n": 1}]
 
 
-def test_batch_record_has_sqs_like_fields_with_string_attributes() -> None:
-    [rec] = batch(Stored(stream_seq=17, delivered=3))
-    assert rec["messageId"] == "mid-0"
-    assert rec["body"] == '{"order": 42}'  # the data as text, not decoded, as SQS gives it
-    assert rec["attributes"] == {
-        "ApproximateReceiveCount": "3",
-        "SentTimestamp": "1700000000123",  # milliseconds since the epoch
-        "SequenceNumber": "17",
+def test_batch_record_is_a_whole_sqs_record_with_string_attributes() -> None:
+    [rec] = batch(Stored(stream_seq=17, delivered=1))
+    assert rec == {
+        "messageId": "mid-0",
+        "receiptHandle": "eventfn1/EVENTFN/orders--t0/17/1",
+        "body": '{"order": 42}',  # the data as text, not decoded, as SQS gives it
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1700000000123",  # milliseconds since the epoch
+            "SenderId": "nats",
+            "ApproximateFirstReceiveTimestamp": "1700000000456",  # when this (first) delivery was received
+            "SequenceNumber": "17",
+        },
+        "messageAttributes": {"Eventfn-Subject": attribute("events.orders.created")},
+        "md5OfBody": md5('{"order": 42}'),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": SOURCE_ARN,
+        "awsRegion": "local",
+        "subject": "events.orders.created",
     }
-    assert all(isinstance(v, str) for v in rec["attributes"].values())
-    assert rec["subject"] == "events.orders.created"
-    assert rec["eventSourceARN"] == SOURCE_ARN
-    assert "bodyEncoding" not in rec
 
 
-def test_batch_record_always_has_event_source_and_message_attributes_as_sqs_records_do() -> None:
-    [rec] = batch(Stored(headers=None))
-    assert rec["eventSource"] == "eventfn:nats"
-    assert rec["messageAttributes"] == {}
+def test_batch_record_of_a_redelivery_counts_receives_and_dates_the_first_no_later_than_the_store() -> None:
+    [rec] = batch(Stored(stream_seq=17, delivered=3, received_at=RECEIVED_AT + 60))
+    assert rec["attributes"]["ApproximateReceiveCount"] == "3"
+    # eventfn keeps no state per event: the earliest a later delivery's first receive can have been is the store.
+    assert rec["attributes"]["ApproximateFirstReceiveTimestamp"] == rec["attributes"]["SentTimestamp"]
+    assert rec["receiptHandle"] == "eventfn1/EVENTFN/orders--t0/17/3"
+
+
+def test_receipt_handle_names_the_stream_consumer_sequence_and_delivery() -> None:
+    [first, again] = batch(Stored(stream_seq=9, delivered=1), Stored(stream_seq=9, delivered=2))
+    assert Receipt.parse(first["receiptHandle"]) == Receipt("EVENTFN", "orders--t0", 9, 1)
+    assert Receipt.parse(again["receiptHandle"]) == Receipt("EVENTFN", "orders--t0", 9, 2)
+    assert Receipt("EVENTFN", "orders--t0", 9, 2).handle() == again["receiptHandle"]
+    assert source_arn("EVENTFN", "orders--t0") == SOURCE_ARN
+
+
+@pytest.mark.parametrize(
+    "handle",
+    [
+        "",
+        "AQEBwJnKyrHigUMZj6rYigCgxlaS3SLy0a",
+        "eventfn1/EVENTFN/c/1",
+        "eventfn1/EVENTFN/c/1/2/3",
+        "eventfn1//c/1/2",
+        "eventfn1/EVENTFN/c/x/2",
+        "eventfn1/EVENTFN/c/1/²",
+        "eventfn2/EVENTFN/c/1/2",
+    ],
+)
+def test_receipt_parse_refuses_a_handle_eventfn_did_not_write(handle: str) -> None:
+    assert Receipt.parse(handle) is None
+
+
+def test_batch_record_md5_of_body_is_sqs_digest_of_the_body_text() -> None:
+    [ascii_, unicode, empty, binary] = batch(
+        Stored(data=b"Test message."), Stored(data="grüße €".encode()), Stored(data=b""), Stored(data=b"\xff\x00")
+    )
+    assert ascii_["md5OfBody"] == "e4e68fb7bd0e697a0ae8f1bb342846b3"  # SQS's documented example
+    assert unicode["md5OfBody"] == md5("grüße €")
+    assert empty["md5OfBody"] == md5("")
+    assert binary["md5OfBody"] == md5(binary["body"])  # the base64 text is the body a handler gets
 
 
 def test_batch_record_body_is_text_for_utf8_data() -> None:
@@ -189,11 +249,13 @@ def test_batch_record_subject_is_the_original_one_for_a_redriven_event() -> None
     )
     [rec] = batch(redriven)
     assert rec["subject"] == "events.orders.created"
+    assert rec["messageAttributes"] == {SUBJECT_ATTRIBUTE: attribute("events.orders.created")}
 
 
 def test_batch_record_subject_is_the_delivery_subject_without_the_header() -> None:
     [rec] = batch(Stored(subject="events.orders.paid", headers={"trace": "t-1"}))
     assert rec["subject"] == "events.orders.paid"
+    assert rec["messageAttributes"][SUBJECT_ATTRIBUTE] == attribute("events.orders.paid")
 
 
 def test_batch_record_message_attributes_are_user_headers_without_nats_and_eventfn_ones() -> None:
@@ -208,16 +270,19 @@ def test_batch_record_message_attributes_are_user_headers_without_nats_and_event
         HISTORY_HEADER: "[]",
     }
     [rec] = batch(Stored(headers=headers))
-
-    def attribute(value: str) -> dict[str, object]:
-        return {"stringValue": value, "stringListValues": [], "binaryListValues": [], "dataType": "String"}
-
     assert rec["messageAttributes"] == {
         "ce-specversion": attribute("1.0"),
         "ce-id": attribute("e-1"),
         "content-type": attribute("application/json"),
         "trace": attribute("t-1"),
+        SUBJECT_ATTRIBUTE: attribute("events.orders.created"),
     }
+
+
+def test_a_header_cannot_pose_as_the_subject_attribute() -> None:
+    """The subject attribute is named like eventfn's own headers, which never become attributes."""
+    [rec] = batch(Stored(subject="events.orders.paid", headers={SUBJECT_ATTRIBUTE: "events.admin.x", "a": "b"}))
+    assert rec["messageAttributes"] == {"a": attribute("b"), SUBJECT_ATTRIBUTE: attribute("events.orders.paid")}
 
 
 # -- failure records: the attempt history ------------------------------------------------------------------------------

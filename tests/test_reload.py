@@ -11,7 +11,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import NatsServer, Serve, write_handler
+from eventfn.testing import NatsServer, Serve, function_info, wait_serving, wait_until, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
 ) -> None:
     write_handler(handlers, "counter", reporter("v1", "probe.counter"))
     write_handler(handlers, "doomed", reporter("d", "probe.doomed"))
-    service = serve()
+    serve()
     counter, late, doomed = await probe("probe.counter"), await probe("probe.late"), await probe("probe.doomed")
     total = 600
 
@@ -55,15 +55,14 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
     async with anyio.create_task_group() as tg:
         tg.start_soon(publish)
         await counter.wait_for(100)
-        mark = service.log.mark()
+        v1 = (await wait_serving(nc, "counter"))["version"]
         write_handler(handlers, "counter", reporter("v2", "probe.counter"))
         write_handler(handlers, "late", reporter("late", "probe.late"))
         (handlers / "doomed.py").unlink()
-        service.log.wait_for(r"function counter reloaded", start=mark)
-        service.log.wait_for(r"function late loaded", start=mark)
-        service.log.wait_for(r"function doomed removed", start=mark)
-        # (The waits above block this thread, the publisher with it: nothing is published while they wait.)
-        published_at_removal = published
+        await wait_until(lambda: function_info(nc, "doomed"), lambda info: info is None, what="doomed removed")
+        published_at_removal = published  # (the publisher goes on while the test waits)
+        await wait_serving(nc, "counter", replacing=v1)
+        await wait_serving(nc, "late")
 
     seen = await counter.wait_for(total)
     assert sorted(numbers(seen)) == list(range(total)), "every event exactly once across the reload"
@@ -101,7 +100,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
            oops = (
     """,
     )
-    failure = service.log.wait_for(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
+    failure = await service.log.await_line(r"function 'fn' failed to load at (\S+):(\d+)", start=mark)
     assert failure.group(1).endswith("fn.py") and failure.group(2) == "3"
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
     assert json.loads(reply.data) == "v1"
@@ -110,7 +109,6 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
     assert "fn.py:3" in info["last_error"] and "SyntaxError" in info["last_error"]
     assert info["serving_version"] != info["version"]
 
-    mark = service.log.mark()
     write_handler(
         handlers,
         "fn",
@@ -119,7 +117,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
             return "v3"
     """,
     )
-    service.log.wait_for(r"function fn reloaded", start=mark)
+    await wait_serving(nc, "fn", replacing=info["serving_version"])
     reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
     assert json.loads(reply.data) == "v3"
 
@@ -147,7 +145,7 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
     """,
     )
     service = serve()
-    assert "failed: bad" in service.log.wait_for(r"eventfn ready.*").group(0)
+    assert "failed: bad" in (await service.log.await_line(r"eventfn ready.*")).group(0)
     reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Runtime.ImportModuleError"
@@ -174,7 +172,7 @@ async def test_settings_typo_is_reported_with_file_and_key(
     """,
     )
     service = serve()
-    line = service.log.wait_for(r"function typo: .*").group(0)
+    line = (await service.log.await_line(r"function typo: .*")).group(0)
     assert "typo.py" in line and "timout" in line
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["state"] == "Failed" and "timout" in info["last_error"]
@@ -196,7 +194,7 @@ async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_
             return "v1"
     """
     write_handler(handlers, "fn", slow_v1)
-    service = serve()
+    serve()
     started = await probe("probe.started")
     results: list[object] = []
     async with anyio.create_task_group() as tg:
@@ -207,9 +205,9 @@ async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_
 
         tg.start_soon(long_call)
         await started.wait_for(1)
-        mark = service.log.mark()
+        v1 = (await wait_serving(nc, "fn"))["version"]
         write_handler(handlers, "fn", slow_v1.replace('"v1"', '"v2"'))
-        service.log.wait_for(r"function fn reloaded", start=mark)
+        await wait_serving(nc, "fn", replacing=v1)
         reply = await nc.request("eventfn.invoke.fn", b"{}", timeout=10)
         assert json.loads(reply.data) == "v2", "new invocations run the new code at once"
         assert results == [], "while the old one is still running"
@@ -232,9 +230,9 @@ async def test_an_edit_of_the_same_size_in_the_same_second_runs_the_new_code(
     service.env.pop("PYTHONDONTWRITEBYTECODE", None)
     with service:
         assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v1"
-        mark = service.log.mark()
+        v1 = (await wait_serving(nc, "same"))["version"]
         path.write_text(source.format(isolation=isolation, version="v2"))  # same size
         os.utime(path, ns=(stamp, stamp))  # and the same mtime: a cached .pyc would look current
-        service.log.wait_for(r"function same reloaded", start=mark)
+        await wait_serving(nc, "same", replacing=v1)
         assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v2"
     assert not list(handlers.glob("__pycache__/same.*.pyc"))

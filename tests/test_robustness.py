@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, wait_serving, wait_stats, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +29,10 @@ async def test_two_functions_dead_lettering_the_same_event_each_keep_a_record(
 ) -> None:
     write_handler(handlers, "alpha", FAILS)
     write_handler(handlers, "beta", FAILS)
-    service = serve()
+    serve()
     await nc.publish("events.shared.thing", b'{"n": 1}')
-    await nc.flush()  # the log waits below block this thread, nats-py's flusher with it
-    service.log.wait_for(r"alpha: request \S+ dead-lettered")
-    service.log.wait_for(r"beta: request \S+ dead-lettered")
+    await wait_stats(nc, "alpha--t0", dead_lettered=1)
+    await wait_stats(nc, "beta--t0", dead_lettered=1)
     js = nc.jetstream()
     for function in ("alpha", "beta"):
         record = await js.get_last_msg("EVENTFN_DLQ", f"eventfn.dlq.{function}")
@@ -87,11 +86,10 @@ async def test_async_invokes_sent_before_the_function_exists_are_run_once_it_doe
     handlers: Path, serve: Callable[..., Serve], nc: Client, probe
 ) -> None:
     write_handler(handlers, "other", "def handler(event, context):\n    return 1\n")
-    service = serve()
+    serve()
     js = nc.jetstream()
     await js.publish("eventfn.async.later", b'{"early": true}')  # stored: the stream holds eventfn.async.>
     seen = await probe("probe.later")
-    mark = service.log.mark()
     write_handler(
         handlers,
         "later",
@@ -103,5 +101,5 @@ async def test_async_invokes_sent_before_the_function_exists_are_run_once_it_doe
             _probe.report("probe.later", json.dumps(event))
     """,
     )
-    service.log.wait_for(r"function later loaded", start=mark)
+    await wait_serving(nc, "later")
     assert [json.loads(t) for t in await seen.wait_for(1)] == [{"early": True}]

@@ -28,7 +28,7 @@ import eventfn
 from eventfn import sandbox
 from eventfn.config import environment_overrides, load_service_config
 from eventfn.invoke import cgroups, isolation
-from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, function_info, wait_until, write_handler
 
 linux_only = pytest.mark.skipif(not sandbox.LINUX, reason="process isolation beyond a clean environment is Linux's")
 
@@ -324,9 +324,8 @@ async def test_processes_a_handler_starts_end_with_its_worker(
 
     reply, pids = await spawn_case(nc, await probe("probe.retiree"), "idle", started, function="retiree")
     assert reply == "started" and not any(map(dead, pids))
-    mark = service.log.mark()
     (handlers / "retiree.py").unlink()
-    service.log.wait_for(r"function retiree removed", start=mark)
+    await wait_until(lambda: function_info(nc, "retiree"), lambda info: info is None, what="retiree removed")
     assert wait_gone(pids[reach]) == [], "after its function was removed"
 
     reply, pids = await spawn_case(nc, spawned, "idle", started)
@@ -468,7 +467,7 @@ async def test_a_root_service_runs_workers_as_an_unprivileged_user(
     service = Serve(shared / "handlers", nats_server.url, tmp_path / "data", env={"PYTHONPATH": pythonpath})
     service.args[0] = interpreter
     with service:
-        service.log.wait_for(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
+        await service.log.await_line(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
         nc = await nats.connect(nats_server.url)
         try:
             seen = await invoke(nc, "whoami")
@@ -511,9 +510,9 @@ async def test_workers_of_a_non_root_service_cannot_read_its_environment(
     service.args[:1] = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", interpreter]
     with service:
         if user_namespace:
-            service.log.wait_for(r"workers run as uid 65534, like the service.*own user namespace")
+            await service.log.await_line(r"workers run as uid 65534, like the service.*own user namespace")
         else:
-            service.log.wait_for(r"the service made itself non-dumpable")
+            await service.log.await_line(r"the service made itself non-dumpable")
         nc = await nats.connect(nats_server.url)
         try:
             seen = await invoke(nc, "peek")

@@ -1,7 +1,8 @@
 """The JSON shapes the dispatcher writes and reads, in Lambda's formats.
 
 - `batch_payload`: the event a handler gets for a batch from a plain subject, `{"Records": [...]}`, each record
-  shaped like an SQS record (so SQS handler code runs unchanged) plus the NATS `subject`;
+  an SQS record (so SQS handler code, Powertools' `SqsModel` and batch processor included, runs unchanged) plus
+  the NATS `subject`;
 - `item_failures`: Lambda's partial batch response, `{"batchItemFailures": [{"itemIdentifier": id}]}`;
 - `failure_record` / `success_record`: Lambda's asynchronous-invocation destination records, which are also
   what the dead-letter stream holds, with an `eventfn` section that makes the event redrivable byte for byte.
@@ -10,10 +11,12 @@
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -47,10 +50,32 @@ class StoredMessage(Protocol):
 
 # -- batches ---------------------------------------------------------------------------------------------------
 
+#: `awsRegion` of a batch record: the region of eventfn's ARNs.
+REGION = "local"
+#: `attributes.SenderId`: NATS does not tell who published a message, so every record names the transport.
+SENDER_ID = "nats"
+#: The message attribute that holds the record's NATS subject. Headers named `Eventfn-*` never become
+#: attributes (`SYSTEM_HEADER_PREFIXES`), so no header of the event can collide with it.
+SUBJECT_ATTRIBUTE = SUBJECT_HEADER
+#: What a receipt handle starts with (its format's version); the rest is `<stream>/<consumer>/<seq>/<delivered>`.
+RECEIPT_PREFIX = "eventfn1/"
+#: The source ARN of a mapping: this plus `<stream>/<consumer>` (eventfn's own scheme, so it is not taken for AWS).
+SOURCE_ARN_PREFIX = f"arn:eventfn:nats:{REGION}:000000000000:consumer/"
+
+
+class DeliveredMessage(StoredMessage, Protocol):
+    """What a batch record needs of a delivery besides the stored message: when it was received."""
+
+    #: Wall-clock seconds when this delivery reached eventfn.
+    received_at: float
+
 
 class _Attributes(msgspec.Struct, frozen=True):
     ApproximateReceiveCount: str
     SentTimestamp: str
+    SenderId: str
+    ApproximateFirstReceiveTimestamp: str
+    #: The event's JetStream stream sequence (SQS has it on FIFO queues only; Powertools' models accept it).
     SequenceNumber: str
 
 
@@ -64,21 +89,58 @@ class MessageAttribute(msgspec.Struct, frozen=True):
 
 
 class Record(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One event in a batch, shaped like an SQS record; `body` is the event's data as text."""
+    """One event in a batch: an SQS record (what Powertools' `SqsModel` parses), `body` the event's data as text,
+    plus the NATS `subject` (also in the message attribute `Eventfn-Subject`) and, for binary data, `bodyEncoding`."""
 
     messageId: str
+    receiptHandle: str
     body: str
     attributes: _Attributes
-    subject: str
     messageAttributes: dict[str, MessageAttribute]
+    md5OfBody: str
     eventSource: str
     eventSourceARN: str
+    awsRegion: str
+    subject: str
     #: Set (and only then present) when `body` holds base64 because the data was not UTF-8 text.
     bodyEncoding: str | None = None
 
 
 class Batch(msgspec.Struct, frozen=True):
     Records: list[Record]
+
+
+class Receipt(NamedTuple):
+    """What a batch record's `receiptHandle` says: which delivery of which stored event, through which mapping."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    delivered: int
+
+    def handle(self) -> str:
+        """The receipt handle: `eventfn1/<stream>/<consumer>/<seq>/<delivered>` (NATS names have no `/`)."""
+        return f"{RECEIPT_PREFIX}{self.stream}/{self.consumer}/{self.stream_seq}/{self.delivered}"
+
+    @classmethod
+    def parse(cls, handle: str) -> Receipt | None:
+        """The receipt a handle stands for; None for a handle eventfn did not write."""
+        parts = handle.removeprefix(RECEIPT_PREFIX).split("/")
+        if not handle.startswith(RECEIPT_PREFIX) or len(parts) != 4:
+            return None
+        stream, consumer, seq, delivered = parts
+        if not (stream and consumer and _is_count(seq) and _is_count(delivered)):
+            return None
+        return cls(stream, consumer, int(seq), int(delivered))
+
+
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def source_arn(stream: str, consumer: str) -> str:
+    """The `eventSourceARN` of the mapping that consumes `stream` through durable consumer `consumer`."""
+    return f"{SOURCE_ARN_PREFIX}{stream}/{consumer}"
 
 
 _batch_encoder = msgspec.json.Encoder()
@@ -99,30 +161,58 @@ def original_subject(message: StoredMessage) -> str:
     return message.subject
 
 
-def record_for(message: StoredMessage, message_id: str, source_arn: str) -> Record:
-    """The batch record of one stored message."""
+@functools.lru_cache(maxsize=1024)
+def _receipt_prefix(source_arn: str, stream: str) -> str:
+    """`eventfn1/<stream>/<consumer>/` for a mapping's ARN (built once per mapping, not per record)."""
+    consumer = source_arn.rpartition("/")[2] if source_arn.startswith(SOURCE_ARN_PREFIX) else "-"
+    return f"{RECEIPT_PREFIX}{stream}/{consumer}/"
+
+
+@functools.lru_cache(maxsize=1024)
+def _subject_attribute(subject: str) -> MessageAttribute:
+    """The `Eventfn-Subject` attribute (a mapping's events mostly share a few subjects: built once each)."""
+    return MessageAttribute(subject)
+
+
+def record_for(message: DeliveredMessage, message_id: str, source_arn: str) -> Record:
+    """The batch record of one delivered message, through the mapping whose ARN is `source_arn`."""
+    data = message.data
     try:
-        body, encoding = message.data.decode("utf-8"), None
+        body, encoding, text = data.decode("utf-8"), None, data
     except UnicodeDecodeError:
-        body, encoding = base64.b64encode(message.data).decode("ascii"), "base64"
+        text = base64.b64encode(data)
+        body, encoding = text.decode("ascii"), "base64"
+    subject = original_subject(message)
     headers = message.headers
     attributes = (
         {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(SYSTEM_HEADER_PREFIXES)}
         if headers
         else {}
     )
+    attributes[SUBJECT_ATTRIBUTE] = _subject_attribute(subject)
+    delivered = message.delivered
+    seq = str(message.stream_seq)
+    sent = str(message.timestamp_ns // 1_000_000)
     return Record(
         messageId=message_id,
+        receiptHandle=f"{_receipt_prefix(source_arn, message.stream)}{seq}/{delivered}",
         body=body,
         attributes=_Attributes(
-            ApproximateReceiveCount=str(message.delivered),
-            SentTimestamp=str(message.timestamp_ns // 1_000_000),
-            SequenceNumber=str(message.stream_seq),
+            ApproximateReceiveCount=str(delivered),
+            SentTimestamp=sent,
+            SenderId=SENDER_ID,
+            # Exact on a first delivery; on a later one eventfn (which keeps no state per event) gives the time the
+            # event was stored, the earliest it can have been received.
+            ApproximateFirstReceiveTimestamp=str(int(message.received_at * 1000)) if delivered == 1 else sent,
+            SequenceNumber=seq,
         ),
-        subject=original_subject(message),
         messageAttributes=attributes,
-        eventSource="eventfn:nats",
+        # SQS's digest of the body as sent (its UTF-8 text); for binary data, of the base64 text handed over.
+        md5OfBody=hashlib.md5(text, usedforsecurity=False).hexdigest(),
+        eventSource="aws:sqs",
         eventSourceARN=source_arn,
+        awsRegion=REGION,
+        subject=subject,
         bodyEncoding=encoding,
     )
 
