@@ -71,7 +71,7 @@ class Dispatcher:
         self.stats = Stats()
         self.filter = mapping.compiled_filter()
         self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
-        self._source_arn = f"arn:eventfn:nats:local:000000000000:consumer/{feed.stream}/{mapping.name}"
+        self._source_arn = records.source_arn(feed.stream, mapping.name)
         self._shape = records.SHAPES[mapping.source.records]
         ordering = mapping.source.ordering
         #: Ordered mappings retry in place: the attempts made beyond the source's delivery count, by position.
