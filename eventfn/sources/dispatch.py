@@ -29,7 +29,7 @@ from eventfn.broker.bus import Bus, Delivery, PullFeed
 from eventfn.config import Destinations, RetryPolicy
 from eventfn.errors import EventDecodeError
 from eventfn.filters import Filter, decode_body
-from eventfn.invoke.workers import Outcome, error_payload, error_type_of
+from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
 from eventfn.sources import records
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ def decide(
     return Retry(backoff(attempt, policy, rand))
 
 
-Invoker = Callable[
-    [str, bytes, dict[str, str] | None, bool, Callable[[], Awaitable[None]] | None, float], Awaitable[Outcome]
-]
+Invoker = Callable[[Invocation], Awaitable[Outcome]]
 
 
 class Mapping(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,7 +123,11 @@ class Stats(msgspec.Struct, kw_only=True):
     last_error: str | None = None
 
 
-_BATCH_ITEM_FAILURE = b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}'
+_BATCH_ITEM_FAILURE = Outcome(
+    ok=False,
+    payload=b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}',
+    error=LambdaError(type="BatchItemFailure", message="reported in batchItemFailures"),
+)
 
 
 class Dispatcher:
@@ -223,7 +225,7 @@ class Dispatcher:
         try:
             message_id = events.request_id_for(delivery.stream_seq, delivery.stream)
             problem = decoding.encodable(f"{type(exc).__name__}: {exc}")
-            error = error_payload("PoisonMessage", problem, message_id)
+            error = failure("PoisonMessage", problem, message_id)
             await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
         except Exception:
             log.exception(
@@ -283,7 +285,7 @@ class Dispatcher:
                 except EventDecodeError as exc:
                     log.error("%s: %s; dead-lettering", self.mapping.function, exc)
                     with anyio.CancelScope(shield=True):
-                        error = error_payload("EventDecodeError", str(exc), message_id)
+                        error = failure("EventDecodeError", str(exc), message_id)
                         await self._dead_letter(delivery, message_id, "PoisonMessage", error, None)
                     continue
             if filter_ is not None and not filter_.matches(
@@ -296,14 +298,14 @@ class Dispatcher:
             if delivery.delivered > 1 and time.time() - delivery.timestamp_ns / 1e9 >= self._policy()[0].max_event_age:
                 # A retry that comes due after the event expired is not run again (Lambda's maximum event age).
                 with anyio.CancelScope(shield=True):
-                    error = error_payload("EventAgeExceeded", "event older than max_event_age", message_id)
+                    error = failure("EventAgeExceeded", "event older than max_event_age", message_id)
                     await self._dead_letter(delivery, message_id, "EventAgeExceeded", error, event)
                 continue
             ready.append((delivery, event, message_id))
         if ready and self.mapping.reject is not None:
             with anyio.CancelScope(shield=True):
                 for delivery, event, message_id in ready:
-                    error = error_payload(
+                    error = failure(
                         "TooManyRequestsException",
                         "Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded (concurrency 0)",
                         message_id,
@@ -327,11 +329,17 @@ class Dispatcher:
     async def _invoke_one(self, delivery: Delivery, event: events.Event, message_id: str) -> None:
         request_id = event.id if _looks_like_uuid(event.id) else message_id
         self.stats.invocations += 1
-        outcome = await self._invoke(
-            request_id, event.data, events.to_attributes(event), False, delivery.in_progress, self.mapping.ack_wait / 3
+        invocation = Invocation(
+            request_id=request_id,
+            payload=event.data,
+            cloud_event=events.to_attributes(event),
+            wait_for_slot=True,
+            keepalive=delivery.in_progress,
+            keepalive_every=self.mapping.ack_wait / 3,
         )
+        outcome = await self._invoke(invocation)
         with anyio.CancelScope(shield=True):
-            await self._settle(delivery, request_id, outcome.ok, outcome.payload, event)
+            await self._settle(delivery, request_id, outcome, event)
             await self._on_success(outcome, request_id, event.data, delivery.delivered)
 
     async def _invoke_batch(self, ready: list[tuple[Delivery, events.Event | None, str]]) -> None:
@@ -349,41 +357,46 @@ class Dispatcher:
             for delivery, _, _ in ready:
                 await delivery.in_progress()
 
-        outcome = await self._invoke(request_id, payload, None, True, keepalive, self.mapping.ack_wait / 3)
+        invocation = Invocation(
+            request_id=request_id,
+            payload=payload,
+            is_json=True,
+            wait_for_slot=True,
+            keepalive=keepalive,
+            keepalive_every=self.mapping.ack_wait / 3,
+        )
+        outcome = await self._invoke(invocation)
         failed: set[str] | None = set()
-        error = outcome.payload
+        error = outcome
         if not outcome.ok:
             failed = None
         elif self.mapping.report_batch_item_failures:
             failed = records.item_failures(outcome.payload, {mid for _, _, mid in ready})
             if failed is None:
-                error = error_payload(
+                error = failure(
                     "Runtime.InvalidBatchResponse",
                     'batchItemFailures must be a list of {"itemIdentifier": <messageId of this batch>}',
                     request_id,
                 )
         with anyio.CancelScope(shield=True):
             for delivery, event, message_id in ready:
-                ok = failed is not None and message_id not in failed
-                item_error = error if failed is None else _BATCH_ITEM_FAILURE
-                await self._settle(delivery, message_id, ok, item_error, event)
+                item = error if failed is None else _BATCH_ITEM_FAILURE if message_id in failed else outcome
+                await self._settle(delivery, message_id, item, event)
             await self._on_success(outcome, request_id, payload, max(d.delivered for d, _, _ in ready))
 
-    async def _settle(
-        self, delivery: Delivery, request_id: str, ok: bool, error: bytes, event: events.Event | None
-    ) -> None:
+    async def _settle(self, delivery: Delivery, request_id: str, outcome: Outcome, event: events.Event | None) -> None:
         stats = self.stats
-        if ok:
+        if outcome.ok:
             stats.processed += 1
             stats.last_result = "OK"
             await delivery.ack()
             return
         age = max(0.0, time.time() - delivery.timestamp_ns / 1e9)
         retry, _ = self._policy()
-        decision = decide(ok, delivery.delivered, age, retry)
+        decision = decide(outcome.ok, delivery.delivered, age, retry)
         stats.failed += 1
         stats.last_result = "PROBLEM: Function call failed"
-        stats.last_error = error_type_of(error)
+        stats.last_error = outcome.error.type if outcome.error is not None else "?"
         if isinstance(decision, Retry):
             stats.retried += 1
             log.warning(
@@ -396,10 +409,10 @@ class Dispatcher:
             )
             await delivery.nak(decision.delay)
         elif isinstance(decision, DeadLetter):
-            await self._dead_letter(delivery, request_id, decision.condition, error, event)
+            await self._dead_letter(delivery, request_id, decision.condition, outcome, event)
 
     async def _dead_letter(
-        self, delivery: Delivery, request_id: str, condition: str, error: bytes, event: events.Event | None
+        self, delivery: Delivery, request_id: str, condition: str, failed: Outcome, event: events.Event | None
     ) -> None:
         """Write the event's failure record to the DLQ and, once that write is durable, acknowledge the event.
 
@@ -410,8 +423,9 @@ class Dispatcher:
         cloud_event = None
         if event is not None or not delivery.headers:  # a message with headers decoded as `event` if it could
             cloud_event = events.to_attributes(event or _event_of(delivery, request_id))
+        error, cause = failed.payload, failed.error
         record = records.failure_record(
-            function, delivery, request_id, condition, error, cloud_event, consumer=self.mapping.consumer
+            function, delivery, request_id, condition, error, cloud_event, cause=cause, consumer=self.mapping.consumer
         )
         if len(record) > self.bus.max_payload - 4096:
             # Too big for one NATS message with the event inside: keep the reference to it in the stream.
@@ -422,6 +436,7 @@ class Dispatcher:
                 condition,
                 error[:4096],
                 cloud_event,
+                cause=cause,
                 consumer=self.mapping.consumer,
                 truncate=True,
             )
