@@ -115,8 +115,9 @@ class Api:
                 f"(for an Event invocation publish to {subjects.ASYNC_PREFIX}{name})"
             )
             return await _respond(request, refusal(400, "InvalidParameterValueException", message), request_id)
+        dry_run = invocation_type == "DryRun"
         payload, client_context, cloud_event = request.data, None, None
-        if headers:
+        if headers and not dry_run:  # a DryRun runs nothing: what the handler would get is not read
             try:
                 client_context = _client_context(headers)
                 if events.is_cloud_event(headers):
@@ -134,7 +135,7 @@ class Api:
             cloud_event=cloud_event,
             # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
             wait_for_slot=False,
-            dry_run=invocation_type == "DryRun",
+            dry_run=dry_run,
             max_request_bytes=SYNC_PAYLOAD_LIMIT,
             # Room for the reply's headers within one NATS message.
             max_response_bytes=min(SYNC_PAYLOAD_LIMIT, self.bus.max_payload - 1024),
