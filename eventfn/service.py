@@ -26,7 +26,7 @@ from eventfn.config import FunctionSettings, NatsSettings, ServiceConfig
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
-from eventfn.invoke.functions import Function
+from eventfn.invoke.functions import Function, Functions
 from eventfn.invoke.inprocess import InProcessPool
 from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.registry import FunctionSource
@@ -56,12 +56,13 @@ class Service:
         self.bus = bus
         self.tg = tg
         self.handlers_dir = Path(config.handlers)
-        self.functions: dict[str, Function] = {}
+        #: Every function by name, and the one way to invoke them (with the service-wide concurrency cap).
+        self.invoker = Functions(Slots(config.max_concurrency))
+        self.functions: dict[str, Function] = self.invoker.by_name
         #: Handler files and folders refused for their names: entry -> reason (shown, never loaded).
         self.invalid: dict[str, str] = {}
-        self.account = Slots(config.max_concurrency)
         self._reload_lock = anyio.Lock()
-        self.api = Api(self)
+        self.api = Api(bus, self.invoker, self)
         #: Stream name -> what this service last made sure it has (see `watch_streams`).
         self._streams: dict[str, StreamSpec] = {}
         #: Events stream subjects JetStream refused (they partly overlap one it stores), with the reason.
@@ -100,7 +101,7 @@ class Service:
             await self._provision()
 
     async def _load(self, source: FunctionSource, limiter: anyio.CapacityLimiter) -> None:
-        fn = self.functions.setdefault(source.name, Function(source, self.account))
+        fn = self.invoker.add(source)
         fn.source = source
         if source.error or source.settings is None:
             error = source.error or "settings could not be read"
@@ -138,9 +139,7 @@ class Service:
                 if fn.failed(str(exc)):
                     log.error("%s%s", exc, _keeps_serving(fn))
                 return
-        old, fn.pool, fn.settings = fn.pool, pool, settings
-        fn.last_error, fn.load_error, fn.init_ms = None, None, init_ms
-        fn.limiter.total = max(1, settings.concurrency)
+        old = fn.activate(pool, settings, init_ms)
         log.info(
             "function %s %s (version %s, init %.1f ms)",
             source.name,

@@ -87,6 +87,10 @@ async def test_dry_run_invoke_answers_204_for_a_function_and_404_otherwise_witho
     assert exists.headers["Eventfn-Status"] == "204" and exists.data == b""
     missing = await nc.request("eventfn.invoke.nosuch", b"{}", headers=dry, timeout=10)
     assert missing.headers["Eventfn-Status"] == "404"
+    unread = {**dry, "Eventfn-Client-Context": "not base64", "ce-specversion": "1.0"}  # what would run is not read
+    assert (await nc.request("eventfn.invoke.echo", b"{}", headers=unread, timeout=10)).headers[
+        "Eventfn-Status"
+    ] == "204"
     wrong = await nc.request("eventfn.invoke.echo", b"{}", headers={"Eventfn-Invocation-Type": "Event"}, timeout=10)
     assert wrong.headers["Eventfn-Error"] == "InvalidParameterValueException"
     assert "eventfn.async.echo" in json.loads(wrong.data)["errorMessage"]

@@ -15,8 +15,7 @@ import anyio
 import pytest
 
 from eventfn.config import RetryPolicy
-from eventfn.invoke.invocation import Invocation
-from eventfn.invoke.workers import Outcome
+from eventfn.invoke.invocation import Invocation, LambdaError, Outcome
 from eventfn.sources.dispatch import Dispatcher
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryFeed, MemorySink
@@ -72,7 +71,8 @@ class Function:
         if answer is True:
             return Outcome(ok=True, payload=b"null")
         if answer is False:
-            return Outcome(ok=False, error_type="Unhandled", payload=b'{"errorType":"Boom","errorMessage":"no"}')
+            error = LambdaError(type="Boom", message="no")
+            return Outcome(ok=False, error=error, payload=b'{"errorType":"Boom","errorMessage":"no"}')
         failures = [{"itemIdentifier": i} for i in answer]
         return Outcome(ok=True, payload=json.dumps({"batchItemFailures": failures}).encode())
 

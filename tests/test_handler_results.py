@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from eventfn.invoke import marshal
+from eventfn.invoke.invocation import Invocation
 from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.workers import Pool
 from eventfn.testing import Serve, function_info, wait_stats, wait_until, write_handler
@@ -411,7 +412,7 @@ async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
     pool = Pool(spec=spec, env=dict(os.environ), version="v1")
     try:
         await pool.start()
-        outcome = await pool.invoke("req-child", b"{}")
+        outcome = (await pool.execute(Invocation(request_id="req-child", payload=b"{}"))).outcome
     finally:
         await pool.retire()
     assert outcome.ok, outcome.payload
@@ -446,8 +447,9 @@ async def test_a_child_that_keeps_writing_does_not_hold_up_the_invocation(tmp_pa
     pool = Pool(spec=spec, env=dict(os.environ), version="v1")
     try:
         await pool.start()
-        first = await pool.invoke("req-chatter-1", b"{}")
-        second = await pool.invoke("req-chatter-2", b"{}")  # the worker is still usable, the child still writing
+        first = (await pool.execute(Invocation(request_id="req-chatter-1", payload=b"{}"))).outcome
+        # The worker is still usable, the child still writing.
+        second = (await pool.execute(Invocation(request_id="req-chatter-2", payload=b"{}"))).outcome
     finally:
         await pool.retire()  # ends the worker and what it started
     assert first.ok and first.payload == b'"ok"', first.payload

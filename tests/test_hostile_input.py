@@ -26,6 +26,7 @@ from eventfn.broker.bus import StoredRecord
 from eventfn.errors import EventDecodeError, UnreadableData
 from eventfn.fronts import nats_api as api
 from eventfn.invoke import handler as runtime
+from eventfn.invoke.invocation import LambdaError
 from eventfn.sources import deadletters, dispatch, dlq, records
 
 # Hypothesis caches constants it reads from the source in its home directory, from test collection on: keep that
@@ -76,6 +77,9 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")),
     st.text(max_size=20).map(str.encode),
 )
+
+#: The typed error beside a failure's bytes (as a handler's exception names it: any text, any length).
+causes = st.none() | st.builds(LambdaError, type=st.text(max_size=40), message=st.text(max_size=3000))
 
 CE_KEYS = ["ce-specversion", "ce-id", "ce-source", "ce-type", "ce-time", "ce-subject", "content-type", "Content-Type"]
 CONTENT_TYPES = [
@@ -261,13 +265,22 @@ def test_history_of_a_hostile_header_is_a_bounded_list(raw: str) -> None:
 
 
 @HOSTILE
-@given(messages, bodies, st.booleans(), st.none() | st.just("fn--t0"))
+@given(messages, bodies, causes, st.booleans(), st.none() | st.just("fn--t0"))
 def test_a_failure_record_is_always_written_and_redrives_the_event_byte_for_byte(
-    message: Message, error: bytes, truncate: bool, consumer: str | None
+    message: Message, error: bytes, cause: LambdaError | None, truncate: bool, consumer: str | None
 ) -> None:
     event = _normalize(message)
     cloud_event = events.to_attributes(event) if event is not None else None
-    raw = records.failure_record("fn", message, "req-1", "RetriesExhausted", error, cloud_event, consumer=consumer)  # type: ignore[arg-type]
+    raw = records.failure_record(
+        "fn",
+        message,  # type: ignore[arg-type]
+        "req-1",
+        "RetriesExhausted",
+        error,
+        cloud_event,
+        cause=cause,
+        consumer=consumer,
+    )
     stored = StoredRecord(seq=5, subject="eventfn.dlq.fn", data=raw, headers=None)
     summary = dlq.summary(stored)
     assert summary.error_type != "Eventfn.UnreadableRecord", summary.error_message
@@ -279,7 +292,17 @@ def test_a_failure_record_is_always_written_and_redrives_the_event_byte_for_byte
         return
     assert plan.data == message.data
     assert plan.consumer == (consumer or "fn--async")
-    truncated = records.failure_record("fn", message, "r", "c", error, cloud_event, consumer=consumer, truncate=True)  # type: ignore[arg-type]
+    truncated = records.failure_record(
+        "fn",
+        message,  # type: ignore[arg-type]
+        "r",
+        "c",
+        error,
+        cloud_event,
+        cause=cause,
+        consumer=consumer,
+        truncate=True,
+    )
     assert dlq.plan_redrive(StoredRecord(6, "eventfn.dlq.fn", truncated, None), "fn").original == ("EVENTFN", 7)
 
 
@@ -287,7 +310,7 @@ def test_a_failure_record_that_cannot_be_shaped_falls_back_to_the_bytes_as_base6
     # A header value with a lone surrogate cannot be written as UTF-8 (nats-py never produces one; something
     # else unforeseen might): the last-resort record still keeps the event.
     message = Message("events.x", b"\xff[" * 3, {"k": "\ud800"})
-    raw = records.failure_record("fn", message, "req-1", "RetriesExhausted", b"{}", None, consumer="fn--t0")  # type: ignore[arg-type]
+    raw = records.failure_record("fn", message, "req-1", "RetriesExhausted", b"{}", None, cause=None, consumer="fn--t0")  # type: ignore[arg-type]
     record = json.loads(raw)
     assert record["responsePayload"]["errorType"] == "Eventfn.RecordFallback"
     assert "UnicodeEncodeError" in record["responsePayload"]["errorMessage"]
@@ -391,7 +414,9 @@ def test_the_worker_decodes_an_event_or_raises_unmarshal_error(payload: bytes, i
     try:
         runtime.decode_event(payload, is_json)
     except runtime.UnmarshalError as exc:
-        error = json.loads(runtime.unmarshal_error(exc, "req-1"))
+        body, typed = runtime.unmarshal_error(exc, "req-1")
+        error = json.loads(body)
+        assert (typed.type, typed.message) == (error["errorType"], error["errorMessage"])
         assert error["errorType"] == "Runtime.UnmarshalError"
         assert error["errorMessage"].startswith("Unable to unmarshal input: the event could not be parsed as JSON: ")
 
@@ -428,7 +453,9 @@ def test_a_record_of_json_at_the_depth_limit_reads_back_and_redrives_byte_for_by
     # deeper could not: every depth across the boundary must still list and redrive.
     for depth in range(800, 1050):
         data = b"[" * depth + b"]" * depth
-        raw = records.failure_record("fn", Message("s", data, None), "r", "c", b"{}", None, consumer="fn--t0")  # type: ignore[arg-type]
+        raw = records.failure_record(
+            "fn", Message("s", data, None), "r", "c", b"{}", None, cause=None, consumer="fn--t0"
+        )  # type: ignore[arg-type]
         stored = StoredRecord(seq=1, subject="eventfn.dlq.fn", data=raw, headers=None)
         assert dlq.summary(stored).error_type == "?", depth
         assert dlq.plan_redrive(stored, "fn").data == data, depth

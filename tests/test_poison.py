@@ -317,6 +317,7 @@ async def test_hostile_dlq_records_are_listed_shown_and_refused_without_a_traceb
         "RetriesExhausted",
         b"{}",
         None,
+        cause=None,
         consumer="victim--async",
     )
     good_id = (await js.publish("eventfn.dlq.victim", good)).seq

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from eventfn.invoke.invocation import LambdaError
 from eventfn.sources.records import (
     HISTORY_HEADER,
     HISTORY_LIMIT,
+    MESSAGE_LIMIT,
     SUBJECT_ATTRIBUTE,
     SUBJECT_HEADER,
     Attempt,
@@ -54,6 +56,7 @@ class Stored:
 
 
 ERROR = json.dumps({"errorMessage": "no stock", "errorType": "ValueError", "requestId": "r-1"}).encode()
+CAUSE = LambdaError(type="ValueError", message="no stock")
 
 
 # -- item_failures: Lambda's ReportBatchItemFailures rules -------------------------------------------------------------
@@ -289,7 +292,9 @@ def test_a_header_cannot_pose_as_the_subject_attribute() -> None:
 
 
 def failure(message: Stored, *, consumer: str | None, condition: str = "RetriesExhausted") -> dict[str, Any]:
-    value = json.loads(failure_record("orders", message, "req-1", condition, ERROR, None, consumer=consumer))
+    value = json.loads(
+        failure_record("orders", message, "req-1", condition, ERROR, None, cause=CAUSE, consumer=consumer)
+    )
     assert isinstance(value, dict)
     return value
 
@@ -352,11 +357,22 @@ def test_history_header_round_trips_and_is_capped() -> None:
     assert history_of(None) == [] and history_of({}) == []
 
 
-def test_failure_record_error_fields_for_a_non_json_error() -> None:
-    raw = failure_record("orders", Stored(), "req-1", "RetriesExhausted", b"worker crashed", None, consumer="c")
+def test_failure_record_history_takes_the_typed_error_not_its_bytes() -> None:
+    cause = LambdaError(type="Runtime.ExitError", message="x" * 5000)
+    raw = failure_record(
+        "orders", Stored(), "req-1", "RetriesExhausted", b"worker crashed", None, cause=cause, consumer="c"
+    )
+    record = json.loads(raw)
+    [attempt] = record["eventfn"]["history"]
+    assert attempt["errorType"] == "Runtime.ExitError"
+    assert attempt["errorMessage"] == "x" * MESSAGE_LIMIT  # cut to 1 KB, as a redriven header's are
+    assert record["responsePayload"] == "worker crashed"  # the bytes are the response, as they were
+
+
+def test_failure_record_history_of_an_error_without_fields() -> None:
+    raw = failure_record("orders", Stored(), "req-1", "RetriesExhausted", b"{}", None, cause=None, consumer="c")
     [attempt] = json.loads(raw)["eventfn"]["history"]
-    assert attempt["errorType"] == "?"
-    assert attempt["errorMessage"] == "worker crashed"
+    assert (attempt["errorType"], attempt["errorMessage"]) == ("?", "")
 
 
 # -- success records ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from eventfn.config import RetryPolicy
+from eventfn.invoke.invocation import LambdaError
 from eventfn.sources.records import failure_record
 from eventfn.sources.retry import Ack, DeadLetter, Retry, backoff, decide
 
@@ -118,7 +119,8 @@ def record(
     error: bytes = ERROR,
     cloud_event: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    raw = failure_record("orders", delivery, "req-123", condition, error, cloud_event)  # type: ignore[arg-type]
+    cause = LambdaError(type="ValueError", message="boom")
+    raw = failure_record("orders", delivery, "req-123", condition, error, cloud_event, cause=cause)  # type: ignore[arg-type]
     value = json.loads(raw)
     assert isinstance(value, dict)
     return value

@@ -13,8 +13,7 @@ import pytest
 
 from eventfn.broker.bus import Bus, StreamSpec, connect
 from eventfn.config import NatsSettings
-from eventfn.invoke.invocation import Invocation
-from eventfn.invoke.workers import Outcome
+from eventfn.invoke.invocation import Invocation, Outcome
 from eventfn.sources import mappings
 from eventfn.sources.dispatch import Dispatcher
 from eventfn.sources.mappings import Mapping

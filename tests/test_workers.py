@@ -21,8 +21,9 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from eventfn.errors import HandlerLoadError
+from eventfn.invoke.invocation import Invocation, Outcome
 from eventfn.invoke.protocol import WorkerSpec
-from eventfn.invoke.workers import Outcome, Pool
+from eventfn.invoke.workers import Pool
 
 
 def spec_for(
@@ -59,6 +60,11 @@ async def running_pool(
         await pool.retire()
 
 
+async def execute(pool: Pool, request_id: str, payload: bytes, **options: Any) -> Outcome:
+    """One invocation run straight on the pool (no concurrency slots, no log lines): its outcome."""
+    return (await pool.execute(Invocation(request_id=request_id, payload=payload, **options))).outcome
+
+
 def result(outcome: Outcome) -> Any:
     assert outcome.ok, outcome.payload
     return json.loads(outcome.payload)
@@ -66,9 +72,12 @@ def result(outcome: Outcome) -> Any:
 
 def error(outcome: Outcome) -> dict[str, Any]:
     assert not outcome.ok, outcome.payload
-    assert outcome.error_type == "Unhandled"
+    assert outcome.function_error and outcome.error is not None
     value = json.loads(outcome.payload)
     assert isinstance(value, dict)
+    # Typed where it was made (the worker, or eventfn for a timeout or crash): the same as the JSON says.
+    assert (outcome.error.type, outcome.error.message) == (value["errorType"], value["errorMessage"])
+    assert outcome.error.stack_trace == value.get("stackTrace", [])
     return value
 
 
@@ -89,9 +98,9 @@ async def test_handler_result_is_returned_as_json(tmp_path: Path) -> None:
             return {"doubled": event["n"] * 2, "items": [1, "two", None, True]}
     """
     async with running_pool(tmp_path, code) as pool:
-        outcome = await pool.invoke("req-1", b'{"n": 21}', is_json=True)
+        outcome = await execute(pool, "req-1", b'{"n": 21}', is_json=True)
     assert result(outcome) == {"doubled": 42, "items": [1, "two", None, True]}
-    assert outcome.error_type is None
+    assert outcome.error is None
     assert outcome.duration_ms >= 0
 
 
@@ -104,7 +113,7 @@ async def test_handler_exception_becomes_lambda_error_object(tmp_path: Path) -> 
             raise ValueError("bad order 42")
     """
     async with running_pool(tmp_path, code) as pool:
-        outcome = await pool.invoke("req-err", b"{}")
+        outcome = await execute(pool, "req-err", b"{}")
     err = error(outcome)
     assert err["errorMessage"] == "bad order 42"
     assert err["errorType"] == "ValueError"
@@ -125,9 +134,9 @@ async def test_worker_is_reused_after_handler_exception(tmp_path: Path) -> None:
             return os.getpid()
     """
     async with running_pool(tmp_path, code) as pool:
-        first = result(await pool.invoke("a", b'"ok"'))
-        error(await pool.invoke("b", b'"fail"'))
-        assert result(await pool.invoke("c", b'"ok"')) == first
+        first = result(await execute(pool, "a", b'"ok"'))
+        error(await execute(pool, "b", b'"fail"'))
+        assert result(await execute(pool, "c", b'"ok"')) == first
 
 
 async def test_unserializable_result_is_marshal_error(tmp_path: Path) -> None:
@@ -136,7 +145,7 @@ async def test_unserializable_result_is_marshal_error(tmp_path: Path) -> None:
             return {"a": object()}
     """
     async with running_pool(tmp_path, code) as pool:
-        err = error(await pool.invoke("req-m", b"{}"))
+        err = error(await execute(pool, "req-m", b"{}"))
     assert err["errorType"] == "Runtime.MarshalError"
     assert "Unable to marshal response" in err["errorMessage"]
     assert err["requestId"] == "req-m"
@@ -150,7 +159,7 @@ async def test_decimal_result_is_a_json_number(tmp_path: Path) -> None:
             return {"price": Decimal("1.5"), "count": Decimal("3")}
     """
     async with running_pool(tmp_path, code) as pool:
-        assert result(await pool.invoke("r", b"{}")) == {"price": 1.5, "count": 3}
+        assert result(await execute(pool, "r", b"{}")) == {"price": 1.5, "count": 3}
 
 
 async def test_async_def_handler_is_awaited(tmp_path: Path) -> None:
@@ -162,8 +171,8 @@ async def test_async_def_handler_is_awaited(tmp_path: Path) -> None:
             return {"got": event, "request": context.aws_request_id}
     """
     async with running_pool(tmp_path, code) as pool:
-        first = await pool.invoke("req-a1", b'{"x": 1}')
-        second = await pool.invoke("req-a2", b'{"x": 2}')
+        first = await execute(pool, "req-a1", b'{"x": 1}')
+        second = await execute(pool, "req-a2", b'{"x": 2}')
     assert result(first) == {"got": {"x": 1}, "request": "req-a1"}
     assert result(second) == {"got": {"x": 2}, "request": "req-a2"}
 
@@ -174,7 +183,7 @@ async def test_async_handler_exception_becomes_lambda_error_object(tmp_path: Pat
             raise KeyError("missing")
     """
     async with running_pool(tmp_path, code) as pool:
-        err = error(await pool.invoke("req-ak", b"{}"))
+        err = error(await execute(pool, "req-ak", b"{}"))
     assert err["errorType"] == "KeyError"
 
 
@@ -187,7 +196,7 @@ async def test_lambda_handler_name_and_environment_are_used(tmp_path: Path) -> N
             return f"{GREETING}, {event['name']}!"
     """
     async with running_pool(tmp_path, code, env={"GREETING": "Hej"}) as pool:
-        assert result(await pool.invoke("r", b'{"name": "Ada"}')) == "Hej, Ada!"
+        assert result(await execute(pool, "r", b'{"name": "Ada"}')) == "Hej, Ada!"
 
 
 async def test_handler_can_import_helpers_beside_it(tmp_path: Path) -> None:
@@ -199,7 +208,7 @@ async def test_handler_can_import_helpers_beside_it(tmp_path: Path) -> None:
             return helpers.shout(event)
     """
     async with running_pool(tmp_path, code) as pool:
-        assert result(await pool.invoke("r", b'"quiet"')) == "QUIET"
+        assert result(await execute(pool, "r", b'"quiet"')) == "QUIET"
 
 
 # -- timeouts and crashes --------------------------------------------------------------------------------------
@@ -216,9 +225,9 @@ async def test_timeout_kills_the_worker_and_next_invocation_gets_a_new_one(tmp_p
             return os.getpid()
     """
     async with running_pool(tmp_path, code, timeout=1.0) as pool:
-        warm_pid = result(await pool.invoke("r1", b'"pid"'))
+        warm_pid = result(await execute(pool, "r1", b'"pid"'))
         begin = time.monotonic()
-        outcome = await pool.invoke("r-spin", b'"spin"')
+        outcome = await execute(pool, "r-spin", b'"spin"')
         elapsed = time.monotonic() - begin
         err = error(outcome)
         assert err["errorType"] == "Sandbox.Timedout"
@@ -227,7 +236,7 @@ async def test_timeout_kills_the_worker_and_next_invocation_gets_a_new_one(tmp_p
         assert 1.0 <= elapsed < 4.0
         assert not process_exists(warm_pid)
         assert pool.idle == []
-        new_pid = result(await pool.invoke("r2", b'"pid"'))
+        new_pid = result(await execute(pool, "r2", b'"pid"'))
         assert new_pid != warm_pid
 
 
@@ -241,13 +250,13 @@ async def test_os_exit_gives_runtime_exit_error_and_next_invocation_works(tmp_pa
             return os.getpid()
     """
     async with running_pool(tmp_path, code) as pool:
-        first_pid = result(await pool.invoke("r1", b'"pid"'))
-        err = error(await pool.invoke("r-exit", b'"exit"'))
+        first_pid = result(await execute(pool, "r1", b'"pid"'))
+        err = error(await execute(pool, "r-exit", b'"exit"'))
         assert err["errorType"] == "Runtime.ExitError"
         assert "exit status 3" in err["errorMessage"]
         assert "r-exit" in err["errorMessage"]
         assert pool.idle == []
-        assert result(await pool.invoke("r2", b'"pid"')) != first_pid
+        assert result(await execute(pool, "r2", b'"pid"')) != first_pid
 
 
 async def test_worker_killed_by_signal_is_reported(tmp_path: Path) -> None:
@@ -258,7 +267,7 @@ async def test_worker_killed_by_signal_is_reported(tmp_path: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     """
     async with running_pool(tmp_path, code) as pool:
-        err = error(await pool.invoke("r-sig", b"{}"))
+        err = error(await execute(pool, "r-sig", b"{}"))
     assert err["errorType"] == "Runtime.ExitError"
     assert "signal: kill" in err["errorMessage"]
 
@@ -282,7 +291,7 @@ async def test_module_init_runs_once_on_a_warm_worker(tmp_path: Path) -> None:
     """
     async with running_pool(tmp_path, code) as pool:
         assert inits.read_text() == "init\n"  # the init phase ran at start, before any invocation
-        results = [result(await pool.invoke(f"r{i}", b"{}")) for i in range(4)]
+        results = [result(await execute(pool, f"r{i}", b"{}")) for i in range(4)]
         assert len(pool.idle) == 1
     assert [r["calls"] for r in results] == [1, 2, 3, 4]
     assert len({r["pid"] for r in results}) == 1
@@ -364,7 +373,7 @@ async def test_named_attribute_is_the_entry_point(tmp_path: Path) -> None:
     pool = Pool(spec=spec_for(entry, timeout=5, attribute="main"), env=dict(os.environ), version="v1")
     try:
         await pool.start()
-        assert result(await pool.invoke("r", b"{}")) == "main"
+        assert result(await execute(pool, "r", b"{}")) == "main"
     finally:
         await pool.retire()
 
@@ -373,7 +382,7 @@ async def test_cold_start_failure_during_invoke_answers_with_the_init_error(tmp_
     entry = write_handler(tmp_path, "def handler(event, context)\n    return 1\n")
     pool = Pool(spec=spec_for(entry, timeout=5), env=dict(os.environ), version="v1")
     try:
-        err = error(await pool.invoke("r-cold", b"{}"))  # no start(): the invocation cold-starts a worker
+        err = error(await execute(pool, "r-cold", b"{}"))  # no start(): the invocation cold-starts a worker
     finally:
         await pool.retire()
     assert err["errorType"] == "Runtime.UserCodeSyntaxError"
@@ -402,7 +411,7 @@ ECHO = """
 )
 async def test_payload_becomes_the_event(tmp_path: Path, payload: bytes, expected_type: str, expected: Any) -> None:
     async with running_pool(tmp_path, ECHO) as pool:
-        assert result(await pool.invoke("r", payload)) == {"type": expected_type, "event": expected}
+        assert result(await execute(pool, "r", payload)) == {"type": expected_type, "event": expected}
 
 
 async def test_context_has_lambda_attributes(tmp_path: Path) -> None:
@@ -425,7 +434,7 @@ async def test_context_has_lambda_attributes(tmp_path: Path) -> None:
     pool = Pool(spec=spec_for(entry, timeout=2.0, function="orders", memory=256), env=dict(os.environ), version="v1")
     try:
         await pool.start()
-        ctx = result(await pool.invoke("6f1c1f43-7f0e-4b5c-9b1e-1f2a3b4c5d6e", b"{}"))
+        ctx = result(await execute(pool, "6f1c1f43-7f0e-4b5c-9b1e-1f2a3b4c5d6e", b"{}"))
     finally:
         await pool.retire()
     assert ctx["function_name"] == "orders"
@@ -447,7 +456,8 @@ async def test_client_context_and_cloud_event_reach_the_handler(tmp_path: Path) 
             return {"custom": cc.custom, "env": cc.env, "client": cc.client, "ce": context.cloud_event}
     """
     async with running_pool(tmp_path, code) as pool:
-        outcome = await pool.invoke(
+        outcome = await execute(
+            pool,
             "r",
             b"{}",
             client_context=b'{"custom": {"k": "v"}, "env": {"e": 1}}',
@@ -473,8 +483,8 @@ async def test_print_in_handler_does_not_corrupt_the_protocol(
             return {"fine": True}
     """
     async with running_pool(tmp_path, code) as pool:
-        first = await pool.invoke("req-print-1", b"{}")
-        second = await pool.invoke("req-print-2", b"{}")
+        first = await execute(pool, "req-print-1", b"{}")
+        second = await execute(pool, "req-print-2", b"{}")
     assert result(first) == {"fine": True}
     assert result(second) == {"fine": True}
     err = capfd.readouterr().err
@@ -508,7 +518,7 @@ async def test_concurrent_invocations_run_on_separate_warm_workers(tmp_path: Pat
             payload = json.dumps({"port": port}).encode()
 
             async def invoke(request_id: str) -> None:
-                outcomes[request_id] = await pool.invoke(request_id, payload)
+                outcomes[request_id] = await execute(pool, request_id, payload)
 
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
@@ -532,7 +542,7 @@ async def test_retire_lets_inflight_invocation_finish_then_stops_its_worker(tmp_
             payload = json.dumps({"port": listener.extra(SocketAttribute.local_port)}).encode()
 
             async def invoke() -> None:
-                outcomes.append(await pool.invoke("r-inflight", payload))
+                outcomes.append(await execute(pool, "r-inflight", payload))
 
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
@@ -549,7 +559,7 @@ async def test_retire_lets_inflight_invocation_finish_then_stops_its_worker(tmp_
 async def test_retire_stops_idle_workers(tmp_path: Path) -> None:
     code = "import os\ndef handler(event, context):\n    return os.getpid()\n"
     async with running_pool(tmp_path, code) as pool:
-        pid = result(await pool.invoke("r", b"{}"))
+        pid = result(await execute(pool, "r", b"{}"))
         assert process_exists(pid)
         await pool.retire()
         assert pool.idle == []

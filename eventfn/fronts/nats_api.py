@@ -1,10 +1,10 @@
-"""The service's request/reply surface: sync invoke (`eventfn.invoke.<function>`) and the control API
+"""The service's request/reply surface over NATS: sync invoke (`eventfn.invoke.<function>`) and the control API
 (`eventfn.api.functions`, `eventfn.api.mappings[.enable|.disable]`) that the CLI talks to.
 
-Requests are served by queue group `eventfn`, so several service processes share them. A sync invoke over a
-concurrency cap is answered at once with Lambda's 429 error rather than queued. A sync invoke that is a
-CloudEvent (binary or structured mode) is normalized as a stored event is: the handler gets its data and
-`context.cloud_event` its attributes; one that cannot be read is answered with a 400 error, never a crash.
+Requests are served by queue group `eventfn`, so several service processes share them. A sync invoke is a thin
+adapter over `Functions.invoke`: its headers become an `Invocation` (invocation type, client context, and a
+CloudEvent in binary or structured mode, normalized as a stored event is), and the `Outcome` becomes the reply.
+A request whose headers cannot be read is answered with a 400 error, never a crash.
 """
 
 from __future__ import annotations
@@ -12,27 +12,23 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 import msgspec
 
 from eventfn import decoding, events, subjects
-from eventfn.broker.bus import Request
+from eventfn.broker.bus import Bus, Request
 from eventfn.errors import EventDecodeError, UnreadableData
-from eventfn.invoke.functions import invalid_info
-from eventfn.invoke.workers import error_payload, load_failure
+from eventfn.invoke.functions import Function, Functions, invalid_info
+from eventfn.invoke.invocation import SYNC_PAYLOAD_LIMIT, Invocation, Outcome, refusal
 from eventfn.sources import mappings
-from eventfn.sources.dispatch import Stats
-
-if TYPE_CHECKING:
-    from eventfn.service import Service
+from eventfn.sources.dispatch import Running, Stats
 
 log = logging.getLogger(__name__)
 
 EVENTS_STREAM = subjects.EVENTS_STREAM
-SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 #: Header of a sync invoke that holds Lambda's client context: base64 of a JSON object.
 CLIENT_CONTEXT_HEADER = "Eventfn-Client-Context"
 
@@ -53,11 +49,31 @@ class MappingInfo(msgspec.Struct, frozen=True, kw_only=True):
     stats: Stats
 
 
-class Api:
-    """Serves requests for one `Service` until `stop()`; in-flight requests finish first."""
+class Catalog(Protocol):
+    """What the control API reads of the service: its functions, the handler entries refused for their names
+    (entry -> reason), the mappings provisioned and those running, by name."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    @property
+    def functions(self) -> Mapping[str, Function]: ...
+
+    @property
+    def invalid(self) -> Mapping[str, str]: ...
+
+    @property
+    def provisioned(self) -> Mapping[str, mappings.Mapping]: ...
+
+    @property
+    def running(self) -> Mapping[str, Running]: ...
+
+
+class Api:
+    """Serves sync invokes through `functions` and control requests about `catalog` until `stop()`; in-flight
+    requests finish first."""
+
+    def __init__(self, bus: Bus, functions: Functions, catalog: Catalog) -> None:
+        self.bus = bus
+        self.functions = functions
+        self.catalog = catalog
         self._intake = anyio.CancelScope()
         self.done = anyio.Event()
 
@@ -76,8 +92,8 @@ class Api:
         async with anyio.create_task_group() as inflight:
             with self._intake:
                 async with (
-                    self.service.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes,
-                    self.service.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api,
+                    self.bus.requests(subjects.INVOKE_PREFIX + "*", queue="eventfn") as invokes,
+                    self.bus.requests(subjects.API_PREFIX + ">", queue="eventfn") as api,
                 ):
                     task_status.started()
                     async with anyio.create_task_group() as readers:
@@ -93,99 +109,64 @@ class Api:
 
     async def _invoke_sync(self, request: Request) -> None:
         name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
-        fn = self.service.functions.get(name)
         request_id = str(uuid.uuid4())
-        if fn is None:
-            return await _reply_error(
-                request,
-                404,
-                "ResourceNotFoundException",
-                # Lambda's message: no list of the other functions (an invoker may not see them).
-                f"Function not found: {name}",
-            )
-        invocation_type = (request.headers or {}).get("Eventfn-Invocation-Type", "RequestResponse")
-        if invocation_type == "DryRun":  # Lambda's: the function exists and may be invoked; nothing runs
-            return await request.respond(b"", {"Eventfn-Status": "204"})
-        if invocation_type != "RequestResponse":
-            return await _reply_error(
-                request,
-                400,
-                "InvalidParameterValueException",
+        headers = request.headers or {}
+        invocation_type = headers.get("Eventfn-Invocation-Type", "RequestResponse")
+        if invocation_type not in ("RequestResponse", "DryRun"):
+            message = (
                 f"Eventfn-Invocation-Type {invocation_type!r}: use RequestResponse or DryRun here "
-                f"(for an Event invocation publish to {subjects.ASYNC_PREFIX}{name})",
+                f"(for an Event invocation publish to {subjects.ASYNC_PREFIX}{name})"
             )
-        if len(request.data) > SYNC_PAYLOAD_LIMIT:
-            return await _reply_error(
-                request,
-                413,
-                "RequestTooLargeException",
-                f"Request must be smaller than {SYNC_PAYLOAD_LIMIT} bytes for the InvokeFunction operation",
-            )
-        if fn.pool is None:  # the function failed to load: Lambda's error object for that failure
-            if fn.load_error is not None:
-                body = load_failure(fn.load_error, request_id).payload
-            else:
-                body = _encode_error("Runtime.ImportModuleError", fn.last_error or "function is not loaded")
-            return await request.respond(
-                body, {"Eventfn-Function-Error": "Unhandled", "Eventfn-Request-Id": request_id}
-            )
+            return await _respond(request, refusal(400, "InvalidParameterValueException", message), request_id)
+        dry_run = invocation_type == "DryRun"
         payload, client_context, cloud_event = request.data, None, None
-        if request.headers:
+        if headers and not dry_run:  # a DryRun runs nothing: what the handler would get is not read
             try:
-                client_context = _client_context(request.headers)
-                if events.is_cloud_event(request.headers):
-                    event = events.from_nats(request.subject, request.data, request.headers, fallback_id=request_id)
+                client_context = _client_context(headers)
+                if events.is_cloud_event(headers):
+                    event = events.from_nats(request.subject, request.data, headers, fallback_id=request_id)
                     payload, cloud_event = event.data, events.to_attributes(event)
             except EventDecodeError as exc:
-                return await _reply_error(request, 400, "InvalidRequestContentException", str(exc))
+                return await _respond(request, refusal(400, "InvalidRequestContentException", str(exc)), request_id)
             except UnreadableData as exc:
                 message = f"{CLIENT_CONTEXT_HEADER} must be a base64-encoded JSON object: {exc.problem}"
-                return await _reply_error(request, 400, "InvalidRequestContentException", message)
-        # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
-        if fn.disabled:
-            reason: str | None = "ReservedFunctionConcurrentInvocationLimitExceeded"
-        else:
-            reason = fn.try_reserve()
-        if reason is not None:
-            return await _reply_error(request, 429, "TooManyRequestsException", f"Rate Exceeded. Reason: {reason}")
-        try:
-            outcome = await fn.pool.invoke(request_id, payload, client_context=client_context, cloud_event=cloud_event)
-        finally:
-            fn.release()
-        headers = {"Eventfn-Request-Id": request_id}
-        payload = outcome.payload
-        limit = min(SYNC_PAYLOAD_LIMIT, self.service.bus.max_payload - 1024)
-        if len(payload) > limit:
-            payload = error_payload(
-                "Function.ResponseSizeTooLarge",
-                f"Response payload size ({len(payload)} bytes) exceeded maximum allowed payload size ({limit} bytes).",
-                request_id,
-            )
-            outcome = msgspec.structs.replace(outcome, ok=False, error_type="Unhandled")
-        if not outcome.ok:
-            headers["Eventfn-Function-Error"] = outcome.error_type or "Unhandled"
+                return await _respond(request, refusal(400, "InvalidRequestContentException", message), request_id)
+        invocation = Invocation(
+            request_id=request_id,
+            payload=payload,
+            client_context=client_context,
+            cloud_event=cloud_event,
+            # Over a cap a sync caller is told at once (Lambda's 429), never queued without bound.
+            wait_for_slot=False,
+            dry_run=dry_run,
+            max_request_bytes=SYNC_PAYLOAD_LIMIT,
+            # Room for the reply's headers within one NATS message.
+            max_response_bytes=min(SYNC_PAYLOAD_LIMIT, self.bus.max_payload - 1024),
+        )
+        outcome = await self.functions.invoke(name, invocation)
         with anyio.CancelScope(shield=True):
-            await request.respond(payload, headers)
+            await _respond(request, outcome, request_id)
 
     async def _api(self, request: Request) -> None:
         op = request.subject.removeprefix(subjects.API_PREFIX)
+        catalog = self.catalog
         if op == "functions":
-            infos = [fn.info() for fn in sorted(self.service.functions.values(), key=lambda f: f.name)]
-            infos += [invalid_info(entry, reason) for entry, reason in sorted(self.service.invalid.items())]
+            infos = [fn.info() for fn in sorted(catalog.functions.values(), key=lambda f: f.name)]
+            infos += [invalid_info(entry, reason) for entry, reason in sorted(catalog.invalid.items())]
             await request.respond(msgspec.json.encode(infos))
         elif op == "mappings":
             await request.respond(msgspec.json.encode(await self._mapping_infos()))
         elif op in ("mappings.enable", "mappings.disable"):
             name = request.data.decode(errors="replace").strip()
-            if name not in self.service.provisioned:
-                known = ", ".join(sorted(self.service.provisioned))
+            if name not in catalog.provisioned:
+                known = ", ".join(sorted(catalog.provisioned))
                 return await _reply_error(
                     request, 404, "ResourceNotFoundException", f"no mapping named {name!r} (mappings: {known})"
                 )
             enable = op.endswith("enable")
-            mapping = self.service.provisioned[name]
-            await mappings.set_enabled(self.service.bus, mapping, enable)
-            if enable and (running := self.service.running.get(name)):
+            mapping = catalog.provisioned[name]
+            await mappings.set_enabled(self.bus, mapping, enable)
+            if enable and (running := catalog.running.get(name)):
                 running.dispatcher.feed.refresh()  # requests that waited through the pause go unserved
             [info] = [i for i in await self._mapping_infos() if i.name == name]
             await request.respond(msgspec.json.encode(info))
@@ -194,9 +175,9 @@ class Api:
 
     async def _mapping_infos(self) -> list[MappingInfo]:
         infos = []
-        for name, mapping in sorted(self.service.provisioned.items()):
-            running = self.service.running.get(name)
-            state = await self.service.bus.consumer_state(mapping.source.stream, name)
+        for name, mapping in sorted(self.catalog.provisioned.items()):
+            running = self.catalog.running.get(name)
+            state = await self.bus.consumer_state(mapping.source.stream, name)
             if state is None:
                 continue
             infos.append(
@@ -244,11 +225,20 @@ def _client_context(headers: Mapping[str, str]) -> bytes | None:
     return data
 
 
-def _encode_error(error_type: str, message: str) -> bytes:
-    return msgspec.json.encode({"errorType": error_type, "errorMessage": message})
+async def _respond(request: Request, outcome: Outcome, request_id: str) -> None:
+    """Answer with `outcome`: an invocation error by `Eventfn-Error` and `Eventfn-Status`, a DryRun by its status
+    alone; a result (or a function error, `Eventfn-Function-Error`) with the request id."""
+    error = outcome.error
+    if error is not None and not error.function_error:
+        headers = {"Eventfn-Error": error.type, "Eventfn-Status": str(outcome.status)}
+    elif outcome.status != 200:
+        headers = {"Eventfn-Status": str(outcome.status)}
+    else:
+        headers = {"Eventfn-Request-Id": request_id}
+        if error is not None:
+            headers["Eventfn-Function-Error"] = "Unhandled"
+    await request.respond(outcome.payload, headers)
 
 
 async def _reply_error(request: Request, status: int, error_type: str, message: str) -> None:
-    await request.respond(
-        _encode_error(error_type, message), {"Eventfn-Error": error_type, "Eventfn-Status": str(status)}
-    )
+    await _respond(request, refusal(status, error_type, message), "")

@@ -1,4 +1,10 @@
-"""A function as the service runs it: its latest source, the version serving, its limits and mappings."""
+"""A function as the service runs it (its latest source, the version serving, its limits), and the
+one invocation path: `Functions.invoke` by name, `Function.invoke` for a function at hand.
+
+Every caller (a sync request over NATS or HTTP, a mapping's event or batch) comes through here, so that the
+checks Lambda makes (not found, too large, throttled, failed to load, response too large), the concurrency
+slots and the START/END/REPORT lines are written once, for both pool kinds.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,21 @@ from eventfn import subjects
 from eventfn.config import FunctionSettings
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke.inprocess import InProcessPool
-from eventfn.invoke.invocation import Invocation
+from eventfn.invoke.invocation import (
+    DRY_RUN,
+    Invocation,
+    Outcome,
+    load_failure,
+    not_found,
+    not_loaded,
+    request_too_large,
+    response_too_large,
+    throttled,
+)
 from eventfn.invoke.registry import FunctionSource
+from eventfn.invoke.reports import report_line, reports, start_line
 from eventfn.invoke.slots import Slots
-from eventfn.invoke.workers import Outcome, Pool
+from eventfn.invoke.workers import Pool
 
 
 class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,7 +76,7 @@ def invalid_info(entry: str, reason: str) -> FunctionInfo:
 
 
 class Function:
-    """One function as the service runs it: its latest source, the pool serving it, its mappings."""
+    """One function as the service runs it: its latest source, the pool serving it, its limits."""
 
     def __init__(self, source: FunctionSource, account: Slots) -> None:
         self.name = source.name
@@ -93,6 +110,16 @@ class Function:
             return "Failed" if self.last_error else "Pending"
         return "Inactive" if self.disabled else "Active"
 
+    def activate(
+        self, pool: Pool | InProcessPool, settings: FunctionSettings, init_ms: float
+    ) -> Pool | InProcessPool | None:
+        """Serve new invocations from `pool`, a version loaded with `settings`; returns the pool it replaces (its
+        in-flight invocations finish there)."""
+        old, self.pool, self.settings = self.pool, pool, settings
+        self.last_error, self.load_error, self.init_ms = None, None, init_ms
+        self.limiter.total = max(1, settings.concurrency)
+        return old
+
     def failed(self, error: str) -> bool:
         """Record why the latest version cannot load; True if that is news, to be logged.
 
@@ -124,42 +151,84 @@ class Function:
         )
 
     async def invoke(self, invocation: Invocation) -> Outcome:
-        """Run one stored event or batch, waiting for a concurrency slot (its messages wait unacked meanwhile).
+        """Run one invocation: Lambda's checks, a concurrency slot, the run with its log lines, the result's size.
 
-        While it waits, `invocation.keepalive` runs every `keepalive_every` seconds: a wait for another
-        function's long invocation to free a service-wide slot can outlast this function's ack wait.
+        An invocation that may wait for a slot (a stored event: its messages wait unacked meanwhile) runs
+        `keepalive` every `keepalive_every` seconds while it waits: a wait for another function's long invocation
+        to free a service-wide slot can outlast this function's ack wait. One that may not is throttled at once.
         """
-        keepalive, every = invocation.keepalive, invocation.keepalive_every
-        await _take(self.limiter, keepalive, every)
-        try:
-            await _take(self.account, keepalive, every)
+        if invocation.dry_run:
+            return DRY_RUN
+        limit = invocation.max_request_bytes
+        if limit is not None and len(invocation.payload) > limit:
+            return request_too_large(limit)
+        if self.pool is None:  # no version loaded: Lambda's error object for the failure
+            if self.load_error is not None:
+                return load_failure(self.load_error, invocation.request_id)
+            return not_loaded(self.last_error or "function is not loaded")
+        if invocation.wait_for_slot:
+            keepalive, every = invocation.keepalive, invocation.keepalive_every
+            await _take(self.limiter, keepalive, every)
             try:
-                pool = self.pool
-                assert pool is not None, "mappings run only while a version is loaded"
-                return await pool.invoke(
-                    invocation.request_id,
-                    invocation.payload,
-                    cloud_event=invocation.cloud_event,
-                    is_json=invocation.is_json,
-                )
-            finally:
-                self.account.give()
+                await _take(self.account, keepalive, every)
+            except BaseException:
+                self.limiter.give()
+                raise
+        elif (reason := self._try_take()) is not None:
+            return throttled(reason)
+        try:
+            # Read after the wait: a reload meanwhile has put the new version in place.
+            pool = self.pool
+            assert pool is not None, "a loaded version is only ever replaced"
+            report = reports.enabled()
+            execution = await pool.execute(invocation, self._start if report else None)
         finally:
+            self.account.give()
             self.limiter.give()
+        outcome = execution.outcome
+        if report:
+            reports.add(f"END RequestId: {invocation.request_id}")
+            reports.add(report_line(self.name, pool.spec.memory, invocation.request_id, execution))
+        limit = invocation.max_response_bytes
+        if limit is not None and len(outcome.payload) > limit:
+            return response_too_large(len(outcome.payload), limit, invocation.request_id)
+        return outcome
 
-    def try_reserve(self) -> str | None:
-        """Take a slot for a sync invoke now, or say why not (Lambda's throttling reasons)."""
-        if not self.limiter.try_take():
+    def _start(self, invocation: Invocation) -> None:
+        # Called by the pool once it holds a worker: after a cold start's init output, in the one log buffer that
+        # the invocation's output joins, so START, the output, END and REPORT are written in that order.
+        reports.add(start_line(self.name, invocation.request_id))
+
+    def _try_take(self) -> str | None:
+        """Take both slots now, or say why not (Lambda's throttling reasons); concurrency 0 is always throttled."""
+        if self.disabled or not self.limiter.try_take():
             return "ReservedFunctionConcurrentInvocationLimitExceeded"
         if not self.account.try_take():
             self.limiter.give()
             return "ConcurrentInvocationLimitExceeded"
         return None
 
-    def release(self) -> None:
-        """Give back a slot taken by `try_reserve`."""
-        self.account.give()
-        self.limiter.give()
+
+class Functions:
+    """The service's functions by name, sharing one account-wide concurrency cap (Lambda's account limit)."""
+
+    def __init__(self, account: Slots) -> None:
+        self.account = account
+        self.by_name: dict[str, Function] = {}
+
+    def add(self, source: FunctionSource) -> Function:
+        """The function of this name, made if it is new."""
+        fn = self.by_name.get(source.name)
+        if fn is None:
+            fn = self.by_name[source.name] = Function(source, self.account)
+        return fn
+
+    async def invoke(self, function: str, invocation: Invocation) -> Outcome:
+        """Invoke `function` by name: Lambda's 404 if there is none, else `Function.invoke`."""
+        fn = self.by_name.get(function)
+        if fn is None:
+            return not_found(function)
+        return await fn.invoke(invocation)
 
 
 async def _take(slots: Slots, keepalive: Callable[[], Awaitable[None]] | None, every: float) -> None:

@@ -24,6 +24,7 @@ import msgspec
 from eventfn import decoding
 from eventfn.errors import UnreadableData
 from eventfn.invoke import marshal
+from eventfn.invoke.invocation import LambdaError, error_object
 from eventfn.invoke.protocol import InitFailed, Invoke, WorkerSpec
 from eventfn.subjects import FUNCTION_ARN_PREFIX
 
@@ -75,7 +76,6 @@ class LambdaContext:
         return max(0, int((self._deadline - time.time()) * 1000))
 
 
-_json = msgspec.json.Encoder()
 _json_decode = msgspec.json.decode
 
 # Frames of the machinery between the runtime and the handler, left out of a stack trace as Lambda's runtime
@@ -97,16 +97,6 @@ def stack_trace(tb: TracebackType | None) -> list[str]:
     while start < len(frames) and frames[start][0].startswith(_MACHINERY):
         start += 1
     return traceback.format_list(frames[start:] or frames)  # all machinery: an eventfn bug, show it whole
-
-
-def error_object(exc: BaseException, request_id: str = "") -> dict[str, Any]:
-    """Lambda's error object for an exception raised by handler code."""
-    return {
-        "errorMessage": str(exc),
-        "errorType": type(exc).__name__,
-        "requestId": request_id,
-        "stackTrace": stack_trace(exc.__traceback__),
-    }
 
 
 class UnmarshalError(Exception):
@@ -157,6 +147,11 @@ def load_handler(spec: WorkerSpec) -> Callable[..., Any]:
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(spec.module)
+    return entry_point(module, spec)
+
+
+def entry_point(module: ModuleType, spec: WorkerSpec) -> Callable[..., Any]:
+    """The loaded module's handler: the configured attribute, else `handler` or `lambda_handler`."""
     names = [spec.attribute] if spec.attribute else list(ENTRY_NAMES)
     for name in names:
         entry = getattr(module, name, None)
@@ -205,41 +200,22 @@ def is_coroutine_function(entry: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(entry) or inspect.iscoroutinefunction(type(entry).__call__)
 
 
-def encode_result(result: Any, request_id: str) -> tuple[bytes, bool]:
-    """The handler's return value as JSON, or Lambda's `Runtime.MarshalError` where Lambda cannot encode it."""
+def encode_result(result: Any, request_id: str) -> tuple[bytes, LambdaError | None]:
+    """The handler's return value as JSON (error None), or Lambda's `Runtime.MarshalError` where Lambda cannot
+    encode it."""
     try:
-        return marshal.encode(result), True
+        return marshal.encode(result), None
     except MemoryError:
         raise
     except Exception as exc:  # what Lambda's runtime catches: TypeError, ValueError (a cycle), RecursionError...
-        error = {
-            "errorMessage": f"Unable to marshal response: {exc}",
-            "errorType": "Runtime.MarshalError",
-            "requestId": request_id,
-            "stackTrace": [],
-        }
-        return _json.encode(error), False
+        return error_object("Runtime.MarshalError", f"Unable to marshal response: {exc}", request_id, [])
 
 
-def unmarshal_error(exc: UnmarshalError, request_id: str) -> bytes:
+def unmarshal_error(exc: UnmarshalError, request_id: str) -> tuple[bytes, LambdaError]:
     """Lambda's error object for an event the runtime could not parse (no stack: no handler code ran)."""
-    return _json.encode(
-        {"errorMessage": str(exc), "errorType": "Runtime.UnmarshalError", "requestId": request_id, "stackTrace": []}
-    )
+    return error_object("Runtime.UnmarshalError", str(exc), request_id, [])
 
 
-def encode_exception(exc: BaseException, request_id: str) -> bytes:
-    """Lambda's error object for an exception the handler raised, as JSON."""
-    return _json.encode(error_object(exc, request_id))
-
-
-def out_of_memory(request_id: str, limit_mb: int) -> bytes:
-    """Lambda's error for an invocation that passed the function's memory setting."""
-    return _json.encode(
-        {
-            "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: memory limit of {limit_mb} MB "
-            "exceeded (raise the function's `memory` setting)",
-            "errorType": "Runtime.OutOfMemory",
-            "requestId": request_id,
-        }
-    )
+def encode_exception(exc: BaseException, request_id: str) -> tuple[bytes, LambdaError]:
+    """Lambda's error object for an exception the handler raised, as JSON and typed."""
+    return error_object(type(exc).__name__, str(exc), request_id, stack_trace(exc.__traceback__))

@@ -33,10 +33,10 @@ from typing import Any, TextIO
 import anyio
 
 from eventfn.invoke import handler as runtime
+from eventfn.invoke.invocation import Execution, Invocation, LambdaError, Outcome, out_of_memory, timed_out
 from eventfn.invoke.output import HandlerOutput
 from eventfn.invoke.protocol import Invoke, WorkerSpec
 from eventfn.invoke.reports import reports
-from eventfn.invoke.workers import Outcome, report_line, start_line, timed_out
 
 _versions = itertools.count()
 
@@ -167,10 +167,7 @@ class InProcessPool:
                 module_spec.loader.exec_module(module)
             finally:
                 sys.dont_write_bytecode = writes_bytecode
-            names = [spec.attribute] if spec.attribute else list(runtime.ENTRY_NAMES)
-            entry = next((getattr(module, n) for n in names if callable(getattr(module, n, None))), None)
-            if entry is None:
-                raise runtime.HandlerNotFound(f"Handler '{' or '.join(names)}' missing on module '{spec.module}'")
+            entry = runtime.entry_point(module, spec)
         except BaseException as exc:  # any failure in user init code is reported, not raised
             raise runtime.init_failure(exc, spec).load_error(spec.function) from None
         finally:
@@ -189,52 +186,41 @@ class InProcessPool:
         self.retired = True
         self._threads.shutdown(wait=False)
 
-    async def invoke(
-        self,
-        request_id: str,
-        payload: bytes,
-        *,
-        is_json: bool = False,
-        client_context: bytes | None = None,
-        cloud_event: dict[str, str] | None = None,
-    ) -> Outcome:
-        """Run one invocation in this process, with the function's timeout."""
+    async def execute(self, invocation: Invocation, on_start: Callable[[Invocation], None] | None = None) -> Execution:
+        """Run one invocation in this process, with the function's timeout; `on_start` is called first."""
         entry = self._entry
         assert entry is not None, "start() first"
         spec = self.spec
+        request_id = invocation.request_id
         begin = time.perf_counter()
         invoke = Invoke(
             request_id=request_id,
-            payload=payload,
+            payload=invocation.payload,
             deadline=time.time() + spec.timeout,
-            is_json=is_json,
-            client_context=client_context,
-            cloud_event=cloud_event,
+            is_json=invocation.is_json,
+            client_context=invocation.client_context,
+            cloud_event=invocation.cloud_event,
         )
-        report = reports.enabled()
-        if report:
-            reports.add(start_line(spec, request_id))
+        if on_start is not None:
+            on_start(invocation)
         self.busy += 1
         outcome: Outcome | None = None
-        invocation = _Invocation(spec, request_id)
-        token = _current.set(invocation)
+        output = _Invocation(spec, request_id)
+        token = _current.set(output)
         try:
             with anyio.move_on_after(spec.timeout):
                 outcome = await self._run(entry, invoke)
         finally:
             _current.reset(token)
             self.busy -= 1
-            invocation.end()
+            output.end()
         if outcome is None:
             outcome = timed_out(request_id, spec.timeout)
-        if report:
-            duration = (time.perf_counter() - begin) * 1000
-            reports.add(f"END RequestId: {request_id}")
-            reports.add(report_line(spec, request_id, duration, outcome, isolation="inprocess"))
-        return outcome
+        return Execution(outcome=outcome, duration_ms=(time.perf_counter() - begin) * 1000, isolation="inprocess")
 
     async def _run(self, entry: Callable[..., Any], invoke: Invoke) -> Outcome:
         request_id = invoke.request_id
+        error: LambdaError | None
         try:
             event = runtime.decode_event(invoke.payload, invoke.is_json)
             context = runtime.LambdaContext(self.spec, self._log_stream, invoke)
@@ -247,11 +233,11 @@ class InProcessPool:
                 loop = asyncio.get_running_loop()
                 run = contextvars.copy_context().run
                 result = await loop.run_in_executor(self._threads, run, entry, event, context)
-            body, ok = runtime.encode_result(result, request_id)
+            body, error = runtime.encode_result(result, request_id)
         except runtime.UnmarshalError as exc:
-            body, ok = runtime.unmarshal_error(exc, request_id), False
+            body, error = runtime.unmarshal_error(exc, request_id)
         except MemoryError:
-            body, ok = runtime.out_of_memory(request_id, self.spec.memory), False
+            body, error = out_of_memory(request_id, self.spec.memory)
         except Exception as exc:  # handler errors become Lambda error objects
-            body, ok = runtime.encode_exception(exc, request_id), False
-        return Outcome(ok=ok, payload=body, error_type=None if ok else "Unhandled")
+            body, error = runtime.encode_exception(exc, request_id)
+        return Outcome(ok=error is None, payload=body, error=error)

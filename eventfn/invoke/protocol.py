@@ -11,6 +11,7 @@ import struct
 import msgspec
 
 from eventfn.errors import HandlerLoadError
+from eventfn.invoke.invocation import LambdaError
 
 HEADER = struct.Struct(">I")
 #: Largest frame either side accepts: a 6 MB payload (Lambda's sync limit) with room for its envelope.
@@ -71,14 +72,19 @@ class InitFailed(msgspec.Struct, frozen=True, kw_only=True, tag="init_failed"):
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True, tag="result"):
-    """The outcome of one `Invoke`: the handler's JSON result, or Lambda's error object when `ok` is false."""
+    """The outcome of one `Invoke`: the handler's JSON result, or Lambda's error object and, typed, its fields."""
 
-    ok: bool
     payload: bytes
+    #: Set for a function error: the fields of the error object in `payload`, so the service never parses it.
+    error: LambdaError | None = None
     duration_ms: float
     max_rss_mb: int
     #: The worker must not take another invocation (it ran out of memory).
     fatal: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):

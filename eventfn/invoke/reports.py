@@ -11,12 +11,15 @@ joins the same buffer as it arrives, so it is written after its invocation's STA
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
 from typing import TextIO
 
 import anyio
+
+from eventfn.invoke.invocation import Execution
 
 logger = logging.getLogger("eventfn.report")
 
@@ -85,3 +88,26 @@ class ReportLog:
 
 #: The service's one report log.
 reports = ReportLog()
+
+
+def start_line(function: str, request_id: str) -> str:
+    """Lambda's START line (with the function's name added)."""
+    return f"START RequestId: {request_id} Version: $LATEST Function: {function}"
+
+
+def report_line(function: str, memory: int, request_id: str, execution: Execution) -> str:
+    """Lambda's REPORT line (with the function's name and the outcome added)."""
+    duration_ms = execution.duration_ms
+    line = (
+        f"REPORT RequestId: {request_id}\tFunction: {function}\t"
+        f"Duration: {duration_ms:.2f} ms\tBilled Duration: {math.ceil(duration_ms)} ms\t"
+        f"Memory Size: {memory} MB"
+    )
+    if execution.max_rss_mb is not None:
+        line += f"\tMax Memory Used: {execution.max_rss_mb} MB"
+    if execution.init_ms is not None:
+        line += f"\tInit Duration: {execution.init_ms:.2f} ms"
+    if execution.isolation is not None:
+        line += f"\tIsolation: {execution.isolation}"
+    error = execution.outcome.error
+    return line + ("\tStatus: ok" if error is None else f"\tStatus: error {error.type}")

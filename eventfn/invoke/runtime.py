@@ -30,9 +30,9 @@ from eventfn.invoke.handler import (
     init_failure,
     is_coroutine_function,
     load_handler,
-    out_of_memory,
     unmarshal_error,
 )
+from eventfn.invoke.invocation import LambdaError, out_of_memory
 from eventfn.invoke.output import DescriptorCapture, HandlerOutput, TaggedStream
 from eventfn.invoke.protocol import (
     HEADER,
@@ -135,22 +135,23 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
         output.begin(invoke.request_id)
         begin = time.perf_counter()
         fatal = False
+        error: LambdaError | None
         try:
             event = decode_event(invoke.payload, invoke.is_json)
             result = entry(event, LambdaContext(spec, log_stream, invoke))
             if loop is not None:
                 result = loop.run_until_complete(result)
-            payload, ok = encode_result(result, invoke.request_id)
+            payload, error = encode_result(result, invoke.request_id)
         except UnmarshalError as exc:
-            payload, ok = unmarshal_error(exc, invoke.request_id), False
+            payload, error = unmarshal_error(exc, invoke.request_id)
         except MemoryError:
             # The interpreter may be in a bad state: report, then let the pool replace this worker.
-            payload, ok, fatal = out_of_memory(invoke.request_id, spec.memory), False, True
+            (payload, error), fatal = out_of_memory(invoke.request_id, spec.memory), True
         except Exception as exc:
-            payload, ok = encode_exception(exc, invoke.request_id), False
+            payload, error = encode_exception(exc, invoke.request_id)
         output.end()  # this invocation's output goes out ahead of its result
         duration = (time.perf_counter() - begin) * 1000
-        channel.send(Result(ok=ok, payload=payload, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
+        channel.send(Result(payload=payload, error=error, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
 
 
 class _RequestIdFilter(logging.Filter):

@@ -10,11 +10,11 @@ invocations finish on the old code, then stops its workers.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -23,10 +23,9 @@ import msgspec
 
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke import isolation, protocol
-from eventfn.invoke.handler import out_of_memory
+from eventfn.invoke.invocation import Execution, Invocation, Outcome, exited, load_failure, out_of_memory, timed_out
 from eventfn.invoke.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
 from eventfn.invoke.reports import reports
-from eventfn.sources.records import error_fields
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +34,6 @@ _READ_SIZE = 256 * 1024
 
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
-
-_json = msgspec.json.Encoder()
-
-
-class Outcome(msgspec.Struct, frozen=True, kw_only=True):
-    """What one invocation came to: the JSON result, or Lambda's error object when `ok` is false."""
-
-    ok: bool
-    payload: bytes
-    #: None on success; `Unhandled` for errors the function raised or caused (Lambda's X-Amz-Function-Error).
-    error_type: str | None = None
-    duration_ms: float = 0.0
-
-
-def error_payload(error_type: str, message: str, request_id: str, stack_trace: list[str] | None = None) -> bytes:
-    """Lambda's error object for errors that are not exceptions in handler code (with a stack trace where
-    Lambda's runtime gives one: a failed init)."""
-    error: dict[str, object] = {"errorMessage": message, "errorType": error_type, "requestId": request_id}
-    if stack_trace is not None:
-        error["stackTrace"] = stack_trace
-    return _json.encode(error)
-
-
-def load_failure(exc: HandlerLoadError, request_id: str) -> Outcome:
-    """The outcome of an invocation that met a handler that fails to load: Lambda's init error object."""
-    return Outcome(
-        ok=False,
-        error_type="Unhandled",
-        payload=error_payload(exc.error_type, exc.error_message, request_id, exc.stack_trace),
-    )
 
 
 class WorkerDied(Exception):
@@ -267,23 +236,19 @@ class Pool:
             stopped += 1
         return stopped
 
-    async def invoke(
-        self,
-        request_id: str,
-        payload: bytes,
-        *,
-        is_json: bool = False,
-        client_context: bytes | None = None,
-        cloud_event: dict[str, str] | None = None,
-    ) -> Outcome:
-        """Run one invocation with the function's timeout, on a warm worker or a new one."""
+    async def execute(self, invocation: Invocation, on_start: Callable[[Invocation], None] | None = None) -> Execution:
+        """Run one invocation with the function's timeout, on a warm worker or a new one.
+
+        `on_start` is called once a worker is held (or failed to start): after a cold start's init output, so
+        that the invocation's START line follows it.
+        """
         spec = self.spec
+        request_id = invocation.request_id
         begin = time.perf_counter()
         init_ms: float | None = None
         self.busy += 1
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
-        report = reports.enabled()
         try:
             if self.idle:
                 worker, _ = self.idle.pop()
@@ -291,49 +256,42 @@ class Pool:
                 try:
                     worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:
-                    if report:
-                        reports.add(start_line(spec, request_id))
-                    return self._report(request_id, begin, None, None, load_failure(exc, request_id))
+                    if on_start is not None:
+                        on_start(invocation)
+                    return Execution(outcome=load_failure(exc, request_id), duration_ms=_since(begin))
                 init_ms = worker.init_ms
-            # After a cold start's init output, and in the one log buffer that the invocation's output joins:
-            # START, the output, END and REPORT are written in that order.
-            if report:
-                reports.add(start_line(spec, request_id))
+            if on_start is not None:
+                on_start(invocation)
             invoke = Invoke(
                 request_id=request_id,
-                payload=payload,
+                payload=invocation.payload,
                 deadline=time.time() + spec.timeout,
-                is_json=is_json,
-                client_context=client_context,
-                cloud_event=cloud_event,
+                is_json=invocation.is_json,
+                client_context=invocation.client_context,
+                cloud_event=invocation.cloud_event,
             )
             result: Result | None = None
             with anyio.move_on_after(spec.timeout):
                 try:
                     result = await worker.invoke(invoke)
                 except WorkerDied as exc:
-                    outcome = _failure("Runtime.ExitError", f"RequestId: {request_id} Error: {exc}", request_id)
-                    return self._report(request_id, begin, init_ms, None, outcome)
+                    outcome = exited(request_id, str(exc))
+                    return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=init_ms)
             if result is None:
                 # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
-                return self._report(request_id, begin, init_ms, None, timed_out(request_id, spec.timeout))
+                outcome = timed_out(request_id, spec.timeout)
+                return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=init_ms)
             if result.fatal or result.max_rss_mb > spec.memory:
                 # Past the memory setting: the invocation fails and the worker is replaced, as in Lambda.
-                return self._report(
-                    request_id,
-                    begin,
-                    init_ms,
-                    result,
-                    Outcome(ok=False, error_type="Unhandled", payload=out_of_memory(request_id, spec.memory)),
-                )
-            reusable = True
-            outcome = Outcome(
-                ok=result.ok,
-                payload=result.payload,
-                error_type=None if result.ok else "Unhandled",
-                duration_ms=result.duration_ms,
+                payload, oom = out_of_memory(request_id, spec.memory)
+                outcome = Outcome(ok=False, payload=payload, error=oom)
+            else:
+                reusable = True
+                error = result.error
+                outcome = Outcome(ok=error is None, payload=result.payload, error=error, duration_ms=result.duration_ms)
+            return Execution(
+                outcome=outcome, duration_ms=result.duration_ms, init_ms=init_ms, max_rss_mb=result.max_rss_mb
             )
-            return self._report(request_id, begin, init_ms, result, outcome)
         finally:
             self.busy -= 1
             if worker is not None:
@@ -341,16 +299,6 @@ class Pool:
                     self.idle.append((worker, time.monotonic()))
                 else:
                     await worker.kill()
-
-    def _report(
-        self, request_id: str, begin: float, init_ms: float | None, result: Result | None, outcome: Outcome
-    ) -> Outcome:
-        if reports.enabled():
-            reports.add(f"END RequestId: {request_id}")
-            duration = result.duration_ms if result else (time.perf_counter() - begin) * 1000
-            rss = result.max_rss_mb if result else None
-            reports.add(report_line(self.spec, request_id, duration, outcome, init_ms=init_ms, max_rss_mb=rss))
-        return outcome
 
     async def retire(self) -> None:
         """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
@@ -360,46 +308,5 @@ class Pool:
             await worker.kill()
 
 
-def start_line(spec: WorkerSpec, request_id: str) -> str:
-    """Lambda's START line (with the function's name added)."""
-    return f"START RequestId: {request_id} Version: $LATEST Function: {spec.function}"
-
-
-def report_line(
-    spec: WorkerSpec,
-    request_id: str,
-    duration_ms: float,
-    outcome: Outcome,
-    *,
-    init_ms: float | None = None,
-    max_rss_mb: int | None = None,
-    isolation: str | None = None,
-) -> str:
-    """Lambda's REPORT line (with the function's name and the outcome added)."""
-    line = (
-        f"REPORT RequestId: {request_id}\tFunction: {spec.function}\t"
-        f"Duration: {duration_ms:.2f} ms\tBilled Duration: {math.ceil(duration_ms)} ms\t"
-        f"Memory Size: {spec.memory} MB"
-    )
-    if max_rss_mb is not None:
-        line += f"\tMax Memory Used: {max_rss_mb} MB"
-    if init_ms is not None:
-        line += f"\tInit Duration: {init_ms:.2f} ms"
-    if isolation is not None:
-        line += f"\tIsolation: {isolation}"
-    return line + ("\tStatus: ok" if outcome.ok else f"\tStatus: error {error_type_of(outcome.payload)}")
-
-
-def timed_out(request_id: str, timeout: float) -> Outcome:
-    """Lambda's outcome for an invocation that ran past the function's timeout."""
-    message = f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds"
-    return _failure("Sandbox.Timedout", message, request_id)
-
-
-def _failure(error_type: str, message: str, request_id: str) -> Outcome:
-    return Outcome(ok=False, error_type="Unhandled", payload=error_payload(error_type, message, request_id))
-
-
-def error_type_of(payload: bytes) -> str:
-    """The `errorType` of a Lambda error object, or `?`."""
-    return error_fields(payload)[0]
+def _since(begin: float) -> float:
+    return (time.perf_counter() - begin) * 1000

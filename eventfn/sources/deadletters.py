@@ -10,7 +10,7 @@ from typing import Protocol
 
 from eventfn import decoding, events, subjects
 from eventfn.config import Destinations
-from eventfn.invoke.workers import error_payload
+from eventfn.invoke.invocation import Outcome, failure
 from eventfn.sources import records
 from eventfn.sources.source import Message
 
@@ -47,7 +47,7 @@ class DeadLetters:
         message: Message,
         request_id: str,
         condition: str,
-        error: bytes,
+        failed: Outcome,
         event: events.Event | None,
         *,
         hand_back: bool = True,
@@ -61,14 +61,15 @@ class DeadLetters:
         cloud_event = None
         if event is not None or not message.headers:  # a message with headers decoded as `event` if it could
             cloud_event = events.to_attributes(event or event_of(message, request_id))
+        error, cause = failed.payload, failed.error
         record = records.failure_record(
-            function, message, request_id, condition, error, cloud_event, consumer=self.consumer
+            function, message, request_id, condition, error, cloud_event, cause=cause, consumer=self.consumer
         )
         if len(record) > self.sink.max_payload - 4096:
             # Too big for one NATS message with the event inside: keep the reference to it in the stream.
             record = records.failure_record(
-                function, message, request_id, condition, error[:4096], cloud_event, consumer=self.consumer,
-                truncate=True,
+                function, message, request_id, condition, error[:4096], cloud_event, cause=cause,
+                consumer=self.consumer, truncate=True,
             )  # fmt: skip
         try:
             # The id makes a repeated write (a crash between the write and the ack) a no-op.
@@ -103,8 +104,7 @@ class DeadLetters:
         try:
             message_id = events.request_id_for(message.stream_seq, message.stream)
             problem = decoding.encodable(f"{type(exc).__name__}: {exc}")
-            error = error_payload("PoisonMessage", problem, message_id)
-            await self.write(message, message_id, "PoisonMessage", error, None)
+            await self.write(message, message_id, "PoisonMessage", failure("PoisonMessage", problem, message_id), None)
         except Exception:
             log.exception("%s: dead-lettering event %d failed; it stays queued", self.function, message.stream_seq)
             await nak_quietly(message, DLQ_RETRY_DELAY)

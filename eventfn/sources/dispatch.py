@@ -22,8 +22,7 @@ import msgspec
 from eventfn import events
 from eventfn.errors import EventDecodeError
 from eventfn.filters import decode_body
-from eventfn.invoke.invocation import Invocation
-from eventfn.invoke.workers import Outcome, error_payload, error_type_of
+from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
 from eventfn.sources import records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
 from eventfn.sources.mappings import Mapping
@@ -54,7 +53,11 @@ class Stats(msgspec.Struct, kw_only=True):
     last_error: str | None = None
 
 
-_BATCH_ITEM_FAILURE = b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}'
+_BATCH_ITEM_FAILURE = Outcome(
+    ok=False,
+    payload=b'{"errorType":"BatchItemFailure","errorMessage":"reported in batchItemFailures"}',
+    error=LambdaError(type="BatchItemFailure", message="reported in batchItemFailures"),
+)
 
 _Ready = tuple[Message, events.Event | None, str]
 
@@ -130,7 +133,7 @@ class Dispatcher:
                     event = event_of(message, message_id)
                 except EventDecodeError as exc:
                     log.error("%s: %s; dead-lettering", self.mapping.function, exc)
-                    error = error_payload("EventDecodeError", str(exc), message_id)
+                    error = failure("EventDecodeError", str(exc), message_id)
                     with anyio.CancelScope(shield=True):
                         verdicts[index] = await self._dead_letter(message, message_id, "PoisonMessage", error, None)
                     continue
@@ -144,7 +147,7 @@ class Dispatcher:
             if self._attempt(message) > 1 and time.time() - message.timestamp_ns / 1e9 >= max_age:
                 # A retry that comes due after the event expired is not run again (Lambda's maximum event age).
                 with anyio.CancelScope(shield=True):
-                    error = error_payload("EventAgeExceeded", "event older than max_event_age", message_id)
+                    error = failure("EventAgeExceeded", "event older than max_event_age", message_id)
                     verdicts[index] = await self._dead_letter(message, message_id, "EventAgeExceeded", error, event)
                 continue
             ready.append((message, event, message_id))
@@ -154,7 +157,7 @@ class Dispatcher:
         if self.mapping.reject is not None:
             with anyio.CancelScope(shield=True):
                 for index, (message, event, message_id) in zip(positions, ready, strict=True):
-                    error = error_payload(
+                    error = failure(
                         "TooManyRequestsException",
                         "Rate Exceeded. Reason: ReservedFunctionConcurrentInvocationLimitExceeded (concurrency 0)",
                         message_id,
@@ -199,7 +202,7 @@ class Dispatcher:
             )
         )
         with anyio.CancelScope(shield=True):
-            verdict = await self._settle(message, request_id, outcome.ok, outcome.payload, event)
+            verdict = await self._settle(message, request_id, outcome, event)
             if outcome.ok:
                 await self.dead_letters.succeeded(request_id, event.data, outcome.payload, self._attempt(message))
         return verdict
@@ -227,13 +230,13 @@ class Dispatcher:
             )
         )
         failed: set[str] | None = set()
-        error = outcome.payload
+        error = outcome
         if not outcome.ok:
             failed = None
         elif self.mapping.report_batch_item_failures:
             failed = records.item_failures(outcome.payload, {mid for _, _, mid in ready})
             if failed is None:
-                error = error_payload(
+                error = failure(
                     "Runtime.InvalidBatchResponse",
                     'batchItemFailures must be a list of {"itemIdentifier": <messageId of this batch>}',
                     request_id,
@@ -248,9 +251,8 @@ class Dispatcher:
                 if key is not None and key in stopped:
                     verdicts.append(0.0)
                     continue
-                ok = failed is not None and message_id not in failed
-                item_error = error if failed is None else _BATCH_ITEM_FAILURE
-                verdict = await self._settle(message, message_id, ok, item_error, event)
+                item = error if failed is None else _BATCH_ITEM_FAILURE if message_id in failed else outcome
+                verdict = await self._settle(message, message_id, item, event)
                 if verdict is not None and key is not None:
                     stopped.add(key)
                 verdicts.append(verdict)
@@ -259,11 +261,9 @@ class Dispatcher:
                 await self.dead_letters.succeeded(request_id, payload, outcome.payload, invokes)
         return verdicts
 
-    async def _settle(
-        self, message: Message, request_id: str, ok: bool, error: bytes, event: events.Event | None
-    ) -> Verdict:
+    async def _settle(self, message: Message, request_id: str, outcome: Outcome, event: events.Event | None) -> Verdict:
         stats = self.stats
-        if ok:
+        if outcome.ok:
             stats.processed += 1
             stats.last_result = "OK"
             self._forget(message)
@@ -271,10 +271,10 @@ class Dispatcher:
             return None
         attempt = self._attempt(message)
         age = max(0.0, time.time() - message.timestamp_ns / 1e9)
-        decision = decide(ok, attempt, age, self.mapping.retry)
+        decision = decide(False, attempt, age, self.mapping.retry)
         stats.failed += 1
         stats.last_result = "PROBLEM: Function call failed"
-        stats.last_error = error_type_of(error)
+        stats.last_error = outcome.error.type if outcome.error is not None else "?"
         if isinstance(decision, Retry):
             stats.retried += 1
             log.warning(
@@ -290,16 +290,16 @@ class Dispatcher:
                 return decision.delay
             await message.nak(decision.delay)
         elif isinstance(decision, DeadLetter):
-            return await self._dead_letter(message, request_id, decision.condition, error, event)
+            return await self._dead_letter(message, request_id, decision.condition, outcome, event)
         return None
 
     async def _dead_letter(
-        self, message: Message, request_id: str, condition: str, error: bytes, event: events.Event | None
+        self, message: Message, request_id: str, condition: str, failed: Outcome, event: events.Event | None
     ) -> Verdict:
         """Dead-letter `message`. If the DLQ cannot take it now, an unordered mapping hands it back to its source
         with a delay; an ordered one holds it (and its key) and runs it again after that delay."""
         ordered = self._extra_attempts is not None
-        if await self.dead_letters.write(message, request_id, condition, error, event, hand_back=not ordered):
+        if await self.dead_letters.write(message, request_id, condition, failed, event, hand_back=not ordered):
             self._forget(message)
             self.stats.dead_lettered += 1
             return None

@@ -22,6 +22,7 @@ import msgspec
 
 from eventfn import decoding
 from eventfn.errors import UnreadableData
+from eventfn.invoke.invocation import LambdaError
 from eventfn.subjects import FUNCTION_ARN_PREFIX, REDRIVE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,8 @@ MESSAGE_LIMIT = 1024
 
 
 def error_fields(error: bytes) -> tuple[str, str]:
-    """`errorType` and `errorMessage` (first 1 KB) of a Lambda error object; `?` where it has none."""
+    """`errorType` and `errorMessage` (first 1 KB) of a stored record's Lambda error object (which anyone who may
+    publish to the DLQ can write); `?` where it has none."""
     try:
         value = decoding.json_value(error)
     except UnreadableData:
@@ -413,16 +415,20 @@ def failure_record(
     error: bytes,
     cloud_event: dict[str, str] | None,
     *,
+    cause: LambdaError | None,
     consumer: str | None = None,
     truncate: bool = False,
 ) -> bytes:
     """The dead-letter (and on-failure destination) record for one event (without its payload if `truncate`).
 
+    `error` is Lambda's error object as the function answered it; `cause` its fields, which the attempt history
+    keeps (`?` for none).
+
     Never raises: should the event's data or headers defeat the record's shape, a last-resort record keeps the
     event's bytes as base64 and the error as text, so that dead-lettering cannot fail on what it dead-letters.
     """
     try:
-        return _failure_record(function, message, request_id, condition, error, cloud_event, consumer, truncate)
+        return _failure_record(function, message, request_id, condition, error, cause, cloud_event, consumer, truncate)
     except Exception as exc:
         log.exception(
             "%s: the failure record of request %s could not be built; writing a plain one", function, request_id
@@ -436,6 +442,7 @@ def _failure_record(
     request_id: str,
     condition: str,
     error: bytes,
+    cause: LambdaError | None,
     cloud_event: dict[str, str] | None,
     consumer: str | None,
     truncate: bool,
@@ -444,7 +451,7 @@ def _failure_record(
     timestamp = _now()
     history = None
     if consumer is not None:
-        error_type, error_message = error_fields(error)
+        error_type, error_message = (cause.type[:MESSAGE_LIMIT], cause.message[:MESSAGE_LIMIT]) if cause else ("?", "")
         history = [
             *history_of(message.headers),
             Attempt(timestamp, condition, message.delivered, error_type, error_message),
