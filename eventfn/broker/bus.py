@@ -16,7 +16,8 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -25,7 +26,6 @@ import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from eventfn.broker.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.broker.stalls import Stalls
@@ -350,6 +350,82 @@ class ConsumerState(msgspec.Struct, frozen=True):
     pending: int
     ack_pending: int
     redelivered: int
+    #: The stream sequence of the last message delivered (0: none yet).
+    delivered_stream_seq: int = 0
+    #: Every message up to this stream sequence is acknowledged (0: none yet).
+    ack_floor_stream_seq: int = 0
+
+
+#: The priority group of an exclusive consumer (JetStream allows one group per consumer, of at most 16 characters).
+EXCLUSIVE_GROUP = "eventfn"
+
+#: Where a new consumer starts, as JetStream's deliver policy.
+_DELIVER_POLICY = {"LATEST": "new", "TRIM_HORIZON": "all", "AT_TIMESTAMP": "by_start_time"}
+
+
+class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How a source's durable consumer delivers: where a new one starts, how deliveries are acknowledged, how often
+    one is delivered, and whether one eventfn process at a time consumes it."""
+
+    #: Where a new consumer starts (Kinesis's names): at events published after it is created, at the first
+    #: stored event, or at the first stored at or after `start_time`. Fixed at creation: an existing consumer
+    #: goes on from where it is.
+    start_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
+    #: Epoch seconds, for AT_TIMESTAMP.
+    start_time: float | None = None
+    #: "none": JetStream forgets a message once delivered (no retry, no ack traffic). Fixed at creation.
+    ack: Literal["explicit", "none"] = "explicit"
+    #: How often JetStream delivers one message at most (-1: no limit; eventfn's retry policy decides).
+    max_deliveries: int = -1
+    #: One process at a time receives the consumer's messages (JetStream's pinned client): what per-key and
+    #: per-shard ordering need when several eventfn services share the consumer.
+    exclusive: bool = False
+    #: With `exclusive`: JetStream hands the consumer to another process once the one it pinned has not asked
+    #: for messages this long (seconds; a live feed asks at least three times as often). A crashed process's
+    #: consumer waits this long, and its unacknowledged messages their ack wait, before another takes over.
+    pin_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.start_position == "AT_TIMESTAMP" and self.start_time is None:
+            raise ValueError("start_position AT_TIMESTAMP needs a start_time")
+        if self.max_deliveries == 0 or self.max_deliveries < -1:
+            raise ValueError(f"max_deliveries must be -1 (no limit) or at least 1, not {self.max_deliveries}")
+        if self.exclusive and self.ack == "none":
+            raise ValueError("an exclusive consumer needs explicit acks (JetStream's pinned client requires them)")
+        if self.pin_timeout <= 0:
+            raise ValueError(f"pin_timeout must be positive, not {self.pin_timeout}")
+
+    @property
+    def group(self) -> str | None:
+        """The priority group the consumer's feed pulls in (None: not exclusive)."""
+        return EXCLUSIVE_GROUP if self.exclusive else None
+
+    def start_fields(self, from_start: bool) -> dict[str, Any]:
+        """Where a new consumer starts, as JetStream's configuration fields."""
+        if from_start:
+            return {"deliver_policy": "all"}
+        fields: dict[str, Any] = {"deliver_policy": _DELIVER_POLICY[self.start_position]}
+        if self.start_position == "AT_TIMESTAMP":
+            assert self.start_time is not None  # checked above
+            when = datetime.fromtimestamp(self.start_time, UTC).isoformat()
+            fields["opt_start_time"] = when.replace("+00:00", "Z")
+        return fields
+
+    def priority_fields(self) -> dict[str, Any]:
+        """The consumer's priority settings: none, or one group with a pinned client."""
+        if not self.exclusive:
+            return {}
+        return {
+            "priority_groups": [EXCLUSIVE_GROUP],
+            "priority_policy": "pinned_client",
+            "priority_timeout": _ns(self.pin_timeout),
+        }
+
+
+_DEFAULT_OPTIONS = ConsumerOptions()
+
+#: Settings JetStream fixes when it creates a consumer: an update must send them back unchanged.
+_FIXED_AT_CREATION = ("deliver_policy", "opt_start_seq", "opt_start_time", "ack_policy")
 
 
 #: What JetStream API calls that time out stall (`Bus.stalls` key).
@@ -633,49 +709,67 @@ class Bus:
         max_ack_pending: int,
         description: str = "",
         metadata: dict[str, str] | None = None,
+        options: ConsumerOptions = _DEFAULT_OPTIONS,
         from_start: bool = False,
     ) -> None:
-        """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
+        """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits, max
+        deliveries, exclusive or not).
 
-        A new consumer starts at new messages (Lambda's LATEST), or with `from_start` at the first stored
-        one; an existing one resumes where it left off. An update leaves a consumer's pause state as it is,
-        and its replicas: by default a consumer has as many as its stream (it follows when the stream's change),
-        so its acknowledgements survive what the stream survives; a count an operator set stays. Metadata an
-        operator added stays too.
+        A new consumer starts where `options.start_position` says, or with `from_start` at the first stored
+        message (after its stream was re-created); an existing one resumes where it left off and keeps its ack
+        policy (JetStream fixes both at creation). An update leaves a consumer's pause state as it is, and its
+        replicas: by default a consumer has as many as its stream (it follows when the stream's change), so its
+        acknowledgements survive what the stream survives; a count an operator set stays. Metadata an operator
+        added stays too.
         """
         replicas = 0  # as many as the stream
+        # Read and written as JetStream's JSON: nats-py's consumer types drop the priority settings.
         try:
-            info = await self._js_call(self.js.consumer_info(stream, name), f"read consumer {stream}/{name}")
-            existing = info.config
+            info = await self._js_call(
+                self._api(f"CONSUMER.INFO.{stream}.{name}", None), f"read consumer {stream}/{name}"
+            )
         except _NotFound:
-            policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+            fixed = {**options.start_fields(from_start), "ack_policy": options.ack}
         else:
-            policy = existing.deliver_policy  # fixed at creation
-            replicas = existing.num_replicas or 0
+            existing: dict[str, Any] = info["config"]
+            fixed = {k: existing[k] for k in _FIXED_AT_CREATION if k in existing}
+            if fixed.get("ack_policy", "explicit") != options.ack:
+                log.warning(
+                    "consumer %s/%s keeps ack policy %s (asked for %s): JetStream fixes it at creation; delete the "
+                    "consumer to change it",
+                    stream,
+                    name,
+                    fixed.get("ack_policy"),
+                    options.ack,
+                )
+            replicas = int(existing.get("num_replicas") or 0)
             # The server sets its own `_nats.` keys on every update.
-            kept = {k: v for k, v in (existing.metadata or {}).items() if not k.startswith("_nats.")}
+            kept = {k: v for k, v in (existing.get("metadata") or {}).items() if not k.startswith("_nats.")}
             metadata = {**kept, **(metadata or {})} or None
-        config = ConsumerConfig(
-            durable_name=name,
-            description=description or None,
-            deliver_policy=policy,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=max_ack_pending,
-            max_waiting=512,
-            num_replicas=replicas,
-            metadata=metadata,
+        config: dict[str, Any] = {
+            "name": name,
+            "durable_name": name,
+            **({"description": description} if description else {}),
+            **fixed,
+            "ack_wait": _ns(ack_wait),
+            "max_deliver": options.max_deliveries,
+            "replay_policy": "instant",
+            "max_waiting": 512,
+            "max_ack_pending": max_ack_pending,
+            "num_replicas": replicas,
+            **({"metadata": metadata} if metadata else {}),
             **_filter_fields(filter_subjects),
-        )
+            **options.priority_fields(),
+        }
+        request = {"stream_name": stream, "config": config}
         what = f"provision consumer {stream}/{name}"
         for delay in (0.25, 0.5, 1.0, 2.0, 4.0):  # about 8 s for JetStream to finish what it is busy with
             try:
-                await self._js_call(self.js.add_consumer(stream, config), what)
+                await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
                 return
             except _Busy:
                 await anyio.sleep(delay)
-        await self._js_call(self.js.add_consumer(stream, config), what)
+        await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
 
     async def consumer_exists(self, stream: str, name: str) -> bool:
         """Whether the durable consumer exists."""
@@ -700,6 +794,8 @@ class Bus:
             pending=info.num_pending or 0,
             ack_pending=info.num_ack_pending or 0,
             redelivered=info.num_redelivered or 0,
+            delivered_stream_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
+            ack_floor_stream_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
         )
 
     async def pause_consumer(self, stream: str, name: str) -> None:
