@@ -1,6 +1,7 @@
 """The consumer a source owns, against a real nats-server: where a new one starts (LATEST, TRIM_HORIZON,
 AT_TIMESTAMP), acknowledgements and a delivery limit, an existing one keeping its position when the options
-change, and the state the dispatcher reads at start-up."""
+change, the state the dispatcher reads at start-up, and exclusive consumption (JetStream's pinned client): one
+feed receives, a standby takes over when it goes."""
 
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ async def consumer_config(nc: Client, name: str = "c") -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def feeding(bus: Bus, name: str = "c", *, max_inflight: int = 10) -> AsyncIterator[PullFeed]:
+async def feeding(bus: Bus, name: str = "c", *, max_inflight: int = 10, **options: Any) -> AsyncIterator[PullFeed]:
     """A running pull feed on consumer `name`, stopped on exit."""
-    feed = bus.pull_feed("S", name, max_inflight=max_inflight)
+    feed = bus.pull_feed("S", name, max_inflight=max_inflight, options=ConsumerOptions(**options))
     async with anyio.create_task_group() as tg:
         await tg.start(feed.run)
         try:
@@ -194,3 +195,210 @@ async def test_an_existing_consumer_keeps_its_ack_policy(bus: Bus, caplog: pytes
     config = await consumer_config(bus.nc)
     assert (config["ack_policy"], config["max_deliver"]) == ("none", 3)
     assert "consumer S/c keeps ack policy none (asked for explicit)" in caplog.text
+
+
+# -- exclusive consumption (JetStream's pinned client) ----------------------------------------------------------------
+
+
+class PinWatch:
+    """What a feed's `on_pin_change` heard, with a way to wait (without sleeping) for the next change."""
+
+    def __init__(self) -> None:
+        self.changes: list[bool] = []
+        self._changed = anyio.Event()
+
+    def __call__(self, pinned: bool) -> None:
+        self.changes.append(pinned)
+        self._changed.set()
+
+    async def wait_for(self, pinned: bool, timeout: float = 10.0) -> None:
+        with anyio.fail_after(timeout):
+            while not self.changes or self.changes[-1] != pinned:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+
+
+def exclusive_feed(bus: Bus, watch: PinWatch | None = None, *, max_inflight: int = 10, **options: Any) -> PullFeed:
+    return bus.pull_feed(
+        "S", "c", max_inflight=max_inflight, options=ConsumerOptions(exclusive=True, **options), on_pin_change=watch
+    )
+
+
+async def pinned_id(nc: Client) -> str | None:
+    reply = await nc.request("$JS.API.CONSUMER.INFO.S.c", b"", timeout=5)
+    groups = json.loads(reply.data).get("priority_groups") or []
+    return groups[0].get("pinned_client_id") if groups else None
+
+
+async def test_an_exclusive_consumer_is_a_pinned_client_consumer(bus: Bus) -> None:
+    await provision(bus, exclusive=True, pin_timeout=7)
+    config = await consumer_config(bus.nc)
+    assert (config["priority_groups"], config["priority_policy"], config["priority_timeout"]) == (
+        ["eventfn"],
+        "pinned_client",
+        7 * 10**9,
+    )
+    await provision(bus)  # a source that no longer needs it: JetStream lets the consumer drop the group
+    assert "priority_groups" not in await consumer_config(bus.nc)
+
+
+@pytest.mark.parametrize("how", ["hands back", "hangs", "disconnects"])
+async def test_one_feed_consumes_an_exclusive_consumer_and_a_standby_takes_over(
+    bus: Bus, nats_server: NatsServer, how: str
+) -> None:
+    """The first feed to ask gets everything, the standby nothing. The standby takes over, and receives what the
+    first left unacknowledged:
+    - at once when the first stops and settles what it holds (its dispatcher hands back what it had not started);
+    - within the pin timeout when the first stops asking (its process hangs, or its connection closes), and
+      the first's unacknowledged messages once their ack wait ends."""
+    pin_timeout = 30.0 if how == "hands back" else 2.0
+    ack_wait = 2.0
+    await provision(bus, ack_wait=ack_wait, exclusive=True, pin_timeout=pin_timeout)
+    async with (
+        connect([nats_server.url], NatsSettings()) as bus_a,
+        connect([nats_server.url], NatsSettings()) as bus_b,
+        anyio.create_task_group() as tg,
+    ):
+        first, standby = exclusive_feed(bus_a, pin_timeout=pin_timeout), exclusive_feed(bus_b, pin_timeout=pin_timeout)
+        scope, gone = anyio.CancelScope(), anyio.Event()
+
+        async def run_first() -> None:
+            with scope:
+                await first.run()
+            gone.set()
+
+        tg.start_soon(run_first)
+        await publish(bus, "0")
+        [zero] = await receive(first)
+        assert first.pinned and zero.headers is None  # the pin header is the feed's business, not the handler's
+        await tg.start(standby.run)
+        await publish(bus, *(str(n) for n in range(1, 10)))
+        deliveries = [zero, *await receive(first, 9)]
+        assert [d.data for d in deliveries] == [str(n).encode() for n in range(10)]  # all of them to the first
+        for delivery in deliveries[:5]:
+            await delivery.ack()
+        assert not standby.pinned and await pinned_id(bus.nc) is not None
+        with pytest.raises(anyio.WouldBlock):
+            standby.receive_nowait()
+
+        stopped = time.monotonic()
+        if how == "hands back":
+            first.stop()
+            for delivery in deliveries[5:]:
+                await delivery.nak()
+            await gone.wait()  # it unpinned as the last delivery was settled
+        elif how == "hangs":
+            scope.cancel()  # no more requests, and nothing settled
+        else:
+            await bus_a.nc.close()
+            scope.cancel()
+        await publish(bus, "10")
+        taken_over = await receive(standby, timeout=pin_timeout + 5)
+        took = time.monotonic() - stopped
+        assert took < (2.0 if how == "hands back" else pin_timeout + 2.0), took
+        assert standby.pinned
+        rest = await receive(standby, 5, timeout=ack_wait + 5)
+        # A feed that hangs, or whose connection the server has not seen closing yet, may still have had "10"
+        # sent to a request it made before: it comes again after its ack wait, as the unacknowledged ones do.
+        ten = next(d.delivered for d in [*taken_over, *rest] if d.data == b"10")
+        assert ten == 1 or how != "hands back"
+        assert sorted((int(d.data), d.delivered) for d in [*taken_over, *rest]) == [
+            *((n, 2) for n in range(5, 10)),  # redelivered: handed back, or once their ack wait ran out
+            (10, ten),
+        ]
+        for delivery in [*taken_over, *rest]:
+            await delivery.ack()
+        standby.stop()
+
+
+async def test_a_stopped_feed_keeps_its_pin_until_its_deliveries_are_settled(bus: Bus, nats_server: NatsServer) -> None:
+    """A stopping service finishes what it started; meanwhile no other process may start on the next events
+    (of the same keys): the pin is kept past the pin timeout, then handed over as the last one is settled."""
+    pin_timeout = 1.0
+    await provision(bus, exclusive=True, pin_timeout=pin_timeout)
+    async with connect([nats_server.url], NatsSettings()) as bus_b:
+        first, standby = exclusive_feed(bus, pin_timeout=pin_timeout), exclusive_feed(bus_b)
+        async with anyio.create_task_group() as tg:
+            await tg.start(first.run)
+            await publish(bus, "0")
+            [zero] = await receive(first)
+            await tg.start(standby.run)
+            first.stop()
+            await publish(bus, "1")
+            with anyio.move_on_after(3 * pin_timeout):  # the pin would lapse in a third of this
+                await standby.receive()
+                pytest.fail("the standby received a message while the stopped feed's delivery was in work")
+            await zero.ack()
+            [one] = await receive(standby, timeout=pin_timeout)  # unpinned at once, not after a lapse
+            assert one.data == b"1" and standby.pinned and not first.pinned
+            assert not await first.unpin()  # it no longer holds the pin: the standby's stays
+            await one.ack()
+            standby.stop()
+
+
+async def test_a_busy_feed_keeps_its_pin(bus: Bus, nats_server: NatsServer) -> None:
+    """With all its credit in use the pinned feed sends no pull request for messages, yet keeps its pin (a
+    request that takes nothing): the standby gets nothing however long the work takes."""
+    pin_timeout = 1.0
+    await provision(bus, exclusive=True, pin_timeout=pin_timeout)
+    async with connect([nats_server.url], NatsSettings()) as bus_b:
+        busy, standby = exclusive_feed(bus, max_inflight=2, pin_timeout=pin_timeout), exclusive_feed(bus_b)
+        async with anyio.create_task_group() as tg:
+            await tg.start(busy.run)
+            await publish(bus, "0", "1")
+            held = await receive(busy, 2)
+            await tg.start(standby.run)
+            pin = await pinned_id(bus.nc)
+            await publish(bus, "2")
+            with anyio.move_on_after(3 * pin_timeout):  # the pin would lapse in a third of this
+                await standby.receive()
+                pytest.fail("the standby received a message: the busy feed lost its pin")
+            assert busy.pinned and await pinned_id(bus.nc) == pin
+            await held[0].ack()
+            [two] = await receive(busy)
+            assert two.data == b"2"
+            for delivery in (held[1], two):
+                await delivery.ack()
+            busy.stop()
+            standby.stop()
+
+
+async def test_a_feed_whose_pin_was_taken_hears_it_and_stands_by(bus: Bus, nats_server: NatsServer) -> None:
+    """An operator unpins (`nats consumer unpin`): JetStream refuses the old pin (status 423), the feed that held it
+    says so and asks on as a standby, and the next message goes to the feed pinned then."""
+    await provision(bus, exclusive=True, pin_timeout=3)
+    first_watch, standby_watch = PinWatch(), PinWatch()
+    async with connect([nats_server.url], NatsSettings()) as bus_b:
+        first = exclusive_feed(bus, first_watch, pin_timeout=3)
+        standby = exclusive_feed(bus_b, standby_watch, pin_timeout=3)
+        async with anyio.create_task_group() as tg:
+            await tg.start(first.run)
+            await publish(bus, "0")
+            [zero] = await receive(first)
+            await zero.ack()
+            await tg.start(standby.run)
+            reply = await bus.nc.request("$JS.API.CONSUMER.UNPIN.S.c", b'{"group": "eventfn"}', timeout=5)
+            assert "error" not in json.loads(reply.data)
+            await publish(bus, "1")
+            await first_watch.wait_for(False)
+            [one] = await receive(standby)
+            assert one.data == b"1"
+            assert standby.pinned and not first.pinned
+            assert (first_watch.changes, standby_watch.changes) == ([True, False], [True])
+            await one.ack()
+            first.stop()
+            standby.stop()
+
+
+async def test_a_feed_outside_the_group_gets_nothing_and_says_why(bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    """An eventfn that does not know the consumer is exclusive (an older version, during a rolling upgrade) is
+    refused, and logs it as a stall; it cannot take messages from the pinned process."""
+    await provision(bus, exclusive=True)
+    await publish(bus, "0")
+    async with feeding(bus) as outsider:  # no options: not in the group
+        with anyio.fail_after(10):
+            while bus.stalls.failures("consumer S/c") < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # polling a count: nothing signals "the feed asked again"
+        with pytest.raises(anyio.WouldBlock):
+            outsider.receive_nowait()
+    assert "JetStream stall: consumer S/c: pull request refused: Bad Request - Priority Group missing" in caplog.text
