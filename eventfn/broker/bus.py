@@ -26,7 +26,9 @@ import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
+from eventfn import events
 from eventfn.broker.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.broker.stalls import Stalls
 from eventfn.config import NatsSettings
@@ -604,6 +606,15 @@ _API = "JetStream API"
 _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
 
 
+class Published(msgspec.Struct, frozen=True):
+    """What JetStream answered to a stored publish."""
+
+    #: The message's stream sequence (of the first one, for a duplicate).
+    seq: int
+    #: JetStream had a message with this id within the stream's duplicate window, and dropped this one.
+    duplicate: bool
+
+
 class Reply(msgspec.Struct, frozen=True):
     """A reply received by `Bus.request`."""
 
@@ -675,6 +686,28 @@ class Bus:
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 5.0
     ) -> int:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
+        return (await self._publish_stored(subject, data, headers, timeout)).seq
+
+    async def publish_event(
+        self, subject: str, event: events.Event, *, stored: bool = True, timeout: float = 5.0
+    ) -> Published | None:
+        """Publish `event` on `subject` in binary CloudEvents mode (attributes in headers, data as the body).
+
+        Stored (the default), wait until JetStream has it durably. The event's id is the message id
+        (`Nats-Msg-Id`), so a second publish of one id within the stream's duplicate window is dropped: a source
+        that chooses its ids (`events.new_event(id=...)`) may publish again after a crash without a duplicate.
+        Not stored: a core publish, fire and forget (None).
+        """
+        headers = events.binary_headers(event)  # with Nats-Msg-Id: the event's id
+        if not stored:
+            await self.nc.publish(subject, event.data, headers=headers)
+            return None
+        ack = await self._publish_stored(subject, event.data, headers, timeout)
+        return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def _publish_stored(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> PubAck:
         try:
             ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
         except nats.errors.TimeoutError:
@@ -686,7 +719,7 @@ class Bus:
             raise
         if self.stalls.stalled:
             self.stalls.recovered(f"stored publish to {subject}")
-        return ack.seq
+        return ack
 
     async def request(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
