@@ -189,14 +189,24 @@ def new_event(
     source: str,
     type: str = PLAIN_EVENT_TYPE,
     content_type: str | None = "application/json",
+    id: str | None = None,
+    time: datetime | None = None,
 ) -> Event:
-    """A fresh event with a random id and the current time."""
+    """A fresh event: a random id and the current time unless given.
+
+    A source that may publish one event twice (a cron tick after a restart, a file seen again by a re-scan)
+    gives an `id` of its own making, the same each time: JetStream stores one message per id within the
+    stream's duplicate window (`Bus.publish_event`). `time` is when it happened (naive: local time).
+    """
+    if id == "":
+        raise ValueError("an event id cannot be empty (CloudEvents requires one)")
+    when = datetime.now(UTC) if time is None else time.astimezone(UTC)
     return Event(
-        id=str(uuid.uuid4()),
+        id=str(uuid.uuid4()) if id is None else id,
         source=source,
         type=type,
         subject=subject,
-        time=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        time=when.isoformat().replace("+00:00", "Z"),
         datacontenttype=content_type,
         data=data,
     )

@@ -314,21 +314,33 @@ class Service:
 
     async def _start_mapping(self, fn: Function, mapping: Mapping) -> None:
         stream = mapping.source.stream
-        feed = self.bus.pull_feed(stream, mapping.name, max_inflight=mapping.max_inflight)
+        running: Running | None = None
+
+        def pin_changed(pinned: bool) -> None:  # the feed exists before the dispatcher it feeds
+            if running is not None:
+                running.dispatcher.pin_changed(pinned)
+
+        feed = self.bus.pull_feed(
+            stream,
+            mapping.name,
+            max_inflight=mapping.max_inflight,
+            options=mapping.source.consumer,
+            on_pin_change=pin_changed,
+        )
 
         async def recovery() -> tuple[int, int]:
             state = await self.bus.consumer_state(stream, mapping.name)
             return (state.ack_pending, state.delivered_stream_seq) if state else (0, 0)
 
         dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery)
-        running = Running(dispatcher, mapping)
-        self.running[mapping.name] = running
+        running = started = Running(dispatcher, mapping)
+        self.running[mapping.name] = started
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             try:
                 await dispatcher.run(task_status=task_status)
             finally:
-                running.done.set()
+                started.done.set()
 
         await self.tg.start(run)
 

@@ -348,3 +348,28 @@ async def test_without_the_recovery_barrier_the_late_event_would_have_come_secon
     fn = Function()
     await run(mapping(ordering="key", key="header:Key"), fn, feed, lambda: len(feed.acked) == 2)
     assert fn.order("a") == [2, 1]  # what the barrier prevents (the test above)
+
+
+async def test_per_key_an_event_arriving_while_its_key_runs_waits_for_it() -> None:
+    feed = MemoryFeed()
+    feed.publish(event(0, "a"), headers={"Key": "a"})
+    fn = Function()
+
+    async def invoke(invocation: Invocation) -> Outcome:
+        n = json.loads(invocation.payload)["n"]
+        if n < 3:  # the key's next event arrives, and is received, while this one runs
+            feed.publish(event(n + 1, "a"), headers={"Key": "a"})
+            await anyio.sleep(0.02)
+        return await fn(invocation)
+
+    m = mapping(ordering="key", key="header:Key", concurrency=2)
+    feed.max_inflight = m.max_inflight
+    dispatcher = Dispatcher(MemorySink(), m, feed, invoke=invoke)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            while len(feed.acked) < 4:  # noqa: ASYNC110 (polls the feed's settled state)
+                await anyio.sleep(0.002)
+            dispatcher.stop()
+    assert fn.order("a") == [0, 1, 2, 3]
+    assert dispatcher.stats.dead_lettered == 0

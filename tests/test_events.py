@@ -212,6 +212,20 @@ def test_binary_headers_round_trip_of_a_new_event() -> None:
     assert decoded == original
 
 
+def test_a_source_chooses_the_id_and_time_of_a_new_event() -> None:
+    """A cron tick or a re-scanned file gets the same id each time it is published, and it is the id the
+    handler sees (`context.cloud_event["id"]`), whatever the stream sequence the message landed at."""
+    tick = new_event("cron.nightly", b"{}", source="eventfn:cron", id="nightly/2024-05-06T07:08:00Z", time=WHEN)
+    assert (tick.id, tick.time) == ("nightly/2024-05-06T07:08:00Z", "2024-05-06T07:08:09.123000Z")
+    headers = binary_headers(tick)
+    assert headers["Nats-Msg-Id"] == headers["ce-id"] == tick.id  # JetStream deduplicates on it
+    received = from_nats("cron.nightly", tick.data, headers, fallback_id=request_id_for(42, "EVENTFN"))
+    assert to_attributes(received)["id"] == tick.id
+    assert new_event("s", b"", source="x").id != new_event("s", b"", source="x").id  # random unless chosen
+    with pytest.raises(ValueError, match="cannot be empty"):
+        new_event("s", b"", source="x", id="")
+
+
 def test_binary_headers_omit_absent_optional_attributes() -> None:
     headers = binary_headers(Event(id="e", source="/s", type="t"))
     assert set(headers) == {"ce-specversion", "ce-id", "ce-source", "ce-type", "Nats-Msg-Id"}

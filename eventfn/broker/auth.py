@@ -90,7 +90,8 @@ def permissions(role: str, trigger_subjects: Sequence[str], extra_publish: Seque
                 f"$JS.API.CONSUMER.CREATE.{_EVENTS}",
                 f"$JS.API.CONSUMER.CREATE.{_EVENTS}.>",
                 f"$JS.API.CONSUMER.DURABLE.CREATE.{_EVENTS}.*",
-                *(f"$JS.API.CONSUMER.{verb}.{_EVENTS}.*" for verb in ("INFO", "PAUSE", "MSG.NEXT")),
+                # UNPIN: a stopping service hands an exclusive consumer (ordered mapping) to a standby.
+                *(f"$JS.API.CONSUMER.{verb}.{_EVENTS}.*" for verb in ("INFO", "PAUSE", "MSG.NEXT", "UNPIN")),
                 *(f"$JS.API.CONSUMER.{verb}.{_EVENTS}" for verb in ("NAMES", "LIST")),
                 # Acks of its deliveries (`$JS.ACK.<stream>.…`, or with domain and account hash first).
                 f"$JS.ACK.{_EVENTS}.>",

@@ -26,8 +26,9 @@ import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import PubAck
 
+from eventfn import events
 from eventfn.broker.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.broker.stalls import Stalls
 from eventfn.config import NatsSettings
@@ -46,6 +47,26 @@ class PullRequest(msgspec.Struct, frozen=True):
 
     batch: int
     expires: int
+
+
+class GroupPullRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A pull request in a consumer's priority group (ADR-42): the group, and the pin JetStream gave this client
+    once it has one. With `max_bytes` 1 the request takes no message (every one is larger) but still tells
+    JetStream the pinned client is alive."""
+
+    batch: int
+    expires: int
+    group: str
+    id: str | None = None
+    max_bytes: int = 0
+
+
+#: The header with which JetStream names the pin on every message it delivers to the pinned client.
+_PIN_HEADER = "Nats-Pin-Id"
+#: The pin token of a request sent without a pin (a standby client's), in its reply subject.
+_NO_PIN = "_"
+#: The batch token of a keep-alive request, in its reply subject.
+_KEEP_ALIVE = "k"
 
 
 class Delivery:
@@ -107,7 +128,18 @@ class Delivery:
 
 
 class PullFeed:
-    """A pipelined pull consumer: yields at most `max_inflight` unsettled deliveries at a time."""
+    """A pipelined pull consumer: yields at most `max_inflight` unsettled deliveries at a time.
+
+    With `group` (the consumer is exclusive: `ConsumerOptions.exclusive`) the feed pulls in that priority group,
+    and JetStream serves only the client it pinned: the first to ask once no one holds the pin. The others wait
+    as standbys, their requests held, until the pinned one has not asked for `pin_timeout` (it stopped, crashed,
+    or lost its connection); then one of them is pinned and receives what is left, the dead one's
+    unacknowledged messages once their ack wait ends. JetStream names the pin in a `Nats-Pin-Id` header on
+    every delivery (the feed removes it); the pinned feed sends it back in each request, and sends a request
+    that takes nothing when it has not asked for a third of `pin_timeout` (all its credit in use), so a busy
+    process keeps its pin. A request with a pin JetStream no longer holds is refused (status 423): the feed
+    then knows it lost the pin and goes on asking as a standby.
+    """
 
     def __init__(
         self,
@@ -120,6 +152,9 @@ class PullFeed:
         reconnect_hooks: list[Callable[[], None]] | None = None,
         on_lost: Callable[[], None] | None = None,
         stalls: Stalls | None = None,
+        group: str | None = None,
+        pin_timeout: float = 10.0,
+        on_pin_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.nc = nc
         self._hooks = reconnect_hooks if reconnect_hooks is not None else []
@@ -144,6 +179,19 @@ class PullFeed:
         # from a request presumed lost. None marks the end.
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._closed = False
+        #: The consumer's priority group when it is exclusive (None: any number of clients share it).
+        self.group = group
+        self._pin: str | None = None
+        self._on_pin_change = on_pin_change
+        # JetStream pins another client when the pinned one has not asked for `pin_timeout`.
+        self._keep_pin_every = pin_timeout / 3
+        self._asked_pinned = 0.0
+        self._inbox = ""
+
+    @property
+    def pinned(self) -> bool:
+        """Whether JetStream last named this feed the exclusive consumer's pinned client (it gets the messages)."""
+        return self._pin is not None
 
     @property
     def stopping(self) -> bool:
@@ -180,10 +228,18 @@ class PullFeed:
         return max(1, self.max_inflight // 2)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep pull requests outstanding until `stop()`; then stop receiving."""
-        inbox = self.nc.new_inbox()
+        """Keep pull requests outstanding until `stop()`; then stop receiving. A feed pinned to an exclusive
+        consumer then keeps its pin until every delivery it gave is settled, and unpins."""
+        inbox = self._inbox = self.nc.new_inbox()
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
-        sub = await self.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        if self.group is None:
+            sub = await self.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        else:
+            # Each request's reply subject names the pin it carried and its batch, `<inbox>.<pin>.<batch>`: a
+            # refusal then says which pin JetStream refused and how much credit comes back.
+            sub = await self.nc.subscribe(
+                inbox + ".*.*", cb=self._on_group_message, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
         self._hooks.append(self._requests_lost)
         task_status.started()
         try:
@@ -193,10 +249,15 @@ class PullFeed:
                 if (held := self._retry_at - time.monotonic()) > 0:
                     wait = held
                 elif want >= self._threshold or (want > 0 and self.outstanding == 0):
-                    body = _pull_request.encode(PullRequest(batch=want, expires=int(self.expires * 1e9)))
-                    await self.nc.publish(subject, body, reply=inbox)
+                    if self.group is None:
+                        body = _pull_request.encode(PullRequest(batch=want, expires=int(self.expires * 1e9)))
+                        await self.nc.publish(subject, body, reply=inbox)
+                    else:
+                        await self._group_request(subject, want)
                     self.outstanding += want
                     self._heard = time.monotonic()
+                if self._pin is not None:
+                    wait = min(wait, await self._keep_pin(subject))
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -219,6 +280,80 @@ class PullFeed:
                     pass
                 self._closed = True
                 self._queue.put_nowait(None)
+        if self._pin is not None:
+            try:
+                await self._hand_over(subject)
+            except nats.errors.Error as exc:  # the connection closed: the pin lapses after its timeout
+                log.warning("consumer %s/%s: not handed over: %s", self.stream, self.consumer, exc)
+
+    async def _hand_over(self, subject: str) -> None:
+        """Keep the pin while the deliveries this feed gave are worked on, then hand the consumer to a standby
+        at once: no other process starts on the next messages (of keys still in work here) before these are
+        settled, and none waits out the pin timeout after that. (Cancelled, the feed leaves the pin to lapse.)"""
+        # The drain ended this feed's requests; with none counted, every settle from here on wakes the loop.
+        self.outstanding = 0
+        while self.inflight > 0 and self._pin is not None:
+            due = await self._keep_pin(subject)  # its answer comes to no one: JetStream counts the request itself
+            with anyio.move_on_after(due):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+        await self.unpin()
+
+    async def _group_request(self, subject: str, batch: int) -> None:
+        pin = self._pin
+        if pin is not None:
+            self._asked_pinned = time.monotonic()
+        assert self.group is not None
+        body = GroupPullRequest(batch=batch, expires=int(self.expires * 1e9), group=self.group, id=pin)
+        await self.nc.publish(subject, _pull_request.encode(body), reply=f"{self._inbox}.{pin or _NO_PIN}.{batch}")
+
+    async def _keep_pin(self, subject: str) -> float:
+        """Ask for nothing when the pinned feed has not asked for a while (all its credit in use), which keeps its
+        pin; returns the seconds until it is due again."""
+        due = self._asked_pinned + self._keep_pin_every - time.monotonic()
+        if due > 0:
+            return due
+        assert self.group is not None and self._pin is not None
+        body = GroupPullRequest(batch=1, expires=_ns(self._keep_pin_every), group=self.group, id=self._pin, max_bytes=1)
+        reply = f"{self._inbox}.{self._pin}.{_KEEP_ALIVE}"
+        await self.nc.publish(subject, _pull_request.encode(body), reply=reply)
+        self._asked_pinned = time.monotonic()
+        return self._keep_pin_every
+
+    def _set_pin(self, pin: str | None) -> None:
+        self._pin = pin
+        where = f"{self.stream}/{self.consumer}"
+        if pin is not None:
+            self._asked_pinned = time.monotonic()  # JetStream started the pin's timer as it chose this client
+            log.info("consumer %s: this process consumes it now (pinned in group %s)", where, self.group)
+        else:
+            log.warning("consumer %s: another process consumes it now (JetStream refused this one's pin)", where)
+        if self._on_pin_change is not None:
+            self._on_pin_change(pin is not None)
+        self._wake.set()
+
+    async def unpin(self, timeout: float = 5.0) -> bool:
+        """Hand the exclusive consumer to a standby now, rather than after the pin timeout; returns whether this
+        feed held the pin. A stopped feed does it once every delivery it gave is settled (before that a standby
+        would start on the next messages of keys this process still works on)."""
+        pin, self._pin = self._pin, None
+        if pin is None or self.group is None:
+            return False
+        api = f"$JS.API.CONSUMER.{{}}.{self.stream}.{self.consumer}"
+        try:
+            reply = await self.nc.request(api.format("INFO"), b"", timeout=timeout)
+            groups = msgspec.json.decode(reply.data).get("priority_groups") or []
+            # UNPIN takes whatever pin the group has: leave it be if ours lapsed and another process holds it.
+            if not any(g.get("group") == self.group and g.get("pinned_client_id") == pin for g in groups):
+                return False
+            reply = await self.nc.request(api.format("UNPIN"), _json.encode({"group": self.group}), timeout=timeout)
+        except nats.errors.Error as exc:
+            log.warning("consumer %s/%s: not unpinned: %s", self.stream, self.consumer, exc)
+            return False
+        if error := msgspec.json.decode(reply.data).get("error"):
+            log.warning("consumer %s/%s: not unpinned: %s", self.stream, self.consumer, error.get("description"))
+            return False
+        return True
 
     def _requests_lost(self) -> None:
         # A reconnect drops the server's record of our pull requests: ask again now, not after they expire.
@@ -244,6 +379,35 @@ class PullFeed:
         self._backoff = 0.0
         self._stalls.recovered(self._stall_key)
 
+    async def _on_group_message(self, msg: Msg) -> None:
+        """`_on_message` for a feed in a priority group: follows the pin, and drops what keep-alives bring."""
+        headers = msg.headers
+        if headers:
+            if "Status" in headers and not msg.reply:
+                _, pin, batch = msg.subject.rsplit(".", 2)
+                if headers["Status"] == "423":
+                    # The request carried a pin JetStream no longer holds: it pinned another client (ours
+                    # lapsed, or an operator unpinned it). Ask on as a standby. (A request sent without a pin
+                    # and pinned by the server is refused with the pin it was given, which may be an older one:
+                    # that refusal proves nothing; the pinned requests and keep-alives that follow tell.)
+                    if pin == self._pin:
+                        self._set_pin(None)
+                    if batch != _KEEP_ALIVE:
+                        returned = int(headers.get("Nats-Pending-Messages") or batch)
+                        self.outstanding = max(0, self.outstanding - returned)
+                    self._heard = time.monotonic()
+                    self._wake.set()
+                    return
+                if batch == _KEEP_ALIVE:
+                    return  # it ended (expired, or refused a message too large for it): it asked for nothing
+            elif _PIN_HEADER in headers:
+                pin = headers.pop(_PIN_HEADER)
+                if not headers:
+                    msg.headers = None
+                if pin != self._pin:
+                    self._set_pin(pin)
+        await self._on_message(msg)
+
     async def _on_message(self, msg: Msg) -> None:
         self._heard = time.monotonic()
         headers = msg.headers
@@ -258,13 +422,18 @@ class PullFeed:
                 elif self._stalled:
                     self._healthy()  # an expiry is the consumer's leader answering
                 self._wake.set()
-            elif status == "503":
-                # No one serves the consumer's pull requests: it has no leader (an election after a server was
-                # lost), or JetStream is down. Ask again after a pause that grows to 2 s, not in a tight loop.
+            elif status in ("503", "400"):
+                # 503: no one serves the consumer's pull requests: it has no leader (an election after a server
+                # was lost), or JetStream is down. 400: the consumer refuses them (an exclusive consumer asked
+                # without its group: an eventfn older than its ordered mapping). Ask again after a pause that
+                # grows to 2 s, not in a tight loop.
                 self.outstanding = 0
                 self._backoff = min(2.0, max(0.25, self._backoff * 2))
                 self._retry_at = time.monotonic() + self._backoff
-                self._trouble("no responders: the consumer has no leader (an election is under way?)")
+                if status == "503":
+                    self._trouble("no responders: the consumer has no leader (an election is under way?)")
+                else:
+                    self._trouble(f"pull request refused: {headers.get('Description', '')}")
                 self._wake.set()
             if self._on_lost and (status == "503" or headers.get("Description") == "Consumer Deleted"):
                 # No consumer answers the request (503), or it was deleted under us: its stream or it may be
@@ -344,18 +513,6 @@ class StoredRecord(msgspec.Struct, frozen=True):
     headers: dict[str, str] | None
 
 
-class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """How a source's durable consumer delivers: where a new one starts, acks, redelivery limit, exclusivity."""
-
-    start_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
-    #: Epoch seconds, for AT_TIMESTAMP.
-    start_time: float | None = None
-    ack: Literal["explicit", "none"] = "explicit"
-    max_deliveries: int = -1
-    #: One pull client at a time (ordered mappings).
-    exclusive: bool = False
-
-
 class ConsumerState(msgspec.Struct, frozen=True):
     """What `Bus.consumer_state` reports."""
 
@@ -363,9 +520,83 @@ class ConsumerState(msgspec.Struct, frozen=True):
     pending: int
     ack_pending: int
     redelivered: int
-    #: The highest stream position delivered, and the one below which all is acknowledged.
+    #: The stream sequence of the last message delivered (0: none yet).
     delivered_stream_seq: int = 0
+    #: Every message up to this stream sequence is acknowledged (0: none yet).
     ack_floor_stream_seq: int = 0
+
+
+#: The priority group of an exclusive consumer (JetStream allows one group per consumer, of at most 16 characters).
+EXCLUSIVE_GROUP = "eventfn"
+
+#: Where a new consumer starts, as JetStream's deliver policy.
+_DELIVER_POLICY = {"LATEST": "new", "TRIM_HORIZON": "all", "AT_TIMESTAMP": "by_start_time"}
+
+
+class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How a source's durable consumer delivers: where a new one starts, how deliveries are acknowledged, how often
+    one is delivered, and whether one eventfn process at a time consumes it."""
+
+    #: Where a new consumer starts (Kinesis's names): at events published after it is created, at the first
+    #: stored event, or at the first stored at or after `start_time`. Fixed at creation: an existing consumer
+    #: goes on from where it is.
+    start_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
+    #: Epoch seconds, for AT_TIMESTAMP.
+    start_time: float | None = None
+    #: "none": JetStream forgets a message once delivered (no retry, no ack traffic). Fixed at creation.
+    ack: Literal["explicit", "none"] = "explicit"
+    #: How often JetStream delivers one message at most (-1: no limit; eventfn's retry policy decides).
+    max_deliveries: int = -1
+    #: One process at a time receives the consumer's messages (JetStream's pinned client): what per-key and
+    #: per-shard ordering need when several eventfn services share the consumer. Open its feed (`Bus.pull_feed`)
+    #: with the same options.
+    exclusive: bool = False
+    #: With `exclusive`: JetStream hands the consumer to another process once the one it pinned has not asked
+    #: for messages this long (seconds; a live feed asks at least three times as often). A crashed process's
+    #: consumer waits this long, and its unacknowledged messages their ack wait, before another takes over.
+    pin_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.start_position == "AT_TIMESTAMP" and self.start_time is None:
+            raise ValueError("start_position AT_TIMESTAMP needs a start_time")
+        if self.max_deliveries == 0 or self.max_deliveries < -1:
+            raise ValueError(f"max_deliveries must be -1 (no limit) or at least 1, not {self.max_deliveries}")
+        if self.exclusive and self.ack == "none":
+            raise ValueError("an exclusive consumer needs explicit acks (JetStream's pinned client requires them)")
+        if self.pin_timeout <= 0:
+            raise ValueError(f"pin_timeout must be positive, not {self.pin_timeout}")
+
+    @property
+    def group(self) -> str | None:
+        """The priority group the consumer's feed pulls in (None: not exclusive)."""
+        return EXCLUSIVE_GROUP if self.exclusive else None
+
+    def start_fields(self, from_start: bool) -> dict[str, Any]:
+        """Where a new consumer starts, as JetStream's configuration fields."""
+        if from_start:
+            return {"deliver_policy": "all"}
+        fields: dict[str, Any] = {"deliver_policy": _DELIVER_POLICY[self.start_position]}
+        if self.start_position == "AT_TIMESTAMP":
+            assert self.start_time is not None  # checked above
+            when = datetime.fromtimestamp(self.start_time, UTC).isoformat()
+            fields["opt_start_time"] = when.replace("+00:00", "Z")
+        return fields
+
+    def priority_fields(self) -> dict[str, Any]:
+        """The consumer's priority settings: none, or one group with a pinned client."""
+        if not self.exclusive:
+            return {}
+        return {
+            "priority_groups": [EXCLUSIVE_GROUP],
+            "priority_policy": "pinned_client",
+            "priority_timeout": _ns(self.pin_timeout),
+        }
+
+
+_DEFAULT_OPTIONS = ConsumerOptions()
+
+#: Settings JetStream fixes when it creates a consumer: an update must send them back unchanged.
+_FIXED_AT_CREATION = ("deliver_policy", "opt_start_seq", "opt_start_time", "ack_policy")
 
 
 #: What JetStream API calls that time out stall (`Bus.stalls` key).
@@ -373,6 +604,15 @@ _API = "JetStream API"
 
 #: "Paused until" far enough away to mean: until resumed.
 _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
+
+
+class Published(msgspec.Struct, frozen=True):
+    """What JetStream answered to a stored publish."""
+
+    #: The message's stream sequence (of the first one, for a duplicate).
+    seq: int
+    #: JetStream had a message with this id within the stream's duplicate window, and dropped this one.
+    duplicate: bool
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -446,6 +686,28 @@ class Bus:
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 5.0
     ) -> int:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
+        return (await self._publish_stored(subject, data, headers, timeout)).seq
+
+    async def publish_event(
+        self, subject: str, event: events.Event, *, stored: bool = True, timeout: float = 5.0
+    ) -> Published | None:
+        """Publish `event` on `subject` in binary CloudEvents mode (attributes in headers, data as the body).
+
+        Stored (the default), wait until JetStream has it durably. The event's id is the message id
+        (`Nats-Msg-Id`), so a second publish of one id within the stream's duplicate window is dropped: a source
+        that chooses its ids (`events.new_event(id=...)`) may publish again after a crash without a duplicate.
+        Not stored: a core publish, fire and forget (None).
+        """
+        headers = events.binary_headers(event)  # with Nats-Msg-Id: the event's id
+        if not stored:
+            await self.nc.publish(subject, event.data, headers=headers)
+            return None
+        ack = await self._publish_stored(subject, event.data, headers, timeout)
+        return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def _publish_stored(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> PubAck:
         try:
             ack = await self.js.publish(subject, data, headers=headers, timeout=timeout)
         except nats.errors.TimeoutError:
@@ -457,7 +719,7 @@ class Bus:
             raise
         if self.stalls.stalled:
             self.stalls.recovered(f"stored publish to {subject}")
-        return ack.seq
+        return ack
 
     async def request(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
@@ -649,59 +911,67 @@ class Bus:
         max_ack_pending: int,
         description: str = "",
         metadata: dict[str, str] | None = None,
-        options: ConsumerOptions | None = None,
+        options: ConsumerOptions = _DEFAULT_OPTIONS,
         from_start: bool = False,
     ) -> None:
-        """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits).
+        """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits, max
+        deliveries, exclusive or not).
 
-        A new consumer starts at new messages (Lambda's LATEST), or with `from_start` at the first stored
-        one; an existing one resumes where it left off. An update leaves a consumer's pause state as it is,
-        and its replicas: by default a consumer has as many as its stream (it follows when the stream's change),
-        so its acknowledgements survive what the stream survives; a count an operator set stays. Metadata an
-        operator added stays too.
+        A new consumer starts where `options.start_position` says, or with `from_start` at the first stored
+        message (after its stream was re-created); an existing one resumes where it left off and keeps its ack
+        policy (JetStream fixes both at creation). An update leaves a consumer's pause state as it is, and its
+        replicas: by default a consumer has as many as its stream (it follows when the stream's change), so its
+        acknowledgements survive what the stream survives; a count an operator set stays. Metadata an operator
+        added stays too.
         """
         replicas = 0  # as many as the stream
-        start_time: datetime | None = None
+        # Read and written as JetStream's JSON: nats-py's consumer types drop the priority settings.
         try:
-            info = await self._js_call(self.js.consumer_info(stream, name), f"read consumer {stream}/{name}")
-            existing = info.config
+            info = await self._js_call(
+                self._api(f"CONSUMER.INFO.{stream}.{name}", None), f"read consumer {stream}/{name}"
+            )
         except _NotFound:
-            start = "TRIM_HORIZON" if from_start else (options or ConsumerOptions()).start_position
-            policy = {
-                "LATEST": DeliverPolicy.NEW,
-                "TRIM_HORIZON": DeliverPolicy.ALL,
-                "AT_TIMESTAMP": DeliverPolicy.BY_START_TIME,
-            }[start]
-            if start == "AT_TIMESTAMP":
-                start_time = datetime.fromtimestamp((options or ConsumerOptions()).start_time or 0.0, UTC)
+            fixed = {**options.start_fields(from_start), "ack_policy": options.ack}
         else:
-            policy = existing.deliver_policy  # fixed at creation
-            replicas = existing.num_replicas or 0
+            existing: dict[str, Any] = info["config"]
+            fixed = {k: existing[k] for k in _FIXED_AT_CREATION if k in existing}
+            if fixed.get("ack_policy", "explicit") != options.ack:
+                log.warning(
+                    "consumer %s/%s keeps ack policy %s (asked for %s): JetStream fixes it at creation; delete the "
+                    "consumer to change it",
+                    stream,
+                    name,
+                    fixed.get("ack_policy"),
+                    options.ack,
+                )
+            replicas = int(existing.get("num_replicas") or 0)
             # The server sets its own `_nats.` keys on every update.
-            kept = {k: v for k, v in (existing.metadata or {}).items() if not k.startswith("_nats.")}
+            kept = {k: v for k, v in (existing.get("metadata") or {}).items() if not k.startswith("_nats.")}
             metadata = {**kept, **(metadata or {})} or None
-        config = ConsumerConfig(
-            opt_start_time=start_time,
-            durable_name=name,
-            description=description or None,
-            deliver_policy=policy,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=max_ack_pending,
-            max_waiting=512,
-            num_replicas=replicas,
-            metadata=metadata,
+        config: dict[str, Any] = {
+            "name": name,
+            "durable_name": name,
+            **({"description": description} if description else {}),
+            **fixed,
+            "ack_wait": _ns(ack_wait),
+            "max_deliver": options.max_deliveries,
+            "replay_policy": "instant",
+            "max_waiting": 512,
+            "max_ack_pending": max_ack_pending,
+            "num_replicas": replicas,
+            **({"metadata": metadata} if metadata else {}),
             **_filter_fields(filter_subjects),
-        )
+            **options.priority_fields(),
+        }
+        request = {"stream_name": stream, "config": config}
         what = f"provision consumer {stream}/{name}"
         for delay in (0.25, 0.5, 1.0, 2.0, 4.0):  # about 8 s for JetStream to finish what it is busy with
             try:
-                await self._js_call(self.js.add_consumer(stream, config), what)
+                await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
                 return
             except _Busy:
                 await anyio.sleep(delay)
-        await self._js_call(self.js.add_consumer(stream, config), what)
+        await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
 
     async def consumer_exists(self, stream: str, name: str) -> bool:
         """Whether the durable consumer exists."""
@@ -785,8 +1055,18 @@ class Bus:
         await self.js.purge_stream(stream, subject=subject)
         return count
 
-    def pull_feed(self, stream: str, consumer: str, *, max_inflight: int) -> PullFeed:
-        """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`)."""
+    def pull_feed(
+        self,
+        stream: str,
+        consumer: str,
+        *,
+        max_inflight: int,
+        options: ConsumerOptions = _DEFAULT_OPTIONS,
+        on_pin_change: Callable[[bool], None] | None = None,
+    ) -> PullFeed:
+        """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`), provisioned with
+        `options`: on an exclusive consumer it pulls in its group, and `on_pin_change` hears whether it is the one
+        process that consumes it."""
         return PullFeed(
             self.nc,
             stream,
@@ -795,6 +1075,9 @@ class Bus:
             reconnect_hooks=self._reconnect_hooks,
             on_lost=self._lost,
             stalls=self.stalls,
+            group=options.group,
+            pin_timeout=options.pin_timeout,
+            on_pin_change=on_pin_change,
         )
 
     def refresh_feeds(self) -> None:

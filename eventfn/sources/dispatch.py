@@ -96,6 +96,13 @@ class Dispatcher:
         """Stop pulling; deliveries received but not started go back to the source at once."""
         self.feed.stop()
 
+    def pin_changed(self, pinned: bool) -> None:
+        """The source says whether this process is the one consuming an exclusive consumer. Having lost it (a
+        stall longer than the pin timeout), an ordered mapping hands back what it holds and has not started, so
+        that the process now pinned gets those events in order."""
+        if not pinned and isinstance(self.scheduler, Keyed):
+            self.scheduler.evict()
+
     # -- processing one batch -------------------------------------------------------------------------------
 
     async def process_guarded(self, batch: Sequence[Message]) -> list[Verdict]:

@@ -184,6 +184,8 @@ class Keyed:
         self._barrier: _Barrier | None = None
         #: When a held event was last kept alive (by stream position).
         self._touched: dict[int, float] = {}
+        #: Set when the source no longer gives this process the consumer: held events go back.
+        self._evict = False
 
     @property
     def held(self) -> int:
@@ -249,7 +251,13 @@ class Keyed:
                     if len(barrier.seen) >= barrier.expected:
                         self._release_barrier()
                 continue
-            self._add(message)
+            try:
+                self._add(message)
+            except Exception as exc:  # a bug here must not stop the mapping, or the service: that event is parked
+                log.exception(
+                    "%s: scheduling event %d failed; dead-lettering it", self.mapping.name, message.stream_seq
+                )
+                await self.dispatcher.dead_letters.poison(message, exc)
         self._closed = True
         self._changed.set()
 
@@ -265,9 +273,9 @@ class Keyed:
         key = self.key_of(message)
         queue = self.queues.get(key)
         if queue is None:
-            queue = self.queues[key] = [message]
-        elif queue[-1].stream_seq < message.stream_seq:
-            queue.append(message)
+            self.queues[key] = [message]
+        elif not queue or queue[-1].stream_seq < message.stream_seq:
+            queue.append(message)  # (a key whose events all run now keeps an empty queue)
         else:
             # A redelivery behind later events of its key that have not started: back into stream order (the same
             # event twice, after a lapsed keepalive, keeps only the newer delivery).
@@ -373,6 +381,28 @@ class Keyed:
             else:
                 del self.queues[key]
 
+    def evict(self) -> None:
+        """Hand back every event held and not started (soon, from the timer task): another process consumes
+        the source now."""
+        self._evict = True
+
+    async def _hand_back_held(self) -> None:
+        self._evict = False
+        left = [m for key, q in self.queues.items() if key not in self.busy for m in q]
+        if self._barrier is not None:
+            left += self._barrier.held
+            self._barrier = None
+        for key in [k for k in self.queues if k not in self.busy]:
+            del self.queues[key]
+            self.blocked.pop(key, None)
+        self._ready.clear()
+        self._ready_set.clear()
+        if left:
+            log.warning(
+                "%s: another process consumes it now; %d held event(s) handed back", self.mapping.name, len(left)
+            )
+            await hand_back(sorted(left, key=lambda m: m.stream_seq))
+
     # -- time ---------------------------------------------------------------------------------------------
 
     async def _timers(self) -> None:
@@ -380,6 +410,8 @@ class Keyed:
         every = self.mapping.ack_wait / 3
         next_keepalive = time.monotonic() + every
         while True:
+            if self._evict:
+                await self._hand_back_held()
             now = time.monotonic()
             for key in [k for k, until in self.blocked.items() if until <= now]:
                 del self.blocked[key]
