@@ -21,7 +21,8 @@ import msgspec
 
 from eventfn import __version__, decoding, events, subjects
 from eventfn.broker import auth
-from eventfn.broker.bus import Bus, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
 from eventfn.config import (
     NatsSettings,
     ServiceConfig,
@@ -33,7 +34,7 @@ from eventfn.config import (
 from eventfn.errors import EventfnError, ServiceUnavailable, UnreadableData
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-#: What to do when a client command cannot reach NATS (`serve` keeps bus.connect's own hint).
+#: What to do when a client command cannot reach NATS (`serve` keeps `connection.connect`'s own hint).
 CLIENT_FIX = "is `eventfn serve` running? Start it, or point at it with --nats URL"
 #: Table cells are cut to these widths (`dlq show` and `--json` print everything).
 CELL_WIDTH = 64

@@ -20,8 +20,10 @@ import anyio.abc
 
 from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
-from eventfn.broker.bus import Bus, StreamSpec, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
+from eventfn.broker.specs import StreamSpec
 from eventfn.config import FunctionSettings, NatsSettings, ServiceConfig
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.fronts.nats_api import Api

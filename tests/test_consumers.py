@@ -16,7 +16,10 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from eventfn.broker.bus import Bus, ConsumerOptions, Delivery, PullFeed, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
+from eventfn.broker.feeds import Delivery, PullFeed
+from eventfn.broker.specs import ConsumerOptions
 from eventfn.config import NatsSettings
 from eventfn.testing import NatsServer
 from tests.conftest import Collector

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from eventfn import decoding, events, filters
-from eventfn.broker.bus import StoredRecord
+from eventfn.broker.specs import StoredRecord
 from eventfn.errors import EventDecodeError, UnreadableData
 from eventfn.fronts import nats_api as api
 from eventfn.invoke import handler as runtime

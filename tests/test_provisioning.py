@@ -15,7 +15,9 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from eventfn.broker.bus import Bus, StreamHealth, StreamSpec, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
+from eventfn.broker.specs import StreamHealth, StreamSpec
 from eventfn.config import NatsSettings, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from eventfn import events
-from eventfn.broker.bus import Bus, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
 from eventfn.config import NatsSettings
 from eventfn.testing import NatsServer
 

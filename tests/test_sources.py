@@ -11,7 +11,9 @@ import anyio
 import msgspec
 import pytest
 
-from eventfn.broker.bus import Bus, StreamSpec, connect
+from eventfn.broker.bus import Bus
+from eventfn.broker.connection import connect
+from eventfn.broker.specs import StreamSpec
 from eventfn.config import NatsSettings
 from eventfn.invoke.invocation import Invocation, Outcome
 from eventfn.sources import mappings

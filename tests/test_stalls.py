@@ -11,7 +11,7 @@ import anyio
 import nats.js.errors
 import pytest
 
-from eventfn.broker.bus import connect
+from eventfn.broker.connection import connect
 from eventfn.broker.stalls import Stalls
 from eventfn.config import NatsSettings
 from eventfn.testing import NatsServer

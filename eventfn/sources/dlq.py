@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from eventfn import decoding, subjects
-from eventfn.broker.bus import Bus, StoredRecord
+from eventfn.broker.bus import Bus
+from eventfn.broker.specs import StoredRecord
 from eventfn.errors import UnreadableData
 from eventfn.sources import records
 

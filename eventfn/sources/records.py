@@ -38,7 +38,7 @@ SYSTEM_HEADER_PREFIXES = ("Nats-", "Eventfn-")
 
 
 class StoredMessage(Protocol):
-    """What a record needs of a delivered message (`bus.Delivery` has it)."""
+    """What a record needs of a delivered message (`feeds.Delivery` has it)."""
 
     subject: str
     data: bytes

@@ -18,7 +18,7 @@ import anyio.abc
 import msgspec
 
 from eventfn import subjects
-from eventfn.broker.bus import ConsumerOptions, StreamSpec
+from eventfn.broker.specs import ConsumerOptions, StreamSpec
 from eventfn.sources.records import original_subject
 
 #: The three ordering models.
