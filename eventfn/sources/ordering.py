@@ -21,23 +21,33 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import anyio
 import anyio.abc
 
-from eventfn.sources.deadletters import nak_quietly
-from eventfn.sources.source import KeyReader, Message
-
-if TYPE_CHECKING:
-    from eventfn.sources.dispatch import Dispatcher
+from eventfn.sources.deadletters import DeadLetters, nak_quietly
+from eventfn.sources.mappings import Mapping
+from eventfn.sources.source import Feed, KeyReader, Message
 
 log = logging.getLogger(__name__)
 
 #: Unsettled events of the consumer (its ack pending count) and the highest stream position it delivered, as
 #: the source reports them when a mapping starts.
 Recovery = Callable[[], Awaitable[tuple[int, int]]]
+
+
+class Dispatcher(Protocol):
+    """What a scheduler drives (`dispatch.Dispatcher`): a mapping, its feed, and the processing of one batch."""
+
+    mapping: Mapping
+    feed: Feed
+    dead_letters: DeadLetters
+
+    async def process_guarded(self, batch: Sequence[Message]) -> list[float | None]:
+        """Filter, invoke and settle `batch`; for each event, None (settled) or seconds until it runs again."""
+        ...
 
 
 def _record_size(data: bytes) -> int:
