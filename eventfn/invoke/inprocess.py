@@ -193,14 +193,7 @@ class InProcessPool:
         spec = self.spec
         request_id = invocation.request_id
         begin = time.perf_counter()
-        invoke = Invoke(
-            request_id=request_id,
-            payload=invocation.payload,
-            deadline=time.time() + spec.timeout,
-            is_json=invocation.is_json,
-            client_context=invocation.client_context,
-            cloud_event=invocation.cloud_event,
-        )
+        invoke = Invoke.of(invocation, time.time() + spec.timeout)
         if on_start is not None:
             on_start(invocation)
         self.busy += 1

@@ -11,7 +11,7 @@ import struct
 import msgspec
 
 from eventfn.errors import HandlerLoadError
-from eventfn.invoke.invocation import LambdaError
+from eventfn.invoke.invocation import Invocation, LambdaError
 
 HEADER = struct.Struct(">I")
 #: Largest frame either side accepts: a 6 MB payload (Lambda's sync limit) with room for its envelope.
@@ -41,6 +41,18 @@ class Invoke(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
     is_json: bool = False
     client_context: bytes | None = None
     cloud_event: dict[str, str] | None = None
+
+    @classmethod
+    def of(cls, invocation: Invocation, deadline: float) -> Invoke:
+        """What a pool sends (or runs in-process) for `invocation`, due by `deadline`."""
+        return cls(
+            request_id=invocation.request_id,
+            payload=invocation.payload,
+            deadline=deadline,
+            is_json=invocation.is_json,
+            client_context=invocation.client_context,
+            cloud_event=invocation.cloud_event,
+        )
 
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):

@@ -262,14 +262,7 @@ class Pool:
                 init_ms = worker.init_ms
             if on_start is not None:
                 on_start(invocation)
-            invoke = Invoke(
-                request_id=request_id,
-                payload=invocation.payload,
-                deadline=time.time() + spec.timeout,
-                is_json=invocation.is_json,
-                client_context=invocation.client_context,
-                cloud_event=invocation.cloud_event,
-            )
+            invoke = Invoke.of(invocation, time.time() + spec.timeout)
             result: Result | None = None
             with anyio.move_on_after(spec.timeout):
                 try:

@@ -19,26 +19,16 @@ import msgspec
 
 from eventfn import subjects
 from eventfn.broker.specs import ConsumerOptions, StreamSpec
-from eventfn.sources.records import original_subject
+from eventfn.sources.records import DeliveredMessage, original_subject
 
 #: The three ordering models.
 OrderingModel = Literal["none", "key", "shard"]
 
 
-class Message(Protocol):
-    """One stored event as a feed hands it over, with the ways to settle it (JetStream's `Delivery`)."""
+class Message(DeliveredMessage, Protocol):
+    """One stored event as a feed hands it over (`records.DeliveredMessage`: subject, data, headers, stream and
+    position, deliveries, timestamps), with the ways to settle it (JetStream's `Delivery`)."""
 
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    stream: str
-    #: The event's position in its stream: unique per stream, growing in publish order.
-    stream_seq: int
-    #: Deliveries so far, this one included.
-    delivered: int
-    timestamp_ns: int
-    #: When this delivery reached us (epoch seconds).
-    received_at: float
     settled: bool
 
     async def ack(self) -> None:
