@@ -210,7 +210,7 @@ class Dispatcher:
         )
         with anyio.CancelScope(shield=True):
             verdict = await self._settle(message, request_id, outcome, event)
-            if outcome.ok:
+            if outcome.ok and self.mapping.destinations.on_success:
                 await self.dead_letters.succeeded(request_id, event.data, outcome.payload, self._attempt(message))
         return verdict
 
@@ -263,7 +263,7 @@ class Dispatcher:
                 if verdict is not None and key is not None:
                     stopped.add(key)
                 verdicts.append(verdict)
-            if outcome.ok:
+            if outcome.ok and self.mapping.destinations.on_success:
                 invokes = max(self._attempt(m) for m, _, _ in ready)
                 await self.dead_letters.succeeded(request_id, payload, outcome.payload, invokes)
         return verdicts
