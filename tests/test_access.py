@@ -499,7 +499,7 @@ async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
     """`Eventfn-Subject` carries a redriven event's first subject; only a redrive (which only the admin may
     publish) sets it. From anyone else it would let a client allowed one subject pose as another."""
     write_handler(handlers, "spoof", SUBJECTS)
-    serve()
+    await serve()
     seen = await probe("spoof.seen")
     forged = {"Eventfn-Subject": "payments.refund.approved"}
     await nc.publish("events.spoof.public", b'{"n": 1}', headers=forged)
@@ -543,7 +543,7 @@ async def test_requests_naming_a_refused_reply_subject_are_logged_at_most_once_a
     """Any client may name a NATS API subject as its reply: none is answered there, and a flood of them
     is one log line (with a count on the next), not one each."""
     write_handler(handlers, "echo", ECHO)
-    service = serve()
+    service = await serve()
     mark = service.log.mark()
     for n in range(50):  # each is answered at once (404), so each reply is refused in turn
         await nc.publish("eventfn.invoke.nosuch", b"{}", reply=f"$JS.API.STREAM.PURGE.EVENTFN_DLQ.{n}")

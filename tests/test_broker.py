@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -396,10 +396,10 @@ SINK = """
 
 
 async def test_streams_and_consumers_deleted_under_a_running_service_are_recreated(
-    tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Serve], probe
+    tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Awaitable[Serve]], probe
 ) -> None:
     write_handler(handlers, "sink", SINK.format())
-    service = serve()
+    service = await serve()
     seen = await probe("probe.sd")
     admin = await admin_client(nats_server.url, tmp_path / "data")
     js = admin.jetstream()

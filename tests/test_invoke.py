@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -29,16 +29,18 @@ ECHO = """
 """
 
 
-async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+async def test_sync_invoke_returns_the_handler_result(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.echo", b'{"id": 1}', timeout=10)
     assert json.loads(reply.data) == {"event": {"id": 1}, "function": "echo"}
     assert "Eventfn-Function-Error" not in (reply.headers or {})
 
 
 async def test_handler_exception_returns_lambda_error_object_and_error_header(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -48,7 +50,7 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
             raise KeyError("missing-field")
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.fails", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "KeyError"
@@ -58,7 +60,7 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
 
 
 async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -74,7 +76,7 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
             return "fast"
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.slow", b'{"spin": true}', timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Sandbox.Timedout"
@@ -85,20 +87,20 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
 
 
 async def test_unknown_function_gets_resource_not_found(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.nope", b"{}", timeout=10)
     assert json.loads(reply.data)["errorType"] == "ResourceNotFoundException"
     assert reply.headers["Eventfn-Status"] == "404"
 
 
 async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     await nc.publish("events.orders.created", b'{"id": 1}')  # matches events.orders.*
     await nc.publish("events.orders.created.extra", b'{"id": 2}')  # matches neither trigger
@@ -109,10 +111,10 @@ async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
 
 
 async def test_non_json_body_arrives_as_text_and_binary_as_base64(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     await nc.publish("events.orders.text", b"plain words, not JSON")
     await nc.publish("events.orders.binary", b"\xff\xfe\x00\x01")
@@ -121,10 +123,10 @@ async def test_non_json_body_arrives_as_text_and_binary_as_base64(
 
 
 async def test_async_invoke_is_stored_and_processed(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     js = nc.jetstream()
     ack = await js.publish("eventfn.async.echo", b'{"job": 7}')
@@ -133,7 +135,9 @@ async def test_async_invoke_is_stored_and_processed(
     assert json.loads(text)["event"] == {"job": 7}
 
 
-async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+async def test_context_has_lambdas_attributes(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
     write_handler(
         handlers,
         "ctx",
@@ -157,7 +161,7 @@ async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..
             }
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.ctx", b"{}", timeout=10)
     ctx = json.loads(reply.data)
     assert ctx["function_name"] == "ctx"
@@ -184,10 +188,10 @@ def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.Comple
 
 
 async def test_cli_invoke_pub_and_functions(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     url = ["--nats", nats_server.url]
     result = _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -37,10 +37,10 @@ SLOW = """
 
 
 async def test_sigterm_with_events_in_flight_then_restart_loses_none(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
-    first = serve()
+    first = await serve()
     seen = await probe("probe.slow")
     total = 80
     for n in range(total):
@@ -52,7 +52,7 @@ async def test_sigterm_with_events_in_flight_then_restart_loses_none(
     assert stopped_at < total, "the test must interrupt work in progress"
     assert "Traceback" not in first.log.text()
 
-    serve()
+    await serve()
     # Well inside the 35 s ack wait: deliveries the first run had received but not started were handed back
     # (nak), not left to time out.
     done = await seen.wait_for(total, timeout=15)
@@ -62,20 +62,20 @@ async def test_sigterm_with_events_in_flight_then_restart_loses_none(
 
 
 async def test_restart_keeps_configuration_and_applies_changed_settings(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
-    serve().stop()
+    await (await serve()).astop()
     js = nc.jetstream()
     before = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert set(before) == {"slow--async", "slow--t0"}
 
-    serve().stop()
+    await (await serve()).astop()
     again = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert again == before, "a restart with the same settings changes nothing"
 
     write_handler(handlers, "slow", SLOW.format(timeout=20).replace("events.work.>", "events.jobs.*"))
-    serve().stop()
+    await (await serve()).astop()
     after = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert set(after) == set(before)
     # ack wait = timeout + batching window + 10 s

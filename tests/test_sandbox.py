@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -139,7 +139,7 @@ def test_start_up_variables_alone_are_on_the_command_line_environment() -> None:
 
 @pytest.mark.e2e
 async def test_a_handler_sees_none_of_the_services_secrets(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -166,7 +166,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
             }
     """,
     )
-    service = serve(
+    service = await serve(
         env={
             "SECRET_DB_PASSWORD": "hunter2",
             "EVENTFN_NATS_TOKEN": "t0ken",
@@ -200,7 +200,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
 async def test_a_function_cannot_read_another_functions_environment(
     tmp_path: Path,
     handlers: Path,
-    serve: Callable[..., Serve],
+    serve: Callable[..., Awaitable[Serve]],
     nc: Client,
     probe,
     started: list[int],
@@ -238,7 +238,9 @@ async def test_a_function_cannot_read_another_functions_environment(
             return {f"{pid} {what}": read(f"/proc/{pid}/{what}") for pid in event["pids"] for what in files}
     """,
     )
-    service = serve(extra_args=config_file(tmp_path, f"[workers]\nuser_namespace = {str(user_namespace).lower()}\n"))
+    service = await serve(
+        extra_args=config_file(tmp_path, f"[workers]\nuser_namespace = {str(user_namespace).lower()}\n")
+    )
     assert service.process is not None
     reported = await probe("probe.holder")
     assert await invoke(nc, "holder") == "ok"
@@ -304,11 +306,17 @@ async def spawn_case(
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", list(MODES))
 async def test_processes_a_handler_starts_end_with_its_worker(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client, probe, started: list[int], mode: str
+    tmp_path: Path,
+    handlers: Path,
+    serve: Callable[..., Awaitable[Serve]],
+    nc: Client,
+    probe,
+    started: list[int],
+    mode: str,
 ) -> None:
     write_handler(handlers, "spawner", SPAWNER)
     write_handler(handlers, "retiree", SPAWNER.replace("probe.spawned", "probe.retiree"))
-    service = serve(extra_args=config_file(tmp_path, MODES[mode]))
+    service = await serve(extra_args=config_file(tmp_path, MODES[mode]))
     spawned = await probe("probe.spawned")
     # Without a cgroup or user namespace, a daemon whose parent exited is the init process's: out of reach.
     reach = slice(None) if mode != "descendants" else slice(0, 1)
@@ -342,7 +350,13 @@ async def test_processes_a_handler_starts_end_with_its_worker(
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["cgroup", "user-namespace"])
 async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client, probe, started: list[int], mode: str
+    tmp_path: Path,
+    handlers: Path,
+    serve: Callable[..., Awaitable[Serve]],
+    nc: Client,
+    probe,
+    started: list[int],
+    mode: str,
 ) -> None:
     write_handler(handlers, "spawner", SPAWNER.replace("# timeout = 1", "# timeout = 60"))
     write_handler(
@@ -357,7 +371,7 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
             time.sleep(60)
         """,
     )
-    service = serve(extra_args=config_file(tmp_path, MODES[mode]))
+    service = await serve(extra_args=config_file(tmp_path, MODES[mode]))
     spawned = await probe("probe.spawned")
     worker = await probe("probe.worker")
     _, pids = await spawn_case(nc, spawned, "idle", started)
