@@ -205,7 +205,7 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
 
     # The lost server comes back, catches up from the others, and the log says the stream is whole again.
     mark = serve.log.mark()
-    cluster.restart(leader)
+    await cluster.arestart(leader)
     await serve.log.await_line(r"stream EVENTFN: all 3 replicas current again", start=mark, timeout=45)
 
 

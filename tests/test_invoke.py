@@ -229,7 +229,7 @@ async def test_sync_payload_over_lambdas_6_mb_gets_request_too_large(tmp_path: P
     """,
     )
     # The embedded server allows 8 MB messages, so the 6 MB rule is eventfn's to enforce.
-    with Serve(handlers, None, tmp_path / "data") as service:
+    async with Serve(handlers, None, tmp_path / "data") as service:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         client = await nats.connect(url)
         try:

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import anyio
 import nats
 import pytest
 from nats.aio.client import Client
@@ -47,7 +46,7 @@ async def test_sigterm_with_events_in_flight_then_restart_loses_none(
         await nc.publish("events.work.item", json.dumps({"n": n}).encode())
     await seen.wait_for(8)
     first.signal(signal.SIGTERM)
-    assert await anyio.to_thread.run_sync(first.wait) == 0
+    assert await first.await_exit() == 0
     stopped_at = len(seen.messages)
     assert stopped_at < total, "the test must interrupt work in progress"
     assert "Traceback" not in first.log.text()
@@ -95,7 +94,7 @@ async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_pa
     """,
     )
     service = Serve(handlers, None, tmp_path / "data")
-    with service:
+    async with service:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         assert url.startswith("nats://127.0.0.1:")
         assert (tmp_path / "data" / "jetstream").is_dir()
@@ -144,11 +143,11 @@ def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats
 async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
     store = tmp_path / "restartable"
-    first = NatsServer(store).start()
+    first = await NatsServer(store).astart()
     try:
-        with Serve(handlers, first.url, tmp_path / "data", env={"PROBE_NATS": first.url}) as service:
-            first.stop()
-            second = NatsServer(store, port=first.port).start()
+        async with Serve(handlers, first.url, tmp_path / "data", env={"PROBE_NATS": first.url}) as service:
+            await first.astop()
+            second = await NatsServer(store, port=first.port).astart()
             try:
                 await service.log.await_line(r"reconnected", timeout=30)
                 client = await nats.connect(second.url)
@@ -160,6 +159,6 @@ async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_
                 assert await seen.wait_for(1, timeout=4) == ["99"]
                 await client.close()
             finally:
-                second.stop()
+                await second.astop()
     finally:
-        first.stop()
+        await first.astop()

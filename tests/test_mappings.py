@@ -665,7 +665,7 @@ async def test_disabled_state_survives_a_service_restart(
     assert disabled.returncode == 0, disabled.stderr.decode()
     for n in range(2):
         await publish_json(nc, "events.held.created", {"n": n})
-    assert first.stop() == 0
+    assert await first.astop() == 0
 
     await serve()
     mapping = (await mappings_by_name(nats_server, tmp_path))["held--orders"]

@@ -69,7 +69,7 @@ async def test_quickstart_commands_give_what_the_readme_says(
     tmp_path: Path, nats_server: NatsServer, nc: Client
 ) -> None:
     handlers = copy_shipped_handlers(ROOT, tmp_path / "handlers")
-    with Serve(handlers, nats_server.url, tmp_path / "data") as service:
+    async with Serve(handlers, nats_server.url, tmp_path / "data") as service:
         states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}
         assert set(states.values()) == {"Active"}, f"every shipped example loads: {states}"
         assert {"hello", "orders", "ticker"} <= set(states)

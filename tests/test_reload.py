@@ -228,7 +228,7 @@ async def test_an_edit_of_the_same_size_in_the_same_second_runs_the_new_code(
     stamp = path.stat().st_mtime_ns
     service = Serve(handlers, nats_server.url, tmp_path / "data")
     service.env.pop("PYTHONDONTWRITEBYTECODE", None)
-    with service:
+    async with service:
         assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v1"
         v1 = (await wait_serving(nc, "same"))["version"]
         path.write_text(source.format(isolation=isolation, version="v2"))  # same size

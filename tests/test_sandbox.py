@@ -340,7 +340,7 @@ async def test_processes_a_handler_starts_end_with_its_worker(
     assert reply == "started"
     # Not `service.stop()`: it reads the log to its end, which never comes while a leftover holds its pipe.
     service.signal(signal.SIGTERM)
-    assert service.wait() == 0
+    assert await service.await_exit() == 0
     assert wait_gone(pids[reach]) == [], "after the service stopped"
     if mode == "cgroup":
         assert not list(Path(cgroups.own_cgroup()).glob(f"eventfn-{service.process.pid}")), "cgroups removed"  # type: ignore[union-attr]
@@ -379,7 +379,7 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
     [busy] = await worker.wait_for(1)
     started.append(int(busy))
     service.signal(signal.SIGKILL)
-    service.wait()
+    await service.await_exit()
     # Workers die with the service (PR_SET_PDEATHSIG); with cgroups, the keeper kills what they started.
     assert wait_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
 
@@ -480,7 +480,7 @@ async def test_a_root_service_runs_workers_as_an_unprivileged_user(
     )
     service = Serve(shared / "handlers", nats_server.url, tmp_path / "data", env={"PYTHONPATH": pythonpath})
     service.args[0] = interpreter
-    with service:
+    async with service:
         await service.log.await_line(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
         nc = await nats.connect(nats_server.url)
         try:
@@ -522,7 +522,7 @@ async def test_workers_of_a_non_root_service_cannot_read_its_environment(
         env={"PYTHONPATH": pythonpath, "SECRET_DB_PASSWORD": "hunter2"},
     )
     service.args[:1] = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", interpreter]
-    with service:
+    async with service:
         if user_namespace:
             await service.log.await_line(r"workers run as uid 65534, like the service.*own user namespace")
         else:
