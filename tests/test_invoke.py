@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import nats
 import pytest
 from nats.aio.client import Client
@@ -176,15 +177,11 @@ async def test_context_has_lambdas_attributes(
     assert 6000 < ctx["remaining"] <= 7000
 
 
-def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventfn", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=input.decode() if input else None,
-    )
+async def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `eventfn ARGS` as a user would (without blocking the test's event loop)."""
+    with anyio.fail_after(30):
+        done = await anyio.run_process([sys.executable, "-m", "eventfn", *args], cwd=cwd, input=input, check=False)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 async def test_cli_invoke_pub_and_functions(
@@ -193,27 +190,27 @@ async def test_cli_invoke_pub_and_functions(
     write_handler(handlers, "echo", ECHO)
     await serve()
     url = ["--nats", nats_server.url]
-    result = _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
+    result = await _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"event": {"n": 5}, "function": "echo"}
 
-    piped = _cli("invoke", "echo", "-", *url, cwd=tmp_path, input=b'{"from": "stdin"}')
+    piped = await _cli("invoke", "echo", "-", *url, cwd=tmp_path, input=b'{"from": "stdin"}')
     assert json.loads(piped.stdout)["event"] == {"from": "stdin"}
 
     seen = await probe("probe.echo")
-    queued = _cli("invoke", "echo", "--async", '{"n": 6}', *url, cwd=tmp_path)
+    queued = await _cli("invoke", "echo", "--async", '{"n": 6}', *url, cwd=tmp_path)
     assert json.loads(queued.stdout)["StatusCode"] == 202
-    published = _cli("pub", "events.orders.cli", '{"n": 7}', *url, cwd=tmp_path)
+    published = await _cli("pub", "events.orders.cli", '{"n": 7}', *url, cwd=tmp_path)
     assert published.returncode == 0, published.stderr
     events = [json.loads(t)["event"] for t in await seen.wait_for(2)]
     assert {"n": 6} in events and {"n": 7} in events
 
-    listing = _cli("functions", "--json", *url, cwd=tmp_path)
+    listing = await _cli("functions", "--json", *url, cwd=tmp_path)
     [info] = json.loads(listing.stdout)
     assert info["name"] == "echo" and info["state"] == "Active"
     assert info["triggers"] == ["events.orders.*", "audit.>"]
 
-    missing = _cli("invoke", "nope", *url, cwd=tmp_path)
+    missing = await _cli("invoke", "nope", *url, cwd=tmp_path)
     assert missing.returncode == 1
     assert "ResourceNotFoundException" in missing.stderr
     assert "Traceback" not in missing.stderr

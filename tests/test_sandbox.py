@@ -2,8 +2,8 @@
 
 Most tests start `eventfn serve` and let handlers report pids through the probe; the test then looks at /proc
 itself. Processes that exit are not announced to anyone but their parent, so waiting for a pid to disappear
-is the one place these tests poll (bounded, see `wait_gone`). Every pid a handler reports is SIGKILLed at
-teardown, so a failing test leaves nothing behind.
+is the one place these tests poll (bounded, see `wait_gone` and `await_gone`). Every pid a handler reports is
+SIGKILLed at teardown, so a failing test leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import msgspec
 import nats
 import pytest
@@ -47,10 +48,19 @@ def dead(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """The pids still alive after `timeout` (polled: a process's exit is announced to its parent only)."""
+    """The pids still alive after `timeout` (polled: a process's exit is announced to its parent only). Blocks;
+    async tests `await await_gone(...)`."""
     deadline = time.monotonic() + timeout
     while (alive := [p for p in pids if not dead(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return alive
+
+
+async def await_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """`wait_gone` with the event loop running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if not dead(p)]) and time.monotonic() < deadline:  # noqa: ASYNC110 - exits go unannounced
+        await anyio.sleep(0.05)
     return alive
 
 
@@ -323,25 +333,25 @@ async def test_processes_a_handler_starts_end_with_its_worker(
 
     reply, pids = await spawn_case(nc, spawned, "timeout", started)
     assert reply["errorType"] == "Sandbox.Timedout"  # type: ignore[index]
-    assert wait_gone(pids[reach]) == [], "after a timeout"
+    assert await await_gone(pids[reach]) == [], "after a timeout"
 
     if mode != "descendants":  # there the dead worker's children go to init at once
         reply, pids = await spawn_case(nc, spawned, "crash", started)
         assert reply["errorType"] == "Runtime.ExitError"  # type: ignore[index]
-        assert wait_gone(pids) == [], "after the worker died"
+        assert await await_gone(pids) == [], "after the worker died"
 
     reply, pids = await spawn_case(nc, await probe("probe.retiree"), "idle", started, function="retiree")
     assert reply == "started" and not any(map(dead, pids))
     (handlers / "retiree.py").unlink()
     await wait_until(lambda: function_info(nc, "retiree"), lambda info: info is None, what="retiree removed")
-    assert wait_gone(pids[reach]) == [], "after its function was removed"
+    assert await await_gone(pids[reach]) == [], "after its function was removed"
 
     reply, pids = await spawn_case(nc, spawned, "idle", started)
     assert reply == "started"
-    # Not `service.stop()`: it reads the log to its end, which never comes while a leftover holds its pipe.
+    # Not `service.astop()`: it reads the log to its end, which never comes while a leftover holds its pipe.
     service.signal(signal.SIGTERM)
     assert await service.await_exit() == 0
-    assert wait_gone(pids[reach]) == [], "after the service stopped"
+    assert await await_gone(pids[reach]) == [], "after the service stopped"
     if mode == "cgroup":
         assert not list(Path(cgroups.own_cgroup()).glob(f"eventfn-{service.process.pid}")), "cgroups removed"  # type: ignore[union-attr]
 
@@ -381,7 +391,7 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
     service.signal(signal.SIGKILL)
     await service.await_exit()
     # Workers die with the service (PR_SET_PDEATHSIG); with cgroups, the keeper kills what they started.
-    assert wait_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
+    assert await await_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
 
 
 # -- users --------------------------------------------------------------------------------------------------
