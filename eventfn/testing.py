@@ -21,9 +21,9 @@ deadline; `wait_stats` and `wait_serving` wait for the common cases. In async te
 
 Every wait that can take seconds has a blocking form for sync code and an async form for async code: `start` and
 `astart` (`with` and `async with`), `stop` and `astop`, a cluster's `restart` and `arestart`, `wait` and
-`await_exit`, `cli` and `acli`, `wait_for` and `await_line`. A blocking form where an asyncio event loop runs on the
-calling thread (`in_event_loop()`) would stop every task of the loop, the test's own NATS client among them, for as
-long as it waits. `kill` has one form: SIGKILL and reaping take milliseconds.
+`await_exit`, `cli` and `acli`, `wait_for` and `await_line`. The blocking forms refuse to run where an asyncio event
+loop runs on the calling thread (`in_event_loop()`): there they would stop every task of the loop, the test's own
+NATS client among them, for as long as they wait. `kill` has one form: SIGKILL and reaping take milliseconds.
 """
 
 from __future__ import annotations
@@ -82,6 +82,14 @@ def in_event_loop() -> bool:
     return True
 
 
+def _refuse_in_event_loop(blocking: str, instead: str) -> None:
+    if in_event_loop():
+        raise RuntimeError(
+            f"{blocking} blocks the thread it runs on, and an event loop runs on this one: every task would stop "
+            f"while it waits. In async code use {instead}."
+        )
+
+
 class LogWatcher:
     """Collects a child process's output lines in a thread. `await_line` waits for a matching line without
     blocking the event loop (for async tests); `wait_for` blocks the calling thread (for sync code)."""
@@ -112,8 +120,10 @@ class LogWatcher:
     def wait_for(self, pattern: str, *, timeout: float = 15.0, start: int = 0, count: int = 1) -> re.Match[str]:
         """Block until `count` lines from index `start` on match `pattern`; returns the last match.
 
-        In async code use `await_line`, which does not hold up the event loop while it waits.
+        In async code use `await_line`, which does not hold up the event loop while it waits: this one refuses to
+        run where an event loop runs (RuntimeError).
         """
+        _refuse_in_event_loop("LogWatcher.wait_for", "`await log.await_line(...)`")
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -203,6 +213,7 @@ class NatsServer:
 
     def start(self) -> NatsServer:
         """Start the server and block until it is ready (in async code: `await astart()`)."""
+        _refuse_in_event_loop("NatsServer.start", "`await server.astart()` (or `async with NatsServer(...)`)")
         self._launch()
         try:
             self._listening(self.log.wait_for(_NATS_LISTENING))
@@ -248,6 +259,7 @@ class NatsServer:
 
     def stop(self) -> None:
         """SIGTERM (a clean shutdown), SIGKILL after 10 s; blocks until then (in async code: `await astop()`)."""
+        _refuse_in_event_loop("NatsServer.stop", "`await server.astop()`")
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -315,7 +327,9 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def start(self) -> NatsCluster:
-        """Start every server, then wait until each knows the cluster's JetStream meta leader."""
+        """Start every server, then block until each knows the cluster's JetStream meta leader (in async code
+        `await astart()`)."""
+        _refuse_in_event_loop("NatsCluster.start", "`await cluster.astart()` (or `async with NatsCluster(...)`)")
         for attempt in range(3):
             # A port found free can be taken by someone else before the server binds it: then try new ones.
             ports = _free_ports(self.size)
@@ -447,6 +461,8 @@ class Serve:
     def start(self, *, wait_ready: bool = True) -> Serve:
         """Start the service and block until it logs `eventfn ready` (unless `wait_ready` is False); in async code
         `await astart()`."""
+        if wait_ready:  # refused before a process is started that nobody would stop
+            _refuse_in_event_loop("Serve.start", "`await serve.astart()` (or `async with Serve(...)`)")
         self._launch()
         if wait_ready:
             self.log.wait_for(_SERVE_READY, timeout=30)
@@ -498,6 +514,7 @@ class Serve:
         """Run `eventfn <args>` against this service as a user would (with the service's environment plus
         `env`); with the embedded server, it finds the admin credentials in the data directory itself. Blocks until
         the command ends; in async code `await acli(...)`."""
+        _refuse_in_event_loop("Serve.cli", "`await serve.acli(...)`")
         return subprocess.run(
             self._cli_command(args),
             capture_output=True,
@@ -528,6 +545,7 @@ class Serve:
     def wait(self, timeout: float = 30.0) -> int:
         """Block until the service exits (subprocess.TimeoutExpired after `timeout` s); returns its exit code. In
         async code `await await_exit()`."""
+        _refuse_in_event_loop("Serve.wait", "`await serve.await_exit()`")
         assert self.process is not None
         return self.process.wait(timeout)
 
@@ -543,6 +561,7 @@ class Serve:
     def stop(self) -> int | None:
         """SIGTERM and wait for a clean exit (SIGKILL after 30 s); returns the exit code. Blocks until then; in
         async code `await astop()`."""
+        _refuse_in_event_loop("Serve.stop", "`await serve.astop()` (or `async with Serve(...)`)")
         if self.process is None:
             return None
         if self.process.poll() is None:
