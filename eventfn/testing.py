@@ -18,10 +18,17 @@ To learn an outcome, prefer a structured signal to log wording: `mapping_stats(n
 `eventfn mappings` shows) and `function_info(nc, "fn")` (state and versions), polled by `wait_until` with a
 deadline; `wait_stats` and `wait_serving` wait for the common cases. In async tests wait for a log line with
 `await serve.log.await_line(...)`, which leaves the event loop running; `wait_for` blocks and is for sync code.
+
+Every wait that can take seconds has a blocking form for sync code and an async form for async code: `start` and
+`astart` (`with` and `async with`), `stop` and `astop`, a cluster's `restart` and `arestart`, `wait` and
+`await_exit`, `cli` and `acli`, `wait_for` and `await_line`. The blocking forms refuse to run where an asyncio event
+loop runs on the calling thread (`in_event_loop()`): there they would stop every task of the loop, the test's own
+NATS client among them, for as long as they wait. `kill` has one form: SIGKILL and reaping take milliseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -53,6 +60,7 @@ __all__ = [
     "Serve",
     "api",
     "function_info",
+    "in_event_loop",
     "mapping_info",
     "mapping_stats",
     "wait_serving",
@@ -62,6 +70,24 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+
+def in_event_loop() -> bool:
+    """Whether an asyncio event loop runs on the calling thread (an async test, a fixture's `start` called from
+    one): a blocking wait there stops the whole loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _refuse_in_event_loop(blocking: str, instead: str) -> None:
+    if in_event_loop():
+        raise RuntimeError(
+            f"{blocking} blocks the thread it runs on, and an event loop runs on this one: every task would stop "
+            f"while it waits. In async code use {instead}."
+        )
 
 
 class LogWatcher:
@@ -94,8 +120,10 @@ class LogWatcher:
     def wait_for(self, pattern: str, *, timeout: float = 15.0, start: int = 0, count: int = 1) -> re.Match[str]:
         """Block until `count` lines from index `start` on match `pattern`; returns the last match.
 
-        In async code use `await_line`, which does not hold up the event loop while it waits.
+        In async code use `await_line`, which does not hold up the event loop while it waits: this one refuses to
+        run where an event loop runs (RuntimeError).
         """
+        _refuse_in_event_loop("LogWatcher.wait_for", "`await log.await_line(...)`")
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -184,6 +212,29 @@ class NatsServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NatsServer:
+        """Start the server and block until it is ready (in async code: `await astart()`)."""
+        _refuse_in_event_loop("NatsServer.start", "`await server.astart()` (or `async with NatsServer(...)`)")
+        self._launch()
+        try:
+            self._listening(self.log.wait_for(_NATS_LISTENING))
+            self.log.wait_for(_NATS_READY)
+        except BaseException:
+            self.stop()  # a server that did not start (a bad configuration) is not left running or unreaped
+            raise
+        return self
+
+    async def astart(self) -> NatsServer:
+        """Start the server and wait until it is ready, leaving the event loop running."""
+        self._launch()
+        try:
+            self._listening(await self.log.await_line(_NATS_LISTENING))
+            await self.log.await_line(_NATS_READY)
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
+    def _launch(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
@@ -201,18 +252,14 @@ class NatsServer:
             env={**os.environ, **self.env} if self.env else None,
         )
         self.log = LogWatcher(self.process.stdout)
-        try:
-            match = self.log.wait_for(r"Listening for client connections on (\S+)")
-            self.url = "nats://" + match.group(1)
-            self.port = int(match.group(1).rsplit(":", 1)[1])
-            self.log.wait_for(r"Server is ready")
-        except BaseException:
-            self.stop()  # a server that did not start (a bad configuration) is not left running or unreaped
-            raise
-        return self
+
+    def _listening(self, match: re.Match[str]) -> None:
+        self.url = "nats://" + match.group(1)
+        self.port = int(match.group(1).rsplit(":", 1)[1])
 
     def stop(self) -> None:
-        """SIGTERM (a clean shutdown), SIGKILL after 10 s."""
+        """SIGTERM (a clean shutdown), SIGKILL after 10 s; blocks until then (in async code: `await astop()`)."""
+        _refuse_in_event_loop("NatsServer.stop", "`await server.astop()`")
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -224,6 +271,11 @@ class NatsServer:
                 self.process.wait()
         if not self.process.stdout.closed:  # type: ignore[union-attr]
             self.log.close(self.process.stdout)
+
+    async def astop(self) -> None:
+        """`stop` without blocking the event loop; it runs to its end even when the caller is cancelled."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.stop)
 
     def kill(self) -> None:
         """SIGKILL: the server gets no chance to tell its peers or clients, as when its machine dies."""
@@ -237,6 +289,16 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    async def __aenter__(self) -> NatsServer:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.astop()
+
+
+_NATS_LISTENING = r"Listening for client connections on (\S+)"
+_NATS_READY = r"Server is ready"
 
 
 class NatsCluster:
@@ -265,7 +327,9 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def start(self) -> NatsCluster:
-        """Start every server, then wait until each knows the cluster's JetStream meta leader."""
+        """Start every server, then block until each knows the cluster's JetStream meta leader (in async code
+        `await astart()`)."""
+        _refuse_in_event_loop("NatsCluster.start", "`await cluster.astart()` (or `async with NatsCluster(...)`)")
         for attempt in range(3):
             # A port found free can be taken by someone else before the server binds it: then try new ones.
             ports = _free_ports(self.size)
@@ -298,6 +362,10 @@ class NatsCluster:
             return self
         raise AssertionError("unreachable")
 
+    async def astart(self) -> NatsCluster:
+        """`start` without blocking the event loop (it runs in a worker thread)."""
+        return await anyio.to_thread.run_sync(self.start)
+
     def kill(self, name: str) -> None:
         """SIGKILL server `name` (`n1`..)."""
         self.nodes[name].kill()
@@ -306,19 +374,34 @@ class NatsCluster:
         """Start server `name` again (after `kill`) on its ports and store; it rejoins and catches up."""
         self.nodes[name].start()
 
+    async def arestart(self, name: str) -> None:
+        """`restart` without blocking the event loop."""
+        await self.nodes[name].astart()
+
     def stop(self) -> None:
-        """Stop every server still running."""
+        """Stop every server still running (blocking; in async code `await astop()`)."""
         for node in self.nodes.values():
             if node.process is not None and node.process.poll() is None:
                 node.stop()
             elif node.process is not None and not node.process.stdout.closed:  # type: ignore[union-attr]
                 node.log.close(node.process.stdout)
 
+    async def astop(self) -> None:
+        """`stop` without blocking the event loop; it runs to its end even when the caller is cancelled."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.stop)
+
     def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    async def __aenter__(self) -> NatsCluster:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.astop()
 
 
 #: What a cluster's server logs once it knows the JetStream meta leader (another server, or itself).
@@ -376,6 +459,24 @@ class Serve:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True) -> Serve:
+        """Start the service and block until it logs `eventfn ready` (unless `wait_ready` is False); in async code
+        `await astart()`."""
+        if wait_ready:  # refused before a process is started that nobody would stop
+            _refuse_in_event_loop("Serve.start", "`await serve.astart()` (or `async with Serve(...)`)")
+        self._launch()
+        if wait_ready:
+            self.log.wait_for(_SERVE_READY, timeout=30)
+        return self
+
+    async def astart(self, *, wait_ready: bool = True) -> Serve:
+        """Start the service and wait until it logs `eventfn ready` (unless `wait_ready` is False), leaving the
+        event loop running."""
+        self._launch()
+        if wait_ready:
+            await self.log.await_line(_SERVE_READY, timeout=30)
+        return self
+
+    def _launch(self) -> None:
         self.process = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -385,9 +486,6 @@ class Serve:
             cwd=self.cwd,
         )
         self.log = LogWatcher(self.process.stdout, echo_prefix="serve| " if self.echo else None)
-        if wait_ready:
-            self.log.wait_for(r"eventfn ready", timeout=30)
-        return self
 
     @property
     def url(self) -> str:
@@ -414,10 +512,11 @@ class Serve:
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """Run `eventfn <args>` against this service as a user would (with the service's environment plus
-        `env`); with the embedded server, it finds the admin credentials in the data directory itself."""
-        where = ["--data-dir", str(self.data_dir), *(["--nats", self.nats_url] if self.nats_url else [])]
+        `env`); with the embedded server, it finds the admin credentials in the data directory itself. Blocks until
+        the command ends; in async code `await acli(...)`."""
+        _refuse_in_event_loop("Serve.cli", "`await serve.acli(...)`")
         return subprocess.run(
-            [sys.executable, "-m", "eventfn", *args, *where],
+            self._cli_command(args),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -425,16 +524,44 @@ class Serve:
             cwd=self.cwd,
         )
 
+    async def acli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`cli` without blocking the event loop (TimeoutError after `timeout` s, the command killed)."""
+        with anyio.fail_after(timeout):
+            done = await anyio.run_process(
+                self._cli_command(args), check=False, env={**self.env, **(env or {})}, cwd=self.cwd
+            )
+        return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+    def _cli_command(self, args: tuple[str, ...]) -> list[str]:
+        where = ["--data-dir", str(self.data_dir), *(["--nats", self.nats_url] if self.nats_url else [])]
+        return [sys.executable, "-m", "eventfn", *args, *where]
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
 
     def wait(self, timeout: float = 30.0) -> int:
+        """Block until the service exits (subprocess.TimeoutExpired after `timeout` s); returns its exit code. In
+        async code `await await_exit()`."""
+        _refuse_in_event_loop("Serve.wait", "`await serve.await_exit()`")
         assert self.process is not None
         return self.process.wait(timeout)
 
+    async def await_exit(self, timeout: float = 30.0) -> int:
+        """Wait until the service exits (TimeoutError after `timeout` s), leaving the event loop running; returns
+        its exit code."""
+        assert self.process is not None
+        with anyio.fail_after(timeout):
+            while (code := self.process.poll()) is None:  # noqa: ASYNC110 - nothing tells the loop a child exited
+                await anyio.sleep(0.05)
+        return code
+
     def stop(self) -> int | None:
-        """SIGTERM and wait for a clean exit (SIGKILL after 30 s); returns the exit code."""
+        """SIGTERM and wait for a clean exit (SIGKILL after 30 s); returns the exit code. Blocks until then; in
+        async code `await astop()`."""
+        _refuse_in_event_loop("Serve.stop", "`await serve.astop()` (or `async with Serve(...)`)")
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -447,6 +574,12 @@ class Serve:
         if not self.process.stdout.closed:  # type: ignore[union-attr]
             self.log.close(self.process.stdout)
         return self.process.returncode
+
+    async def astop(self) -> int | None:
+        """`stop` without blocking the event loop; it runs to its end even when the caller is cancelled."""
+        with anyio.CancelScope(shield=True):
+            code = await anyio.to_thread.run_sync(self.stop)
+        return code
 
     def kill(self) -> None:
         """SIGKILL the service (its workers die with their pipes closed)."""
@@ -462,6 +595,17 @@ class Serve:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    async def __aenter__(self) -> Serve:
+        return await self.astart()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.astop()
+
+
+_SERVE_READY = r"eventfn ready"
 
 
 # -- structured signals: the control API ------------------------------------------------------------------------

@@ -3,8 +3,9 @@ exactly as the nats CLI does (plain publishes, no headers)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats
@@ -12,7 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from eventfn.testing import PROBE_MODULE, NatsServer, Serve
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, in_event_loop
 
 
 @pytest.fixture
@@ -31,13 +32,19 @@ def handlers(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[Callable[..., Serve]]:
-    """Start `eventfn serve` on the test's nats-server and handler directory; stopped at teardown."""
+def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[Callable[..., Any]]:
+    """Start `eventfn serve` on the test's nats-server and handler directory; stopped at teardown.
+
+    In an async test, `service = await serve(...)`: called where an event loop runs, `serve(...)` returns a
+    coroutine that starts the service and waits for it to be ready with the loop running (annotate the fixture
+    `Callable[..., Awaitable[Serve]]`). In a sync test, `service = serve(...)` blocks until it is ready
+    (`Callable[..., Serve]`). An async test that forgets the `await` gets no `Serve` and a "never awaited" error.
+    """
     started: list[Serve] = []
 
     def start(
         *, wait_ready: bool = True, extra_args: list[str] | None = None, env: dict[str, str] | None = None
-    ) -> Serve:
+    ) -> Serve | Awaitable[Serve]:
         process = Serve(
             handlers,
             nats_server.url,
@@ -46,10 +53,12 @@ def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[C
             env={"PROBE_NATS": nats_server.url, **(env or {})},
         )
         started.append(process)
+        if in_event_loop():
+            return process.astart(wait_ready=wait_ready)
         return process.start(wait_ready=wait_ready)
 
     yield start
-    for process in started:
+    for process in started:  # teardown runs outside the test's event loop: a blocking stop holds up nothing
         process.stop()
 
 

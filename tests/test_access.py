@@ -244,7 +244,7 @@ async def test_wrong_credentials_are_refused(embedded: Roles) -> None:
             await Peer.connect(embedded.url, user=user, password=password, max_reconnect_attempts=0)
     context = embedded.serve.data_dir / "wrong.json"
     context.write_text(json.dumps({"url": embedded.url, "user": "admin", "password": "wrong"}))
-    result = embedded.serve.cli("functions", env={"EVENTFN_NATS_CONTEXT": str(context)})
+    result = await embedded.serve.acli("functions", env={"EVENTFN_NATS_CONTEXT": str(context)})
     assert result.returncode == 1
     assert "refused these credentials" in result.stderr and "Traceback" not in result.stderr
 
@@ -257,13 +257,13 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
     admin = embedded.serve.credentials(auth.ADMIN)
     assert admin.url == embedded.url and admin.inbox_prefix == "_INBOX_eventfn_admin"
     # The CLI connects as admin with nothing but the data directory to go on.
-    functions = embedded.serve.cli("functions", "--json")
+    functions = await embedded.serve.acli("functions", "--json")
     assert functions.returncode == 0, functions.stderr
     assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail"}
-    dead = embedded.serve.cli("dlq", "ls", "--json")
+    dead = await embedded.serve.acli("dlq", "ls", "--json")
     assert dead.returncode == 0, dead.stderr
     # An invoker's context does not reach the DLQ: one clear line, at once.
-    denied = embedded.serve.cli(
+    denied = await embedded.serve.acli(
         "dlq", "ls", env={"EVENTFN_NATS_CONTEXT": str(auth.context_file(embedded.serve.data_dir, auth.INVOKER))}
     )
     assert denied.returncode == 1
@@ -274,38 +274,38 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
 async def test_admin_may_administer_and_invoke(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "echo", ECHO)
     write_handler(handlers, "doomed", FAIL)
-    with Serve(handlers, None, tmp_path / "data") as service:
+    async with Serve(handlers, None, tmp_path / "data") as service:
         await check_admin(service, {})
 
 
 async def check_admin(service: Serve, env: dict[str, str]) -> None:
     """The CLI, as admin: functions, mappings, invoke, pub, and the DLQ from listing to purge."""
     mark = service.log.mark()
-    assert service.cli("invoke", "doomed", "--async", '{"n": 1}', env=env).returncode == 0
+    assert (await service.acli("invoke", "doomed", "--async", '{"n": 1}', env=env)).returncode == 0
     await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)
-    listed = service.cli("dlq", "ls", "doomed", "--json", env=env)
+    listed = await service.acli("dlq", "ls", "doomed", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     (record,) = json.loads(listed.stdout)
-    shown = service.cli("dlq", "show", str(record["id"]), env=env)
+    shown = await service.acli("dlq", "show", str(record["id"]), env=env)
     assert shown.returncode == 0 and '"n": 1' in shown.stdout, shown.stderr
     mark = service.log.mark()
-    redriven = service.cli("dlq", "redrive", "doomed", "--id", str(record["id"]), env=env)
+    redriven = await service.acli("dlq", "redrive", "doomed", "--id", str(record["id"]), env=env)
     assert redriven.returncode == 0 and "1 record(s) redriven" in redriven.stdout, redriven.stderr
     await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)  # it fails again
     for args in [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]:
-        result = service.cli(*args, env=env)
+        result = await service.acli(*args, env=env)
         assert result.returncode == 0, (args, result.stderr)
-    assert service.cli("mappings", "disable", "echo--t0", env=env).returncode == 0
-    assert service.cli("mappings", "enable", "echo--t0", env=env).returncode == 0
-    purged = service.cli("dlq", "purge", "doomed", env=env)
+    assert (await service.acli("mappings", "disable", "echo--t0", env=env)).returncode == 0
+    assert (await service.acli("mappings", "enable", "echo--t0", env=env)).returncode == 0
+    purged = await service.acli("dlq", "purge", "doomed", env=env)
     assert purged.returncode == 0 and "1 record(s) of doomed purged" in purged.stdout, purged.stderr
 
 
 async def test_credentials_stay_across_restarts_and_can_be_your_own(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "echo", ECHO)
-    with Serve(handlers, None, tmp_path / "data") as first:
+    async with Serve(handlers, None, tmp_path / "data") as first:
         before = {role: first.credentials(role) for role in auth.ROLES}
-    with Serve(handlers, None, tmp_path / "data", env={"EVENTFN_NATS_ADMIN_PASSWORD": "chosen-by-me"}) as second:
+    async with Serve(handlers, None, tmp_path / "data", env={"EVENTFN_NATS_ADMIN_PASSWORD": "chosen-by-me"}) as second:
         after = {role: second.credentials(role) for role in auth.ROLES}
         assert after[auth.ADMIN].password == "chosen-by-me"
         for role in (auth.SERVICE, auth.INVOKER):
@@ -321,7 +321,7 @@ async def test_credentials_stay_across_restarts_and_can_be_your_own(tmp_path: Pa
 async def test_anonymous_access_can_be_turned_off(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "echo", ECHO)
     (tmp_path / "eventfn.toml").write_text("[nats.auth]\nanonymous = false\n")
-    with Serve(handlers, None, tmp_path / "data", cwd=tmp_path) as service:
+    async with Serve(handlers, None, tmp_path / "data", cwd=tmp_path) as service:
         await service.log.await_line(r"clients without credentials are refused")
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await Peer.connect(service.url, max_reconnect_attempts=0)
@@ -419,7 +419,7 @@ async def test_generated_config_takes_any_password_nats_can(tmp_path: Path) -> N
         f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
         + auth.server_config(credentials, NatsSettings(), ["events.>"])
     )
-    with NatsServer(tmp_path / "js", config=config) as server:
+    async with NatsServer(tmp_path / "js", config=config) as server:
         peer = await Peer.connect(server.url, user="admin", password=odd, inbox_prefix="_INBOX_eventfn_admin")
         await peer.close()
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
@@ -468,18 +468,18 @@ def test_urls_lose_their_credentials_before_they_are_logged() -> None:
 async def test_a_reconnect_after_the_server_restarts_logs_no_password(tmp_path: Path, handlers: Path) -> None:
     """nats-py keeps the URL as it was given, credentials included; the reconnect log line printed it."""
     password = "pw-" + secrets.token_hex(8)
-    server = NatsServer(tmp_path / "nats", args=["--user", "service", "--pass", password]).start()
+    server = await NatsServer(tmp_path / "nats", args=["--user", "service", "--pass", password]).astart()
     try:
         url = server.url.replace("nats://", f"nats://service:{password}@")
-        with Serve(handlers, url, tmp_path / "data") as service:
-            server.stop()
+        async with Serve(handlers, url, tmp_path / "data") as service:
+            await server.astop()
             await service.log.await_line(r"NATS: disconnected from")
-            server.start()  # same port, same store
+            await server.astart()  # same port, same store
             line = await service.log.await_line(r"NATS: reconnected to (.*)", timeout=30)
             assert password not in service.log.text()
             assert line.group(1) == server.url, "the server is named by its URL, not by a parse result"
     finally:
-        server.stop()
+        await server.astop()
 
 
 SUBJECTS = """
@@ -499,7 +499,7 @@ async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
     """`Eventfn-Subject` carries a redriven event's first subject; only a redrive (which only the admin may
     publish) sets it. From anyone else it would let a client allowed one subject pose as another."""
     write_handler(handlers, "spoof", SUBJECTS)
-    serve()
+    await serve()
     seen = await probe("spoof.seen")
     forged = {"Eventfn-Subject": "payments.refund.approved"}
     await nc.publish("events.spoof.public", b'{"n": 1}', headers=forged)
@@ -514,12 +514,12 @@ async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(tmp
     """The admin may not touch the JetStream API: `eventfn pub` there says the server refused it, exits 1,
     and does not fall back to a core publish as it does for a subject no stream stores."""
     write_handler(handlers, "echo", ECHO)
-    with Serve(handlers, None, tmp_path / "data") as service:
-        refused = service.cli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
+    async with Serve(handlers, None, tmp_path / "data") as service:
+        refused = await service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
         assert refused.returncode == 1, refused.stdout
         assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
         assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
-        stored = service.cli("pub", "events.access.x", "{}")
+        stored = await service.acli("pub", "events.access.x", "{}")
         assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
 
 
@@ -527,7 +527,7 @@ async def test_an_unknown_function_is_not_found_without_naming_the_others(tmp_pa
     """Anonymous callers may not list functions (the control API is the admin's): a 404 names only what
     they asked for, as Lambda's does."""
     write_handler(handlers, "secretive", ECHO)
-    with Serve(handlers, None, tmp_path / "data") as service:
+    async with Serve(handlers, None, tmp_path / "data") as service:
         nc = await nats.connect(service.url)
         try:
             reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
@@ -543,7 +543,7 @@ async def test_requests_naming_a_refused_reply_subject_are_logged_at_most_once_a
     """Any client may name a NATS API subject as its reply: none is answered there, and a flood of them
     is one log line (with a count on the next), not one each."""
     write_handler(handlers, "echo", ECHO)
-    service = serve()
+    service = await serve()
     mark = service.log.mark()
     for n in range(50):  # each is answered at once (404), so each reply is refused in turn
         await nc.publish("eventfn.invoke.nosuch", b"{}", reply=f"$JS.API.STREAM.PURGE.EVENTFN_DLQ.{n}")

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -178,7 +178,7 @@ async def test_serve_sigkilled_five_times_under_a_steady_stream_leaves_no_server
     started = time.monotonic()
     async with anyio.create_task_group() as tg:
         for cycle in range(5):
-            service = embedded(handlers, data_dir, nats_server.url, port).start()
+            service = await embedded(handlers, data_dir, nats_server.url, port).astart()
             if cycle == 0:
                 await tg.start(steady.run)
             before = len(numbers(seen))
@@ -187,7 +187,7 @@ async def test_serve_sigkilled_five_times_under_a_steady_stream_leaves_no_server
             service.kill()
             await no_server_left(data_dir)  # the kernel stopped the server with its parent: no orphan
             assert pid not in servers_on(data_dir)
-        final = embedded(handlers, data_dir, nats_server.url, port).start()
+        final = await embedded(handlers, data_dir, nats_server.url, port).astart()
         try:
             count = len(steady.acked)
             with anyio.fail_after(30):
@@ -198,7 +198,7 @@ async def test_serve_sigkilled_five_times_under_a_steady_stream_leaves_no_server
             steady.stop()
     # Deliveries each kill left unacknowledged come back after their ack wait (1 + 0.02 + 10 s).
     await wait_until_seen(seen, lambda got: set(steady.acked) <= got, timeout=40)
-    final.stop()
+    await final.astop()
     await no_server_left(data_dir)
     print(
         f"\n5 SIGKILLs: {len(steady.acked)} acknowledged, {steady.failed} publishes failed while down, "
@@ -214,7 +214,7 @@ async def test_embedded_server_killed_mid_stream_is_restarted_and_nothing_acknow
     write_handler(handlers, "steady", STEADY)
     data_dir = tmp_path / "data"
     seen = await probe("probe.steady")
-    with embedded(handlers, data_dir, nats_server.url) as service:
+    async with embedded(handlers, data_dir, nats_server.url) as service:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         steady = Steady(url)
         async with anyio.create_task_group() as tg:
@@ -298,7 +298,7 @@ CRASH = """
 async def test_serve_dying_with_exit_1_leaves_no_nats_server(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "crash", CRASH)
     data_dir = tmp_path / "data"
-    service = Serve(handlers, None, data_dir).start()
+    service = await Serve(handlers, None, data_dir).astart()
     try:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         pid = server_pid(data_dir)
@@ -306,11 +306,11 @@ async def test_serve_dying_with_exit_1_leaves_no_nats_server(tmp_path: Path, han
         await client.publish("events.crash", b"{}")
         await client.flush()
         await client.close()
-        assert await anyio.to_thread.run_sync(service.wait) == 1
+        assert await service.await_exit() == 1
         await no_server_left(data_dir)
         assert pid not in servers_on(data_dir)
     finally:
-        service.stop()
+        await service.astop()
 
 
 async def test_restart_stops_an_orphan_holding_its_store_and_spares_an_unrelated_pid(
@@ -318,12 +318,12 @@ async def test_restart_stops_an_orphan_holding_its_store_and_spares_an_unrelated
 ) -> None:
     write_handler(handlers, "hello", HELLO)
     data_dir, port = tmp_path / "data", free_port()
-    Serve(handlers, None, data_dir, nats_port=port).start().stop()
+    await (await Serve(handlers, None, data_dir, nats_port=port).astart()).astop()
     # A pid file naming a process that is not this store's server: left alone.
     unrelated = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220
     try:
         (data_dir / "nats-server.pid").write_text(f"{unrelated.pid}\n")
-        with Serve(handlers, None, data_dir, nats_port=port) as service:
+        async with Serve(handlers, None, data_dir, nats_port=port) as service:
             assert "left running" not in service.log.text()
         assert unrelated.poll() is None
     finally:
@@ -345,7 +345,7 @@ async def test_restart_stops_an_orphan_holding_its_store_and_spares_an_unrelated
             while log_file.read_text().count("Server is ready") == ready_before:  # noqa: ASYNC110
                 await anyio.sleep(0.05)  # it logs to a file: there is nothing to wait on but its growth
         (data_dir / "nats-server.pid").write_text(f"{orphan.pid}\n")
-        with Serve(handlers, None, data_dir, nats_port=port) as service:
+        async with Serve(handlers, None, data_dir, nats_port=port) as service:
             await service.log.await_line(rf"stopping nats-server pid {orphan.pid}, left running on")
             assert orphan.poll() is not None, "the orphan was stopped before the new server started"
             assert servers_on(data_dir) == [server_pid(data_dir)]
@@ -364,20 +364,20 @@ async def test_a_broker_that_keeps_dying_is_restarted_a_bounded_number_of_times_
 ) -> None:
     write_handler(handlers, "hello", HELLO)
     data_dir = tmp_path / "data"
-    service = Serve(handlers, None, data_dir).start()
+    service = await Serve(handlers, None, data_dir).astart()
     try:
         for restarts in range(5):
             os.kill(server_pid(data_dir), signal.SIGKILL)
             await service.log.await_line(r"embedded nats-server restarted", count=restarts + 1, timeout=30)
         os.kill(server_pid(data_dir), signal.SIGKILL)
-        assert await anyio.to_thread.run_sync(service.wait) == 1
-        service.stop()
+        assert await service.await_exit() == 1
+        await service.astop()
         last = service.log.lines[-1]
         assert last.startswith("eventfn: error: NATS at nats://127.0.0.1:") and "6 times in a row" in last, last
         assert "Traceback" not in service.log.text()
         assert servers_on(data_dir) == []
     finally:
-        service.stop()
+        await service.astop()
 
 
 SINK = """
@@ -396,10 +396,10 @@ SINK = """
 
 
 async def test_streams_and_consumers_deleted_under_a_running_service_are_recreated(
-    tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Serve], probe
+    tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Awaitable[Serve]], probe
 ) -> None:
     write_handler(handlers, "sink", SINK.format())
-    service = serve()
+    service = await serve()
     seen = await probe("probe.sd")
     admin = await admin_client(nats_server.url, tmp_path / "data")
     js = admin.jetstream()

@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -59,10 +59,10 @@ async def stored_on(nc: Client, subject: str) -> int:
 
 
 async def test_async_invoke_of_an_unknown_function_is_refused_and_nothing_is_queued(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     url = ["--nats", nats_server.url]
     line = one_line_error(await eventfn("invoke", "nosuch", "--async", "{}", *url, cwd=tmp_path))
     assert "ResourceNotFoundException" in line and "nosuch" in line and "nothing was queued" in line
@@ -77,10 +77,10 @@ async def test_async_invoke_of_an_unknown_function_is_refused_and_nothing_is_que
 
 
 async def test_dry_run_invoke_answers_204_for_a_function_and_404_otherwise_without_running_it(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     dry = {"Eventfn-Invocation-Type": "DryRun"}
     exists = await nc.request("eventfn.invoke.echo", b'{"n": 1}', headers=dry, timeout=10)
@@ -112,10 +112,10 @@ async def test_async_invoke_without_a_running_service_says_so(
 
 
 async def test_global_options_work_before_and_after_the_subcommand(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     url = nats_server.url
     wrong = f"nats://127.0.0.1:{free_port()}"
     for args in (
@@ -134,11 +134,11 @@ async def test_global_options_work_before_and_after_the_subcommand(
 
 
 async def test_output_into_a_closed_pipe_ends_quietly(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer
 ) -> None:
     """`eventfn mappings | head -3` once the reader has gone: no BrokenPipeError traceback."""
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     for command in (["mappings"], ["functions"], ["functions", "--json"], ["dlq", "ls"], ["invoke", "echo"]):
         reader, writer = os.pipe()
         os.close(reader)  # every write fails with EPIPE, as after `head` has exited
@@ -151,7 +151,7 @@ async def test_output_into_a_closed_pipe_ends_quietly(
 
 
 async def test_dlq_ls_prints_one_line_per_record(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, probe
 ) -> None:
     write_handler(
         handlers,
@@ -165,7 +165,7 @@ async def test_dlq_ls_prints_one_line_per_record(
             raise ValueError("first line\\n\\tsecond line\\r\\nthird \\x1b[31mred\\x1b[0m " + "x" * 300)
         """,
     )
-    serve()
+    await serve()
     dead = await probe("eventfn.dlq.broken")
     for n in ("1", "2"):
         queued = await eventfn("invoke", "broken", "--async", n, "--nats", nats_server.url, cwd=tmp_path)
@@ -222,10 +222,10 @@ async def test_publishing_to_an_invalid_subject_is_a_one_line_error(tmp_path: Pa
 
 
 async def test_functions_shows_the_broken_version_and_the_one_still_serving(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client
 ) -> None:
     write_handler(handlers, "fn", "def handler(event, context):\n    return 'v1'\n")
-    serve()
+    await serve()
     serving = (await wait_serving(nc, "fn"))["version"]
     write_handler(handlers, "fn", "def handler(event, context)\n    return 'v2'\n")
     await wait_until(lambda: function_info(nc, "fn"), lambda i: i is not None and i["state"] == "Failed")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from eventfn.config import ServiceConfig
-from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, wait_serving, write_handler
+from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, in_event_loop, wait_serving, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -56,12 +56,13 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 @pytest.fixture
 def serve_on_cluster(
     tmp_path: Path, cluster: NatsCluster, nats_server: NatsServer, handlers: Path
-) -> Iterator[Callable[..., Serve]]:
+) -> Iterator[Callable[..., Any]]:
     """`eventfn serve --nats url1,url2,url3` with `settings` as its eventfn.toml; handlers report to the
-    standalone `nats_server`, so the probe never depends on the cluster under test."""
+    standalone `nats_server`, so the probe never depends on the cluster under test. Awaited in async tests, as the
+    `serve` fixture is."""
     started: list[Serve] = []
 
-    def start(settings: str = "", *, wait_ready: bool = True) -> Serve:
+    def start(settings: str = "", *, wait_ready: bool = True) -> Serve | Awaitable[Serve]:
         config = tmp_path / "eventfn.toml"
         config.write_text(settings)
         serve = Serve(
@@ -72,6 +73,8 @@ def serve_on_cluster(
             env={"PROBE_NATS": nats_server.url},
         )
         started.append(serve)
+        if in_event_loop():
+            return serve.astart(wait_ready=wait_ready)
         return serve.start(wait_ready=wait_ready)
 
     yield start
@@ -146,13 +149,13 @@ class Producer:
 
 async def test_losing_the_stream_leader_loses_no_acknowledged_event(
     cluster: NatsCluster,
-    serve_on_cluster: Callable[..., Serve],
+    serve_on_cluster: Callable[..., Awaitable[Serve]],
     handlers: Path,
     admin: Client,
     probe: Callable[[str], Any],
 ) -> None:
     write_handler(handlers, "sink", SINK)
-    serve = serve_on_cluster("[stream]\nreplicas = 3\n")
+    serve = await serve_on_cluster("[stream]\nreplicas = 3\n")
     seen = await probe("probe.sink")
     js = admin.jetstream()
     producer = Producer(js)
@@ -202,15 +205,15 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
 
     # The lost server comes back, catches up from the others, and the log says the stream is whole again.
     mark = serve.log.mark()
-    cluster.restart(leader)
+    await cluster.arestart(leader)
     await serve.log.await_line(r"stream EVENTFN: all 3 replicas current again", start=mark, timeout=45)
 
 
 async def test_replicas_raised_by_hand_stay_and_consumers_follow(
-    serve_on_cluster: Callable[..., Serve], handlers: Path, admin: Client
+    serve_on_cluster: Callable[..., Awaitable[Serve]], handlers: Path, admin: Client
 ) -> None:
     write_handler(handlers, "sink", SINK)
-    serve = serve_on_cluster()  # replicas = 1, the default
+    serve = await serve_on_cluster()  # replicas = 1, the default
     js = admin.jetstream()
     assert (await stream_config(admin, "EVENTFN"))["num_replicas"] == 1
     await edit_stream(admin, "EVENTFN", num_replicas=3)  # an operator's `nats stream edit --replicas 3`
@@ -230,12 +233,12 @@ async def test_replicas_raised_by_hand_stay_and_consumers_follow(
 
 
 async def test_a_stream_narrowed_by_hand_is_widened_again(
-    serve_on_cluster: Callable[..., Serve], handlers: Path, admin: Client
+    serve_on_cluster: Callable[..., Awaitable[Serve]], handlers: Path, admin: Client
 ) -> None:
     """What another process does when it writes back a stream it read before our update (JetStream has no
     compare-and-set on a stream's configuration), or an operator's mistake: the service puts back what it needs."""
     write_handler(handlers, "orders", ORDERS)
-    serve = serve_on_cluster("[stream]\nreplicas = 3\n")
+    serve = await serve_on_cluster("[stream]\nreplicas = 3\n")
     mark = serve.log.mark()
     config = await stream_config(admin, "EVENTFN")
     await edit_stream(admin, "EVENTFN", num_replicas=1, subjects=[s for s in config["subjects"] if s != "orders.>"])

@@ -3,7 +3,7 @@ at-least-once through SIGKILL, and flat memory while a large backlog drains."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -57,11 +57,11 @@ def seen_numbers(texts: list[str]) -> list[int]:
 
 
 async def test_sigkill_with_thousands_in_flight_loses_nothing(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     batch, concurrency, total = 100, 2, 10_000
     write_handler(handlers, "sink", SINK.format(batch=batch, pause=0.01))
-    first = serve()
+    first = await serve()
     seen = await probe("probe.sink")
     await publish_numbers(nc, total)
     with anyio.fail_after(30):
@@ -71,7 +71,7 @@ async def test_sigkill_with_thousands_in_flight_loses_nothing(
     done_before = len(set(seen_numbers(seen.texts)))
     assert done_before < total, "the kill must interrupt the drain"
 
-    serve()
+    await serve()
     with anyio.fail_after(60):  # unacknowledged events come back after their ack wait (2 + 0.05 + 10 s)
         while len(set(seen_numbers(seen.texts))) < total:
             await seen.wait_for(len(seen.messages) + 1)
@@ -96,7 +96,7 @@ def rss_mb(pid: int) -> float:
 
 @pytest.mark.timeout(600)  # the ceiling of a heavily loaded run; waits inside fail on a STALL
 async def test_memory_stays_flat_while_a_large_backlog_drains(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     total, batch = 200_000, 100
     write_handler(
@@ -104,7 +104,7 @@ async def test_memory_stays_flat_while_a_large_backlog_drains(
         "sink",
         SINK.format(batch=batch, pause=0.002).replace('",".join(map(str, numbers))', "str(len(numbers))"),
     )
-    service = serve()
+    service = await serve()
     assert service.process is not None
     seen = await probe("probe.sink")
     idle = rss_mb(service.process.pid)

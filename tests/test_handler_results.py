@@ -16,7 +16,7 @@ import os
 import re
 import textwrap
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ def test_a_decimal_is_written_digit_for_digit(value: Decimal) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_unencodable_result_is_lambdas_marshal_error(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
 ) -> None:
     write_handler(
         handlers,
@@ -163,7 +163,7 @@ async def test_unencodable_result_is_lambdas_marshal_error(
             return {{"at": datetime.datetime(2024, 1, 1)}}
     """,
     )
-    serve()
+    await serve()
     error, headers = await invoke(nc, "when")
     assert error == {
         "errorMessage": "Unable to marshal response: Object of type datetime is not JSON serializable",
@@ -190,10 +190,10 @@ BROKEN = """
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_syntax_error_is_user_code_syntax_error_for_every_caller(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
 ) -> None:
     path = write_handler(handlers, "broken", BROKEN.format(isolation=isolation))
-    service = serve()
+    service = await serve()
     logged = (await service.log.await_line(r"function 'broken' failed to load at (\S+): (\S+): ")).groups()
     assert logged == (f"{path}:4", "Runtime.UserCodeSyntaxError")
     error, headers = await invoke(nc, "broken")
@@ -210,11 +210,11 @@ async def test_syntax_error_is_user_code_syntax_error_for_every_caller(
 
 @pytest.mark.e2e
 async def test_syntax_error_met_by_a_cold_start_is_user_code_syntax_error_in_the_dlq(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     settings = "# /// eventfn\n# min_warm = 0\n# idle_timeout = 1\n# retry = { max_attempts = 0 }\n# ///\n"
     write_handler(handlers, "later", settings + "def handler(event, context):\n    return 1\n")
-    service = serve()
+    service = await serve()
     # No warm worker left: the next invocation of the version still serving starts one, which reads the file.
     await service.log.await_line(r"function later scaled down by 1 idle worker\(s\) to 0")
     mark = service.log.mark()
@@ -252,11 +252,11 @@ RAISES = """
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_stack_trace_shows_the_handlers_frames_only(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
 ) -> None:
     for name, kw, aw in [("plain", "", ""), ("coroutine", "async ", "await ")]:
         write_handler(handlers, name, RAISES.format(isolation=isolation, kw=kw, aw=aw))
-    serve()
+    await serve()
     for name, aw in [("plain", ""), ("coroutine", "await ")]:
         path = handlers / f"{name}.py"
         error, headers = await invoke(nc, name)
@@ -305,11 +305,11 @@ def _lines_of(service: Serve, request_id: str) -> list[str]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_output_is_capped_per_invocation_with_one_marker_line(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
 ) -> None:
     process = isolation == "process"  # only a worker process can capture what is written to fd 1 and 2
     write_handler(handlers, "loud", LOUD.format(isolation=isolation, fds=process))
-    service = serve()
+    service = await serve()
     marker = r"\[loud\] \S+\t{}\teventfn: output truncated: (\d+) bytes dropped after the first (\d+) \(.*max_log_bytes"
     assert (await service.log.await_line(marker.format("-"))).groups() == ("20001", "9999"), (
         "the init phase is capped too"
@@ -347,10 +347,10 @@ PRINTS = """
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, isolation: str
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
 ) -> None:
     write_handler(handlers, "chatty", PRINTS.format(isolation=isolation))
-    service = serve()
+    service = await serve()
     for _ in range(3):
         _, headers = await invoke(nc, "chatty")
         request = re.escape(headers["Eventfn-Request-Id"])
@@ -375,10 +375,10 @@ HUGE_LINE = """
 
 @pytest.mark.e2e
 async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "huge", HUGE_LINE)
-    service = serve()
+    service = await serve()
     result, headers = await invoke(nc, "huge")
     assert result == "printed", result
     request = re.escape(headers["Eventfn-Request-Id"])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import nats
 import pytest
 from nats.aio.client import Client
@@ -29,16 +30,18 @@ ECHO = """
 """
 
 
-async def test_sync_invoke_returns_the_handler_result(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+async def test_sync_invoke_returns_the_handler_result(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.echo", b'{"id": 1}', timeout=10)
     assert json.loads(reply.data) == {"event": {"id": 1}, "function": "echo"}
     assert "Eventfn-Function-Error" not in (reply.headers or {})
 
 
 async def test_handler_exception_returns_lambda_error_object_and_error_header(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -48,7 +51,7 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
             raise KeyError("missing-field")
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.fails", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "KeyError"
@@ -58,7 +61,7 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
 
 
 async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -74,7 +77,7 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
             return "fast"
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.slow", b'{"spin": true}', timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Sandbox.Timedout"
@@ -85,20 +88,20 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
 
 
 async def test_unknown_function_gets_resource_not_found(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.nope", b"{}", timeout=10)
     assert json.loads(reply.data)["errorType"] == "ResourceNotFoundException"
     assert reply.headers["Eventfn-Status"] == "404"
 
 
 async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     await nc.publish("events.orders.created", b'{"id": 1}')  # matches events.orders.*
     await nc.publish("events.orders.created.extra", b'{"id": 2}')  # matches neither trigger
@@ -109,10 +112,10 @@ async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
 
 
 async def test_non_json_body_arrives_as_text_and_binary_as_base64(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     await nc.publish("events.orders.text", b"plain words, not JSON")
     await nc.publish("events.orders.binary", b"\xff\xfe\x00\x01")
@@ -121,10 +124,10 @@ async def test_non_json_body_arrives_as_text_and_binary_as_base64(
 
 
 async def test_async_invoke_is_stored_and_processed(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     seen = await probe("probe.echo")
     js = nc.jetstream()
     ack = await js.publish("eventfn.async.echo", b'{"job": 7}')
@@ -133,7 +136,9 @@ async def test_async_invoke_is_stored_and_processed(
     assert json.loads(text)["event"] == {"job": 7}
 
 
-async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..., Serve], nc: Client) -> None:
+async def test_context_has_lambdas_attributes(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
     write_handler(
         handlers,
         "ctx",
@@ -157,7 +162,7 @@ async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..
             }
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.ctx", b"{}", timeout=10)
     ctx = json.loads(reply.data)
     assert ctx["function_name"] == "ctx"
@@ -172,44 +177,40 @@ async def test_context_has_lambdas_attributes(handlers: Path, serve: Callable[..
     assert 6000 < ctx["remaining"] <= 7000
 
 
-def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventfn", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=input.decode() if input else None,
-    )
+async def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `eventfn ARGS` as a user would (without blocking the test's event loop)."""
+    with anyio.fail_after(30):
+        done = await anyio.run_process([sys.executable, "-m", "eventfn", *args], cwd=cwd, input=input, check=False)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 async def test_cli_invoke_pub_and_functions(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server, probe
 ) -> None:
     write_handler(handlers, "echo", ECHO)
-    serve()
+    await serve()
     url = ["--nats", nats_server.url]
-    result = _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
+    result = await _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"event": {"n": 5}, "function": "echo"}
 
-    piped = _cli("invoke", "echo", "-", *url, cwd=tmp_path, input=b'{"from": "stdin"}')
+    piped = await _cli("invoke", "echo", "-", *url, cwd=tmp_path, input=b'{"from": "stdin"}')
     assert json.loads(piped.stdout)["event"] == {"from": "stdin"}
 
     seen = await probe("probe.echo")
-    queued = _cli("invoke", "echo", "--async", '{"n": 6}', *url, cwd=tmp_path)
+    queued = await _cli("invoke", "echo", "--async", '{"n": 6}', *url, cwd=tmp_path)
     assert json.loads(queued.stdout)["StatusCode"] == 202
-    published = _cli("pub", "events.orders.cli", '{"n": 7}', *url, cwd=tmp_path)
+    published = await _cli("pub", "events.orders.cli", '{"n": 7}', *url, cwd=tmp_path)
     assert published.returncode == 0, published.stderr
     events = [json.loads(t)["event"] for t in await seen.wait_for(2)]
     assert {"n": 6} in events and {"n": 7} in events
 
-    listing = _cli("functions", "--json", *url, cwd=tmp_path)
+    listing = await _cli("functions", "--json", *url, cwd=tmp_path)
     [info] = json.loads(listing.stdout)
     assert info["name"] == "echo" and info["state"] == "Active"
     assert info["triggers"] == ["events.orders.*", "audit.>"]
 
-    missing = _cli("invoke", "nope", *url, cwd=tmp_path)
+    missing = await _cli("invoke", "nope", *url, cwd=tmp_path)
     assert missing.returncode == 1
     assert "ResourceNotFoundException" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -225,7 +226,7 @@ async def test_sync_payload_over_lambdas_6_mb_gets_request_too_large(tmp_path: P
     """,
     )
     # The embedded server allows 8 MB messages, so the 6 MB rule is eventfn's to enforce.
-    with Serve(handlers, None, tmp_path / "data") as service:
+    async with Serve(handlers, None, tmp_path / "data") as service:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         client = await nats.connect(url)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -23,7 +23,7 @@ async def invoke(nc: Client, name: str, payload: object = None, timeout: float =
 
 
 async def test_memory_limit_fails_the_invocation_and_replaces_the_worker(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -41,7 +41,7 @@ async def test_memory_limit_fails_the_invocation_and_replaces_the_worker(
             return os.getpid()
     """,
     )
-    serve()
+    await serve()
     first_pid, _ = await invoke(nc, "hungry")
     small, _ = await invoke(nc, "hungry", {"eat": 16})
     assert small == 16 * 1024 * 1024
@@ -54,7 +54,7 @@ async def test_memory_limit_fails_the_invocation_and_replaces_the_worker(
 
 
 async def test_worker_killed_from_outside_fails_only_its_invocation(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(
         handlers,
@@ -79,7 +79,7 @@ async def test_worker_killed_from_outside_fails_only_its_invocation(
             return "fine"
     """,
     )
-    serve()
+    await serve()
     started = await probe("probe.victim")
     async with anyio.create_task_group() as tg:
         result: dict[str, object] = {}
@@ -97,7 +97,7 @@ async def test_worker_killed_from_outside_fails_only_its_invocation(
 
 
 async def test_environment_variables_are_visible_to_their_function_only(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     reader = """
         # /// eventfn
@@ -119,7 +119,7 @@ async def test_environment_variables_are_visible_to_their_function_only(
         reader.format(settings='# [environment]\n        # SHARED_NAME = "from b"\n        # ONLY_B = "2"'),
     )
     write_handler(handlers, "c", reader.format(settings="# timeout = 3"))
-    serve()
+    await serve()
     assert (await invoke(nc, "a"))[0] == {"SHARED_NAME": "from a", "ONLY_A": "1", "ONLY_B": None}
     assert (await invoke(nc, "b"))[0] == {"SHARED_NAME": "from b", "ONLY_A": None, "ONLY_B": "2"}
     assert (await invoke(nc, "c"))[0] == {"SHARED_NAME": None, "ONLY_A": None, "ONLY_B": None}
@@ -135,7 +135,7 @@ def max_parallelism(spans: list[tuple[float, float]]) -> int:
 
 
 async def test_reserved_concurrency_is_never_exceeded_and_is_used(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(
         handlers,
@@ -154,7 +154,7 @@ async def test_reserved_concurrency_is_never_exceeded_and_is_used(
             _probe.report("probe.capped", json.dumps([start, time.time()]))
     """,
     )
-    serve()
+    await serve()
     spans = await probe("probe.capped")
     for n in range(15):
         await nc.publish("events.capped.job", json.dumps({"n": n}).encode())
@@ -163,7 +163,7 @@ async def test_reserved_concurrency_is_never_exceeded_and_is_used(
 
 
 async def test_sync_invoke_over_a_cap_is_throttled_not_queued(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     sleeper = """
         # /// eventfn
@@ -182,7 +182,7 @@ async def test_sync_invoke_over_a_cap_is_throttled_not_queued(
     write_handler(handlers, "other", sleeper.format(concurrency=5))
     config = tmp_path / "eventfn.toml"
     config.write_text("max_concurrency = 1\n")
-    serve(extra_args=["--config", str(config)])
+    await serve(extra_args=["--config", str(config)])
     busy = await probe("probe.busy")
     results: list[object] = []
     async with anyio.create_task_group() as tg:
@@ -204,7 +204,7 @@ async def test_sync_invoke_over_a_cap_is_throttled_not_queued(
 
 
 async def test_warm_worker_runs_init_once_and_reports_init_duration_on_cold_start_only(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -222,7 +222,7 @@ async def test_warm_worker_runs_init_once_and_reports_init_duration_on_cold_star
             return [os.getpid(), INITS, calls]
     """,
     )
-    service = serve()
+    service = await serve()
     mark = service.log.mark()
     results = [(await invoke(nc, "warm"))[0] for _ in range(5)]
     assert {r[0] for r in results} == {results[0][0]}, "one warm worker served them all"  # type: ignore[index]
@@ -236,7 +236,7 @@ async def test_warm_worker_runs_init_once_and_reports_init_duration_on_cold_star
 
 
 async def test_pool_scales_up_on_demand_and_down_after_idle(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -254,7 +254,7 @@ async def test_pool_scales_up_on_demand_and_down_after_idle(
             return os.getpid()
     """,
     )
-    service = serve()
+    service = await serve()
     async with anyio.create_task_group() as tg:
         pids: list[object] = []
 
@@ -275,7 +275,7 @@ async def test_pool_scales_up_on_demand_and_down_after_idle(
 
 
 async def test_in_process_isolation_runs_sync_and_async_handlers_in_the_service(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -307,7 +307,7 @@ async def test_in_process_isolation_runs_sync_and_async_handlers_in_the_service(
             return "async ok"
     """,
     )
-    service = serve()
+    service = await serve()
     assert service.process is not None
     result, _ = await invoke(nc, "fast")
     assert result["pid"] == service.process.pid  # type: ignore[index]
@@ -321,7 +321,7 @@ async def test_in_process_isolation_runs_sync_and_async_handlers_in_the_service(
 
 
 async def test_concurrency_zero_throttles_sync_dead_letters_async_and_holds_triggered_events(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -335,7 +335,7 @@ async def test_concurrency_zero_throttles_sync_dead_letters_async_and_holds_trig
             return "never"
     """,
     )
-    serve()
+    await serve()
     error, headers = await invoke(nc, "off")
     assert headers["Eventfn-Status"] == "429" and "Reserved" in error["errorMessage"]  # type: ignore[index]
     js = nc.jetstream()

@@ -7,10 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import anyio
 import nats
 import pytest
 from nats.aio.client import Client
@@ -37,22 +36,22 @@ SLOW = """
 
 
 async def test_sigterm_with_events_in_flight_then_restart_loses_none(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
-    first = serve()
+    first = await serve()
     seen = await probe("probe.slow")
     total = 80
     for n in range(total):
         await nc.publish("events.work.item", json.dumps({"n": n}).encode())
     await seen.wait_for(8)
     first.signal(signal.SIGTERM)
-    assert await anyio.to_thread.run_sync(first.wait) == 0
+    assert await first.await_exit() == 0
     stopped_at = len(seen.messages)
     assert stopped_at < total, "the test must interrupt work in progress"
     assert "Traceback" not in first.log.text()
 
-    serve()
+    await serve()
     # Well inside the 35 s ack wait: deliveries the first run had received but not started were handed back
     # (nak), not left to time out.
     done = await seen.wait_for(total, timeout=15)
@@ -62,20 +61,20 @@ async def test_sigterm_with_events_in_flight_then_restart_loses_none(
 
 
 async def test_restart_keeps_configuration_and_applies_changed_settings(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
-    serve().stop()
+    await (await serve()).astop()
     js = nc.jetstream()
     before = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert set(before) == {"slow--async", "slow--t0"}
 
-    serve().stop()
+    await (await serve()).astop()
     again = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert again == before, "a restart with the same settings changes nothing"
 
     write_handler(handlers, "slow", SLOW.format(timeout=20).replace("events.work.>", "events.jobs.*"))
-    serve().stop()
+    await (await serve()).astop()
     after = {c.name: c.config for c in await js.consumers_info("EVENTFN")}
     assert set(after) == set(before)
     # ack wait = timeout + batching window + 10 s
@@ -95,7 +94,7 @@ async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_pa
     """,
     )
     service = Serve(handlers, None, tmp_path / "data")
-    with service:
+    async with service:
         url = (await service.log.await_line(r"embedded NATS at (nats://\S+):")).group(1)
         assert url.startswith("nats://127.0.0.1:")
         assert (tmp_path / "data" / "jetstream").is_dir()
@@ -144,11 +143,11 @@ def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats
 async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_path: Path, handlers: Path) -> None:
     write_handler(handlers, "slow", SLOW.format(timeout=5))
     store = tmp_path / "restartable"
-    first = NatsServer(store).start()
+    first = await NatsServer(store).astart()
     try:
-        with Serve(handlers, first.url, tmp_path / "data", env={"PROBE_NATS": first.url}) as service:
-            first.stop()
-            second = NatsServer(store, port=first.port).start()
+        async with Serve(handlers, first.url, tmp_path / "data", env={"PROBE_NATS": first.url}) as service:
+            await first.astop()
+            second = await NatsServer(store, port=first.port).astart()
             try:
                 await service.log.await_line(r"reconnected", timeout=30)
                 client = await nats.connect(second.url)
@@ -160,6 +159,6 @@ async def test_service_reconnects_and_resumes_consuming_after_nats_restarts(tmp_
                 assert await seen.wait_for(1, timeout=4) == ["99"]
                 await client.close()
             finally:
-                second.stop()
+                await second.astop()
     finally:
-        first.stop()
+        await first.astop()

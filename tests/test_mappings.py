@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ BATCH_REPORTER = """
 
 
 async def test_batches_fill_to_batch_size_in_publish_order_and_the_window_closes_the_last(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -121,7 +121,7 @@ async def test_batches_fill_to_batch_size_in_publish_order_and_the_window_closes
         """,
         BATCH_REPORTER,
     )
-    serve()
+    await serve()
     seen = await probe("probe.batch")
     for n in range(25):
         await publish_json(nc, "events.batch.created", {"n": n})
@@ -145,7 +145,7 @@ async def test_batches_fill_to_batch_size_in_publish_order_and_the_window_closes
 
 
 async def test_batch_size_one_delivers_the_event_itself(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -157,7 +157,7 @@ async def test_batch_size_one_delivers_the_event_itself(
         """,
         BATCH_REPORTER,
     )
-    serve()
+    await serve()
     seen = await probe("probe.batch")
     await publish_json(nc, "events.single.created", {"order": 1, "items": ["a", "b"]})
     [report] = parsed(await seen.wait_for(1))
@@ -180,10 +180,10 @@ BYTES_SETTINGS = """
 
 
 async def test_batches_close_before_their_payload_passes_max_batch_bytes(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "capped", BYTES_SETTINGS, BYTES_REPORTER)
-    serve()
+    await serve()
     seen = await probe("probe.bytes")
     total = 12
     for n in range(total):
@@ -198,10 +198,10 @@ async def test_batches_close_before_their_payload_passes_max_batch_bytes(
 
 
 async def test_batches_of_json_bodies_with_many_strings_stay_under_max_batch_bytes(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "capped", BYTES_SETTINGS, BYTES_REPORTER)
-    serve()
+    await serve()
     seen = await probe("probe.bytes")
     total = 9
     for n in range(total):
@@ -217,7 +217,7 @@ async def test_batches_of_json_bodies_with_many_strings_stay_under_max_batch_byt
 
 
 async def test_filters_pass_only_matching_events_and_count_the_rest_as_filtered(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -232,7 +232,7 @@ async def test_filters_pass_only_matching_events_and_count_the_rest_as_filtered(
             _probe.report("probe.picky", json.dumps(event))
         """,
     )
-    serve()
+    await serve()
     seen = await probe("probe.picky")
     settled = await watch_settlements(nc, "picky--t0")
     await publish_json(nc, "events.picky.a", {"kind": "keep", "n": 1})
@@ -265,7 +265,7 @@ async def test_filters_pass_only_matching_events_and_count_the_rest_as_filtered(
 
 
 async def test_partial_batch_response_retries_only_the_reported_items_then_dead_letters_them(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -292,7 +292,7 @@ async def test_partial_batch_response_retries_only_the_reported_items_then_dead_
             return {"batchItemFailures": failures}
         """,
     )
-    serve()
+    await serve()
     seen = await probe("probe.partial")
     dead = await probe(dlq_subject("partial"))
     settled = await watch_settlements(nc, "partial--t0")
@@ -326,7 +326,7 @@ async def test_partial_batch_response_retries_only_the_reported_items_then_dead_
 
 
 async def test_malformed_batch_response_retries_the_whole_batch(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -348,7 +348,7 @@ async def test_malformed_batch_response_retries_the_whole_batch(
             return {"batchItemFailures": [{"itemIdentifier": "not-a-message-of-this-batch"}]}
         """,
     )
-    serve()
+    await serve()
     seen = await probe("probe.malformed")
     dead = await probe(dlq_subject("malformed"))
     for n in range(3):
@@ -374,7 +374,7 @@ ALWAYS_FAILS = """
 
 
 async def test_failed_event_is_retried_with_exponential_backoff_then_dead_lettered(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -388,7 +388,7 @@ async def test_failed_event_is_retried_with_exponential_backoff_then_dead_letter
         """,
         ALWAYS_FAILS,
     )
-    serve()
+    await serve()
     attempts = await probe("probe.attempts")
     dead = await probe(dlq_subject("flaky"))
     await publish_json(nc, "events.flaky.order", {"sku": "A-1", "qty": 2})
@@ -424,10 +424,10 @@ STALE_SETTINGS = """
 
 
 async def test_event_older_than_max_event_age_is_dead_lettered_with_event_age_exceeded(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "stale", STALE_SETTINGS, ALWAYS_FAILS)
-    serve()
+    await serve()
     attempts = await probe("probe.attempts")
     dead = await probe(dlq_subject("stale"))
     await publish_json(nc, "events.stale.order", {"sku": "B-2"})
@@ -439,10 +439,10 @@ async def test_event_older_than_max_event_age_is_dead_lettered_with_event_age_ex
 
 
 async def test_retry_of_an_event_past_max_event_age_is_not_invoked(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "stale", STALE_SETTINGS, ALWAYS_FAILS)
-    serve()
+    await serve()
     attempts = await probe("probe.attempts")
     dead = await probe(dlq_subject("stale"))
     await publish_json(nc, "events.stale.order", {"sku": "B-2"})
@@ -466,10 +466,10 @@ NO_RETRY = """
 
 
 async def test_dlq_ls_show_and_purge(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(handlers, "broken", 'triggers = ["events.broken.>"]\n' + textwrap.dedent(NO_RETRY), BROKEN)
-    serve()
+    await serve()
     dead = await probe(dlq_subject("broken"))
     await publish_json(nc, "events.broken.one", {"k": 1})
     [record] = parsed(await dead.wait_for(1))
@@ -496,10 +496,10 @@ async def test_dlq_ls_show_and_purge(
 
 
 async def test_dlq_show_of_an_unknown_id_exits_1_with_a_one_line_error(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer
 ) -> None:
     add_function(handlers, "broken", 'triggers = ["events.broken.>"]', BROKEN)
-    serve()
+    await serve()
     result = await cli(nats_server, tmp_path, "dlq", "show", "999999")
     assert result.returncode == 1
     stderr = result.stderr.decode()
@@ -510,7 +510,7 @@ async def test_dlq_show_of_an_unknown_id_exits_1_with_a_one_line_error(
 
 
 async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batch_mapping(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     settings = """
         [[triggers]]
@@ -529,7 +529,7 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
             raise RuntimeError("not yet")
         """,
     )
-    serve()
+    await serve()
     seen = await probe("probe.fixme")
     dead = await probe(dlq_subject("fixme"))
     settled = await watch_settlements(nc, "fixme--t0")
@@ -571,10 +571,10 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
 
 
 async def test_dlq_redrive_of_a_still_failing_event_dead_letters_it_again_with_its_history(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(handlers, "broken", 'triggers = ["events.broken.>"]\n' + textwrap.dedent(NO_RETRY), BROKEN)
-    serve()
+    await serve()
     seen = await probe("probe.broken")
     dead = await probe(dlq_subject("broken"))
     await publish_json(nc, "events.broken.one", {"k": 1})
@@ -615,11 +615,11 @@ def reporter(subject: str) -> str:
 
 
 async def test_disabled_mapping_holds_its_events_until_enabled(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(handlers, "held", HELD, reporter("probe.held"))
     add_function(handlers, "marker", MARKER, reporter("probe.marker"))
-    serve()
+    await serve()
     held, marker = await probe("probe.held"), await probe("probe.marker")
     settled = await watch_settlements(nc, "held--orders")
 
@@ -656,18 +656,18 @@ async def test_disabled_mapping_holds_its_events_until_enabled(
 
 
 async def test_disabled_state_survives_a_service_restart(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(handlers, "held", HELD, reporter("probe.held"))
-    first = serve()
+    first = await serve()
     held = await probe("probe.held")
     disabled = await cli(nats_server, tmp_path, "mappings", "disable", "held--orders")
     assert disabled.returncode == 0, disabled.stderr.decode()
     for n in range(2):
         await publish_json(nc, "events.held.created", {"n": n})
-    assert first.stop() == 0
+    assert await first.astop() == 0
 
-    serve()
+    await serve()
     mapping = (await mappings_by_name(nats_server, tmp_path))["held--orders"]
     assert mapping["state"] == "Disabled"
     assert mapping["lag"] == 2
@@ -677,11 +677,11 @@ async def test_disabled_state_survives_a_service_restart(
 
 
 async def test_enabled_false_in_settings_starts_the_mapping_disabled(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nats_server: NatsServer, nc: Client, probe
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
     add_function(handlers, "held", textwrap.dedent(HELD) + "enabled = false\n", reporter("probe.held"))
     add_function(handlers, "marker", MARKER, reporter("probe.marker"))
-    serve()
+    await serve()
     held, marker = await probe("probe.held"), await probe("probe.marker")
     mappings = await mappings_by_name(nats_server, tmp_path)
     assert mappings["held--orders"]["state"] == "Disabled"
@@ -702,7 +702,7 @@ async def test_enabled_false_in_settings_starts_the_mapping_disabled(
 
 
 async def test_destinations_receive_lambdas_success_and_failure_records(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -722,7 +722,7 @@ async def test_destinations_receive_lambdas_success_and_failure_records(
             return {"accepted": event["n"]}
         """,
     )
-    serve()
+    await serve()
     ok, failed = await probe("dest.ok"), await probe("dest.fail")
     await publish_json(nc, "events.dest.created", {"n": 1})
     await publish_json(nc, "events.dest.created", {"n": 2, "fail": True})
@@ -749,10 +749,10 @@ async def test_destinations_receive_lambdas_success_and_failure_records(
 
 
 async def test_duplicate_publishes_with_the_same_msg_id_are_processed_once(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "dedupe", 'triggers = ["events.dedupe.>"]\nconcurrency = 1', reporter("probe.dedupe"))
-    serve()
+    await serve()
     seen = await probe("probe.dedupe")
     js = nc.jetstream()
     first = await js.publish("events.dedupe.created", b'{"n": 1}', headers={"Nats-Msg-Id": "order-1"})
@@ -763,10 +763,10 @@ async def test_duplicate_publishes_with_the_same_msg_id_are_processed_once(
 
 
 async def test_poison_structured_event_is_dead_lettered_and_the_mapping_keeps_processing(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(handlers, "poison", 'triggers = ["events.poison.>"]', reporter("probe.poison"))
-    serve()
+    await serve()
     seen = await probe("probe.poison")
     dead = await probe(dlq_subject("poison"))
     await nc.publish(
@@ -788,7 +788,7 @@ async def test_poison_structured_event_is_dead_lettered_and_the_mapping_keeps_pr
 
 
 async def test_max_concurrency_bounds_the_batches_running_at_once(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     add_function(
         handlers,
@@ -809,7 +809,7 @@ async def test_max_concurrency_bounds_the_batches_running_at_once(
             _probe.report("probe.conc", json.dumps({"start": start, "end": time.time(), "ns": ns}))
         """,
     )
-    serve()
+    await serve()
     seen = await probe("probe.conc")
     for n in range(10):
         await publish_json(nc, "events.conc.created", {"n": n})

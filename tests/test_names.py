@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -117,12 +117,12 @@ def test_a_plain_folder_with_an_invalid_name_is_not_reported(handlers_dir: Path)
 
 @pytest.mark.e2e
 async def test_invalid_file_names_are_reported_once_and_never_restart_other_functions(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "good", HANDLER)
     for stem in ("my func", "-dash", "a.b", "café"):
         write_handler(handlers, stem, HANDLER)
-    service = serve()
+    service = await serve()
     for entry in ("my func.py", "-dash.py", "a.b.py", "café.py"):
         await service.log.await_line(rf"/{re.escape(entry)}' not loaded: .* is not a valid function name")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,10 +300,10 @@ WORK = "{work}"
     write_handler(handlers, name, f"# /// eventfn\n{block}\n# ///\n{textwrap.dedent(ORDERED).lstrip()}")
 
 
-def start_service(serve: Callable[..., Serve], function: str, life: int = 1) -> Serve:
+async def start_service(serve: Callable[..., Awaitable[Serve]], function: str, life: int = 1) -> Serve:
     """`eventfn serve`, its workers told their life; fails at once, with the reason, if `function` did not load."""
-    service = serve(env={"ORDER_LIFE": str(life), "EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS,ORDER_LIFE"})
-    service.log.wait_for(r"eventfn ready")
+    service = await serve(env={"ORDER_LIFE": str(life), "EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS,ORDER_LIFE"})
+    await service.log.await_line(r"eventfn ready")
     if f"function {function} loaded" not in service.log.text():
         problems = [line for line in service.log.lines if f"function {function}" in line]
         pytest.fail("\n".join(problems) or f"function {function} did not load")
@@ -338,10 +338,10 @@ async def publish_keyed(
 
 @pytest.mark.parametrize("batch_size", [1, 5])
 async def test_each_key_runs_in_publish_order_one_invocation_at_a_time_under_load(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, attempts: Path, batch_size: int
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, attempts: Path, batch_size: int
 ) -> None:
     add_ordered(handlers, "orders", attempts, KEY_BY_HEADER + f"batch_size = {batch_size}\n", work=0.004)
-    start_service(serve, "orders")
+    await start_service(serve, "orders")
     reports = await subscribe_reports(nc, "orders")
     keys = [f"k{n:02}" for n in range(20)]
     expected = await publish_keyed(nc, keys, 50)
@@ -354,13 +354,13 @@ async def test_each_key_runs_in_publish_order_one_invocation_at_a_time_under_loa
 
 
 async def test_a_failing_event_holds_its_key_while_other_keys_go_on_and_a_dead_letter_releases_it(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, attempts: Path
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, attempts: Path
 ) -> None:
     """k0's event 2 fails twice, then succeeds; k1's event 3 always fails and is dead-lettered after its last
     attempt (the first and 3 retries). Each holds its key meanwhile, and only its key: with retries 1 to 2 s
     apart, every other key is done before k0's event 2 succeeds."""
     add_ordered(handlers, "orders", attempts, KEY_BY_HEADER + "batch_size = 1\n", base_delay=2.0, max_delay=2.0)
-    start_service(serve, "orders")
+    await start_service(serve, "orders")
     reports = await subscribe_reports(nc, "orders")
     keys = [f"k{n}" for n in range(10)]
     expected = await publish_keyed(nc, keys, 10, marks={("k0", 2): {"fail": 2}, ("k1", 3): {"fail": 99}})
@@ -384,19 +384,19 @@ async def test_a_failing_event_holds_its_key_while_other_keys_go_on_and_a_dead_l
 
 
 async def test_a_sigkill_mid_stream_loses_nothing_and_never_runs_a_key_ahead(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, attempts: Path
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, attempts: Path
 ) -> None:
     """Killed with keys in flight and restarted, the service replays what was not acknowledged: an event may run
     again (at least once), but no key's event starts before the one before it was settled."""
     add_ordered(handlers, "orders", attempts, KEY_BY_HEADER + "batch_size = 1\n", timeout=1, work=0.02)
-    first = start_service(serve, "orders", life=1)
+    first = await start_service(serve, "orders", life=1)
     reports = await subscribe_reports(nc, "orders")
     keys = [f"k{n}" for n in range(10)]
     expected = await publish_keyed(nc, keys, 30)
     await reports.wait_until(lambda: reports.count_ok() >= 80)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    start_service(serve, "orders", life=2)
+    await start_service(serve, "orders", life=2)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for key in keys:
@@ -407,7 +407,7 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_never_runs_a_key_ahead(
 
 
 async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, attempts: Path
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, attempts: Path
 ) -> None:
     """`key = "subject:1"`: the second token of `clicks.<shard>.x` names the shard. Every batch holds events of one
     shard, consecutive and in order; one batch per shard runs at a time; after a SIGKILL the shard resumes from
@@ -420,7 +420,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
         batch_window = 0.05
     """
     add_ordered(handlers, "clicks", attempts, trigger, timeout=1, work=0.1)
-    first = start_service(serve, "clicks", life=1)
+    first = await start_service(serve, "clicks", life=1)
     reports = await subscribe_reports(nc, "clicks")
     shards = [f"s{n}" for n in range(4)]
     for seq in range(60):
@@ -431,7 +431,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
     await reports.wait_until(lambda: reports.count_ok() >= 40)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    start_service(serve, "clicks", life=2)
+    await start_service(serve, "clicks", life=2)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for entry in reports.entries:
@@ -444,7 +444,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
 
 
 async def test_an_unordered_mapping_batches_every_key_together_as_before(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, attempts: Path
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, attempts: Path
 ) -> None:
     trigger = """
         subjects = ["orders.>"]
@@ -453,7 +453,7 @@ async def test_an_unordered_mapping_batches_every_key_together_as_before(
         batch_window = 1
     """
     add_ordered(handlers, "orders", attempts, trigger)
-    start_service(serve, "orders")
+    await start_service(serve, "orders")
     reports = await subscribe_reports(nc, "orders")
     keys = ["a", "b", "c", "d"]
     expected = await publish_keyed(nc, keys, 5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,10 @@ def alive(service: Serve) -> bool:
 
 
 async def test_a_body_nested_too_deep_ends_in_the_dlq_and_the_service_stays_up(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, nats_server: NatsServer, probe: Any
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, nats_server: NatsServer, probe: Any
 ) -> None:
     echo_handler(handlers, "deep")
-    service = serve()
+    service = await serve()
     seen = await probe("probe.deep")
     await nc.publish("eventfn.async.deep", POISON)  # exactly what `nats pub eventfn.async.deep "[[[…]]]"` sends
     stats = await wait_stats(nc, "deep--async", dead_lettered=1, timeout=30)
@@ -102,10 +102,10 @@ def record_id(listing: str) -> int:
 
 
 async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_restarted_service(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Any
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe: Any
 ) -> None:
     echo_handler(handlers, "deep", attempts=2)
-    service = serve()
+    service = await serve()
     js = nc.jetstream()
     await js.publish("eventfn.async.deep", POISON)
     # Killed after the first attempt failed and before the event is settled for good: it stays in the stream.
@@ -115,7 +115,7 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
     await js.publish("eventfn.async.deep", b'{"n": 1}')  # waits in the stream behind the poison
 
     seen = await probe("probe.deep")
-    restarted = serve()
+    restarted = await serve()
     await wait_stats(nc, "deep--async", dead_lettered=1, timeout=60)
     assert [json.loads(t) for t in await seen.wait_for(1, timeout=60)] == [{"n": 1}]
     record = await dlq_record(nc, "deep")
@@ -128,7 +128,7 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
     restarted.kill()
     await js.publish("eventfn.async.deep", POISON)
     await js.publish("eventfn.async.deep", b'{"n": 2}')
-    again = serve()
+    again = await serve()
     await wait_stats(nc, "deep--async", dead_lettered=1, timeout=30)
     assert (await dlq_record(nc, "deep"))["requestContext"]["condition"] == "RetriesExhausted"
     assert [json.loads(t) for t in await seen.wait_for(2, timeout=60)][-1] == {"n": 2}
@@ -136,7 +136,7 @@ async def test_a_poison_message_left_unsettled_by_a_sigkill_does_not_stop_the_re
 
 
 async def test_poison_on_a_filtered_trigger_and_inside_a_batch_is_dead_lettered_alone(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Any
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe: Any
 ) -> None:
     write_handler(
         handlers,
@@ -184,7 +184,7 @@ async def test_poison_on_a_filtered_trigger_and_inside_a_batch_is_dead_lettered_
             return {"batchItemFailures": failures}
         """,
     )
-    service = serve()
+    service = await serve()
     picky, batcher = await probe("probe.picky"), await probe("probe.batcher")
     structured = {"content-type": "application/cloudevents+json"}
     broken_event = b'{"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": ' + POISON + b"}"
@@ -231,7 +231,7 @@ async def test_poison_on_a_filtered_trigger_and_inside_a_batch_is_dead_lettered_
 
 
 async def test_sync_invoke_normalizes_cloudevents_and_answers_a_broken_one_with_400(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -241,7 +241,7 @@ async def test_sync_invoke_normalizes_cloudevents_and_answers_a_broken_one_with_
             return {"event": event, "ce": context.cloud_event}
         """,
     )
-    service = serve()
+    service = await serve()
 
     async def invoke(body: bytes, headers: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
         reply = await nc.request("eventfn.invoke.mirror", body, timeout=10, headers=headers)
@@ -289,10 +289,10 @@ async def test_sync_invoke_normalizes_cloudevents_and_answers_a_broken_one_with_
 
 
 async def test_hostile_dlq_records_are_listed_shown_and_refused_without_a_traceback(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, nats_server: NatsServer, probe: Any
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, nats_server: NatsServer, probe: Any
 ) -> None:
     echo_handler(handlers, "victim")
-    serve()
+    await serve()
     js = nc.jetstream()
     seen = await probe("probe.victim")
     # Anyone who may publish to eventfn.dlq.> can store anything there.
@@ -355,10 +355,10 @@ class _Stored:
 
 
 async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_it(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Any
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe: Any
 ) -> None:
     echo_handler(handlers, "deep", attempts=0)
-    service = serve()
+    service = await serve()
     js = nc.jetstream()
     # A full DLQ that refuses new records: every DLQ write now fails (the stream is there, so the service has
     # nothing to re-create; a deleted one is re-created, see test_broker.py).

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,10 +184,10 @@ POWERTOOLS_HANDLER = """
 
 @pytest.mark.e2e
 async def test_powertools_batch_handler_fails_one_item_and_eventfn_retries_that_item_alone(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe: Callable[[str], Any]
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe: Callable[[str], Any]
 ) -> None:
     write_handler(handlers, "shop", POWERTOOLS_HANDLER)
-    serve()
+    await serve()
     items = await probe("probe.shop")
     batches = await probe("probe.shop.batch")
     for n in range(5):

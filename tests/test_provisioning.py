@@ -188,10 +188,10 @@ async def test_two_services_with_different_handler_dirs_keep_each_others_trigger
     env = {"PROBE_NATS": nats_server.url}
     orders, billing, shipping = await probe("probe.orders"), await probe("probe.billing"), await probe("probe.shipping")
     js = nc.jetstream()
-    first = Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).start()
+    first = await Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).astart()
     second = Serve(second_dir, nats_server.url, tmp_path / "data2", env=env)
     try:
-        second.start()  # "ready" comes after the consumers exist
+        await second.astart()  # "ready" comes after the consumers exist
         await delivered(nc, orders, "orders.new", 1)
         await delivered(nc, billing, "billing.new", 1)
 
@@ -205,21 +205,21 @@ async def test_two_services_with_different_handler_dirs_keep_each_others_trigger
         await delivered(nc, billing, "billing.new", 2)
 
         # The second service restarts: the first one's subjects and consumers stay, and its own resume.
-        second.stop()
-        second = Serve(second_dir, nats_server.url, tmp_path / "data2", env=env).start()
+        await second.astop()
+        second = await Serve(second_dir, nats_server.url, tmp_path / "data2", env=env).astart()
         await delivered(nc, orders, "orders.new", 3)
         await delivered(nc, shipping, "shipping.new", 3)
         await delivered(nc, billing, "billing.new", 3)
         # And the first one restarts too, with the second one's trigger still working.
-        first.stop()
-        first = Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).start()
+        await first.astop()
+        first = await Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).astart()
         await delivered(nc, billing, "billing.new", 4)
         await delivered(nc, orders, "orders.new", 4)
 
         assert {"orders.>", "billing.>", "shipping.>"} <= set((await js.stream_info("EVENTFN")).config.subjects or [])
     finally:
-        first.stop()
-        second.stop()
+        await first.astop()
+        await second.astop()
 
 
 @pytest.mark.e2e
@@ -232,10 +232,10 @@ async def test_a_trigger_overlapping_another_services_subject_is_refused_alone(
     write_handler(second_dir, "other", TRIGGERED.format(subject="y.>", name="other"))
     env = {"PROBE_NATS": nats_server.url}
     created, other = await probe("probe.created"), await probe("probe.other")
-    first = Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).start()
+    first = await Serve(first_dir, nats_server.url, tmp_path / "data1", env=env).astart()
     second = Serve(second_dir, nats_server.url, tmp_path / "data2", env=env)
     try:
-        second.start()
+        await second.astart()
         await second.log.await_line(
             r"ERROR .*trigger subject 'x.eu.>' partly overlaps 'x.\*.created'.*\[stream\] subjects"
         )
@@ -244,8 +244,8 @@ async def test_a_trigger_overlapping_another_services_subject_is_refused_alone(
         js = nc.jetstream()
         assert "eu--t0" not in {c.name for c in await js.consumers_info("EVENTFN")}
     finally:
-        first.stop()
-        second.stop()
+        await first.astop()
+        await second.astop()
     assert "lacks" not in second.log.text(), "a refused subject is not something to widen again"
 
 

@@ -11,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
@@ -69,7 +70,7 @@ async def test_quickstart_commands_give_what_the_readme_says(
     tmp_path: Path, nats_server: NatsServer, nc: Client
 ) -> None:
     handlers = copy_shipped_handlers(ROOT, tmp_path / "handlers")
-    with Serve(handlers, nats_server.url, tmp_path / "data") as service:
+    async with Serve(handlers, nats_server.url, tmp_path / "data") as service:
         states = {i["name"]: i["state"] for i in json.loads((await nc.request("eventfn.api.functions", b"")).data)}
         assert set(states.values()) == {"Active"}, f"every shipped example loads: {states}"
         assert {"hello", "orders", "ticker"} <= set(states)
@@ -137,7 +138,8 @@ async def run_commands(block: str, nc: Client, url: str) -> None:
                 assert json.loads(reply.data) == json.loads(expected.group(1))
         else:
             assert words[0] == ".venv/bin/eventfn", line
-            result = subprocess.run(
-                [sys.executable, "-m", "eventfn", *words[1:], "--nats", url], capture_output=True, text=True, timeout=30
-            )
-            assert result.returncode == 0, (line, result.stderr)
+            with anyio.fail_after(30):
+                result = await anyio.run_process(
+                    [sys.executable, "-m", "eventfn", *words[1:], "--nats", url], check=False
+                )
+            assert result.returncode == 0, (line, result.stderr.decode())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -35,11 +35,11 @@ def numbers(texts: list[str]) -> list[int]:
 
 
 async def test_add_change_delete_under_a_steady_stream_loses_nothing(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "counter", reporter("v1", "probe.counter"))
     write_handler(handlers, "doomed", reporter("d", "probe.doomed"))
-    serve()
+    await serve()
     counter, late, doomed = await probe("probe.counter"), await probe("probe.late"), await probe("probe.doomed")
     total = 600
 
@@ -79,7 +79,7 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
 
 
 async def test_broken_file_marks_function_failed_and_previous_version_keeps_serving(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -89,7 +89,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
             return "v1"
     """,
     )
-    service = serve()
+    service = await serve()
     mark = service.log.mark()
     write_handler(
         handlers,
@@ -123,7 +123,7 @@ async def test_broken_file_marks_function_failed_and_previous_version_keeps_serv
 
 
 async def test_function_failing_at_start_reports_its_error_and_others_run(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -144,7 +144,7 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
             return "never"
     """,
     )
-    service = serve()
+    service = await serve()
     assert "failed: bad" in (await service.log.await_line(r"eventfn ready.*")).group(0)
     reply = await nc.request("eventfn.invoke.bad", b"{}", timeout=10)
     error = json.loads(reply.data)
@@ -158,7 +158,7 @@ async def test_function_failing_at_start_reports_its_error_and_others_run(
 
 
 async def test_settings_typo_is_reported_with_file_and_key(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -171,7 +171,7 @@ async def test_settings_typo_is_reported_with_file_and_key(
             return "ok"
     """,
     )
-    service = serve()
+    service = await serve()
     line = (await service.log.await_line(r"function typo: .*")).group(0)
     assert "typo.py" in line and "timout" in line
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
@@ -179,7 +179,7 @@ async def test_settings_typo_is_reported_with_file_and_key(
 
 
 async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_the_new(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     slow_v1 = """
         # /// eventfn
@@ -194,7 +194,7 @@ async def test_in_flight_invocation_finishes_on_the_old_code_while_new_ones_get_
             return "v1"
     """
     write_handler(handlers, "fn", slow_v1)
-    serve()
+    await serve()
     started = await probe("probe.started")
     results: list[object] = []
     async with anyio.create_task_group() as tg:
@@ -228,7 +228,7 @@ async def test_an_edit_of_the_same_size_in_the_same_second_runs_the_new_code(
     stamp = path.stat().st_mtime_ns
     service = Serve(handlers, nats_server.url, tmp_path / "data")
     service.env.pop("PYTHONDONTWRITEBYTECODE", None)
-    with service:
+    async with service:
         assert json.loads((await nc.request("eventfn.invoke.same", b"{}", timeout=10)).data) == "v1"
         v1 = (await wait_serving(nc, "same"))["version"]
         path.write_text(source.format(isolation=isolation, version="v2"))  # same size

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -25,11 +25,11 @@ FAILS = """
 
 
 async def test_two_functions_dead_lettering_the_same_event_each_keep_a_record(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(handlers, "alpha", FAILS)
     write_handler(handlers, "beta", FAILS)
-    serve()
+    await serve()
     await nc.publish("events.shared.thing", b'{"n": 1}')
     await wait_stats(nc, "alpha--t0", dead_lettered=1)
     await wait_stats(nc, "beta--t0", dead_lettered=1)
@@ -40,7 +40,7 @@ async def test_two_functions_dead_lettering_the_same_event_each_keep_a_record(
 
 
 async def test_a_body_nested_too_deep_to_parse_does_not_stop_the_mapping(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(
         handlers,
@@ -55,7 +55,7 @@ async def test_a_body_nested_too_deep_to_parse_does_not_stop_the_mapping(
             _probe.report("probe.picky", "ran")
     """,
     )
-    service = serve()
+    service = await serve()
     seen = await probe("probe.picky")
     await nc.publish("events.deep.x", b"[" * 5000 + b"]" * 5000)
     await nc.publish("events.deep.x", b'{"keep": true}')
@@ -64,7 +64,7 @@ async def test_a_body_nested_too_deep_to_parse_does_not_stop_the_mapping(
 
 
 async def test_a_result_too_large_for_nats_is_answered_with_lambdas_error(
-    handlers: Path, serve: Callable[..., Serve], nc: Client
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -74,7 +74,7 @@ async def test_a_result_too_large_for_nats_is_answered_with_lambdas_error(
             return "x" * event["size"]
     """,
     )
-    serve()
+    await serve()
     reply = await nc.request("eventfn.invoke.huge", b'{"size": 2000000}', timeout=10)  # the server allows 1 MB
     assert json.loads(reply.data)["errorType"] == "Function.ResponseSizeTooLarge"
     assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
@@ -83,10 +83,10 @@ async def test_a_result_too_large_for_nats_is_answered_with_lambdas_error(
 
 
 async def test_async_invokes_sent_before_the_function_exists_are_run_once_it_does(
-    handlers: Path, serve: Callable[..., Serve], nc: Client, probe
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
 ) -> None:
     write_handler(handlers, "other", "def handler(event, context):\n    return 1\n")
-    serve()
+    await serve()
     js = nc.jetstream()
     await js.publish("eventfn.async.later", b'{"early": true}')  # stored: the stream holds eventfn.async.>
     seen = await probe("probe.later")

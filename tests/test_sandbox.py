@@ -2,8 +2,8 @@
 
 Most tests start `eventfn serve` and let handlers report pids through the probe; the test then looks at /proc
 itself. Processes that exit are not announced to anyone but their parent, so waiting for a pid to disappear
-is the one place these tests poll (bounded, see `wait_gone`). Every pid a handler reports is SIGKILLed at
-teardown, so a failing test leaves nothing behind.
+is the one place these tests poll (bounded, see `wait_gone` and `await_gone`). Every pid a handler reports is
+SIGKILLed at teardown, so a failing test leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import msgspec
 import nats
 import pytest
@@ -47,10 +48,19 @@ def dead(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """The pids still alive after `timeout` (polled: a process's exit is announced to its parent only)."""
+    """The pids still alive after `timeout` (polled: a process's exit is announced to its parent only). Blocks;
+    async tests `await await_gone(...)`."""
     deadline = time.monotonic() + timeout
     while (alive := [p for p in pids if not dead(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return alive
+
+
+async def await_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """`wait_gone` with the event loop running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if not dead(p)]) and time.monotonic() < deadline:  # noqa: ASYNC110 - exits go unannounced
+        await anyio.sleep(0.05)
     return alive
 
 
@@ -139,7 +149,7 @@ def test_start_up_variables_alone_are_on_the_command_line_environment() -> None:
 
 @pytest.mark.e2e
 async def test_a_handler_sees_none_of_the_services_secrets(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client
+    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
     write_handler(
         handlers,
@@ -166,7 +176,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
             }
     """,
     )
-    service = serve(
+    service = await serve(
         env={
             "SECRET_DB_PASSWORD": "hunter2",
             "EVENTFN_NATS_TOKEN": "t0ken",
@@ -200,7 +210,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
 async def test_a_function_cannot_read_another_functions_environment(
     tmp_path: Path,
     handlers: Path,
-    serve: Callable[..., Serve],
+    serve: Callable[..., Awaitable[Serve]],
     nc: Client,
     probe,
     started: list[int],
@@ -238,7 +248,9 @@ async def test_a_function_cannot_read_another_functions_environment(
             return {f"{pid} {what}": read(f"/proc/{pid}/{what}") for pid in event["pids"] for what in files}
     """,
     )
-    service = serve(extra_args=config_file(tmp_path, f"[workers]\nuser_namespace = {str(user_namespace).lower()}\n"))
+    service = await serve(
+        extra_args=config_file(tmp_path, f"[workers]\nuser_namespace = {str(user_namespace).lower()}\n")
+    )
     assert service.process is not None
     reported = await probe("probe.holder")
     assert await invoke(nc, "holder") == "ok"
@@ -304,36 +316,42 @@ async def spawn_case(
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", list(MODES))
 async def test_processes_a_handler_starts_end_with_its_worker(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client, probe, started: list[int], mode: str
+    tmp_path: Path,
+    handlers: Path,
+    serve: Callable[..., Awaitable[Serve]],
+    nc: Client,
+    probe,
+    started: list[int],
+    mode: str,
 ) -> None:
     write_handler(handlers, "spawner", SPAWNER)
     write_handler(handlers, "retiree", SPAWNER.replace("probe.spawned", "probe.retiree"))
-    service = serve(extra_args=config_file(tmp_path, MODES[mode]))
+    service = await serve(extra_args=config_file(tmp_path, MODES[mode]))
     spawned = await probe("probe.spawned")
     # Without a cgroup or user namespace, a daemon whose parent exited is the init process's: out of reach.
     reach = slice(None) if mode != "descendants" else slice(0, 1)
 
     reply, pids = await spawn_case(nc, spawned, "timeout", started)
     assert reply["errorType"] == "Sandbox.Timedout"  # type: ignore[index]
-    assert wait_gone(pids[reach]) == [], "after a timeout"
+    assert await await_gone(pids[reach]) == [], "after a timeout"
 
     if mode != "descendants":  # there the dead worker's children go to init at once
         reply, pids = await spawn_case(nc, spawned, "crash", started)
         assert reply["errorType"] == "Runtime.ExitError"  # type: ignore[index]
-        assert wait_gone(pids) == [], "after the worker died"
+        assert await await_gone(pids) == [], "after the worker died"
 
     reply, pids = await spawn_case(nc, await probe("probe.retiree"), "idle", started, function="retiree")
     assert reply == "started" and not any(map(dead, pids))
     (handlers / "retiree.py").unlink()
     await wait_until(lambda: function_info(nc, "retiree"), lambda info: info is None, what="retiree removed")
-    assert wait_gone(pids[reach]) == [], "after its function was removed"
+    assert await await_gone(pids[reach]) == [], "after its function was removed"
 
     reply, pids = await spawn_case(nc, spawned, "idle", started)
     assert reply == "started"
-    # Not `service.stop()`: it reads the log to its end, which never comes while a leftover holds its pipe.
+    # Not `service.astop()`: it reads the log to its end, which never comes while a leftover holds its pipe.
     service.signal(signal.SIGTERM)
-    assert service.wait() == 0
-    assert wait_gone(pids[reach]) == [], "after the service stopped"
+    assert await service.await_exit() == 0
+    assert await await_gone(pids[reach]) == [], "after the service stopped"
     if mode == "cgroup":
         assert not list(Path(cgroups.own_cgroup()).glob(f"eventfn-{service.process.pid}")), "cgroups removed"  # type: ignore[union-attr]
 
@@ -342,7 +360,13 @@ async def test_processes_a_handler_starts_end_with_its_worker(
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["cgroup", "user-namespace"])
 async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Serve], nc: Client, probe, started: list[int], mode: str
+    tmp_path: Path,
+    handlers: Path,
+    serve: Callable[..., Awaitable[Serve]],
+    nc: Client,
+    probe,
+    started: list[int],
+    mode: str,
 ) -> None:
     write_handler(handlers, "spawner", SPAWNER.replace("# timeout = 1", "# timeout = 60"))
     write_handler(
@@ -357,7 +381,7 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
             time.sleep(60)
         """,
     )
-    service = serve(extra_args=config_file(tmp_path, MODES[mode]))
+    service = await serve(extra_args=config_file(tmp_path, MODES[mode]))
     spawned = await probe("probe.spawned")
     worker = await probe("probe.worker")
     _, pids = await spawn_case(nc, spawned, "idle", started)
@@ -365,9 +389,9 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
     [busy] = await worker.wait_for(1)
     started.append(int(busy))
     service.signal(signal.SIGKILL)
-    service.wait()
+    await service.await_exit()
     # Workers die with the service (PR_SET_PDEATHSIG); with cgroups, the keeper kills what they started.
-    assert wait_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
+    assert await await_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
 
 
 # -- users --------------------------------------------------------------------------------------------------
@@ -466,7 +490,7 @@ async def test_a_root_service_runs_workers_as_an_unprivileged_user(
     )
     service = Serve(shared / "handlers", nats_server.url, tmp_path / "data", env={"PYTHONPATH": pythonpath})
     service.args[0] = interpreter
-    with service:
+    async with service:
         await service.log.await_line(r"workers run as nobody \(uid 65534\).*own user namespace.*own cgroup")
         nc = await nats.connect(nats_server.url)
         try:
@@ -508,7 +532,7 @@ async def test_workers_of_a_non_root_service_cannot_read_its_environment(
         env={"PYTHONPATH": pythonpath, "SECRET_DB_PASSWORD": "hunter2"},
     )
     service.args[:1] = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", interpreter]
-    with service:
+    async with service:
         if user_namespace:
             await service.log.await_line(r"workers run as uid 65534, like the service.*own user namespace")
         else:

@@ -1,16 +1,17 @@
-"""`eventfn.testing`'s waits: a log line awaited without blocking the event loop, and polling of a structured
-signal with a deadline."""
+"""`eventfn.testing`'s waits: a log line awaited without blocking the event loop, polling of a structured signal
+with a deadline, and blocking forms that refuse to run where they would stop an event loop."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
-from eventfn.testing import LogWatcher, wait_until
+from eventfn.testing import LogWatcher, NatsCluster, NatsServer, Serve, wait_until
 
 
 class Pipe:
@@ -105,3 +106,60 @@ async def test_wait_until_names_what_it_waited_for_and_the_last_value() -> None:
 
     with pytest.raises(TimeoutError, match=r"five processed not reached in 0.1 s; last: \{'processed': 1\}"):
         await wait_until(probe, lambda s: s["processed"] == 5, timeout=0.1, interval=0.01, what="five processed")
+
+
+# -- blocking forms are for sync code ---------------------------------------------------------------------------------
+
+
+def test_wait_for_blocks_in_sync_code(pipe: Pipe) -> None:
+    pipe.write("function fn loaded")
+    assert pipe.log.wait_for(r"fn (\w+)", timeout=5).group(1) == "loaded"
+
+
+async def test_wait_for_refuses_to_block_a_running_event_loop(pipe: Pipe) -> None:
+    pipe.write("function fn loaded")
+    with pytest.raises(RuntimeError, match=r"LogWatcher.wait_for blocks .* use `await log.await_line\(...\)`"):
+        pipe.log.wait_for("loaded", timeout=5)
+    # A worker thread runs no event loop: blocking there holds up nothing else.
+    assert (await anyio.to_thread.run_sync(pipe.log.wait_for, "loaded")).group(0) == "loaded"
+
+
+async def test_the_blocking_forms_refuse_to_run_in_async_code_before_starting_anything(tmp_path: Path) -> None:
+    service = Serve(tmp_path / "handlers", None, tmp_path / "data")
+    server = NatsServer(tmp_path / "nats")
+    for blocking, instead in [
+        (service.start, "serve.astart"),
+        (service.stop, "serve.astop"),
+        (service.wait, "serve.await_exit"),
+        (lambda: service.cli("functions"), "serve.acli"),
+        (server.start, "server.astart"),
+        (server.stop, "server.astop"),
+        (NatsCluster(tmp_path / "cluster").start, "cluster.astart"),
+    ]:
+        with pytest.raises(RuntimeError, match=f"event loop runs on this one.*{instead}"):
+            blocking()
+    assert service.process is None and server.process is None, "nothing was left running"
+    assert not (tmp_path / "nats").exists()
+
+
+@pytest.mark.e2e
+async def test_the_serve_fixture_starts_a_service_while_the_event_loop_runs(
+    serve: Callable[..., Awaitable[Serve]],
+) -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        started = time.monotonic()
+        service = await serve()
+        took = time.monotonic() - started
+        tg.cancel_scope.cancel()
+    assert "eventfn ready" in service.log.text()
+    assert ticks >= took / 0.01 / 4, f"the loop ran {ticks} ticks in the {took:.1f} s the start took"
+    assert await service.astop() == 0
