@@ -175,6 +175,12 @@ def _subject_attribute(subject: str) -> MessageAttribute:
     return MessageAttribute(subject)
 
 
+@functools.lru_cache(maxsize=1024)
+def _plain_attributes(subject: str) -> dict[str, MessageAttribute]:
+    """The message attributes of a message without headers: its subject alone (built once per subject)."""
+    return {SUBJECT_ATTRIBUTE: _subject_attribute(subject)}
+
+
 def record_for(message: DeliveredMessage, message_id: str, source_arn: str) -> Record:
     """The batch record of one delivered message, through the mapping whose ARN is `source_arn`."""
     data = message.data
@@ -185,12 +191,11 @@ def record_for(message: DeliveredMessage, message_id: str, source_arn: str) -> R
         body, encoding = text.decode("ascii"), "base64"
     subject = original_subject(message)
     headers = message.headers
-    attributes = (
-        {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(SYSTEM_HEADER_PREFIXES)}
-        if headers
-        else {}
-    )
-    attributes[SUBJECT_ATTRIBUTE] = _subject_attribute(subject)
+    if headers:
+        attributes = {k: MessageAttribute(v) for k, v in headers.items() if not k.startswith(SYSTEM_HEADER_PREFIXES)}
+        attributes[SUBJECT_ATTRIBUTE] = _subject_attribute(subject)
+    else:
+        attributes = _plain_attributes(subject)  # shared, read-only: only encoded
     delivered = message.delivered
     seq = str(message.stream_seq)
     sent = str(message.timestamp_ns // 1_000_000)
