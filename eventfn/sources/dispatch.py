@@ -335,10 +335,3 @@ def _filter_document(message: Message, event: events.Event) -> dict[str, Any]:
 
 def _looks_like_uuid(value: str) -> bool:
     return len(value) == 36 and value.count("-") == 4
-
-
-def record_size(data: bytes) -> int:
-    """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
-    bodies need most) plus the record's other fields (512 bytes cover them). A batch that still comes out too
-    large is split before it is sent."""
-    return len(data) + data.count(b'"') + 512

@@ -56,10 +56,6 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
     reject: str | None = None
 
     @property
-    def consumer(self) -> str:
-        return self.name
-
-    @property
     def filter_subjects(self) -> list[str]:
         """What the consumer takes: the source's subjects and the mapping's redrive subject."""
         return [*self.source.subjects, subjects.REDRIVE_PREFIX + self.name]

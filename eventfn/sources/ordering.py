@@ -50,8 +50,10 @@ class Dispatcher(Protocol):
         ...
 
 
-def _record_size(data: bytes) -> int:
-    # As `dispatch.record_size` (kept here: the gatherers are its only users on the hot path).
+def record_size(data: bytes) -> int:
+    """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
+    bodies need most) plus the record's other fields (512 bytes cover them). A batch that still comes out too
+    large is split before it is sent."""
     return len(data) + data.count(b'"') + 512
 
 
@@ -122,13 +124,13 @@ class Unordered:
         """Add to `batch` until it is full, its window closes or the next event would pass the byte cap;
         returns an event that did not fit (it starts the next batch)."""
         mapping = self.mapping
-        size = _record_size(batch[0].data)
+        size = record_size(batch[0].data)
         deadline = time.monotonic() + mapping.batch_window
         while len(batch) < mapping.batch_size:
             message = await self._next_before(deadline)
             if message is None:
                 return None
-            size += _record_size(message.data)
+            size += record_size(message.data)
             if size > mapping.max_batch_bytes:
                 return message
             batch.append(message)
@@ -197,12 +199,6 @@ class Keyed:
         #: Set when the source no longer gives this process the consumer: held events go back.
         self._evict = False
 
-    @property
-    def held(self) -> int:
-        """Events received and not yet started (waiting for their key, or for the recovery barrier)."""
-        barrier = len(self._barrier.held) if self._barrier else 0
-        return sum(len(q) for q in self.queues.values()) + barrier
-
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.feed.run)
@@ -221,11 +217,8 @@ class Keyed:
                     for _ in range(max(1, self.mapping.concurrency)):
                         runners.start_soon(self._runner)
                 timers.cancel()
-            # Stopped: what is held goes back to the source (the next consumer runs it, in order).
-            left = [m for q in self.queues.values() for m in q] + (self._barrier.held if self._barrier else [])
-            self.queues.clear()
-            self._barrier = None
-            await hand_back(sorted(left, key=lambda m: m.stream_seq))
+            # Stopped (no batch runs now): what is held goes back to the source; the next consumer runs it, in order.
+            await hand_back(self._release_held())
 
     # -- intake ---------------------------------------------------------------------------------------------
 
@@ -359,7 +352,7 @@ class Keyed:
         taken = 0
         while queue and taken < len(queue) and len(batch) < mapping.batch_size:
             message = queue[taken]
-            grown = size + _record_size(message.data)
+            grown = size + record_size(message.data)
             if batch and grown > mapping.max_batch_bytes:
                 break
             batch.append(message)
@@ -396,8 +389,9 @@ class Keyed:
         the source now."""
         self._evict = True
 
-    async def _hand_back_held(self) -> None:
-        self._evict = False
+    def _release_held(self) -> list[Message]:
+        """Take every event held and not started (queued for an idle key, or behind the recovery barrier) out of
+        the scheduler, in stream order; keys with a batch running keep their queues."""
         left = [m for key, q in self.queues.items() if key not in self.busy for m in q]
         if self._barrier is not None:
             left += self._barrier.held
@@ -407,11 +401,15 @@ class Keyed:
             self.blocked.pop(key, None)
         self._ready.clear()
         self._ready_set.clear()
-        if left:
+        return sorted(left, key=lambda m: m.stream_seq)
+
+    async def _hand_back_held(self) -> None:
+        self._evict = False
+        if left := self._release_held():
             log.warning(
                 "%s: another process consumes it now; %d held event(s) handed back", self.mapping.name, len(left)
             )
-            await hand_back(sorted(left, key=lambda m: m.stream_seq))
+            await hand_back(left)
 
     # -- time ---------------------------------------------------------------------------------------------
 
