@@ -30,7 +30,6 @@ from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
 from eventfn.invoke.functions import Function, Functions
 from eventfn.invoke.inprocess import InProcessPool
-from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.registry import FunctionSource
 from eventfn.invoke.reports import reports
 from eventfn.invoke.slots import Slots
@@ -112,16 +111,7 @@ class Service:
                 log.error("function %s: %s%s", source.name, error, _keeps_serving(fn))
             return
         settings = source.settings
-        spec = WorkerSpec(
-            function=source.name,
-            task_root=source.task_root,
-            module=source.module,
-            entry_file=source.entry_file,
-            attribute=source.attribute,
-            memory=settings.memory,
-            timeout=settings.timeout,
-            max_log_bytes=settings.max_log_bytes,
-        )
+        spec = source.worker_spec(settings)
         pool: Pool | InProcessPool
         if settings.isolation == "inprocess":
             pool = InProcessPool(spec, source.version)

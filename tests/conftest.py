@@ -3,7 +3,10 @@ exactly as the nats CLI does (plain publishes, no headers)."""
 
 from __future__ import annotations
 
+import os
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from eventfn.invoke.protocol import WorkerSpec
+from eventfn.invoke.workers import Pool
 from eventfn.testing import PROBE_MODULE, NatsServer, Serve, in_event_loop
 
 
@@ -103,3 +108,41 @@ async def probe(nc: Client) -> Callable[[str], object]:
         return collector
 
     return subscribe
+
+
+# -- worker pools driven directly (no NATS, no service) -------------------------------------------------------
+
+
+def spec_for(
+    entry: Path, *, timeout: float, attribute: str | None = None, function: str = "fn", memory: int = 128
+) -> WorkerSpec:
+    return WorkerSpec(
+        function=function,
+        task_root=str(entry.parent),
+        module=entry.stem,
+        entry_file=str(entry),
+        attribute=attribute,
+        memory=memory,
+        timeout=timeout,
+    )
+
+
+def write_handler(tmp_path: Path, code: str, name: str = "fn") -> Path:
+    """`code` (dedented) as `<name>.py` in `tmp_path`: a handler for a pool driven directly."""
+    entry = tmp_path / f"{name}.py"
+    entry.write_text(textwrap.dedent(code).lstrip("\n"), encoding="utf-8")
+    return entry
+
+
+@asynccontextmanager
+async def running_pool(
+    tmp_path: Path, code: str, *, timeout: float = 5.0, env: dict[str, str] | None = None, memory: int = 128
+) -> AsyncIterator[Pool]:
+    """A started pool for `code`; retired on the way out whatever happens."""
+    entry = write_handler(tmp_path, code)
+    pool = Pool(spec=spec_for(entry, timeout=timeout, memory=memory), env={**os.environ, **(env or {})}, version="v1")
+    try:
+        await pool.start()
+        yield pool
+    finally:
+        await pool.retire()

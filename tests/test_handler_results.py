@@ -12,9 +12,7 @@ import datetime
 import enum
 import json
 import math
-import os
 import re
-import textwrap
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -28,9 +26,8 @@ from nats.aio.client import Client
 
 from eventfn.invoke import marshal
 from eventfn.invoke.invocation import Invocation
-from eventfn.invoke.protocol import WorkerSpec
-from eventfn.invoke.workers import Pool
 from eventfn.testing import Serve, function_info, wait_stats, wait_until, write_handler
+from tests.conftest import running_pool
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
 ISOLATIONS = ["process", "inprocess"]
@@ -389,32 +386,16 @@ async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(
 async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    entry = tmp_path / "fn.py"
-    entry.write_text(
-        textwrap.dedent("""
-            import os, subprocess
+    code = """
+        import os, subprocess
 
-            def handler(event, context):
-                os.write(2, b"written to fd 2\\n")
-                subprocess.run(["sh", "-c", "echo from a child; echo from its stderr >&2"], check=True)
-                return "ok"
-        """)
-    )
-    spec = WorkerSpec(
-        function="fn",
-        task_root=str(tmp_path),
-        module="fn",
-        entry_file=str(entry),
-        attribute=None,
-        memory=128,
-        timeout=10,
-    )
-    pool = Pool(spec=spec, env=dict(os.environ), version="v1")
-    try:
-        await pool.start()
+        def handler(event, context):
+            os.write(2, b"written to fd 2\\n")
+            subprocess.run(["sh", "-c", "echo from a child; echo from its stderr >&2"], check=True)
+            return "ok"
+    """
+    async with running_pool(tmp_path, code, timeout=10) as pool:
         outcome = (await pool.execute(Invocation(request_id="req-child", payload=b"{}"))).outcome
-    finally:
-        await pool.retire()
     assert outcome.ok, outcome.payload
     err = capfd.readouterr().err
     for text in ("written to fd 2", "from a child", "from its stderr"):
@@ -424,33 +405,17 @@ async def test_what_c_code_and_child_processes_write_is_tagged_with_the_request(
 async def test_a_child_that_keeps_writing_does_not_hold_up_the_invocation(tmp_path: Path) -> None:
     """Output is taken in at the end of an invocation, but a process the handler left running may write
     forever: the invocation still ends when its handler returns (the child's output counts after it)."""
-    entry = tmp_path / "fn.py"
-    entry.write_text(
-        textwrap.dedent("""
-            import subprocess
+    code = """
+        import subprocess
 
-            def handler(event, context):
-                for _ in range(3):  # enough writers that the pipe is never empty for long
-                    subprocess.Popen(["yes", "chatter"])
-                return "ok"
-        """)
-    )
-    spec = WorkerSpec(
-        function="fn",
-        task_root=str(tmp_path),
-        module="fn",
-        entry_file=str(entry),
-        attribute=None,
-        memory=128,
-        timeout=5,
-    )
-    pool = Pool(spec=spec, env=dict(os.environ), version="v1")
-    try:
-        await pool.start()
+        def handler(event, context):
+            for _ in range(3):  # enough writers that the pipe is never empty for long
+                subprocess.Popen(["yes", "chatter"])
+            return "ok"
+    """
+    async with running_pool(tmp_path, code) as pool:  # retired on the way out: ends the worker and what it started
         first = (await pool.execute(Invocation(request_id="req-chatter-1", payload=b"{}"))).outcome
         # The worker is still usable, the child still writing.
         second = (await pool.execute(Invocation(request_id="req-chatter-2", payload=b"{}"))).outcome
-    finally:
-        await pool.retire()  # ends the worker and what it started
     assert first.ok and first.payload == b'"ok"', first.payload
     assert second.ok and second.payload == b'"ok"', second.payload

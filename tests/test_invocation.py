@@ -26,7 +26,6 @@ from eventfn.errors import HandlerLoadError
 from eventfn.invoke.functions import Function, Functions
 from eventfn.invoke.inprocess import InProcessPool
 from eventfn.invoke.invocation import SYNC_PAYLOAD_LIMIT, Invocation, LambdaError, Outcome
-from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.registry import FunctionSource
 from eventfn.invoke.reports import reports
 from eventfn.invoke.slots import Slots
@@ -69,15 +68,7 @@ def pool_for(fn: Function) -> Pool | InProcessPool:
     settings = fn.source.settings
     assert settings is not None
     source = fn.source
-    spec = WorkerSpec(
-        function=fn.name,
-        task_root=source.task_root,
-        module=source.module,
-        entry_file=source.entry_file,
-        attribute=None,
-        memory=settings.memory,
-        timeout=settings.timeout,
-    )
+    spec = source.worker_spec(settings)
     if settings.isolation == "inprocess":
         return InProcessPool(spec, source.version)
     return Pool(spec=spec, env=dict(os.environ), version=source.version)

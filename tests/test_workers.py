@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import textwrap
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +19,8 @@ from anyio.abc import SocketAttribute
 
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke.invocation import Invocation, Outcome
-from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.workers import Pool
-
-
-def spec_for(
-    entry: Path, *, timeout: float, attribute: str | None = None, function: str = "fn", memory: int = 128
-) -> WorkerSpec:
-    return WorkerSpec(
-        function=function,
-        task_root=str(entry.parent),
-        module=entry.stem,
-        entry_file=str(entry),
-        attribute=attribute,
-        memory=memory,
-        timeout=timeout,
-    )
-
-
-def write_handler(tmp_path: Path, code: str, name: str = "fn") -> Path:
-    entry = tmp_path / f"{name}.py"
-    entry.write_text(textwrap.dedent(code).lstrip("\n"), encoding="utf-8")
-    return entry
-
-
-@asynccontextmanager
-async def running_pool(
-    tmp_path: Path, code: str, *, timeout: float = 5.0, env: dict[str, str] | None = None, memory: int = 128
-) -> AsyncIterator[Pool]:
-    """A started pool for `code`; retired on the way out whatever happens."""
-    entry = write_handler(tmp_path, code)
-    pool = Pool(spec=spec_for(entry, timeout=timeout, memory=memory), env={**os.environ, **(env or {})}, version="v1")
-    try:
-        await pool.start()
-        yield pool
-    finally:
-        await pool.retire()
+from tests.conftest import running_pool, spec_for, write_handler
 
 
 async def execute(pool: Pool, request_id: str, payload: bytes, **options: Any) -> Outcome:

@@ -31,6 +31,7 @@ from watchfiles import Change, DefaultFilter, awatch
 from eventfn.config import FunctionSettings, inline_settings_text, name_problem, read_function_settings
 from eventfn.errors import ConfigError
 from eventfn.invoke.handler import ENTRY_NAMES
+from eventfn.invoke.protocol import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,19 @@ class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     #: The file:line the error points at, where known.
     error_file: str | None = None
+
+    def worker_spec(self, settings: FunctionSettings) -> WorkerSpec:
+        """What a pool (either kind) needs to load this source's code under `settings`."""
+        return WorkerSpec(
+            function=self.name,
+            task_root=self.task_root,
+            module=self.module,
+            entry_file=self.entry_file,
+            attribute=self.attribute,
+            memory=settings.memory,
+            timeout=settings.timeout,
+            max_log_bytes=settings.max_log_bytes,
+        )
 
 
 def _defines_entry(source: str) -> bool | None:
