@@ -373,3 +373,23 @@ async def test_per_key_an_event_arriving_while_its_key_runs_waits_for_it() -> No
             dispatcher.stop()
     assert fn.order("a") == [0, 1, 2, 3]
     assert dispatcher.stats.dead_lettered == 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+async def test_per_key_a_poison_event_is_dead_lettered_and_its_key_goes_on(batch_size: int) -> None:
+    """A structured CloudEvent that cannot be read, between two good events of its key: it goes to the DLQ at
+    once (PoisonMessage), and the key's next event runs after it, in order."""
+    feed = MemoryFeed()
+    broken = {"Key": "a", "content-type": "application/cloudevents+json"}
+    feed.publish(event(0, "a"), headers={"Key": "a"})
+    feed.publish(b"[" * 5000 + b"]" * 5000, headers=broken)
+    feed.publish(event(2, "a"), headers={"Key": "a"})
+    sink = MemorySink()
+    fn = Function()
+    m = mapping(ordering="key", key="header:Key", batch_size=batch_size, batch_window=0.01)
+    d = await run(m, fn, feed, lambda: len(feed.acked) == 3, sink=sink)
+    assert fn.order("a") == [0, 2]
+    [(_, record, headers)] = sink.stored
+    assert headers and headers["Eventfn-Condition"] == "PoisonMessage"
+    assert json.loads(record)["eventfn"]["stream_seq"] == 2
+    assert d.stats.dead_lettered == 1
