@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from eventfn import plugins
 from eventfn.errors import ConfigError
 from eventfn.filters import compile_filters
 from eventfn.subjects import overlaps, reserved_overlap
@@ -77,17 +78,20 @@ MAX_BATCH_BYTES = 6 * 1024 * 1024
 MAX_LOG_BYTES = 256 * 1024
 
 
-class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An event source mapping: subject filters feeding a function, with Lambda's batching and filtering.
+class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What every trigger has, whatever its source: the mapping's name and Lambda's event-source-mapping settings.
 
+    A trigger's `type` names its source: `subjects` (plain NATS subjects, the default) or a connector's type
+    (`bucket`, `schedule`, ...; see `plugins`), whose trigger type extends this one with its own options.
     Names follow Lambda's CreateEventSourceMapping parameters (BatchSize, MaximumBatchingWindowInSeconds,
     FilterCriteria, Enabled, ScalingConfig.MaximumConcurrency, FunctionResponseTypes).
     """
 
-    subjects: list[str]
+    type: str = "subjects"
     #: The mapping's name (its durable consumer is `<function>--<name>`); default `t<index>`.
     name: str | None = None
-    #: Records per invocation. With 1 the handler gets the event itself, otherwise `{"Records": [...]}`.
+    #: Records per invocation. With 1 the handler gets the event itself (or, for sources whose events always come
+    #: as a list, such as S3's, a list of one), otherwise `{"Records": [...]}`.
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
     #: Seconds to wait for a batch to fill; 0 invokes with whatever is already there.
     batch_window: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0
@@ -101,6 +105,16 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     #: Honour `{"batchItemFailures": [...]}` responses (Lambda's ReportBatchItemFailures).
     report_batch_item_failures: bool = True
+
+    def describe(self) -> list[str]:
+        """How `eventfn functions` shows the trigger: its source, one line each (a connector's type says more)."""
+        return [self.type]
+
+
+class Trigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A trigger on plain NATS subjects of the events stream (`type = "subjects"`, the default)."""
+
+    subjects: list[str] = []
     #: "none": any order, retries included (a retry waits in JetStream, later events overtake it). "key": events
     #: with the same `key` never run at once and never overtake each other, retries included (Lambda's rule for
     #: SQS FIFO message groups). "shard": `key` names a shard; strictly in order per shard, one batch per shard
@@ -112,6 +126,9 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: `starting_position_timestamp` (AT_TIMESTAMP, epoch seconds). An existing mapping resumes where it left.
     starting_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
     starting_position_timestamp: float | None = None
+
+    def describe(self) -> list[str]:
+        return list(self.subjects)
 
 
 class Destinations(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -133,8 +150,9 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: Maximum parallel invocations of this function (Lambda's reserved concurrency).
     concurrency: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 10
     retry: RetryPolicy = RetryPolicy()
-    #: Subjects that trigger the function; a string is shorthand for `{subjects = [it]}`.
-    triggers: list[str | Trigger] = []
+    #: What triggers the function: tables with a `type` (`subjects` by default, or a connector's); a string is
+    #: shorthand for `{subjects = [it]}`. Each table is checked against its type's options (`trigger_list`).
+    triggers: list[str | dict[str, Any]] = []
     destinations: Destinations = Destinations()
     #: "process" (default): warm worker processes. "inprocess": in the service process (see README).
     isolation: Literal["process", "inprocess"] = "process"
@@ -147,9 +165,17 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: with one line saying how much. The init phase has its own budget of the same size.
     max_log_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = MAX_LOG_BYTES
 
-    def trigger_list(self) -> list[Trigger]:
-        """The triggers with the string shorthand expanded."""
-        return [Trigger(subjects=[t]) if isinstance(t, str) else t for t in self.triggers]
+    def trigger_list(self) -> list[TriggerOptions]:
+        """The triggers, each as its type's options (`Trigger` for plain subjects), the string shorthand expanded.
+
+        Raises `ConfigError` for an unknown type or a bad option; `read_function_settings` has checked them, with
+        the function and the file named.
+        """
+        return [_trigger(t, i, "function settings") for i, t in enumerate(self.triggers)]
+
+    def subject_triggers(self) -> list[Trigger]:
+        """The triggers on plain NATS subjects."""
+        return [t for t in self.trigger_list() if isinstance(t, Trigger)]
 
 
 class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -242,6 +268,9 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     dlq: DlqSettings = DlqSettings()
     workers: WorkerSettings = WorkerSettings()
     functions: dict[str, dict[str, Any]] = {}
+    #: Connector settings by connector type, from their tables (`[buckets]`, `[schedules]`, `[connectors.<type>]`),
+    #: each checked against its connector's `Settings` by `load_service_config`.
+    connectors: dict[str, dict[str, Any]] = {}
     #: Seconds a shutdown waits for in-flight invocations beyond their own timeouts.
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     #: Invocations running at once across all functions (Lambda's account concurrency). Past it, stored events
@@ -312,7 +341,36 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     data["nats"] = nats
     if workers:
         data["workers"] = workers
+    data["connectors"] = _connector_settings(data, where)
     return _convert(data, ServiceConfig, where)  # type: ignore[no-any-return]
+
+
+def _connector_settings(data: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """Each connector's settings table, taken out of `data` and checked against its `Settings` type."""
+    nested = data.get("connectors", {})
+    if not isinstance(nested, dict):
+        raise ConfigError(where, "[connectors] must be a table of tables, one per connector type")
+    classes = plugins.connector_classes()
+    out: dict[str, dict[str, Any]] = {}
+    for section, kind in plugins.settings_sections().items():
+        top, _, sub = section.partition(".")
+        table = nested.pop(sub, None) if top == "connectors" else data.pop(section, None)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(where, f"[{section}] must be a table")
+        try:
+            msgspec.convert(table, classes[kind].Settings)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(
+                where, f"invalid setting in [{section}]: {exc}", f"see the {kind} connector's settings in its docs"
+            ) from exc
+        out[kind] = table
+    if nested:
+        unknown = ", ".join(f"[connectors.{k}]" for k in nested)
+        allowed = ", ".join(f"[{s}]" for s in plugins.settings_sections()) or "none are installed"
+        raise ConfigError(where, f"{unknown}: no connector of that type", f"connector settings tables: {allowed}")
+    return out
 
 
 def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
@@ -396,12 +454,19 @@ def read_function_settings(
     merged: dict[str, Any] = {}
     where = str(entry_file)
     for where, layer in layers:
-        _convert(layer, FunctionSettings, where)
+        checked: FunctionSettings = _convert(layer, FunctionSettings, where)
+        for i, raw in enumerate(checked.triggers):  # a later layer's list replaces this one: checked here
+            _trigger(raw, i, f"{where}: function {name}")
         merged = _merge(merged, layer)
     settings: FunctionSettings = _convert(merged, FunctionSettings, where)
     names: set[str] = set()
-    for i, trigger in enumerate(settings.trigger_list()):
-        _check_trigger(trigger, where)
+    function = name
+    for i, raw in enumerate(settings.triggers):
+        trigger = _trigger(raw, i, f"{where}: function {function}")
+        if isinstance(trigger, Trigger):
+            _check_trigger(trigger, where)
+        else:
+            _check_name(trigger, where)
         compile_filters(trigger.filters, f"{where}: trigger {trigger.name or i}")
         name = trigger.name or f"t{i}"
         if name in names:
@@ -422,9 +487,41 @@ def read_function_settings(
     return settings
 
 
-def _check_trigger(trigger: Trigger, where: str) -> None:
-    if not trigger.subjects:
-        raise ConfigError(where, "a trigger needs at least one subject")
+def trigger_types() -> dict[str, type[TriggerOptions]]:
+    """Each trigger type's options type: plain subjects (`Trigger`) and every connector's (`plugins`)."""
+    found: dict[str, type[TriggerOptions]] = {plugins.SUBJECTS: Trigger}
+    for kind, cls in plugins.connector_classes().items():
+        if issubclass(cls.Trigger, TriggerOptions):
+            found[kind] = cls.Trigger
+    return found
+
+
+def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOptions:
+    """One trigger table as its type's options; a `ConfigError` names `where`, the trigger, the key and what is
+    allowed."""
+    if isinstance(raw, str):
+        return Trigger(subjects=[raw])
+    kind = raw.get("type", plugins.SUBJECTS)
+    types = trigger_types()
+    if kind not in types:
+        broken = plugins.why_missing(kind) if isinstance(kind, str) else None
+        raise ConfigError(
+            where,
+            f"triggers[{index}]: unknown trigger type {kind!r}" + (f" (its connector: {broken})" if broken else ""),
+            f"type is one of: {', '.join(sorted(types))}",
+        )
+    options = types[kind]
+    try:
+        return msgspec.convert(raw, options)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace("`$`", f"`$.triggers[{index}]`").replace("`$.", f"`$.triggers[{index}].")
+        allowed = ", ".join(f for f in options.__struct_fields__)
+        raise ConfigError(
+            where, f"invalid {kind} trigger: {message}", f"a {kind} trigger's keys are: {allowed}"
+        ) from exc
+
+
+def _check_name(trigger: TriggerOptions, where: str) -> None:
     if trigger.name is not None and (problem := name_problem(trigger.name)):
         raise ConfigError(
             where,
@@ -433,6 +530,12 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
         )
     if trigger.name == "async":
         raise ConfigError(where, "trigger name 'async' is taken by the function's async-invoke queue")
+
+
+def _check_trigger(trigger: Trigger, where: str) -> None:
+    if not trigger.subjects:
+        raise ConfigError(where, "a trigger needs at least one subject")
+    _check_name(trigger, where)
     if trigger.ordering != "none":
         if trigger.key is None:
             raise ConfigError(

@@ -185,7 +185,7 @@ class Service:
             s
             for fn in self.functions.values()
             if (st := fn.routing_settings)
-            for t in st.trigger_list()
+            for t in st.subject_triggers()
             for s in t.subjects
         ]
         base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">", subjects.REDRIVE_PREFIX + ">"]

@@ -19,6 +19,8 @@ INVOKE_PREFIX = "eventfn.invoke."
 ASYNC_PREFIX = "eventfn.async."
 #: Redriven events, one subject per mapping (`eventfn.redrive.<consumer>`), stored with the events.
 REDRIVE_PREFIX = "eventfn.redrive."
+#: Events connectors publish, under `eventfn.source.<connector type>.` (stored in the events stream).
+SOURCE_PREFIX = "eventfn.source."
 #: Dead-letter records, one subject per function, in their own stream.
 DLQ_PREFIX = "eventfn.dlq."
 #: Requests to the running service (function list and other control operations).

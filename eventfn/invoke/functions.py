@@ -138,7 +138,7 @@ class Function:
             version=self.source.version,
             serving_version=self.pool.version if self.pool else None,
             description=settings.description if settings else "",
-            triggers=[s for t in settings.trigger_list() for s in t.subjects] if settings else [],
+            triggers=[line for t in settings.trigger_list() for line in t.describe()] if settings else [],
             invoke_subject=subjects.INVOKE_PREFIX + self.name,
             async_subject=subjects.ASYNC_PREFIX + self.name,
             timeout=settings.timeout if settings else None,

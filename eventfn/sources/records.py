@@ -231,6 +231,8 @@ def batch_payload(records: Sequence[Record]) -> bytes:
 class SqsShape:
     """Batches as SQS delivers them to Lambda: `{"Records": [...]}`, one record per message."""
 
+    unwrap_single = True
+
     def batch(self, messages: Sequence[DeliveredMessage], ids: Sequence[str], source_arn: str) -> bytes:
         return batch_payload([record_for(m, i, source_arn) for m, i in zip(messages, ids, strict=True)])
 

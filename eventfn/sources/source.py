@@ -70,6 +70,10 @@ class Feed(Protocol):
 class RecordShape(Protocol):
     """How a batch of a source's messages looks to the handler (SQS, Kinesis, S3, EventBridge, ...)."""
 
+    #: At batch size 1 the handler gets the event's own data (plain subjects, EventBridge); False: a batch of one
+    #: (S3 notifications always come as `{"Records": [...]}`).
+    unwrap_single: bool
+
     def batch(self, messages: Sequence[Message], ids: Sequence[str], source_arn: str) -> bytes:
         """The handler's event for `messages`, whose item identifiers are `ids` (one per message)."""
         ...
@@ -127,6 +131,9 @@ class Source(msgspec.Struct, frozen=True, kw_only=True):
     ordering: Ordering = Ordering()
     #: Largest batch the source allows (the async queue: one event per invocation).
     max_batch_size: int = 10_000
+    #: Lambda filter patterns every event must match (each one: AND), besides the mapping's own filters (any one):
+    #: a connector's trigger options that select events, such as a bucket trigger's prefix and suffix.
+    filters: tuple[str, ...] = ()
     #: While its function is switched off (concurrency 0): its events wait, or go to the DLQ at once (Lambda
     #: sends async invokes of a throttled-to-zero function to the DLQ without retries).
     when_disabled: Literal["wait", "dead_letter"] = "wait"

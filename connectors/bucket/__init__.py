@@ -1,0 +1,1 @@
+"""The S3-like bucket watcher (`type = "bucket"`): being written."""

@@ -1,0 +1,1 @@
+"""The cron scheduler (`type = "schedule"`): being written."""
