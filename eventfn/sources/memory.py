@@ -14,6 +14,8 @@ from collections import deque
 import anyio
 import anyio.abc
 
+from eventfn.sources.connector import Entry
+
 
 class MemoryMessage:
     """One stored message, as delivered (once per delivery: a redelivery is a new object)."""
@@ -176,3 +178,42 @@ class MemorySink:
         if self.failing:
             raise ConnectionError("the sink refuses writes")
         self.stored.append((subject, data, headers))
+
+
+class MemoryState:
+    """A connector's `State` (`sources.connector`) in memory, with JetStream KV's revisions and compare-and-set:
+    for connector authors' tests. Share one between two connectors to stand for two replicas."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[bytes, int]] = {}
+        self._revision = 0
+
+    def _next(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    async def get(self, key: str) -> Entry | None:
+        found = self._values.get(key)
+        return Entry(found[0], found[1]) if found else None
+
+    async def put(self, key: str, value: bytes) -> int:
+        revision = self._next()
+        self._values[key] = (value, revision)
+        return revision
+
+    async def create(self, key: str, value: bytes) -> int | None:
+        if key in self._values:
+            return None
+        return await self.put(key, value)
+
+    async def update(self, key: str, value: bytes, revision: int) -> int | None:
+        found = self._values.get(key)
+        if (found[1] if found else 0) != revision:
+            return None
+        return await self.put(key, value)
+
+    async def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    async def items(self, prefix: str = "") -> dict[str, Entry]:
+        return {k: Entry(v, r) for k, (v, r) in self._values.items() if k.startswith(prefix)}
