@@ -5,8 +5,10 @@ An event passes when any pattern matches the document built for it. Within a pat
 
 - an object names keys; every key must match (AND), and a nested object matches a nested object;
 - a leaf is a non-empty list of alternatives (OR): a string, number, true, false, null, or one operator:
-  `{"prefix": "us-"}`, `{"anything-but": value | [values]}`, `{"numeric": [">", 10, "<=", 20]}`,
-  `{"exists": true | false}`;
+  `{"prefix": "us-"}`, `{"suffix": ".jpg"}`, `{"anything-but": value | [values]}`,
+  `{"anything-but": {"prefix" | "suffix": text | [texts]}}`, `{"numeric": [">", 10, "<=", 20]}`,
+  `{"exists": true | false}`. `suffix` and the prefix/suffix forms of `anything-but` are EventBridge's (Lambda's
+  table lists `prefix` only); a list in the latter is an eventfn extension: none of them;
 - a key missing from the document fails, unless its leaf allows `{"exists": false}`; a pattern naming keys
   under a value that is not an object (a plain-text body, say) does not match;
 - where the document holds a list, the pattern matches if any element does (EventBridge's array rule).
@@ -34,7 +36,7 @@ from eventfn.errors import ConfigError
 #: Lambda's default quota of filters per event source mapping.
 MAX_PATTERNS: Final = 5
 
-_OPERATORS: Final = ("anything-but", "exists", "numeric", "prefix")
+_OPERATORS: Final = ("anything-but", "exists", "numeric", "prefix", "suffix")
 _LOWER: Final = frozenset({">", ">="})
 _UPPER: Final = frozenset({"<", "<="})
 _COMPARISONS: Final = ("=", "<", "<=", ">", ">=")
@@ -243,6 +245,24 @@ def _prefix(prefix: str) -> _Check:
     return check
 
 
+def _suffix(suffix: str) -> _Check:
+    def check(value: object) -> bool:
+        return isinstance(value, str) and value.endswith(suffix)
+
+    return check
+
+
+def _anything_but_affix(kind: str, affixes: tuple[str, ...]) -> _Check:
+    """`{"anything-but": {"prefix" | "suffix": ...}}`: a string that starts (ends) with none of `affixes`."""
+
+    def check(value: object) -> bool:
+        if not isinstance(value, str):
+            return False  # EventBridge: only strings are compared with a prefix or suffix
+        return not (value.startswith(affixes) if kind == "prefix" else value.endswith(affixes))
+
+    return check
+
+
 def _anything_but(strings: frozenset[str], numbers: frozenset[str]) -> _Check:
     def check(value: object) -> bool:
         if isinstance(value, str):
@@ -374,6 +394,10 @@ class _Compiler:
             if not isinstance(argument, str):
                 self.fail(op_path, f"prefix takes a string, not {_describe(argument)}", 'write {"prefix": "us-"}')
             leaf.checks.append(_prefix(argument))
+        elif name == "suffix":
+            if not isinstance(argument, str):
+                self.fail(op_path, f"suffix takes a string, not {_describe(argument)}", 'write {"suffix": ".jpg"}')
+            leaf.checks.append(_suffix(argument))
         elif name == "exists":
             if not isinstance(argument, bool):
                 self.fail(op_path, f"exists takes true or false, not {_describe(argument)}", 'write {"exists": true}')
@@ -392,6 +416,8 @@ class _Compiler:
             self.fail(path, f"unknown operator {name!r}", f"{hint}Lambda's operators are {known}")
 
     def anything_but(self, argument: Any, path: str) -> _Check:
+        if isinstance(argument, Mapping):
+            return self.anything_but_affix(argument, path)
         values = argument if isinstance(argument, list) else [argument]
         if not values:
             self.fail(path, "an empty list excludes nothing", 'list the values to exclude: {"anything-but": ["a"]}')
@@ -410,6 +436,21 @@ class _Compiler:
                     'write {"anything-but": ["a", "b"]} or {"anything-but": [1, 2]}',
                 )
         return _anything_but(frozenset(strings), frozenset(numbers))
+
+    def anything_but_affix(self, argument: Mapping[str, Any], path: str) -> _Check:
+        fix = 'write {"anything-but": {"prefix": "tmp/"}} or {"anything-but": {"suffix": [".tmp", ".part"]}}'
+        if len(argument) != 1 or next(iter(argument)) not in ("prefix", "suffix"):
+            self.fail(path, "anything-but takes a value, a list, or an object with one key: prefix or suffix", fix)
+        ((kind, affixes),) = argument.items()
+        kind_path = _child(path, kind)
+        listed = affixes if isinstance(affixes, list) else [affixes]
+        if not listed:
+            self.fail(kind_path, "an empty list excludes nothing", fix)
+        for i, affix in enumerate(listed):
+            if not isinstance(affix, str) or not affix:
+                where = f"{kind_path}[{i}]" if isinstance(affixes, list) else kind_path
+                self.fail(where, f"anything-but {kind} takes non-empty strings, not {_describe(affix)}", fix)
+        return _anything_but_affix(kind, tuple(listed))
 
     def numeric(self, argument: Any, path: str) -> _Check:
         fix = 'write {"numeric": [">", 0]} or {"numeric": [">=", 0, "<", 100]}'

@@ -229,6 +229,34 @@ def test_exists_false_is_an_alternative_like_any_other() -> None:
     assert not passes(pattern, body('{"coupon": "WINTER"}'))
 
 
+# suffix, and anything-but with a prefix or suffix (EventBridge's operators)
+
+
+def test_suffix_matches_strings_that_end_with_it() -> None:
+    pattern = {"body": {"key": [{"suffix": ".jpg"}]}}
+    assert passes(pattern, body('{"key": "photos/cat.jpg"}'))
+    assert not passes(pattern, body('{"key": "photos/cat.jpg.tmp"}'))
+    assert not passes(pattern, body('{"key": 1}'))
+    assert passes({"body": {"k": [{"suffix": "b"}]}}, body('{"k": ["a", "ab"]}'))
+
+
+def test_anything_but_suffix_passes_strings_ending_otherwise() -> None:
+    pattern = {"body": {"key": [{"anything-but": {"suffix": [".tmp", ".part"]}}]}}
+    assert passes(pattern, body('{"key": "a.jpg"}'))
+    assert not passes(pattern, body('{"key": "a.tmp"}'))
+    assert not passes(pattern, body('{"key": "a.part"}'))
+    assert not passes(pattern, body('{"key": 3}')), "only strings are compared with a suffix"
+    single = {"body": {"key": [{"anything-but": {"suffix": ".tmp"}}]}}
+    assert passes(single, body('{"key": "a.jpg"}'))
+    assert not passes(single, body('{"key": "a.tmp"}'))
+
+
+def test_anything_but_prefix_passes_strings_starting_otherwise() -> None:
+    pattern = {"body": {"key": [{"anything-but": {"prefix": "tmp/"}}]}}
+    assert passes(pattern, body('{"key": "in/a"}'))
+    assert not passes(pattern, body('{"key": "tmp/a"}'))
+
+
 # anything-but
 
 
@@ -424,7 +452,7 @@ def test_decode_body_keeps_number_text() -> None:
         ({"body": {"amount": []}}, "at $.body.amount:", "an empty list matches nothing"),
         ({"body": {"amount": [1, [2]]}}, "at $.body.amount[1]:", "a list inside a list of alternatives"),
         ({"body": {"amount": [{"prefx": "a"}]}}, "at $.body.amount[0]:", "unknown operator 'prefx'"),
-        ({"body": {"amount": [{"suffix": "a"}]}}, "at $.body.amount[0]:", "unknown operator 'suffix'"),
+        ({"body": {"amount": [{"wildcard": "a*"}]}}, "at $.body.amount[0]:", "unknown operator 'wildcard'"),
         ({"a": [{"prefix": "x", "exists": True}]}, "at $.a[0]:", "exactly one key, this one has 2"),
         ({"a": [{}]}, "at $.a[0]:", "exactly one key, this one has 0"),
         ({"a": [{"prefix": 1}]}, "at $.a[0].prefix:", "prefix takes a string, not the number 1"),
@@ -446,6 +474,10 @@ def test_decode_body_keeps_number_text() -> None:
         ({"a": [float("nan")]}, "at $.a[0]:", "nan is not a JSON number"),
         ({"my key": ["x", {"nope": 1}]}, 'at $["my key"][1]:', "unknown operator 'nope'"),
         ({"a": [datetime.date(2024, 1, 1)]}, "at $.a[0]:", "a value of type date is not a JSON value"),
+        ({"a": [{"suffix": 1}]}, "at $.a[0].suffix:", "suffix takes a string, not the number 1"),
+        ({"a": [{"anything-but": {"wildcard": "x"}}]}, 'at $.a[0]["anything-but"]:', "one key: prefix or suffix"),
+        ({"a": [{"anything-but": {"suffix": []}}]}, 'at $.a[0]["anything-but"].suffix:', "an empty list excludes"),
+        ({"a": [{"anything-but": {"prefix": ["x", ""]}}]}, 'at $.a[0]["anything-but"].prefix[1]:', "non-empty"),
     ],
 )
 def test_malformed_pattern_is_a_config_error_naming_the_json_path(pattern: object, path: str, problem: str) -> None:

@@ -1,0 +1,565 @@
+"""The bucket watcher: turns files written into, moved into and removed from bucket folders into S3 events.
+
+How a change becomes one event:
+1. watchfiles reports a path (or a re-scan finds a difference with the index): only a hint;
+2. the object's key is *reconciled*, one key at a time: its file now against what the index says was announced
+   last. Unchanged: nothing. Gone: `ObjectRemoved:Delete`. New or changed: once its write is complete (no
+   process has it open for writing, `files.inspect`) its MD5 is taken and `ObjectCreated:Put` (or `:Copy` for a
+   file moved or linked from another key) is published;
+3. after the publish, the index records it (at least once: a crash in between publishes again, with the same
+   event id, which JetStream drops).
+
+Event ids are made of the bucket, the key, the event class, the sequencer and the ETag, and the sequencer of the
+file's ctime: every replica watching the same root computes the same id for the same change, and JetStream
+stores it once. The index (the connector's state, JetStream KV) is shared, so a replica started later, or
+restarted, announces only what changed since any of them last looked.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import math
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.abc
+import msgspec
+from eventfn_connectors.bucket.files import (
+    ROOT_VARIABLE,
+    Ignore,
+    Stat,
+    inspect,
+    key_problem,
+    lstat_key,
+    scan,
+)
+from eventfn_connectors.bucket.index import BucketIndex, Entry
+from eventfn_connectors.bucket.options import BucketSettings, BucketTrigger
+from eventfn_connectors.bucket.records import (
+    CLOUD_EVENT_TYPE_PREFIX,
+    Change,
+    S3Shape,
+    encode_record,
+    record_for,
+    sequencer,
+    sequencer_value,
+)
+from watchfiles import Change as FileChange
+from watchfiles import awatch
+
+from eventfn import events, subjects
+from eventfn.sources.connector import Bound, Connector, Context
+from eventfn.sources.records import REGION
+from eventfn.sources.source import RecordShape, Source
+
+#: Keys reconciled at once: each waits mostly on NATS (a publish, an index write).
+WORKERS = 32
+#: Files read (hashed) at once.
+READERS = 4
+#: How often a file still open for writing is looked at again: from the first to the last, doubling.
+_POLL_FIRST, _POLL_LAST = 0.05, 1.0
+#: After a failure (NATS unreachable, a file that cannot be read): from the first to the last, doubling.
+_RETRY_FIRST, _RETRY_LAST = 0.5, 30.0
+#: A warning about failures at most this often; the rest go to the debug log.
+_WARN_EVERY = 10.0
+#: How long the watcher waits for the kernel before yielding nothing (its first yield says it is watching).
+_WATCH_TIMEOUT_MS = 200
+
+Item = tuple[str, str]
+
+
+class _Queue:
+    """Keys waiting to be reconciled, each at most once, never two workers on one key; and keys due later."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Item, None] = {}
+        self._active: set[Item] = set()
+        #: Hinted again while a worker had them: reconciled once more after it.
+        self._again: set[Item] = set()
+        self._ready = anyio.Event()
+        self._due: list[tuple[float, int, Item]] = []
+        self._due_at: dict[Item, float] = {}
+        self._counter = itertools.count()
+        self._due_changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._active) + len(self._due_at)
+
+    def add(self, item: Item) -> None:
+        if item in self._active:
+            self._again.add(item)
+            return
+        self._due_at.pop(item, None)  # a fresh hint overrides a wait
+        self._pending[item] = None
+        self._ready.set()
+
+    def later(self, item: Item, delay: float) -> None:
+        due = time.monotonic() + delay
+        if item in self._pending or self._due_at.get(item, math.inf) <= due:
+            return
+        self._due_at[item] = due
+        heapq.heappush(self._due, (due, next(self._counter), item))
+        self._due_changed.set()
+
+    async def get(self) -> Item:
+        while not self._pending:
+            self._ready = anyio.Event()
+            await self._ready.wait()
+        item = next(iter(self._pending))
+        del self._pending[item]
+        self._active.add(item)
+        return item
+
+    def done(self, item: Item, delay: float | None) -> None:
+        self._active.discard(item)
+        if item in self._again:
+            self._again.discard(item)
+            self.add(item)
+        elif delay is not None:
+            self.later(item, delay)
+
+    async def release_due(self) -> None:
+        """Move keys whose wait is over to the queue, forever."""
+        while True:
+            now = time.monotonic()
+            while self._due and self._due[0][0] <= now:
+                due, _, item = heapq.heappop(self._due)
+                if self._due_at.get(item) == due:
+                    del self._due_at[item]
+                    self.add(item)
+            wait = self._due[0][0] - now if self._due else math.inf
+            self._due_changed = anyio.Event()
+            with anyio.move_on_after(wait):
+                await self._due_changed.wait()
+
+
+class BucketConnector(Connector):
+    """The S3-like bucket watcher: `[[triggers]] type = "bucket"`, settings in `[buckets]`."""
+
+    type = "bucket"
+    Trigger = BucketTrigger
+    Settings = BucketSettings
+    section = "buckets"
+    shapes: ClassVar[Mapping[str, RecordShape]] = {"s3": S3Shape()}
+
+    def __init__(self, settings: BucketSettings, context: Context) -> None:
+        super().__init__(settings, context)
+        self.settings: BucketSettings = settings
+        self.log = context.log
+        #: The buckets root, absolute (relative settings: to the working directory the service started in).
+        self.root = Path(settings.root).absolute()
+        self.ignore = Ignore(settings.ignore, hidden=settings.ignore_hidden)
+        #: Subjects some trigger takes, by bucket: a change nobody takes is indexed, not published.
+        self._wanted: dict[str, tuple[str, ...]] = {}
+        self._indexes: dict[str, BucketIndex] = {}
+        #: Objects by (inode, size, mtime): a new key whose file is one of them was moved or linked from it.
+        self._inodes: dict[tuple[int, int, int], Item] = {}
+        #: Files whose writers cannot be known: the version first seen and when (the settle time runs from it).
+        self._settling: dict[Item, tuple[Stat, float]] = {}
+        self._polls: dict[Item, int] = {}
+        self._failures: dict[Item, int] = {}
+        self._refused: set[Item] = set()
+        self._last_warning = -math.inf
+        self._queue = _Queue()
+        self._changed = anyio.Event()
+        self._reopen: set[str] = set()
+        self._limiter: anyio.CapacityLimiter | None = None
+        #: Where folder scans run (the service's run task group).
+        self._scans: anyio.abc.TaskGroup | None = None
+
+    # -- the plugin API -------------------------------------------------------------------------------------------
+
+    def source(self, bound: Bound) -> Source:
+        trigger: BucketTrigger = bound.trigger
+        return Source(
+            kind=self.type,
+            stream=subjects.EVENTS_STREAM,
+            subjects=self._subjects(trigger),
+            records="s3",
+            filters=trigger.key_filters(),
+        )
+
+    def _subjects(self, trigger: BucketTrigger) -> tuple[str, ...]:
+        return tuple(self.context.subject(trigger.bucket, cls) + f".{name}" for cls, name in trigger.event_patterns())
+
+    def update(self, triggers: Sequence[Bound]) -> None:
+        super().update(triggers)
+        wanted: dict[str, list[str]] = {}
+        for bound in self.triggers:
+            wanted.setdefault(bound.trigger.bucket, []).extend(self._subjects(bound.trigger))
+        self._wanted = {bucket: tuple(found) for bucket, found in wanted.items()}
+        self._changed.set()
+
+    def environment(self, bound: Bound) -> dict[str, str]:
+        return {ROOT_VARIABLE: str(self.root)}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._limiter = anyio.CapacityLimiter(READERS)
+        async with anyio.create_task_group() as tg:
+            self._scans = tg
+            for _ in range(WORKERS):
+                tg.start_soon(self._worker)
+            tg.start_soon(self._queue.release_due)
+            await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            await tg.start(self._watch)
+            await self._sync_buckets()
+            self.log.info(
+                "bucket watcher: watching %d bucket(s) under %s: %s",
+                len(self._indexes),
+                self.root,
+                ", ".join(sorted(self._indexes)) or "none yet",
+            )
+            task_status.started()
+            interval = self.settings.rescan_interval or math.inf
+            next_rescan = time.monotonic() + interval
+            while True:
+                wait = next_rescan - time.monotonic()
+                if self._reopen:
+                    wait = min(wait, _RETRY_FIRST * 4)
+                with anyio.move_on_after(max(0.0, wait)):
+                    await self._changed.wait()
+                if self._changed.is_set() or self._reopen:
+                    self._changed = anyio.Event()
+                    await self._sync_buckets()
+                if time.monotonic() >= next_rescan:
+                    next_rescan = time.monotonic() + interval
+                    await self._rescan_all(purge=True)
+
+    # -- buckets --------------------------------------------------------------------------------------------------
+
+    async def _sync_buckets(self) -> None:
+        """Start announcing the buckets triggers name now, stop announcing the others."""
+        wanted = set(self._wanted)
+        for bucket in sorted(set(self._indexes) - wanted):
+            self._indexes.pop(bucket).forget()
+            self._inodes = {k: v for k, v in self._inodes.items() if v[0] != bucket}
+            self.log.info("bucket %s: no trigger names it any more; its changes are no longer announced", bucket)
+        for bucket in sorted(wanted - set(self._indexes)):
+            try:
+                await self._open(bucket)
+                self._reopen.discard(bucket)
+            except Exception as exc:  # NATS or the disk: expected trouble, tried again soon
+                self._indexes.pop(bucket, None)
+                self._reopen.add(bucket)
+                self._warn(f"bucket {bucket}: cannot start watching it ({type(exc).__name__}: {exc}); trying again")
+
+    async def _open(self, bucket: str) -> None:
+        """Index `bucket` and announce what changed in it since it was last watched."""
+        folder = self.root / bucket
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            await anyio.to_thread.run_sync(functools.partial(folder.mkdir, exist_ok=True))
+            self.log.info("bucket %s: created its folder %s (a trigger names it)", bucket, folder)
+            mode = os.lstat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            what = "a symbolic link, which eventfn never follows" if stat.S_ISLNK(mode) else "not a folder"
+            raise NotADirectoryError(f"{folder} is {what}; make it a folder to use the bucket")
+        index = BucketIndex(bucket, self.context.state)
+        await index.load()
+        first = not await index.watched_before()
+        self._indexes[bucket] = index  # hints count from here; the scan below sees what came before
+        for key, entry in index.entries.items():
+            self._inodes[(entry.ino, entry.size, entry.mtime_ns)] = (bucket, key)
+        found = await anyio.to_thread.run_sync(functools.partial(scan, folder, self.ignore))
+        self._report_refused(bucket, found.refused)
+        if first and not self.settings.announce_existing:
+            await self._index_silently(index, found.objects)
+            await index.mark_watched()
+            self.log.info(
+                "bucket %s: first watch: %d object(s) already there indexed without events (announce_existing is off)",
+                bucket,
+                len(found.objects),
+            )
+            return
+        changes = self._diff(index, found.objects, found.unreadable)
+        if first:
+            await index.mark_watched()
+        self.log.info(
+            "bucket %s: watching %s; %d object(s) indexed, %d change(s) since it was last watched",
+            bucket,
+            folder,
+            sum(1 for e in index.entries.values() if e.live),
+            changes,
+        )
+
+    async def _index_silently(self, index: BucketIndex, objects: dict[str, Stat]) -> None:
+        limit = anyio.Semaphore(WORKERS)
+
+        async def one(key: str, found: Stat) -> None:
+            async with limit:
+                await index.record(key, Entry(found.size, found.mtime_ns, found.ino, None, sequencer(found.ctime_ns)))
+                self._inodes[(found.ino, found.size, found.mtime_ns)] = (index.bucket, key)
+
+        async with anyio.create_task_group() as tg:
+            for key, found in objects.items():
+                tg.start_soon(one, key, found)
+
+    def _diff(self, index: BucketIndex, objects: dict[str, Stat], unreadable: list[str]) -> int:
+        """Queue every key that differs between the disk and the index; returns how many."""
+        count = 0
+        for key, found in objects.items():
+            entry = index.live(key)
+            if entry is None or not entry.same_version(found):
+                self._queue.add((index.bucket, key))
+                count += 1
+        for key, entry in index.entries.items():
+            if entry.live and key not in objects and not any(key.startswith(u) for u in unreadable):
+                self._queue.add((index.bucket, key))
+                count += 1
+        return count
+
+    async def _rescan(self, bucket: str, prefix: str = "") -> None:
+        index = self._indexes.get(bucket)
+        if index is None:
+            return
+        folder = self.root / bucket / prefix if prefix else self.root / bucket
+        found = await anyio.to_thread.run_sync(functools.partial(scan, folder, self.ignore, prefix))
+        self._report_refused(bucket, found.refused)
+        if prefix:  # a folder moved in: what it holds, and what the index holds under it
+            for key in found.objects:
+                self._queue.add((bucket, key))
+            for key, entry in index.entries.items():
+                if entry.live and key.startswith(prefix) and key not in found.objects:
+                    self._queue.add((bucket, key))
+            return
+        self._diff(index, found.objects, found.unreadable)
+
+    async def _rescan_all(self, *, purge: bool = False) -> None:
+        for bucket, index in list(self._indexes.items()):
+            try:
+                await self._rescan(bucket)
+                if purge:
+                    await index.purge(time.time())
+            except Exception as exc:
+                self._warn(f"bucket {bucket}: re-scan failed ({type(exc).__name__}: {exc}); trying at the next")
+
+    def _report_refused(self, bucket: str, refused: dict[str, str]) -> None:
+        for key, problem in refused.items():
+            if (bucket, key) not in self._refused:
+                self._refused.add((bucket, key))
+                self.log.warning("bucket %s: %r is not an object: %s", bucket, key, problem)
+
+    # -- watching -------------------------------------------------------------------------------------------------
+
+    async def _watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Hint every change under the root; started once the kernel watches it. Restarts after a failure (and
+        re-scans everything, for what happened meanwhile)."""
+        started = False
+        failures = 0
+        while True:
+            stop = anyio.Event()
+            try:
+                async for found in awatch(
+                    self.root,
+                    watch_filter=None,
+                    debounce=max(1, int(self.settings.debounce * 1000)),
+                    step=max(1, min(20, int(self.settings.debounce * 1000))),
+                    stop_event=stop,
+                    rust_timeout=_WATCH_TIMEOUT_MS,
+                    yield_on_timeout=True,
+                    recursive=True,
+                ):
+                    if not started:
+                        started = True
+                        task_status.started()
+                    elif failures:
+                        failures = 0
+                        await self._rescan_all()
+                    for change, path in found:
+                        self._hint(change, path)
+            except Exception as exc:
+                failures += 1
+                self._warn(f"bucket watcher: watching {self.root} failed ({type(exc).__name__}: {exc}); trying again")
+                await anyio.sleep(min(_RETRY_LAST, _RETRY_FIRST * 2.0**failures))
+                await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            finally:
+                stop.set()
+            if not started:  # never watching, yet not failing: start the service all the same
+                started = True
+                task_status.started()
+
+    def _hint(self, change: FileChange, path: str) -> None:
+        """What a reported path means: a key to reconcile, a folder to scan, or nothing."""
+        try:
+            parts = Path(path).relative_to(self.root).parts
+        except ValueError:
+            return
+        if not parts or parts[0] not in self._indexes or ".." in parts:
+            return
+        bucket = parts[0]
+        if len(parts) == 1:  # the bucket's folder itself, removed or put back
+            if change != FileChange.modified:
+                self._reopen_later(bucket)
+            return
+        key = "/".join(parts[1:])
+        if self.ignore.key(key):
+            return
+        if change == FileChange.deleted:
+            self._queue.add((bucket, key))
+            index = self._indexes[bucket]
+            if key not in index.entries:  # maybe a folder: whatever the index holds under it
+                prefix = key + "/"
+                for other, entry in index.entries.items():
+                    if entry.live and other.startswith(prefix):
+                        self._queue.add((bucket, other))
+            return
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            self._queue.add((bucket, key))
+            return
+        if stat.S_ISDIR(mode):
+            if change == FileChange.added:  # a folder moved in reports only itself
+                self._reopen_later(bucket, key + "/")
+        elif stat.S_ISREG(mode):
+            self._queue.add((bucket, key))
+
+    def _reopen_later(self, bucket: str, prefix: str = "") -> None:
+        async def rescan() -> None:
+            try:
+                await self._rescan(bucket, prefix)
+            except Exception as exc:
+                self._warn(f"bucket {bucket}: scanning {prefix or 'it'} failed ({type(exc).__name__}: {exc})")
+
+        self._spawn(rescan)
+
+    def _spawn(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # Scans run beside the workers; a task group of their own would hold the watch loop up.
+        if self._scans is not None:
+            self._scans.start_soon(task)
+
+    # -- reconciling ----------------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            delay: float | None = None
+            try:
+                delay = await self._reconcile(*item)
+                self._failures.pop(item, None)
+            except Exception as exc:  # NATS unreachable, the disk refusing: the key is tried again later
+                failures = self._failures[item] = self._failures.get(item, 0) + 1
+                delay = min(_RETRY_LAST, _RETRY_FIRST * 2.0 ** (failures - 1))
+                self._warn(
+                    f"bucket {item[0]}: {item[1]!r} could not be announced ({type(exc).__name__}: {exc}); "
+                    f"trying again in {delay:.1f}s"
+                )
+            finally:
+                self._queue.done(item, delay)
+
+    async def _reconcile(self, bucket: str, key: str) -> float | None:
+        """Announce what changed of `key` since the index last recorded it. Returns when to look again, if at all."""
+        index = self._indexes.get(bucket)
+        if index is None:
+            return None
+        item = (bucket, key)
+        folder = self.root / bucket
+        found = lstat_key(folder, key, self.ignore)
+        entry = index.entries.get(key)
+        live = entry if entry is not None and entry.live else None
+        if found is None or (live is not None and live.same_version(found)):
+            self._settling.pop(item, None)
+            self._polls.pop(item, None)
+            if found is None and live is not None:
+                await self._removed(index, key, live)
+            return None
+        if (problem := key_problem(key)) is not None:
+            self._report_refused(bucket, {key: problem})
+            return None
+        source = self._moved_from(found, item)
+        known = self._settling.get(item)
+        quiet = known is not None and known[0] == found and time.monotonic() - known[1] >= self.settings.settle
+        seen = await anyio.to_thread.run_sync(
+            functools.partial(inspect, folder, key, etag=source[1] if source else None, quiet=quiet),
+            limiter=self._limiter,
+        )
+        if seen.status == "gone":
+            return 0.0  # changed between the two looks: once more, from the start
+        if seen.status == "changed":
+            return _POLL_FIRST
+        if seen.status == "writing":
+            polls = self._polls[item] = self._polls.get(item, 0) + 1
+            return min(_POLL_LAST, _POLL_FIRST * 2.0 ** (polls - 1))
+        assert seen.stat is not None
+        if seen.status == "unsure":
+            if known is None or known[0] != seen.stat:
+                self._settling[item] = (seen.stat, time.monotonic())
+            return float(self.settings.settle)
+        self._settling.pop(item, None)
+        self._polls.pop(item, None)
+        if live is not None and live.same_version(seen.stat):
+            return None
+        last = sequencer_value(entry.sequencer) if entry is not None else -1
+        change = Change(
+            bucket=bucket,
+            key=key,
+            name="ObjectCreated:Copy" if source is not None else "ObjectCreated:Put",
+            sequencer=sequencer(max(seen.stat.ctime_ns, last + 1)),
+            time_ns=seen.stat.ctime_ns,
+            size=seen.stat.size,
+            etag=seen.etag,
+        )
+        await self._announce(change)
+        st = seen.stat
+        await index.record(key, Entry(st.size, st.mtime_ns, st.ino, seen.etag, change.sequencer))
+        self._inodes[(st.ino, st.size, st.mtime_ns)] = item
+        return None
+
+    def _moved_from(self, found: Stat, item: Item) -> tuple[Item, str | None] | None:
+        """The object (and its ETag, if known) whose file `found` is, when it is another key's: moved or linked."""
+        origin = self._inodes.get((found.ino, found.size, found.mtime_ns))
+        if origin is None or origin == item or (index := self._indexes.get(origin[0])) is None:
+            return None
+        entry = index.entries.get(origin[1])
+        if entry is None or (entry.ino, entry.size, entry.mtime_ns) != (found.ino, found.size, found.mtime_ns):
+            return None
+        return origin, entry.etag
+
+    async def _removed(self, index: BucketIndex, key: str, entry: Entry) -> None:
+        change = Change(
+            bucket=index.bucket,
+            key=key,
+            name="ObjectRemoved:Delete",
+            sequencer=sequencer(sequencer_value(entry.sequencer) + 1),
+            time_ns=time.time_ns(),
+        )
+        await self._announce(change)
+        await index.record(key, msgspec.structs.replace(entry, sequencer=change.sequencer, removed_at=time.time()))
+
+    async def _announce(self, change: Change) -> None:
+        cls, name = change.name.split(":")
+        subject = self.context.subject(change.bucket, cls, name)
+        if not any(subjects.matches(wanted, subject) for wanted in self._wanted.get(change.bucket, ())):
+            self.log.debug("bucket %s: %s %r: no trigger takes it", change.bucket, change.name, change.key)
+            return
+        event = events.new_event(
+            subject,
+            encode_record(record_for(change)),
+            source=f"aws:s3.{REGION}.{change.bucket}",
+            type=CLOUD_EVENT_TYPE_PREFIX + change.name,
+            id=change.event_id,
+            time=datetime.fromtimestamp(change.time_ns / 1e9, UTC),
+        )
+        if await self.context.publish(subject, event):
+            size = "" if change.size is None else f", {change.size} bytes"
+            self.log.info("bucket %s: %s %r (sequencer %s%s)", change.bucket, change.name, change.key,
+                          change.sequencer, size)  # fmt: skip
+        else:
+            self.log.debug("bucket %s: %s %r was announced already", change.bucket, change.name, change.key)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            self.log.warning("%s", message)
+        else:
+            self.log.debug("%s", message)
