@@ -512,9 +512,11 @@ def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOption
         )
     options = types[kind]
     try:
-        return msgspec.convert(raw, options)  # type: ignore[no-any-return]
+        return msgspec.convert(raw, options)
     except msgspec.ValidationError as exc:
         message = str(exc).replace("`$`", f"`$.triggers[{index}]`").replace("`$.", f"`$.triggers[{index}].")
+        if " - at `" not in message:
+            message += f" - at `$.triggers[{index}]`"
         allowed = ", ".join(f for f in options.__struct_fields__)
         raise ConfigError(
             where, f"invalid {kind} trigger: {message}", f"a {kind} trigger's keys are: {allowed}"
