@@ -8,18 +8,29 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import pytest
 
 from eventfn import plugins
-from eventfn.config import Trigger, TriggerOptions, load_service_config, read_function_settings
+from eventfn.broker.connection import connect
+from eventfn.broker.state import Entry, StateStore
+from eventfn.config import NatsSettings, Trigger, TriggerOptions, load_service_config, read_function_settings
 from eventfn.errors import ConfigError
-from eventfn.sources import mappings
+from eventfn.events import new_event
+from eventfn.invoke.invocation import Invocation, Outcome
+from eventfn.sources import hosted, mappings, records
 from eventfn.sources.connector import Bound, Connector
+from eventfn.sources.dispatch import Dispatcher
+from eventfn.sources.mappings import Mapping
+from eventfn.sources.memory import MemoryFeed, MemorySink, MemoryState
 from eventfn.sources.source import Source
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import NatsServer, Serve, write_handler
+from tests.test_dispatch import Function as DispatchFunction
+from tests.test_dispatch import event, run
 
 EXAMPLE = Path(__file__).resolve().parent / "connector_example"
 
@@ -173,3 +184,159 @@ async def test_a_connector_from_a_separate_package_runs_end_to_end(tmp_path: Pat
         await service.astop()
     assert len(re.findall(r"shipped line: second$", service.log.text(), re.M)) == 1
     assert "Traceback" not in service.log.text()
+
+
+# -- what a connector's source changes in dispatch --------------------------------------------------------------
+
+
+class ListShape:
+    """A shape whose batches are always a list, even of one (as S3's are)."""
+
+    unwrap_single = False
+
+    def batch(self, messages: Any, ids: Any, source_arn: str) -> bytes:
+        return json.dumps(
+            {"Records": [{"body": m.data.decode(), "messageId": i} for m, i in zip(messages, ids, strict=True)]}
+        ).encode()
+
+
+async def test_a_sources_filters_must_all_match_besides_the_mappings_own() -> None:
+    source = Source(
+        kind="ping",
+        subjects=("eventfn.source.ping.x",),
+        filters=('{"body": {"k": [{"prefix": "a"}]}}', '{"body": {"n": [{"numeric": [">", 1]}]}}'),
+    )
+    m = Mapping(function="fn", name="fn--t0", source=source, filters=({"body": {"n": [2, 3, 5]}},))
+    feed = MemoryFeed()
+    for n, k in [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "ab"), (6, "b")]:
+        feed.publish(event(n, k))
+    fn = DispatchFunction()
+    d = await run(m, fn, feed, lambda: len(feed.acked) == 6)
+    # n > 1 and k starts with "a" (the source's, both) and n in 2, 3, 5 (the mapping's).
+    assert sorted(c[0]["n"] for c in fn.calls) == [2, 5]
+    assert d.stats.filtered == 4
+
+
+async def test_a_shape_that_keeps_lists_gives_a_batch_of_one_at_batch_size_1() -> None:
+    records.SHAPES["list-test"] = ListShape()
+    try:
+        source = Source(kind="ping", subjects=("eventfn.source.ping.x",), records="list-test")
+        feed = MemoryFeed()
+        feed.publish(event(7))
+        seen: list[bytes] = []
+
+        async def invoke(invocation: Invocation) -> Outcome:
+            seen.append(invocation.payload)
+            return Outcome(ok=True, payload=b"null")
+
+        m = Mapping(function="fn", name="fn--t0", source=source)
+        feed.max_inflight = m.max_inflight
+        dispatcher = Dispatcher(MemorySink(), m, feed, invoke=invoke)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(dispatcher.run)
+                while not feed.acked:  # noqa: ASYNC110  (the feed's settled state is what there is to watch)
+                    await anyio.sleep(0.002)
+                dispatcher.stop()
+        [payload] = seen
+        [record] = json.loads(payload)["Records"]
+        assert json.loads(record["body"])["n"] == 7 and record["messageId"]
+    finally:
+        del records.SHAPES["list-test"]
+
+
+# -- the service's connectors: supervised --------------------------------------------------------------------
+
+
+class Flaky(Connector):
+    """Fails its first two runs, then publishes once and stays."""
+
+    type = "flaky"
+    Trigger = PingTrigger
+    runs = 0
+
+    def source(self, bound: Bound) -> Source:
+        return Source(kind="flaky", subjects=(self.context.subject("x"),))
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        Flaky.runs += 1
+        if Flaky.runs <= 2:
+            raise RuntimeError(f"boom {Flaky.runs}")
+        task_status.started()
+        await self.context.publish(self.context.subject("x"), new_event("s", b"{}", source="t", id="one"))
+        await anyio.sleep_forever()
+
+
+class Sneaky(Flaky):
+    type = "sneaky"
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.context.publish("events.elsewhere", new_event("s", b"{}", source="t"))
+
+
+async def test_a_failing_connector_is_started_again_and_one_publishing_elsewhere_is_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(hosted, "RESTART_BACKOFF", (0.01, 0.02))
+    published: list[tuple[str, str]] = []
+    done = anyio.Event()
+
+    async def publish(subject: str, event: Any) -> None:
+        published.append((subject, event.id))
+        done.set()
+
+    host = hosted.Hosted(
+        {}, publish=publish, state=lambda kind: MemoryState(), data_dir=Path("."),
+        classes={"flaky": Flaky, "sneaky": Sneaky},
+    )  # fmt: skip
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(host.run)
+            await done.wait()
+            tg.cancel_scope.cancel()
+    assert published == [("eventfn.source.flaky.x", "one")]
+    assert Flaky.runs == 3
+    assert "connector flaky failed: RuntimeError: boom 1" in caplog.text
+    assert "connector sneaky failed: ValueError: connector sneaky may only publish under eventfn.source.sneaky.>" in (
+        caplog.text
+    )
+
+
+def test_a_connector_source_outside_its_subjects_is_refused() -> None:
+    class Wide(Flaky):
+        type = "wide"
+
+        def source(self, bound: Bound) -> Source:
+            return Source(kind="wide", subjects=("events.>",))
+
+    host = hosted.Hosted({}, publish=None, state=lambda kind: MemoryState(), data_dir=Path("."), classes={"wide": Wide})  # type: ignore[arg-type]
+    bound = Bound(function="fn", mapping="fn--t0", name="t0", trigger=PingTrigger(type="wide", target="x"))
+    with pytest.raises(ConfigError, match=r"must take subjects under eventfn.source.wide.>"):
+        host.source(bound)
+
+
+# -- connector state in JetStream KV ---------------------------------------------------------------------------
+
+
+async def test_connector_state_in_kv_has_revisions_compare_and_set_and_a_prefix_per_connector(
+    nats_server: NatsServer,
+) -> None:
+    async with connect([nats_server.url], NatsSettings()) as bus:
+        store = StateStore(bus)
+        mine, theirs = store.of("bucket"), store.of("schedule")
+        assert await mine.get("a") is None
+        first = await mine.create("a", b"1")
+        assert first is not None and await mine.create("a", b"2") is None
+        assert await mine.update("a", b"3", first + 100) is None
+        second = await mine.update("a", b"3", first)
+        assert second is not None and second > first
+        await mine.put("dir/b=.c", b"4")
+        await theirs.put("a", b"other")
+        assert {k: e.value for k, e in (await mine.items()).items()} == {"a": b"3", "dir/b=.c": b"4"}
+        assert list(await mine.items("dir/")) == ["dir/b=.c"]
+        await mine.delete("a")
+        assert await mine.get("a") is None and list(await mine.items()) == ["dir/b=.c"]
+        assert (await theirs.get("a")) == Entry(b"other", (await theirs.get("a")).revision)  # type: ignore[union-attr]
+        with pytest.raises(ValueError, match="state key 'a b' is invalid"):
+            await mine.put("a b", b"x")
