@@ -347,6 +347,8 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
 
 def _connector_settings(data: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
     """Each connector's settings table, taken out of `data` and checked against its `Settings` type."""
+    if not data.get("connectors") and all(key in ServiceConfig.__struct_fields__ for key in data):
+        return {}  # no connector tables: the connectors need not be imported (a CLI command starts faster)
     nested = data.get("connectors", {})
     if not isinstance(nested, dict):
         raise ConfigError(where, "[connectors] must be a table of tables, one per connector type")
