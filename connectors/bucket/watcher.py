@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import logging
 import math
 import os
 import stat
@@ -203,6 +204,10 @@ class BucketConnector(Connector):
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._limiter = anyio.CapacityLimiter(READERS)
+        # watchfiles logs each batch of changes at INFO: noise beside the one line per object announced here.
+        quiet = logging.getLogger("watchfiles.main")
+        if quiet.getEffectiveLevel() == logging.INFO:  # at DEBUG, keep them
+            quiet.setLevel(logging.WARNING)
         async with anyio.create_task_group() as tg:
             self._scans = tg
             for _ in range(WORKERS):

@@ -106,6 +106,8 @@ def permissions(role: str, trigger_subjects: Sequence[str], extra_publish: Seque
                 f"$JS.API.CONSUMER.CREATE.{_STATE}",
                 f"$JS.API.CONSUMER.CREATE.{_STATE}.>",
                 f"$JS.API.CONSUMER.DELETE.{_STATE}.>",
+                # A KV watch (listing a connector's keys) asks after its ordered consumer.
+                f"$JS.API.CONSUMER.INFO.{_STATE}.>",
                 f"$JS.FC.{_STATE}.>",
                 f"$KV.{_STATE_BUCKET}.>",
                 *events,
