@@ -308,13 +308,22 @@ class JetStream:
 
     stored: list[tuple[str, events.Event]] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    arrived: anyio.Event = field(default_factory=anyio.Event)
 
     async def publish(self, subject: str, event: events.Event) -> Any:
         duplicate = event.id in self.ids
         if not duplicate:
             self.ids.add(event.id)
             self.stored.append((subject, event))
+            self.arrived.set()
         return type("Published", (), {"duplicate": duplicate})()
+
+    async def wait_for(self, count: int) -> list[tuple[str, str]]:
+        with anyio.fail_after(10):
+            while len(self.stored) < count:
+                self.arrived = anyio.Event()
+                await self.arrived.wait()
+        return self.names()
 
     def names(self) -> list[tuple[str, str]]:
         out = []
@@ -536,3 +545,25 @@ async def test_a_change_no_trigger_takes_is_indexed_not_published(bucket: Path) 
     await changed(connector, "a.txt")
     assert stream.take() == [("ObjectCreated:Put", "a.txt")]
     assert not connector._indexes["uploads"].entries["a.txt"].live
+
+
+async def test_the_running_watcher_sees_new_folders_and_is_not_fooled_by_links(bucket: Path, tmp_path: Path) -> None:
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(connector.run)
+        # A link back to the root: a recursive watch would follow it and report later files under its path.
+        (bucket / "out").mkdir()
+        (bucket / "out" / "loop").symlink_to(bucket.parent)
+        (bucket / "out" / "everything").symlink_to("/")
+        (bucket / "after.txt").write_text("after the links")
+        assert await stream.wait_for(1) == [("ObjectCreated:Put", "after.txt")]
+        # A folder tree moved in from outside the root reports only itself: what it holds is found by a scan.
+        (tmp_path / "tree" / "a").mkdir(parents=True)
+        (tmp_path / "tree" / "a" / "b.txt").write_text("b")
+        (tmp_path / "tree").rename(bucket / "tree")
+        assert (await stream.wait_for(2))[1] == ("ObjectCreated:Put", "tree/a/b.txt")
+        (bucket / "tree" / "a" / "c.txt").write_text("c")  # and the moved-in folders are watched
+        assert (await stream.wait_for(3))[2] == ("ObjectCreated:Put", "tree/a/c.txt")
+        assert not [p for p in connector.folders.paths if "loop" in p or "everything" in p], "links are not watched"
+        tg.cancel_scope.cancel()

@@ -115,6 +115,8 @@ class Scan(NamedTuple):
     """A bucket's objects as found on disk."""
 
     objects: dict[str, Stat]
+    #: The folders listed, as key prefixes ("" for the bucket itself, else ending in `/`): what the watcher watches.
+    folders: list[str]
     #: Folders (key prefixes ending in `/`, or "" for the bucket) that could not be listed: what the index holds
     #: under them is neither confirmed nor removed.
     unreadable: list[str]
@@ -125,18 +127,22 @@ class Scan(NamedTuple):
 def scan(directory: Path, ignore: Ignore, prefix: str = "") -> Scan:
     """Every object under `directory` (keys start with `prefix`), without following any symbolic link."""
     objects: dict[str, Stat] = {}
+    folders: list[str] = []
     unreadable: list[str] = []
     refused: dict[str, str] = {}
     stack = [(directory, prefix)]
     while stack:
         folder, base = stack.pop()
         try:
+            if stat.S_ISLNK(os.lstat(folder).st_mode):
+                continue  # swapped for a link since it was listed
             entries = list(os.scandir(folder))
         except FileNotFoundError:
             continue
         except OSError:
             unreadable.append(base)
             continue
+        folders.append(base)
         for entry in entries:
             if ignore.name(entry.name):
                 continue
@@ -155,7 +161,7 @@ def scan(directory: Path, ignore: Ignore, prefix: str = "") -> Scan:
                 continue  # removed while listing: the watcher reports it
             except OSError:
                 unreadable.append(f"{base}{entry.name}")
-    return Scan(objects, unreadable, refused)
+    return Scan(objects, folders, unreadable, refused)
 
 
 def _open(bucket_dir: Path, parts: list[str]) -> int:

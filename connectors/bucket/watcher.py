@@ -18,8 +18,6 @@ restarted, announces only what changed since any of them last looked.
 from __future__ import annotations
 
 import functools
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -36,6 +34,7 @@ import msgspec
 from eventfn_connectors.bucket.files import (
     ROOT_VARIABLE,
     Ignore,
+    Scan,
     Stat,
     inspect,
     key_problem,
@@ -53,8 +52,8 @@ from eventfn_connectors.bucket.records import (
     sequencer,
     sequencer_value,
 )
+from eventfn_connectors.bucket.watching import Folders, Item, KeyQueue
 from watchfiles import Change as FileChange
-from watchfiles import awatch
 
 from eventfn import events, subjects
 from eventfn.sources.connector import Bound, Connector, Context
@@ -71,75 +70,6 @@ _POLL_FIRST, _POLL_LAST = 0.05, 1.0
 _RETRY_FIRST, _RETRY_LAST = 0.5, 30.0
 #: A warning about failures at most this often; the rest go to the debug log.
 _WARN_EVERY = 10.0
-#: How long the watcher waits for the kernel before yielding nothing (its first yield says it is watching).
-_WATCH_TIMEOUT_MS = 200
-
-Item = tuple[str, str]
-
-
-class _Queue:
-    """Keys waiting to be reconciled, each at most once, never two workers on one key; and keys due later."""
-
-    def __init__(self) -> None:
-        self._pending: dict[Item, None] = {}
-        self._active: set[Item] = set()
-        #: Hinted again while a worker had them: reconciled once more after it.
-        self._again: set[Item] = set()
-        self._ready = anyio.Event()
-        self._due: list[tuple[float, int, Item]] = []
-        self._due_at: dict[Item, float] = {}
-        self._counter = itertools.count()
-        self._due_changed = anyio.Event()
-
-    def __len__(self) -> int:
-        return len(self._pending) + len(self._active) + len(self._due_at)
-
-    def add(self, item: Item) -> None:
-        if item in self._active:
-            self._again.add(item)
-            return
-        self._due_at.pop(item, None)  # a fresh hint overrides a wait
-        self._pending[item] = None
-        self._ready.set()
-
-    def later(self, item: Item, delay: float) -> None:
-        due = time.monotonic() + delay
-        if item in self._pending or self._due_at.get(item, math.inf) <= due:
-            return
-        self._due_at[item] = due
-        heapq.heappush(self._due, (due, next(self._counter), item))
-        self._due_changed.set()
-
-    async def get(self) -> Item:
-        while not self._pending:
-            self._ready = anyio.Event()
-            await self._ready.wait()
-        item = next(iter(self._pending))
-        del self._pending[item]
-        self._active.add(item)
-        return item
-
-    def done(self, item: Item, delay: float | None) -> None:
-        self._active.discard(item)
-        if item in self._again:
-            self._again.discard(item)
-            self.add(item)
-        elif delay is not None:
-            self.later(item, delay)
-
-    async def release_due(self) -> None:
-        """Move keys whose wait is over to the queue, forever."""
-        while True:
-            now = time.monotonic()
-            while self._due and self._due[0][0] <= now:
-                due, _, item = heapq.heappop(self._due)
-                if self._due_at.get(item) == due:
-                    del self._due_at[item]
-                    self.add(item)
-            wait = self._due[0][0] - now if self._due else math.inf
-            self._due_changed = anyio.Event()
-            with anyio.move_on_after(wait):
-                await self._due_changed.wait()
 
 
 class BucketConnector(Connector):
@@ -169,7 +99,10 @@ class BucketConnector(Connector):
         self._failures: dict[Item, int] = {}
         self._refused: set[Item] = set()
         self._last_warning = -math.inf
-        self._queue = _Queue()
+        self._queue = KeyQueue()
+        self.folders = Folders(
+            str(self.root), on_change=self._hint, on_gap=self._gap, warn=self._warn, debounce=settings.debounce
+        )
         self._changed = anyio.Event()
         self._reopen: set[str] = set()
         self._limiter: anyio.CapacityLimiter | None = None
@@ -214,7 +147,7 @@ class BucketConnector(Connector):
                 tg.start_soon(self._worker)
             tg.start_soon(self._queue.release_due)
             await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
-            await tg.start(self._watch)
+            await tg.start(self.folders.run)
             await self._sync_buckets()
             self.log.info(
                 "bucket watcher: watching %d bucket(s) under %s: %s",
@@ -246,8 +179,10 @@ class BucketConnector(Connector):
         for bucket in sorted(set(self._indexes) - wanted):
             self._indexes.pop(bucket).forget()
             self._inodes = {k: v for k, v in self._inodes.items() if v[0] != bucket}
+            self.folders.forget(str(self.root / bucket))
             self.log.info("bucket %s: no trigger names it any more; its changes are no longer announced", bucket)
-        for bucket in sorted(wanted - set(self._indexes)):
+
+        async def open_one(bucket: str) -> None:
             try:
                 await self._open(bucket)
                 self._reopen.discard(bucket)
@@ -256,8 +191,12 @@ class BucketConnector(Connector):
                 self._reopen.add(bucket)
                 self._warn(f"bucket {bucket}: cannot start watching it ({type(exc).__name__}: {exc}); trying again")
 
+        async with anyio.create_task_group() as tg:
+            for bucket in sorted(wanted - set(self._indexes)):
+                tg.start_soon(open_one, bucket)
+
     async def _open(self, bucket: str) -> None:
-        """Index `bucket` and announce what changed in it since it was last watched."""
+        """Index `bucket`, watch it, and announce what changed in it since it was last watched."""
         folder = self.root / bucket
         try:
             mode = os.lstat(folder).st_mode
@@ -274,8 +213,7 @@ class BucketConnector(Connector):
         self._indexes[bucket] = index  # hints count from here; the scan below sees what came before
         for key, entry in index.entries.items():
             self._inodes[(entry.ino, entry.size, entry.mtime_ns)] = (bucket, key)
-        found = await anyio.to_thread.run_sync(functools.partial(scan, folder, self.ignore))
-        self._report_refused(bucket, found.refused)
+        found = await self._watched_scan(bucket)
         if first and not self.settings.announce_existing:
             await self._index_silently(index, found.objects)
             await index.mark_watched()
@@ -285,7 +223,7 @@ class BucketConnector(Connector):
                 len(found.objects),
             )
             return
-        changes = self._diff(index, found.objects, found.unreadable)
+        changes = self._diff(index, found)
         if first:
             await index.mark_watched()
         self.log.info(
@@ -295,6 +233,18 @@ class BucketConnector(Connector):
             sum(1 for e in index.entries.values() if e.live),
             changes,
         )
+
+    async def _watched_scan(self, bucket: str, prefix: str = "") -> Scan:
+        """The objects of `bucket` under `prefix`, listed once the kernel watches every folder they are in (so that
+        nothing written meanwhile goes unseen)."""
+        folder = self.root / bucket / prefix
+        while True:
+            found = await anyio.to_thread.run_sync(functools.partial(scan, folder, self.ignore, prefix))
+            paths = {str(self.root / bucket / f) if f else str(self.root / bucket) for f in found.folders}
+            if paths <= self.folders.paths:
+                self._report_refused(bucket, found.refused)
+                return found
+            await self.folders.watch(paths)
 
     async def _index_silently(self, index: BucketIndex, objects: dict[str, Stat]) -> None:
         limit = anyio.Semaphore(WORKERS)
@@ -308,44 +258,47 @@ class BucketConnector(Connector):
             for key, found in objects.items():
                 tg.start_soon(one, key, found)
 
-    def _diff(self, index: BucketIndex, objects: dict[str, Stat], unreadable: list[str]) -> int:
-        """Queue every key that differs between the disk and the index; returns how many."""
+    def _diff(self, index: BucketIndex, found: Scan, prefix: str = "") -> int:
+        """Queue every key under `prefix` that differs between the disk and the index; returns how many."""
         count = 0
-        for key, found in objects.items():
+        for key, seen in found.objects.items():
             entry = index.live(key)
-            if entry is None or not entry.same_version(found):
+            if entry is None or not entry.same_version(seen):
                 self._queue.add((index.bucket, key))
                 count += 1
         for key, entry in index.entries.items():
-            if entry.live and key not in objects and not any(key.startswith(u) for u in unreadable):
+            if (
+                entry.live
+                and key.startswith(prefix)
+                and key not in found.objects
+                and not any(key.startswith(u) for u in found.unreadable)
+            ):
                 self._queue.add((index.bucket, key))
                 count += 1
         return count
 
-    async def _rescan(self, bucket: str, prefix: str = "") -> None:
+    async def _cover(self, bucket: str, prefix: str = "") -> None:
+        """Watch and reconcile what is under `prefix` of `bucket` (a folder that appeared, the whole bucket)."""
         index = self._indexes.get(bucket)
         if index is None:
             return
-        folder = self.root / bucket / prefix if prefix else self.root / bucket
-        found = await anyio.to_thread.run_sync(functools.partial(scan, folder, self.ignore, prefix))
-        self._report_refused(bucket, found.refused)
-        if prefix:  # a folder moved in: what it holds, and what the index holds under it
-            for key in found.objects:
-                self._queue.add((bucket, key))
-            for key, entry in index.entries.items():
-                if entry.live and key.startswith(prefix) and key not in found.objects:
-                    self._queue.add((bucket, key))
-            return
-        self._diff(index, found.objects, found.unreadable)
+        try:
+            self._diff(index, await self._watched_scan(bucket, prefix), prefix)
+        except Exception as exc:
+            self._warn(f"bucket {bucket}: scanning {prefix or 'it'} failed ({type(exc).__name__}: {exc})")
 
     async def _rescan_all(self, *, purge: bool = False) -> None:
         for bucket, index in list(self._indexes.items()):
-            try:
-                await self._rescan(bucket)
-                if purge:
+            await self._cover(bucket)
+            if purge:
+                try:
                     await index.purge(time.time())
-            except Exception as exc:
-                self._warn(f"bucket {bucket}: re-scan failed ({type(exc).__name__}: {exc}); trying at the next")
+                except Exception as exc:
+                    self._warn(f"bucket {bucket}: removing old tombstones failed ({type(exc).__name__}: {exc})")
+
+    def _gap(self) -> None:
+        """The kernel may not have reported everything for a while: look at everything again."""
+        self._spawn(self._rescan_all)
 
     def _report_refused(self, bucket: str, refused: dict[str, str]) -> None:
         for key, problem in refused.items():
@@ -355,45 +308,8 @@ class BucketConnector(Connector):
 
     # -- watching -------------------------------------------------------------------------------------------------
 
-    async def _watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Hint every change under the root; started once the kernel watches it. Restarts after a failure (and
-        re-scans everything, for what happened meanwhile)."""
-        started = False
-        failures = 0
-        while True:
-            stop = anyio.Event()
-            try:
-                async for found in awatch(
-                    self.root,
-                    watch_filter=None,
-                    debounce=max(1, int(self.settings.debounce * 1000)),
-                    step=max(1, min(20, int(self.settings.debounce * 1000))),
-                    stop_event=stop,
-                    rust_timeout=_WATCH_TIMEOUT_MS,
-                    yield_on_timeout=True,
-                    recursive=True,
-                ):
-                    if not started:
-                        started = True
-                        task_status.started()
-                    elif failures:
-                        failures = 0
-                        await self._rescan_all()
-                    for change, path in found:
-                        self._hint(change, path)
-            except Exception as exc:
-                failures += 1
-                self._warn(f"bucket watcher: watching {self.root} failed ({type(exc).__name__}: {exc}); trying again")
-                await anyio.sleep(min(_RETRY_LAST, _RETRY_FIRST * 2.0**failures))
-                await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
-            finally:
-                stop.set()
-            if not started:  # never watching, yet not failing: start the service all the same
-                started = True
-                task_status.started()
-
     def _hint(self, change: FileChange, path: str) -> None:
-        """What a reported path means: a key to reconcile, a folder to scan, or nothing."""
+        """What a reported path means: a key to reconcile, a folder to watch and scan, or nothing."""
         try:
             parts = Path(path).relative_to(self.root).parts
         except ValueError:
@@ -403,7 +319,7 @@ class BucketConnector(Connector):
         bucket = parts[0]
         if len(parts) == 1:  # the bucket's folder itself, removed or put back
             if change != FileChange.modified:
-                self._reopen_later(bucket)
+                self._spawn(functools.partial(self._cover, bucket))
             return
         key = "/".join(parts[1:])
         if self.ignore.key(key):
@@ -412,6 +328,7 @@ class BucketConnector(Connector):
             self._queue.add((bucket, key))
             index = self._indexes[bucket]
             if key not in index.entries:  # maybe a folder: whatever the index holds under it
+                self.folders.forget(path)
                 prefix = key + "/"
                 for other, entry in index.entries.items():
                     if entry.live and other.startswith(prefix):
@@ -423,19 +340,10 @@ class BucketConnector(Connector):
             self._queue.add((bucket, key))
             return
         if stat.S_ISDIR(mode):
-            if change == FileChange.added:  # a folder moved in reports only itself
-                self._reopen_later(bucket, key + "/")
+            if path not in self.folders.paths:  # a folder made or moved in: watch it, then see what it holds
+                self._spawn(functools.partial(self._cover, bucket, key + "/"))
         elif stat.S_ISREG(mode):
             self._queue.add((bucket, key))
-
-    def _reopen_later(self, bucket: str, prefix: str = "") -> None:
-        async def rescan() -> None:
-            try:
-                await self._rescan(bucket, prefix)
-            except Exception as exc:
-                self._warn(f"bucket {bucket}: scanning {prefix or 'it'} failed ({type(exc).__name__}: {exc})")
-
-        self._spawn(rescan)
 
     def _spawn(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # Scans run beside the workers; a task group of their own would hold the watch loop up.
@@ -559,7 +467,8 @@ class BucketConnector(Connector):
             self.log.info("bucket %s: %s %r (sequencer %s%s)", change.bucket, change.name, change.key,
                           change.sequencer, size)  # fmt: skip
         else:
-            self.log.debug("bucket %s: %s %r was announced already", change.bucket, change.name, change.key)
+            # Another replica (or this one, before a restart) stored it first: JetStream dropped this one.
+            self.log.info("bucket %s: %s %r was announced already", change.bucket, change.name, change.key)
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
