@@ -99,13 +99,13 @@ def lstat_key(bucket_dir: Path, key: str, ignore: Ignore) -> Stat | None:
     parts = _parts(key)
     if parts is None or ignore.key(key):
         return None
-    path = bucket_dir
+    path = os.fspath(bucket_dir)  # strings: this runs for every change reported
     try:
         for part in parts[:-1]:
-            path = path / part
+            path = f"{path}/{part}"
             if not stat.S_ISDIR(os.lstat(path).st_mode):
                 return None
-        st = os.lstat(path / parts[-1])
+        st = os.lstat(f"{path}/{parts[-1]}")
     except (FileNotFoundError, NotADirectoryError):
         return None
     return Stat.of(st) if stat.S_ISREG(st.st_mode) else None
@@ -248,7 +248,7 @@ def inspect(bucket_dir: Path, key: str, *, etag: str | None = None, quiet: bool 
         os.close(fd)
     # The name may have moved on to another file while this one was read.
     try:
-        now = os.lstat(bucket_dir.joinpath(*parts))
+        now = os.lstat(f"{os.fspath(bucket_dir)}/{key}")
     except FileNotFoundError:
         return Inspection("gone")
     if Stat.of(now) != found:
