@@ -567,3 +567,32 @@ async def test_the_running_watcher_sees_new_folders_and_is_not_fooled_by_links(b
         assert (await stream.wait_for(3))[2] == ("ObjectCreated:Put", "tree/a/c.txt")
         assert not [p for p in connector.folders.paths if "loop" in p or "everything" in p], "links are not watched"
         tg.cancel_scope.cancel()
+
+
+def test_bucket_settings_are_checked_in_their_table(tmp_path: Path) -> None:
+    from eventfn.config import load_service_config
+
+    config = tmp_path / "eventfn.toml"
+    config.write_text('[buckets]\nroot = "files"\nsettle = 0.5\n')
+    assert load_service_config(config, {}).connectors["bucket"] == {"root": "files", "settle": 0.5}
+    config.write_text("[buckets]\nsetle = 0.5\n")
+    with pytest.raises(ConfigError, match=r"invalid setting in \[buckets\]: Object contains unknown field `setle`"):
+        load_service_config(config, {})
+
+
+async def test_names_that_cannot_be_keys_are_skipped_and_said_once(
+    bucket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    await start(connector)
+    (bucket / os.fsdecode(b"caf\xe9.txt")).write_text("x")  # a Latin-1 name, not UTF-8
+    long_key = "/".join(["k" * 250] * 4) + "/" + "x" * 30  # 1034 bytes
+    (bucket / long_key).parent.mkdir(parents=True, exist_ok=True)
+    (bucket / long_key).write_text("too long")
+    await changed(connector, os.fsdecode(b"caf\xe9.txt"), long_key)
+    await connector._cover("uploads")
+    await settle(connector)
+    assert stream.take() == []
+    refusals = [r.getMessage() for r in caplog.records if "is not an object" in r.getMessage()]
+    assert len(refusals) == 2 and any("UTF-8" in m for m in refusals) and any("1024" in m for m in refusals)
