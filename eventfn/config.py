@@ -347,6 +347,8 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
 
 def _connector_settings(data: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
     """Each connector's settings table, taken out of `data` and checked against its `Settings` type."""
+    if not data.get("connectors") and all(key in ServiceConfig.__struct_fields__ for key in data):
+        return {}  # no connector tables: the connectors need not be imported (a CLI command starts faster)
     nested = data.get("connectors", {})
     if not isinstance(nested, dict):
         raise ConfigError(where, "[connectors] must be a table of tables, one per connector type")
@@ -512,9 +514,11 @@ def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOption
         )
     options = types[kind]
     try:
-        return msgspec.convert(raw, options)  # type: ignore[no-any-return]
+        return msgspec.convert(raw, options)
     except msgspec.ValidationError as exc:
         message = str(exc).replace("`$`", f"`$.triggers[{index}]`").replace("`$.", f"`$.triggers[{index}].")
+        if " - at `" not in message:
+            message += f" - at `$.triggers[{index}]`"
         allowed = ", ".join(f for f in options.__struct_fields__)
         raise ConfigError(
             where, f"invalid {kind} trigger: {message}", f"a {kind} trigger's keys are: {allowed}"

@@ -32,7 +32,9 @@ _broken: dict[str, str] = {}
 def _discovered() -> dict[str, Any]:
     found: dict[str, Any] = {}
     for entry in metadata.entry_points(group=GROUP):
-        where = f"entry point {entry.name!r} ({entry.value}) of {entry.dist.name if entry.dist else 'an unknown package'}"
+        where = (
+            f"entry point {entry.name!r} ({entry.value}) of {entry.dist.name if entry.dist else 'an unknown package'}"
+        )
         try:
             cls = entry.load()
             problem = _problem(cls)

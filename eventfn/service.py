@@ -24,6 +24,7 @@ from eventfn.broker.bus import Bus
 from eventfn.broker.connection import connect
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
 from eventfn.broker.specs import StreamSpec
+from eventfn.broker.state import StateStore
 from eventfn.config import FunctionSettings, NatsSettings, ServiceConfig
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
 from eventfn.fronts.nats_api import Api
@@ -35,7 +36,9 @@ from eventfn.invoke.reports import reports
 from eventfn.invoke.slots import Slots
 from eventfn.invoke.workers import Pool
 from eventfn.sources import mappings
+from eventfn.sources.connector import Bound
 from eventfn.sources.dispatch import Dispatcher, Running
+from eventfn.sources.hosted import Hosted
 from eventfn.sources.mappings import Mapping
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,14 @@ class Service:
         self.invalid: dict[str, str] = {}
         self._reload_lock = anyio.Lock()
         self.api = Api(bus, self.invoker, self)
+        state = StateStore(bus, replicas=config.stream.replicas)
+        #: The installed connectors (bucket watcher, scheduler, plugins), publishing into the events stream.
+        self.connectors = Hosted(
+            config.connectors,
+            publish=bus.publish_event,
+            state=state.of,
+            data_dir=Path(config.data_dir).resolve(),
+        )
         #: Stream name -> what this service last made sure it has (see `watch_streams`).
         self._streams: dict[str, StreamSpec] = {}
         #: Events stream subjects JetStream refused (they partly overlap one it stores), with the reason.
@@ -161,6 +172,7 @@ class Service:
                 "_HANDLER": f"{source.module}.{source.attribute or 'handler'}",
             }
         )
+        env.update(self.connectors.environment(mappings.connector_triggers(source.name, settings)))
         env.update(settings.environment)
         return env
 
@@ -188,7 +200,12 @@ class Service:
             for t in st.subject_triggers()
             for s in t.subjects
         ]
-        base = [*self.config.stream.subjects, subjects.ASYNC_PREFIX + ">", subjects.REDRIVE_PREFIX + ">"]
+        base = [
+            *self.config.stream.subjects,
+            subjects.ASYNC_PREFIX + ">",
+            subjects.REDRIVE_PREFIX + ">",
+            subjects.SOURCE_PREFIX + ">",
+        ]
         stream_subjects, problems = subjects.stream_subjects(base, triggers)
         stream = self.config.stream
         events = StreamSpec(
@@ -220,10 +237,17 @@ class Service:
                 )
         for problem in dict.fromkeys(problems.values()):
             log.error("%s", problem)
+        bounds: list[Bound] = []
         for fn in self.functions.values():
+            try:
+                planned = mappings.plan(fn.name, fn.routing_settings, self.connectors.source)
+            except ConfigError as exc:
+                log.error("function %s: its triggers cannot be set up: %s", fn.name, exc)
+                continue
+            bounds.extend(mappings.connector_triggers(fn.name, fn.routing_settings))
             wanted = {
                 name: mapping
-                for name, mapping in mappings.plan(fn.name, fn.routing_settings).items()
+                for name, mapping in planned.items()
                 if not any(s in problems for s in mapping.source.subjects)
             }
             loaded = fn.pool is not None and fn.settings is not None
@@ -238,6 +262,8 @@ class Service:
                     self.provisioned[name] = mapping
                 if name in runnable and name not in self.running:
                     await self._start_mapping(fn, mapping)
+        # Consumers first: what a connector publishes from now on has a mapping waiting for it.
+        self.connectors.update(bounds)
         self._provisioned = True
 
     async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
@@ -487,6 +513,7 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
                 tg.start_soon(service.reap_idle_workers)
                 tg.start_soon(service.watch_streams)
                 tg.start_soon(reports.run)
+                await tg.start(service.connectors.run)
                 await service.reload()  # whatever changed between the first discovery and the watch
                 _announce(service, bus.url, embedded)
                 if ready is not None:

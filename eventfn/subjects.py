@@ -12,6 +12,9 @@ from collections.abc import Iterable
 EVENTS_STREAM = "EVENTFN"
 #: The stream of dead-letter records.
 DLQ_STREAM = "EVENTFN_DLQ"
+#: Connector state: a JetStream KV bucket (`broker.state`), and the stream that holds it.
+STATE_BUCKET = "eventfn_state"
+STATE_STREAM = f"KV_{STATE_BUCKET}"
 
 #: Sync invoke: core request/reply, never stored.
 INVOKE_PREFIX = "eventfn.invoke."

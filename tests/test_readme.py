@@ -48,6 +48,8 @@ def test_settings_examples_are_valid() -> None:
     kinds = []
     for block in blocks("toml"):
         data = tomllib.loads(block)
+        if "build-system" in data:  # the example connector's package (test_connector_example_is_the_tested_one)
+            continue
         try:
             settings = msgspec.convert(data, FunctionSettings)
         except msgspec.ValidationError:
@@ -58,6 +60,13 @@ def test_settings_examples_are_valid() -> None:
             compile_filters(trigger.filters, "README")
         kinds.append("function")
     assert kinds.count("service") >= 1 and kinds.count("function") >= 3
+
+
+def test_connector_example_is_the_tested_one() -> None:
+    """The README's third-party connector is, file for file, the package tests/test_connectors.py installs."""
+    example = ROOT / "tests" / "connector_example"
+    assert (example / "pyproject.toml").read_text() in blocks("toml")
+    assert (example / "eventfn_lines.py").read_text() in blocks("python")
 
 
 def test_json_examples_parse() -> None:

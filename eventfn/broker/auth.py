@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 _EVENTS = subjects.EVENTS_STREAM
 _DLQ = subjects.DLQ_STREAM
+_STATE = subjects.STATE_STREAM
+_STATE_BUCKET = subjects.STATE_BUCKET
 
 
 class Permissions(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +99,15 @@ def permissions(role: str, trigger_subjects: Sequence[str], extra_publish: Seque
                 f"$JS.ACK.{_EVENTS}.>",
                 f"$JS.ACK.*.*.{_EVENTS}.>",
                 subjects.DLQ_PREFIX + ">",
+                # What connectors publish (the service publishes for them), and their state in KV.
+                subjects.SOURCE_PREFIX + ">",
+                *(f"$JS.API.STREAM.{verb}.{_STATE}" for verb in ("INFO", "CREATE", "UPDATE", "MSG.GET")),
+                f"$JS.API.DIRECT.GET.{_STATE}.>",
+                f"$JS.API.CONSUMER.CREATE.{_STATE}",
+                f"$JS.API.CONSUMER.CREATE.{_STATE}.>",
+                f"$JS.API.CONSUMER.DELETE.{_STATE}.>",
+                f"$JS.FC.{_STATE}.>",
+                f"$KV.{_STATE_BUCKET}.>",
                 *events,
             ],
             subscribe=[subjects.INVOKE_PREFIX + "*", subjects.API_PREFIX + ">", *inbox],

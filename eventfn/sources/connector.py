@@ -22,6 +22,7 @@ becomes an ordinary mapping, with batching, filters, retries, partial batch fail
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ import anyio.abc
 import msgspec
 
 from eventfn import events, subjects
+from eventfn.broker.state import Entry as Entry
 from eventfn.config import TriggerOptions
 from eventfn.sources.source import RecordShape, Source
 
@@ -48,13 +50,6 @@ class Bound(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     #: The trigger's options, of the connector's `Trigger` type.
     trigger: Any
-
-
-class Entry(msgspec.Struct, frozen=True):
-    """A value of the state store and its revision (for compare-and-set)."""
-
-    value: bytes
-    revision: int
 
 
 class State(Protocol):
@@ -132,9 +127,9 @@ class Connector:
     #: The trigger type (a lower-case identifier).
     type: ClassVar[str]
     #: Its trigger options (extends `TriggerOptions`).
-    Trigger: ClassVar[type[TriggerOptions]]
+    Trigger: ClassVar[builtins.type[TriggerOptions]]
     #: Its service-level settings (`eventfn.toml`).
-    Settings: ClassVar[type[msgspec.Struct]] = NoSettings
+    Settings: ClassVar[builtins.type[msgspec.Struct]] = NoSettings
     #: The `eventfn.toml` table its settings are in; None: `[connectors.<type>]`.
     section: ClassVar[str | None] = None
     #: Record shapes its sources name (`Source.records`), added to the dispatcher's shapes by name.

@@ -21,7 +21,7 @@ import msgspec
 
 from eventfn import events
 from eventfn.errors import EventDecodeError
-from eventfn.filters import decode_body
+from eventfn.filters import Filter, decode_body
 from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
 from eventfn.sources import records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
@@ -73,6 +73,8 @@ class Dispatcher:
         self._invoke = invoke
         self.stats = Stats()
         self.filter = mapping.compiled_filter()
+        #: The source's own filters: every one must match (the mapping's `filter`: any of its patterns).
+        self.selects = mapping.source_filters()
         self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
         self._source_arn = records.source_arn(feed.stream, mapping.name)
         self._shape = records.SHAPES[mapping.source.records]
@@ -127,6 +129,7 @@ class Dispatcher:
         stats.received += len(batch)
         verdicts: list[Verdict] = [None] * len(batch)
         filter_ = self.filter
+        selects = self.selects
         max_age = self.mapping.retry.max_event_age
         ready: list[_Ready] = []
         positions: list[int] = []
@@ -144,8 +147,8 @@ class Dispatcher:
                     with anyio.CancelScope(shield=True):
                         verdicts[index] = await self._dead_letter(message, message_id, "PoisonMessage", error, None)
                     continue
-            if filter_ is not None and not filter_.matches(
-                _filter_document(message, event or event_of(message, message_id))
+            if (filter_ is not None or selects) and not _selected(
+                _filter_document(message, event or event_of(message, message_id)), selects, filter_
             ):
                 stats.filtered += 1
                 with anyio.CancelScope(shield=True):
@@ -172,7 +175,7 @@ class Dispatcher:
                     verdicts[index] = await self._dead_letter(message, message_id, self.mapping.reject, error, event)
             return verdicts
         await self._mark_in_progress(ready)
-        if self.mapping.batch_size == 1:
+        if self.mapping.batch_size == 1 and self._shape.unwrap_single:
             message, event, message_id = ready[0]
             held = [await self._invoke_one(message, event or event_of(message, message_id), message_id)]
         else:
@@ -331,6 +334,11 @@ def _filter_document(message: Message, event: events.Event) -> dict[str, Any]:
         "headers": message.headers or {},
         "attributes": {"type": event.type, "source": event.source, "id": event.id},
     }
+
+
+def _selected(document: dict[str, Any], selects: tuple[Filter, ...], filter_: Filter | None) -> bool:
+    """Whether an event passes its source's filters (all of them) and the mapping's (any pattern)."""
+    return all(f.matches(document) for f in selects) and (filter_ is None or filter_.matches(document))
 
 
 def _looks_like_uuid(value: str) -> bool:

@@ -14,6 +14,7 @@ settings declared is kept in the consumer's metadata; provisioning applies it on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -22,7 +23,11 @@ from eventfn import subjects
 from eventfn.broker.bus import Bus
 from eventfn.config import MAX_BATCH_BYTES, Destinations, FunctionSettings, RetryPolicy, Trigger
 from eventfn.filters import Filter, compile_filters
+from eventfn.sources.connector import Bound
 from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
+
+#: The source of a connector's trigger (the service's connectors: `hosted.Hosted.source`).
+SourceFor = Callable[[Bound], Source]
 
 _ENABLED_KEY = "eventfn_enabled"
 #: The async-invoke mapping's name (`<function>--async`); trigger names may not take it.
@@ -78,6 +83,11 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
         compiled = compile_filters(list(self.filters), f"function {self.function}")
         return None if compiled.matches_everything else compiled
 
+    def source_filters(self) -> tuple[Filter, ...]:
+        """The source's own filters (a bucket trigger's prefix and suffix, say), each of which must match."""
+        where = f"function {self.function}: trigger {self.name}"
+        return tuple(compile_filters([pattern], where) for pattern in self.source.filters)
+
 
 def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False) -> int:
     """Deliveries a mapping's feed may hold: a batch per slot plus one being gathered, within a memory bound.
@@ -91,8 +101,9 @@ def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False) -> 
     return min(credit, 20_000)
 
 
-def plan(function: str, settings: FunctionSettings | None) -> dict[str, Mapping]:
-    """The mappings `settings` call for, by name."""
+def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor | None = None) -> dict[str, Mapping]:
+    """The mappings `settings` call for, by name; `connectors` gives the sources of connector triggers (without
+    it, those triggers are left out)."""
     if settings is None:
         return {}
     base: dict[str, Any] = {
@@ -103,11 +114,18 @@ def plan(function: str, settings: FunctionSettings | None) -> dict[str, Mapping]
     }
     planned = [Mapping(name=f"{function}--{ASYNC_MAPPING}", source=async_queue(function), **base)]
     for i, trigger in enumerate(settings.trigger_list()):
+        name = trigger.name or f"t{i}"
+        if isinstance(trigger, Trigger):
+            source = _trigger_source(trigger)
+        elif connectors is not None:
+            source = connectors(_bound(function, name, trigger))
+        else:
+            continue
         planned.append(
             Mapping(
-                name=f"{function}--{trigger.name or f't{i}'}",
-                source=_trigger_source(trigger),
-                batch_size=trigger.batch_size,
+                name=f"{function}--{name}",
+                source=source,
+                batch_size=min(trigger.batch_size, source.max_batch_size),
                 batch_window=trigger.batch_window,
                 max_batch_bytes=trigger.max_batch_bytes,
                 filters=tuple(trigger.filters),
@@ -120,6 +138,21 @@ def plan(function: str, settings: FunctionSettings | None) -> dict[str, Mapping]
     if settings.concurrency == 0:
         planned = [_disabled(m) for m in planned]
     return {m.name: m for m in planned}
+
+
+def connector_triggers(function: str, settings: FunctionSettings | None) -> list[Bound]:
+    """The function's triggers of connector types (all but plain subjects), as their connectors are told them."""
+    if settings is None:
+        return []
+    return [
+        _bound(function, t.name or f"t{i}", t)
+        for i, t in enumerate(settings.trigger_list())
+        if not isinstance(t, Trigger)
+    ]
+
+
+def _bound(function: str, name: str, trigger: Any) -> Bound:
+    return Bound(function=function, mapping=f"{function}--{name}", name=name, trigger=trigger)
 
 
 def _trigger_source(trigger: Trigger) -> Source:

@@ -14,7 +14,7 @@ from collections import deque
 import anyio
 import anyio.abc
 
-from eventfn.sources.connector import Entry
+from eventfn.broker.state import Entry
 
 
 class MemoryMessage:

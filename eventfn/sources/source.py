@@ -119,7 +119,8 @@ class Source(msgspec.Struct, frozen=True, kw_only=True):
 
     #: What kind of source ("async", "subjects", or a connector's type).
     kind: str
-    stream: str
+    #: The stream its events are stored in: the events stream unless it has its own.
+    stream: str = subjects.EVENTS_STREAM
     #: A stream of the source's own (a work queue, say), made sure of before its consumer; None: the events
     #: stream, whose subjects the service provisions from every trigger.
     stream_spec: StreamSpec | None = None
