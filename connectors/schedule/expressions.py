@@ -421,6 +421,8 @@ class _FieldParser:
             elif upper == "LW" and "W" in specials:
                 last_weekday = True
             elif upper.endswith("W") and "W" in specials:
+                if item == "W":
+                    raise self.error("has 'W' without a day: 15W is the weekday nearest the 15th", offset)
                 nearest.add(self.number(item[:-1], offset))
             elif upper.endswith("L") and "L" in specials and self.weekdays:
                 last_of.add(self.weekday(item[:-1], offset))
@@ -476,7 +478,8 @@ class _FieldParser:
         if self.field.names and text.upper() in self.field.names:
             return self.field.names[text.upper()]
         if not (text.isascii() and text.isdigit()):
-            raise self.error(f"has {text or 'nothing'!r} where a value belongs ({self.allowed()})", offset)
+            shown = repr(text) if text else "nothing"
+            raise self.error(f"has {shown} where a value belongs ({self.allowed()})", offset)
         value = int(text)
         if not self.field.low <= value <= self.field.high:
             raise self.error(f"value {value} is out of range ({self.allowed()})", offset)
