@@ -8,10 +8,15 @@ same against a real nats-server with `eventfn serve` processes."""
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -689,3 +694,97 @@ async def test_a_tick_that_cannot_be_published_is_tried_again(tmp_path: Path, ca
 def test_tick_ids_differ_by_schedule_and_tick() -> None:
     ids = {tick_id(m, t) for m, t in itertools.product(["a--t0", "a--t1", "b--t0"], [0.0, 60.0, 120.0])}
     assert len(ids) == 9 and tick_id("a--t0", 60.0) == tick_id("a--t0", 60.4)
+
+
+# -- eventfn schedules --------------------------------------------------------------------------------------------
+
+
+def _eventfn(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "eventfn", *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
+
+
+def _errors(stderr: str) -> list[str]:
+    """The command's own lines on stderr: a connector plugin that fails to import says so there too."""
+    return [line for line in stderr.splitlines() if not line.startswith("connector entry point ")]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+
+
+def test_eventfn_schedules_lists_each_schedule_with_its_next_fire_times_in_its_timezone(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "fns" / "report.py",
+        """
+        # /// eventfn
+        # [[triggers]]
+        # type = "schedule"
+        # name = "noon"
+        # schedule = "cron(0 12 * * ? *)"
+        # timezone = "Europe/Berlin"
+        # ///
+        def handler(event, context):
+            return None
+        """,
+    )
+    _write(tmp_path / "fns" / "ticker.py", "def handler(event, context):\n    return None\n")
+    _write(
+        tmp_path / "fns" / "ticker.toml",
+        'triggers = ["events.ticks", { type = "schedule", schedule = "rate(1 minute)", enabled = false }]\n',
+    )
+    before = time.time()
+    listed = _eventfn("schedules", "--handlers", "fns", "--count", "3", "--json", cwd=tmp_path)
+    after = time.time()
+    assert listed.returncode == 0 and _errors(listed.stderr) == []
+    noon, minutes = json.loads(listed.stdout)
+    assert {k: v for k, v in noon.items() if k != "next"} == {
+        "function": "report", "trigger": "noon", "schedule": "cron(0 12 * * ? *)", "timezone": "Europe/Berlin",
+        "enabled": True,
+    }  # fmt: skip
+    days = [datetime.fromisoformat(t) for t in noon["next"]]
+    assert all(d.utcoffset() == BERLIN.utcoffset(d.replace(tzinfo=None)) and d.time().isoformat() == "12:00:00"
+               for d in days)  # fmt: skip
+    assert [d.date() - days[0].date() for d in days] == [timedelta(days=n) for n in range(3)]
+    assert before < days[0].timestamp() <= after + 86_400
+    assert (minutes["function"], minutes["trigger"], minutes["timezone"], minutes["enabled"]) == (
+        "ticker", "t1", "UTC", False
+    )  # fmt: skip
+    ticks = [datetime.fromisoformat(t).timestamp() for t in minutes["next"]]
+    assert [t % 60 for t in ticks] == [0, 0, 0] and ticks[1] - ticks[0] == ticks[2] - ticks[1] == 60
+    assert before < ticks[0] <= after + 60
+
+    table = _eventfn("schedules", "--handlers", "fns", "--count", "2", cwd=tmp_path)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["FUNCTION", "TRIGGER", "SCHEDULE", "TIMEZONE", "NEXT"] and len(lines) == 5
+    assert lines[1].split()[:8] == ["report", "noon", "cron(0", "12", "*", "*", "?", "*)"]
+    assert lines[1].split()[8] == "Europe/Berlin" and lines[2].split() == [noon["next"][1]]
+    assert lines[3].split()[:5] == ["ticker", "t1", "(disabled)", "rate(1", "minute)"]
+
+
+def test_eventfn_schedules_reports_broken_functions_in_one_line_each(tmp_path: Path) -> None:
+    _write(tmp_path / "handlers" / "ok.toml", 'triggers = [{ type = "schedule", schedule = "rate(5 minutes)" }]\n')
+    _write(tmp_path / "handlers" / "ok.py", "def handler(event, context):\n    return None\n")
+    _write(tmp_path / "handlers" / "bad.toml", 'triggers = [{ type = "schedule", schedule = "cron(0 25 * * ? *)" }]\n')
+    _write(tmp_path / "handlers" / "bad.py", "def handler(event, context):\n    return None\n")
+    result = _eventfn("schedules", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [problem] = _errors(result.stderr)
+    assert problem.startswith("eventfn: error: function bad: ") and "bad.toml" in problem
+    assert "schedule 'cron(0 25 * * ? *)' at character 8: the hours field (2nd) value 25 is out of range" in problem
+    assert result.stdout.splitlines()[1].split()[:3] == ["ok", "t0", "rate(5"]
+
+    missing = _eventfn("schedules", "--handlers", "nowhere", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert _errors(missing.stderr) == [
+        "eventfn: error: handler directory nowhere not found (give it with --handlers DIR)"
+    ]
+    for count in ("0", "x", "1001"):
+        wrong = _eventfn("schedules", "--count", count, cwd=tmp_path)
+        assert (
+            wrong.returncode == 2
+            and f"argument --count: '{count}' is not a whole number from 1 to 1000" in wrong.stderr
+        )
