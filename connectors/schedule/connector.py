@@ -169,7 +169,15 @@ class ScheduleConnector(Connector):
         for bound in triggers:
             plan = _Plan(bound, self.settings, self.context)
             old = self._plans.get(bound.mapping)
-            plans[bound.mapping] = old if old is not None and old.same_as(plan) else plan
+            if old is not None and old.same_as(plan):
+                plan = old
+            else:
+                self.context.log.info(
+                    "schedule %s: %s in %s (misfire %s)", plan.mapping, plan.expression.text, plan.zone, plan.misfire
+                )
+            plans[bound.mapping] = plan
+        for mapping in self._plans.keys() - plans.keys():
+            self.context.log.info("schedule %s: removed", mapping)
         self._plans = plans
         if self._sleep is not None:
             self._sleep.cancel()
