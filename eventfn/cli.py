@@ -1,4 +1,4 @@
-"""The `eventfn` command line: serve, invoke, pub, functions.
+"""The `eventfn` command line: serve, invoke, pub, functions, mappings, dlq, schedules.
 
 User mistakes (a bad flag, an unreachable server, a broken settings file) print one line and exit non-zero;
 only a bug in eventfn itself shows a traceback.
@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     purge = dlq_commands.add_parser("purge", help="delete every record of a function")
     common(purge)
     purge.add_argument("function")
+
+    schedules = commands.add_parser(
+        "schedules",
+        help="list schedule triggers and their next fire times (reads the handler directory; no NATS needed)",
+        description='Each schedule trigger (type = "schedule") of the functions in the handler directory, with its '
+        "next fire times on its timezone's wall clock.",
+    )
+    common(schedules)
+    schedules.add_argument("--handlers", help="handler directory (default: ./handlers; env EVENTFN_HANDLERS)")
+    schedules.add_argument("--count", type=_count, default=5, help="fire times to show per schedule (default 5)")
+    schedules.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -155,6 +167,13 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _count(text: str) -> int:
+    """A number of fire times, 1 to 1000."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1000):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 1000")
+    return int(text)
 
 
 def _config(args: argparse.Namespace) -> ServiceConfig:
@@ -335,6 +354,51 @@ def _cell(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+async def _schedules(config: ServiceConfig, args: argparse.Namespace) -> int:
+    """The schedule triggers in the handler directory and their next fire times, read from the files alone."""
+    from eventfn.invoke.registry import scan  # only this command reads the handler directory
+
+    handlers = Path(config.handlers)
+    if not handlers.is_dir():
+        raise EventfnError(f"handler directory {handlers} not found (give it with --handlers DIR)")
+    now = time.time()
+    found: list[dict[str, Any]] = []
+    broken: list[str] = []
+    for name, source in scan(handlers, config.functions).functions.items():
+        if source.settings is None:
+            broken.append(f"function {name}: {source.error}; its schedules, if any, are not listed")
+            continue
+        for i, trigger in enumerate(source.settings.trigger_list()):
+            upcoming = getattr(trigger, "upcoming", None)  # the schedule connector's trigger type has it
+            if trigger.type != "schedule" or upcoming is None:
+                continue
+            found.append(
+                {
+                    "function": name,
+                    "trigger": trigger.name or f"t{i}",
+                    "schedule": getattr(trigger, "schedule", ""),
+                    "timezone": getattr(trigger, "timezone", ""),
+                    "enabled": trigger.enabled,
+                    "next": [t.isoformat() for t in upcoming(now, args.count)],
+                }
+            )
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(found), indent=2).decode())
+    elif found:
+        rows: list[tuple[str, ...]] = [("FUNCTION", "TRIGGER", "SCHEDULE", "TIMEZONE", "NEXT")]
+        for item in found:
+            times = item["next"] or ["never"]
+            trigger = item["trigger"] + ("" if item["enabled"] else " (disabled)")
+            rows.append((item["function"], trigger, item["schedule"], item["timezone"], times[0]))
+            rows.extend(("", "", "", "", t) for t in times[1:])
+        _table(rows)
+    else:
+        print(f"no schedule triggers in {handlers}", file=sys.stderr)
+    for problem in broken:
+        print(f"eventfn: error: {problem}", file=sys.stderr)
+    return 1 if broken else 0
+
+
 async def _mappings(config: ServiceConfig, args: argparse.Namespace) -> int:
     if args.action and not args.name:
         raise EventfnError(f"`eventfn mappings {args.action}` needs a mapping NAME (see `eventfn mappings`)")
@@ -466,9 +530,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.flush()
             os._exit(0)
         else:
-            runner = {"invoke": _invoke, "pub": _pub, "functions": _functions, "mappings": _mappings, "dlq": _dlq}[
-                args.command
-            ]
+            runner = {
+                "invoke": _invoke,
+                "pub": _pub,
+                "functions": _functions,
+                "mappings": _mappings,
+                "dlq": _dlq,
+                "schedules": _schedules,
+            }[args.command]
             # Unencodable text (a function's output on a non-UTF-8 terminal) is escaped, not a traceback.
             if isinstance(sys.stdout, io.TextIOWrapper):
                 sys.stdout.reconfigure(errors="backslashreplace")
