@@ -21,6 +21,16 @@ import anyio
 import pytest
 from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import S3Model
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventfn import events
+from eventfn.config import read_function_settings
+from eventfn.errors import ConfigError
+from eventfn.filters import compile_filters, decode_body
+from eventfn.sources.connector import Bound, Context
+from eventfn.sources.memory import MemoryState
+from eventfn.sources.records import source_arn
 from eventfn_connectors.bucket import (
     BucketConnector,
     BucketSettings,
@@ -32,16 +42,6 @@ from eventfn_connectors.bucket import (
 from eventfn_connectors.bucket import files as bucket_files
 from eventfn_connectors.bucket.files import Ignore, inspect, lstat_key, scan
 from eventfn_connectors.bucket.records import Change, encode_record, record_for
-from hypothesis import given
-from hypothesis import strategies as st
-
-from eventfn import events
-from eventfn.config import read_function_settings
-from eventfn.errors import ConfigError
-from eventfn.filters import compile_filters, decode_body
-from eventfn.sources.connector import Bound, Context
-from eventfn.sources.memory import MemoryState
-from eventfn.sources.records import source_arn
 from tests.test_powertools import Delivered
 
 ARN = source_arn("EVENTFN", "thumbnail--uploads")

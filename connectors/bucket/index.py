@@ -18,9 +18,9 @@ import logging
 import time
 
 import msgspec
-from eventfn_connectors.bucket.files import Stat
 
 from eventfn.sources.connector import State
+from eventfn_connectors.bucket.files import Stat
 
 log = logging.getLogger("eventfn.connector.bucket")
 

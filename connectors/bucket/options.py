@@ -10,9 +10,9 @@ import re
 from typing import Annotated
 
 import msgspec
-from eventfn_connectors.bucket.records import encode_key
 
 from eventfn.config import TriggerOptions
+from eventfn_connectors.bucket.records import encode_key
 
 #: The event names a trigger may list (S3's, for the object events it can announce), by class.
 EVENT_NAMES = {

@@ -31,6 +31,12 @@ from typing import Any, ClassVar
 import anyio
 import anyio.abc
 import msgspec
+from watchfiles import Change as FileChange
+
+from eventfn import events, subjects
+from eventfn.sources.connector import Bound, Connector, Context
+from eventfn.sources.records import REGION
+from eventfn.sources.source import RecordShape, Source
 from eventfn_connectors.bucket.files import (
     ROOT_VARIABLE,
     Ignore,
@@ -53,12 +59,6 @@ from eventfn_connectors.bucket.records import (
     sequencer_value,
 )
 from eventfn_connectors.bucket.watching import Folders, Item, KeyQueue
-from watchfiles import Change as FileChange
-
-from eventfn import events, subjects
-from eventfn.sources.connector import Bound, Connector, Context
-from eventfn.sources.records import REGION
-from eventfn.sources.source import RecordShape, Source
 
 #: Keys reconciled at once: each waits mostly on NATS (a publish, an index write).
 WORKERS = 32
