@@ -280,3 +280,15 @@ async def test_two_replicas_on_one_root_announce_each_change_once(
     finally:
         for replica in replicas:
             await replica.astop()
+
+
+async def test_the_index_works_with_the_embedded_servers_access_control(tmp_path: Path, handlers: Path) -> None:
+    # The service's own NATS user lists a bucket's index (a KV watch): refused, the bucket would not be watched.
+    root = tmp_path / "buckets"
+    (root / "uploads").mkdir(parents=True)
+    (root / "uploads" / "there.txt").write_text("indexed at the first watch")
+    reporter(handlers, "all", '{ type = "bucket", bucket = "uploads" }')
+    async with Serve(handlers, None, tmp_path / "data", extra_args=config(tmp_path, root)) as service:
+        await service.log.await_line(r"bucket uploads: first watch: 1 object")
+    async with Serve(handlers, None, tmp_path / "data", extra_args=config(tmp_path, root)) as service:
+        await service.log.await_line(r"bucket uploads: watching .*; 1 object\(s\) indexed, 0 change\(s\)")
