@@ -171,7 +171,7 @@ async def test_a_connector_from_a_separate_package_runs_end_to_end(tmp_path: Pat
     handlers.mkdir()
     write_handler(handlers, "ship", HANDLER.replace("FILE", str(log_file)))
     # The embedded server, with authentication on: the service's own rights cover what connectors do.
-    service = Serve(handlers, None, tmp_path / "data", env={"PYTHONPATH": str(site)})
+    service = Serve(handlers, None, tmp_path / "data", env={"PYTHONPATH": str(site)}, cwd=tmp_path)
     try:
         await service.astart()
         await service.log.await_line(r"shipped line: first$", timeout=30)
@@ -184,6 +184,8 @@ async def test_a_connector_from_a_separate_package_runs_end_to_end(tmp_path: Pat
         await service.astop()
     assert len(re.findall(r"shipped line: second$", service.log.text(), re.M)) == 1
     assert "Traceback" not in service.log.text()
+    # The built-in connectors without triggers of theirs leave the service's directory alone (no buckets root).
+    assert not (tmp_path / "buckets").exists()
 
 
 # -- what a connector's source changes in dispatch --------------------------------------------------------------

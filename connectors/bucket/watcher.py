@@ -144,6 +144,13 @@ class BucketConnector(Connector):
         quiet = logging.getLogger("watchfiles.main")
         if quiet.getEffectiveLevel() == logging.INFO:  # at DEBUG, keep them
             quiet.setLevel(logging.WARNING)
+        if not self._wanted:
+            # No trigger names a bucket: nothing to watch, and no buckets root to make in the service's directory.
+            task_status.started()
+            task_status = anyio.TASK_STATUS_IGNORED
+            while not self._wanted:
+                await self._changed.wait()
+                self._changed = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._scans = tg
             for _ in range(WORKERS):
