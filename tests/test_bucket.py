@@ -596,3 +596,21 @@ async def test_names_that_cannot_be_keys_are_skipped_and_said_once(
     assert stream.take() == []
     refusals = [r.getMessage() for r in caplog.records if "is not an object" in r.getMessage()]
     assert len(refusals) == 2 and any("UTF-8" in m for m in refusals) and any("1024" in m for m in refusals)
+
+
+async def test_a_name_that_breaks_the_watch_loses_nothing_written_with_it(
+    bucket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # watchfiles fails the whole batch that holds a name it cannot decode (not UTF-8); the files reported with
+    # it, and those written before a new watch is ready, are found by the re-scan that follows.
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(connector.run)
+        (bucket / os.fsdecode(b"caf\xe9.txt")).write_text("not UTF-8")
+        (bucket / "with it.txt").write_text("in the same batch")
+        assert await stream.wait_for(1) == [("ObjectCreated:Put", "with it.txt")]
+        (bucket / "after.txt").write_text("and the new watch sees the next")
+        assert (await stream.wait_for(2))[1] == ("ObjectCreated:Put", "after.txt")
+        tg.cancel_scope.cancel()
+    assert "the watch failed (WatchfilesRustInternalError: Unable to decode path" in caplog.text
