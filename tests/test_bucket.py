@@ -614,3 +614,22 @@ async def test_a_name_that_breaks_the_watch_loses_nothing_written_with_it(
         assert (await stream.wait_for(2))[1] == ("ObjectCreated:Put", "after.txt")
         tg.cancel_scope.cancel()
     assert "the watch failed (WatchfilesRustInternalError: Unable to decode path" in caplog.text
+
+
+async def test_stopping_does_not_wait_for_a_huge_file_to_be_read(bucket: Path) -> None:
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(connector.run)
+        (bucket / "huge.bin").touch()
+        os.truncate(bucket / "huge.bin", 16 << 30)  # sparse: 16 GiB of zeros that take over a minute to hash
+        (bucket / "small.txt").write_text("read on the event loop meanwhile")
+        assert await stream.wait_for(1) == [("ObjectCreated:Put", "small.txt")]
+        assert connector._limiter is not None
+        with anyio.fail_after(10):
+            # Nothing tells when a thread has started reading: its limiter's token does.
+            while connector._limiter.borrowed_tokens == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        started = anyio.current_time()
+        tg.cancel_scope.cancel()
+    assert anyio.current_time() - started < 5, "the stop waited for the file to be read"
