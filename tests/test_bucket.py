@@ -633,3 +633,12 @@ async def test_stopping_does_not_wait_for_a_huge_file_to_be_read(bucket: Path) -
         started = anyio.current_time()
         tg.cancel_scope.cancel()
     assert anyio.current_time() - started < 5, "the stop waited for the file to be read"
+
+
+async def test_a_buckets_root_that_is_a_file_is_named_as_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "root").write_text("not a folder")
+    connector = watcher(tmp_path / "root", JetStream(), MemoryState())
+    # Said by the connector's supervisor as "connector bucket failed: NotADirectoryError: ...", then tried again.
+    problem = pytest.RaisesExc(NotADirectoryError, match=r"the buckets root .*/root is not a folder; make it one")
+    with pytest.RaisesGroup(problem, flatten_subgroups=True), anyio.fail_after(10):
+        await connector.run()

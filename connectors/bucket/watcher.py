@@ -157,7 +157,12 @@ class BucketConnector(Connector):
             for _ in range(WORKERS):
                 tg.start_soon(self._worker)
             tg.start_soon(self._queue.release_due)
-            await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            try:
+                await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            except FileExistsError:  # mkdir's word for "something that is not a folder is there"
+                raise NotADirectoryError(
+                    f"the buckets root {self.root} is not a folder; make it one, or set [buckets] root"
+                ) from None
             await tg.start(self.folders.run)
             await self._sync_buckets()
             self.log.info(
