@@ -142,6 +142,17 @@ def test_a_broken_plugin_is_refused_with_the_reason() -> None:
     with pytest.raises(TypeError, match="has no valid `type`"):
         plugins.register(NoType)
 
+    class Lookalike(msgspec.Struct, frozen=True):  # the mapping settings' names, not TriggerOptions
+        type: str = "look"
+        batch_size: int = 1
+
+    class NotOptions(PingConnector):
+        type = "look"
+        Trigger = Lookalike  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"has no `Trigger` options type \(a subclass of eventfn.config.TriggerOptions"):
+        plugins.register(NotOptions)
+
 
 # -- a third-party connector, installed from its own package -------------------------------------------------
 
