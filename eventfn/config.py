@@ -505,7 +505,7 @@ def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOption
         return Trigger(subjects=[raw])
     kind = raw.get("type", plugins.SUBJECTS)
     types = trigger_types()
-    if kind not in types:
+    if not isinstance(kind, str) or kind not in types:  # a list or table is not hashable: no `in` on it
         broken = plugins.why_missing(kind) if isinstance(kind, str) else None
         raise ConfigError(
             where,

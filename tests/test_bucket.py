@@ -596,3 +596,49 @@ async def test_names_that_cannot_be_keys_are_skipped_and_said_once(
     assert stream.take() == []
     refusals = [r.getMessage() for r in caplog.records if "is not an object" in r.getMessage()]
     assert len(refusals) == 2 and any("UTF-8" in m for m in refusals) and any("1024" in m for m in refusals)
+
+
+async def test_a_name_that_breaks_the_watch_loses_nothing_written_with_it(
+    bucket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # watchfiles fails the whole batch that holds a name it cannot decode (not UTF-8); the files reported with
+    # it, and those written before a new watch is ready, are found by the re-scan that follows.
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(connector.run)
+        (bucket / os.fsdecode(b"caf\xe9.txt")).write_text("not UTF-8")
+        (bucket / "with it.txt").write_text("in the same batch")
+        assert await stream.wait_for(1) == [("ObjectCreated:Put", "with it.txt")]
+        (bucket / "after.txt").write_text("and the new watch sees the next")
+        assert (await stream.wait_for(2))[1] == ("ObjectCreated:Put", "after.txt")
+        tg.cancel_scope.cancel()
+    assert "the watch failed (WatchfilesRustInternalError: Unable to decode path" in caplog.text
+
+
+async def test_stopping_does_not_wait_for_a_huge_file_to_be_read(bucket: Path) -> None:
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(connector.run)
+        (bucket / "huge.bin").touch()
+        os.truncate(bucket / "huge.bin", 16 << 30)  # sparse: 16 GiB of zeros that take over a minute to hash
+        (bucket / "small.txt").write_text("read on the event loop meanwhile")
+        assert await stream.wait_for(1) == [("ObjectCreated:Put", "small.txt")]
+        assert connector._limiter is not None
+        with anyio.fail_after(10):
+            # Nothing tells when a thread has started reading: its limiter's token does.
+            while connector._limiter.borrowed_tokens == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        started = anyio.current_time()
+        tg.cancel_scope.cancel()
+    assert anyio.current_time() - started < 5, "the stop waited for the file to be read"
+
+
+async def test_a_buckets_root_that_is_a_file_is_named_as_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "root").write_text("not a folder")
+    connector = watcher(tmp_path / "root", JetStream(), MemoryState())
+    # Said by the connector's supervisor as "connector bucket failed: NotADirectoryError: ...", then tried again.
+    problem = pytest.RaisesExc(NotADirectoryError, match=r"the buckets root .*/root is not a folder; make it one")
+    with pytest.RaisesGroup(problem, flatten_subgroups=True), anyio.fail_after(10):
+        await connector.run()

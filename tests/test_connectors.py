@@ -8,7 +8,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
@@ -90,6 +90,9 @@ def test_a_trigger_of_a_connector_type_is_read_as_its_options(tmp_path: Path, pi
     ("trigger", "problem", "fix"),
     [
         ({"type": "pong"}, "unknown trigger type 'pong'", "type is one of: bucket, ping, schedule, subjects"),
+        # Not a string: a clear error too, not a TypeError from looking a list up in a dict.
+        ({"type": ["ping"]}, "unknown trigger type ['ping']", "type is one of: bucket, ping, schedule, subjects"),
+        ({"type": 5}, "unknown trigger type 5", "type is one of: bucket, ping, schedule, subjects"),
         ({"type": "ping"}, "missing required field `target` - at `$.triggers[0]`", "keys are: type, name"),
         ({"type": "ping", "target": "x", "tagret": 1}, "unknown field `tagret`", "target, level"),
         ({"type": "ping", "target": "x", "level": 7}, "level must be 1, 2 or 3, not 7", "target, level"),
@@ -138,6 +141,17 @@ def test_a_broken_plugin_is_refused_with_the_reason() -> None:
 
     with pytest.raises(TypeError, match="has no valid `type`"):
         plugins.register(NoType)
+
+    class Lookalike(msgspec.Struct, frozen=True):  # the mapping settings' names, not TriggerOptions
+        type: str = "look"
+        batch_size: int = 1
+
+    class NotOptions(PingConnector):
+        type = "look"
+        Trigger = Lookalike  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"has no `Trigger` options type \(a subclass of eventfn.config.TriggerOptions"):
+        plugins.register(NotOptions)
 
 
 # -- a third-party connector, installed from its own package -------------------------------------------------
@@ -316,6 +330,48 @@ def test_a_connector_source_outside_its_subjects_is_refused() -> None:
     bound = Bound(function="fn", mapping="fn--t0", name="t0", trigger=PingTrigger(type="wide", target="x"))
     with pytest.raises(ConfigError, match=r"must take subjects under eventfn.source.wide.>"):
         host.source(bound)
+
+
+class Buggy(Flaky):
+    """Raises from every part of the plugin API, and claims the bucket watcher's record shape."""
+
+    type = "buggy"
+    shapes: ClassVar[dict[str, Any]] = {"s3": records.SqsShape()}
+
+    def source(self, bound: Bound) -> Source:
+        raise KeyError("oops")
+
+    def environment(self, bound: Bound) -> dict[str, str]:
+        raise RuntimeError("no environment")
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group():
+            raise RuntimeError("the root is not a folder")
+
+
+async def test_a_buggy_connector_is_a_clear_error_on_its_triggers_and_touches_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventfn_connectors.bucket import BucketConnector
+
+    monkeypatch.setattr(records, "SHAPES", dict(records.SHAPES))  # what Hosted registers is undone after
+    monkeypatch.setattr(hosted, "RESTART_BACKOFF", (5.0, 5.0))
+    classes = {"bucket": BucketConnector, "buggy": Buggy}
+    host = hosted.Hosted({}, publish=None, state=lambda kind: MemoryState(), data_dir=Path("."), classes=classes)  # type: ignore[arg-type]
+    assert records.SHAPES["s3"] is BucketConnector.shapes["s3"], "another connector's record shape is kept"
+    assert "connector buggy may not replace the record shape 's3'" in caplog.text
+    bound = Bound(function="fn", mapping="fn--t0", name="t0", trigger=PingTrigger(type="buggy", target="x"))
+    # The service plans each function's mappings and logs a ConfigError for that function alone.
+    with pytest.raises(ConfigError, match=r"function fn: trigger t0: connector buggy failed: KeyError: 'oops'"):
+        host.source(bound)
+    assert host.environment([bound]) == {}
+    assert "connector buggy: the environment of fn--t0 failed: RuntimeError: no environment" in caplog.text
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(host.run)
+            tg.cancel_scope.cancel()
+    # What failed, not "ExceptionGroup: unhandled errors in a TaskGroup".
+    assert "connector buggy failed: RuntimeError: the root is not a folder; starting it again in 5 s" in caplog.text
 
 
 # -- connector state in JetStream KV ---------------------------------------------------------------------------

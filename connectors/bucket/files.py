@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import stat
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -194,11 +195,16 @@ def writers(fd: int) -> Writers:
     return "none"
 
 
-def md5_of(fd: int) -> str:
-    """The MD5 of the file's content, hex: S3's ETag of an object put in one part."""
+def md5_of(fd: int, stop: threading.Event | None = None) -> str:
+    """The MD5 of the file's content, hex: S3's ETag of an object put in one part.
+
+    Raises InterruptedError once `stop` is set: reading a huge file (a sparse one reads terabytes of zeros
+    quickly, but not at once) must not hold up the service's stop."""
     digest = hashlib.md5(usedforsecurity=False)
     offset = 0
     while chunk := os.pread(fd, _CHUNK, offset):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("reading the object was given up")
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
@@ -215,12 +221,14 @@ class Inspection(NamedTuple):
     etag: str | None = None
 
 
-def inspect(bucket_dir: Path, key: str, *, etag: str | None = None, quiet: bool = False) -> Inspection:
+def inspect(
+    bucket_dir: Path, key: str, *, etag: str | None = None, quiet: bool = False, stop: threading.Event | None = None
+) -> Inspection:
     """Read the object at `key` if its write is complete: its ETag (unless `etag` is already known, for a file
     moved or linked from another key), checked against a change while it was read.
 
     `quiet`: the caller saw the file unchanged for the settle time, so it counts as complete even if the kernel
-    cannot tell whether a writer has it open."""
+    cannot tell whether a writer has it open. `stop`: see `md5_of`."""
     parts = _parts(key)
     if parts is None:
         return Inspection("gone")
@@ -241,7 +249,7 @@ def inspect(bucket_dir: Path, key: str, *, etag: str | None = None, quiet: bool 
             return Inspection("writing", found)
         if state == "unknown" and not quiet:
             return Inspection("unsure", found)
-        digest = etag if etag is not None else md5_of(fd)
+        digest = etag if etag is not None else md5_of(fd, stop)
         if Stat.of(os.fstat(fd)) != found:
             return Inspection("changed", found)
     finally:

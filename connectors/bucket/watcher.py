@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
@@ -156,7 +157,12 @@ class BucketConnector(Connector):
             for _ in range(WORKERS):
                 tg.start_soon(self._worker)
             tg.start_soon(self._queue.release_due)
-            await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            try:
+                await anyio.to_thread.run_sync(functools.partial(self.root.mkdir, parents=True, exist_ok=True))
+            except FileExistsError:  # mkdir's word for "something that is not a folder is there"
+                raise NotADirectoryError(
+                    f"the buckets root {self.root} is not a folder; make it one, or set [buckets] root"
+                ) from None
             await tg.start(self.folders.run)
             await self._sync_buckets()
             self.log.info(
@@ -400,13 +406,19 @@ class BucketConnector(Connector):
         source = self._moved_from(found, item)
         known = self._settling.get(item)
         quiet = known is not None and known[0] == found and time.monotonic() - known[1] >= self.settings.settle
-        read = functools.partial(inspect, folder, key, etag=source[1] if source else None, quiet=quiet)
+        stop = threading.Event()
+        read = functools.partial(inspect, folder, key, etag=source[1] if source else None, quiet=quiet, stop=stop)
         if found.size <= INLINE_BYTES:
             # Reading a small file takes less than handing it to a thread (~70 us against ~600 us measured on 2
             # busy cores): a burst of small files would otherwise be paced by thread switches.
             seen = read()
         else:
-            seen = await anyio.to_thread.run_sync(read, limiter=self._limiter)
+            # Cancelled (the service stops), the thread is left to give up at its next chunk: a stop must not wait
+            # for gigabytes to be read.
+            try:
+                seen = await anyio.to_thread.run_sync(read, limiter=self._limiter, abandon_on_cancel=True)
+            finally:
+                stop.set()
         if seen.status == "gone":
             return 0.0  # changed between the two looks: once more, from the start
         if seen.status == "changed":

@@ -54,6 +54,8 @@ class Folders:
         self._running = False
         self._request = anyio.Event()
         self._covered = anyio.Event()
+        #: A running watch failed: what it was reporting, and what changed until the next one watched, is lost.
+        self._lost = False
 
     async def watch(self, paths: set[str]) -> None:
         """Watch `paths` too; returns once the kernel watches them (at once while `run` has not started: its first
@@ -98,8 +100,9 @@ class Folders:
                 if old is not None:
                     old.set()
                 old = stop
-                if failures:
+                if failures or self._lost:
                     failures = 0
+                    self._lost = False
                     self._on_gap()
                 self._ready = target
                 self._covered.set()
@@ -130,11 +133,21 @@ class Folders:
         except Exception as exc:
             if not started:
                 raise
-            self._warn(f"bucket watcher: the watch failed ({type(exc).__name__}: {exc}); starting a new one")
+            # watchfiles fails a whole batch on one name that is not UTF-8 (`Unable to decode path`), and the
+            # new watch is not ready at once: once it is, a re-scan finds what was missed meanwhile.
+            self._lost = True
+            self._warn(f"bucket watcher: the watch failed ({_cause(exc)}); starting a new one")
             self._wanted += 1
             self._request.set()
         finally:
             stop.set()
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, out of the task groups it was raised through."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_folder(path: str) -> bool:

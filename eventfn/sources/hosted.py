@@ -48,8 +48,8 @@ class Hosted:
                 log.error("connector %s could not be set up: %s: %s", kind, type(exc).__name__, exc)
                 continue
             for name, shape in cls.shapes.items():
-                if name in records.SHAPES and records.SHAPES[name] is not shape and name == "sqs":
-                    log.error("connector %s may not replace the record shape %r", kind, name)
+                if name in records.SHAPES and records.SHAPES[name] is not shape:  # sqs, or another connector's
+                    log.error("connector %s may not replace the record shape %r, which is taken", kind, name)
                     continue
                 records.SHAPES[name] = shape
             self.connectors[kind] = connector
@@ -60,7 +60,12 @@ class Hosted:
         connector = self.connectors.get(kind)
         if connector is None:
             raise ConfigError(f"function {bound.function}", f"trigger {bound.name}: connector {kind!r} is not running")
-        source = connector.source(bound)
+        try:
+            source = connector.source(bound)
+        except Exception as exc:  # a plugin's bug: this trigger cannot be set up, the rest of the service goes on
+            raise ConfigError(
+                f"function {bound.function}", f"trigger {bound.name}: connector {kind} failed: {_cause(exc)}"
+            ) from exc
         prefix = connector.context.prefix
         if not source.subjects or not all(s.startswith(prefix) for s in source.subjects):
             raise ConfigError(f"connector {kind}", f"its source for {bound.mapping} must take subjects under {prefix}>")
@@ -82,9 +87,14 @@ class Hosted:
         """What a function with these connector triggers gets in its environment from their connectors."""
         env: dict[str, str] = {}
         for bound in bounds:
-            connector = self.connectors.get(bound.trigger.type)
-            if connector is not None:
+            kind = bound.trigger.type
+            connector = self.connectors.get(kind)
+            if connector is None:
+                continue
+            try:
                 env.update(connector.environment(bound))
+            except Exception as exc:  # a plugin's bug must not stop the function from loading
+                log.error("connector %s: the environment of %s failed: %s", kind, bound.mapping, _cause(exc))
         return env
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -126,10 +136,9 @@ async def _supervised(kind: str, connector: Connector, status: _Started) -> None
             await connector.run(task_status=status)
         except Exception as exc:
             log.error(
-                "connector %s failed: %s: %s; starting it again in %.0f s",
+                "connector %s failed: %s; starting it again in %.0f s",
                 kind,
-                type(exc).__name__,
-                exc,
+                _cause(exc),
                 delay,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
@@ -138,3 +147,10 @@ async def _supervised(kind: str, connector: Connector, status: _Started) -> None
         status.started()
         await anyio.sleep(delay)
         delay = min(delay * 2, longest)
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, out of the task groups it was raised through (a connector's `run` has its own)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
