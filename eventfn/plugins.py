@@ -38,7 +38,7 @@ def _discovered() -> dict[str, Any]:
         try:
             cls = entry.load()
             problem = _problem(cls)
-        except Exception as exc:  # a broken plugin must not stop the service
+        except (Exception, SystemExit) as exc:  # a broken plugin must not stop the service
             cls, problem = None, f"failed to import: {type(exc).__name__}: {exc}"
         if problem is not None:
             _broken[entry.name] = f"{where} {problem}"

@@ -285,9 +285,15 @@ class Flaky(Connector):
 
 class Sneaky(Flaky):
     type = "sneaky"
+    refused = False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:  # a line break in an attribute would become NATS headers of its own
+            await self.context.publish(self.context.subject("x"), new_event("s", b"{}", source="t\r\nNats-Msg-Id: x"))
+        except ValueError as exc:
+            assert "the event's source 't\\r\\nNats-Msg-Id: x' has unprintable characters" in str(exc)
+            Sneaky.refused = True
         await self.context.publish("events.elsewhere", new_event("s", b"{}", source="t"))
 
 
@@ -312,6 +318,7 @@ async def test_a_failing_connector_is_started_again_and_one_publishing_elsewhere
             await done.wait()
             tg.cancel_scope.cancel()
     assert published == [("eventfn.source.flaky.x", "one")]
+    assert Sneaky.refused
     assert Flaky.runs == 3
     assert "connector flaky failed: RuntimeError: boom 1" in caplog.text
     assert "connector sneaky failed: ValueError: connector sneaky may only publish under eventfn.source.sneaky.>" in (

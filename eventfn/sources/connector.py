@@ -113,6 +113,12 @@ class Context:
         (NATS unreachable, no leader): the caller tries again later, with the same id."""
         if not subject.startswith(self.prefix):
             raise ValueError(f"connector {self.type} may only publish under {self.prefix}>, not to {subject!r}")
+        attributes = (("id", event.id), ("source", event.source), ("type", event.type), ("subject", event.subject))
+        for name, value in attributes:
+            if (
+                value is not None and not value.isprintable()
+            ):  # it becomes a NATS header: a line break would add headers of its own
+                raise ValueError(f"connector {self.type}: the event's {name} {value!r} has unprintable characters")
         published = await self._publish(subject, event)
         return not getattr(published, "duplicate", False)
 

@@ -7,6 +7,7 @@ service, and one that keeps failing keeps saying why. Its triggers' mappings run
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,11 @@ class Hosted:
         classes: dict[str, Any] | None = None,
     ) -> None:
         self.connectors: dict[str, Connector] = {}
-        for kind, cls in (plugins.connector_classes() if classes is None else classes).items():
+        found = plugins.connector_classes() if classes is None else classes
+        # The built-ins first: the record shapes they add ("s3", "eventbridge") are theirs whatever order the
+        # entry points come in.
+        ordered = sorted(found.items(), key=lambda item: not item[1].__module__.startswith("eventfn_connectors."))
+        for kind, cls in ordered:
             try:
                 options = msgspec.convert(settings.get(kind, {}), cls.Settings)
                 connector = cls(options, Context(kind, publish=publish, state=state(kind), data_dir=data_dir))
@@ -130,8 +135,10 @@ class _Started:
 
 
 async def _supervised(kind: str, connector: Connector, status: _Started) -> None:
-    delay, longest = RESTART_BACKOFF
+    first, longest = RESTART_BACKOFF
+    delay = first
     while True:
+        began = time.monotonic()
         try:
             await connector.run(task_status=status)
         except Exception as exc:
@@ -146,7 +153,8 @@ async def _supervised(kind: str, connector: Connector, status: _Started) -> None
             log.warning("connector %s stopped by itself; starting it again in %.0f s", kind, delay)
         status.started()
         await anyio.sleep(delay)
-        delay = min(delay * 2, longest)
+        # A run that went well for longer than the longest wait was not part of a failing streak.
+        delay = first if time.monotonic() - began > longest else min(delay * 2, longest)
 
 
 def _cause(exc: BaseException) -> str:
