@@ -56,10 +56,10 @@ def _problem(cls: Any) -> str | None:
     kind = getattr(cls, "type", None)
     if not isinstance(kind, str) or not kind.isidentifier() or not kind.islower() or kind == SUBJECTS:
         return f"has no valid `type` (a lower-case identifier other than {SUBJECTS!r}), got {kind!r}"
-    from eventfn.config import TriggerOptions  # here: eventfn.config reads the connectors through this module
-
     trigger = getattr(cls, "Trigger", None)
-    if not (isinstance(trigger, type) and issubclass(trigger, TriggerOptions)):
+    # Checked by name: eventfn.config reads the connectors through this module, which may not import it back.
+    options = [(base.__module__, base.__qualname__) for base in getattr(trigger, "__mro__", ())]
+    if not (isinstance(trigger, type) and ("eventfn.config", "TriggerOptions") in options):
         # Anything else was left out of the trigger types without a word: "unknown trigger type".
         return "has no `Trigger` options type (a subclass of eventfn.config.TriggerOptions)"
     settings = getattr(cls, "Settings", None)
