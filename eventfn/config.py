@@ -462,18 +462,17 @@ def read_function_settings(
         merged = _merge(merged, layer)
     settings: FunctionSettings = _convert(merged, FunctionSettings, where)
     names: set[str] = set()
-    function = name
     for i, raw in enumerate(settings.triggers):
-        trigger = _trigger(raw, i, f"{where}: function {function}")
+        trigger = _trigger(raw, i, f"{where}: function {name}")
         if isinstance(trigger, Trigger):
             _check_trigger(trigger, where)
         else:
             _check_name(trigger, where)
         compile_filters(trigger.filters, f"{where}: trigger {trigger.name or i}")
-        name = trigger.name or f"t{i}"
-        if name in names:
-            raise ConfigError(where, f"two triggers are named {name!r}", "give each trigger its own name")
-        names.add(name)
+        trigger_name = trigger.name or f"t{i}"
+        if trigger_name in names:
+            raise ConfigError(where, f"two triggers are named {trigger_name!r}", "give each trigger its own name")
+        names.add(trigger_name)
     for subject in (settings.destinations.on_success, settings.destinations.on_failure):
         if subject is not None and (not valid_subject(subject) or "*" in subject or ">" in subject):
             raise ConfigError(where, f"destination {subject!r} is not a literal NATS subject")
@@ -519,7 +518,7 @@ def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOption
         message = str(exc).replace("`$`", f"`$.triggers[{index}]`").replace("`$.", f"`$.triggers[{index}].")
         if " - at `" not in message:
             message += f" - at `$.triggers[{index}]`"
-        allowed = ", ".join(f for f in options.__struct_fields__)
+        allowed = ", ".join(options.__struct_fields__)
         raise ConfigError(
             where, f"invalid {kind} trigger: {message}", f"a {kind} trigger's keys are: {allowed}"
         ) from exc

@@ -21,7 +21,7 @@ import msgspec
 
 from eventfn import subjects
 from eventfn.broker.bus import Bus
-from eventfn.config import MAX_BATCH_BYTES, Destinations, FunctionSettings, RetryPolicy, Trigger
+from eventfn.config import MAX_BATCH_BYTES, Destinations, FunctionSettings, RetryPolicy, Trigger, TriggerOptions
 from eventfn.filters import Filter, compile_filters
 from eventfn.sources.connector import Bound
 from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
@@ -113,8 +113,7 @@ def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor
         "destinations": settings.destinations,
     }
     planned = [Mapping(name=f"{function}--{ASYNC_MAPPING}", source=async_queue(function), **base)]
-    for i, trigger in enumerate(settings.trigger_list()):
-        name = trigger.name or f"t{i}"
+    for name, trigger in _named(settings):
         if isinstance(trigger, Trigger):
             source = _trigger_source(trigger)
         elif connectors is not None:
@@ -144,11 +143,12 @@ def connector_triggers(function: str, settings: FunctionSettings | None) -> list
     """The function's triggers of connector types (all but plain subjects), as their connectors are told them."""
     if settings is None:
         return []
-    return [
-        _bound(function, t.name or f"t{i}", t)
-        for i, t in enumerate(settings.trigger_list())
-        if not isinstance(t, Trigger)
-    ]
+    return [_bound(function, name, t) for name, t in _named(settings) if not isinstance(t, Trigger)]
+
+
+def _named(settings: FunctionSettings) -> list[tuple[str, TriggerOptions]]:
+    """Each trigger with its name: its own, or `t<index>`."""
+    return [(t.name or f"t{i}", t) for i, t in enumerate(settings.trigger_list())]
 
 
 def _bound(function: str, name: str, trigger: Any) -> Bound:
