@@ -57,6 +57,8 @@ _PIN_HEADER = "Nats-Pin-Id"
 _NO_PIN = "_"
 #: The batch token of a keep-alive request, in its reply subject.
 _KEEP_ALIVE = "k"
+#: Seconds a stopping feed's hand-back waits for the feed's UNSUB (it comes at the feed loop's next turn).
+_UNSUBSCRIBE_WAIT = 5.0
 
 
 class Delivery:
@@ -100,6 +102,13 @@ class Delivery:
     async def nak(self, delay: float = 0.0) -> None:
         """Deliver the message again after `delay` seconds (JetStream holds it; no worker waits)."""
         body = b"-NAK" if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
+        feed = self._feed
+        if feed._stopping and feed._inbox and not feed._unsubscribing.is_set() and not self.settled:
+            # Handed back by a stopping feed whose pull requests may still be out: sent after its UNSUB, or
+            # JetStream would deliver it again to this feed (one delivery more, counted as an attempt) rather
+            # than to the process that takes over.
+            with anyio.move_on_after(_UNSUBSCRIBE_WAIT):
+                await feed._unsubscribing.wait()
         await self._settle(body)
 
     async def in_progress(self) -> None:
@@ -169,6 +178,8 @@ class PullFeed:
         # from a request presumed lost. None marks the end.
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._closed = False
+        #: Set as the feed's UNSUB is written (and when it never runs): from then on a nak cannot come back here.
+        self._unsubscribing = anyio.Event()
         #: The consumer's priority group when it is exclusive (None: any number of clients share it).
         self.group = group
         self._pin: str | None = None
@@ -265,9 +276,13 @@ class PullFeed:
                     # UNSUB (it checks interest), and the flush inside drain brings in whatever it sent
                     # before that. Those arrive through `_on_message` and are handed back with a nak
                     # instead of sitting unacknowledged until their ack wait runs out.
+                    # Set first, as drain writes its UNSUB before it first yields: the naks waiting for this go
+                    # out after it on the same connection, so JetStream sends them to another feed.
+                    self._unsubscribing.set()
                     await sub.drain()  # type: ignore[no-untyped-call]
                 except nats.errors.Error:
                     pass
+                self._unsubscribing.set()
                 self._closed = True
                 self._queue.put_nowait(None)
         if self._pin is not None:
