@@ -131,6 +131,64 @@ class Trigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=T
         return list(self.subjects)
 
 
+StartingPosition = Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"]
+
+
+class QueueTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A trigger on a queue declared in `eventfn.toml` (`type = "queue"`): Lambda's SQS event source mapping."""
+
+    #: The queue's name (`[queues.<name>]`).
+    queue: str
+    #: SQS's default: 10 (a FIFO queue takes at most 10).
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    #: Lambda's ScalingConfig.MaximumConcurrency (2 to 1000): batches of this mapping running at once; the same as
+    #: `max_concurrency`, under Lambda's name.
+    maximum_concurrency: Annotated[int, msgspec.Meta(ge=2, le=1000)] | None = None
+
+    @property
+    def concurrency_cap(self) -> int | None:
+        return self.maximum_concurrency or self.max_concurrency
+
+    def describe(self) -> list[str]:
+        return [f"queue {self.queue}"]
+
+
+class StreamTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A trigger on a sharded stream declared in `eventfn.toml` (`type = "stream"`): Lambda's Kinesis event source
+    mapping. Each shard is consumed in order, by one `eventfn serve` at a time, with a checkpoint of its own."""
+
+    #: The stream's name (`[streams.<name>]`).
+    stream: str
+    #: Kinesis's default: 100.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    starting_position: StartingPosition = "LATEST"
+    starting_position_timestamp: float | None = None
+    #: Batches of one shard processed at once (1 to 10); order is kept per partition key.
+    parallelization_factor: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
+    #: A failed batch is split in two and each half retried (not counted as a retry), down to the bad record.
+    bisect_on_error: bool = False
+    #: Retries of a failed batch before it is skipped (its metadata to the DLQ); -1: until it succeeds or expires.
+    max_retry_attempts: Annotated[int, msgspec.Meta(ge=-1, le=10_000)] = -1
+    #: Records older than this many seconds are skipped (their batch's metadata to the DLQ); -1: never.
+    max_record_age: Annotated[int, msgspec.Meta(ge=-1, le=604_800)] = -1
+    #: Seconds of a tumbling window (0: none); the handler gets and returns the window's `state`.
+    tumbling_window: Annotated[int, msgspec.Meta(ge=0, le=900)] = 0
+    #: A literal NATS subject that also receives the failure record of a skipped batch (Lambda's OnFailure
+    #: destination); the function's DLQ always does.
+    on_failure: str | None = None
+
+    def __post_init__(self) -> None:
+        if 0 <= self.max_record_age < 60:
+            raise ValueError(f"max_record_age is -1 or 60 to 604800 seconds, not {self.max_record_age}")
+        if (self.starting_position == "AT_TIMESTAMP") != (self.starting_position_timestamp is not None):
+            raise ValueError(
+                "starting_position_timestamp goes with starting_position = 'AT_TIMESTAMP', and only with it"
+            )
+
+    def describe(self) -> list[str]:
+        return [f"stream {self.stream} from {self.starting_position}"]
+
+
 class Destinations(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Subjects that receive Lambda destination records (`on_failure` in addition to the DLQ)."""
 
@@ -243,6 +301,44 @@ class DlqSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     replicas: Replicas | None = None
 
 
+#: A queue's or sharded stream's name: 1 to 80 ASCII letters, digits, `_` and `-` (SQS's queue names, less `.fifo`).
+RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+#: The suffix of the dead-letter queue made for a queue with a redrive policy.
+DLQ_SUFFIX = "-dlq"
+
+
+class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A queue (`[queues.<name>]`) with SQS's semantics, stored in a JetStream work-queue stream of its own."""
+
+    #: Strict order per message group, and deduplication within 5 minutes.
+    fifo: bool = False
+    #: Seconds a received message stays hidden; extended while its handler runs. At least the timeout of every
+    #: function it triggers (Lambda refuses the mapping otherwise).
+    visibility_timeout: Annotated[float, msgspec.Meta(ge=1, le=43_200)] = 30.0
+    #: Receives before a message moves to the queue's DLQ (`<name>-dlq`, made for it); 0: never (it is retried
+    #: until `retention` ends).
+    max_receive_count: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
+    #: Seconds a message is kept (SQS: 60 s to 14 days).
+    retention: Annotated[float, msgspec.Meta(ge=60, le=1_209_600)] = 345_600.0
+    #: Seconds every new message stays hidden before its first receive (0 to 900).
+    delay_seconds: Annotated[float, msgspec.Meta(ge=0, le=900)] = 0.0
+    #: A FIFO queue deduplicates messages sent without an id by the SHA-256 of their body.
+    content_based_deduplication: bool = False
+    #: Servers holding a copy; default: the events stream's `replicas`.
+    replicas: Replicas | None = None
+
+
+class DataStreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A sharded stream (`[streams.<name>]`) with Kinesis's semantics, stored in a JetStream stream of its own."""
+
+    #: Shards; a record's partition key picks one (MD5 onto the 128-bit hash range, split evenly).
+    shards: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    #: Seconds a record is kept (Kinesis: 1 day by default, up to 365).
+    retention: Annotated[float, msgspec.Meta(ge=3600, le=31_536_000)] = 86_400.0
+    #: Servers holding a copy; default: the events stream's `replicas`.
+    replicas: Replicas | None = None
+
+
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How worker processes are separated from the service and from each other (README: Handler isolation)."""
 
@@ -268,6 +364,10 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     dlq: DlqSettings = DlqSettings()
     workers: WorkerSettings = WorkerSettings()
     functions: dict[str, dict[str, Any]] = {}
+    #: Queues (SQS semantics) by name; each with a redrive policy also has its DLQ queue (`all_queues`).
+    queues: dict[str, QueueSettings] = {}
+    #: Sharded streams (Kinesis semantics) by name.
+    streams: dict[str, DataStreamSettings] = {}
     #: Connector settings by connector type, from their tables (`[buckets]`, `[schedules]`, `[connectors.<type>]`),
     #: each checked against its connector's `Settings` by `load_service_config`.
     connectors: dict[str, dict[str, Any]] = {}
@@ -277,6 +377,41 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: wait in JetStream and a sync invoke gets TooManyRequestsException.
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
     log_level: str = "INFO"
+
+
+def all_queues(config: ServiceConfig) -> dict[str, QueueSettings]:
+    """The queues declared, and the DLQ queue of each one with a redrive policy (`<name>-dlq`, FIFO with a FIFO
+    queue, kept 14 days, without a redrive policy of its own) unless it is declared itself."""
+    queues = dict(config.queues)
+    for name, queue in config.queues.items():
+        dlq = name + DLQ_SUFFIX
+        if queue.max_receive_count and dlq not in queues:
+            queues[dlq] = QueueSettings(
+                fifo=queue.fifo, max_receive_count=0, retention=1_209_600.0, replicas=queue.replicas
+            )
+    return queues
+
+
+def _check_resources(config: ServiceConfig, where: str) -> None:
+    for table, names in (("queues", config.queues), ("streams", config.streams)):
+        for name in names:
+            if not RESOURCE_NAME.match(name):
+                raise ConfigError(
+                    where,
+                    f"[{table}.{name}]: the name is invalid",
+                    "use 1 to 80 ASCII letters, digits, `_` and `-`",
+                )
+    for name, queue in config.queues.items():
+        dlq = config.queues.get(name + DLQ_SUFFIX)
+        if queue.max_receive_count and dlq is not None and dlq.fifo != queue.fifo:
+            raise ConfigError(
+                where,
+                f"[queues.{name}{DLQ_SUFFIX}] is {'' if dlq.fifo else 'not '}FIFO, but it is the DLQ of "
+                f"[queues.{name}], which is {'' if queue.fifo else 'not '}FIFO",
+                "a queue's DLQ is FIFO exactly when the queue is (SQS's rule)",
+            )
+        if len(name) + len(DLQ_SUFFIX) > 80 and queue.max_receive_count:
+            raise ConfigError(where, f"[queues.{name}]: the name leaves no room for its DLQ's ({name}{DLQ_SUFFIX})")
 
 
 def _convert(data: dict[str, Any], type_: type[Any], where: str) -> Any:
@@ -342,7 +477,9 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     if workers:
         data["workers"] = workers
     data["connectors"] = _connector_settings(data, where)
-    return _convert(data, ServiceConfig, where)  # type: ignore[no-any-return]
+    config: ServiceConfig = _convert(data, ServiceConfig, where)
+    _check_resources(config, where)
+    return config
 
 
 def _connector_settings(data: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -488,13 +625,22 @@ def read_function_settings(
     return settings
 
 
+#: The trigger types of eventfn's own sources: plain subjects, queues and sharded streams.
+BUILTIN_TRIGGERS: dict[str, type[TriggerOptions]] = {
+    plugins.SUBJECTS: Trigger,
+    "queue": QueueTrigger,
+    "stream": StreamTrigger,
+}
+
+
 def trigger_types() -> dict[str, type[TriggerOptions]]:
     """Each trigger type's options type: plain subjects (`Trigger`) and every connector's (`plugins`)."""
-    found: dict[str, type[TriggerOptions]] = {plugins.SUBJECTS: Trigger}
+    found: dict[str, type[TriggerOptions]] = {}
     for kind, cls in plugins.connector_classes().items():
         if issubclass(cls.Trigger, TriggerOptions):
             found[kind] = cls.Trigger
-    return found
+    # The built-in sources' types are theirs, whatever a plugin calls itself.
+    return {**found, **BUILTIN_TRIGGERS}
 
 
 def _trigger(raw: str | dict[str, Any], index: int, where: str) -> TriggerOptions:

@@ -24,6 +24,16 @@ ASYNC_PREFIX = "eventfn.async."
 REDRIVE_PREFIX = "eventfn.redrive."
 #: Events connectors publish, under `eventfn.source.<connector type>.` (stored in the events stream).
 SOURCE_PREFIX = "eventfn.source."
+#: Queues: messages sent to `eventfn.queue.<name>`, each queue in its stream `EVENTFN_Q_<name>` (`queue_stream`).
+QUEUE_PREFIX = "eventfn.queue."
+QUEUE_STREAM_PREFIX = "EVENTFN_Q_"
+#: Sharded streams: records put to `eventfn.stream.<name>` (the partition key in a header) or
+#: `eventfn.stream.<name>.<key>` are routed to their shard's subject `eventfn.shard.<name>.<index>`, stored in
+#: `EVENTFN_S_<name>`; the put subjects are held in `EVENTFN_SI_<name>` until routed.
+STREAM_PREFIX = "eventfn.stream."
+SHARD_PREFIX = "eventfn.shard."
+DATA_STREAM_PREFIX = "EVENTFN_S_"
+INGEST_STREAM_PREFIX = "EVENTFN_SI_"
 #: Dead-letter records, one subject per function, in their own stream.
 DLQ_PREFIX = "eventfn.dlq."
 #: Requests to the running service (function list and other control operations).
@@ -104,3 +114,18 @@ def stream_subjects(base: Iterable[str], triggers: Iterable[str]) -> tuple[list[
             continue
         subjects = [s for s in subjects if s not in covered] + [trigger]
     return subjects, problems
+
+
+def queue_stream(name: str) -> str:
+    """The JetStream stream of queue `name`."""
+    return QUEUE_STREAM_PREFIX + name
+
+
+def data_stream(name: str) -> str:
+    """The JetStream stream of sharded stream `name` (its records, by shard)."""
+    return DATA_STREAM_PREFIX + name
+
+
+def ingest_stream(name: str) -> str:
+    """The JetStream stream that holds what is put to sharded stream `name` until it is routed to its shard."""
+    return INGEST_STREAM_PREFIX + name

@@ -648,6 +648,10 @@ def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any],
         wanted_window = min(wanted_window, age)
     if window < wanted_window:
         config["duplicate_window"] = wanted_window
+    if spec.allow_schedules and not current.get("allow_msg_schedules"):
+        config["allow_msg_schedules"] = True
+    if current.get("retention", "limits") != spec.retention:
+        kept.append(f"retention {current.get('retention')} (asked for {spec.retention}; fixed at creation)")
     return config, refused, kept
 
 

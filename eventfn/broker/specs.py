@@ -116,13 +116,17 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = -1
     duplicate_window: float = 120.0
     replicas: int = 1
+    #: "workqueue": a message is deleted once acknowledged (a queue). Fixed at creation.
+    retention: Literal["limits", "workqueue"] = "limits"
+    #: Messages may be scheduled for later (nats-server 2.12's `Nats-Schedule` headers: a queue's delays).
+    allow_schedules: bool = False
 
     def new_config(self) -> dict[str, Any]:
         """The configuration of a new stream (JetStream's JSON; durations in nanoseconds)."""
         return {
             "name": self.name,
             "subjects": self.subjects,
-            "retention": "limits",
+            "retention": self.retention,
             "storage": "file",
             "discard": "old",
             "num_replicas": self.replicas,
@@ -130,6 +134,7 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
             "max_bytes": self.max_bytes,
             # JetStream refuses a duplicate window longer than the stream keeps messages.
             "duplicate_window": _ns(min(self.duplicate_window, self.max_age)),
+            **({"allow_msg_schedules": True} if self.allow_schedules else {}),
         }
 
     def lacks(self, health: StreamHealth, refused: Collection[str] = ()) -> list[str]:

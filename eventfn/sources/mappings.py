@@ -21,9 +21,22 @@ import msgspec
 
 from eventfn import subjects
 from eventfn.broker.bus import Bus
-from eventfn.config import MAX_BATCH_BYTES, Destinations, FunctionSettings, RetryPolicy, Trigger, TriggerOptions
+from eventfn.config import (
+    BUILTIN_TRIGGERS,
+    MAX_BATCH_BYTES,
+    Destinations,
+    FunctionSettings,
+    QueueTrigger,
+    RetryPolicy,
+    StreamTrigger,
+    Trigger,
+    TriggerOptions,
+)
+from eventfn.errors import ConfigError
 from eventfn.filters import Filter, compile_filters
+from eventfn.sources import queues, shards
 from eventfn.sources.connector import Bound
+from eventfn.sources.resources import Resources
 from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
 
 #: The source of a connector's trigger (the service's connectors: `hosted.Hosted.source`).
@@ -63,12 +76,16 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def filter_subjects(self) -> list[str]:
         """What the consumer takes: the source's subjects and the mapping's redrive subject."""
+        if self.source.stream != subjects.EVENTS_STREAM:
+            return list(self.source.subjects)  # a stream of its own: redrives go through its own subjects
         return [*self.source.subjects, subjects.REDRIVE_PREFIX + self.name]
 
     @property
     def ack_wait(self) -> float:
         """An event waits at most a batching window plus one invocation before it is settled; the margin covers
         the wait for a worker (long waits are marked in progress before the invocation starts)."""
+        if self.source.ack_wait is not None:
+            return self.source.ack_wait
         return self.timeout + self.batch_window + 10.0
 
     @property
@@ -101,11 +118,19 @@ def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False) -> 
     return min(credit, 20_000)
 
 
-def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor | None = None) -> dict[str, Mapping]:
+def plan(
+    function: str,
+    settings: FunctionSettings | None,
+    connectors: SourceFor | None = None,
+    resources: Resources | None = None,
+) -> dict[str, Mapping]:
     """The mappings `settings` call for, by name; `connectors` gives the sources of connector triggers (without
-    it, those triggers are left out)."""
+    it, those triggers are left out), `resources` the queues and sharded streams that queue and stream triggers
+    name (a trigger naming one not declared is a `ConfigError`). A stream trigger has one mapping per shard,
+    `<function>--<trigger>--shard-<index>`."""
     if settings is None:
         return {}
+    resources = resources or Resources()
     base: dict[str, Any] = {
         "function": function,
         "timeout": settings.timeout,
@@ -114,6 +139,12 @@ def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor
     }
     planned = [Mapping(name=f"{function}--{ASYNC_MAPPING}", source=async_queue(function), **base)]
     for name, trigger in _named(settings):
+        if isinstance(trigger, QueueTrigger):
+            planned.append(_queue_mapping(function, name, trigger, settings, resources, base))
+            continue
+        if isinstance(trigger, StreamTrigger):
+            planned += _shard_mappings(function, name, trigger, settings, resources, base)
+            continue
         if isinstance(trigger, Trigger):
             source = _trigger_source(trigger)
         elif connectors is not None:
@@ -124,12 +155,7 @@ def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor
             Mapping(
                 name=f"{function}--{name}",
                 source=source,
-                batch_size=min(trigger.batch_size, source.max_batch_size),
-                batch_window=trigger.batch_window,
-                max_batch_bytes=trigger.max_batch_bytes,
-                filters=tuple(trigger.filters),
-                report_batch_item_failures=trigger.report_batch_item_failures,
-                enabled=trigger.enabled,
+                **_batching(trigger, source),
                 concurrency=min(trigger.max_concurrency or settings.concurrency, max(1, settings.concurrency)),
                 **base,
             )
@@ -139,11 +165,87 @@ def plan(function: str, settings: FunctionSettings | None, connectors: SourceFor
     return {m.name: m for m in planned}
 
 
+def _queue_mapping(
+    function: str,
+    name: str,
+    trigger: QueueTrigger,
+    settings: FunctionSettings,
+    resources: Resources,
+    base: dict[str, Any],
+) -> Mapping:
+    queue = resources.queues.get(trigger.queue)
+    if queue is None:
+        raise ConfigError(
+            f"function {function}",
+            f"trigger {name}: queue {trigger.queue!r} is not declared",
+            f"declare it in eventfn.toml as [queues.{trigger.queue}]"
+            + (f" (declared: {', '.join(sorted(resources.queues))})" if resources.queues else ""),
+        )
+    if queue.visibility_timeout < settings.timeout:
+        # Lambda refuses such a mapping: a message would become visible again while its handler still runs.
+        raise ConfigError(
+            f"function {function}",
+            f"trigger {name}: queue visibility timeout: {queue.visibility_timeout:g} seconds is less than function "
+            f"timeout: {settings.timeout:g} seconds",
+            f"raise [queues.{trigger.queue}] visibility_timeout (Lambda suggests 6 times the function timeout)",
+        )
+    source = queues.source(trigger.queue, queue)
+    cap = trigger.concurrency_cap
+    return Mapping(
+        name=f"{function}--{name}",
+        source=source,
+        **_batching(trigger, source),
+        concurrency=min(cap or settings.concurrency, max(1, settings.concurrency)),
+        **base,
+    )
+
+
+def _shard_mappings(
+    function: str,
+    name: str,
+    trigger: StreamTrigger,
+    settings: FunctionSettings,
+    resources: Resources,
+    base: dict[str, Any],
+) -> list[Mapping]:
+    stream = resources.streams.get(trigger.stream)
+    if stream is None:
+        raise ConfigError(
+            f"function {function}",
+            f"trigger {name}: stream {trigger.stream!r} is not declared",
+            f"declare it in eventfn.toml as [streams.{trigger.stream}]"
+            + (f" (declared: {', '.join(sorted(resources.streams))})" if resources.streams else ""),
+        )
+    return [
+        Mapping(
+            name=f"{function}--{name}--{shards.mapping_suffix(source.shard.index)}",
+            source=source,
+            **_batching(trigger, source),
+            concurrency=trigger.parallelization_factor,
+            **base,
+        )
+        for source in shards.sources(trigger.stream, stream, trigger)
+        if source.shard is not None
+    ]
+
+
+def _batching(trigger: TriggerOptions, source: Source) -> dict[str, Any]:
+    """A trigger's batching, filter and enabled settings as a mapping's."""
+    return {
+        "batch_size": min(trigger.batch_size, source.max_batch_size),
+        "batch_window": trigger.batch_window,
+        "max_batch_bytes": trigger.max_batch_bytes,
+        "filters": tuple(trigger.filters),
+        "report_batch_item_failures": trigger.report_batch_item_failures,
+        "enabled": trigger.enabled,
+    }
+
+
 def connector_triggers(function: str, settings: FunctionSettings | None) -> list[Bound]:
-    """The function's triggers of connector types (all but plain subjects), as their connectors are told them."""
+    """The function's triggers of connector types (all but eventfn's own), as their connectors are told them."""
     if settings is None:
         return []
-    return [_bound(function, name, t) for name, t in _named(settings) if not isinstance(t, Trigger)]
+    return [_bound(function, name, t) for name, t in _named(settings) if type(t) not in BUILTIN_TRIGGERS.values()]
 
 
 def _named(settings: FunctionSettings) -> list[tuple[str, TriggerOptions]]:

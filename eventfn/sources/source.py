@@ -114,6 +114,40 @@ class KeyReader(Protocol):
     def __call__(self, message: Message, /) -> str: ...
 
 
+class QueueRef(msgspec.Struct, frozen=True, kw_only=True):
+    """What a queue mapping's dispatcher applies of its queue (`config.QueueSettings`): SQS's semantics."""
+
+    name: str
+    fifo: bool = False
+    visibility_timeout: float = 30.0
+    #: Receives before the message moves to `dead_letter` (0: never).
+    max_receive_count: int = 0
+    #: The name of the queue's DLQ queue (None: no redrive policy).
+    dead_letter: str | None = None
+    delay_seconds: float = 0.0
+    content_based_deduplication: bool = False
+
+
+class ShardRef(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard of a sharded stream and the Kinesis mapping settings a shard's dispatcher applies."""
+
+    #: The sharded stream's name (`[streams.<name>]`).
+    stream: str
+    #: 0-based; its id is `shardId-<index, 12 digits>`.
+    index: int
+    shards: int
+    bisect_on_error: bool = False
+    max_retry_attempts: int = -1
+    max_record_age: int = -1
+    parallelization_factor: int = 1
+    tumbling_window: int = 0
+    on_failure: str | None = None
+
+    @property
+    def shard_id(self) -> str:
+        return f"shardId-{self.index:012d}"
+
+
 class Source(msgspec.Struct, frozen=True, kw_only=True):
     """Where a mapping's events come from and how they are delivered, shaped and ordered."""
 
@@ -138,6 +172,13 @@ class Source(msgspec.Struct, frozen=True, kw_only=True):
     #: While its function is switched off (concurrency 0): its events wait, or go to the DLQ at once (Lambda
     #: sends async invokes of a throttled-to-zero function to the DLQ without retries).
     when_disabled: Literal["wait", "dead_letter"] = "wait"
+    #: Seconds a delivery may stay unsettled before the source redelivers it (a queue's visibility timeout);
+    #: None: the mapping's (its function's timeout, its batching window and a margin).
+    ack_wait: float | None = None
+    #: Set for a queue: the dispatcher applies its visibility timeout, redrive policy and delays.
+    queue: QueueRef | None = None
+    #: Set for one shard of a sharded stream: a shard dispatcher (`shard_dispatch`) runs it.
+    shard: ShardRef | None = None
 
 
 def async_queue(function: str) -> Source:
