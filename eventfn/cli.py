@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from eventfn import __version__, decoding, events, subjects
+from eventfn import __version__, cli_queues, cli_streams, decoding, events, subjects
 from eventfn.broker import auth
 from eventfn.broker.bus import Bus
 from eventfn.broker.connection import connect
@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     common(purge)
     purge.add_argument("function")
 
+    cli_queues.register(commands, common)
+    cli_streams.register(commands, common)
     schedules = commands.add_parser(
         "schedules",
         help="list schedule triggers and their next fire times (reads the handler directory; no NATS needed)",
@@ -537,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                 "mappings": _mappings,
                 "dlq": _dlq,
                 "schedules": _schedules,
+                "queue": lambda config, args: cli_queues.run(config, args, _connect),
+                "stream": lambda config, args: cli_streams.run(config, args, _connect),
             }[args.command]
             # Unencodable text (a function's output on a non-UTF-8 terminal) is escaped, not a traceback.
             if isinstance(sys.stdout, io.TextIOWrapper):

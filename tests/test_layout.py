@@ -57,6 +57,8 @@ def _layer(module: str) -> str:
         return parts[1]
     if module in ("eventfn.service", "eventfn.cli", "eventfn.testing", "eventfn.__main__"):
         return parts[1]
+    if module.startswith("eventfn.cli_"):  # the CLI's command groups (`eventfn queue`, `eventfn stream`)
+        return "cli"
     return "wire"  # events, subjects, config, errors, decoding, filters, sandbox, the package itself
 
 
