@@ -109,6 +109,23 @@ class Published(msgspec.Struct, frozen=True):
     duplicate: bool
 
 
+class Pending:
+    """A stored publish sent and not yet acknowledged (`Bus.publish_soon`)."""
+
+    def __init__(self, future: asyncio.Future[PubAck]) -> None:
+        self._future = future
+
+    async def stored(self, timeout: float) -> Published:
+        """Wait until JetStream has the message; raises `TimeoutError`, or the error JetStream answered."""
+        try:
+            with anyio.fail_after(timeout):
+                ack = await asyncio.shield(self._future)
+        except TimeoutError:
+            self._future.cancel()  # frees its place among nats-py's pending publishes
+            raise
+        return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+
 class Reply(msgspec.Struct, frozen=True):
     """A reply received by `Bus.request`."""
 
@@ -181,6 +198,11 @@ class Bus:
     ) -> int:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
         return (await self._publish_stored(subject, data, headers, timeout)).seq
+
+    async def publish_soon(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Pending:
+        """Send a stored publish without waiting for its acknowledgement (await `Pending.stored` for that): many
+        can be outstanding at once, and JetStream stores them in the order of the calls."""
+        return Pending(await self.js.publish_async(subject, data, headers=headers))
 
     async def publish_event(
         self, subject: str, event: events.Event, *, stored: bool = True, timeout: float = 5.0

@@ -1,0 +1,762 @@
+"""The shard dispatcher: Lambda's Kinesis event-source-mapping semantics for one shard of a sharded stream.
+
+One `ShardDispatcher` runs one shard's mapping (`<function>--<trigger>--shard-<i>`), whose exclusive consumer
+gives it the shard's records in order. Records go into `parallelization_factor` lanes by a stable hash of their
+partition key; each lane runs its batches one after another, so records of one key never overtake each other.
+A batch holds records of one lane (so of one shard, and, with a tumbling window, of one window).
+
+The checkpoint is the consumer's ack floor: a record is acknowledged only once its batch's outcome is durable
+(the function succeeded and the window state is stored, or the batch's failure record is in the DLQ), so the
+checkpoint survives restarts and hand-overs, and after a crash only unacknowledged records come back, put into
+stream order again (`shards.Resequencer`) before any later record runs.
+
+A failed batch is retried in place (the lane waits; held records are kept alive), with backoff from the
+function's retry policy (capped at 30 s), until it succeeds, or `max_retry_attempts` or `max_record_age` is
+passed: then its failure record (Lambda's, with `KinesisBatchInfo`) goes to the function's DLQ and to the
+trigger's `on_failure` subject, and its records are acknowledged. `bisect_on_error` splits a failed batch in two
+and runs each half (not counted as a retry), down to the bad record. A partial batch response checkpoints
+before the lowest failed sequence number and retries from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+
+import anyio
+import anyio.abc
+import msgspec
+
+from eventfn import decoding, subjects
+from eventfn.errors import UnreadableData
+from eventfn.invoke.invocation import Invocation, Outcome, failure
+from eventfn.sources import kinesis, retry
+from eventfn.sources.connector import State
+from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, nak_quietly
+from eventfn.sources.dispatch import Stats
+from eventfn.sources.mappings import Mapping
+from eventfn.sources.memory import MemoryState
+from eventfn.sources.ordering import Recovery
+from eventfn.sources.shards import Resequencer, lane_of
+from eventfn.sources.source import Feed, Message, ShardRef
+
+log = logging.getLogger(__name__)
+
+Invoke = Callable[[Invocation], Awaitable[Outcome]]
+
+#: Longest wait between two attempts of a failed batch (Lambda backs off up to about this).
+MAX_RETRY_DELAY = 30.0
+#: Seconds after a window's end before it closes without a record of a later window (records reach their shard
+#: through the router, a moment after they arrived).
+WINDOW_GRACE = 1.0
+#: About what a record adds to a batch besides its data (base64: 4/3 of it): the record's other fields.
+RECORD_OVERHEAD = 400
+
+
+class ShardStats(Stats):
+    """A shard mapping's counters (`dispatch.Stats`) and its IteratorAge."""
+
+    shard_id: str = ""
+    #: Milliseconds from the arrival of the last record of the latest batch to its invocation (Lambda's
+    #: IteratorAge), and the largest seen.
+    iterator_age_ms: int = 0
+    max_iterator_age_ms: int = 0
+    #: Batches split in two (`bisect_on_error`), and windows closed by a final invoke.
+    bisected: int = 0
+    windows_closed: int = 0
+
+
+# -- decisions -----------------------------------------------------------------------------------------------------
+
+
+class Commit(msgspec.Struct, frozen=True):
+    """The first `count` records succeeded: checkpoint after them."""
+
+    count: int
+
+
+class Split(msgspec.Struct, frozen=True):
+    """Run the records before `at`, then those from `at` on, as two batches (not a retry)."""
+
+    at: int
+
+
+class Retry(msgspec.Struct, frozen=True):
+    """Run the batch again (after checkpointing `done` records) in `delay` seconds."""
+
+    done: int
+    delay: float
+
+
+class GiveUp(msgspec.Struct, frozen=True):
+    """Give the batch up (after checkpointing `done` records): its failure record to the DLQ."""
+
+    done: int
+    condition: str
+
+
+Step = Commit | Split | Retry | GiveUp
+
+
+def decide(succeeded: int, size: int, retries: int, shard: ShardRef, delay: Callable[[int], float]) -> Step:
+    """What follows an invocation of a batch of `size` records of which the first `succeeded` succeeded (all of
+    them: success), already retried `retries` times (Lambda's rules for streams)."""
+    if succeeded >= size:
+        return Commit(size)
+    if shard.bisect_on_error:
+        if succeeded > 0:
+            return Split(succeeded)  # Lambda splits at the returned sequence number and retries the rest
+        if size > 1:
+            return Split(size // 2)
+    if 0 <= shard.max_retry_attempts <= retries:
+        return GiveUp(succeeded, "RetryAttemptsExhausted")
+    return Retry(succeeded, delay(retries + 1))
+
+
+# -- lanes and windows -------------------------------------------------------------------------------------------
+
+
+class _Window:
+    """A lane's open tumbling window: `[start, end)`, the state its invocations returned, and the last record
+    that state includes."""
+
+    __slots__ = ("end", "start", "state", "through")
+
+    def __init__(self, start: float, end: float, state: bytes = b"{}", through: int = 0) -> None:
+        self.start = start
+        self.end = end
+        self.state = state
+        self.through = through
+
+
+class _Saved(msgspec.Struct, frozen=True):
+    start: float
+    end: float
+    state: msgspec.Raw
+    through: int
+
+
+_saved_decoder = msgspec.json.Decoder(_Saved)
+_encoder = msgspec.json.Encoder()
+
+
+class _Lane:
+    """Records of one lane of a shard, in stream order, run one batch at a time."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.queue: deque[Message] = deque()
+        self.changed = anyio.Event()
+        self.window: _Window | None = None
+        #: Where the last closed window ended: a late record joins the next window.
+        self.closed_end = 0.0
+        self.loaded = False
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    async def wait(self, timeout: float | None) -> None:
+        event = self.changed
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        if self.changed is event and event.is_set():
+            self.changed = anyio.Event()
+
+
+class _Close:
+    """`_next_batch`: close the lane's window (its final invoke) before anything else."""
+
+
+_CLOSE = _Close()
+
+
+# -- the dispatcher ------------------------------------------------------------------------------------------------
+
+
+class ShardDispatcher:
+    """Runs one shard's mapping: its records, in order per partition key, through batches, retries and the DLQ."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        mapping: Mapping,
+        feed: Feed,
+        *,
+        invoke: Invoke,
+        recovery: Recovery | None = None,
+        state: State | None = None,
+    ) -> None:
+        shard = mapping.source.shard
+        if shard is None:
+            raise ValueError(f"mapping {mapping.name} is not a shard's")
+        self.mapping = mapping
+        self.feed = feed
+        self.shard = shard
+        self._sink = sink
+        self._invoke = invoke
+        self._recovery = recovery
+        self._state = state if state is not None else MemoryState()
+        self.shape = kinesis.Shape(shard.stream, shard.index)
+        self.stats = ShardStats(shard_id=self.shape.shard_id)
+        self.filter = mapping.compiled_filter()
+        self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
+        self.lanes = [_Lane(i) for i in range(max(1, shard.parallelization_factor))]
+        self._window = float(shard.tumbling_window)
+        self._policy = msgspec.structs.replace(mapping.retry, max_delay=min(mapping.retry.max_delay, MAX_RETRY_DELAY))
+        self._resequencer = Resequencer()
+        #: Every record received and not settled (queued, in a batch, or held back), by position.
+        self._held: dict[int, Message] = {}
+        #: When each was last kept alive (wall clock).
+        self._touched: dict[int, float] = {}
+        self._recheck = False
+        self._evictions = 0
+        self._evict = False
+        self._closed = False
+        self._stopping = False
+        self._stopped = anyio.Event()
+
+    # -- the service's surface ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume until `stop()`; in-flight batches finish and settle before this returns."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.feed.run)
+            await self._recover()
+            timers = anyio.CancelScope()
+
+            async def keep_time() -> None:
+                with timers:
+                    await self._timers()
+
+            async with anyio.create_task_group() as work:
+                work.start_soon(self._intake)
+                work.start_soon(keep_time)
+                task_status.started()
+                async with anyio.create_task_group() as lanes:
+                    for lane in self.lanes:
+                        lanes.start_soon(self._run_lane, lane)
+                timers.cancel()
+            # Stopped: what is held and not started goes back, in order, for whoever consumes next.
+            await self._hand_back(self._release_held())
+
+    def stop(self) -> None:
+        """Stop taking records; batches under way finish and settle first, what waits goes back to the stream."""
+        self._stopping = True
+        self._stopped.set()
+        self.feed.stop()
+        for lane in self.lanes:
+            lane.wake()
+
+    def pin_changed(self, pinned: bool) -> None:
+        """The consumer is this process's now (True), or another's (False). Taking it over, the records the last
+        holder left unsettled come back late: they are put back into order first. Losing it, held records that
+        have not started go back at once, so that the process now pinned gets them in order."""
+        if pinned:
+            self._recheck = True
+        else:
+            self._evictions += 1
+            self._evict = True
+            for lane in self.lanes:
+                lane.wake()
+
+    # -- intake -------------------------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        if self._recovery is None:
+            return
+        try:
+            unsettled, upto = await self._recovery()
+        except Exception as exc:  # the source cannot say: go on without waiting (logged)
+            log.warning("%s: could not read where it left off (%s); starting at once", self.mapping.name, exc)
+            return
+        self._resequencer.arm(unsettled, upto, self.mapping.ack_wait + 5, self._held)
+        if self._resequencer.armed:
+            log.info(
+                "%s: %d record(s) left unsettled by an earlier run; waiting for them (at most %.0f s) before later "
+                "records",
+                self.mapping.name,
+                unsettled - len(self._held),
+                self.mapping.ack_wait + 5,
+            )
+
+    async def _intake(self) -> None:
+        async with aclosing(self._resequencer.take(self.feed, self._before)) as ordered:
+            async for message in ordered:
+                try:
+                    self._add(message)
+                except Exception as exc:  # a bug here must not stop the shard: that record is given up
+                    log.exception("%s: scheduling record %d failed", self.mapping.name, message.stream_seq)
+                    error = failure("PoisonMessage", f"{type(exc).__name__}: {exc}", "-")
+                    await self._give_up([message], "PoisonMessage", 0, error.payload)
+        self._closed = True
+        for lane in self.lanes:
+            lane.wake()
+
+    async def _before(self, message: Message) -> None:
+        """Called for each delivery before it is ordered: track it, and recheck after a takeover."""
+        self._held[message.stream_seq] = message
+        self._touched[message.stream_seq] = message.received_at
+        if self._recheck:
+            self._recheck = False
+            await self._recover()
+
+    def _add(self, message: Message) -> None:
+        lane = self.lanes[lane_of(kinesis.partition_key(message), len(self.lanes))]
+        queue = lane.queue
+        if queue and queue[-1].stream_seq >= message.stream_seq:
+            # A redelivery behind later records (a keepalive that lapsed): back into stream order.
+            items = [m for m in queue if m.stream_seq != message.stream_seq]
+            items.append(message)
+            items.sort(key=lambda m: m.stream_seq)
+            lane.queue = deque(items)
+        else:
+            queue.append(message)
+        lane.wake()
+
+    # -- lanes --------------------------------------------------------------------------------------------
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        while True:
+            taken = await self._next_batch(lane)
+            if taken is None:
+                return
+            try:
+                if isinstance(taken, _Close):
+                    await self._close_window(lane, early=False)
+                else:
+                    await self._process(lane, taken)
+            except Exception as exc:  # a bug: the batch is given up rather than the shard stopped
+                log.exception("%s: dispatching a batch failed; giving it up", self.mapping.name)
+                if not isinstance(taken, _Close):
+                    unsettled = [m for m in taken if not m.settled]
+                    if unsettled:
+                        error = failure("Eventfn.DispatchError", f"{type(exc).__name__}: {exc}", "-")
+                        with anyio.CancelScope(shield=True):
+                            await self._give_up(unsettled, "PoisonMessage", 0, error.payload)
+
+    async def _next_batch(self, lane: _Lane) -> list[Message] | _Close | None:
+        mapping = self.mapping
+        windowed = self._window > 0
+        while True:
+            if self._stopping:
+                return None
+            if windowed and not lane.loaded:
+                await self._load_window(lane)
+            window = lane.window
+            if lane.queue:
+                if windowed:
+                    start = self._window_start(lane, lane.queue[0])
+                    if window is not None and start >= window.end:
+                        return _CLOSE
+                    if window is None:
+                        lane.window = _Window(start, start + self._window)
+                break
+            timeout = None
+            if windowed and window is not None:
+                due = window.end + WINDOW_GRACE + mapping.batch_window - time.time()
+                if due <= 0:
+                    return _CLOSE
+                timeout = due
+            if self._closed:
+                return None
+            await lane.wait(timeout)
+        batch: list[Message] = []
+        size = 0
+        deadline = time.monotonic() + mapping.batch_window
+        while True:
+            queue = lane.queue
+            while queue and len(batch) < mapping.batch_size:
+                head = queue[0]
+                if windowed and self._window_start(lane, head) != lane.window.start:  # type: ignore[union-attr]
+                    return batch  # the next window's: this batch is complete
+                grown = size + len(head.data) * 4 // 3 + RECORD_OVERHEAD
+                if batch and grown > mapping.max_batch_bytes:
+                    return batch
+                batch.append(queue.popleft())
+                size = grown
+            remaining = deadline - time.monotonic()
+            if len(batch) >= mapping.batch_size or remaining <= 0 or self._stopping or self._closed:
+                return batch
+            await lane.wait(remaining)
+
+    def _window_start(self, lane: _Lane, message: Message) -> float:
+        """The start of the window a record belongs to: the one its arrival falls in, aligned to the epoch; a
+        late record (of a window already closed here) joins the earliest window still open."""
+        width = self._window
+        arrived = kinesis.arrival_ns(message) / 1e9
+        start = (arrived // width) * width
+        floor = lane.window.start if lane.window is not None else lane.closed_end
+        return max(start, floor)
+
+    # -- one batch ------------------------------------------------------------------------------------------
+
+    async def _process(self, lane: _Lane, batch: list[Message]) -> None:
+        """Filter, invoke and settle one batch, retrying it in place until its outcome is durable."""
+        stats = self.stats
+        stats.received += len(batch)
+        kept: list[Message] = []
+        window = lane.window
+        for message in batch:
+            if window is not None and message.stream_seq <= window.through:
+                await self._ack(message)  # the window's stored state has it already (a redelivery after a crash)
+                continue
+            if self.filter is not None and not self.filter.matches(kinesis.filter_document(message)):
+                stats.filtered += 1
+                await self._ack(message)  # Lambda skips a stream record no filter matches
+                continue
+            kept.append(message)
+        if kept:
+            await self._settle(lane, kept)
+
+    async def _settle(self, lane: _Lane, records: list[Message]) -> None:
+        shard = self.shard
+        evictions = self._evictions
+        # Batches still to run, in order: bisecting puts both halves here.
+        work: deque[list[Message]] = deque([records])
+        retries = invokes = 0
+        error: bytes | None = None
+        while work:
+            batch = work[0]
+            if shard.max_record_age >= 0 and (expired := self._expired(batch)):
+                if not await self._give_up(batch[:expired], "RecordAgeExceeded", invokes, error):
+                    return await self._hand_back([m for b in work for m in b])
+                work[0] = batch = batch[expired:]
+                if not batch:
+                    work.popleft()
+                    retries = invokes = 0
+                    continue
+            succeeded, state, outcome = await self._invoke_batch(lane, batch)
+            invokes += 1
+            error = None if outcome.ok else outcome.payload
+            step = decide(succeeded, len(batch), retries, shard, self._delay)
+            done = step.count if isinstance(step, Commit) else succeeded if isinstance(step, Split) else step.done
+            if done and not await self._commit(lane, batch[:done], state):
+                return await self._hand_back([m for b in work for m in b])
+            if isinstance(step, Commit):
+                work.popleft()
+                retries = invokes = 0
+                continue
+            if isinstance(step, Split):
+                # Two batches, not a retry: the failed rest after a partial failure, or both halves.
+                self.stats.bisected += 1
+                work.popleft()
+                work.appendleft(batch[step.at :])
+                if succeeded < step.at:
+                    work.appendleft(batch[: step.at])
+                retries = invokes = 0
+                continue
+            left = work[0] = batch[done:]
+            self._log_failure(left, outcome, retries + 1, step)
+            if isinstance(step, GiveUp):
+                if not await self._give_up(left, step.condition, invokes, error):
+                    return await self._hand_back([m for b in work for m in b])
+                work.popleft()
+                retries = invokes = 0
+                continue
+            retries += 1
+            self.stats.retried += 1
+            if not await self._pause(step.delay, evictions):
+                return await self._hand_back([m for b in work for m in b])
+        return None
+
+    def _delay(self, retry_number: int) -> float:
+        return retry.backoff(retry_number, self._policy)
+
+    def _expired(self, batch: Sequence[Message]) -> int:
+        """How many records at the head of `batch` are older than `max_record_age`."""
+        limit = time.time_ns() - self.shard.max_record_age * 1_000_000_000
+        count = 0
+        for message in batch:
+            if kinesis.arrival_ns(message) >= limit:
+                break
+            count += 1
+        return count
+
+    async def _invoke_batch(self, lane: _Lane, batch: list[Message]) -> tuple[int, bytes | None, Outcome]:
+        """Invoke the function with `batch`; returns how many records (from the first) succeeded, the window
+        state it returned (windowed mappings), and the outcome (Lambda's error object when it failed)."""
+        mapping = self.mapping
+        window = lane.window
+        if window is not None:
+            payload = self.shape.window_batch(batch, window.start, window.end, window.state)
+        else:
+            payload = self.shape.batch(batch)
+        stats = self.stats
+        age = max(0, (time.time_ns() - kinesis.arrival_ns(batch[-1])) // 1_000_000)
+        stats.iterator_age_ms = age
+        stats.max_iterator_age_ms = max(stats.max_iterator_age_ms, age)
+        request_id = str(uuid.uuid4())
+        stats.invocations += 1
+        outcome = await self._invoke(
+            Invocation(request_id=request_id, payload=payload, is_json=True, keepalive_every=mapping.ack_wait / 3)
+        )
+        succeeded = len(batch) if outcome.ok else 0
+        state: bytes | None = None
+        if outcome.ok and window is not None:
+            state = kinesis.window_state(outcome.payload)
+            if state is None:
+                # Lambda's rule: a tumbling-window invocation must return its state.
+                outcome = failure(
+                    "Runtime.InvalidTumblingWindowResponse",
+                    'a function with a tumbling window must return {"state": {...}} (and may add batchItemFailures)',
+                    request_id,
+                )
+                succeeded = 0
+        if outcome.ok and mapping.report_batch_item_failures:
+            checkpoint = kinesis.checkpoint(outcome.payload, [str(m.stream_seq) for m in batch])
+            if checkpoint is None:
+                outcome = failure(
+                    "Runtime.InvalidBatchResponse",
+                    'batchItemFailures must be a list of {"itemIdentifier": <sequenceNumber of this batch>}',
+                    request_id,
+                )
+                succeeded = 0
+            else:
+                succeeded = checkpoint
+        if succeeded < len(batch):
+            stats.failed += len(batch) - succeeded
+            stats.last_result = "PROBLEM: Function call failed"
+            stats.last_error = outcome.error.type if outcome.error is not None else "BatchItemFailure"
+        else:
+            stats.last_result = "OK"
+        return succeeded, state, outcome
+
+    def _log_failure(self, left: Sequence[Message], outcome: Outcome, attempt: int, step: Step) -> None:
+        error = outcome.error.type if outcome.error is not None else "BatchItemFailure"
+        then = f"retrying in {step.delay:.2f} s" if isinstance(step, Retry) else ""
+        if isinstance(step, GiveUp):
+            then = f"giving it up ({step.condition})"
+        log.warning(
+            "%s: %s records %d-%d (%d) failed on attempt %d (%s), iterator age %d ms; %s",
+            self.mapping.function,
+            self.shape.shard_id,
+            left[0].stream_seq,
+            left[-1].stream_seq,
+            len(left),
+            attempt,
+            error,
+            self.stats.iterator_age_ms,
+            then,
+        )
+
+    # -- settling ---------------------------------------------------------------------------------------------
+
+    async def _commit(self, lane: _Lane, records: Sequence[Message], state: bytes | None) -> bool:
+        """Checkpoint after `records` (they succeeded): store the window state they produced, then acknowledge
+        them. False if the state could not be stored before the dispatcher stopped (they go back, unacked)."""
+        window = lane.window
+        if window is not None and state is not None:
+            window.state = state
+            window.through = records[-1].stream_seq
+            if not await self._save_window(lane):
+                return False
+            if len(state) > kinesis.MAX_STATE_BYTES:
+                await self._close_window(lane, early=True)
+        with anyio.CancelScope(shield=True):
+            for message in records:
+                await self._ack(message)
+        self.stats.processed += len(records)
+        return True
+
+    async def _give_up(self, records: Sequence[Message], condition: str, invokes: int, error: bytes | None) -> bool:
+        """Write the failure record of `records` (Lambda's, with `KinesisBatchInfo`) to the function's DLQ and,
+        once it is stored, to the trigger's `on_failure` subject, and acknowledge them. While the DLQ cannot take
+        it, try again; False if the dispatcher stopped first (the records stay unacknowledged)."""
+        record = kinesis.batch_info_record(self.mapping.function, self.shape, records, condition, invokes, error)
+        headers = {
+            # One record per batch given up: a second write after a crash is dropped.
+            "Nats-Msg-Id": f"dlq:{self.mapping.name}:{records[0].stream_seq}-{records[-1].stream_seq}",
+            "Eventfn-Condition": condition,
+        }
+        while True:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._sink.publish_stored(subjects.DLQ_PREFIX + self.mapping.function, record, headers)
+                break
+            except Exception as exc:
+                log.error(
+                    "%s: DLQ write for %s records %d-%d failed (%s); they stay in the shard",
+                    self.mapping.function,
+                    self.shape.shard_id,
+                    records[0].stream_seq,
+                    records[-1].stream_seq,
+                    exc,
+                )
+                if not await self._pause(DLQ_RETRY_DELAY, self._evictions):
+                    return False
+        log.error(
+            "%s: %s records %d-%d (%d) given up (%s) after %d invocation(s); their batch info is in the DLQ",
+            self.mapping.function,
+            self.shape.shard_id,
+            records[0].stream_seq,
+            records[-1].stream_seq,
+            len(records),
+            condition,
+            invokes,
+        )
+        if self.shard.on_failure:
+            try:
+                await self._sink.publish(self.shard.on_failure, record)
+            except Exception as exc:
+                log.warning("%s: on_failure %s not notified: %s", self.mapping.function, self.shard.on_failure, exc)
+        with anyio.CancelScope(shield=True):
+            for message in records:
+                await self._ack(message)
+        self.stats.dead_lettered += len(records)
+        self.dead_letters.count += 1
+        return True
+
+    async def _ack(self, message: Message) -> None:
+        self._forget(message)
+        try:
+            await message.ack()
+        except Exception as exc:  # NATS gone: redelivered later, and a redelivery is run again (at least once)
+            log.warning("%s: ack of record %d failed: %s", self.mapping.name, message.stream_seq, exc)
+
+    def _forget(self, message: Message) -> None:
+        if self._held.get(message.stream_seq) is message:
+            del self._held[message.stream_seq]
+            self._touched.pop(message.stream_seq, None)
+
+    async def _hand_back(self, messages: Sequence[Message]) -> None:
+        """Return records not run: redelivered at once, in stream order, to whoever consumes next."""
+        with anyio.CancelScope(shield=True):
+            for message in sorted(messages, key=lambda m: m.stream_seq):
+                if not message.settled:
+                    self._forget(message)
+                    await nak_quietly(message, 0.0)
+
+    def _release_held(self) -> list[Message]:
+        """Every record held and not in a batch (queued in a lane, or held back for order)."""
+        left = [m for lane in self.lanes for m in lane.queue]
+        for lane in self.lanes:
+            lane.queue.clear()
+        left += self._resequencer.release()
+        return left
+
+    async def _pause(self, delay: float, evictions: int) -> bool:
+        """Wait `delay` seconds before a retry; False (at once) if the dispatcher stops or loses its consumer."""
+        with anyio.move_on_after(delay):
+            await self._stopped.wait()
+        return not self._stopping and self._evictions == evictions
+
+    # -- tumbling windows -------------------------------------------------------------------------------------
+
+    def _window_key(self, lane: _Lane) -> str:
+        return f"windows/{self.mapping.name}/{lane.index}-of-{len(self.lanes)}"
+
+    async def _load_window(self, lane: _Lane) -> None:
+        lane.loaded = True
+        try:
+            entry = await self._state.get(self._window_key(lane))
+        except Exception as exc:
+            log.warning("%s: window state not read (%s); starting a fresh window", self.mapping.name, exc)
+            return
+        if entry is None:
+            return
+        try:
+            saved = decoding.typed(_saved_decoder, entry.value)
+        except UnreadableData:
+            log.warning("%s: stored window state unreadable; starting a fresh window", self.mapping.name)
+            return
+        lane.window = _Window(saved.start, saved.end, bytes(saved.state), saved.through)
+
+    async def _save_window(self, lane: _Lane) -> bool:
+        window = lane.window
+        assert window is not None
+        value = _encoder.encode(_Saved(window.start, window.end, msgspec.Raw(window.state), window.through))
+        delay = 0.5
+        while True:
+            try:
+                await self._state.put(self._window_key(lane), value)
+                return True
+            except Exception as exc:
+                log.warning("%s: window state not stored (%s); trying again", self.mapping.name, exc)
+            if not await self._pause(delay, self._evictions):
+                return False
+            delay = min(MAX_RETRY_DELAY, delay * 2)
+
+    async def _close_window(self, lane: _Lane, *, early: bool) -> None:
+        """The window's final invoke (`isFinalInvokeForWindow`), retried like a batch; then its state is dropped.
+        `early`: the state grew past 1 MB; the same window goes on with a fresh state."""
+        window = lane.window
+        assert window is not None
+        retries = 0
+        evictions = self._evictions
+        while True:
+            payload = self.shape.window_batch([], window.start, window.end, window.state, final=True, early=early)
+            self.stats.invocations += 1
+            outcome = await self._invoke(Invocation(request_id=str(uuid.uuid4()), payload=payload, is_json=True))
+            if outcome.ok:
+                break
+            retries += 1
+            self.stats.retried += 1
+            if 0 <= self.shard.max_retry_attempts < retries:
+                log.error(
+                    "%s: %s final invoke of window %s failed %d time(s) (%s); its state is dropped",
+                    self.mapping.function,
+                    self.shape.shard_id,
+                    kinesis.iso(window.start),
+                    retries,
+                    outcome.error.type if outcome.error else "?",
+                )
+                break
+            delay = retry.backoff(retries, self._policy)
+            log.warning(
+                "%s: %s final invoke of window %s failed (%s); retrying in %.2f s",
+                self.mapping.function,
+                self.shape.shard_id,
+                kinesis.iso(window.start),
+                outcome.error.type if outcome.error else "?",
+                delay,
+            )
+            if not await self._pause(delay, evictions):
+                return  # stopped: the window stays stored, and the next run closes it
+        self.stats.windows_closed += 1
+        if early:
+            window.state = b"{}"
+            await self._save_window(lane)
+            return
+        lane.window = None
+        lane.closed_end = window.end
+        try:
+            await self._state.delete(self._window_key(lane))
+        except Exception as exc:  # the next run finds it, sees its end has passed, and closes it again
+            log.warning("%s: closed window state not removed: %s", self.mapping.name, exc)
+
+    # -- time -----------------------------------------------------------------------------------------------
+
+    async def _timers(self) -> None:
+        """Keep held records alive, hand them back when another process took the consumer, and release records
+        held back for order when their wait is over."""
+        every = self.mapping.ack_wait / 3
+        next_keepalive = time.monotonic() + every
+        while True:
+            if self._evict:
+                self._evict = False
+                if left := self._release_held():
+                    log.warning(
+                        "%s: another process consumes the shard now; %d held record(s) handed back",
+                        self.mapping.name,
+                        len(left),
+                    )
+                    await self._hand_back(left)
+            now = time.monotonic()
+            if now >= next_keepalive:
+                await self._keep_alive(time.time() - every)
+                next_keepalive = now + every
+            await anyio.sleep(min(1.0, max(0.0, next_keepalive - time.monotonic())))
+
+    async def _keep_alive(self, older_than: float) -> None:
+        now = time.time()
+        for seq, message in list(self._held.items()):
+            if self._touched.get(seq, 0.0) < older_than and not message.settled:
+                try:
+                    await message.in_progress()
+                except Exception as exc:  # NATS gone: redelivered later, in order
+                    log.debug("keepalive of record %d failed: %s", seq, exc)
+                self._touched[seq] = now
