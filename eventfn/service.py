@@ -283,7 +283,10 @@ class Service:
                     await mappings.provision(self.bus, mapping, from_start=recreated)
                     self.provisioned[name] = mapping
                 if name in runnable and name not in self.running:
-                    await self._start_mapping(fn, mapping)
+                    try:
+                        await self._start_mapping(fn, mapping)
+                    except Exception:  # a bug in one source's dispatcher must not stop the service
+                        log.exception("function %s: mapping %s could not be started", fn.name, name)
         # Consumers first: what a connector publishes from now on has a mapping waiting for it.
         self.connectors.update(bounds)
         self._provisioned = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from eventfn.sources import records
 from eventfn.sources.dispatch import Dispatcher
 
 
@@ -11,3 +12,6 @@ class ShardDispatcher(Dispatcher):
     def __init__(self, *args: Any, state: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state = state
+
+
+records.SHAPES.setdefault("kinesis", records.SqsShape())  # placeholder
