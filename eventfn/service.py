@@ -588,7 +588,8 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
             async with anyio.create_task_group() as tg:
                 service = Service(config, bus, tg)
                 bus.on_lost = service.streams_lost
-                await tg.start(service.owners.run)  # before the first plan: which shards this replica runs
+                if service.resources.streams:  # before the first plan: which shards this replica runs
+                    await tg.start(service.owners.run)
                 await service.reload()
                 for router in service.routers():
                     await tg.start(router.run)

@@ -184,8 +184,8 @@ class _Clock:
 
 async def test_replicas_share_the_shards_evenly_and_take_a_dead_ones_after_the_lapse() -> None:
     state, clock = MemoryState(), _Clock()
-    a = Owners(state, member="a", lapse=10.0, clock=clock)
-    b = Owners(state, member="b", lapse=10.0, clock=clock)
+    a = Owners(state, member="a", lapse=10.0, clock=clock, wall=clock)
+    b = Owners(state, member="b", lapse=10.0, clock=clock, wall=clock)
     changes: list[str] = []
     a.on_change = lambda: changes.append("a")
     await a.beat()
@@ -203,6 +203,21 @@ async def test_replicas_share_the_shards_evenly_and_take_a_dead_ones_after_the_l
     clock.now = 10.5
     await a.beat()
     assert a.members == ("a",) and all(a.owns("fn--t0", i) for i in range(4)) and changes == ["a", "a"]
+
+
+async def test_a_replica_killed_before_another_started_is_not_taken_for_live() -> None:
+    state, clock = MemoryState(), _Clock()
+    dead = Owners(state, member="dead", clock=clock, wall=clock)
+    await dead.beat()
+    clock.now = 60.0  # killed, never left; a new replica starts a minute later
+    fresh = Owners(state, member="fresh", clock=clock, wall=clock)
+    await fresh.beat()
+    assert fresh.members == ("fresh",)
+    # One that beat just now is live from the first sight.
+    other = Owners(state, member="other", clock=clock, wall=clock)
+    await other.beat()
+    await fresh.beat()
+    assert fresh.members == ("fresh", "other")
 
 
 async def test_a_replica_that_leaves_hands_its_shards_over_at_the_next_beat() -> None:

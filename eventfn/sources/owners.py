@@ -45,12 +45,14 @@ class Owners:
         heartbeat: float = HEARTBEAT,
         lapse: float = LAPSE,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
         self.member = member or uuid.uuid4().hex[:12]
         self.heartbeat = heartbeat
         self.lapse = lapse
         self._clock = clock
+        self._wall = wall
         #: Live members, this one included, sorted.
         self.members: tuple[str, ...] = (self.member,)
         #: Each member seen: its last revision and when (this replica's clock) that revision was first seen.
@@ -83,12 +85,17 @@ class Owners:
     async def beat(self) -> None:
         """Write this member's heartbeat, read everyone's, and update the live members."""
         self._beats += 1
-        await self.state.put(self.member, str(self._beats).encode())
+        await self.state.put(self.member, f"{self._beats} {self._wall():.3f}".encode())
         entries = await self.state.items()
         now = self._clock()
         live = {self.member}
         for member, entry in entries.items():
-            revision, since = self._seen.get(member, (-1, now))
+            if member not in self._seen:
+                # First sight: judged by the wall-clock time it wrote, so that a replica killed just before this
+                # one (re)started is not taken for live for a whole lapse. (Clocks apart by more than the
+                # lapse only delay this; from then on this replica's own clock judges.)
+                self._seen[member] = (entry.revision, now - max(0.0, self._wall() - _written(entry.value)))
+            revision, since = self._seen[member]
             if entry.revision != revision:
                 since = now
             self._seen[member] = (entry.revision, since)
@@ -122,6 +129,14 @@ class Owners:
             await self.state.delete(self.member)
         except Exception as exc:
             log.debug("leaving the members failed: %s", exc)
+
+
+def _written(value: bytes) -> float:
+    """The wall-clock time a heartbeat says it was written (0: it does not say, so it counts as old)."""
+    try:
+        return float(value.split()[1])
+    except (IndexError, ValueError):
+        return 0.0
 
 
 def owner(group: str, index: int, members: tuple[str, ...]) -> str:
