@@ -255,7 +255,7 @@ class Service:
         bounds: list[Bound] = []
         #: Queue -> the mapping consuming it: a work-queue stream gives each message to one consumer only.
         consumed: dict[str, str] = {}
-        for fn in self.functions.values():
+        for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
                 planned = mappings.plan(fn.name, fn.routing_settings, self.connectors.source, self.resources)
                 _claim_queues(planned, consumed)
