@@ -8,6 +8,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.errors
 import pytest
 
 from eventfn.broker import auth
@@ -24,6 +26,7 @@ from eventfn.sources import mappings, shards
 from eventfn.sources.memory import MemoryState
 from eventfn.sources.owners import Owners, owner
 from eventfn.sources.resources import Resources
+from eventfn.testing import NatsServer, Serve, write_handler
 
 
 def _config(tmp_path: Path, text: str) -> Any:
@@ -236,3 +239,62 @@ def test_different_mappings_start_their_shards_on_different_replicas() -> None:
     members = ("a", "b")
     firsts = {owner(f"fn{i}--t0", 0, members) for i in range(20)}
     assert firsts == {"a", "b"}
+
+
+SHIP = """
+    # /// eventfn
+    # timeout = 2
+    # [[triggers]]
+    # type = "queue"
+    # queue = "orders"
+    # ///
+    import _probe
+
+    def handler(event, context):
+        _probe.report("probe.{name}", event["Records"][0]["body"])
+"""
+
+
+@pytest.mark.e2e
+async def test_a_second_function_on_one_queue_is_refused_by_name_and_the_first_keeps_it(
+    tmp_path: Path, handlers: Path, nats_server: NatsServer, nc: Any, probe: Any
+) -> None:
+    (tmp_path / "eventfn.toml").write_text("[queues.orders]\nvisibility_timeout = 5\n", encoding="utf-8")
+    write_handler(handlers, "alpha", SHIP.format(name="alpha"))
+    write_handler(handlers, "beta", SHIP.format(name="beta"))
+    alpha, beta = await probe("probe.alpha"), await probe("probe.beta")
+    async with Serve(
+        handlers,
+        nats_server.url,
+        tmp_path / "data",
+        extra_args=["--config", str(tmp_path / "eventfn.toml")],
+        env={"PROBE_NATS": nats_server.url},
+    ) as service:
+        line = await service.log.await_line(r"function beta: its triggers cannot be set up: .*")
+        assert "queue 'orders' is consumed by mapping alpha--t0 already" in line.group(0)
+        await nc.publish("eventfn.queue.orders", b"order 1")  # as `nats pub` sends it
+        assert await alpha.wait_for(1) == ["order 1"]
+    assert beta.texts == []
+
+
+@pytest.mark.e2e
+async def test_clients_without_credentials_may_send_to_a_queue_but_not_purge_it(tmp_path: Path, handlers: Path) -> None:
+    (tmp_path / "eventfn.toml").write_text("[queues.orders]\n[streams.clicks]\n", encoding="utf-8")
+    async with Serve(handlers, None, tmp_path / "data", extra_args=["--config", str(tmp_path / "eventfn.toml")]):
+        url = (tmp_path / "data" / "nats.url").read_text().strip()
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        client = await nats.connect(url, error_cb=on_error)
+        try:
+            js = client.jetstream()
+            assert (await js.publish("eventfn.queue.orders", b"order")).stream == "EVENTFN_Q_orders"
+            put = await js.publish("eventfn.stream.clicks", b"click", headers={"Partition-Key": "k"})
+            assert put.stream == "EVENTFN_SI_clicks"
+            with pytest.raises(nats.errors.TimeoutError):  # refused by the server: JetStream never sees it
+                await client.request("$JS.API.STREAM.PURGE.EVENTFN_Q_orders", b"", timeout=2)
+            assert any("permissions violation for publish" in e and "purge.eventfn_q_orders" in e for e in errors)
+        finally:
+            await client.close()
