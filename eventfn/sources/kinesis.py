@@ -187,7 +187,7 @@ def filter_document(message: StoredMessage) -> dict[str, Any]:
 
 
 class _StateOnly(msgspec.Struct):
-    state: msgspec.Raw | None = None
+    state: msgspec.Raw = msgspec.Raw(b"null")
 
 
 _state_decoder = msgspec.json.Decoder(_StateOnly)
@@ -200,10 +200,7 @@ def window_state(response: bytes) -> bytes | None:
         value = decoding.typed(_state_decoder, response)
     except UnreadableData:
         return None
-    state = value.state
-    if state is None:
-        return None
-    raw = bytes(state)
+    raw = bytes(value.state)
     return raw if raw.lstrip()[:1] == b"{" else None
 
 

@@ -17,6 +17,7 @@ keyed by its position among the puts (its stream sequence), which spreads such p
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import aclosing
 
 import anyio
@@ -68,15 +69,40 @@ class Router:
         #: Puts received and not yet acknowledged, by position.
         self._unsettled: set[int] = set()
         self._stopping = False
+        self._stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop taking puts; those written are acknowledged first."""
         self._stopping = True
+        self._stopped.set()
         if self._feed is not None:
             self._feed.stop()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Provision the router's consumer, then route until cancelled or stopped."""
+        """Provision the router's consumer, then route until cancelled or stopped. Trouble (NATS away, a bug) is
+        logged and routing starts again after a pause: puts wait in their stream meanwhile."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        delay = 1.0
+        while not self._stopping:
+            try:
+                await self._run(ready)
+                return
+            except Exception as exc:
+                log.warning("stream %s: routing stopped (%s); starting again in %.0f s", self.name, exc, delay)
+            ready()
+            with anyio.move_on_after(delay):
+                await self._stopped.wait()
+            delay = min(30.0, delay * 2)
+        ready()
+
+    async def _run(self, ready: Callable[[], None]) -> None:
         await self.bus.ensure_consumer(
             self.ingest,
             CONSUMER,
@@ -91,12 +117,14 @@ class Router:
         )
         if self._stopping:
             feed.stop()
+        self._resequencer = Resequencer()
+        self._unsettled.clear()
         send, receive = anyio.create_memory_object_stream[_Routed](self.window)
         async with anyio.create_task_group() as tg:
             await tg.start(feed.run)
             await self._recover()
             tg.start_soon(self._acknowledge, receive)
-            task_status.started()
+            ready()
             log.info("stream %s: routing puts to %d shard(s)", self.name, self.shards)
             await self._route_all(feed, send)
 

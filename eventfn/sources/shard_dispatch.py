@@ -201,7 +201,9 @@ class ShardDispatcher:
         self._recovery = recovery
         self._state = state if state is not None else MemoryState()
         self.shape = kinesis.Shape(shard.stream, shard.index)
-        self.stats = ShardStats(shard_id=self.shape.shard_id)
+        self._stats = ShardStats(shard_id=self.shape.shard_id)
+        #: This mapping's counters, with the shard's IteratorAge (`ShardStats`).
+        self.stats: Stats = self._stats
         self.filter = mapping.compiled_filter()
         self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
         self.lanes = [_Lane(i) for i in range(max(1, shard.parallelization_factor))]
@@ -396,7 +398,7 @@ class ShardDispatcher:
 
     async def _process(self, lane: _Lane, batch: list[Message]) -> None:
         """Filter, invoke and settle one batch, retrying it in place until its outcome is durable."""
-        stats = self.stats
+        stats = self._stats
         stats.received += len(batch)
         kept: list[Message] = []
         window = lane.window
@@ -442,7 +444,7 @@ class ShardDispatcher:
                 continue
             if isinstance(step, Split):
                 # Two batches, not a retry: the failed rest after a partial failure, or both halves.
-                self.stats.bisected += 1
+                self._stats.bisected += 1
                 work.popleft()
                 work.appendleft(batch[step.at :])
                 if succeeded < step.at:
@@ -458,7 +460,7 @@ class ShardDispatcher:
                 retries = invokes = 0
                 continue
             retries += 1
-            self.stats.retried += 1
+            self._stats.retried += 1
             if not await self._pause(step.delay, evictions):
                 return await self._hand_back([m for b in work for m in b])
         return None
@@ -485,7 +487,7 @@ class ShardDispatcher:
             payload = self.shape.window_batch(batch, window.start, window.end, window.state)
         else:
             payload = self.shape.batch(batch)
-        stats = self.stats
+        stats = self._stats
         age = max(0, (time.time_ns() - kinesis.arrival_ns(batch[-1])) // 1_000_000)
         stats.iterator_age_ms = age
         stats.max_iterator_age_ms = max(stats.max_iterator_age_ms, age)
@@ -539,7 +541,7 @@ class ShardDispatcher:
             len(left),
             attempt,
             error,
-            self.stats.iterator_age_ms,
+            self._stats.iterator_age_ms,
             then,
         )
 
@@ -559,7 +561,7 @@ class ShardDispatcher:
         with anyio.CancelScope(shield=True):
             for message in records:
                 await self._ack(message)
-        self.stats.processed += len(records)
+        self._stats.processed += len(records)
         return True
 
     async def _give_up(self, records: Sequence[Message], condition: str, invokes: int, error: bytes | None) -> bool:
@@ -606,7 +608,7 @@ class ShardDispatcher:
         with anyio.CancelScope(shield=True):
             for message in records:
                 await self._ack(message)
-        self.stats.dead_lettered += len(records)
+        self._stats.dead_lettered += len(records)
         self.dead_letters.count += 1
         return True
 
@@ -689,12 +691,12 @@ class ShardDispatcher:
         evictions = self._evictions
         while True:
             payload = self.shape.window_batch([], window.start, window.end, window.state, final=True, early=early)
-            self.stats.invocations += 1
+            self._stats.invocations += 1
             outcome = await self._invoke(Invocation(request_id=str(uuid.uuid4()), payload=payload, is_json=True))
             if outcome.ok:
                 break
             retries += 1
-            self.stats.retried += 1
+            self._stats.retried += 1
             if 0 <= self.shard.max_retry_attempts < retries:
                 log.error(
                     "%s: %s final invoke of window %s failed %d time(s) (%s); its state is dropped",
@@ -716,7 +718,7 @@ class ShardDispatcher:
             )
             if not await self._pause(delay, evictions):
                 return  # stopped: the window stays stored, and the next run closes it
-        self.stats.windows_closed += 1
+        self._stats.windows_closed += 1
         if early:
             window.state = b"{}"
             await self._save_window(lane)
