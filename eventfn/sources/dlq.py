@@ -56,12 +56,27 @@ class _RequestContext(msgspec.Struct, frozen=True):
     approximateInvokeCount: int
 
 
+class _BatchInfo(msgspec.Struct, frozen=True):
+    """A sharded stream's batch given up (`kinesis.batch_info_record`): where its records are, not the records."""
+
+    shardId: str = "?"
+    startSequenceNumber: str = "?"
+    endSequenceNumber: str = "?"
+    streamArn: str = "?"
+
+    def describe(self) -> str:
+        stream = self.streamArn.rpartition("/")[2]
+        return f"{self.shardId} {self.startSequenceNumber}-{self.endSequenceNumber} of stream {stream}"
+
+
 class _Record(msgspec.Struct, frozen=True):
-    """The parts of a failure record that listing and redriving need; `requestPayload` kept byte for byte."""
+    """The parts of a failure record that listing and redriving need; `requestPayload` kept byte for byte. A
+    record of a stream batch has `KinesisBatchInfo` instead of the `eventfn` section."""
 
     timestamp: str
     requestContext: _RequestContext
-    eventfn: _Source
+    eventfn: _Source | None = None
+    KinesisBatchInfo: _BatchInfo | None = None
     requestPayload: msgspec.Raw = msgspec.Raw(b"null")
     responsePayload: msgspec.Raw = msgspec.Raw(b"null")
 
@@ -129,7 +144,13 @@ def summary(stored: StoredRecord) -> Summary:
         attempts=record.requestContext.approximateInvokeCount,
         error_type=decoding.one_line(error_type, 128),
         error_message=decoding.one_line(error_message, SUMMARY_MESSAGE_LIMIT),
-        subject=decoding.one_line(record.eventfn.subject),
+        subject=decoding.one_line(
+            record.eventfn.subject
+            if record.eventfn is not None
+            else record.KinesisBatchInfo.describe()
+            if record.KinesisBatchInfo is not None
+            else "?"
+        ),
     )
 
 
@@ -154,7 +175,7 @@ def _is_sequence(record_id: int) -> bool:
 
 def original_event(record: _Record) -> bytes:
     """The event's bytes as first published; raises `UnreadableData` if the record's payload cannot be read."""
-    if record.eventfn.data_base64 is not None:
+    if record.eventfn is not None and record.eventfn.data_base64 is not None:
         return decoding.base64_bytes(record.eventfn.data_base64)
     payload = bytes(record.requestPayload)
     if payload == b"null":
@@ -187,10 +208,20 @@ def plan_redrive(stored: StoredRecord, function: str) -> Redrive:
 
     try:
         record = read_record(stored.data)
-        data = b"" if record.eventfn.truncated else original_event(record)
     except UnreadableData as exc:
         raise refuse(f"not a failure record eventfn can read: {exc.problem}") from exc
     source = record.eventfn
+    if source is None:
+        if record.KinesisBatchInfo is not None:
+            raise refuse(
+                f"it holds the metadata of a failed stream batch ({record.KinesisBatchInfo.describe()}), not events: "
+                "its records stay in the stream until its retention ends; put them again to process them again"
+            )
+        raise refuse("not a failure record eventfn can read: it has no eventfn section")
+    try:
+        data = b"" if source.truncated else original_event(record)
+    except UnreadableData as exc:
+        raise refuse(f"not a failure record eventfn can read: {exc.problem}") from exc
     consumer = source.consumer or f"{function}--async"
     if not _is_name(consumer):
         raise refuse(f"its mapping {consumer!r} is not a consumer name")
