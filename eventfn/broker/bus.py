@@ -199,6 +199,10 @@ class Bus:
         """Publish into JetStream and wait until the write is durable; returns the stream sequence."""
         return (await self._publish_stored(subject, data, headers, timeout)).seq
 
+    async def flush(self, timeout: int = 5) -> None:
+        """Wait until the server has read everything sent so far (acknowledgements included): a round trip."""
+        await self.nc.flush(timeout)
+
     async def publish_soon(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Pending:
         """Send a stored publish without waiting for its acknowledgement (await `Pending.stored` for that): many
         can be outstanding at once, and JetStream stores them in the order of the calls."""
