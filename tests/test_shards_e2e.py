@@ -50,8 +50,10 @@ REPORTER = """
         items = []
         for r in records:
             item = json.loads(base64.b64decode(r["kinesis"]["data"]))
-            items.append({"k": r["kinesis"]["partitionKey"], "n": item["n"], "seq": int(r["kinesis"]["sequenceNumber"]),
-                          "shard": r["eventID"].split(":")[0], "bad": item.get("bad", False), "fail": item.get("fail", 0)})
+            kinesis = r["kinesis"]
+            items.append({"k": kinesis["partitionKey"], "n": item["n"], "seq": int(kinesis["sequenceNumber"]),
+                          "shard": r["eventID"].split(":")[0], "bad": item.get("bad", False),
+                          "fail": item.get("fail", 0)})
         window = {k: event[k] for k in ("window", "state", "isFinalInvokeForWindow") if k in event}
         head = {"fn": os.environ["FN"], "life": LIFE, "id": context.aws_request_id, "window": window,
                 "items": [[i["shard"], i["k"], i["n"], i["seq"]] for i in items]}
