@@ -310,3 +310,112 @@ async def test_a_tumbling_windows_state_carries_across_invocations_to_its_final_
         assert states == sorted(states), "the state grows from invocation to invocation"
         assert invocations[0]["window"]["state"] == {}, "a window starts with a fresh state"
         assert invocations[-1]["items"] == [] and invocations[-1]["window"]["isFinalInvokeForWindow"]
+
+
+# -- Powertools, unchanged ------------------------------------------------------------------------------------------
+
+POWERTOOLS_HANDLER = """
+    # /// eventfn
+    # [[triggers]]
+    # type = "stream"
+    # stream = "clicks"
+    # starting_position = "TRIM_HORIZON"
+    # batch_size = 10
+    # batch_window = 1
+    # [retry]
+    # base_delay = 0.2
+    # [environment]
+    # MARKS = "{marks}"
+    # ///
+    '''Plain Lambda code: Powertools' batch processor over Kinesis records, with its parser's KinesisDataStreamModel.'''
+    import json
+    import os
+
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+    from aws_lambda_powertools.utilities.parser import parse
+    from aws_lambda_powertools.utilities.parser.models import KinesisDataStreamModel
+
+    import _probe
+
+    processor = BatchProcessor(event_type=EventType.KinesisDataStreams)
+
+
+    def record_handler(record):
+        n = record.kinesis.data_as_json()["n"]
+        _probe.report("probe.powertools", json.dumps({{"n": n, "seq": record.kinesis.sequence_number}}))
+        mark = os.path.join(os.environ["MARKS"], str(n))
+        if n == 3 and not os.path.exists(mark):  # fails the first time only (a mark file: any worker may retry)
+            open(mark, "w").close()
+            raise ValueError("not yet")
+
+
+    def handler(event, context):
+        parsed = parse(event=event, model=KinesisDataStreamModel)
+        _probe.report("probe.powertools.batch", json.dumps([r.kinesis.sequenceNumber for r in parsed.Records]))
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+"""
+
+
+async def test_powertools_kinesis_code_runs_unchanged_and_a_reported_failure_retries_from_its_sequence_number(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
+) -> None:
+    config.write_text("[streams.clicks]\nshards = 1\n", encoding="utf-8")
+    marks = handlers.parent / "marks"
+    marks.mkdir()
+    write_handler(handlers, "shop", POWERTOOLS_HANDLER.format(marks=marks))
+    items, batches = Collector(), Collector()
+    await nc.subscribe("probe.powertools", cb=items.on_message)
+    await nc.subscribe("probe.powertools.batch", cb=batches.on_message)
+    await nc.flush()
+    await start(serve, config, "shop")
+    await put(nc, range(6), lambda n: f"user-{n}")
+    first, retry = [json.loads(t) for t in await batches.wait_for(2)]
+    assert len(first) == 6
+    assert retry == first[3:], "checkpointed before the failed record; the rest retried from it"
+    seen = [json.loads(t)["n"] for t in await items.wait_for(9)]
+    assert seen == [0, 1, 2, 3, 4, 5, 3, 4, 5]
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------------
+
+
+async def test_stream_put_ls_and_describe_show_shards_checkpoints_and_iterator_age(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
+) -> None:
+    add_function(handlers, "live", "batch_size = 5")
+    add_function(handlers, "paused", "enabled = false")  # its consumers wait: a backlog with an iterator age
+    service = await start(serve, config, "live", "paused")
+    reports = await subscribe(nc)
+    cli = ("--config", str(config), "stream")
+    done = await service.acli(*cli, "put", "clicks", "--key", "user-1", '{"n": 0}')
+    assert done.returncode == 0, done.stderr
+    shard = shards.shard_id(shards.shard_of("user-1", 4))
+    assert shard in done.stdout
+    await put(nc, range(1, 11), lambda n: f"user-{n}")
+    await reports.wait_until(lambda: len(reports.done("live")) == 11)
+
+    listed = await service.acli(*cli, "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [clicks] = json.loads(listed.stdout)
+    assert (clicks["stream"], clicks["shards"], clicks["records"], clicks["unrouted"]) == ("clicks", 4, 11, 0)
+    assert clicks["lastSequence"] == 11
+
+    described = await service.acli(*cli, "describe", "clicks", "--json")
+    assert described.returncode == 0, described.stderr
+    found = json.loads(described.stdout)
+    assert [s["hashKeyRange"]["startingHashKey"] for s in found["shards"]] == [str(i * 2**126) for i in range(4)]
+    assert sum(s["records"] for s in found["shards"]) == 11
+    by_mapping = {m["mapping"]: m for m in found["mappings"]}
+    index = shards.shard_of("user-1", 4)
+    live, paused = by_mapping[f"live--t0--shard-{index}"], by_mapping[f"paused--t0--shard-{index}"]
+    last = next(s["lastSequence"] for s in found["shards"] if s["shardId"] == shard)
+    assert (live["checkpoint"], live["behind"], live["iteratorAgeMs"]) == (last, 0, 0)
+    assert paused["checkpoint"] == 0 and paused["behind"] >= 1 and paused["paused"]
+    assert paused["iteratorAgeMs"] > 0, "how long ago its first unprocessed record arrived"
+
+    table = await service.acli(*cli, "describe", "clicks")
+    assert table.returncode == 0 and "ITERATOR AGE" in table.stdout and shard in table.stdout
+    missing = await service.acli(*cli, "describe", "nope")
+    assert missing.returncode == 1 and "not declared" in missing.stderr and "Traceback" not in missing.stderr
