@@ -117,12 +117,15 @@ class Pending:
 
     async def stored(self, timeout: float) -> Published:
         """Wait until JetStream has the message; raises `TimeoutError`, or the error JetStream answered."""
-        try:
-            with anyio.fail_after(timeout):
-                ack = await asyncio.shield(self._future)
-        except TimeoutError:
-            self._future.cancel()  # frees its place among nats-py's pending publishes
-            raise
+        future = self._future
+        if not future.done():  # (most are, in a pipeline: no wait, no scope)
+            try:
+                with anyio.fail_after(timeout):
+                    await future
+            except TimeoutError:
+                future.cancel()  # frees its place among nats-py's pending publishes
+                raise
+        ack = future.result()
         return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
 
 

@@ -17,12 +17,12 @@ keyed by its position among the puts (its stream sequence), which spreads such p
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from eventfn import subjects
 from eventfn.broker.bus import Bus, Pending
@@ -119,14 +119,17 @@ class Router:
             feed.stop()
         self._resequencer = Resequencer()
         self._unsettled.clear()
-        send, receive = anyio.create_memory_object_stream[_Routed](self.window)
+        pipeline = _Pipeline(self.window)
         async with anyio.create_task_group() as tg:
             await tg.start(feed.run)
             await self._recover()
-            tg.start_soon(self._acknowledge, receive)
+            tg.start_soon(self._acknowledge, pipeline)
             ready()
             log.info("stream %s: routing puts to %d shard(s)", self.name, self.shards)
-            await self._route_all(feed, send)
+            try:
+                await self._route_all(feed, pipeline)
+            finally:
+                pipeline.close()
 
     def _pin_changed(self, pinned: bool) -> None:
         # Taking over from a router that died: its unacknowledged puts come back late; put them back in order.
@@ -142,10 +145,10 @@ class Router:
         if state is not None and state.ack_pending:
             self._resequencer.arm(state.ack_pending, state.delivered_stream_seq, ACK_WAIT + 5, self._unsettled)
 
-    async def _route_all(self, feed: PullFeed, send: MemoryObjectSendStream[_Routed]) -> None:
-        async with send, aclosing(self._resequencer.take(feed, self._before)) as ordered:
+    async def _route_all(self, feed: PullFeed, pipeline: _Pipeline) -> None:
+        async with aclosing(self._resequencer.take(feed, self._before)) as ordered:
             async for message in ordered:
-                await self._route(message, send)
+                await self._route(message, pipeline)
         with anyio.CancelScope(shield=True):
             for held in self._resequencer.release():  # stopped while waiting for redeliveries: back to JetStream
                 await held.nak()
@@ -165,7 +168,7 @@ class Router:
             return subject[len(self._prefix) :]
         return str(message.stream_seq)
 
-    async def _route(self, message: Message, send: MemoryObjectSendStream[_Routed]) -> None:
+    async def _route(self, message: Message, pipeline: _Pipeline) -> None:
         key = self.key_of(message)
         subject = shard_subject(self.name, shard_of(key, self.shards))
         headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("Nats-")}
@@ -193,34 +196,78 @@ class Router:
         except Exception as exc:  # not sent (the connection is down): written again, in place, below
             log.debug("stream %s: put %d not sent (%s)", self.name, message.stream_seq, exc)
             pending = None
-        await send.send((message, pending, subject, headers))
+        await pipeline.put((message, pending, subject, headers))
 
-    async def _acknowledge(self, receive: MemoryObjectReceiveStream[_Routed]) -> None:
-        async with receive:
-            async for message, pending, subject, headers in receive:
-                delay = 0.1
-                while True:
-                    try:
-                        if pending is not None:
-                            await pending.stored(WRITE_TIMEOUT)
-                        else:
-                            await self.bus.publish_stored(subject, message.data, headers, timeout=WRITE_TIMEOUT)
-                        break
-                    except Exception as exc:
-                        # JetStream did not store it (no leader, an election): write it again with the same id.
-                        # Later puts may have been stored meanwhile, so this one can land behind them (as a
-                        # retried Kinesis put can).
-                        log.warning(
-                            "stream %s: writing put %d to its shard failed (%s); trying again in %.1f s",
-                            self.name,
-                            message.stream_seq,
-                            exc or type(exc).__name__,
-                            delay,
-                        )
-                        pending = None
-                        await message.in_progress()
-                        await anyio.sleep(delay)
-                        delay = min(5.0, delay * 2)
-                await message.ack()
-                self._unsettled.discard(message.stream_seq)
-                self.routed += 1
+    async def _acknowledge(self, pipeline: _Pipeline) -> None:
+        while True:
+            item = await pipeline.head()
+            if item is None:
+                return
+            message, pending, subject, headers = item
+            delay = 0.1
+            while True:
+                try:
+                    if pending is not None:
+                        await pending.stored(WRITE_TIMEOUT)
+                    else:
+                        await self.bus.publish_stored(subject, message.data, headers, timeout=WRITE_TIMEOUT)
+                    break
+                except Exception as exc:
+                    # JetStream did not store it (no leader, an election): write it again with the same id.
+                    # Later puts may have been stored meanwhile, so this one can land behind them (as a
+                    # retried Kinesis put can).
+                    log.warning(
+                        "stream %s: writing put %d to its shard failed (%s); trying again in %.1f s",
+                        self.name,
+                        message.stream_seq,
+                        exc or type(exc).__name__,
+                        delay,
+                    )
+                    pending = None
+                    await message.in_progress()
+                    await anyio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+            await message.ack()
+            self._unsettled.discard(message.stream_seq)
+            self.routed += 1
+            pipeline.pop()
+
+
+class _Pipeline:
+    """Puts written and not yet acknowledged, in put order: the router writes at the tail and acknowledges at the
+    head. Bounded: a full pipeline holds the writer back. (A deque, not a memory stream: that would go round the
+    event loop for every put, and the client would write every put to its socket on its own.)"""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: deque[_Routed] = deque()
+        self._changed = anyio.Event()
+        self._closed = False
+
+    async def put(self, item: _Routed) -> None:
+        while len(self.items) >= self.size:
+            await self._wait()
+        self.items.append(item)
+        self._changed.set()
+
+    async def head(self) -> _Routed | None:
+        """The oldest write not acknowledged (left in place until `pop`); None once closed and empty."""
+        while not self.items:
+            if self._closed:
+                return None
+            await self._wait()
+        return self.items[0]
+
+    def pop(self) -> None:
+        self.items.popleft()
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    async def _wait(self) -> None:
+        event = self._changed
+        await event.wait()
+        if self._changed is event:
+            self._changed = anyio.Event()

@@ -185,13 +185,18 @@ class Resequencer:
     async def take(self, feed: Feed, before: Callable[[Message], Awaitable[None]]) -> AsyncGenerator[Message, None]:
         """`feed`'s deliveries in order until it ends: each first goes through `before` (which may `arm`)."""
         while True:
-            deadline = self.deadline
             message = None
-            with anyio.move_on_after(max(0.0, deadline - time.monotonic()) if deadline is not None else None):
-                try:
-                    message = await feed.receive()
-                except anyio.EndOfStream:
-                    break
+            try:
+                message = feed.receive_nowait()  # (a delivery waiting: no cancel scope, no trip round the loop)
+            except anyio.WouldBlock:
+                deadline = self.deadline
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic()) if deadline is not None else None):
+                    try:
+                        message = await feed.receive()
+                    except anyio.EndOfStream:
+                        break
+            except anyio.EndOfStream:
+                break
             if message is None or (self.armed and time.monotonic() >= self._until):
                 if self.held:
                     log.info("%d held deliveries released after waiting for redeliveries", len(self.held))
