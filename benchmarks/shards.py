@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -245,7 +246,9 @@ def markdown(table: list[Row], meta: dict[str, Any]) -> str:
             f"| {r.scenario} · {r.what}{note} | {r.figure:,.0f} {r.unit} | {r.ceiling:,.0f} {r.unit} "
             f"({r.ceiling_what}) | {ratio} |"
         )
-    lines += ["", *(f"- {line}" for line in (__doc__ or "").split("\n\n")[1].splitlines())]
+    method = (__doc__ or "").split("\n\n")[1]
+    lines += ["", "Method:", ""]
+    lines += [" ".join(item.split()) for item in re.split(r"\n(?=\d\. )", method)]
     return "\n".join(lines) + "\n"
 
 

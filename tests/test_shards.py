@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.kinesis_stream_event import KinesisStreamRecord
@@ -495,3 +496,60 @@ async def test_stopping_during_a_retry_hands_the_batch_back_unacknowledged() -> 
     await run(m, fn, feed, lambda: len(fn.calls) >= 1)
     assert feed.acked == []
     assert sorted(seq for seq, _ in feed.naked) == [1, 2]
+
+
+async def test_filters_skip_records_by_their_data_and_partition_key() -> None:
+    feed = MemoryFeed()
+    for n in range(6):
+        put(feed, n, "eu-1" if n % 2 else "us-1", temp=30 + n)
+    fn = Function()
+    patterns = ('{"data": {"temp": [{"numeric": [">", 31]}]}, "partitionKey": [{"prefix": "eu-"}]}',)
+    m = msgspec.structs.replace(mapping(batch_size=10, batch_window=0.1), filters=patterns)
+    dispatcher = await run(m, fn, feed, lambda: len(feed.acked) == 6)
+    assert [i["n"] for call in fn.calls for i in call] == [3, 5]
+    assert dispatcher.stats.filtered == 4
+
+
+async def test_records_waiting_for_a_retry_are_kept_alive() -> None:
+    feed = MemoryFeed()
+    put(feed, 0, "k")
+    put(feed, 1, "k")
+    m = mapping(batch_size=1)
+    # A short ack wait (its third is the keepalive period) so that the test sees keepalives within a second.
+    m = msgspec.structs.replace(
+        m, source=msgspec.structs.replace(m.source, ack_wait=0.3), retry=RetryPolicy(base_delay=5, max_delay=5)
+    )
+    fn = Function(lambda event, items: False)
+    await run(m, fn, feed, lambda: {1, 2} <= set(feed.kept_alive))
+    assert feed.acked == []  # the failing record waits for its retry; the next one of its lane waits behind it
+    assert len(fn.calls) == 1
+
+
+async def test_losing_the_consumer_hands_back_what_waits_and_keeps_what_runs() -> None:
+    feed = MemoryFeed()
+    for n in range(5):
+        put(feed, n, "k")
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def slow(invocation: Invocation) -> Outcome:
+        started.set()
+        await release.wait()
+        return Outcome(ok=True, payload=b"null")
+
+    m = mapping(batch_size=2)
+    feed.max_inflight = m.max_inflight
+    dispatcher = ShardDispatcher(MemorySink(), m, feed, invoke=slow)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            await started.wait()
+            dispatcher.pin_changed(False)  # another process consumes the shard now
+            while len(feed.naked) < 3:  # noqa: ASYNC110 - the in-memory source has no event for a nak
+                await anyio.sleep(0.01)
+            release.set()
+            while len(feed.acked) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            dispatcher.stop()
+    assert sorted(seq for seq, _ in feed.naked[:3]) == [3, 4, 5]  # the queued records, for the new owner
+    assert feed.acked[:2] == [1, 2]  # the batch under way finished and was checkpointed

@@ -205,6 +205,9 @@ class Resequencer:
                 if message is None:
                     continue
             await before(message)
+            if not self.armed:
+                yield message
+                continue
             for ready in self.offer(message):
                 yield ready
 
