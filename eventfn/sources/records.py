@@ -14,7 +14,7 @@ import base64
 import functools
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -239,6 +239,148 @@ class SqsShape:
 
 #: Record shapes by the name a source declares.
 SHAPES = {"sqs": SqsShape()}
+
+
+# -- queue batches (SQS semantics) --------------------------------------------------------------------------------
+
+#: Headers of a queue message that SQS carries as message properties, not attributes (`queues` sets them).
+QUEUE_GROUP_HEADER = "Message-Group-Id"
+QUEUE_DEDUP_HEADER = "Message-Deduplication-Id"
+QUEUE_DELAY_HEADER = "Delay-Seconds"
+#: Set on a message moved to a dead-letter queue: the queue it was moved from (`DeadLetterQueueSourceArn`).
+QUEUE_SOURCE_HEADER = "Eventfn-Source-Queue"
+_QUEUE_CONTROL = frozenset((QUEUE_GROUP_HEADER, QUEUE_DEDUP_HEADER, QUEUE_DELAY_HEADER))
+#: The `eventSourceARN` of queue `<name>` is this plus the name.
+QUEUE_ARN_PREFIX = f"arn:aws:sqs:{REGION}:000000000000:"
+
+
+class QueueAttributes(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`attributes` of an SQS record; FIFO queues add the sequence number, group and deduplication ids."""
+
+    ApproximateReceiveCount: str
+    SentTimestamp: str
+    SenderId: str
+    ApproximateFirstReceiveTimestamp: str
+    SequenceNumber: str | None = None
+    MessageGroupId: str | None = None
+    MessageDeduplicationId: str | None = None
+    #: On a message in a dead-letter queue: the ARN of the queue it was moved from.
+    DeadLetterQueueSourceArn: str | None = None
+
+
+class QueueRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One message of a queue as SQS hands it to Lambda (no eventfn extras but `bodyEncoding`, for binary data)."""
+
+    messageId: str
+    receiptHandle: str
+    body: str
+    attributes: QueueAttributes
+    messageAttributes: dict[str, MessageAttribute]
+    md5OfBody: str
+    eventSource: str
+    eventSourceARN: str
+    awsRegion: str
+    #: Set (and only then present) when `body` holds base64 because the data was not UTF-8 text.
+    bodyEncoding: str | None = None
+
+
+class QueueBatch(msgspec.Struct, frozen=True):
+    Records: list[QueueRecord]
+
+
+#: A message's attributes when it has no headers: none (shared, read-only: only encoded).
+_NO_ATTRIBUTES: dict[str, MessageAttribute] = {}
+
+
+def queue_arn(name: str) -> str:
+    """The `eventSourceARN` of queue `name`."""
+    return QUEUE_ARN_PREFIX + name
+
+
+def queue_attributes(headers: Mapping[str, str] | None) -> dict[str, MessageAttribute]:
+    """The `messageAttributes` of a queue message: its headers, less NATS's, eventfn's and SQS's own properties."""
+    if not headers:
+        return _NO_ATTRIBUTES
+    return {
+        k: MessageAttribute(v)
+        for k, v in headers.items()
+        if k not in _QUEUE_CONTROL and not k.startswith(SYSTEM_HEADER_PREFIXES)
+    }
+
+
+class QueueShape:
+    """Batches of one queue's messages as SQS delivers them to Lambda: always `{"Records": [...]}`.
+
+    Built once per mapping: the ARN and the receipt handle's prefix are the queue's constants. `receive_count`
+    says how often each message was received (its deliveries less those that came before it was due).
+    """
+
+    unwrap_single = False
+
+    def __init__(
+        self,
+        queue: str,
+        *,
+        fifo: bool,
+        stream: str,
+        consumer: str,
+        # Any: the dispatcher's counter takes its own message type (a `DeliveredMessage`).
+        receive_count: Callable[[Any], int],
+        content_based_deduplication: bool = False,
+    ) -> None:
+        self.arn = queue_arn(queue)
+        self.fifo = fifo
+        self.content_based = content_based_deduplication
+        self.receive_count = receive_count
+        self._receipt = f"{RECEIPT_PREFIX}{stream}/{consumer}/"
+
+    def batch(self, messages: Sequence[DeliveredMessage], ids: Sequence[str], source_arn: str) -> bytes:
+        return _batch_encoder.encode(QueueBatch([self.record(m, i) for m, i in zip(messages, ids, strict=True)]))
+
+    def record(self, message: DeliveredMessage, message_id: str) -> QueueRecord:
+        """The SQS record of one delivered message."""
+        data = message.data
+        try:
+            body, encoding, text = data.decode("utf-8"), None, data
+        except UnicodeDecodeError:
+            text = base64.b64encode(data)
+            body, encoding = text.decode("ascii"), "base64"
+        headers = message.headers
+        count = self.receive_count(message)
+        seq = str(message.stream_seq)
+        sent = str(message.timestamp_ns // 1_000_000)
+        group = dedup = moved_from = None
+        if headers:
+            if self.fifo:
+                group = headers.get(QUEUE_GROUP_HEADER)
+                dedup = headers.get(QUEUE_DEDUP_HEADER) or headers.get("Nats-Msg-Id")
+            if source := headers.get(QUEUE_SOURCE_HEADER):
+                moved_from = queue_arn(source)
+        if self.fifo and dedup is None and self.content_based:
+            dedup = hashlib.sha256(data).hexdigest()
+        return QueueRecord(
+            messageId=message_id,
+            receiptHandle=f"{self._receipt}{seq}/{message.delivered}",
+            body=body,
+            attributes=QueueAttributes(
+                ApproximateReceiveCount=str(count),
+                SentTimestamp=sent,
+                SenderId=SENDER_ID,
+                # Exact on a first receive; on a later one eventfn (which keeps no state per message) gives the
+                # time the message was stored, the earliest it can have been received.
+                ApproximateFirstReceiveTimestamp=str(int(message.received_at * 1000)) if count <= 1 else sent,
+                SequenceNumber=seq if self.fifo else None,
+                MessageGroupId=group,
+                MessageDeduplicationId=dedup,
+                DeadLetterQueueSourceArn=moved_from,
+            ),
+            messageAttributes=queue_attributes(headers),
+            md5OfBody=hashlib.md5(text, usedforsecurity=False).hexdigest(),
+            eventSource="aws:sqs",
+            eventSourceARN=self.arn,
+            awsRegion=REGION,
+            bodyEncoding=encoding,
+        )
 
 
 # -- partial batch responses ------------------------------------------------------------------------------------
