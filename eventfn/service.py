@@ -40,6 +40,10 @@ from eventfn.sources.connector import Bound
 from eventfn.sources.dispatch import Dispatcher, Running
 from eventfn.sources.hosted import Hosted
 from eventfn.sources.mappings import Mapping
+from eventfn.sources.owners import Owners
+from eventfn.sources.resources import Resources
+from eventfn.sources.router import Router
+from eventfn.sources.shard_dispatch import ShardDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,14 @@ class Service:
         self._reload_lock = anyio.Lock()
         self.api = Api(bus, self.invoker, self)
         state = StateStore(bus, replicas=config.stream.replicas)
+        #: The queues and sharded streams declared in eventfn.toml.
+        self.resources = Resources.of(config)
+        #: The replicas sharing the sharded streams' shards, and which shards this one runs.
+        self.owners = Owners(state.of("members"))
+        self.owners.on_change = self._owners_changed
+        self._replan = anyio.Event()
+        #: Tumbling-window state and the like of the shard dispatchers.
+        self.shard_state = state.of("shards")
         #: The installed connectors (bucket watcher, scheduler, plugins), publishing into the events stream.
         self.connectors = Hosted(
             config.connectors,
@@ -237,10 +249,16 @@ class Service:
                 )
         for problem in dict.fromkeys(problems.values()):
             log.error("%s", problem)
+        for spec in self.resources.specs():
+            if self._streams.get(spec.name) != spec:
+                await self._ensure_stream(spec)
         bounds: list[Bound] = []
-        for fn in self.functions.values():
+        #: Queue -> the mapping consuming it: a work-queue stream gives each message to one consumer only.
+        consumed: dict[str, str] = {}
+        for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
-                planned = mappings.plan(fn.name, fn.routing_settings, self.connectors.source)
+                planned = mappings.plan(fn.name, fn.routing_settings, self.connectors.source, self.resources)
+                _claim_queues(planned, consumed)
             except ConfigError as exc:
                 log.error("function %s: its triggers cannot be set up: %s", fn.name, exc)
                 continue
@@ -253,7 +271,11 @@ class Service:
             loaded = fn.pool is not None and fn.settings is not None
             # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; a source that dead-letters
             # instead (the async queue: Lambda sends those to the DLQ without retries) keeps running.
-            runnable = {n for n, m in wanted.items() if loaded and (not fn.disabled or mappings.runs_while_disabled(m))}
+            runnable = {
+                n
+                for n, m in wanted.items()
+                if loaded and (not fn.disabled or mappings.runs_while_disabled(m)) and self._owns(m)
+            }
             own = [n for n, r in self.running.items() if r.mapping.function == fn.name]
             await self._stop_mappings([n for n in own if n not in runnable or wanted.get(n) != self.running[n].mapping])
             for name, mapping in wanted.items():
@@ -261,10 +283,37 @@ class Service:
                     await mappings.provision(self.bus, mapping, from_start=recreated)
                     self.provisioned[name] = mapping
                 if name in runnable and name not in self.running:
-                    await self._start_mapping(fn, mapping)
+                    try:
+                        await self._start_mapping(fn, mapping)
+                    except Exception:  # a bug in one source's dispatcher must not stop the service
+                        log.exception("function %s: mapping %s could not be started", fn.name, name)
         # Consumers first: what a connector publishes from now on has a mapping waiting for it.
         self.connectors.update(bounds)
         self._provisioned = True
+
+    def _owns(self, mapping: Mapping) -> bool:
+        """Whether this replica runs `mapping`: all of them but shards, which the live replicas share out."""
+        shard = mapping.source.shard
+        return shard is None or self.owners.owns(mapping.name.rpartition("--")[0], shard.index)
+
+    def _owners_changed(self) -> None:
+        self._replan.set()
+
+    async def watch_owners(self) -> None:
+        """When replicas come or go, start the shards this one now owns and stop those it no longer does (a
+        stopping shard finishes its batch and hands its consumer over)."""
+        while True:
+            await self._replan.wait()
+            self._replan = anyio.Event()
+            try:
+                async with self._reload_lock:
+                    await self._provision()
+            except Exception as exc:  # NATS away: `watch_streams` provisions again once it is back
+                log.warning("re-spreading shards failed (%s); retried when NATS answers", exc)
+
+    def routers(self) -> list[Router]:
+        """One router per sharded stream: puts to their shards, in order (one replica at a time routes each)."""
+        return [Router(self.bus, name, settings) for name, settings in self.resources.streams.items()]
 
     async def _ensure_stream(self, spec: StreamSpec) -> dict[str, str]:
         # Recorded before it is applied: if JetStream does not answer now (an election), `watch_streams` finds
@@ -350,7 +399,13 @@ class Service:
             state = await self.bus.consumer_state(stream, mapping.name)
             return (state.ack_pending, state.delivered_stream_seq) if state else (0, 0)
 
-        dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery)
+        dispatcher: Dispatcher | ShardDispatcher
+        if mapping.source.shard is not None:
+            dispatcher = ShardDispatcher(
+                self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery, state=self.shard_state
+            )
+        else:
+            dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery)
         running = started = Running(dispatcher, mapping)
         self.running[mapping.name] = started
 
@@ -378,12 +433,19 @@ class Service:
         async with self._reload_lock:
             dlq_lost = not await self.bus.stream_exists(DLQ_STREAM)
             events_lost = EVENTS_STREAM in self._streams and not await self.bus.stream_exists(EVENTS_STREAM)
+            resources_lost = [
+                spec.name for spec in self.resources.specs() if not await self.bus.stream_exists(spec.name)
+            ]
+            for name in resources_lost:
+                self._streams.pop(name, None)  # provisioned again below, with the consumers on it
+            missing_on_resources = [n for n, m in self.provisioned.items() if m.source.stream in resources_lost]
             missing = [
                 name
                 for name in (list(self.provisioned) if consumers and not events_lost else [])
                 if not await self.bus.consumer_exists(self.provisioned[name].source.stream, name)
             ]
-            if not (dlq_lost or events_lost or missing):
+            missing = list(dict.fromkeys([*missing, *missing_on_resources]))
+            if not (dlq_lost or events_lost or missing or resources_lost):
                 return
             if dlq_lost:
                 self._streams.pop(DLQ_STREAM, None)  # provisioned again below
@@ -397,6 +459,7 @@ class Service:
             recreated = sorted(name for name in missing if name in self.provisioned)
         self.bus.refresh_feeds()
         what = [f"stream {DLQ_STREAM} (its records are lost)"] if dlq_lost else []
+        what += [f"stream {name} (what it held is lost)" for name in resources_lost]
         if events_lost:
             what.append(f"stream {EVENTS_STREAM} with its {len(recreated)} consumer(s) (events it held are lost)")
         elif recreated:
@@ -458,6 +521,25 @@ class Service:
         self.tg.cancel_scope.cancel()
 
 
+def _claim_queues(planned: dict[str, Mapping], consumed: dict[str, str]) -> None:
+    """Record which mapping consumes each queue of `planned`; a `ConfigError` if another already does (a
+    work-queue stream delivers each message to one consumer: two functions on one queue would split it)."""
+    for name, mapping in planned.items():
+        queue = mapping.source.queue
+        if queue is None:
+            continue
+        other = consumed.get(queue.name)
+        if other is not None and other != name:
+            raise ConfigError(
+                f"trigger {name.partition('--')[2]}",
+                f"queue {queue.name!r} is consumed by mapping {other} already",
+                "one mapping per queue (each message goes to one consumer); fan out with a sharded stream instead",
+            )
+    for name, mapping in planned.items():
+        if mapping.source.queue is not None:
+            consumed[mapping.source.queue.name] = name
+
+
 def _keeps_serving(fn: Function) -> str:
     return f"; version {fn.pool.version} keeps serving" if fn.pool else ""
 
@@ -506,7 +588,12 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
             async with anyio.create_task_group() as tg:
                 service = Service(config, bus, tg)
                 bus.on_lost = service.streams_lost
+                if service.resources.streams:  # before the first plan: which shards this replica runs
+                    await tg.start(service.owners.run)
                 await service.reload()
+                for router in service.routers():
+                    await tg.start(router.run)
+                tg.start_soon(service.watch_owners)
                 await tg.start(service.api.serve_requests)
                 stop_watching = anyio.Event()
                 await tg.start(service.watch, stop_watching)

@@ -86,13 +86,16 @@ def test_a_trigger_of_a_connector_type_is_read_as_its_options(tmp_path: Path, pi
     assert subjects_trigger == Trigger(subjects=["events.a"])
 
 
+TYPES = "type is one of: bucket, ping, queue, schedule, stream, subjects"
+
+
 @pytest.mark.parametrize(
     ("trigger", "problem", "fix"),
     [
-        ({"type": "pong"}, "unknown trigger type 'pong'", "type is one of: bucket, ping, schedule, subjects"),
+        ({"type": "pong"}, "unknown trigger type 'pong'", TYPES),
         # Not a string: a clear error too, not a TypeError from looking a list up in a dict.
-        ({"type": ["ping"]}, "unknown trigger type ['ping']", "type is one of: bucket, ping, schedule, subjects"),
-        ({"type": 5}, "unknown trigger type 5", "type is one of: bucket, ping, schedule, subjects"),
+        ({"type": ["ping"]}, "unknown trigger type ['ping']", TYPES),
+        ({"type": 5}, "unknown trigger type 5", TYPES),
         ({"type": "ping"}, "missing required field `target` - at `$.triggers[0]`", "keys are: type, name"),
         ({"type": "ping", "target": "x", "tagret": 1}, "unknown field `tagret`", "target, level"),
         ({"type": "ping", "target": "x", "level": 7}, "level must be 1, 2 or 3, not 7", "target, level"),

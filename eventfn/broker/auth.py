@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from eventfn import subjects
-from eventfn.config import AuthSettings, NatsSettings, ServiceConfig, valid_subject
+from eventfn.config import AuthSettings, NatsSettings, ServiceConfig, all_queues, valid_subject
 from eventfn.errors import ConfigError
 from eventfn.subjects import reserved_overlap
 
@@ -75,9 +75,66 @@ class Permissions(msgspec.Struct, frozen=True, kw_only=True):
     allow_responses: bool = False
 
 
-def permissions(role: str, trigger_subjects: Sequence[str], extra_publish: Sequence[str] = ()) -> Permissions:
-    """The permissions of `role`; `trigger_subjects` are the events stream's (`[stream] subjects`)."""
-    events = [*trigger_subjects, *extra_publish]
+def resource_streams(config: ServiceConfig) -> list[str]:
+    """The JetStream streams of the queues and sharded streams `config` declares (`resource_rights`)."""
+    streams = [subjects.queue_stream(name) for name in all_queues(config)]
+    for name in config.streams:
+        streams += [subjects.data_stream(name), subjects.ingest_stream(name)]
+    return streams
+
+
+def resource_rights(role: str, streams: Sequence[str]) -> list[str]:
+    """What `role` may publish to on the queues' and sharded streams' JetStream `streams` (one per queue, two per
+    sharded stream; their names come from `eventfn.toml`, so each is listed, not matched by a wildcard that would
+    reach other streams). The service provisions and consumes them, and moves messages to a queue's DLQ; the
+    admin reads, purges and redrives them (`eventfn queue`, `eventfn stream`)."""
+    if role == SERVICE:
+        verbs = ("INFO", "PAUSE", "MSG.NEXT", "UNPIN")
+        return [
+            subjects.QUEUE_PREFIX + ">",
+            subjects.SHARD_PREFIX + ">",
+            *(
+                right
+                for stream in streams
+                for right in (
+                    *(f"$JS.API.STREAM.{verb}.{stream}" for verb in ("INFO", "CREATE", "UPDATE")),
+                    f"$JS.API.CONSUMER.CREATE.{stream}",
+                    f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.*",
+                    *(f"$JS.API.CONSUMER.{verb}.{stream}.*" for verb in verbs),
+                    *(f"$JS.API.CONSUMER.{verb}.{stream}" for verb in ("NAMES", "LIST")),
+                    f"$JS.ACK.{stream}.>",
+                    f"$JS.ACK.*.*.{stream}.>",
+                )
+            ),
+        ]
+    if role == ADMIN:
+        return [
+            subjects.QUEUE_PREFIX + ">",
+            subjects.STREAM_PREFIX + ">",
+            subjects.SHARD_PREFIX + ">",
+            *(
+                right
+                for stream in streams
+                for right in (
+                    *(f"$JS.API.STREAM.{verb}.{stream}" for verb in ("INFO", "MSG.GET", "MSG.DELETE", "PURGE")),
+                    f"$JS.API.DIRECT.GET.{stream}",
+                    f"$JS.API.DIRECT.GET.{stream}.>",
+                    f"$JS.API.CONSUMER.INFO.{stream}.*",
+                    *(f"$JS.API.CONSUMER.{verb}.{stream}" for verb in ("NAMES", "LIST")),
+                )
+            ),
+        ]
+    # Invokers (and clients without credentials, where they may publish) send to queues and put to streams.
+    return [subjects.QUEUE_PREFIX + ">", subjects.STREAM_PREFIX + ">"] if streams else []
+
+
+def permissions(
+    role: str, trigger_subjects: Sequence[str], extra_publish: Sequence[str] = (), resources: Sequence[str] = ()
+) -> Permissions:
+    """The permissions of `role`; `trigger_subjects` are the events stream's (`[stream] subjects`), `resources`
+    the queues' and sharded streams' JetStream streams (`resource_streams`)."""
+    events = [*trigger_subjects, *extra_publish, *resource_rights(role, resources)]
     invoke = [subjects.INVOKE_PREFIX + "*", subjects.ASYNC_PREFIX + "*"]
     inbox = [INBOX_PREFIXES[role] + ".>"]
     if role == SERVICE:
@@ -289,7 +346,12 @@ def check_embedded(settings: NatsSettings) -> None:
         )
 
 
-def server_config(credentials: dict[str, Context], settings: NatsSettings, trigger_subjects: Sequence[str]) -> str:
+def server_config(
+    credentials: dict[str, Context],
+    settings: NatsSettings,
+    trigger_subjects: Sequence[str],
+    resources: Sequence[str] = (),
+) -> str:
     """The `authorization` block (and `no_auth_user`) of the embedded server's configuration."""
     users: list[dict[str, Any]] = []
     for role, context in credentials.items():
@@ -297,13 +359,13 @@ def server_config(credentials: dict[str, Context], settings: NatsSettings, trigg
             {
                 "user": context.user,
                 "password": context.password,
-                "permissions": _nats_permissions(permissions(role, trigger_subjects, settings.auth.publish)),
+                "permissions": _nats_permissions(permissions(role, trigger_subjects, settings.auth.publish, resources)),
             }
         )
     text = ""
     if anonymous_allowed(settings):
         # no_auth_user must name a configured user; nobody logs in as it with its password, which is not kept.
-        anonymous = permissions(ANONYMOUS, trigger_subjects, settings.auth.publish)
+        anonymous = permissions(ANONYMOUS, trigger_subjects, settings.auth.publish, resources)
         users.append(
             {"user": ANONYMOUS, "password": secrets.token_urlsafe(24), "permissions": _nats_permissions(anonymous)}
         )
@@ -368,7 +430,9 @@ class EmbeddedAuth:
         """The `authorization` block for the server's configuration (empty when access control is off)."""
         if not self.credentials:
             return ""
-        return server_config(self.credentials, self.config.nats, self.config.stream.subjects)
+        return server_config(
+            self.credentials, self.config.nats, self.config.stream.subjects, resource_streams(self.config)
+        )
 
     def started(self, url: str) -> NatsSettings:
         """The server is up at `url`: write the credentials files, say where they are, and return the

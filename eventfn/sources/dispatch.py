@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -442,10 +442,26 @@ class Dispatcher:
         return DLQ_RETRY_DELAY if ordered else None
 
 
+class Runner(Protocol):
+    """What runs one mapping (`Dispatcher`, `shard_dispatch.ShardDispatcher`), as the service drives it."""
+
+    feed: Feed
+    stats: Stats
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None:
+        """Consume until `stop()`; in-flight batches finish and settle before this returns."""
+
+    def stop(self) -> None:
+        """Stop pulling; deliveries received but not started go back to the source."""
+
+    def pin_changed(self, pinned: bool) -> None:
+        """The source says whether this process now consumes the (exclusive) consumer."""
+
+
 class Running:
     """A started dispatcher, the mapping it runs, and the event set when it has fully stopped."""
 
-    def __init__(self, dispatcher: Dispatcher, mapping: Mapping) -> None:
+    def __init__(self, dispatcher: Runner, mapping: Mapping) -> None:
         self.dispatcher = dispatcher
         self.mapping = mapping
         self.done = anyio.Event()
