@@ -309,3 +309,65 @@ async def test_a_nats_py_client_can_send(bus: Bus) -> None:
     sent = await queues.send_message(bus.nc, "orders", b"from nats-py", attributes={"a": "1"})
     assert sent.message_id is not None
     assert await stored(bus, "orders") == [(b"from nats-py", {"a": "1"})]
+
+
+# -- the pure parts: delays, receive counts, what a send puts on the wire ----------------------------------------
+
+
+class Stored:
+    """A stand-in for a delivered queue message (`source.Message`)."""
+
+    def __init__(self, seq: int, *, delivered: int = 1, age: float = 0.0, headers: dict[str, str] | None = None):
+        self.stream_seq = seq
+        self.delivered = delivered
+        self.timestamp_ns = int((time.time() - age) * 1e9)
+        self.headers = headers
+        self.data = b"x"
+        self.settled = False
+
+    async def nak(self, delay: float = 0.0) -> None:
+        self.settled = True
+
+
+def redrive(**settings: Any) -> queues.Redrive:
+    from eventfn.sources.memory import MemorySink
+
+    ref = queues.ref("orders", QueueSettings(**settings))
+    return queues.Redrive(ref, MemorySink(), stream="EVENTFN_Q_orders")
+
+
+async def test_an_early_delivery_is_not_a_receive_and_an_unknown_one_is_guessed_generously() -> None:
+    policy = redrive(delay_seconds=10, visibility_timeout=5)
+    early = Stored(1, age=2)
+    assert 7.5 < policy.due_in(early) <= 8.0
+    await policy.defer(early, policy.due_in(early))  # type: ignore[arg-type]
+    due = Stored(1, delivered=2, age=10)
+    assert policy.due_in(due) <= 0  # type: ignore[arg-type]
+    assert policy.receive_count(due, due.delivered) == 1  # type: ignore[arg-type]
+    # Deferred by another process (this one never saw it): one deferral is assumed, never more.
+    elsewhere = Stored(2, delivered=3, age=20)
+    assert policy.receive_count(elsewhere, elsewhere.delivered) == 2  # type: ignore[arg-type]
+    # Without a delay nothing is subtracted; nor for a message the server's scheduler already held back.
+    assert redrive().receive_count(Stored(3, delivered=3), 3) == 3  # type: ignore[arg-type]
+    scheduled = Stored(4, delivered=2, headers={"Nats-Scheduler": "eventfn.queue.orders.delayed.x"})
+    assert policy.due_in(scheduled) == 0 and policy.receive_count(scheduled, 2) == 2  # type: ignore[arg-type]
+
+
+def test_a_message_may_set_its_own_delay_on_a_standard_queue_only() -> None:
+    standard, fifo = redrive(delay_seconds=30), redrive(fifo=True, delay_seconds=30)
+    own = Stored(1, headers={"Delay-Seconds": "0"})
+    assert standard.delay_of(own) == 0 and fifo.delay_of(own) == 30  # type: ignore[arg-type]
+    for text, expected in (("5", 5.0), ("9999", 900.0), ("-3", 0.0), ("soon", 30.0), ("nan", 0.0)):
+        assert standard.delay_of(Stored(1, headers={"Delay-Seconds": text})) == expected  # type: ignore[arg-type]
+
+
+def test_a_delayed_send_is_a_schedule_for_the_next_whole_second() -> None:
+    subject, headers, at = queues.outgoing("orders", b"body", delay=2.5, attributes={"a": "1"}, now=1_800_000_000.2)
+    assert subject.startswith("eventfn.queue.orders.delayed.")
+    assert at == "2027-01-15T08:00:03Z"  # 1_800_000_002.7 rounded up: never shorter than asked
+    assert headers["Nats-Schedule"] == f"@at {at}"
+    assert headers["Nats-Schedule-Target"] == "eventfn.queue.orders"
+    assert headers["a"] == "1"
+    subject, headers, at = queues.outgoing("jobs", b"body", group="g", fifo=True, content_based=True)
+    assert (subject, at) == ("eventfn.queue.jobs", None)
+    assert headers["Nats-Msg-Id"] == headers["Message-Deduplication-Id"] == hashlib.sha256(b"body").hexdigest()
