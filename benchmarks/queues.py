@@ -63,6 +63,18 @@ VARIANTS = [
     ("fifo_i", True, "inprocess"),
 ]
 CEILINGS = [("ceil_std", False), ("ceil_fifo", True)]
+#: For reference: the same drain from a plain subject of the events stream (eventfn's SQS-shaped batches there).
+PLAIN_SUBJECT = "events.bench.queues.plain"
+PLAIN = """
+    # /// eventfn
+    # [[triggers]]
+    # subjects = ["{subject}"]
+    # batch_size = {batch}
+    # enabled = false
+    # ///
+    def handler(event, context):
+        return None
+"""
 
 
 def toml() -> str:
@@ -144,6 +156,7 @@ async def run(work: Path, url: str, count: int) -> dict[str, Any]:
     for queue, _, isolation in VARIANTS:
         line = '# isolation = "inprocess"' if isolation == "inprocess" else "#"
         write_handler(handlers, f"q_{queue}", NO_OP.format(isolation=line, queue=queue, batch=BATCH))
+    write_handler(handlers, "plain_p", PLAIN.format(subject=PLAIN_SUBJECT, batch=BATCH))
     config = work / "eventfn.toml"
     config.write_text(toml())
     serve = Serve(handlers, url, work / "data", extra_args=["--config", str(config)])
@@ -162,6 +175,13 @@ async def run(work: Path, url: str, count: int) -> dict[str, Any]:
             took = await timed_drain(nc, queue, f"q_{queue}--t0", last, fifo, timeout=count / 100 + 60)
             raw["eventfn"][queue] = count / took
             sys.stderr.write(f"  {raw['eventfn'][queue]:,.0f} events/s\n")
+        sys.stderr.write(f"eventfn process: drains {count:,} events of a plain subject at batch {BATCH} ...\n")
+        await stream.preload(nc, PLAIN_SUBJECT, count)
+        last = await stream.last_sequence(nc, PLAIN_SUBJECT)
+        await warm(nc, "plain_p")
+        kick = "eventfn.redrive.plain_p--t0"  # a subject only this mapping's consumer takes
+        raw["plain"] = count / await stream.timed_drain(nc, "plain_p--t0", kick=kick, last_seq=last, timeout=200)
+        sys.stderr.write(f"  {raw['plain']:,.0f} events/s\n")
         # The ceiling again, last: the machine's speed drifts; each eventfn figure is set beside the median.
         for queue, fifo in CEILINGS:
             again = await ceiling_again(nc, url, work, queue, count, fifo)
@@ -198,6 +218,15 @@ def rows(raw: dict[str, Any]) -> list[Row]:
                 note=f"{count:,} messages; ceiling runs " + ", ".join(f"{c:,.0f}" for c in runs),
             )
         )
+    out.append(
+        Row(
+            scenario="for reference · plain subject",
+            what=f"eventfn process, batch {BATCH}",
+            figure=raw["plain"],
+            unit="events/s",
+            note=f"{count:,} events of the events stream, the same drain without a queue's semantics",
+        )
+    )
     return [evaluate(r) for r in out]
 
 
@@ -219,10 +248,8 @@ def markdown(table: list[Row], meta: dict[str, Any]) -> str:
     ]
     for r in table:
         ratio = f"{100 * r.ratio:.0f}%" if r.ratio is not None else "—"
-        lines.append(
-            f"| {r.scenario} · {r.what} ({r.note}) | {r.figure:,.0f} {r.unit} | {r.ceiling:,.0f} {r.unit} "
-            f"({r.ceiling_what}) | {ratio} |"
-        )
+        ceiling = f"{r.ceiling:,.0f} {r.unit} ({r.ceiling_what})" if r.ceiling else "—"
+        lines.append(f"| {r.scenario} · {r.what} ({r.note}) | {r.figure:,.0f} {r.unit} | {ceiling} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
