@@ -217,9 +217,10 @@ class Dispatcher:
         held: set[str] = set()  # FIFO groups held back in this batch
         ready: list[_Ready] = []
         positions: list[int] = []
-        with anyio.CancelScope(shield=True):
-            for index, message in enumerate(batch):
-                message_id = events.request_id_for(message.stream_seq, message.stream)
+        for index, message in enumerate(batch):
+            message_id = events.request_id_for(message.stream_seq, message.stream)
+            # Each message's settling is shielded: a stop between two leaves the rest to be redelivered.
+            with anyio.CancelScope(shield=True):
                 group = ""
                 if fifo:
                     group = message.headers.get(queues.GROUP_HEADER, "") if message.headers else ""
