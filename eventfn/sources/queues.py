@@ -253,8 +253,10 @@ async def send_message(
 def _attribute_problem(name: str, value: str) -> str | None:
     if not name or not name.isascii() or not name.isprintable() or any(c in name for c in " :"):
         return "a name is printable ASCII without spaces or colons (it becomes a NATS header)"
-    if name in (GROUP_HEADER, DEDUP_HEADER, DELAY_HEADER) or name.startswith(records.SYSTEM_HEADER_PREFIXES):
-        return "the name is reserved (give the group, deduplication id and delay as such)"
+    if name in (GROUP_HEADER, DEDUP_HEADER, DELAY_HEADER):
+        return "the name is reserved: give the group, deduplication id and delay as such (--group, --dedup-id, --delay)"
+    if name.startswith(records.SYSTEM_HEADER_PREFIXES):
+        return "names that start with Nats- or Eventfn- are reserved for NATS and eventfn"
     if not value.isprintable():
         return "the value has a line break or another unprintable character (it becomes a NATS header)"
     return None
