@@ -1,6 +1,6 @@
 """Queue records as Powertools for AWS Lambda reads them: its parser's `SqsModel` and its batch processors
 (`BatchProcessor(EventType.SQS)`, and `SqsFifoPartialProcessor` on a FIFO queue) take them unchanged. The unit tests
-parse what `records.QueueShape` writes; the end-to-end test runs plain Powertools code under `eventfn serve` on a
+parse what `queue_records.QueueShape` writes; the end-to-end test runs plain Powertools code under `eventfn serve` on a
 FIFO queue fed by plain publishes (what `nats pub -H` sends)."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import SqsModel
 from nats.aio.client import Client
 
-from eventfn.sources.records import QueueShape, Receipt
+from eventfn.sources.queue_records import QueueShape
+from eventfn.sources.records import Receipt
 from eventfn.testing import Serve, write_handler
 
 

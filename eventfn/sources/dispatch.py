@@ -23,7 +23,7 @@ from eventfn import events
 from eventfn.errors import EventDecodeError
 from eventfn.filters import Filter, decode_body
 from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
-from eventfn.sources import queues, records
+from eventfn.sources import queue_records, queues, records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.ordering import Keyed, Recovery, Unordered
@@ -95,7 +95,7 @@ class Dispatcher:
         if (queue := mapping.source.queue) is not None:
             self._queue = queues.Redrive(queue, sink, stream=feed.stream)
             self._source_arn = queues.arn(queue.name)
-            self._shape = records.QueueShape(
+            self._shape = queue_records.QueueShape(
                 queue.name,
                 fifo=queue.fifo,
                 stream=feed.stream,
@@ -486,7 +486,7 @@ def _queue_filter_document(message: Message) -> dict[str, Any]:
         "body": decode_body(message.data),
         "messageAttributes": {
             name: {"stringValue": value.stringValue, "dataType": value.dataType}
-            for name, value in records.queue_attributes(message.headers).items()
+            for name, value in queue_records.attributes(message.headers).items()
         },
     }
 

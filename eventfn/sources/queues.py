@@ -9,7 +9,7 @@ consumer at a time, and deleted once acknowledged. Its messages are sent to `eve
   JetStream drops a message whose `Nats-Msg-Id` it stored within the stream's duplicate window (5 minutes on a
   FIFO queue): `send_message` sets it to the deduplication id.
 - Receiving: a queue mapping's dispatcher applies `Redrive` (delays, receive counts, the visibility timeout and
-  the redrive policy); its batches are SQS's (`records.QueueShape`).
+  the redrive policy); its batches are SQS's (`queue_records.QueueShape`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from eventfn.broker.bus import Bus
 from eventfn.broker.specs import ConsumerOptions, StreamSpec
 from eventfn.config import DLQ_SUFFIX, RESOURCE_NAME, QueueSettings
 from eventfn.errors import QueueError, QueueNotFound
-from eventfn.sources import records
+from eventfn.sources import queue_records, records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, Sink, nak_quietly
 from eventfn.sources.source import Message, Ordering, QueueRef, Source
 
@@ -40,11 +40,11 @@ if TYPE_CHECKING:  # a user's own nats-py client; only `Bus` speaks NATS
 log = logging.getLogger(__name__)
 
 #: Headers of a message sent to a queue (SQS's names): its FIFO group, its deduplication id, a delay of its own.
-GROUP_HEADER = records.QUEUE_GROUP_HEADER
-DEDUP_HEADER = records.QUEUE_DEDUP_HEADER
-DELAY_HEADER = records.QUEUE_DELAY_HEADER
+GROUP_HEADER = queue_records.GROUP_HEADER
+DEDUP_HEADER = queue_records.DEDUP_HEADER
+DELAY_HEADER = queue_records.DELAY_HEADER
 #: On a message moved to a dead-letter queue: the queue it came from.
-SOURCE_HEADER = records.QUEUE_SOURCE_HEADER
+SOURCE_HEADER = queue_records.SOURCE_HEADER
 #: JetStream's deduplication header, and the one the server's scheduler adds to what it publishes when due.
 MSG_ID_HEADER = "Nats-Msg-Id"
 SCHEDULER_HEADER = "Nats-Scheduler"
@@ -77,7 +77,7 @@ def delayed_subjects(name: str) -> str:
 
 def arn(name: str) -> str:
     """The `eventSourceARN` of queue `name` in its records: `arn:aws:sqs:local:000000000000:<name>`."""
-    return records.queue_arn(name)
+    return queue_records.arn(name)
 
 
 def stream_spec(name: str, queue: QueueSettings, replicas: int) -> StreamSpec:
