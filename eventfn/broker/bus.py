@@ -665,8 +665,14 @@ def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any],
     return config, refused, kept
 
 
+class ConsumerTaken(ConfigError):
+    """A work-queue stream (a queue's) refused a consumer: another one already takes those subjects."""
+
+
 def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None) -> ConfigError:
     """The JetStream error `exc` as eventfn's, saying what to do about it."""
+    if exc.err_code == 10100:  # filtered consumer not unique on workqueue stream
+        return ConsumerTaken("JetStream", f"cannot {what}: another consumer already takes its messages")
     if exc.code == 404:
         return _NotFound("JetStream", f"cannot {what}: {exc.description}")
     if exc.err_code == 10058:  # stream name already in use with a different configuration
