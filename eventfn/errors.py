@@ -61,6 +61,28 @@ class EventDecodeError(EventfnError):
         super().__init__(f"cannot decode message on {subject!r}: {problem}")
 
 
+class QueueError(EventfnError):
+    """A message cannot be sent to, or an operation done on, a queue (`[queues.<name>]`)."""
+
+    def __init__(self, queue: str, problem: str, fix: str = "") -> None:
+        self.queue = queue
+        self.problem = problem
+        super().__init__(f"queue {queue}: {problem}" + (f" ({fix})" if fix else ""))
+
+
+class QueueNotFound(QueueError):
+    """No queue of that name: not declared, or its stream not created yet."""
+
+    def __init__(self, queue: str, declared: list[str] | None = None) -> None:
+        if declared is None:
+            problem = f"its stream (EVENTFN_Q_{queue}) does not exist"
+            fix = f"declare it in eventfn.toml as [queues.{queue}] and start `eventfn serve`, which creates it"
+        else:
+            problem = "not declared in eventfn.toml"
+            fix = f"declared: {', '.join(declared)}" if declared else "declare it as [queues.<name>]"
+        super().__init__(queue, problem, fix)
+
+
 class UnreadableData(EventfnError):
     """Bytes eventfn does not control (an event, a header, a handler's reply, a stored record) cannot be read:
     not JSON, nested too deeply, not UTF-8, not base64, or not the expected shape. `problem` says which."""

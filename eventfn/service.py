@@ -20,7 +20,7 @@ import anyio.abc
 
 from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
-from eventfn.broker.bus import Bus
+from eventfn.broker.bus import Bus, ConsumerTaken
 from eventfn.broker.connection import connect
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
 from eventfn.broker.specs import StreamSpec
@@ -280,7 +280,12 @@ class Service:
             await self._stop_mappings([n for n in own if n not in runnable or wanted.get(n) != self.running[n].mapping])
             for name, mapping in wanted.items():
                 if self.provisioned.get(name) != mapping:
-                    await mappings.provision(self.bus, mapping, from_start=recreated)
+                    try:
+                        await mappings.provision(self.bus, mapping, from_start=recreated)
+                    except ConsumerTaken:
+                        await self._report_taken(mapping)
+                        runnable.discard(name)
+                        continue
                     self.provisioned[name] = mapping
                 if name in runnable and name not in self.running:
                     try:
@@ -290,6 +295,23 @@ class Service:
         # Consumers first: what a connector publishes from now on has a mapping waiting for it.
         self.connectors.update(bounds)
         self._provisioned = True
+
+    async def _report_taken(self, mapping: Mapping) -> None:
+        """A queue's stream refused `mapping`'s consumer: say which consumer holds the queue and how to free it."""
+        stream = mapping.source.stream
+        holders = sorted(n for n in await self.bus.consumer_states(stream) if n != mapping.name)
+        queue = mapping.source.queue.name if mapping.source.queue else stream
+        log.error(
+            "function %s: mapping %s cannot consume queue %s: consumer %s already does (a trigger renamed or moved "
+            "to another function, or another service's function); a queue has one consumer. If nothing should "
+            "consume through it, delete it: `nats --context <data_dir>/auth/admin.json consumer rm %s %s`",
+            mapping.function,
+            mapping.name,
+            queue,
+            ", ".join(holders) or "(unknown)",
+            stream,
+            holders[0] if holders else "<consumer>",
+        )
 
     def _owns(self, mapping: Mapping) -> bool:
         """Whether this replica runs `mapping`: all of them but shards, which the live replicas share out."""

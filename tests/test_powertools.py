@@ -131,13 +131,18 @@ def test_batch_processor_data_class_reads_the_subject_attribute_and_user_headers
     assert subjects == ["events.orders.created", "events.orders.created", "events.orders.paid"]
 
 
-def test_the_readme_batch_example_is_a_record_sqs_model_accepts() -> None:
+def test_the_readme_batch_examples_are_records_sqs_model_accepts() -> None:
     readme = (ROOT / "README.md").read_text()
-    [example] = [b for b in re.findall(r"```json\n(.*?)```", readme, re.S) if '"aws:sqs"' in b]
-    [record] = parse(event=json.loads(example), model=SqsModel).Records
-    assert record.eventSourceARN.startswith("arn:eventfn:")
-    assert record.md5OfBody == hashlib.md5(str(record.body).encode()).hexdigest()
-    assert Receipt.parse(record.receiptHandle) == Receipt("EVENTFN", "orders--orders", 42, 1)
+    examples = [b for b in re.findall(r"```json\n(.*?)```", readme, re.S) if '"aws:sqs"' in b]
+    assert len(examples) == 2  # a plain subject's batch, and a queue's
+    for example in examples:
+        [record] = parse(event=json.loads(example), model=SqsModel).Records
+        assert record.md5OfBody == hashlib.md5(str(record.body).encode()).hexdigest()
+        if record.eventSourceARN.startswith("arn:eventfn:"):
+            assert Receipt.parse(record.receiptHandle) == Receipt("EVENTFN", "orders--orders", 42, 1)
+        else:
+            assert record.eventSourceARN == "arn:aws:sqs:local:000000000000:jobs"
+            assert Receipt.parse(record.receiptHandle) == Receipt("EVENTFN_Q_jobs", "ship--t0", 42, 1)
 
 
 # -- end to end --------------------------------------------------------------------------------------------------------

@@ -298,3 +298,24 @@ async def test_clients_without_credentials_may_send_to_a_queue_but_not_purge_it(
             assert any("permissions violation for publish" in e and "purge.eventfn_q_orders" in e for e in errors)
         finally:
             await client.close()
+
+
+@pytest.mark.e2e
+async def test_a_renamed_queue_trigger_says_which_consumer_holds_the_queue_and_the_service_stays_up(
+    tmp_path: Path, handlers: Path, nats_server: NatsServer, nc: Any, probe: Any
+) -> None:
+    (tmp_path / "eventfn.toml").write_text("[queues.orders]\nvisibility_timeout = 5\n", encoding="utf-8")
+    write_handler(handlers, "alpha", SHIP.format(name="alpha"))
+    args = ["--config", str(tmp_path / "eventfn.toml")]
+    env = {"PROBE_NATS": nats_server.url}
+    async with Serve(handlers, nats_server.url, tmp_path / "data", extra_args=args, env=env):
+        pass  # alpha--t0 now consumes the queue, and stays after the service stops
+    renamed = SHIP.format(name="alpha").replace('# type = "queue"', '# name = "renamed"\n    # type = "queue"')
+    write_handler(handlers, "alpha", renamed)
+    write_handler(handlers, "hello", "def handler(event, context):\n    return 'hi'\n")
+    async with Serve(handlers, nats_server.url, tmp_path / "data", extra_args=args, env=env) as service:
+        line = (await service.log.await_line(r"mapping alpha--renamed cannot consume queue orders: .*")).group(0)
+        assert "consumer alpha--t0 already does" in line
+        assert "consumer rm EVENTFN_Q_orders alpha--t0" in line
+        reply = await nc.request("eventfn.invoke.hello", b"{}", timeout=10)  # the service serves on
+        assert reply.data == b'"hi"'

@@ -121,6 +121,8 @@ def resource_rights(role: str, streams: Sequence[str]) -> list[str]:
                     f"$JS.API.DIRECT.GET.{stream}",
                     f"$JS.API.DIRECT.GET.{stream}.>",
                     f"$JS.API.CONSUMER.INFO.{stream}.*",
+                    # A queue's one consumer, left by a renamed trigger, is removed by hand (`nats consumer rm`).
+                    f"$JS.API.CONSUMER.DELETE.{stream}.*",
                     *(f"$JS.API.CONSUMER.{verb}.{stream}" for verb in ("NAMES", "LIST")),
                 )
             ),

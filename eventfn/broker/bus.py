@@ -21,7 +21,7 @@ import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
+from nats.js.api import ConsumerInfo, PubAck
 
 from eventfn import events
 from eventfn.broker.feeds import PullFeed
@@ -514,14 +514,23 @@ class Bus:
             info = await self.js.consumer_info(stream, name)
         except nats.js.errors.NotFoundError:
             return None
-        return ConsumerState(
-            paused=bool(info.paused),
-            pending=info.num_pending or 0,
-            ack_pending=info.num_ack_pending or 0,
-            redelivered=info.num_redelivered or 0,
-            delivered_stream_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
-            ack_floor_stream_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
-        )
+        return _consumer_state(info)
+
+    async def consumer_states(self, stream: str) -> dict[str, ConsumerState]:
+        """`consumer_state` of every consumer of `stream`, by name (none if the stream does not exist)."""
+        try:
+            infos = await self.js.consumers_info(stream)
+        except nats.js.errors.NotFoundError:
+            return {}
+        return {info.name: _consumer_state(info) for info in infos}
+
+    async def subject_counts(self, stream: str, subjects_filter: str = ">") -> dict[str, int] | None:
+        """How many messages `stream` holds on each subject `subjects_filter` matches; None if it does not exist."""
+        try:
+            info = await self.js.stream_info(stream, subjects_filter=subjects_filter)
+        except nats.js.errors.NotFoundError:
+            return None
+        return dict(info.state.subjects or {})
 
     async def pause_consumer(self, stream: str, name: str) -> None:
         """Pause delivery indefinitely (JetStream consumer pause, nats-server 2.11+)."""
@@ -549,6 +558,7 @@ class Bus:
                     subject=raw.subject or "",
                     data=raw.data or b"",
                     headers=dict(raw.headers) if raw.headers else None,
+                    timestamp=raw.time.timestamp() if raw.time else 0.0,
                 )
             )
             seq = raw.seq + 1
@@ -684,8 +694,14 @@ def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any],
     return config, refused, kept
 
 
+class ConsumerTaken(ConfigError):
+    """A work-queue stream (a queue's) refused a consumer: another one already takes those subjects."""
+
+
 def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None) -> ConfigError:
     """The JetStream error `exc` as eventfn's, saying what to do about it."""
+    if exc.err_code == 10100:  # filtered consumer not unique on workqueue stream
+        return ConsumerTaken("JetStream", f"cannot {what}: another consumer already takes its messages")
     if exc.code == 404:
         return _NotFound("JetStream", f"cannot {what}: {exc.description}")
     if exc.err_code == 10058:  # stream name already in use with a different configuration
@@ -718,6 +734,17 @@ def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None)
             "bring the cluster's servers up, or lower [stream] replicas / [dlq] replicas in eventfn.toml",
         )
     return ConfigError("JetStream", f"cannot {what}: {exc.description} (code {exc.err_code})")
+
+
+def _consumer_state(info: ConsumerInfo) -> ConsumerState:
+    return ConsumerState(
+        paused=bool(info.paused),
+        pending=info.num_pending or 0,
+        ack_pending=info.num_ack_pending or 0,
+        redelivered=info.num_redelivered or 0,
+        delivered_stream_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
+        ack_floor_stream_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+    )
 
 
 def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:

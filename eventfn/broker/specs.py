@@ -19,6 +19,8 @@ class StoredRecord(msgspec.Struct, frozen=True):
     subject: str
     data: bytes
     headers: dict[str, str] | None
+    #: When it was stored (seconds since the epoch; 0 where not read).
+    timestamp: float = 0.0
 
 
 class ConsumerState(msgspec.Struct, frozen=True):

@@ -23,12 +23,12 @@ from eventfn import events
 from eventfn.errors import EventDecodeError
 from eventfn.filters import Filter, decode_body
 from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
-from eventfn.sources import records
+from eventfn.sources import queue_records, queues, records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.ordering import Keyed, Recovery, Unordered
 from eventfn.sources.retry import DeadLetter, Retry, decide
-from eventfn.sources.source import Feed, Message, key_reader
+from eventfn.sources.source import Feed, Message, RecordShape, key_reader
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Dispatcher:
         self.selects = mapping.source_filters()
         self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
         self._source_arn = records.source_arn(feed.stream, mapping.name)
-        self._shape = records.SHAPES[mapping.source.records]
+        self._shape: RecordShape = records.SHAPES[mapping.source.records]
         ordering = mapping.source.ordering
         #: Ordered mappings retry in place: the attempts made beyond the source's delivery count, by position.
         self._extra_attempts: dict[int, int] | None = None
@@ -89,6 +89,20 @@ class Dispatcher:
             self.scheduler = Keyed(self, self._key_of, one_key_per_batch=ordering.model == "shard", recovery=recovery)
         else:
             self.scheduler = Unordered(self)
+        #: A queue's SQS semantics (None for other sources): its delays, receive counts and redrive policy replace
+        #: the function's retry policy and DLQ, and its batches are SQS's own.
+        self._queue: queues.Redrive | None = None
+        if (queue := mapping.source.queue) is not None:
+            self._queue = queues.Redrive(queue, sink, stream=feed.stream)
+            self._source_arn = queues.arn(queue.name)
+            self._shape = queue_records.QueueShape(
+                queue.name,
+                fifo=queue.fifo,
+                stream=feed.stream,
+                consumer=mapping.name,
+                receive_count=self._receive_count,
+                content_based_deduplication=queue.content_based_deduplication,
+            )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until `stop()`; in-flight invocations finish and settle before this returns."""
@@ -120,11 +134,18 @@ class Dispatcher:
                 for message in batch:
                     if not message.settled:
                         self._forget(message)
-                        await self.dead_letters.poison(message, exc)
+                        if self._queue is not None:
+                            message_id = events.request_id_for(message.stream_seq, message.stream)
+                            why = f"dispatching failed: {type(exc).__name__}: {exc}"
+                            await self._queue.move(message, message_id, self._attempt(message), why)
+                        else:
+                            await self.dead_letters.poison(message, exc)
             return [None] * len(batch)
 
     async def process(self, batch: Sequence[Message]) -> list[Verdict]:
         """Filter, invoke and settle one batch; says of each event whether it is settled or held for a retry."""
+        if self._queue is not None:
+            return await self._process_queue(self._queue, batch)
         stats = self.stats
         stats.received += len(batch)
         verdicts: list[Verdict] = [None] * len(batch)
@@ -183,6 +204,110 @@ class Dispatcher:
         for index, verdict in zip(positions, held, strict=True):
             verdicts[index] = verdict
         return verdicts
+
+    async def _process_queue(self, queue: queues.Redrive, batch: Sequence[Message]) -> list[Verdict]:
+        """`process` for a queue (SQS's rules): a message not due yet goes back unreceived, one received more often
+        than the redrive policy allows is moved to the DLQ, one no filter matches is deleted. In a FIFO queue, a
+        message held back holds the rest of its group in the batch back with it."""
+        stats = self.stats
+        stats.received += len(batch)
+        verdicts: list[Verdict] = [None] * len(batch)
+        filter_ = self.filter
+        fifo = queue.fifo
+        held: set[str] = set()  # FIFO groups held back in this batch
+        ready: list[_Ready] = []
+        positions: list[int] = []
+        for index, message in enumerate(batch):
+            message_id = events.request_id_for(message.stream_seq, message.stream)
+            # Each message's settling is shielded: a stop between two leaves the rest to be redelivered.
+            with anyio.CancelScope(shield=True):
+                group = ""
+                if fifo:
+                    group = message.headers.get(queues.GROUP_HEADER, "") if message.headers else ""
+                    if group in held:
+                        verdicts[index] = 0.0
+                        continue
+                    if not group:
+                        log.error(
+                            "queue %s: message %s has no Message-Group-Id header, which a FIFO queue needs (set it: "
+                            "`nats pub -H 'Message-Group-Id: <group>'`, or `eventfn queue send --group`)",
+                            queue.name,
+                            message_id,
+                        )
+                        verdict = await queue.move(message, message_id, 0, "no Message-Group-Id")
+                        self._held(message, verdict, verdicts, index, held, "")
+                        continue
+                if (wait := queue.due_in(message)) > 0:
+                    verdict = await queue.defer(message, wait)
+                    if verdict is not None:
+                        verdicts[index] = verdict
+                        held.add(group)
+                    continue
+                receives = self._receive_count(message)
+                if queue.max_receive_count and receives > queue.max_receive_count:
+                    # Received as often as allowed, and not deleted: its handler died, or outlived the timeout.
+                    verdict = await queue.move(message, message_id, receives - 1, "its last receive never finished")
+                    self._held(message, verdict, verdicts, index, held, group)
+                    continue
+                if filter_ is not None and not filter_.matches(_queue_filter_document(message)):
+                    stats.filtered += 1  # SQS deletes a message no filter matches
+                    queue.forget(message)
+                    await message.ack()
+                    continue
+                ready.append((message, None, message_id))
+                positions.append(index)
+        if ready:
+            await self._mark_in_progress(ready)
+            for index, verdict in zip(positions, await self._invoke_batch(ready), strict=True):
+                verdicts[index] = verdict
+        stats.dead_lettered = queue.moved
+        return verdicts
+
+    def _held(
+        self, message: Message, verdict: Verdict, verdicts: list[Verdict], index: int, held: set[str], group: str
+    ) -> None:
+        """After a move to the DLQ: if the write failed, a FIFO message is held and counted as received once more
+        (it is moved when it comes round), and the rest of its group waits."""
+        if verdict is None:
+            self._forget(message)
+            return
+        verdicts[index] = verdict
+        held.add(group)
+        if self._extra_attempts is not None:
+            self._extra_attempts[message.stream_seq] = self._extra_attempts.get(message.stream_seq, 0) + 1
+
+    def _receive_count(self, message: Message) -> int:
+        assert self._queue is not None
+        return self._queue.receive_count(message, self._attempt(message))
+
+    async def _settle_queue(
+        self, queue: queues.Redrive, message: Message, message_id: str, outcome: Outcome
+    ) -> Verdict:
+        """Settle one message of a queue: deleted on success; after a failure visible again once the visibility
+        timeout ends, or moved to the DLQ if that was its last receive (the function's retry policy and DLQ do not
+        apply: the queue's redrive policy does, as in Lambda)."""
+        stats = self.stats
+        if outcome.ok:
+            stats.processed += 1
+            stats.last_result = "OK"
+            self._forget(message)
+            queue.forget(message)
+            await message.ack()
+            return None
+        receives = self._receive_count(message)
+        stats.failed += 1
+        stats.last_result = "PROBLEM: Function call failed"
+        stats.last_error = outcome.error.type if outcome.error is not None else "?"
+        if self._extra_attempts is not None:
+            # Held in place, the message is received again without a new delivery: count this receive.
+            self._extra_attempts[message.stream_seq] = self._extra_attempts.get(message.stream_seq, 0) + 1
+        moved = queue.moved
+        verdict = await queue.failed(message, message_id, receives, stats.last_error)
+        if queue.moved == moved:
+            stats.retried += 1
+        elif verdict is None:
+            self._forget(message)
+        return verdict
 
     def _attempt(self, message: Message) -> int:
         """Invocations of `message` so far, this one included: its deliveries, plus retries held in place."""
@@ -272,6 +397,8 @@ class Dispatcher:
         return verdicts
 
     async def _settle(self, message: Message, request_id: str, outcome: Outcome, event: events.Event | None) -> Verdict:
+        if self._queue is not None:
+            return await self._settle_queue(self._queue, message, request_id, outcome)
         stats = self.stats
         if outcome.ok:
             stats.processed += 1
@@ -349,6 +476,18 @@ def _filter_document(message: Message, event: events.Event) -> dict[str, Any]:
         "body": decode_body(event.data),
         "headers": message.headers or {},
         "attributes": {"type": event.type, "source": event.source, "id": event.id},
+    }
+
+
+def _queue_filter_document(message: Message) -> dict[str, Any]:
+    """What filter patterns match against for a queue message: its body (JSON where it is JSON) and its message
+    attributes, as in its SQS record."""
+    return {
+        "body": decode_body(message.data),
+        "messageAttributes": {
+            name: {"stringValue": value.stringValue, "dataType": value.dataType}
+            for name, value in queue_records.attributes(message.headers).items()
+        },
     }
 
 
