@@ -287,6 +287,7 @@ def _print_json(value: Any) -> None:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
-    from eventfn.cli import _table as table  # the CLI's one table format (imported late: cli imports this module)
-
-    table(rows)
+    """Aligned columns (the CLI's format; every cell here is a name or a number eventfn wrote)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
