@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.sources import shards
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, mapping_stats, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
@@ -414,6 +414,10 @@ async def test_stream_put_ls_and_describe_show_shards_checkpoints_and_iterator_a
     assert (live["checkpoint"], live["behind"], live["iteratorAgeMs"]) == (last, 0, 0)
     assert paused["checkpoint"] == 0 and paused["behind"] >= 1 and paused["paused"]
     assert paused["iteratorAgeMs"] > 0, "how long ago its first unprocessed record arrived"
+
+    stats = await mapping_stats(nc, f"live--t0--shard-{index}")  # what `eventfn mappings --json` shows
+    assert stats["shard_id"] == shard and stats["processed"] >= 1
+    assert 0 <= stats["iterator_age_ms"] <= stats["max_iterator_age_ms"]
 
     table = await service.acli(*cli, "describe", "clicks")
     assert table.returncode == 0 and "ITERATOR AGE" in table.stdout and shard in table.stdout
