@@ -26,7 +26,8 @@ from eventfn.invoke.invocation import Invocation, LambdaError, Outcome
 from eventfn.sources import kinesis, shards
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryFeed, MemorySink, MemoryState
-from eventfn.sources.shard_dispatch import Commit, GiveUp, Retry, ShardDispatcher, Split, decide
+from eventfn.sources.shard_dispatch import ShardDispatcher
+from eventfn.sources.shard_outcomes import Commit, GiveUp, Retry, Split, decide
 from eventfn.sources.source import ShardRef
 
 FAST = RetryPolicy(base_delay=0.01, max_delay=0.02)

@@ -16,6 +16,9 @@ passed: then its failure record (Lambda's, with `KinesisBatchInfo`) goes to the 
 trigger's `on_failure` subject, and its records are acknowledged. `bisect_on_error` splits a failed batch in two
 and runs each half (not counted as a retry), down to the bad record. A partial batch response checkpoints
 before the lowest failed sequence number and retries from there.
+
+Lanes and their tumbling windows are in `shard_lanes`; how an invocation's outcome is judged, what follows it and
+the failure record of a batch given up, in `shard_outcomes`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn import decoding, subjects
-from eventfn.errors import UnreadableData
 from eventfn.invoke.invocation import Invocation, Outcome, failure
 from eventfn.sources import kinesis, retry
 from eventfn.sources.connector import State
@@ -41,8 +42,10 @@ from eventfn.sources.dispatch import Stats
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryState
 from eventfn.sources.ordering import Recovery
+from eventfn.sources.shard_lanes import Lane, Window, WindowStore, window_start
+from eventfn.sources.shard_outcomes import Commit, FailureRecords, GiveUp, Retry, Split, Step, decide, expired, judge
 from eventfn.sources.shards import Resequencer, lane_of
-from eventfn.sources.source import Feed, Message, ShardRef
+from eventfn.sources.source import Feed, Message
 
 log = logging.getLogger(__name__)
 
@@ -68,103 +71,6 @@ class ShardStats(Stats):
     #: Batches split in two (`bisect_on_error`), and windows closed by a final invoke.
     bisected: int = 0
     windows_closed: int = 0
-
-
-# -- decisions -----------------------------------------------------------------------------------------------------
-
-
-class Commit(msgspec.Struct, frozen=True):
-    """The first `count` records succeeded: checkpoint after them."""
-
-    count: int
-
-
-class Split(msgspec.Struct, frozen=True):
-    """Run the records before `at`, then those from `at` on, as two batches (not a retry)."""
-
-    at: int
-
-
-class Retry(msgspec.Struct, frozen=True):
-    """Run the batch again (after checkpointing `done` records) in `delay` seconds."""
-
-    done: int
-    delay: float
-
-
-class GiveUp(msgspec.Struct, frozen=True):
-    """Give the batch up (after checkpointing `done` records): its failure record to the DLQ."""
-
-    done: int
-    condition: str
-
-
-Step = Commit | Split | Retry | GiveUp
-
-
-def decide(succeeded: int, size: int, retries: int, shard: ShardRef, delay: Callable[[int], float]) -> Step:
-    """What follows an invocation of a batch of `size` records of which the first `succeeded` succeeded (all of
-    them: success), already retried `retries` times (Lambda's rules for streams)."""
-    if succeeded >= size:
-        return Commit(size)
-    if shard.bisect_on_error:
-        if succeeded > 0:
-            return Split(succeeded)  # Lambda splits at the returned sequence number and retries the rest
-        if size > 1:
-            return Split(size // 2)
-    if 0 <= shard.max_retry_attempts <= retries:
-        return GiveUp(succeeded, "RetryAttemptsExhausted")
-    return Retry(succeeded, delay(retries + 1))
-
-
-# -- lanes and windows -------------------------------------------------------------------------------------------
-
-
-class _Window:
-    """A lane's open tumbling window: `[start, end)`, the state its invocations returned, and the last record
-    that state includes."""
-
-    __slots__ = ("end", "start", "state", "through")
-
-    def __init__(self, start: float, end: float, state: bytes = b"{}", through: int = 0) -> None:
-        self.start = start
-        self.end = end
-        self.state = state
-        self.through = through
-
-
-class _Saved(msgspec.Struct, frozen=True):
-    start: float
-    end: float
-    state: msgspec.Raw
-    through: int
-
-
-_saved_decoder = msgspec.json.Decoder(_Saved)
-_encoder = msgspec.json.Encoder()
-
-
-class _Lane:
-    """Records of one lane of a shard, in stream order, run one batch at a time."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.queue: deque[Message] = deque()
-        self.changed = anyio.Event()
-        self.window: _Window | None = None
-        #: Where the last closed window ended: a late record joins the next window.
-        self.closed_end = 0.0
-        self.loaded = False
-
-    def wake(self) -> None:
-        self.changed.set()
-
-    async def wait(self, timeout: float | None) -> None:
-        event = self.changed
-        with anyio.move_on_after(timeout):
-            await event.wait()
-        if self.changed is event and event.is_set():
-            self.changed = anyio.Event()
 
 
 class _Close:
@@ -199,14 +105,15 @@ class ShardDispatcher:
         self._sink = sink
         self._invoke = invoke
         self._recovery = recovery
-        self._state = state if state is not None else MemoryState()
         self.shape = kinesis.Shape(shard.stream, shard.index)
         self._stats = ShardStats(shard_id=self.shape.shard_id)
         #: This mapping's counters, with the shard's IteratorAge (`ShardStats`).
         self.stats: Stats = self._stats
         self.filter = mapping.compiled_filter()
         self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
-        self.lanes = [_Lane(i) for i in range(max(1, shard.parallelization_factor))]
+        self.lanes = [Lane(i) for i in range(max(1, shard.parallelization_factor))]
+        self._windows = WindowStore(state if state is not None else MemoryState(), mapping.name, len(self.lanes))
+        self._failures = FailureRecords(sink, mapping.function, mapping.name, self.shape, shard.on_failure)
         self._window = float(shard.tumbling_window)
         self._policy = msgspec.structs.replace(mapping.retry, max_delay=min(mapping.retry.max_delay, MAX_RETRY_DELAY))
         self._resequencer = Resequencer()
@@ -307,21 +214,11 @@ class ShardDispatcher:
             await self._recover()
 
     def _add(self, message: Message) -> None:
-        lane = self.lanes[lane_of(kinesis.partition_key(message), len(self.lanes))]
-        queue = lane.queue
-        if queue and queue[-1].stream_seq >= message.stream_seq:
-            # A redelivery behind later records (a keepalive that lapsed): back into stream order.
-            items = [m for m in queue if m.stream_seq != message.stream_seq]
-            items.append(message)
-            items.sort(key=lambda m: m.stream_seq)
-            lane.queue = deque(items)
-        else:
-            queue.append(message)
-        lane.wake()
+        self.lanes[lane_of(kinesis.partition_key(message), len(self.lanes))].add(message)
 
     # -- lanes --------------------------------------------------------------------------------------------
 
-    async def _run_lane(self, lane: _Lane) -> None:
+    async def _run_lane(self, lane: Lane) -> None:
         while True:
             taken = await self._next_batch(lane)
             if taken is None:
@@ -340,7 +237,7 @@ class ShardDispatcher:
                         with anyio.CancelScope(shield=True):
                             await self._give_up(unsettled, "PoisonMessage", 0, error.payload)
 
-    async def _next_batch(self, lane: _Lane) -> list[Message] | _Close | None:
+    async def _next_batch(self, lane: Lane) -> list[Message] | _Close | None:
         mapping = self.mapping
         windowed = self._window > 0
         while True:
@@ -355,7 +252,7 @@ class ShardDispatcher:
                     if window is not None and start >= window.end:
                         return _CLOSE
                     if window is None:
-                        lane.window = _Window(start, start + self._window)
+                        lane.window = Window(start, start + self._window)
                 break
             timeout = None
             if windowed and window is not None:
@@ -385,18 +282,13 @@ class ShardDispatcher:
                 return batch
             await lane.wait(remaining)
 
-    def _window_start(self, lane: _Lane, message: Message) -> float:
-        """The start of the window a record belongs to: the one its arrival falls in, aligned to the epoch; a
-        late record (of a window already closed here) joins the earliest window still open."""
-        width = self._window
-        arrived = kinesis.arrival_ns(message) / 1e9
-        start = (arrived // width) * width
+    def _window_start(self, lane: Lane, message: Message) -> float:
         floor = lane.window.start if lane.window is not None else lane.closed_end
-        return max(start, floor)
+        return window_start(kinesis.arrival_ns(message), self._window, floor)
 
     # -- one batch ------------------------------------------------------------------------------------------
 
-    async def _process(self, lane: _Lane, batch: list[Message]) -> None:
+    async def _process(self, lane: Lane, batch: list[Message]) -> None:
         """Filter, invoke and settle one batch, retrying it in place until its outcome is durable."""
         stats = self._stats
         stats.received += len(batch)
@@ -414,7 +306,7 @@ class ShardDispatcher:
         if kept:
             await self._settle(lane, kept)
 
-    async def _settle(self, lane: _Lane, records: list[Message]) -> None:
+    async def _settle(self, lane: Lane, records: list[Message]) -> None:
         shard = self.shard
         evictions = self._evictions
         # Batches still to run, in order: bisecting puts both halves here.
@@ -423,10 +315,10 @@ class ShardDispatcher:
         error: bytes | None = None
         while work:
             batch = work[0]
-            if shard.max_record_age >= 0 and (expired := self._expired(batch)):
-                if not await self._give_up(batch[:expired], "RecordAgeExceeded", invokes, error):
+            if shard.max_record_age >= 0 and (old := expired(batch, shard.max_record_age, time.time_ns())):
+                if not await self._give_up(batch[:old], "RecordAgeExceeded", invokes, error):
                     return await self._hand_back([m for b in work for m in b])
-                work[0] = batch = batch[expired:]
+                work[0] = batch = batch[old:]
                 if not batch:
                     work.popleft()
                     retries = invokes = 0
@@ -468,17 +360,7 @@ class ShardDispatcher:
     def _delay(self, retry_number: int) -> float:
         return retry.backoff(retry_number, self._policy)
 
-    def _expired(self, batch: Sequence[Message]) -> int:
-        """How many records at the head of `batch` are older than `max_record_age`."""
-        limit = time.time_ns() - self.shard.max_record_age * 1_000_000_000
-        count = 0
-        for message in batch:
-            if kinesis.arrival_ns(message) >= limit:
-                break
-            count += 1
-        return count
-
-    async def _invoke_batch(self, lane: _Lane, batch: list[Message]) -> tuple[int, bytes | None, Outcome]:
+    async def _invoke_batch(self, lane: Lane, batch: list[Message]) -> tuple[int, bytes | None, Outcome]:
         """Invoke the function with `batch`; returns how many records (from the first) succeeded, the window
         state it returned (windowed mappings), and the outcome (Lambda's error object when it failed)."""
         mapping = self.mapping
@@ -496,29 +378,14 @@ class ShardDispatcher:
         outcome = await self._invoke(
             Invocation(request_id=request_id, payload=payload, is_json=True, keepalive_every=mapping.ack_wait / 3)
         )
-        succeeded = len(batch) if outcome.ok else 0
-        state: bytes | None = None
-        if outcome.ok and window is not None:
-            state = kinesis.window_state(outcome.payload)
-            if state is None:
-                # Lambda's rule: a tumbling-window invocation must return its state.
-                outcome = failure(
-                    "Runtime.InvalidTumblingWindowResponse",
-                    'a function with a tumbling window must return {"state": {...}} (and may add batchItemFailures)',
-                    request_id,
-                )
-                succeeded = 0
-        if outcome.ok and mapping.report_batch_item_failures:
-            checkpoint = kinesis.checkpoint(outcome.payload, [str(m.stream_seq) for m in batch])
-            if checkpoint is None:
-                outcome = failure(
-                    "Runtime.InvalidBatchResponse",
-                    'batchItemFailures must be a list of {"itemIdentifier": <sequenceNumber of this batch>}',
-                    request_id,
-                )
-                succeeded = 0
-            else:
-                succeeded = checkpoint
+        judged = judge(
+            outcome,
+            [str(m.stream_seq) for m in batch],
+            windowed=window is not None,
+            report=mapping.report_batch_item_failures,
+            request_id=request_id,
+        )
+        succeeded, state, outcome = judged.succeeded, judged.state, judged.outcome
         if succeeded < len(batch):
             stats.failed += len(batch) - succeeded
             stats.last_result = "PROBLEM: Function call failed"
@@ -547,7 +414,7 @@ class ShardDispatcher:
 
     # -- settling ---------------------------------------------------------------------------------------------
 
-    async def _commit(self, lane: _Lane, records: Sequence[Message], state: bytes | None) -> bool:
+    async def _commit(self, lane: Lane, records: Sequence[Message], state: bytes | None) -> bool:
         """Checkpoint after `records` (they succeeded): store the window state they produced, then acknowledge
         them. False if the state could not be stored before the dispatcher stopped (they go back, unacked)."""
         window = lane.window
@@ -569,16 +436,10 @@ class ShardDispatcher:
         """Write the failure record of `records` (Lambda's, with `KinesisBatchInfo`) to the function's DLQ and,
         once it is stored, to the trigger's `on_failure` subject, and acknowledge them. While the DLQ cannot take
         it, try again; False if the dispatcher stopped first (the records stay unacknowledged)."""
-        record = kinesis.batch_info_record(self.mapping.function, self.shape, records, condition, invokes, error)
-        headers = {
-            # One record per batch given up: a second write after a crash is dropped.
-            "Nats-Msg-Id": f"dlq:{self.mapping.name}:{records[0].stream_seq}-{records[-1].stream_seq}",
-            "Eventfn-Condition": condition,
-        }
         while True:
             try:
                 with anyio.CancelScope(shield=True):
-                    await self._sink.publish_stored(subjects.DLQ_PREFIX + self.mapping.function, record, headers)
+                    await self._failures.write(records, condition, invokes, error)
                 break
             except Exception as exc:
                 log.error(
@@ -591,21 +452,6 @@ class ShardDispatcher:
                 )
                 if not await self._pause(DLQ_RETRY_DELAY, self._evictions):
                     return False
-        log.error(
-            "%s: %s records %d-%d (%d) given up (%s) after %d invocation(s); their batch info is in the DLQ",
-            self.mapping.function,
-            self.shape.shard_id,
-            records[0].stream_seq,
-            records[-1].stream_seq,
-            len(records),
-            condition,
-            invokes,
-        )
-        if self.shard.on_failure:
-            try:
-                await self._sink.publish(self.shard.on_failure, record)
-            except Exception as exc:
-                log.warning("%s: on_failure %s not notified: %s", self.mapping.function, self.shard.on_failure, exc)
         with anyio.CancelScope(shield=True):
             for message in records:
                 await self._ack(message)
@@ -661,33 +507,18 @@ class ShardDispatcher:
 
     # -- tumbling windows -------------------------------------------------------------------------------------
 
-    def _window_key(self, lane: _Lane) -> str:
-        return f"windows/{self.mapping.name}/{lane.index}-of-{len(self.lanes)}"
-
-    async def _load_window(self, lane: _Lane) -> None:
+    async def _load_window(self, lane: Lane) -> None:
         lane.loaded = True
-        try:
-            entry = await self._state.get(self._window_key(lane))
-        except Exception as exc:
-            log.warning("%s: window state not read (%s); starting a fresh window", self.mapping.name, exc)
-            return
-        if entry is None:
-            return
-        try:
-            saved = decoding.typed(_saved_decoder, entry.value)
-        except UnreadableData:
-            log.warning("%s: stored window state unreadable; starting a fresh window", self.mapping.name)
-            return
-        lane.window = _Window(saved.start, saved.end, bytes(saved.state), saved.through)
+        lane.window = await self._windows.load(lane.index)
 
-    async def _save_window(self, lane: _Lane) -> bool:
+    async def _save_window(self, lane: Lane) -> bool:
+        """Store the lane's window, trying again until it is stored; False if the dispatcher stops first."""
         window = lane.window
         assert window is not None
-        value = _encoder.encode(_Saved(window.start, window.end, msgspec.Raw(window.state), window.through))
         delay = 0.5
         while True:
             try:
-                await self._state.put(self._window_key(lane), value)
+                await self._windows.save(lane.index, window)
                 return True
             except Exception as exc:
                 log.warning("%s: window state not stored (%s); trying again", self.mapping.name, exc)
@@ -695,7 +526,7 @@ class ShardDispatcher:
                 return False
             delay = min(MAX_RETRY_DELAY, delay * 2)
 
-    async def _close_window(self, lane: _Lane, *, early: bool) -> None:
+    async def _close_window(self, lane: Lane, *, early: bool) -> None:
         """The window's final invoke (`isFinalInvokeForWindow`), retried like a batch; then its state is dropped.
         `early`: the state grew past 1 MB; the same window goes on with a fresh state."""
         window = lane.window
@@ -739,7 +570,7 @@ class ShardDispatcher:
         lane.window = None
         lane.closed_end = window.end
         try:
-            await self._state.delete(self._window_key(lane))
+            await self._windows.drop(lane.index)
         except Exception as exc:  # the next run finds it, sees its end has passed, and closes it again
             log.warning("%s: closed window state not removed: %s", self.mapping.name, exc)
 
