@@ -25,7 +25,8 @@ HANDLER = """
     # batch_size = 20
     # ///
     import base64
-        import _probe
+    import os
+    import _probe
 
     def handler(event, context):
         records = event["Records"]
