@@ -259,9 +259,15 @@ async def redrive(bus: Bus, name: str, dead_letter: str) -> int:
     """Move every message of queue `dead_letter` to queue `name`, oldest first; each is deleted from the DLQ only
     once `name` stored it. Returns how many were moved."""
     dlq_stream = subjects.queue_stream(dead_letter)
-    for stream, queue in ((dlq_stream, dead_letter), (subjects.queue_stream(name), name)):
-        if not await bus.stream_exists(stream):
-            raise QueueNotFound(queue)
+    if not await bus.stream_exists(subjects.queue_stream(name)):
+        raise QueueNotFound(name)
+    if not await bus.stream_exists(dlq_stream):
+        # Not `QueueNotFound`: a DLQ is declared by its queue's max_receive_count, not as a queue of its own.
+        raise QueueError(
+            dead_letter,
+            f"its stream ({dlq_stream}) does not exist",
+            "start `eventfn serve`, which creates it (a queue with max_receive_count > 0 gets one)",
+        )
     moved = 0
     start = 1
     while page := await bus.read(dlq_stream, queues.subject(dead_letter), start=start, limit=_PAGE):

@@ -318,6 +318,7 @@ class Stored:
 
     def __init__(self, seq: int, *, delivered: int = 1, age: float = 0.0, headers: dict[str, str] | None = None):
         self.stream_seq = seq
+        self.stream = "EVENTFN_Q_orders"
         self.delivered = delivered
         self.timestamp_ns = int((time.time() - age) * 1e9)
         self.headers = headers
@@ -356,7 +357,7 @@ def test_a_message_may_set_its_own_delay_on_a_standard_queue_only() -> None:
     standard, fifo = redrive(delay_seconds=30), redrive(fifo=True, delay_seconds=30)
     own = Stored(1, headers={"Delay-Seconds": "0"})
     assert standard.delay_of(own) == 0 and fifo.delay_of(own) == 30  # type: ignore[arg-type]
-    for text, expected in (("5", 5.0), ("9999", 900.0), ("-3", 0.0), ("soon", 30.0), ("nan", 0.0)):
+    for text, expected in (("5", 5.0), ("9999", 900.0), ("-3", 0.0), ("soon", 30.0), ("nan", 30.0), ("1_0", 30.0)):
         assert standard.delay_of(Stored(1, headers={"Delay-Seconds": text})) == expected  # type: ignore[arg-type]
 
 

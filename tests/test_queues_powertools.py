@@ -42,10 +42,12 @@ class Delivered:
     received_at: float = 1_700_000_000.5
 
 
-def event_of(*messages: Delivered, fifo: bool = False, content_based: bool = False) -> dict[str, Any]:
-    """The handler's event for `messages` of queue `orders`, as JSON decodes it in the worker."""
+def event_of(
+    *messages: Delivered, fifo: bool = False, content_based: bool = False, queue: str = "orders"
+) -> dict[str, Any]:
+    """The handler's event for `messages` of queue `queue`, as JSON decodes it in the worker."""
     shape = QueueShape(
-        "orders",
+        queue,
         fifo=fifo,
         stream="EVENTFN_Q_orders",
         consumer="ship--t0",
@@ -113,7 +115,7 @@ def test_fifo_records_carry_the_group_sequence_and_deduplication_id() -> None:
 
 
 def test_a_moved_message_names_the_queue_it_came_from() -> None:
-    event = event_of(Delivered(b"x", {"Eventfn-Source-Queue": "orders", "k": "v"}))
+    event = event_of(Delivered(b"x", {"Eventfn-Source-Queue": "orders", "k": "v"}), queue="orders-dlq")
     [record] = parse(event=event, model=SqsModel).Records
     assert record.attributes.DeadLetterQueueSourceArn == "arn:aws:sqs:local:000000000000:orders"
     assert set(record.messageAttributes) == {"k"}

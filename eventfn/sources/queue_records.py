@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from eventfn.config import DLQ_SUFFIX
 from eventfn.sources.records import (
     RECEIPT_PREFIX,
     REGION,
@@ -110,6 +111,9 @@ class QueueShape:
         content_based_deduplication: bool = False,
     ) -> None:
         self.arn = arn(queue)
+        #: The source queue whose moved messages this queue holds, if it is a DLQ (`<source>-dlq`): only those say
+        #: where they came from (a plain publish may carry any header).
+        self._dead_letter_of = queue.removesuffix(DLQ_SUFFIX) if queue.endswith(DLQ_SUFFIX) else None
         self.fifo = fifo
         self.content_based = content_based_deduplication
         self.receive_count = receive_count
@@ -135,8 +139,8 @@ class QueueShape:
             if self.fifo:
                 group = headers.get(GROUP_HEADER)
                 dedup = headers.get(DEDUP_HEADER) or headers.get("Nats-Msg-Id")
-            if source := headers.get(SOURCE_HEADER):
-                moved_from = arn(source)
+            if self._dead_letter_of is not None and headers.get(SOURCE_HEADER) == self._dead_letter_of:
+                moved_from = arn(self._dead_letter_of)
         if self.fifo and dedup is None and self.content_based:
             dedup = hashlib.sha256(data).hexdigest()
         return Record(

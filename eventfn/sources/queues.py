@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -262,6 +263,16 @@ def _attribute_problem(name: str, value: str) -> str | None:
     return None
 
 
+def own_delay(text: str) -> float | None:
+    """The seconds a `Delay-Seconds` header says, if it is a plain decimal number (SQS takes 0 to 900); None for
+    anything else, which Python's float() would take: `inf`, `nan`, `1e9`, `1_0`, non-ASCII digits."""
+    text = text.strip()
+    return float(text) if _DELAY.fullmatch(text) else None
+
+
+_DELAY = re.compile(r"[-+]?[0-9]{1,12}(?:\.[0-9]{1,12})?", re.ASCII)
+
+
 def _valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and value.isascii() and value.isprintable() and " " not in value
 
@@ -304,10 +315,21 @@ class Redrive:
             if SCHEDULER_HEADER in headers:
                 return 0.0
             if not self.fifo and (own := headers.get(DELAY_HEADER)) is not None:
-                try:
-                    delay = min(MAX_DELAY, max(0.0, float(own)))
-                except ValueError:
-                    pass  # not a number: the queue's delay
+                given = own_delay(own)
+                if given is not None and 0 <= given <= MAX_DELAY:
+                    return given
+                if message.delivered == 1:  # once per message, not per delivery
+                    log.warning(
+                        "queue %s: message %s has %s: %r, not a number of seconds from 0 to %g; %s",
+                        self.name,
+                        events.request_id_for(message.stream_seq, message.stream),
+                        DELAY_HEADER,
+                        own,
+                        MAX_DELAY,
+                        f"the queue's delay ({delay:g} s) applies" if given is None else "taken as the nearest",
+                    )
+                if given is not None:
+                    return min(MAX_DELAY, max(0.0, given))
         return delay
 
     def due_in(self, message: Message) -> float:
@@ -361,6 +383,10 @@ class Redrive:
             for k, v in (message.headers or {}).items()
             if k != DELAY_HEADER and not k.startswith(records.SYSTEM_HEADER_PREFIXES)
         }
+        if self.fifo and DEDUP_HEADER not in headers and (given := (message.headers or {}).get(MSG_ID_HEADER)):
+            # Sent with `Nats-Msg-Id` only: that was its deduplication id, and stays so in the DLQ (and after a
+            # redrive), rather than the move's own id below.
+            headers[DEDUP_HEADER] = given
         # The id makes a second move (a crash between the write and the delete) a no-op within the DLQ's window.
         headers[MSG_ID_HEADER] = f"moved:{self._stream}:{message.stream_seq}"
         headers[SOURCE_HEADER] = self.name
