@@ -22,6 +22,7 @@ from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
 from eventfn.broker.bus import Bus, ConsumerTaken
 from eventfn.broker.connection import connect
+from eventfn.broker.feeds import Delivery
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
 from eventfn.broker.specs import StreamSpec
 from eventfn.broker.state import StateStore
@@ -80,6 +81,8 @@ class Service:
         self._replan = anyio.Event()
         #: Tumbling-window state and the like of the shard dispatchers.
         self.shard_state = state.of("shards")
+        #: Queue messages handed back unstarted (a stopping mapping's), so that they do not count as receives.
+        self.queue_state = state.of("queues")
         #: The installed connectors (bucket watcher, scheduler, plugins), publishing into the events stream.
         self.connectors = Hosted(
             config.connectors,
@@ -409,12 +412,17 @@ class Service:
             if running is not None:
                 running.dispatcher.pin_changed(pinned)
 
+        async def handed_back(deliveries: list[Delivery]) -> None:  # (the feed, again, exists first)
+            if isinstance(running, Running) and isinstance(running.dispatcher, Dispatcher):
+                await running.dispatcher.note_hand_back(list(deliveries))
+
         feed = self.bus.pull_feed(
             stream,
             mapping.name,
             max_inflight=mapping.max_inflight,
             options=mapping.source.consumer,
             on_pin_change=pin_changed,
+            on_hand_back=handed_back if mapping.source.queue is not None else None,
         )
 
         async def recovery() -> tuple[int, int]:
@@ -427,7 +435,9 @@ class Service:
                 self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery, state=self.shard_state
             )
         else:
-            dispatcher = Dispatcher(self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery)
+            dispatcher = Dispatcher(
+                self.bus, mapping, feed, invoke=fn.invoke, recovery=recovery, state=self.queue_state
+            )
         running = started = Running(dispatcher, mapping)
         self.running[mapping.name] = started
 

@@ -14,6 +14,8 @@ import anyio
 import msgspec
 
 from eventfn.broker.bus import Bus
+from eventfn.broker.feeds import Delivery
+from eventfn.broker.state import StateStore
 from eventfn.config import FunctionSettings, QueueSettings, ServiceConfig
 from eventfn.invoke.invocation import Invocation, LambdaError, Outcome
 from eventfn.sources import mappings, queues
@@ -104,13 +106,26 @@ async def running(bus: Bus, mapping: Mapping, function: Function) -> AsyncIterat
     """The mapping's consumer provisioned and its dispatcher running; stopped (in-flight batches settled) on exit."""
     await mappings.provision(bus, mapping)
     stream = mapping.source.stream
-    feed = bus.pull_feed(stream, mapping.name, max_inflight=mapping.max_inflight, options=mapping.source.consumer)
+    made: list[Dispatcher] = []
+
+    async def handed_back(deliveries: list[Delivery]) -> None:  # as the service wires it
+        await made[0].note_hand_back(list(deliveries))
+
+    feed = bus.pull_feed(
+        stream,
+        mapping.name,
+        max_inflight=mapping.max_inflight,
+        options=mapping.source.consumer,
+        on_hand_back=handed_back,
+    )
 
     async def recovery() -> tuple[int, int]:
         state = await bus.consumer_state(stream, mapping.name)
         return (state.ack_pending, state.delivered_stream_seq) if state else (0, 0)
 
-    dispatcher = Dispatcher(bus, mapping, feed, invoke=function, recovery=recovery)
+    state = StateStore(bus).of("queues")  # the service's: hand-backs noted in JetStream KV
+    dispatcher = Dispatcher(bus, mapping, feed, invoke=function, recovery=recovery, state=state)
+    made.append(dispatcher)
     async with anyio.create_task_group() as tg:
         await tg.start(dispatcher.run)
         try:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo, PubAck
 
 from eventfn import events
-from eventfn.broker.feeds import PullFeed
+from eventfn.broker.feeds import Delivery, PullFeed
 from eventfn.broker.specs import (
     _DEFAULT_OPTIONS,
     _FIXED_AT_CREATION,
@@ -532,6 +532,16 @@ class Bus:
             return None
         return dict(info.state.subjects or {})
 
+    async def allow_message_ttl(self, stream: str) -> None:
+        """Let `stream`'s messages carry a TTL of their own (`Nats-TTL`; JetStream cannot take it back)."""
+        info = await self._stream_info(stream)
+        if info is None:
+            raise ConfigError("JetStream", f"cannot allow message TTLs on stream {stream}: it does not exist")
+        config = info["config"]
+        if not config.get("allow_msg_ttl"):
+            config["allow_msg_ttl"] = True
+            await self._js_call(self._api(f"STREAM.UPDATE.{stream}", config), f"update stream {stream}", None)
+
     async def pause_consumer(self, stream: str, name: str) -> None:
         """Pause delivery indefinitely (JetStream consumer pause, nats-server 2.11+)."""
         await self._js_call(self.js.pause_consumer(stream, name, _PAUSED_FOREVER), f"pause consumer {name}")
@@ -596,10 +606,12 @@ class Bus:
         max_inflight: int,
         options: ConsumerOptions = _DEFAULT_OPTIONS,
         on_pin_change: Callable[[bool], None] | None = None,
+        on_hand_back: Callable[[list[Delivery]], Awaitable[None]] | None = None,
     ) -> PullFeed:
         """A pipelined feed on an existing durable consumer (run it with `PullFeed.run`), provisioned with
         `options`: on an exclusive consumer it pulls in its group, and `on_pin_change` hears whether it is the one
-        process that consumes it."""
+        process that consumes it; `on_hand_back` hears of deliveries that came after it stopped, before they go
+        back unstarted."""
         return PullFeed(
             self.nc,
             stream,
@@ -611,6 +623,7 @@ class Bus:
             group=options.group,
             pin_timeout=options.pin_timeout,
             on_pin_change=on_pin_change,
+            on_hand_back=on_hand_back,
         )
 
     def refresh_feeds(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -154,8 +154,11 @@ class PullFeed:
         group: str | None = None,
         pin_timeout: float = 10.0,
         on_pin_change: Callable[[bool], None] | None = None,
+        on_hand_back: Callable[[list[Delivery]], Awaitable[None]] | None = None,
     ) -> None:
         self.nc = nc
+        #: Told of deliveries that arrive after the feed stopped, before they go back unstarted.
+        self._on_hand_back = on_hand_back
         self._hooks = reconnect_hooks if reconnect_hooks is not None else []
         self._on_lost = on_lost
         self._stalls = stalls if stalls is not None else Stalls()
@@ -452,6 +455,11 @@ class PullFeed:
         self.inflight += 1
         delivery = Delivery(msg, self)
         if self._closed or self._queue.qsize() >= 2 * self.max_inflight:
+            if self._on_hand_back is not None:
+                try:
+                    await self._on_hand_back([delivery])
+                except Exception as exc:  # it goes back all the same
+                    log.warning("consumer %s/%s: hand-back not noted: %s", self.stream, self.consumer, exc)
             await delivery.nak()
         else:
             self._queue.put_nowait(delivery)

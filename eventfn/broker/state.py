@@ -37,12 +37,28 @@ class StateStore:
         self._replicas = replicas
         self._kv: KeyValue | None = None
         self._lock = anyio.Lock()
+        self._ttl_allowed = False
 
     async def kv(self) -> KeyValue:
         async with self._lock:
             if self._kv is None:
                 self._kv = await open_store(self._bus, replicas=self._replicas)
             return self._kv
+
+    async def allow_ttl(self) -> None:
+        """Let keys expire one by one (JetStream's per-message TTL, nats-server 2.11+), once per process."""
+        if self._ttl_allowed:
+            return
+        await self.kv()
+        async with self._lock:
+            if not self._ttl_allowed:
+                await self._bus.allow_message_ttl(STREAM)
+                self._ttl_allowed = True
+
+    async def put_expiring(self, key: str, value: bytes, ttl: float) -> None:
+        """Store `value` under the bucket key `key` for `ttl` seconds, after which JetStream removes it."""
+        await self.allow_ttl()
+        await self._bus.publish_stored(f"$KV.{BUCKET}.{key}", value, headers={"Nats-TTL": f"{max(1, int(ttl))}s"})
 
     def of(self, kind: str) -> KvState:
         """Connector `kind`'s view of the store."""
@@ -99,6 +115,10 @@ class KvState:
 
     async def delete(self, key: str) -> None:
         await (await self._store.kv()).delete(self._key(key))
+
+    async def put_expiring(self, key: str, value: bytes, ttl: float) -> None:
+        """`put`, but the key is removed after `ttl` seconds (for notes that must not pile up)."""
+        await self._store.put_expiring(self._key(key), value, ttl)
 
     async def items(self, prefix: str = "") -> dict[str, Entry]:
         out: dict[str, Entry] = {}

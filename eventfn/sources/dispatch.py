@@ -27,6 +27,7 @@ from eventfn.sources import queue_records, queues, records
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.ordering import Keyed, Recovery, Unordered
+from eventfn.sources.ordering import hand_back as return_unstarted
 from eventfn.sources.retry import DeadLetter, Retry, decide
 from eventfn.sources.source import Feed, Message, RecordShape, key_reader
 
@@ -66,7 +67,14 @@ class Dispatcher:
     """Runs one mapping: its source's feed, scheduled by the source's ordering model, feeding one function."""
 
     def __init__(
-        self, sink: Sink, mapping: Mapping, feed: Feed, *, invoke: Invoke, recovery: Recovery | None = None
+        self,
+        sink: Sink,
+        mapping: Mapping,
+        feed: Feed,
+        *,
+        invoke: Invoke,
+        recovery: Recovery | None = None,
+        state: queues.HandBacks | None = None,
     ) -> None:
         self.mapping = mapping
         self.feed = feed
@@ -93,7 +101,7 @@ class Dispatcher:
         #: the function's retry policy and DLQ, and its batches are SQS's own.
         self._queue: queues.Redrive | None = None
         if (queue := mapping.source.queue) is not None:
-            self._queue = queues.Redrive(queue, sink, stream=feed.stream)
+            self._queue = queues.Redrive(queue, sink, stream=feed.stream, state=state)
             self._source_arn = queues.arn(queue.name)
             self._shape = queue_records.QueueShape(
                 queue.name,
@@ -111,6 +119,18 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop pulling; deliveries received but not started go back to the source at once."""
         self.feed.stop()
+
+    async def hand_back(self, messages: list[Message]) -> None:
+        """Return events not started to the source, at once. A queue first notes that they were not received, so
+        that their next delivery does not count against the redrive policy (a restart must not move messages that
+        never ran to the DLQ)."""
+        await self.note_hand_back(messages)
+        await return_unstarted(messages)
+
+    async def note_hand_back(self, messages: list[Message]) -> None:
+        """Before `messages` go back unstarted: a queue notes that they were not received."""
+        if self._queue is not None and messages:
+            await self._queue.handed_back(messages)
 
     def pin_changed(self, pinned: bool) -> None:
         """The source says whether this process is the one consuming an exclusive consumer. Having lost it (a
@@ -245,6 +265,8 @@ class Dispatcher:
                     continue
                 receives = self._receive_count(message)
                 if queue.max_receive_count and receives > queue.max_receive_count:
+                    receives = await queue.confirmed(message, receives)
+                if queue.max_receive_count and receives > queue.max_receive_count:
                     # Received as often as allowed, and not deleted: its handler died, or outlived the timeout.
                     verdict = await queue.move(message, message_id, receives - 1, "its last receive never finished")
                     self._held(message, verdict, verdicts, index, held, group)
@@ -301,6 +323,8 @@ class Dispatcher:
         if self._extra_attempts is not None:
             # Held in place, the message is received again without a new delivery: count this receive.
             self._extra_attempts[message.stream_seq] = self._extra_attempts.get(message.stream_seq, 0) + 1
+        if queue.max_receive_count and receives >= queue.max_receive_count:
+            receives = await queue.confirmed(message, receives)
         moved = queue.moved
         verdict = await queue.failed(message, message_id, receives, stats.last_error)
         if queue.moved == moved:

@@ -201,6 +201,10 @@ class MemoryState:
         self._values[key] = (value, revision)
         return revision
 
+    async def put_expiring(self, key: str, value: bytes, ttl: float) -> None:
+        """`put` (a memory store forgets everything at the end anyway)."""
+        await self.put(key, value)
+
     async def create(self, key: str, value: bytes) -> int | None:
         if key in self._values:
             return None

@@ -49,6 +49,10 @@ class Dispatcher(Protocol):
         """Filter, invoke and settle `batch`; for each event, None (settled) or seconds until it runs again."""
         ...
 
+    async def hand_back(self, messages: list[Message]) -> None:
+        """Return events not started to the source (`hand_back`), noting that they were not received."""
+        ...
+
 
 def record_size(data: bytes) -> int:
     """About what one event adds to a batch payload: its body as a JSON string (quotes are the escaping JSON
@@ -91,7 +95,7 @@ class Unordered:
             except anyio.EndOfStream:
                 return
             if feed.stopping:
-                await hand_back([message])
+                await self.dispatcher.hand_back([message])
                 continue
             await process([message])
 
@@ -109,7 +113,7 @@ class Unordered:
             await slots.acquire()
             if self.feed.stopping:
                 slots.release()
-                await hand_back([*batch, *([carry] if carry else [])])
+                await self.dispatcher.hand_back([*batch, *([carry] if carry else [])])
                 carry = None
                 continue
             tg.start_soon(self._process_in_slot, batch, slots)
@@ -218,7 +222,7 @@ class Keyed:
                         runners.start_soon(self._runner)
                 timers.cancel()
             # Stopped (no batch runs now): what is held goes back to the source; the next consumer runs it, in order.
-            await hand_back(self._release_held())
+            await self.dispatcher.hand_back(self._release_held())
 
     # -- intake ---------------------------------------------------------------------------------------------
 
@@ -409,7 +413,7 @@ class Keyed:
             log.warning(
                 "%s: another process consumes it now; %d held event(s) handed back", self.mapping.name, len(left)
             )
-            await hand_back(left)
+            await self.dispatcher.hand_back(left)
 
     # -- time ---------------------------------------------------------------------------------------------
 

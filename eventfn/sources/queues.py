@@ -22,8 +22,9 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+import anyio
 import msgspec
 
 from eventfn import events, subjects
@@ -32,6 +33,7 @@ from eventfn.broker.specs import ConsumerOptions, StreamSpec
 from eventfn.config import DLQ_SUFFIX, RESOURCE_NAME, QueueSettings
 from eventfn.errors import QueueError, QueueNotFound
 from eventfn.sources import queue_records, records
+from eventfn.sources.connector import Entry
 from eventfn.sources.deadletters import DLQ_RETRY_DELAY, Sink, nak_quietly
 from eventfn.sources.source import Message, Ordering, QueueRef, Source
 
@@ -103,6 +105,7 @@ def ref(name: str, queue: QueueSettings) -> QueueRef:
         dead_letter=name + DLQ_SUFFIX if queue.max_receive_count else None,
         delay_seconds=queue.delay_seconds,
         content_based_deduplication=queue.content_based_deduplication,
+        retention=queue.retention,
     )
 
 
@@ -280,6 +283,14 @@ def _valid_id(value: str) -> bool:
 # -- receiving: what a queue mapping applies --------------------------------------------------------------------
 
 
+class HandBacks(Protocol):
+    """Where queue mappings note deliveries handed back unstarted (the state store, `broker.state.KvState`)."""
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def put_expiring(self, key: str, value: bytes, ttl: float) -> None: ...
+
+
 class Redrive:
     """SQS's receive side for one queue mapping: delays, receive counts, the visibility timeout and the redrive
     policy (the move to the queue's DLQ).
@@ -291,7 +302,7 @@ class Redrive:
     towards an early move to the DLQ.
     """
 
-    def __init__(self, queue: QueueRef, sink: Sink, *, stream: str) -> None:
+    def __init__(self, queue: QueueRef, sink: Sink, *, stream: str, state: HandBacks | None = None) -> None:
         self.queue = queue
         self.name = queue.name
         self.fifo = queue.fifo
@@ -302,6 +313,10 @@ class Redrive:
         self._sink = sink
         self._stream = stream
         self._deferrals: dict[int, int] = {}
+        #: Where hand-backs are noted for every process (`handed_back`); None: in this process only.
+        self._state = state
+        #: Deliveries of each message that this process handed back unstarted.
+        self._handbacks: dict[int, int] = {}
         #: Counters for the mapping's stats.
         self.moved = 0
         self.deferred = 0
@@ -353,7 +368,47 @@ class Redrive:
         deferrals = self._deferrals.get(message.stream_seq)
         if deferrals is None:
             deferrals = 1 if message.delivered > 1 and self.delay_of(message) > 0 else 0
-        return max(1, attempt - deferrals)
+        return max(1, attempt - deferrals - self._handbacks.get(message.stream_seq, 0))
+
+    async def confirmed(self, message: Message, receives: int) -> int:
+        """`receives` (from `receive_count`) less the deliveries that any process handed back unstarted (a
+        stopping mapping's), as noted in the state store: asked only when the count reaches the redrive policy's
+        limit. If the store cannot be read, `receives` stands (one receive more, never one less)."""
+        if self._state is None or message.delivered < 2:
+            return receives
+        local = self._handbacks.get(message.stream_seq, 0)
+        try:
+            found = 0
+            for delivery in range(1, message.delivered):
+                if await self._state.get(self._handback_key(message, delivery)) is not None:
+                    found += 1
+        except Exception as exc:
+            log.warning("queue %s: hand-backs of message %d not read (%s)", self.name, message.stream_seq, exc)
+            return receives
+        return max(1, receives - max(0, found - local))
+
+    async def handed_back(self, messages: list[Message]) -> None:
+        """Note that these deliveries were handed back unstarted (a mapping stopping or handing over), here and in
+        the state store for whichever process receives them next, before they go back: their next delivery is
+        not a receive more. Notes expire with the queue's retention."""
+        for message in messages:
+            self._handbacks[message.stream_seq] = self._handbacks.get(message.stream_seq, 0) + 1
+        if self._state is None:
+            return
+        state, ttl = self._state, self.queue.retention
+
+        async def note(message: Message) -> None:
+            try:
+                await state.put_expiring(self._handback_key(message, message.delivered), b"", ttl)
+            except Exception as exc:  # counted as a receive when it comes back: conservative
+                log.warning("queue %s: hand-back of message %d not noted (%s)", self.name, message.stream_seq, exc)
+
+        async with anyio.create_task_group() as tg:
+            for message in messages:
+                tg.start_soon(note, message)
+
+    def _handback_key(self, message: Message, delivery: int) -> str:
+        return f"{self._stream}.{message.stream_seq}.{delivery}"
 
     async def defer(self, message: Message, wait: float) -> float | None:
         """Hand a message that is not due yet back for `wait` seconds: a standard queue's goes back to the stream
@@ -369,6 +424,8 @@ class Redrive:
         """The message is deleted (or moved): its count is no longer needed."""
         if self._deferrals:
             self._deferrals.pop(message.stream_seq, None)
+        if self._handbacks:
+            self._handbacks.pop(message.stream_seq, None)
 
     async def move(self, message: Message, message_id: str, receives: int, why: str) -> float | None:
         """Move the message to the queue's DLQ (its body and headers, and the queue it came from) and, once that

@@ -126,6 +126,8 @@ class QueueRef(msgspec.Struct, frozen=True, kw_only=True):
     dead_letter: str | None = None
     delay_seconds: float = 0.0
     content_based_deduplication: bool = False
+    #: Seconds a message is kept.
+    retention: float = 345_600.0
 
 
 class ShardRef(msgspec.Struct, frozen=True, kw_only=True):
