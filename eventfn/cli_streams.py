@@ -242,7 +242,7 @@ def _print_description(found: dict[str, Any]) -> None:
         print(f"stream {found['stream']} has not been created yet: start `eventfn serve` with this eventfn.toml")
         return
     print(
-        f"stream {found['stream']}: {found['shards']} shard(s), {_n(found['records'])} record(s), last sequence "
+        f"stream {found['stream']}: {len(found['shards'])} shard(s), {_n(found['records'])} record(s), last sequence "
         f"{_n(found['lastSequence'])}, {_n(found['unrouted'])} put(s) not yet routed"
     )
     print()
