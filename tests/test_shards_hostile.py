@@ -37,14 +37,23 @@ REPORTER = """
     # [retry]
     # base_delay = 0.1
     # ///
+    import base64
+    import hashlib
     import json
 
     import _probe
 
 
+    def short(data):  # a big record's data is reported by its size and digest: the report must fit in a message
+        if len(data) < 4000:
+            return data
+        raw = base64.b64decode(data)
+        return base64.b64encode(b"%d:%s" % (len(raw), hashlib.sha256(raw).hexdigest().encode())).decode()
+
+
     def handler(event, context):
         records = [
-            [r["kinesis"]["partitionKey"], r["kinesis"]["data"], int(r["kinesis"]["sequenceNumber"]),
+            [r["kinesis"]["partitionKey"], short(r["kinesis"]["data"]), int(r["kinesis"]["sequenceNumber"]),
              r["eventID"].split(":")[0]]
             for r in event["Records"]
         ]
@@ -64,9 +73,7 @@ def config(tmp_path: Path) -> Path:
 
 
 async def start(serve: Callable[..., Awaitable[Serve]], config: Path) -> Serve:
-    service = await serve(
-        extra_args=["--config", str(config)], env={"EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS"}
-    )
+    service = await serve(extra_args=["--config", str(config)], env={"EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS"})
     await service.log.await_line(r"eventfn ready")
     return service
 
@@ -148,3 +155,99 @@ async def test_a_put_with_a_header_name_nats_py_refuses_does_not_block_the_strea
     assert [data for _, data, _, _ in got] == [b"first", b"second", b"third"], "all three, in put order"
     assert "header 'x/y' left off its record" in service.log.text(), "the odd header is named, not silently lost"
     assert "Traceback" not in service.log.text()
+
+
+async def test_odd_keys_and_data_are_routed_by_their_key_and_delivered_intact(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path, nats_server: Any
+) -> None:
+    add_reporter(handlers)
+    service = await start(serve, config)
+    records = await seen(nc)
+    long_key = "k" * 300
+    sent: list[tuple[str, dict[str, str] | None, bytes, str]] = [
+        # (subject suffix, headers, data, the key the record must carry)
+        ("", {"Partition-Key": "clé-ünï-🙂"}, b"unicode header key", "clé-ünï-🙂"),
+        (".a.b.c", None, b"dotted subject key", "a.b.c"),
+        (".clé", None, b"unicode subject key", "clé"),
+        (".subject-loses", {"Partition-Key": "header-wins"}, b"both", "header-wins"),
+        ("", {"Partition-Key": long_key}, b"long key", long_key),
+        ("", {"Partition-Key": "bin"}, bytes(range(256)), "bin"),
+        ("", {"Partition-Key": "empty"}, b"", "empty"),
+        ("", {"Partition-Key": "  padded  "}, b"padded key", "padded"),
+    ]
+    for suffix, headers, data, _ in sent:
+        await nc.publish("eventfn.stream.clicks" + suffix, data, headers=headers)
+    # No key at all, and an empty one: each keyed by its position among the puts.
+    await nc.publish("eventfn.stream.clicks", b"no key")
+    await nc.publish("eventfn.stream.clicks", b"empty key", headers={"Partition-Key": ""})
+    await nc.flush()
+    got = await records.until(len(sent) + 2)
+    by_data = {data: (key, shard) for key, data, _, shard in got}
+    assert len(got) == len(by_data) == len(sent) + 2, "each record once"
+    for _, _, data, key in sent:
+        assert by_data[data][0] == key, data
+        assert by_data[data][1] == shards.shard_id(shards.shard_of(key, 2)), f"{data!r}: the shard its key picks"
+    assert by_data[b"no key"][0] == str(len(sent) + 1) and by_data[b"empty key"][0] == str(len(sent) + 2)
+    assert "Traceback" not in service.log.text()
+
+
+async def test_a_record_near_the_largest_message_is_processed_and_one_over_it_with_headers_is_dropped_loudly(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
+) -> None:
+    add_reporter(handlers, batch_size=2)
+    service = await start(serve, config)
+    records = await seen(nc)
+    js = nc.jetstream()
+    fits = b"f" * (nc.max_payload - 400)
+    # Fits as a put, but not once the router adds the record's arrival time and id.
+    too_big = b"t" * (nc.max_payload - 60)
+    for data in (fits, too_big, b"after"):
+        await js.publish("eventfn.stream.clicks", data, headers={"Partition-Key": "big"})
+    got = await records.until(2)
+    import hashlib
+
+    digest = b"%d:%s" % (len(fits), hashlib.sha256(fits).hexdigest().encode())
+    assert [data for _, data, _, _ in got] == [digest, b"after"]
+    assert "put 2 dropped" in service.log.text(), "the dropped put is named in an error line"
+    assert "Traceback" not in service.log.text()
+
+
+async def test_a_burst_of_thousands_of_puts_keeps_each_key_in_order_with_nothing_lost(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
+) -> None:
+    add_reporter(handlers, extra="parallelization_factor = 3")
+    await start(serve, config)
+    records = await seen(nc)
+    count = 3000
+    for n in range(count):
+        await nc.publish("eventfn.stream.clicks", str(n).encode(), headers={"Partition-Key": f"k{n % 37}"})
+    await nc.flush()
+    got = await records.until(count, timeout=60)
+    numbers = [int(data) for _, data, _, _ in got]
+    assert sorted(numbers) == list(range(count)), "each put once"
+    for k in range(37):
+        mine = [int(data) for key, data, _, _ in got if key == f"k{k}"]
+        assert mine == sorted(mine), f"key k{k} out of order"
+
+
+async def test_a_put_whose_subject_is_not_utf8_does_not_deafen_the_service(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path, nats_server: Any
+) -> None:
+    """nats-server takes any bytes in a subject token; nats-py's reader used to die decoding such a subject (the
+    router's pull brought the put to the service's connection, which then heard nothing more, the put coming back
+    after every reconnect)."""
+    add_reporter(handlers)
+    service = await start(serve, config)
+    records = await seen(nc)
+    raw_publish(nats_server.url, [b"PUB eventfn.stream.clicks.k\xff\xfe 8\r\nnot utf8\r\n"])
+    await nc.publish("eventfn.stream.clicks", b"after", headers={"Partition-Key": "k1"})
+    await nc.flush()
+    try:
+        got = await records.until(2, timeout=20)
+    except TimeoutError:
+        pytest.fail("the service went deaf:\n" + service.log.text()[-3000:])
+    by_data = {data: key for key, data, _, _ in got}
+    assert by_data == {b"not utf8": "k\ufffd\ufffd", b"after": "k1"}
+    # The service still answers requests on its connection.
+    reply = await nc.request("eventfn.invoke.seen", b'{"Records": []}', timeout=10)
+    assert reply.data == b"null"
