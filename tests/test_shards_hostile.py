@@ -251,3 +251,21 @@ async def test_a_put_whose_subject_is_not_utf8_does_not_deafen_the_service(
     # The service still answers requests on its connection.
     reply = await nc.request("eventfn.invoke.seen", b'{"Records": []}', timeout=10)
     assert reply.data == b"null"
+
+
+async def test_a_partition_key_header_spelled_in_another_case_is_the_key(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
+) -> None:
+    """NATS header names are case-sensitive, HTTP's are not: a put with `partition-key: user-1` used to be taken
+    for a put without a key, and its records spread over the shards, out of order."""
+    add_reporter(handlers)
+    await start(serve, config)
+    records = await seen(nc)
+    for n in range(12):
+        name = ("partition-key", "PARTITION-KEY", "Partition-key")[n % 3]
+        await nc.publish("eventfn.stream.clicks", str(n).encode(), headers={name: "user-1"})
+    await nc.flush()
+    got = await records.until(12)
+    assert {key for key, _, _, _ in got} == {"user-1"}
+    assert {shard for _, _, _, shard in got} == {shards.shard_id(shards.shard_of("user-1", 2))}
+    assert [int(data) for _, data, _, _ in got] == list(range(12)), "one key: in put order"

@@ -51,6 +51,8 @@ WRITE_TIMEOUT = 10.0
 #: they are left off its record, which nats-py would refuse to write: the put would block its stream for good.
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
+_KEY_LOWER = KEY_HEADER.lower()
+
 _Routed = tuple[Message, "Pending | None", str, dict[str, str]]
 
 
@@ -167,8 +169,12 @@ class Router:
     def key_of(self, message: Message) -> str:
         """The put's partition key: its header, else the rest of its subject, else its position."""
         headers = message.headers
-        if headers and (key := headers.get(KEY_HEADER)):
-            return key
+        if headers:
+            if key := headers.get(KEY_HEADER):
+                return key
+            for name, value in headers.items():  # `partition-key`: HTTP's habit; NATS's names are case-sensitive
+                if value and name.lower() == _KEY_LOWER:
+                    return value
         subject = message.subject
         if subject.startswith(self._prefix) and len(subject) > len(self._prefix):
             return subject[len(self._prefix) :]
@@ -179,7 +185,7 @@ class Router:
         subject = shard_subject(self.name, shard_of(key, self.shards))
         headers = {}
         for name, value in (message.headers or {}).items():
-            if name.startswith("Nats-"):
+            if name.startswith("Nats-") or name.lower() == _KEY_LOWER:
                 continue
             if HEADER_NAME.fullmatch(name) is None:
                 log.warning(
