@@ -6,6 +6,7 @@ refuses, and the CLI used wrongly. Real nats-server, real `eventfn serve`; puts 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
 import sys
@@ -205,8 +206,6 @@ async def test_a_record_near_the_largest_message_is_processed_and_one_over_it_wi
     for data in (fits, too_big, b"after"):
         await js.publish("eventfn.stream.clicks", data, headers={"Partition-Key": "big"})
     got = await records.until(2)
-    import hashlib
-
     digest = b"%d:%s" % (len(fits), hashlib.sha256(fits).hexdigest().encode())
     assert [data for _, data, _, _ in got] == [digest, b"after"]
     assert "put 2 dropped" in service.log.text(), "the dropped put is named in an error line"
