@@ -106,8 +106,12 @@ def _declared(config: ServiceConfig, name: str) -> None:
 
 
 def _key(key: str) -> str:
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
-        raise EventfnError(f"--key must be 1 to {MAX_KEY_LENGTH} printable characters (it is sent as a NATS header)")
+    # A header value loses its outer spaces on the way: the record would take another key, and shard, than named.
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable() or key != key.strip():
+        raise EventfnError(
+            f"--key must be 1 to {MAX_KEY_LENGTH} printable characters, not starting or ending with a space (it is "
+            "sent as a NATS header)"
+        )
     return key
 
 

@@ -14,6 +14,7 @@ import anyio
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from eventfn.broker.auth import INBOX_PREFIXES, SERVICE, redact
 from eventfn.broker.bus import Bus, Denials
@@ -91,6 +92,25 @@ async def connect(
                         pass  # the connection was already lost (the server died): nothing left to close
 
 
+class _Client(Client):
+    """nats-py's client, reading a subject or reply subject that is not UTF-8 with U+FFFD for the bad bytes.
+    nats-server passes any bytes on, and nats-py's own strict decode raised inside its reader, which then stopped
+    for good: one hostile `PUB` on a subject the service consumes (a sharded stream's `eventfn.stream.<name>.<key>`)
+    left the connection deaf, and the message came back after every reconnect."""
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode(errors="replace"),
+            reply=reply.decode(errors="replace"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
+
+
 def _server_of(nc: Client, default: str = "the NATS server") -> str:
     """The server `nc` is (or was last) connected to, as a URL without credentials: nats-py keeps the URL as
     given, `nats://user:password@host`, and it goes to the log."""
@@ -101,7 +121,7 @@ async def _first_connect(
     options: dict[str, Any], reconnect_hooks: list[Callable[[], None]], denials: Denials
 ) -> Client:
     """Connect once, failing fast (a wrong URL is a user error); once connected, reconnects retry forever."""
-    nc = Client()
+    nc = _Client()
     first_errors: list[str] = []
     established = False
 

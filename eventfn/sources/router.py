@@ -17,12 +17,14 @@ keyed by its position among the puts (its stream sequence), which spreads such p
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
 
 import anyio
 import anyio.abc
+import nats.errors
 
 from eventfn import subjects
 from eventfn.broker.bus import Bus, Pending
@@ -44,6 +46,12 @@ ACK_WAIT = 15.0
 WINDOW = 512
 #: Seconds to wait for a write to be stored before it is sent again.
 WRITE_TIMEOUT = 10.0
+
+#: A header name nats-py writes (an HTTP token). A put may carry others (the Go client and raw protocol send them);
+#: they are left off its record, which nats-py would refuse to write: the put would block its stream for good.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+_KEY_LOWER = KEY_HEADER.lower()
 
 _Routed = tuple[Message, "Pending | None", str, dict[str, str]]
 
@@ -161,8 +169,12 @@ class Router:
     def key_of(self, message: Message) -> str:
         """The put's partition key: its header, else the rest of its subject, else its position."""
         headers = message.headers
-        if headers and (key := headers.get(KEY_HEADER)):
-            return key
+        if headers:
+            if key := headers.get(KEY_HEADER):
+                return key
+            for name, value in headers.items():  # `partition-key`: HTTP's habit; NATS's names are case-sensitive
+                if value and name.lower() == _KEY_LOWER:
+                    return value
         subject = message.subject
         if subject.startswith(self._prefix) and len(subject) > len(self._prefix):
             return subject[len(self._prefix) :]
@@ -171,7 +183,20 @@ class Router:
     async def _route(self, message: Message, pipeline: _Pipeline) -> None:
         key = self.key_of(message)
         subject = shard_subject(self.name, shard_of(key, self.shards))
-        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("Nats-")}
+        headers = {}
+        for name, value in (message.headers or {}).items():
+            if name.startswith("Nats-") or name.lower() == _KEY_LOWER:
+                continue
+            if HEADER_NAME.fullmatch(name) is None:
+                log.warning(
+                    "stream %s: put %d: header %r left off its record (a header name is letters, digits and "
+                    "!#$%%&'*+-.^_`|~)",
+                    self.name,
+                    message.stream_seq,
+                    name,
+                )
+                continue
+            headers[name] = value
         headers[KEY_HEADER] = key
         headers[ARRIVAL_HEADER] = str(message.timestamp_ns)
         # Unique to the put (its position, and its time in case the put stream is ever re-created).
@@ -193,6 +218,14 @@ class Router:
         pending: Pending | None
         try:
             pending = await self.bus.publish_soon(subject, message.data, headers)
+        except (nats.errors.BadHeaderError, nats.errors.MaxPayloadError) as exc:  # never writable: not retried
+            log.error(
+                "stream %s: put %d dropped: it cannot be written to its shard (%s)", self.name, message.stream_seq, exc
+            )
+            self._unsettled.discard(message.stream_seq)
+            self.dropped += 1
+            await message.ack()
+            return
         except Exception as exc:  # not sent (the connection is down): written again, in place, below
             log.debug("stream %s: put %d not sent (%s)", self.name, message.stream_seq, exc)
             pending = None
