@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from benchmarks import stream
+from benchmarks import report, stream
 from benchmarks.child import Child
 from benchmarks.harness import median, with_child
 from benchmarks.report import Row, evaluate, machine
@@ -243,19 +242,13 @@ def markdown(table: list[Row], meta: dict[str, Any]) -> str:
         "own queue stream with raw nats-py (pipelined pull, an ack per message; it keeps no order and runs no "
         "handler); the ceiling figure is the median of a run before and one after eventfn's.",
         "",
-        "| scenario | figure | ceiling (same run) | ratio |",
-        "|---|---|---|---|",
+        *report.ratio_table(table, percent=True),
     ]
-    for r in table:
-        ratio = f"{100 * r.ratio:.0f}%" if r.ratio is not None else "—"
-        ceiling = f"{r.ceiling:,.0f} {r.unit} ({r.ceiling_what})" if r.ceiling else "—"
-        lines.append(f"| {r.scenario} · {r.what} ({r.note}) | {r.figure:,.0f} {r.unit} | {ceiling} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     from benchmarks import __main__ as harness  # the revision and the CPU-busy reading
-    from benchmarks import report
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.queues", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10,000 messages per drain (default 40,000)")
@@ -285,13 +278,7 @@ def main() -> None:
         "busy_before": busy,
         "cpus": os.cpu_count(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "queues.json").write_bytes(
-        msgspec.json.format(msgspec.json.encode({"meta": meta, "raw": raw, "rows": table}))
-    )
-    text = markdown(table, meta)
-    (args.out / "queues.md").write_text(text)
-    print(text)
+    report.save(args.out, "queues", {"meta": meta, "raw": raw, "rows": table}, markdown(table, meta))
 
 
 if __name__ == "__main__":

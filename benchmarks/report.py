@@ -236,3 +236,26 @@ def write(rows: list[Row], bars: list[Bar], meta: dict[str, Any], raw: dict[str,
     (out / "results.json").write_bytes(msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n")
     (out / "results.md").write_text(markdown(rows, meta), encoding="utf-8")
     chart(bars, out / "results.png")
+
+
+def ratio_table(rows: list[Row], *, percent: bool = False, decimals: int = 0) -> list[str]:
+    """A benchmark's result table as markdown lines: scenario, figure, the same run's ceiling, and their ratio (as
+    a percentage, or as a factor)."""
+    lines = ["| scenario | figure | ceiling (same run) | ratio |", "|---|---|---|---|"]
+    for r in rows:
+        if r.ratio is None:
+            ratio = "—"
+        else:
+            ratio = f"{100 * r.ratio:.0f}%" if percent else f"{r.ratio:.2f}x"
+        note = f" ({r.note})" if r.note else ""
+        ceiling = f"{r.ceiling:,.{decimals}f} {r.unit} ({r.ceiling_what})" if r.ceiling else "—"
+        lines.append(f"| {r.scenario} · {r.what}{note} | {r.figure:,.{decimals}f} {r.unit} | {ceiling} | {ratio} |")
+    return lines
+
+
+def save(out: Path, name: str, results: dict[str, Any], text: str) -> None:
+    """Write a benchmark's results, `<name>.json` (everything) and `<name>.md` (`text`), and print the text."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_bytes(msgspec.json.format(msgspec.json.encode(results)))
+    (out / f"{name}.md").write_text(text)
+    print(text)

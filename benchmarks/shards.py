@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import nats
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from benchmarks import report
 from benchmarks.child import Child
 from benchmarks.harness import with_child
 from benchmarks.report import Row, evaluate, machine
@@ -236,16 +236,8 @@ def markdown(table: list[Row], meta: dict[str, Any]) -> str:
         "",
         f"{meta['date']} · {meta['machine']} · Python {meta['python']}",
         "",
-        "| scenario | figure | ceiling (same run) | ratio |",
-        "|---|---|---|---|",
+        *report.ratio_table(table),
     ]
-    for r in table:
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "—"
-        note = f" ({r.note})" if r.note else ""
-        lines.append(
-            f"| {r.scenario} · {r.what}{note} | {r.figure:,.0f} {r.unit} | {r.ceiling:,.0f} {r.unit} "
-            f"({r.ceiling_what}) | {ratio} |"
-        )
     method = (__doc__ or "").split("\n\n")[1]
     lines += ["", "Method:", ""]
     lines += [" ".join(item.split()) for item in re.split(r"\n(?=\d\. )", method)]
@@ -272,13 +264,7 @@ def main() -> None:
         "python": ".".join(map(str, sys.version_info[:3])),
         "cpus": os.cpu_count(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shards.json").write_bytes(
-        msgspec.json.format(msgspec.json.encode({"meta": meta, "rows": table, "raw": raw}))
-    )
-    text = markdown(table, meta)
-    (args.out / "shards.md").write_text(text)
-    print(text)
+    report.save(args.out, "shards", {"meta": meta, "rows": table, "raw": raw}, markdown(table, meta))
 
 
 if __name__ == "__main__":
