@@ -20,6 +20,8 @@ from eventfn.subjects import STATE_BUCKET, STATE_STREAM
 BUCKET = STATE_BUCKET
 STREAM = STATE_STREAM
 _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+#: Seconds `KvState.items` waits for the keys the stream said it holds.
+ITEMS_WAIT = 10.0
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -121,15 +123,34 @@ class KvState:
         await self._store.put_expiring(self._key(key), value, ttl)
 
     async def items(self, prefix: str = "") -> dict[str, Entry]:
+        """Every key of this view that starts with `prefix`, with its value.
+
+        Read with a KV watch, which delivers the last message of each key, deleted ones included. How many that is
+        comes from the stream first: nats-py's "nothing more" marker cannot be trusted, as it may come before
+        entries the server already sent (under load it did, and a bucket watcher found its index empty). A key
+        removed meanwhile could leave one short: after `ITEMS_WAIT` seconds, what came is the answer.
+        """
+        store = self._store
+        kv = await store.kv()
+        counts = await store._bus.subject_counts(STREAM, f"$KV.{BUCKET}.{self._prefix}>") or {}
         out: dict[str, Entry] = {}
-        watcher = await (await self._store.kv()).watch(self._prefix + ">", ignore_deletes=True)
+        if not counts:
+            return out
+        watcher = await kv.watch(self._prefix + ">", ignore_deletes=False)
+        seen: set[str] = set()
         try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored now
-                    break
-                key = entry.key.removeprefix(self._prefix)
-                if key.startswith(prefix) and entry.value is not None:
-                    out[key] = Entry(entry.value, entry.revision or 0)
+            with anyio.move_on_after(ITEMS_WAIT):
+                async for entry in watcher:
+                    if entry is None:  # the marker: not proof that nothing more comes
+                        continue
+                    seen.add(entry.key)
+                    key = entry.key.removeprefix(self._prefix)
+                    if entry.operation is None and entry.value is not None and key.startswith(prefix):
+                        out[key] = Entry(entry.value, entry.revision or 0)
+                    else:
+                        out.pop(key, None)  # deleted or purged
+                    if len(seen) >= len(counts):
+                        break
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return out
