@@ -317,7 +317,9 @@ async def test_one_feed_consumes_an_exclusive_consumer_and_a_standby_takes_over(
 async def test_a_stopped_feed_keeps_its_pin_until_its_deliveries_are_settled(bus: Bus, nats_server: NatsServer) -> None:
     """A stopping service finishes what it started; meanwhile no other process may start on the next events
     (of the same keys): the pin is kept past the pin timeout, then handed over as the last one is settled."""
-    pin_timeout = 1.0
+    # 3 s: a stalled pin would lapse 2 to 3 s after the stopped feed's last keep-alive (one a second), so a
+    # hand-over within 2 s of the ack is the unpin's, and a loaded machine still has 2 s for its two requests.
+    pin_timeout = 3.0
     await provision(bus, exclusive=True, pin_timeout=pin_timeout)
     async with connect([nats_server.url], NatsSettings()) as bus_b:
         first, standby = exclusive_feed(bus, pin_timeout=pin_timeout), exclusive_feed(bus_b)
@@ -328,11 +330,11 @@ async def test_a_stopped_feed_keeps_its_pin_until_its_deliveries_are_settled(bus
             await tg.start(standby.run)
             first.stop()
             await publish(bus, "1")
-            with anyio.move_on_after(3 * pin_timeout):  # the pin would lapse in a third of this
+            with anyio.move_on_after(pin_timeout + 1.5):  # past the time the pin would have lapsed
                 await standby.receive()
                 pytest.fail("the standby received a message while the stopped feed's delivery was in work")
             await zero.ack()
-            [one] = await receive(standby, timeout=pin_timeout)  # unpinned at once, not after a lapse
+            [one] = await receive(standby, timeout=2.0)  # unpinned at once, not after a lapse
             assert one.data == b"1" and standby.pinned and not first.pinned
             assert not await first.unpin()  # it no longer holds the pin: the standby's stays
             await one.ack()
