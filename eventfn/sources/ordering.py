@@ -21,8 +21,8 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -158,6 +158,39 @@ class Unordered:
         return None
 
 
+async def run_holding(
+    feed: Feed,
+    *,
+    recover: Callable[[], Awaitable[None]],
+    intake: Callable[[], Coroutine[Any, Any, None]],
+    timers: Callable[[], Awaitable[None]],
+    workers: Sequence[Callable[[], Coroutine[Any, Any, None]]],
+    release: Callable[[], Awaitable[None]],
+    task_status: anyio.abc.TaskStatus[None],
+) -> None:
+    """The life of a scheduler that holds events between delivery and run (`Keyed`, the shard dispatcher): the
+    feed, then what a crash left is recovered; intake and timers run beside the workers; once every worker ended
+    (the feed stopped, no batch runs), the timers stop and `release` hands back what is still held."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(feed.run)
+        await recover()
+        ticking = anyio.CancelScope()
+
+        async def keep_time() -> None:
+            with ticking:
+                await timers()
+
+        async with anyio.create_task_group() as work:
+            work.start_soon(intake)
+            work.start_soon(keep_time)
+            task_status.started()
+            async with anyio.create_task_group() as running:
+                for worker in workers:
+                    running.start_soon(worker)
+            ticking.cancel()
+        await release()
+
+
 class _Barrier:
     """After a crash: events wait until the `expected` unsettled ones up to position `upto` are redelivered."""
 
@@ -204,25 +237,19 @@ class Keyed:
         self._evict = False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.feed.run)
-            await self._recover()
-            timers = anyio.CancelScope()
-
-            async def keep_time() -> None:
-                with timers:
-                    await self._timers()
-
-            async with anyio.create_task_group() as work:
-                work.start_soon(self._intake)
-                work.start_soon(keep_time)
-                task_status.started()
-                async with anyio.create_task_group() as runners:
-                    for _ in range(max(1, self.mapping.concurrency)):
-                        runners.start_soon(self._runner)
-                timers.cancel()
+        async def release() -> None:
             # Stopped (no batch runs now): what is held goes back to the source; the next consumer runs it, in order.
             await self.dispatcher.hand_back(self._release_held())
+
+        await run_holding(
+            self.feed,
+            recover=self._recover,
+            intake=self._intake,
+            timers=self._timers,
+            workers=[self._runner] * max(1, self.mapping.concurrency),
+            release=release,
+            task_status=task_status,
+        )
 
     # -- intake ---------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ the failure record of a batch given up, in `shard_outcomes`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -41,7 +42,7 @@ from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, nak_
 from eventfn.sources.dispatch import Stats
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryState
-from eventfn.sources.ordering import Recovery
+from eventfn.sources.ordering import Recovery, run_holding
 from eventfn.sources.shard_lanes import Lane, Window, WindowStore, window_start
 from eventfn.sources.shard_outcomes import Commit, FailureRecords, GiveUp, Retry, Split, Step, decide, expired, judge
 from eventfn.sources.shards import Resequencer, lane_of
@@ -132,25 +133,20 @@ class ShardDispatcher:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until `stop()`; in-flight batches finish and settle before this returns."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.feed.run)
-            await self._recover()
-            timers = anyio.CancelScope()
 
-            async def keep_time() -> None:
-                with timers:
-                    await self._timers()
-
-            async with anyio.create_task_group() as work:
-                work.start_soon(self._intake)
-                work.start_soon(keep_time)
-                task_status.started()
-                async with anyio.create_task_group() as lanes:
-                    for lane in self.lanes:
-                        lanes.start_soon(self._run_lane, lane)
-                timers.cancel()
+        async def release() -> None:
             # Stopped: what is held and not started goes back, in order, for whoever consumes next.
             await self._hand_back(self._release_held())
+
+        await run_holding(
+            self.feed,
+            recover=self._recover,
+            intake=self._intake,
+            timers=self._timers,
+            workers=[functools.partial(self._run_lane, lane) for lane in self.lanes],
+            release=release,
+            task_status=task_status,
+        )
 
     def stop(self) -> None:
         """Stop taking records; batches under way finish and settle first, what waits goes back to the stream."""
