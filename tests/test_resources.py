@@ -109,7 +109,7 @@ def test_queue_and_stream_triggers_plan_one_mapping_per_queue_and_per_shard(tmp_
     shard = planned["fn--c--shard-1"]
     assert shard.batch_size == 100 and shard.concurrency == 3
     assert shard.source.subjects == ("eventfn.shard.clicks.1",) and shard.source.consumer.exclusive
-    assert shard.source.shard is not None and shard.source.shard.shard_id == "shardId-000000000001"
+    assert shard.source.shard is not None and shards.shard_id(shard.source.shard.index) == "shardId-000000000001"
     assert mappings.connector_triggers("fn", settings) == []  # eventfn's own sources, not a connector's
 
 

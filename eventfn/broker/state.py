@@ -62,6 +62,11 @@ class StateStore:
         await self.allow_ttl()
         await self._bus.publish_stored(f"$KV.{BUCKET}.{key}", value, headers={"Nats-TTL": f"{max(1, int(ttl))}s"})
 
+    async def keys_stored(self, prefix: str) -> dict[str, int]:
+        """The bucket's keys that start with `prefix` (deleted ones included: their marker is their last message),
+        as the stream counts them."""
+        return await self._bus.subject_counts(STREAM, f"$KV.{BUCKET}.{prefix}>") or {}
+
     def of(self, kind: str) -> KvState:
         """Connector `kind`'s view of the store."""
         return KvState(self, kind)
@@ -130,9 +135,8 @@ class KvState:
         entries the server already sent (under load it did, and a bucket watcher found its index empty). A key
         removed meanwhile could leave one short: after `ITEMS_WAIT` seconds, what came is the answer.
         """
-        store = self._store
-        kv = await store.kv()
-        counts = await store._bus.subject_counts(STREAM, f"$KV.{BUCKET}.{self._prefix}>") or {}
+        kv = await self._store.kv()
+        counts = await self._store.keys_stored(self._prefix)
         out: dict[str, Entry] = {}
         if not counts:
             return out

@@ -135,7 +135,7 @@ class ShardRef(msgspec.Struct, frozen=True, kw_only=True):
 
     #: The sharded stream's name (`[streams.<name>]`).
     stream: str
-    #: 0-based; its id is `shardId-<index, 12 digits>`.
+    #: 0-based; its id is `shards.shard_id(index)`.
     index: int
     shards: int
     bisect_on_error: bool = False
@@ -144,10 +144,6 @@ class ShardRef(msgspec.Struct, frozen=True, kw_only=True):
     parallelization_factor: int = 1
     tumbling_window: int = 0
     on_failure: str | None = None
-
-    @property
-    def shard_id(self) -> str:
-        return f"shardId-{self.index:012d}"
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True):
