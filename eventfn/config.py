@@ -111,6 +111,17 @@ class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return [self.type]
 
 
+#: Where a new mapping starts (Kinesis's names).
+StartingPosition = Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"]
+#: What is wrong when `starting_position_timestamp` and AT_TIMESTAMP do not come together (`start_mismatch`).
+START_MISMATCH = "starting_position_timestamp goes with starting_position = 'AT_TIMESTAMP', and only with it"
+
+
+def start_mismatch(position: StartingPosition, timestamp: float | None) -> bool:
+    """Whether a trigger's start has a timestamp without AT_TIMESTAMP, or AT_TIMESTAMP without one."""
+    return (position == "AT_TIMESTAMP") != (timestamp is not None)
+
+
 class Trigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A trigger on plain NATS subjects of the events stream (`type = "subjects"`, the default)."""
 
@@ -124,14 +135,11 @@ class Trigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=T
     key: str | None = None
     #: Where a new mapping starts: at new events (LATEST), at the first one stored (TRIM_HORIZON), or at
     #: `starting_position_timestamp` (AT_TIMESTAMP, epoch seconds). An existing mapping resumes where it left.
-    starting_position: Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"] = "LATEST"
+    starting_position: StartingPosition = "LATEST"
     starting_position_timestamp: float | None = None
 
     def describe(self) -> list[str]:
         return list(self.subjects)
-
-
-StartingPosition = Literal["LATEST", "TRIM_HORIZON", "AT_TIMESTAMP"]
 
 
 class QueueTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -180,10 +188,8 @@ class StreamTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fi
     def __post_init__(self) -> None:
         if 0 <= self.max_record_age < 60:
             raise ValueError(f"max_record_age is -1 or 60 to 604800 seconds, not {self.max_record_age}")
-        if (self.starting_position == "AT_TIMESTAMP") != (self.starting_position_timestamp is not None):
-            raise ValueError(
-                "starting_position_timestamp goes with starting_position = 'AT_TIMESTAMP', and only with it"
-            )
+        if start_mismatch(self.starting_position, self.starting_position_timestamp):
+            raise ValueError(START_MISMATCH)
 
     def describe(self) -> list[str]:
         return [f"stream {self.stream} from {self.starting_position}"]
@@ -696,12 +702,8 @@ def _check_trigger(trigger: Trigger, where: str) -> None:
         raise ConfigError(
             where, f"key {trigger.key!r} is invalid: {problem}", 'use "header:<Name>" or "subject:<index>"'
         )
-    if (trigger.starting_position == "AT_TIMESTAMP") != (trigger.starting_position_timestamp is not None):
-        raise ConfigError(
-            where,
-            "starting_position_timestamp goes with starting_position = 'AT_TIMESTAMP', and only with it",
-            "set both, or neither",
-        )
+    if start_mismatch(trigger.starting_position, trigger.starting_position_timestamp):
+        raise ConfigError(where, START_MISMATCH, "set both, or neither")
     for i, subject in enumerate(trigger.subjects):
         if not valid_subject(subject):
             raise ConfigError(
