@@ -14,7 +14,6 @@ and `bucket.md` into DIR (default: benchmarks/results); the table also goes to s
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -25,12 +24,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import nats
 from watchfiles import Change, awatch
 
+from benchmarks import report
 from benchmarks.harness import percentile
-from benchmarks.report import Row, Target, evaluate, machine
+from benchmarks.report import Row, Target, evaluate
 from eventfn.testing import NatsServer, Serve, write_handler
 
 #: What the watcher uses (`[buckets] debounce` default, and its step): the baseline gets the same.
@@ -259,18 +258,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = rows(raw)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "samples": samples,
-        "cpus": os.cpu_count(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bucket.json").write_bytes(msgspec.json.format(msgspec.json.encode({"meta": meta, "rows": table})))
-    text = markdown(table, meta)
-    (args.out / "bucket.md").write_text(text)
-    print(text)
+    meta = report.run_meta(samples=samples)
+    report.save(args.out, "bucket", {"meta": meta, "rows": table}, markdown(table, meta))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from benchmarks import report, stream
 from benchmarks.child import Child
 from benchmarks.harness import median, with_child
-from benchmarks.report import Row, evaluate, machine
+from benchmarks.report import Row, evaluate
 from eventfn.testing import NatsServer, Serve, write_handler
 
 GROUPS = 100
@@ -267,17 +266,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = rows(raw)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "eventfn": harness._revision(),
-        "machine": machine(),
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "events": count,
-        "event_bytes": len(stream.event(0)),
-        "seconds": time.perf_counter() - begin,
-        "busy_before": busy,
-        "cpus": os.cpu_count(),
-    }
+    meta = report.run_meta(
+        eventfn=harness._revision(),
+        events=count,
+        event_bytes=len(stream.event(0)),
+        seconds=time.perf_counter() - begin,
+        busy_before=busy,
+    )
     report.save(args.out, "queues", {"meta": meta, "raw": raw, "rows": table}, markdown(table, meta))
 
 

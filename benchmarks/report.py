@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -259,3 +260,14 @@ def save(out: Path, name: str, results: dict[str, Any], text: str) -> None:
     (out / f"{name}.json").write_bytes(msgspec.json.format(msgspec.json.encode(results)))
     (out / f"{name}.md").write_text(text)
     print(text)
+
+
+def run_meta(**extra: Any) -> dict[str, Any]:
+    """What every result file says of its run: when, on what machine and Python, with how many CPUs; plus `extra`."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "python": ".".join(map(str, sys.version_info[:3])),
+        **extra,
+        "cpus": os.cpu_count(),
+    }

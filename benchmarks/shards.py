@@ -17,7 +17,6 @@ Starts its own nats-server and one `eventfn serve` (default settings, process is
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import sys
@@ -34,7 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from benchmarks import report
 from benchmarks.child import Child
 from benchmarks.harness import with_child
-from benchmarks.report import Row, evaluate, machine
+from benchmarks.report import Row, evaluate
 from benchmarks.stream import event
 from eventfn.sources import shards
 from eventfn.testing import NatsServer, Serve, write_handler
@@ -258,12 +257,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = rows(raw)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "cpus": os.cpu_count(),
-    }
+    meta = report.run_meta()
     report.save(args.out, "shards", {"meta": meta, "rows": table, "raw": raw}, markdown(table, meta))
 
 
