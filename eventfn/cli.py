@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--handlers", help="handler directory (default: ./handlers; env EVENTFN_HANDLERS)")
     serve.add_argument("--nats-port", type=int, help="port of the embedded NATS server (default 4222; 0: any free)")
+    serve.add_argument(
+        "--http-port", type=int, help="port of the HTTP server (default 8080; 0: any free; env EVENTFN_HTTP_PORT)"
+    )
+    serve.add_argument("--http-host", help="address the HTTP server binds (default 127.0.0.1; env EVENTFN_HTTP_HOST)")
+    serve.add_argument("--no-http", action="store_true", help="run no HTTP server")
     serve.add_argument("--creds", help="NATS credentials file (env EVENTFN_NATS_CREDS)")
     serve.add_argument("--token", help="NATS auth token (env EVENTFN_NATS_TOKEN)")
     serve.add_argument("--tls-ca", help="CA bundle to verify the NATS server")
@@ -185,6 +190,9 @@ def _config(args: argparse.Namespace) -> ServiceConfig:
         "data_dir": args.data_dir,
         "log_level": getattr(args, "log_level", None),
         "nats.port": getattr(args, "nats_port", None),
+        "http.port": getattr(args, "http_port", None),
+        "http.host": getattr(args, "http_host", None),
+        "http.enabled": False if getattr(args, "no_http", False) else None,
         "nats.creds": getattr(args, "creds", None),
         "nats.token": getattr(args, "token", None),
         "nats.tls_ca": getattr(args, "tls_ca", None),

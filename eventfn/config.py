@@ -195,6 +195,101 @@ class StreamTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fi
         return [f"stream {self.stream} from {self.starting_position}"]
 
 
+class HttpTrigger(TriggerOptions, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An HTTP route of a function (`type = "http"`): a request to `path` becomes a Lambda function URL / HTTP API
+    payload v2.0 event. `mode = "sync"` answers with the function's result (a function URL); `mode = "async"`
+    stores the event and answers 202 with its id (a webhook), then runs it with the function's retry and DLQ."""
+
+    #: The route: `/orders/{id}` (a `{name}` segment is a path parameter), `/files/{path+}` (the rest of the path).
+    path: str
+    #: HTTP methods the route takes; empty: any.
+    methods: list[str] = []
+    mode: Literal["sync", "async"] = "sync"
+    #: Who may call it (see `UrlSettings.auth`); None: the function's `[url] auth`.
+    auth: HttpAuth | None = None
+    #: The bearer token or HMAC secret; `env:NAME` reads the service's environment variable NAME (never given to
+    #: the function, never logged).
+    secret: str | None = None
+    #: `auth = "hmac"`: the header that carries the signature, and the text before the hex digest in it.
+    signature_header: str = "X-Signature-256"
+    signature_prefix: str = "sha256="
+
+    def __post_init__(self) -> None:
+        if problem := route_problem(self.path):
+            raise ValueError(f"path {self.path!r}: {problem}")
+        for method in self.methods:
+            if method.upper() not in HTTP_METHODS:
+                raise ValueError(f"method {method!r} is not one of {', '.join(HTTP_METHODS)}")
+        if self.auth in ("bearer", "hmac", "github", "stripe") and not self.secret:
+            raise ValueError(f'auth = "{self.auth}" needs a secret (secret = "env:NAME" reads it from the service)')
+
+    def describe(self) -> list[str]:
+        methods = ",".join(m.upper() for m in self.methods) or "ANY"
+        return [f"http {methods} {self.path}" + (" (async)" if self.mode == "async" else "")]
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+#: `none`: anyone; `aws_iam`: SigV4 from an access key or an execution role allowed `lambda:InvokeFunctionUrl`;
+#: `bearer`: `Authorization: Bearer <secret>`; `hmac`: an HMAC-SHA256 of the body in `signature_header`;
+#: `github` / `stripe`: their webhook signatures (`X-Hub-Signature-256`, `Stripe-Signature`).
+HttpAuth = Literal["none", "aws_iam", "bearer", "hmac", "github", "stripe"]
+_ROUTE_SEGMENT = re.compile(r"^(?:[A-Za-z0-9._~!$&'()*,;=:@-]+|\{[A-Za-z_][A-Za-z0-9_]*\+?\})$")
+
+
+def route_problem(path: str) -> str | None:
+    """Why `path` cannot be a route, or None."""
+    if not path.startswith("/"):
+        return "a route starts with /"
+    parts = path.strip("/").split("/") if path != "/" else []
+    for i, part in enumerate(parts):
+        if not _ROUTE_SEGMENT.match(part):
+            return f"segment {part!r} is not a literal or a {{name}} parameter"
+        if part.endswith("+}") and i != len(parts) - 1:
+            return "a {name+} parameter must be the last segment"
+    if parts and parts[0] in ("fn", "2015-03-31"):
+        return f"/{parts[0]}/ is eventfn's own (function URLs and the Lambda API)"
+    return None
+
+
+class Cors(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A function URL's CORS settings, as Lambda's `Cors` has them."""
+
+    allow_origins: list[str] = []
+    allow_methods: list[str] = []
+    allow_headers: list[str] = []
+    expose_headers: list[str] = []
+    allow_credentials: bool = False
+    max_age: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 0
+
+
+class UrlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A function's URL (`/fn/<name>/...`), Lambda's function URL config: `[url]` in its settings."""
+
+    enabled: bool = True
+    #: Who may call it. None: anyone while the HTTP server listens on loopback; beyond it the URL answers 403
+    #: until its auth is declared (`"none"` to open it on purpose).
+    auth: HttpAuth | None = None
+    secret: str | None = None
+    signature_header: str = "X-Signature-256"
+    signature_prefix: str = "sha256="
+    cors: Cors | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth in ("bearer", "hmac", "github", "stripe") and not self.secret:
+            raise ValueError(f'auth = "{self.auth}" needs a secret (secret = "env:NAME" reads it from the service)')
+
+
+class Permissions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a function's execution role may do through eventfn's S3 and Lambda APIs: `[permissions]`.
+
+    Patterns are `<bucket>/<key glob>` (`uploads/*`, `thumbs/2026/*`) and function names (globs too). By default a
+    function may read the buckets its own bucket triggers name, and nothing else."""
+
+    s3_read: list[str] = []
+    s3_write: list[str] = []
+    invoke: list[str] = []
+
+
 class Destinations(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Subjects that receive Lambda destination records (`on_failure` in addition to the DLQ)."""
 
@@ -228,6 +323,10 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: Bytes of output (print, logging, fd 1 and 2) one invocation may write to the log; the rest is dropped,
     #: with one line saying how much. The init phase has its own budget of the same size.
     max_log_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = MAX_LOG_BYTES
+    #: Its function URL (`/fn/<name>/...`).
+    url: UrlSettings = UrlSettings()
+    #: Its execution role's policy for the S3 and Lambda APIs.
+    permissions: Permissions = Permissions()
 
     def trigger_list(self) -> list[TriggerOptions]:
         """The triggers, each as its type's options (`Trigger` for plain subjects), the string shorthand expanded.
@@ -240,6 +339,10 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     def subject_triggers(self) -> list[Trigger]:
         """The triggers on plain NATS subjects."""
         return [t for t in self.trigger_list() if isinstance(t, Trigger)]
+
+    def http_triggers(self) -> list[HttpTrigger]:
+        """The HTTP routes."""
+        return [t for t in self.trigger_list() if isinstance(t, HttpTrigger)]
 
 
 class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -360,6 +463,36 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cgroup: bool = True
 
 
+class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP server: function URLs, routes and webhooks, Lambda's Invoke API, the S3 API: `[http]`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: 0: any free port (the log and `<data_dir>/http.url` say which).
+    port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 8080
+    #: Bytes of request body a function URL, route, webhook or Invoke takes (Lambda's 6 MB); more is a 413,
+    #: answered before the body is read.
+    max_body: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 6 * 1024 * 1024
+    #: Bytes of one S3 PutObject or UploadPart (S3's own cap is 5 GB); bodies are streamed to disk.
+    max_object_bytes: Annotated[int, msgspec.Meta(ge=1024, le=5 << 30)] = 5 << 30
+    #: Seconds a client has to send a request's head once it starts (or the first after a connection opens).
+    header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    #: Seconds without a byte while a body is being read.
+    read_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    #: Seconds an idle keep-alive connection stays open.
+    keepalive_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 75.0
+    #: Connections at once; more wait in the listen backlog.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    #: Whether the Lambda and S3 APIs require SigV4 credentials. None: only when `host` is not loopback.
+    require_auth: bool | None = None
+    #: Access keys the Lambda and S3 APIs accept, id -> secret (each may do anything); `env:NAME` reads a secret
+    #: from the service's environment. The service also writes an admin key to `<data_dir>/auth/http.json`.
+    access_keys: dict[str, str] = {}
+    #: The region and account in ARNs, events and SigV4 scopes.
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+
+
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole service configuration after files, environment and flags are merged."""
 
@@ -369,6 +502,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stream: StreamSettings = StreamSettings()
     dlq: DlqSettings = DlqSettings()
     workers: WorkerSettings = WorkerSettings()
+    http: HttpSettings = HttpSettings()
     functions: dict[str, dict[str, Any]] = {}
     #: Queues (SQS semantics) by name; each with a redrive policy also has its DLQ queue (`all_queues`).
     queues: dict[str, QueueSettings] = {}
@@ -546,6 +680,10 @@ def environment_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[st
         out["workers.env_passthrough"] = [n.strip() for n in names.split(",") if n.strip()]
     if user := environ.get("EVENTFN_WORKER_USER"):
         out["workers.user"] = user
+    if port := environ.get("EVENTFN_HTTP_PORT"):
+        out["http.port"] = int(port) if port.isdigit() else port
+    if host := environ.get("EVENTFN_HTTP_HOST"):
+        out["http.host"] = host
     if port := environ.get("EVENTFN_NATS_PORT"):
         out["nats.port"] = int(port) if port.isdigit() else port
     return out
@@ -636,6 +774,7 @@ BUILTIN_TRIGGERS: dict[str, type[TriggerOptions]] = {
     plugins.SUBJECTS: Trigger,
     "queue": QueueTrigger,
     "stream": StreamTrigger,
+    "http": HttpTrigger,
 }
 
 

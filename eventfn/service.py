@@ -28,6 +28,11 @@ from eventfn.broker.specs import StreamSpec
 from eventfn.broker.state import StateStore
 from eventfn.config import FunctionSettings, NatsSettings, ServiceConfig
 from eventfn.errors import ConfigError, EventfnError, HandlerLoadError
+from eventfn.fronts.http.app import HttpApp
+from eventfn.fronts.http.auth import Authenticator
+from eventfn.fronts.http.function_urls import FunctionUrls
+from eventfn.fronts.http.lambda_api import LambdaApi
+from eventfn.fronts.http.server import HttpServer
 from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
 from eventfn.invoke.functions import Function, Functions
@@ -102,6 +107,15 @@ class Service:
         #: False while the last provisioning failed part-way (JetStream did not answer): retried by
         #: `watch_streams` rather than left until the next change in the handler directory.
         self._provisioned = True
+        #: The HTTP APIs: function URLs and routes, Lambda's, and the connectors' (the S3 API).
+        self.urls = FunctionUrls(self.invoker, bus, config.http)
+        self.http_auth = Authenticator()
+        self.http_app = HttpApp(
+            [LambdaApi(self.invoker, bus, config.http), self.urls, *self.connectors.http_fronts()], self.http_auth
+        )
+        self.http: HttpServer | None = HttpServer(config.http, self.http_app) if config.http.enabled else None
+        #: Where workers reach the HTTP APIs (loopback), once the server listens.
+        self.http_url: str | None = None
 
     # -- functions ----------------------------------------------------------------------------------------
 
@@ -126,6 +140,7 @@ class Service:
                 for source in changed:
                     tg.start_soon(self._load, source, limiter)
             await self._provision()
+            self.urls.update()
 
     async def _load(self, source: FunctionSource, limiter: anyio.CapacityLimiter) -> None:
         fn = self.invoker.add(source)
@@ -188,6 +203,17 @@ class Service:
             }
         )
         env.update(self.connectors.environment(mappings.connector_triggers(source.name, settings)))
+        if self.http_url is not None:
+            # What boto3 and the aws CLI read: unmodified `boto3.client("s3")` code talks to eventfn.
+            region = self.config.http.region
+            env.update(
+                {
+                    "AWS_ENDPOINT_URL_S3": self.http_url,
+                    "AWS_ENDPOINT_URL_LAMBDA": self.http_url,
+                    "AWS_REGION": region,
+                    "AWS_DEFAULT_REGION": region,
+                }
+            )
         env.update(settings.environment)
         return env
 
@@ -531,6 +557,8 @@ class Service:
     async def shutdown(self) -> None:
         """Stop intake, let in-flight invocations settle (bounded by their timeouts), stop workers."""
         self.api.stop()
+        if self.http is not None:
+            self.http.stop()
         async with self._reload_lock:  # a reload under way finishes first; none starts after
             functions = list(self.functions.values())
             running = list(self.running.values())
@@ -543,6 +571,8 @@ class Service:
                     await r.done.wait()
                 log.debug("mappings stopped")
                 await self.api.done.wait()
+                if self.http is not None:
+                    await self.http.done.wait()
                 log.debug("requests settled")
             if scope.cancelled_caught:
                 log.warning("in-flight invocations did not finish in time; their events will be redelivered")
@@ -620,6 +650,13 @@ async def _serve(config: ServiceConfig, data_dir: Path, ready: anyio.Event | Non
             async with anyio.create_task_group() as tg:
                 service = Service(config, bus, tg)
                 bus.on_lost = service.streams_lost
+                if service.http is not None:  # before the functions load: their environment has its URL
+                    listener = await service.http.bind()
+                    service.http_url = service.http.url
+                    http_file = data_dir / "http.url"
+                    http_file.write_text(service.http_url + "\n", encoding="utf-8")
+                    stack.callback(http_file.unlink, missing_ok=True)
+                    tg.start_soon(service.http.run, listener)
                 if service.resources.streams:  # before the first plan: which shards this replica runs
                     await tg.start(service.owners.run)
                 await service.reload()
@@ -654,6 +691,11 @@ def _announce(service: Service, url: str, embedded: bool) -> None:
         f"; failed: {', '.join(failed)}" if failed else "",
         f"; invalid: {', '.join(map(repr, sorted(service.invalid)))}" if service.invalid else "",
     )
+    if service.http is not None:
+        log.info(
+            "HTTP at %s: function URLs at %s/fn/<name>/, Lambda's API at %s/2015-03-31/, S3 at %s/",
+            *([service.http.url] * 4),
+        )
     if not embedded:
         log.info("connected to NATS at %s", url)
     elif loaded:

@@ -422,7 +422,8 @@ def _free_ports(count: int) -> list[int]:
 
 class Serve:
     """`eventfn serve` as a subprocess, connected to `nats_url`, or with its embedded server on `nats_port`
-    (default 0: any free port) when `nats_url` is None."""
+    (default 0: any free port) when `nats_url` is None. Its HTTP server listens on `http_port` (default 0: any free
+    port; `http_url` says which once it is ready), unless `EVENTFN_HTTP_PORT` is in `env`."""
 
     def __init__(
         self,
@@ -435,6 +436,7 @@ class Serve:
         cwd: Path | None = None,
         echo: bool = False,
         nats_port: int = 0,
+        http_port: int = 0,
     ) -> None:
         self.args = [
             sys.executable,
@@ -448,7 +450,7 @@ class Serve:
             *(["--nats", nats_url] if nats_url else ["--nats-port", str(nats_port)]),
             *(extra_args or []),
         ]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "EVENTFN_HTTP_PORT": str(http_port), **(env or {})}
         if "PROBE_NATS" in self.env and "EVENTFN_WORKER_ENV_PASSTHROUGH" not in self.env:
             # Workers see only what is passed through to them: the probe needs to know where NATS is.
             self.env["EVENTFN_WORKER_ENV_PASSTHROUGH"] = "PROBE_NATS"
@@ -493,6 +495,11 @@ class Serve:
         if self.nats_url:
             return self.nats_url
         return (Path(self.cwd or ".") / self.data_dir / "nats.url").read_text(encoding="utf-8").strip()
+
+    @property
+    def http_url(self) -> str:
+        """The service's HTTP server (`http://127.0.0.1:<port>`), once the service is ready."""
+        return (Path(self.cwd or ".") / self.data_dir / "http.url").read_text(encoding="utf-8").strip()
 
     def credentials(self, role: str = auth.ADMIN) -> auth.Context:
         """The embedded server's credentials of `role` (service, admin or invoker), as written to the data dir."""

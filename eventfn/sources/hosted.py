@@ -21,6 +21,7 @@ from eventfn.errors import ConfigError
 from eventfn.sources import records
 from eventfn.sources.connector import Bound, Connector, Context, Publish, State
 from eventfn.sources.source import Source
+from eventfn.web import Front
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,19 @@ class Hosted:
                     connector.update(mine)
                 except Exception:
                     log.exception("connector %s: applying its triggers failed", kind)
+
+    def http_fronts(self) -> list[Front]:
+        """The HTTP APIs the connectors serve."""
+        fronts = []
+        for kind, connector in self.connectors.items():
+            try:
+                front = connector.http_front()
+            except Exception as exc:  # a broken plugin's API is left out, nothing else
+                log.error("connector %s: its HTTP API could not be set up: %s: %s", kind, type(exc).__name__, exc)
+                continue
+            if front is not None:
+                fronts.append(front)
+        return fronts
 
     def environment(self, bounds: Sequence[Bound]) -> dict[str, str]:
         """What a function with these connector triggers gets in its environment from their connectors."""

@@ -26,6 +26,7 @@ from eventfn.config import (
     MAX_BATCH_BYTES,
     Destinations,
     FunctionSettings,
+    HttpTrigger,
     QueueTrigger,
     RetryPolicy,
     StreamTrigger,
@@ -144,6 +145,8 @@ def plan(
             continue
         if isinstance(trigger, StreamTrigger):
             planned += _shard_mappings(function, name, trigger, settings, resources, base)
+            continue
+        if isinstance(trigger, HttpTrigger):  # served by the HTTP front; an async route's events use the async queue
             continue
         if isinstance(trigger, Trigger):
             source = _trigger_source(trigger)

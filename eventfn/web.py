@@ -1,0 +1,224 @@
+"""The HTTP front's wire types: a request as the server parsed it, a response to write, the caller it
+authenticated, and the protocol an HTTP front implements (the Lambda API, function URLs, a connector's S3 API).
+
+The server (`eventfn.fronts.http.server`) owns sockets, parsing, limits and timeouts; a front sees a `Request`
+whose head is complete and whose body it reads (`read()` for the whole, up to its limit, or `chunks()` to stream
+it), and returns a `Response`. Standard library and msgspec only: connectors import this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Protocol
+from urllib.parse import unquote
+
+#: Lambda's limit on a sync request: the default body limit of a front that buffers the body.
+DEFAULT_BODY_LIMIT = 6 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The request's body is over the limit its front set; the server answers 413 and closes the connection."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over {limit} bytes")
+        self.limit = limit
+
+
+class BodyIncomplete(Exception):
+    """The client stopped sending the body (closed, or sent nothing for the read timeout)."""
+
+
+class Request:
+    """One HTTP request: its head, parsed, and its body, read on demand.
+
+    `path` is the raw (percent-encoded) path, `query` the raw query string without `?`; header names are
+    lower-cased, in the order sent, repeats kept.
+    """
+
+    __slots__ = (
+        "_body",
+        "client",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "query",
+        "received",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        path: str,
+        query: str,
+        headers: list[tuple[str, str]],
+        client: str,
+        http_version: str = "1.1",
+        body: Body | None = None,
+        request_id: str = "",
+        received: float = 0.0,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.client = client
+        self.http_version = http_version
+        self._body = body if body is not None else Body.of(b"")
+        self.request_id = request_id
+        #: time.time() when the head was complete.
+        self.received = received
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header `name` (lower-case), or `default`."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    @property
+    def decoded_path(self) -> str:
+        return unquote(self.path)
+
+    @property
+    def content_length(self) -> int | None:
+        raw = self.header("content-length")
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    async def read(self, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
+        """The whole body; `BodyTooLarge` past `limit` bytes (a declared length over it is refused unread)."""
+        return await self._body.read(limit)
+
+    def chunks(self, limit: int) -> AsyncIterator[bytes]:
+        """The body as it arrives, with the server's flow control; `BodyTooLarge` past `limit` bytes."""
+        return self._body.chunks(limit)
+
+
+class Body:
+    """A request body as a front reads it; the server gives one that reads from the connection."""
+
+    def __init__(
+        self,
+        declared: int | None,
+        next_chunk: Callable[[], Awaitable[bytes | None]],
+    ) -> None:
+        #: Content-Length, or None for a chunked body.
+        self.declared = declared
+        self._next = next_chunk
+        self._consumed = False
+        #: The whole body, once `read` has read it (SigV4 hashes it, then the front reads it again).
+        self._cache: bytes | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        """A body already in memory (tests, fronts that call other fronts)."""
+        sent = False
+
+        async def next_chunk() -> bytes | None:
+            nonlocal sent
+            if sent:
+                return None
+            sent = True
+            return data
+
+        return cls(len(data), next_chunk)
+
+    async def read(self, limit: int) -> bytes:
+        if self._cache is not None:
+            if len(self._cache) > limit:
+                raise BodyTooLarge(limit)
+            return self._cache
+        parts = [chunk async for chunk in self.chunks(limit)]
+        self._cache = b"".join(parts)
+        return self._cache
+
+    async def chunks(self, limit: int) -> AsyncIterator[bytes]:
+        if self.declared is not None and self.declared > limit:
+            raise BodyTooLarge(limit)
+        if self._cache is not None:
+            if len(self._cache) > limit:
+                raise BodyTooLarge(limit)
+            if self._cache:
+                yield self._cache
+            return
+        if self._consumed:
+            return
+        self._consumed = True
+        total = 0
+        while (chunk := await self._next()) is not None:
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLarge(limit)
+            if chunk:
+                yield chunk
+
+    @property
+    def consumed(self) -> bool:
+        return self._consumed
+
+
+class Response:
+    """What a front answers: a status, headers (names as written), and a body in memory or streamed.
+
+    A streamed body (`stream`) needs `length`: the server writes Content-Length, never chunked encoding, so that
+    a client that stops reading stops the stream.
+    """
+
+    __slots__ = ("body", "headers", "length", "status", "stream")
+
+    def __init__(
+        self,
+        status: int = 200,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        *,
+        stream: AsyncIterator[bytes] | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = list(headers)
+        self.body = body
+        self.stream = stream
+        self.length = length if stream is not None else len(body)
+
+
+class Caller(Protocol):
+    """Who sent a request, as its credentials showed: an access key of `[http] access_keys`, a function's
+    execution role, anyone (no credentials, where none are required), or nobody (`problem` says why: no
+    credentials where they are required, an unknown key, a bad signature)."""
+
+    #: The access key id, `role/<function>` for a function's execution role, or "anonymous".
+    @property
+    def name(self) -> str: ...
+
+    #: None if the request is authenticated (or needs no credentials); else AWS's error code and message
+    #: (`MissingAuthenticationToken`, `InvalidAccessKeyId`, `SignatureDoesNotMatch`, ...), which the front
+    #: answers in its own format with 403.
+    @property
+    def problem(self) -> tuple[str, str] | None: ...
+
+    def allows(self, action: str, resource: str) -> bool:
+        """Whether the caller may do `action` (`s3:GetObject`, `s3:PutObject`, `lambda:InvokeFunction`, ...) on
+        `resource` (`<bucket>/<key>`, `<bucket>`, a function name)."""
+        ...
+
+
+class Front(Protocol):
+    """One HTTP API the server routes to."""
+
+    #: The SigV4 service name of requests it serves (`lambda`, `s3`), or "" for none (function URLs).
+    @property
+    def service(self) -> str: ...
+
+    def claims(self, request: Request) -> bool:
+        """Whether an unsigned request is this front's (by its path)."""
+        ...
+
+    async def handle(self, request: Request, caller: Caller | None) -> Response:
+        """Answer `request`; `caller` is None where the request carried no credentials."""
+        ...
