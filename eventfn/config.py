@@ -602,6 +602,8 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
         nats["url"] = [u for u in nats["url"].split(",") if u]
     workers = data.get("workers", {})
     workers = dict(workers) if isinstance(workers, dict) else workers  # not a table: the validator says so
+    http = data.get("http", {})
+    http = dict(http) if isinstance(http, dict) else http
     for key, value in overrides.items():
         if value is None:
             continue
@@ -611,11 +613,15 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
             nats[key.removeprefix("nats.")] = value
         elif key.startswith("workers.") and isinstance(workers, dict):
             workers[key.removeprefix("workers.")] = value
+        elif key.startswith("http.") and isinstance(http, dict):
+            http[key.removeprefix("http.")] = value
         else:
             data[key] = value
     data["nats"] = nats
     if workers:
         data["workers"] = workers
+    if http:
+        data["http"] = http
     data["connectors"] = _connector_settings(data, where)
     config: ServiceConfig = _convert(data, ServiceConfig, where)
     _check_resources(config, where)
