@@ -158,6 +158,10 @@ def permissions(
                 f"$JS.ACK.{_EVENTS}.>",
                 f"$JS.ACK.*.*.{_EVENTS}.>",
                 subjects.DLQ_PREFIX + ">",
+                # Webhooks and Event invocations over HTTP store their events on a function's async queue; a
+                # webhook redelivered reads back the event stored the first time (its id).
+                subjects.ASYNC_PREFIX + "*",
+                f"$JS.API.STREAM.MSG.GET.{_EVENTS}",
                 # What connectors publish (the service publishes for them), and their state in KV.
                 subjects.SOURCE_PREFIX + ">",
                 *(f"$JS.API.STREAM.{verb}.{_STATE}" for verb in ("INFO", "CREATE", "UPDATE", "MSG.GET")),

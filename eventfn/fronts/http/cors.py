@@ -2,8 +2,8 @@
 
 With CORS configured, eventfn answers a preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`)
 itself, without invoking the function, and adds the `Access-Control-*` headers to every response to an allowed
-origin; where the function set such headers too, the configured ones take precedence (Lambda's rule). An origin
-that is not allowed gets no CORS headers (its browser then refuses the response). Without CORS configured,
+origin; the function's own such headers are dropped (the configured ones take precedence, Lambda's rule). An
+origin that is not allowed gets no CORS headers (its browser then refuses the response). Without CORS configured,
 nothing is added and an `OPTIONS` request goes to the function like any other.
 """
 
@@ -58,10 +58,11 @@ class CorsPolicy:
         return Response(200, [*allow, *self.preflight_headers])
 
     def apply(self, request: Request, response: Response) -> Response:
-        """`response` with the CORS headers for the request's origin (the function's own replaced)."""
+        """`response` with the CORS headers for the request's origin; the function's own are dropped either way
+        (with CORS configured, the configuration decides)."""
+        headers = [(n, v) for n, v in response.headers if not n.lower().startswith("access-control-")]
         allow = self._allow_origin(request.header("origin"))
-        if allow is None:
-            return response
-        kept = [(n, v) for n, v in response.headers if not n.lower().startswith("access-control-")]
-        response.headers = [*kept, *allow, *self.response_headers]
+        if allow is not None:
+            headers += [*allow, *self.response_headers]
+        response.headers = headers
         return response

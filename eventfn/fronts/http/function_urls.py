@@ -190,6 +190,8 @@ class FunctionUrls:
         target = self._target(request)
         if isinstance(target, Response):
             response = target
+        elif target.cors is not None and (preflight := target.cors.preflight(request)) is not None:
+            response = preflight
         else:
             response = await self._serve(target, request, caller)
             if target.cors is not None:
@@ -235,8 +237,6 @@ class FunctionUrls:
         )
 
     async def _serve(self, target: _Target, request: Request, caller: Caller | None) -> Response:
-        if target.cors is not None and (preflight := target.cors.preflight(request)) is not None:
-            return preflight
         guard = target.guard
         if (refused := guard.before_body(request, caller)) is not None:
             return refused

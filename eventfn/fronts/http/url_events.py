@@ -302,18 +302,18 @@ def _proxy_response(result: _Result) -> Response | str:
         if not isinstance(result.cookies, list) or not all(isinstance(c, str) for c in result.cookies):
             return f"cookies must be a list of strings, not {_shown(result.cookies)}"
         headers.extend(("Set-Cookie", cookie) for cookie in result.cookies)
-    body = result.body
+    body, encoded = result.body, result.isBase64Encoded
+    if encoded is not None and not isinstance(encoded, bool):
+        return f"isBase64Encoded must be true or false, not {_shown(encoded)}"
     if body is None:
         data = b""
     elif not isinstance(body, str):
         return f"body must be a string (JSON-encode it), not {_shown(body)}"
-    elif result.isBase64Encoded is True:
+    elif encoded:
         try:
             data = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
             return "isBase64Encoded is true but body is not valid base64"
-    elif result.isBase64Encoded not in (False, None):
-        return f"isBase64Encoded must be true or false, not {_shown(result.isBase64Encoded)}"
     else:
         data = body.encode("utf-8", "replace")
     return Response(status, headers, data)
