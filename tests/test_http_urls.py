@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from eventfn.config import Cors, FunctionSettings, HttpSettings, UrlSettings
+from eventfn.fronts.http import routes
 from eventfn.fronts.http.function_urls import FunctionUrls
 from eventfn.fronts.http.signatures import is_loopback
 from eventfn.fronts.http.url_events import http_response, is_text, query_parameters
@@ -30,6 +32,7 @@ from eventfn.web import Body, Request
 
 pytestmark = pytest.mark.e2e
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 64 * 1024
 TOKEN = "s3cret-url-token"
 
@@ -222,6 +225,8 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Svc]:
         ("unconfigured", UNCONFIGURED),
     ]:
         write_handler(handlers, name, code.replace("SEEN_FILE", str(seen)))
+    for example in ["hello", "items"]:  # the shipped examples the README's curl lines call
+        shutil.copy(ROOT / "handlers" / f"{example}.py", handlers)
     config = root / "eventfn.toml"
     config.write_text(f"[http]\nmax_body = {MAX_BODY}\n")
     env = {"URL_TOKEN": TOKEN}
@@ -297,6 +302,17 @@ def test_an_oversized_body_gets_413_before_it_is_sent(svc: Svc) -> None:
         )
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_the_shipped_examples_answer_curl(svc: Svc) -> None:
+    status, got = svc.json("GET", "/fn/hello")
+    assert status == 200 and got["message"] == "Hello, world!"
+    status, got = svc.json("GET", "/items/42?colour=red")
+    assert status == 200 and (got["id"], got["colour"]) == ("42", "red")
+    status, headers, body = svc.request(
+        "POST", "/items", body=b'{"id": "7"}', headers=[("Content-Type", "application/json")]
+    )
+    assert (status, json.loads(body), header(headers, "location")) == (201, {"created": {"id": "7"}}, ["/items/7"])
 
 
 # -- routes -----------------------------------------------------------------------------------------------------
@@ -464,15 +480,26 @@ class FakeCaller:
         return self.allowed
 
 
+def functions_of(**settings: FunctionSettings) -> Functions:
+    """Functions with these settings, none of them loaded (an invocation gets Lambda's not-loaded error)."""
+    functions = Functions(Slots(10))
+    for name, value in settings.items():
+        source = FunctionSource(
+            name=name,
+            task_root="/",
+            module=name,
+            entry_file=f"/{name}.py",
+            attribute=None,
+            version="v1",
+            settings=value,
+        )
+        functions.add(source)
+    return functions
+
+
 def front(url: UrlSettings, host: str = "127.0.0.1") -> FunctionUrls:
     """A front over one function `f` that is not loaded: a request that passes auth gets its 502."""
-    functions = Functions(Slots(10))
-    settings = FunctionSettings(url=url)
-    functions.add(
-        FunctionSource(
-            name="f", task_root="/", module="f", entry_file="/f.py", attribute=None, version="v1", settings=settings
-        )
-    )
+    functions = functions_of(f=FunctionSettings(url=url))
     urls = FunctionUrls(functions, None, HttpSettings(host=host))  # type: ignore[arg-type]  # sync: no bus used
     urls.update()
     return urls
@@ -519,6 +546,30 @@ async def test_cors_headers_go_on_refusals_too() -> None:
     assert ("Access-Control-Allow-Credentials", "true") in response.headers
 
 
+def http_route(path: str, *methods: str) -> dict[str, Any]:
+    return {"type": "http", "path": path, "methods": list(methods)}
+
+
+def test_conflicting_routes_are_named_and_the_first_function_by_name_keeps_them() -> None:
+    functions = functions_of(
+        b=FunctionSettings(triggers=[http_route("/orders/{order}", "GET"), http_route("/b-only")]),
+        a=FunctionSettings(triggers=[http_route("/orders/{id}", "GET", "POST")]),
+        c=FunctionSettings(triggers=[http_route("/orders/{id}", "PUT"), http_route("/orders/{id}")]),
+    )
+    table, problems = routes.build(functions.by_name)
+    assert problems == [
+        "route GET /orders/{order} of function b (trigger t0) conflicts with route GET,POST /orders/{id} of "
+        "function a (trigger t0): function a serves it (the first by name); change one route's path or methods"
+    ]
+    found = table.find("/orders/1", "GET")
+    assert found is not None and found.route is not None and found.route.function == "a"
+    put, other = table.find("/orders/1", "PUT"), table.find("/orders/1", "PATCH")
+    assert put is not None and put.route is not None and put.route.route_key("PUT") == "PUT /orders/{id}"
+    assert other is not None and other.route is not None and other.route.route_key("PATCH") == "ANY /orders/{id}"
+    b_only = table.find("/b-only/", "DELETE")
+    assert b_only is not None and b_only.route is not None and b_only.route.function == "b"
+
+
 # -- the mapping, unit by unit ----------------------------------------------------------------------------------
 
 
@@ -537,6 +588,7 @@ def test_text_types_are_lambdas() -> None:
         (b'{"statusCode": true}', "statusCode must be an integer"),
         (b'{"statusCode": 200, "headers": ["a"]}', "headers must be an object"),
         (b'{"statusCode": 200, "headers": {"a": {}}}', "headers['a'] must be a string"),
+        (b'{"statusCode": 200, "headers": {"x y": "1"}}', "not a valid HTTP header name"),
         (b'{"statusCode": 200, "cookies": "a=1"}', "cookies must be a list of strings"),
         (b'{"statusCode": 200, "body": "!!", "isBase64Encoded": true}', "not valid base64"),
         (b'{"statusCode": 200, "isBase64Encoded": "yes"}', "isBase64Encoded must be true or false"),

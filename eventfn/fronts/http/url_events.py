@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import re
 import time
 from typing import Any
 from urllib.parse import unquote, unquote_plus
@@ -51,6 +53,8 @@ _TEXT_TYPES = frozenset(
 )
 #: Response headers the server writes itself: a function's own would contradict them.
 _HOP_BY_HOP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te"})
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class _Http(msgspec.Struct, frozen=True):
@@ -159,11 +163,7 @@ def request_event(
         else:
             headers[name] = value
     received = request.received or time.time()
-    when = time.gmtime(received)
-    stamp = (
-        f"{when.tm_mday:02d}/{_MONTHS[when.tm_mon - 1]}/{when.tm_year}:"
-        f"{when.tm_hour:02d}:{when.tm_min:02d}:{when.tm_sec:02d} +0000"
-    )
+    stamp = _stamp(int(received))
     text, encoded = _body(body, headers.get("content-type"))
     authorizer = None
     account = endpoint.account_id
@@ -203,6 +203,16 @@ def request_event(
     return _encoder.encode(event)
 
 
+@functools.lru_cache(maxsize=4)
+def _stamp(second: int) -> str:
+    """`requestContext.time`: `30/Nov/2026:04:31:14 +0000` (English month names, whatever the locale)."""
+    when = time.gmtime(second)
+    return (
+        f"{when.tm_mday:02d}/{_MONTHS[when.tm_mon - 1]}/{when.tm_year}:"
+        f"{when.tm_hour:02d}:{when.tm_min:02d}:{when.tm_sec:02d} +0000"
+    )
+
+
 def _caller_arn(identity: Identity) -> str:
     name = identity.access_key
     if name.startswith("role/"):  # a function's execution role
@@ -217,7 +227,8 @@ def query_parameters(query: str) -> dict[str, str]:
         if not pair:
             continue
         name, _, value = pair.partition("=")
-        name, value = unquote_plus(name), unquote_plus(value)
+        if "%" in pair or "+" in pair:
+            name, value = unquote_plus(name), unquote_plus(value)
         out[name] = f"{out[name]},{value}" if name in out else value
     return out
 
@@ -290,6 +301,8 @@ def _proxy_response(result: _Result) -> Response | str:
         if not isinstance(result.headers, dict):
             return f"headers must be an object of strings, not {_shown(result.headers)}"
         for name, value in result.headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                return f"header name {name[:40]!r} is not a valid HTTP header name"
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, int | float):
