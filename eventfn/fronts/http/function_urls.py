@@ -218,6 +218,8 @@ class FunctionUrls:
         found = self._routes.find(path, method)
         if found is None:
             return denied(404, "Not Found")
+        if method not in _ALLOWED_METHODS:  # an `ANY` route takes HTTP API's methods, not WebDAV's or a made-up one
+            return _not_allowed(_ALLOWED_METHODS)
         route = found.route
         if route is None:
             policies = [cors for r in found.matched if (cors := self._route_guards[r][1]) is not None]
