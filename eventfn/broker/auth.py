@@ -158,6 +158,9 @@ def permissions(
                 f"$JS.ACK.{_EVENTS}.>",
                 f"$JS.ACK.*.*.{_EVENTS}.>",
                 subjects.DLQ_PREFIX + ">",
+                # Async invokes taken over HTTP (Lambda's `Event` invocation type, webhooks), stored for the
+                # function's async mapping.
+                subjects.ASYNC_PREFIX + "*",
                 # What connectors publish (the service publishes for them), and their state in KV.
                 subjects.SOURCE_PREFIX + ">",
                 *(f"$JS.API.STREAM.{verb}.{_STATE}" for verb in ("INFO", "CREATE", "UPDATE", "MSG.GET")),
