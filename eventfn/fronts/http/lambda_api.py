@@ -184,7 +184,7 @@ class LambdaApi:
         """An `Event` invocation: stored on the function's async subject as `eventfn invoke --async` does; 202 once
         JetStream has it (its retries and DLQ then follow the function's settings)."""
         subject = subjects.ASYNC_PREFIX + fn.name
-        event = events.new_event(subject, payload, source=EVENT_SOURCE, id=request.request_id)
+        event = events.new_event(subject, payload, source=EVENT_SOURCE, id=request.request_id or None)
         try:
             await self.bus.publish_stored(subject, payload, events.binary_headers(event))
         except Exception as exc:  # the bus's (nats-py's) errors: no stream, no acknowledgement in time
