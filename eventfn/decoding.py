@@ -73,6 +73,17 @@ def base64_bytes(text: str) -> bytes:
         raise UnreadableData(f"not valid base64: {exc}") from exc
 
 
+def base64_json_object(raw: str) -> bytes:
+    """The JSON of an object sent as base64 text (Lambda's client context), checked; raises `UnreadableData` for
+    text that is not base64, JSON that does not parse, or a value that is not an object (Lambda refuses those)."""
+    data = base64_bytes(raw)
+    value: Any = json_value(data)
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else "a string" if isinstance(value, str) else "a scalar"
+        raise UnreadableData(f"it is {kind}, not an object")
+    return data
+
+
 def text(data: bytes, limit: int | None = None) -> str:
     """Bytes as text for a person to read: invalid UTF-8 replaced, cut to `limit` characters."""
     return data[: None if limit is None else limit * 4].decode("utf-8", "replace")[:limit]

@@ -158,8 +158,8 @@ def permissions(
                 f"$JS.ACK.{_EVENTS}.>",
                 f"$JS.ACK.*.*.{_EVENTS}.>",
                 subjects.DLQ_PREFIX + ">",
-                # Webhooks and Event invocations over HTTP store their events on a function's async queue; a
-                # webhook redelivered reads back the event stored the first time (its id).
+                # Async invokes taken over HTTP (Lambda's `Event` invocation type, webhooks), stored for the
+                # function's async mapping; a webhook redelivered reads back the event stored the first time (its id).
                 subjects.ASYNC_PREFIX + "*",
                 f"$JS.API.STREAM.MSG.GET.{_EVENTS}",
                 # What connectors publish (the service publishes for them), and their state in KV.

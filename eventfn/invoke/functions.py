@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import msgspec
+from msgspec.structs import replace
 
 from eventfn import subjects
 from eventfn.config import FunctionSettings
@@ -29,7 +30,7 @@ from eventfn.invoke.invocation import (
     throttled,
 )
 from eventfn.invoke.registry import FunctionSource
-from eventfn.invoke.reports import report_line, reports, start_line
+from eventfn.invoke.reports import LogTail, report_line, reports, start_line
 from eventfn.invoke.slots import Slots
 from eventfn.invoke.workers import Pool
 
@@ -176,12 +177,15 @@ class Function:
                 raise
         elif (reason := self._try_take()) is not None:
             return throttled(reason)
+        tail = LogTail() if invocation.log_tail else None
         try:
             # Read after the wait: a reload meanwhile has put the new version in place.
             pool = self.pool
             assert pool is not None, "a loaded version is only ever replaced"
             report = reports.enabled()
-            execution = await pool.execute(invocation, self._start if report else None)
+            if tail is not None:
+                tail.start(invocation.request_id)
+            execution = await pool.execute(invocation, self._start if report else None, tail)
         finally:
             self.account.give()
             self.limiter.give()
@@ -191,7 +195,9 @@ class Function:
             reports.add(report_line(self.name, pool.spec.memory, invocation.request_id, execution))
         limit = invocation.max_response_bytes
         if limit is not None and len(outcome.payload) > limit:
-            return response_too_large(len(outcome.payload), limit, invocation.request_id)
+            outcome = response_too_large(len(outcome.payload), limit, invocation.request_id)
+        if tail is not None:
+            outcome = replace(outcome, log=tail.finish(invocation.request_id, pool.spec.memory, execution))
         return outcome
 
     def _start(self, invocation: Invocation) -> None:

@@ -36,7 +36,7 @@ from eventfn.invoke import handler as runtime
 from eventfn.invoke.invocation import Execution, Invocation, LambdaError, Outcome, out_of_memory, timed_out
 from eventfn.invoke.output import HandlerOutput
 from eventfn.invoke.protocol import Invoke, WorkerSpec
-from eventfn.invoke.reports import reports
+from eventfn.invoke.reports import LogTail, reports
 
 _versions = itertools.count()
 
@@ -45,19 +45,27 @@ class _Invocation:
     """The invocation (or init) that code running in this context belongs to; its output budget is made on
     its first write, so that a silent invocation costs nothing."""
 
-    __slots__ = ("_output", "request_id", "spec")
+    __slots__ = ("_output", "request_id", "spec", "tail")
 
-    def __init__(self, spec: WorkerSpec, request_id: str) -> None:
+    def __init__(self, spec: WorkerSpec, request_id: str, tail: LogTail | None = None) -> None:
         self.spec = spec
         self.request_id = request_id
+        #: Where its output also goes, when the invocation asked for its log.
+        self.tail = tail
         self._output: HandlerOutput | None = None
 
     def output(self) -> HandlerOutput:
         with _creating:
             if self._output is None:
-                self._output = HandlerOutput(self.spec.function, self.spec.max_log_bytes, reports.output)
+                send = reports.output if self.tail is None else self._send_both
+                self._output = HandlerOutput(self.spec.function, self.spec.max_log_bytes, send)
                 self._output.begin(self.request_id)
         return self._output
+
+    def _send_both(self, data: bytes) -> None:
+        reports.output(data)
+        assert self.tail is not None
+        self.tail.output(data)
 
     def end(self) -> None:
         if self._output is not None:
@@ -186,8 +194,14 @@ class InProcessPool:
         self.retired = True
         self._threads.shutdown(wait=False)
 
-    async def execute(self, invocation: Invocation, on_start: Callable[[Invocation], None] | None = None) -> Execution:
-        """Run one invocation in this process, with the function's timeout; `on_start` is called first."""
+    async def execute(
+        self,
+        invocation: Invocation,
+        on_start: Callable[[Invocation], None] | None = None,
+        tail: LogTail | None = None,
+    ) -> Execution:
+        """Run one invocation in this process, with the function's timeout; `on_start` is called first. `tail` also
+        gets what it writes (logging records excepted: they go to the service's log handlers directly)."""
         entry = self._entry
         assert entry is not None, "start() first"
         spec = self.spec
@@ -198,7 +212,7 @@ class InProcessPool:
             on_start(invocation)
         self.busy += 1
         outcome: Outcome | None = None
-        output = _Invocation(spec, request_id)
+        output = _Invocation(spec, request_id, tail)
         token = _current.set(output)
         try:
             with anyio.move_on_after(spec.timeout):

@@ -61,6 +61,9 @@ class Invocation(msgspec.Struct, frozen=True, kw_only=True):
     max_request_bytes: int | None = None
     #: The most bytes of result the caller can take (Lambda's 6 MB sync limit, or less: NATS's max payload).
     max_response_bytes: int | None = None
+    #: Lambda's `X-Amz-Log-Type: Tail`: keep the end of this invocation's log for `Outcome.log`. Off by default:
+    #: nothing is buffered unless a caller asks.
+    log_tail: bool = False
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +78,9 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     status: int = 200
     #: The handler's own run time, where it ran to the end.
     duration_ms: float = 0.0
+    #: With `Invocation.log_tail`: the last 4 KB of the invocation's log (START, the handler's output, END, REPORT),
+    #: as Lambda's `X-Amz-Log-Result` has it before its base64.
+    log: bytes = b""
 
     @property
     def function_error(self) -> bool:

@@ -51,6 +51,9 @@ class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     #: The file:line the error points at, where known.
     error_file: str | None = None
+    #: A folder function (`handlers/<name>/`, its code the folder's files); else a single file in the handler
+    #: directory (its code that file, and the module its `handler` setting names).
+    folder: bool = False
 
     def worker_spec(self, settings: FunctionSettings) -> WorkerSpec:
         """What a pool (either kind) needs to load this source's code under `settings`."""
@@ -246,6 +249,7 @@ def _folder(path: Path, override: dict[str, Any]) -> FunctionSource | None:
         settings=settings,
         error=error,
         error_file=error_file,
+        folder=True,
     )
 
 

@@ -25,7 +25,7 @@ from eventfn.errors import HandlerLoadError
 from eventfn.invoke import isolation, protocol
 from eventfn.invoke.invocation import Execution, Invocation, Outcome, exited, load_failure, out_of_memory, timed_out
 from eventfn.invoke.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
-from eventfn.invoke.reports import reports
+from eventfn.invoke.reports import LogTail, reports
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class Worker:
         self.invocations = 0
         #: The worker and what it starts, as `kill` finds them (set by `spawn`).
         self.tree: isolation.ProcessTree | None = None
+        #: Where the output of the invocation it runs also goes, when that invocation asked for its log.
+        self.tail: LogTail | None = None
         self._killed = False
 
     @classmethod
@@ -146,6 +148,8 @@ class Worker:
                         if type(message) is not Output:
                             return message
                         reports.output(message.data)
+                        if self.tail is not None:
+                            self.tail.output(message.data)
                         continue
                 buffer += await self._stdout.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -236,11 +240,16 @@ class Pool:
             stopped += 1
         return stopped
 
-    async def execute(self, invocation: Invocation, on_start: Callable[[Invocation], None] | None = None) -> Execution:
+    async def execute(
+        self,
+        invocation: Invocation,
+        on_start: Callable[[Invocation], None] | None = None,
+        tail: LogTail | None = None,
+    ) -> Execution:
         """Run one invocation with the function's timeout, on a warm worker or a new one.
 
         `on_start` is called once a worker is held (or failed to start): after a cold start's init output, so
-        that the invocation's START line follows it.
+        that the invocation's START line follows it. `tail` also gets the invocation's output (not the init's).
         """
         spec = self.spec
         request_id = invocation.request_id
@@ -262,6 +271,7 @@ class Pool:
                 init_ms = worker.init_ms
             if on_start is not None:
                 on_start(invocation)
+            worker.tail = tail
             invoke = Invoke.of(invocation, time.time() + spec.timeout)
             result: Result | None = None
             with anyio.move_on_after(spec.timeout):
@@ -288,6 +298,7 @@ class Pool:
         finally:
             self.busy -= 1
             if worker is not None:
+                worker.tail = None
                 if reusable and not self.retired and worker.alive:
                     self.idle.append((worker, time.monotonic()))
                 else:
