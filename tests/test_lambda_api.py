@@ -109,8 +109,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
 
 
 @pytest.fixture(scope="module")
-def client(service: Serve) -> Any:
-    return boto3.client(
+def client(service: Serve) -> Iterator[Any]:
+    client = boto3.client(
         "lambda",
         endpoint_url=service.http_url,
         aws_access_key_id=KEY_ID,
@@ -118,6 +118,8 @@ def client(service: Serve) -> Any:
         region_name="us-east-1",
         config=Config(retries={"max_attempts": 1}, read_timeout=30),
     )
+    yield client
+    client.close()  # its pooled keep-alive sockets, closed here rather than at garbage collection (a ResourceWarning)
 
 
 def _code(call: Any, *args: Any, **kwargs: Any) -> tuple[str, int, str]:
