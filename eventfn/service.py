@@ -109,7 +109,7 @@ class Service:
         self._provisioned = True
         #: The HTTP APIs: function URLs and routes, Lambda's, and the connectors' (the S3 API).
         self.urls = FunctionUrls(self.invoker, bus, config.http)
-        self.http_auth = Authenticator()
+        self.http_auth = Authenticator(config.http, Path(config.data_dir))
         self.http_app = HttpApp(
             [LambdaApi(self.invoker, bus, config.http), self.urls, *self.connectors.http_fronts()], self.http_auth
         )
@@ -139,6 +139,8 @@ class Service:
             async with anyio.create_task_group() as tg:
                 for source in changed:
                     tg.start_soon(self._load, source, limiter)
+            # The roles of functions no version serves go; the others take the policy of the version serving.
+            self.http_auth.update({n: f.settings if f.pool is not None else None for n, f in self.functions.items()})
             await self._provision()
             self.urls.update()
 
@@ -214,6 +216,8 @@ class Service:
                     "AWS_DEFAULT_REGION": region,
                 }
             )
+            # Its execution role, as Lambda gives it (the function's own environment may set other keys).
+            env.update(self.http_auth.environment(source.name, settings))
         env.update(settings.environment)
         return env
 
