@@ -9,6 +9,7 @@ workers, the connection and the embedded server, in that order.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from eventfn.fronts.http.app import HttpApp
 from eventfn.fronts.http.auth import Authenticator
 from eventfn.fronts.http.function_urls import FunctionUrls
 from eventfn.fronts.http.lambda_api import LambdaApi
+from eventfn.fronts.http.roles import configured_keys
 from eventfn.fronts.http.server import HttpServer
 from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
@@ -633,6 +635,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             "handler directory not found",
             "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
         )
+    configured_keys(config.http, os.environ)  # a secret missing from the environment: said before NATS starts
     # With the embedded server the data directory holds its store: locked before anything is written there, so
     # a second service on it leaves the first's files, store and server alone. Services on an external NATS
     # share no store, and may share a directory.

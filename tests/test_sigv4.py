@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -270,6 +272,34 @@ async def test_presigned_urls_are_taken_until_they_expire(auth: Authenticator) -
             await in_thread(lambda: urllib.request.urlopen(legacy, timeout=10))
         assert b"<Code>AuthorizationQueryParametersError</Code>" in failed.value.read()
         assert "s3v4" in rig.s3.callers[-1].problem[1]  # type: ignore[index]
+
+
+async def test_the_aws_cli_is_taken_with_the_right_keys_and_refused_with_wrong_ones(
+    auth: Authenticator, tmp_path: Path
+) -> None:
+    aws = str(Path(sys.executable).parent / "aws")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    body = tmp_path / "body.bin"
+    body.write_bytes(bytes(range(256)) * 64)
+    async with serving(auth) as rig:
+        put = [aws, "--endpoint-url", rig.url, "s3api", "put-object", "--bucket", "uploads", "--key", "odd key+é~"]
+        done = await anyio.run_process([*put, "--body", str(body)], env=env, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+        refused = await anyio.run_process(
+            [aws, "--endpoint-url", rig.url, "lambda", "list-functions"], env=wrong, check=False
+        )
+        assert refused.returncode != 0 and b"InvalidSignatureException" in refused.stderr, refused.stderr
+    assert [c.name for c in rig.s3.callers] == [KEY]
+    assert [c.problem[0] for c in rig.lam.callers if c.problem] == ["InvalidSignatureException"]
 
 
 # -- refused over HTTP, with the code each API uses ---------------------------------------------------------------
