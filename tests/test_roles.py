@@ -398,6 +398,7 @@ def _lambda_api_built(running: Running) -> bool:
     return _status(running.serve.http_url + "/2015-03-31/functions/") != 501
 
 
+@pytest.mark.e2e
 async def test_each_function_has_its_own_role_in_its_environment(running: Running) -> None:
     whoami = await running.invoke("whoami")
     assert whoami["AWS_ACCESS_KEY_ID"].startswith("ASIA"), whoami
@@ -409,6 +410,7 @@ async def test_each_function_has_its_own_role_in_its_environment(running: Runnin
     assert caller["key"] and caller["token"], caller
 
 
+@pytest.mark.e2e
 async def test_role_keys_stay_out_of_the_log_and_eventfn_functions(running: Running) -> None:
     whoami = await running.invoke("whoami")
     await running.invoke("caller", {"target": "notify"})
@@ -436,6 +438,7 @@ def lambda_api(running: Running) -> Running:
     return running
 
 
+@pytest.mark.e2e
 async def test_unmodified_boto3_invokes_what_its_role_allows_and_no_more(lambda_api: Running) -> None:
     allowed = await lambda_api.invoke("caller", {"target": "notify"})
     assert allowed["payload"] == {"notified": {"from": "caller"}}, allowed
@@ -443,6 +446,7 @@ async def test_unmodified_boto3_invokes_what_its_role_allows_and_no_more(lambda_
     assert denied["error"] == "AccessDeniedException", denied
 
 
+@pytest.mark.e2e
 async def test_get_function_shows_the_functions_environment_but_not_its_role(lambda_api: Running) -> None:
     client = boto3.client(
         "lambda",
@@ -460,6 +464,7 @@ async def test_get_function_shows_the_functions_environment_but_not_its_role(lam
     assert whoami["AWS_SECRET_ACCESS_KEY"] not in text and whoami["AWS_SESSION_TOKEN"] not in text
 
 
+@pytest.mark.e2e
 async def test_keys_from_the_environment_and_the_admin_file_work_end_to_end(lambda_api: Running) -> None:
     admin = json.loads(admin_file(lambda_api.root / "data").read_text())
     for key, secret in [("AKIAEVENTFNTEST00002", "second-secret"), (admin["AccessKeyId"], admin["SecretAccessKey"])]:
@@ -502,6 +507,7 @@ def _s3_api_built(running: Running) -> bool:
     return True
 
 
+@pytest.mark.e2e
 async def test_the_classic_thumbnail_journey_with_one_unmodified_handler(running: Running) -> None:
     if not await anyio.to_thread.run_sync(_s3_api_built, running):
         pytest.skip("no S3 API on this branch (the bucket connector's, built beside this one)")
@@ -520,6 +526,7 @@ async def _json(path: Path) -> Any:
         return None
 
 
+@pytest.mark.e2e
 async def test_role_keys_rotate_on_restart(tmp_path: Path) -> None:
     handlers = tmp_path / "handlers"
     handlers.mkdir()

@@ -12,7 +12,7 @@
   |---------------------------------|---------------------------------------------------------------------|
   | `s3_read = ["<bucket>/<glob>"]` | `s3:GetObject`, `s3:HeadObject` of the keys matched; `s3:ListBucket` |
   | `s3_write = ["<bucket>/<glob>"]`| `s3:PutObject` (multipart, a copy's target), `s3:DeleteObject`,      |
-  |                                 | `s3:AbortMultipartUpload` of the keys matched                        |
+  |                                 | `s3:AbortMultipartUpload`, `s3:ListMultipartUploadParts` of the keys |
   | `s3_read = ["*"]`               | also `s3:ListAllMyBuckets`                                           |
   | `invoke = ["<function glob>"]`  | `lambda:InvokeFunction`, `lambda:InvokeFunctionUrl`                  |
 
@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import base64
-import logging
 import os
 import re
 import secrets
@@ -38,15 +37,15 @@ from eventfn.broker.auth import auth_dir, write_private
 from eventfn.config import FunctionSettings, HttpSettings
 from eventfn.errors import ConfigError, EventfnError
 
-log = logging.getLogger(__name__)
-
 #: The admin key's file under `<data_dir>/auth/`.
 ADMIN_FILE: Final = "http.json"
 
 S3_READ: Final = frozenset({"s3:GetObject", "s3:HeadObject"})
 S3_LIST: Final = "s3:ListBucket"
 S3_LIST_ALL: Final = "s3:ListAllMyBuckets"
-S3_WRITE: Final = frozenset({"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"})
+S3_WRITE: Final = frozenset(
+    {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
+)
 INVOKE: Final = frozenset({"lambda:InvokeFunction", "lambda:InvokeFunctionUrl"})
 #: Every action a front asks about (an access key may do these and any other).
 ACTIONS: Final = frozenset(
