@@ -24,6 +24,9 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth, SigV4Auth, SigV4QueryAu
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 
 from eventfn.config import FunctionSettings, HttpSettings, Permissions
 from eventfn.fronts.http import sigv4
@@ -526,3 +529,59 @@ def _no_machine_aws_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     yield
+
+
+#: What the server can hand over: header values and queries are decoded as latin-1.
+_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=80)
+
+
+@settings_(max_examples=300, deadline=None)
+@given(
+    authorization=st.one_of(
+        _TEXT.map(lambda t: "AWS4-HMAC-SHA256 " + t),
+        st.builds(
+            lambda k, d, r, s, h, sig: (
+                f"AWS4-HMAC-SHA256 Credential={k}/{d}/{r}/{s}/aws4_request, SignedHeaders={h}, Signature={sig}"
+            ),
+            _TEXT,
+            st.sampled_from(["20260101", "2026010", "99999999", "00000000"]),
+            _TEXT,
+            st.sampled_from(["s3", "lambda", ""]),
+            st.sampled_from(["host", "host;x-amz-date", ";", "host;;date"]),
+            st.sampled_from(["0" * 64, "a" * 63, "Z" * 64]),
+        ),
+        _TEXT,
+    ),
+    date=st.one_of(st.none(), _TEXT, st.sampled_from(["20260101T000000Z", "99991399T256161Z", "2026010aT000000Z"])),
+    http_date=st.one_of(st.none(), _TEXT, st.just("Mon, 01 Jan 99999999 00:00:00 GMT")),
+    query=st.one_of(
+        _TEXT,
+        st.builds(
+            lambda e, c, t: (
+                f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={c}&X-Amz-Date={t}&X-Amz-Expires={e}"
+                f"&X-Amz-SignedHeaders=host&X-Amz-Signature={'0' * 64}"
+            ),
+            st.sampled_from(["1", "0", "²", "999999999", "-1"]),
+            _TEXT,
+            _TEXT,
+        ),
+    ),
+)
+def test_no_credentials_however_malformed_break_the_check(
+    hostile: Authenticator, authorization: str, date: str | None, http_date: str | None, query: str
+) -> None:
+    auth = hostile
+    headers = [("host", "h"), ("authorization", authorization)]
+    headers += [("x-amz-date", date)] if date is not None else []
+    headers += [("date", http_date)] if http_date is not None else []
+    for request in (
+        Request(method="GET", path="/uploads/k", query="", headers=headers, client="c"),
+        Request(method="GET", path="/2015-03-31/functions/", query=query, headers=[("host", "h")], client="c"),
+    ):
+        caller = anyio.run(auth.caller, request)
+        assert caller.problem is not None
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Authenticator:
+    return Authenticator(settings(require_auth=True), tmp_path_factory.mktemp("hostile"))

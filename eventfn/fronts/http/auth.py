@@ -161,12 +161,14 @@ class Authenticator:
                 )
             raise SignatureError(
                 sigv4.UNKNOWN_KEY,
-                f"access key {signed.access_key} is not one of [http] access_keys or the admin key",
+                f"access key {signed.access_key[:64]!r} is not one of [http] access_keys or the admin key",
             )
         if principal.token is None:
             if signed.token is not None:
                 raise SignatureError(sigv4.BAD_TOKEN, "this access key takes no session token")
-        elif signed.token is None or not hmac.compare_digest(signed.token.encode(), principal.token.encode()):
+        elif signed.token is None or not hmac.compare_digest(
+            signed.token.encode("utf-8", "surrogatepass"), principal.token.encode()
+        ):
             raise SignatureError(sigv4.BAD_TOKEN, "the session token is not the one of this access key")
         return principal
 

@@ -54,7 +54,7 @@ EXPIRED: Final = "expired"
 BAD_TOKEN: Final = "bad-token"
 EXPIRED_TOKEN: Final = "expired-token"
 
-_TIMESTAMP = re.compile(r"^(\d{8})T\d{6}Z$")
+_TIMESTAMP = re.compile(r"^([0-9]{8})T[0-9]{6}Z$")
 _SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
 _HEX_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 #: AWS headers a signature may leave out: both are checked by other means (the token against the key's, the
@@ -204,7 +204,7 @@ def _read_query(request: Request) -> Signed:
     if found["X-Amz-Algorithm"] != ALGORITHM:
         raise SignatureError(MALFORMED, f"X-Amz-Algorithm must be {ALGORITHM}")
     raw = found["X-Amz-Expires"]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_EXPIRES:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_EXPIRES:
         raise SignatureError(MALFORMED, f"X-Amz-Expires must be a number of seconds from 1 to {MAX_EXPIRES}")
     return _signed(
         credential=found["X-Amz-Credential"],
@@ -269,8 +269,10 @@ def _http_date(value: str) -> str | None:
     parsed = parsedate_tz(value)
     if parsed is None:
         return None
-    seconds = timegm(parsed[:9]) - (parsed[9] or 0)
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(seconds))
+    try:
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(timegm(parsed[:9]) - (parsed[9] or 0)))
+    except (OverflowError, ValueError, OSError):  # a year past what the platform's time takes
+        return None
 
 
 def check_time(signed: Signed, now: float) -> None:
