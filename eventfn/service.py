@@ -9,6 +9,7 @@ workers, the connection and the embedded server, in that order.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from eventfn.fronts.http.app import HttpApp
 from eventfn.fronts.http.auth import Authenticator
 from eventfn.fronts.http.function_urls import FunctionUrls
 from eventfn.fronts.http.lambda_api import LambdaApi
+from eventfn.fronts.http.roles import configured_keys
 from eventfn.fronts.http.server import HttpServer
 from eventfn.fronts.nats_api import Api
 from eventfn.invoke import isolation, registry
@@ -109,7 +111,7 @@ class Service:
         self._provisioned = True
         #: The HTTP APIs: function URLs and routes, Lambda's, and the connectors' (the S3 API).
         self.urls = FunctionUrls(self.invoker, bus, config.http)
-        self.http_auth = Authenticator()
+        self.http_auth = Authenticator(config.http, Path(config.data_dir))
         self.http_app = HttpApp(
             [LambdaApi(self.invoker, bus, config.http), self.urls, *self.connectors.http_fronts()], self.http_auth
         )
@@ -139,6 +141,8 @@ class Service:
             async with anyio.create_task_group() as tg:
                 for source in changed:
                     tg.start_soon(self._load, source, limiter)
+            # The roles of functions no version serves go; the others take the policy of the version serving.
+            self.http_auth.update({n: f.settings if f.pool is not None else None for n, f in self.functions.items()})
             await self._provision()
             self.urls.update()
 
@@ -214,6 +218,8 @@ class Service:
                     "AWS_DEFAULT_REGION": region,
                 }
             )
+            # Its execution role, as Lambda gives it (the function's own environment may set other keys).
+            env.update(self.http_auth.environment(source.name, settings))
         env.update(settings.environment)
         return env
 
@@ -629,6 +635,7 @@ async def serve(config: ServiceConfig, *, ready: anyio.Event | None = None) -> N
             "handler directory not found",
             "create it, or point at yours with --handlers / EVENTFN_HANDLERS",
         )
+    configured_keys(config.http, os.environ)  # a secret missing from the environment: said before NATS starts
     # With the embedded server the data directory holds its store: locked before anything is written there, so
     # a second service on it leaves the first's files, store and server alone. Services on an external NATS
     # share no store, and may share a directory.

@@ -8,6 +8,7 @@ it), and returns a `Response`. Standard library and msgspec only: connectors imp
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
 from urllib.parse import unquote
@@ -26,6 +27,14 @@ class BodyTooLarge(Exception):
 
 class BodyIncomplete(Exception):
     """The client stopped sending the body (closed, or sent nothing for the read timeout)."""
+
+
+class BodyMismatch(BodyIncomplete):
+    """The body is not the one its sender signed: its SHA-256 differs from the declared one (SigV4's
+    `x-amz-content-sha256`). Raised where the body ends, so that no front takes it as complete."""
+
+    #: S3's error code for it.
+    code = "XAmzContentSHA256Mismatch"
 
 
 class Request:
@@ -98,6 +107,10 @@ class Request:
         """The body as it arrives, with the server's flow control; `BodyTooLarge` past `limit` bytes."""
         return self._body.chunks(limit)
 
+    def expect_sha256(self, hexdigest: str) -> None:
+        """Make reading the body check it against `hexdigest` (see `Body.expect_sha256`)."""
+        self._body.expect_sha256(hexdigest)
+
 
 class Body:
     """A request body as a front reads it; the server gives one that reads from the connection."""
@@ -113,6 +126,8 @@ class Body:
         self._consumed = False
         #: The whole body, once `read` has read it (SigV4 hashes it, then the front reads it again).
         self._cache: bytes | None = None
+        #: The SHA-256 (hex) the sender declared for the body, checked where it ends (`expect_sha256`).
+        self._expected: str | None = None
 
     @classmethod
     def of(cls, data: bytes) -> Body:
@@ -127,6 +142,13 @@ class Body:
             return data
 
         return cls(len(data), next_chunk)
+
+    def expect_sha256(self, hexdigest: str) -> None:
+        """Check the body against the SHA-256 its sender declared and signed, as it is read: where it ends, a
+        mismatch raises `BodyMismatch` instead (call it before the body is read)."""
+        self._expected = hexdigest.lower()
+        if self._cache is not None and hashlib.sha256(self._cache).hexdigest() != self._expected:
+            raise BodyMismatch(_MISMATCH)
 
     async def read(self, limit: int) -> bytes:
         if self._cache is not None:
@@ -150,16 +172,24 @@ class Body:
             return
         self._consumed = True
         total = 0
+        digest = hashlib.sha256() if self._expected is not None else None
         while (chunk := await self._next()) is not None:
             total += len(chunk)
             if total > limit:
                 raise BodyTooLarge(limit)
             if chunk:
+                if digest is not None:
+                    digest.update(chunk)
                 yield chunk
+        if digest is not None and digest.hexdigest() != self._expected:
+            raise BodyMismatch(_MISMATCH)
 
     @property
     def consumed(self) -> bool:
         return self._consumed
+
+
+_MISMATCH = "the body's SHA-256 is not the x-amz-content-sha256 it was signed with (changed on the way?)"
 
 
 class Response:
