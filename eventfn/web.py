@@ -88,7 +88,7 @@ class Request:
     @property
     def content_length(self) -> int | None:
         raw = self.header("content-length")
-        return int(raw) if raw is not None and raw.isdigit() else None
+        return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
 
     async def read(self, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
         """The whole body; `BodyTooLarge` past `limit` bytes (a declared length over it is refused unread)."""

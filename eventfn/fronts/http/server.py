@@ -1,16 +1,23 @@
 """The HTTP server: a lean asyncio protocol on httptools (the parser uvicorn uses), in the service's event loop.
 
 Chosen by measurement (`benchmarks/http.py`): against uvicorn with httptools and granian, serving the same
-function URL. A protocol of our own also holds the limits where they cost nothing:
+hello-world and function URL. A protocol of our own also holds the limits where they cost nothing:
 
 - **Body limit.** A front reads the body with its limit (`Request.read` / `chunks`); a declared length over it
   is answered 413 before a byte of the body is read (a client sending `Expect: 100-continue` never sends it),
   a chunked body is cut off where it passes the limit. Either way the connection closes after the 413.
-- **Timeouts.** A request's head must arrive within `header_timeout` of its first byte (408, then close); a
-  body may pause at most `read_timeout`; an idle keep-alive connection closes after `keepalive_timeout`.
-- **Malformed requests** (a parser error, a bad header) get 400 and the connection closes: never a 500.
+- **Head limits.** A request target over `MAX_URL` bytes is a 414, headers over `MAX_HEADERS_BYTES` (or more than
+  `MAX_HEADERS` of them) a 431.
+- **Timeouts.** A request's head must arrive within `header_timeout` of its first byte, however slowly it
+  trickles in (408, then close); a body may pause at most `read_timeout` (408); an idle keep-alive connection
+  closes after `keepalive_timeout`.
+- **Malformed requests** (a parser error, a bad header, bad chunk framing) get 400 and the connection closes:
+  never a 500, which only an exception in a front (a bug) gives.
 - **Flow control both ways.** Reading pauses while a body's unread chunks pass `BUFFER` bytes or a pipelined
-  request waits; a streamed response waits for the transport to drain.
+  request waits; a response waits for the transport to drain before the next chunk or the next request.
+- **Closing with unread input** (after a 413, a 400, a 408, a 503) half-closes first and discards what the client
+  still sends for up to `LINGER` seconds, so that a client busy sending its body reads the answer instead of a
+  connection reset.
 
 A client that goes away mid-request does not cancel its handler: an invocation runs to its end (as Lambda's
 does); what it answers is dropped.
@@ -20,18 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
+from typing import NoReturn
 
 import anyio
-import anyio.abc
 import httptools
 
 from eventfn.config import HttpSettings
+from eventfn.errors import ConfigError
 from eventfn.web import Body, BodyIncomplete, BodyTooLarge, Request, Response
 
 log = logging.getLogger(__name__)
@@ -40,24 +49,58 @@ App = Callable[[Request], Awaitable[Response]]
 
 #: Bytes of unread body buffered before reading from the socket pauses.
 BUFFER = 1 << 20
-#: Limits of a request's head: the target, one header, all headers, how many.
+#: Limits of a request's head: the target (414 past it), all header names and values, how many (431).
 MAX_URL = 16 * 1024
 MAX_HEADERS_BYTES = 64 * 1024
 MAX_HEADERS = 128
+#: Bytes of an unfinished head held at most (the request line, separators and one header still being received:
+#: the parser reports a header only once it is complete).
+MAX_HEAD = MAX_URL + MAX_HEADERS_BYTES + 8 * 1024
+#: After answering a request whose input was not read to its end: how long, and how many bytes, to keep reading
+#: and discarding it before closing.
+LINGER = 2.0
+LINGER_BYTES = 64 << 20
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+#: Headers the server writes itself: a front's own would contradict its framing.
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
-def _head(status: int, headers: list[tuple[str, str]], length: int, keep_alive: bool) -> bytes:
+class _Clock:
+    """The Date header, formatted at most once a second."""
+
+    second = 0
+    text = ""
+
+    @classmethod
+    def date(cls) -> str:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.text = email.utils.formatdate(now, usegmt=True)
+        return cls.text
+
+
+def _head(status: int, headers: list[tuple[str, str]], length: int | None, keep_alive: bool, http10: bool) -> bytes:
+    """The status line and headers; `length` None: no Content-Length (a 1xx, 204 or 304)."""
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    dated = False
     for name, value in headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:  # no header injection from a handler
             continue
+        lower = name.lower()
+        if lower in _OWN_HEADERS:
+            continue
+        dated = dated or lower == "date"
         lines.append(f"{name}: {value}")
-    if status >= 200 and status not in (204, 304):
+    if not dated:
+        lines.append(f"Date: {_Clock.date()}")
+    if length is not None:
         lines.append(f"Content-Length: {length}")
     if not keep_alive:
         lines.append("Connection: close")
+    elif http10:
+        lines.append("Connection: keep-alive")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
@@ -65,21 +108,45 @@ def _error(status: int, message: str) -> Response:
     return Response(status, [("Content-Type", "text/plain; charset=utf-8")], (message + "\n").encode())
 
 
+async def _no_body() -> bytes | None:
+    return None
+
+
+class _Reject(Exception):
+    """A request the server refuses from its head: answered with `status`, then the connection closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class _Pipe:
     """One request's body between the parser and the front reading it."""
 
-    __slots__ = ("buffered", "chunks", "complete", "conn", "continued", "expect", "failed", "ready", "started")
+    __slots__ = (
+        "buffered",
+        "chunks",
+        "complete",
+        "conn",
+        "continued",
+        "expect",
+        "problem",
+        "ready",
+        "timed_out",
+    )
 
     def __init__(self, conn: _Connection, expect: bool) -> None:
         self.conn = conn
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
-        self.failed = False
+        #: Why the body cannot be read to its end (the client left, sent bad framing), or None.
+        self.problem: str | None = None
+        self.timed_out = False
         self.ready = asyncio.Event()
         self.expect = expect
         self.continued = False
-        self.started = False
 
     def feed(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -88,28 +155,34 @@ class _Pipe:
         if self.buffered > BUFFER:
             self.conn.pause()
 
-    def end(self, *, failed: bool = False) -> None:
-        self.complete = True
-        self.failed = failed
-        self.ready.set()
+    def end(self, problem: str | None = None) -> None:
+        if not self.complete:
+            self.complete = True
+            self.problem = problem
+            self.ready.set()
+
+    @property
+    def whole(self) -> bool:
+        """Whether the body arrived to its end (so that the next request on the connection can be parsed)."""
+        return self.complete and self.problem is None
 
     async def next_chunk(self) -> bytes | None:
-        self.started = True
         if self.expect and not self.continued and not self.complete:
             self.continued = True
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while not self.chunks:
             if self.complete:
-                if self.failed:
-                    raise BodyIncomplete("the client closed the connection before the body ended")
+                if self.problem is not None:
+                    raise BodyIncomplete(self.problem)
                 return None
             self.ready.clear()
             self.conn.resume()
             try:
                 await asyncio.wait_for(self.ready.wait(), self.conn.settings.read_timeout)
             except TimeoutError:
-                self.conn.timed_out_body = True
-                raise BodyIncomplete(f"no body data for {self.conn.settings.read_timeout:g} s (read_timeout)") from None
+                self.timed_out = True
+                self.end(f"no body data for {self.conn.settings.read_timeout:g} s (read_timeout)")
+                raise BodyIncomplete(self.problem) from None
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
         if self.buffered <= BUFFER // 2:
@@ -126,22 +199,31 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client = ""
+        #: The transport is closed (or closing): nothing more is written.
         self.closed = False
-        self.timed_out_body = False
+        self._eof = False
         self._paused = False
         self._drained = asyncio.Event()
         self._drained.set()
-        self._queue: collections.deque[tuple[Request, _Pipe, bool]] = collections.deque()
+        self._queue: collections.deque[tuple[Request, _Pipe | None, bool]] = collections.deque()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._serving = False
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False
-        # The request being parsed.
+        self._lingering = False
+        self._discarded = 0
+        # The request being parsed: its head (from its first byte), then its body.
+        self._head_began: float | None = None
+        self._head_bytes = 0
+        #: Requests whose parsing began: tells a head that went on from one that ended and another began.
+        self._begun = 0
         self._url = bytearray()
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
         self._pipe: _Pipe | None = None
-        self._parse_error: tuple[int, str] | None = None
+        #: A request the parser refused: answered after those before it, then the connection closes.
+        self._error: tuple[int, str] | None = None
+        self._reject: _Reject | None = None
 
     # -- transport events -------------------------------------------------------------------------------------
 
@@ -156,22 +238,30 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.server.connections.add(self)
+        # The first request has `header_timeout` from the connection's start.
         self._arm(self.settings.header_timeout, self._head_timeout)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._serving = True
+        self.server.track(asyncio.get_running_loop().create_task(self._serve()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
-        self.server.settled()
         self._cancel_timer()
-        if self._pipe is not None and not self._pipe.complete:
-            self._pipe.end(failed=True)
+        if self._pipe is not None:
+            self._pipe.end("the client closed the connection before the body ended")
         for _, pipe, _ in self._queue:
-            if not pipe.complete:
-                pipe.end(failed=True)
+            if pipe is not None:
+                pipe.end("the client closed the connection before the body ended")
         self._drained.set()
         self._wake.set()
+        self._release()
+
+    def eof_received(self) -> bool:
+        # A client may half-close once it has sent its request (`nc`, some scripts): its answers still go out.
+        self._eof = True
+        if self._pipe is not None:
+            self._pipe.end("the client ended its side of the connection before the body ended")
+        self._wake.set()
+        return not self._lingering and not self.idle()
 
     def pause_writing(self) -> None:
         self._drained.clear()
@@ -180,20 +270,51 @@ class _Connection(asyncio.Protocol):
         self._drained.set()
 
     def data_received(self, data: bytes) -> None:
-        if self._parse_error is not None:
+        if self._lingering:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self.close()
+            return
+        if self._error is not None:
             return
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            begun = self._begun
+            if self._head_began is not None and self._head_bytes + len(data) > MAX_HEAD:
+                # The parser holds a header until it is complete: feed no more than a head may take.
+                room = max(0, MAX_HEAD - self._head_bytes)
+                self._feed(data[:room])
+                if self._begun == begun and self._head_began is not None and self._error is None:
+                    self._fail(431, f"request head over {MAX_HEAD} bytes")
+                    return
+                data = data[room:]
+                begun = self._begun
+            within = self._head_began is not None
+            self._feed(data)
+            if within and self._begun == begun and self._head_began is not None:
+                self._head_bytes += len(data)
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed request: {exc}")
+            if self._reject is not None:
+                self._fail(self._reject.status, self._reject.message)
+            else:
+                self._fail(400, f"malformed request: {exc}")
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                # `Upgrade: h2c` (curl --http2) and the like: answered as plain HTTP/1.1, parsing goes on.
+                data = data[exc.args[0] :]
 
     # -- parser callbacks -------------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        # From a request's first byte its head has `header_timeout` to arrive (however slowly it trickles in).
+        self._begun += 1
+        self._head_began = time.monotonic()
+        self._head_bytes = 0
         if not self._busy and not self._queue:
+            # From a request's first byte its head has `header_timeout` to arrive, however slowly it trickles in.
             self._arm(self.settings.header_timeout, self._head_timeout)
         self._url = bytearray()
         self._headers = []
@@ -202,50 +323,61 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > MAX_URL:
-            raise httptools.HttpParserError("request target too long")
+            self._refuse(414, f"request target over {MAX_URL} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADERS_BYTES or len(self._headers) >= MAX_HEADERS:
-            raise httptools.HttpParserError("request headers too large")
-        try:
-            self._headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
-        except UnicodeDecodeError:
-            raise httptools.HttpParserError("a header name is not ASCII") from None
+        if self._header_bytes > MAX_HEADERS_BYTES:
+            self._refuse(431, f"request headers over {MAX_HEADERS_BYTES} bytes")
+        if len(self._headers) >= MAX_HEADERS:
+            self._refuse(431, f"more than {MAX_HEADERS} request headers")
+        # llhttp admits only token characters in a name: ASCII.
+        self._headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        self._head_began = None
+        if not self._busy and not self._queue:
+            self._cancel_timer()
         try:
             url = httptools.parse_url(bytes(self._url))
         except httptools.HttpParserInvalidURLError:
-            raise httptools.HttpParserError("malformed request target") from None
+            self._refuse(400, "malformed request target")
         path = (url.path or b"/").decode("latin-1")
         if not path.startswith("/"):
-            raise httptools.HttpParserError("the request target must be a path")
-        method = self.parser.get_method().decode("ascii")
+            self._refuse(400, "the request target must be a path")
         headers = self._headers
         declared: int | None = None
         chunked = False
+        expect = False
         for name, value in headers:
-            if name == "content-length":
-                declared = int(value) if value.strip().isdigit() else -1
-            elif name == "transfer-encoding" and "chunked" in value.lower():
+            if name == "content-length":  # llhttp has checked it is digits, and the only one
+                declared = int(value) if value.isascii() and value.isdigit() else None
+            elif name == "transfer-encoding":
+                coding = value.rpartition(",")[2].strip().lower()
+                if coding != "chunked" or chunked:
+                    # RFC 9112 6.3: a body whose length cannot be known reliably (a request smuggling vector).
+                    self._refuse(400, f"unsupported Transfer-Encoding {value!r}: only chunked, once, is accepted")
                 chunked = True
-        if declared == -1:
-            raise httptools.HttpParserError("malformed Content-Length")
-        expect = any(n == "expect" and v.lower() == "100-continue" for n, v in headers)
-        pipe = _Pipe(self, expect)
-        if not chunked and not declared:
-            pipe.complete = True
+            elif name == "expect":
+                expect = value.lower() == "100-continue"
+        version = self.parser.get_http_version()
+        if self.parser.should_upgrade() and (declared or chunked):
+            self._refuse(400, "a request with Upgrade cannot have a body")
+        pipe: _Pipe | None = None
+        if chunked or declared:
+            pipe = _Pipe(self, expect and version != "1.0")
+            body = Body(None if chunked else declared, pipe.next_chunk)
+        else:
+            body = Body(0, _no_body)
         self._pipe = pipe
         request = Request(
-            method=method,
+            method=self.parser.get_method().decode("ascii"),
             path=path,
             query=(url.query or b"").decode("latin-1"),
             headers=headers,
             client=self.client,
-            http_version=self.parser.get_http_version(),
-            body=Body(declared if not chunked else None, pipe.next_chunk),
+            http_version=version,
+            body=body,
             request_id=str(uuid.uuid4()),
             received=time.time(),
         )
@@ -263,15 +395,24 @@ class _Connection(asyncio.Protocol):
             self._pipe.end()
             self._pipe = None
 
+    def _refuse(self, status: int, message: str) -> NoReturn:
+        # An exception in a parser callback stops the parser; httptools re-raises it as an HttpParserError.
+        self._reject = _Reject(status, message)
+        raise self._reject
+
     # -- serving ----------------------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
         try:
-            while not self.closed:
+            while not self.closed:  # requests still queued when the client left are not started
                 if not self._queue:
-                    if self._parse_error is not None:
-                        status, message = self._parse_error
-                        await self._send(_error(status, message), keep_alive=False, head=False)
+                    if self._error is not None:
+                        status, message = self._error
+                        await self._send(_error(status, message), keep_alive=False, head=False, http10=False)
+                        self._finish(linger=True)
+                        return
+                    if self._eof:
+                        self.close()
                         return
                     self._wake.clear()
                     await self._wake.wait()
@@ -279,54 +420,83 @@ class _Connection(asyncio.Protocol):
                 request, pipe, keep_alive = self._queue.popleft()
                 self._busy = True
                 self.resume()
-                response = await self._answer(request)
-                # A body the front left unread (or a 413, a timeout) cannot be skipped safely: close after.
-                keep_alive = (
-                    keep_alive and pipe.complete and not pipe.failed and not pipe.chunks and not self.server.stopping
+                response = await self._answer(request, pipe)
+                whole = pipe is None or pipe.whole
+                if pipe is not None and pipe.chunks:  # read to its end but not by the front: dropped
+                    pipe.chunks.clear()
+                    pipe.buffered = 0
+                # A body that did not arrive whole cannot be skipped safely: the connection closes after.
+                keep_alive = keep_alive and whole and not self.server.stopping and not self._eof
+                sent = await self._send(
+                    response, keep_alive=keep_alive, head=request.method == "HEAD", http10=request.http_version == "1.0"
                 )
-                if self._parse_error is not None:
-                    keep_alive = False
-                await self._send(response, keep_alive=keep_alive, head=request.method == "HEAD")
                 self._busy = False
                 self.server.settled()
-                if not keep_alive:
+                if not (keep_alive and sent):
+                    self._finish(linger=not whole)
                     return
-                if not self._queue:
-                    self._arm(self.settings.keepalive_timeout, self._idle_timeout)
+                if not self._drained.is_set():  # a client that does not read its answers gets no more
+                    await self._drained.wait()
+                self._next_timer()
         except Exception:
             log.exception("HTTP connection from %s failed", self.client)
-        finally:
             self.close()
+        finally:
+            self._busy = False
+            self._serving = False
+            self._release()
+            self.server.settled()
 
-    async def _answer(self, request: Request) -> Response:
+    async def _answer(self, request: Request, pipe: _Pipe | None) -> Response:
         try:
             return await self.server.app(request)
         except BodyTooLarge as exc:
             return _error(413, f"request body too large: the limit is {exc.limit} bytes")
         except BodyIncomplete as exc:
-            return _error(408 if self.timed_out_body else 400, f"request body incomplete: {exc}")
+            timed_out = pipe is not None and pipe.timed_out
+            return _error(408 if timed_out else 400, f"request body incomplete: {exc}")
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _error(500, f"internal error (request {request.request_id}; see the service log)")
 
-    async def _send(self, response: Response, *, keep_alive: bool, head: bool) -> None:
-        length = response.length if response.length is not None else len(response.body)
-        self.write(_head(response.status, response.headers, length, keep_alive))
-        if head:
-            return
-        if response.stream is None:
-            if response.body:
-                self.write(response.body)
-            return
+    async def _send(self, response: Response, *, keep_alive: bool, head: bool, http10: bool) -> bool:
+        """Write `response`; False if the connection cannot go on (a stream that ended short or ran long)."""
+        status = response.status
+        stream = response.stream
+        try:
+            if not 200 <= status <= 999:
+                log.error("HTTP: a front answered status %r; sent 500 instead", status)
+                response = _error(500, "internal error (an invalid status)")
+                status = 500
+            bodiless = status in (204, 304)
+            length = response.length if response.length is not None else len(response.body)
+            self.write(_head(status, response.headers, None if bodiless else length, keep_alive, http10))
+            if head or bodiless:
+                return True
+            if response.stream is None:
+                if response.body:
+                    self.write(response.body)
+                return True
+            return await self._stream(response.stream, length)
+        finally:
+            if stream is not None:
+                await _close(stream)
+
+    async def _stream(self, stream: AsyncIterator[bytes], length: int) -> bool:
         sent = 0
-        async for chunk in response.stream:
+        async for chunk in stream:
             if self.closed:
-                break
+                return False
+            if sent + len(chunk) > length:
+                log.error("HTTP: a front streamed more than the %d bytes it declared; the connection closes", length)
+                self.write(chunk[: length - sent])
+                return False
             self.write(chunk)
             sent += len(chunk)
-            await self._drained.wait()
-        if sent != length:  # the stream ended short of its Content-Length: the client must not wait for more
-            self.close()
+            if not self._drained.is_set():
+                await self._drained.wait()
+        # A stream that ended short of its Content-Length: the client must not wait for more.
+        return sent == length
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -340,24 +510,53 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self._paused and self.transport is not None and not self.closed and len(self._queue) <= 1:
-            if self._pipe is None or self._pipe.buffered <= BUFFER // 2:
-                self._paused = False
-                self.transport.resume_reading()
+        if not self._paused or self.transport is None or self.closed:
+            return
+        if self._lingering or (
+            self._error is None and len(self._queue) <= 1 and (self._pipe is None or self._pipe.buffered <= BUFFER // 2)
+        ):
+            self._paused = False
+            self.transport.resume_reading()
 
     def close(self) -> None:
+        self.closed = True
+        self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        self.closed = True
+
+    def _finish(self, *, linger: bool) -> None:
+        """Close after the last answer; with unread input, half-close and discard it for a while first."""
+        if self.closed or not linger or self._eof or self.transport is None or not self.transport.can_write_eof():
+            self.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()  # after what is buffered
+        self.resume()
+        self._arm(LINGER, self.close)
 
     def _fail(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answered (after those before it) and the connection closed."""
-        self._parse_error = (status, message)
+        self._error = (status, message)
+        self._head_began = None
         if self._pipe is not None:
-            self._pipe.end(failed=True)
+            self._pipe.end(f"malformed request: {message}")
             self._pipe = None
         self.pause()
         self._wake.set()
+
+    def _release(self) -> None:
+        if self.closed and not self._serving:
+            self.server.connections.discard(self)
+
+    def _next_timer(self) -> None:
+        """After an answer: the next request's head, if it began, keeps its deadline; else the idle timeout."""
+        if self._queue:
+            return
+        if self._head_began is not None:
+            left = self.settings.header_timeout - (time.monotonic() - self._head_began)
+            self._arm(max(0.0, left), self._head_timeout)
+        else:
+            self._arm(self.settings.keepalive_timeout, self._idle_timeout)
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()
@@ -369,19 +568,30 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
     def _head_timeout(self) -> None:
-        if self._queue:
+        if self._busy or self._queue:
             return
-        if self._url or self._headers:
+        if self._head_began is not None:
             self._fail(408, f"request head not received within {self.settings.header_timeout:g} s (header_timeout)")
         else:
             self.close()
 
     def _idle_timeout(self) -> None:
-        if not self._busy and not self._queue and self._pipe is None:
+        if self.idle():
             self.close()
 
     def idle(self) -> bool:
-        return not self._busy and not self._queue and self._pipe is None
+        """No request in flight, waiting or being received (or only input being discarded before closing)."""
+        return self._lingering or (not self._busy and not self._queue and self._pipe is None and self._error is None)
+
+
+async def _close(stream: AsyncIterator[bytes]) -> None:
+    """Close a response stream (an async generator holding a file, say) however its sending ended."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.exception("HTTP: closing a response stream failed")
 
 
 class HttpServer:
@@ -390,6 +600,7 @@ class HttpServer:
     def __init__(self, settings: HttpSettings, app: App) -> None:
         self.settings = settings
         self.app = app
+        #: Open connections, and closed ones whose request is still being answered.
         self.connections: set[_Connection] = set()
         self.stopping = False
         self.port = settings.port
@@ -397,9 +608,17 @@ class HttpServer:
         self._stop = anyio.Event()
         #: Set whenever a connection finishes a request or closes (a stopping server waits for in-flight ones).
         self._settled = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refused: set[_Refuse] = set()
+        self._refusal_logged = 0.0
 
     def settled(self) -> None:
         self._settled.set()
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Hold a connection's task until it ends (the loop keeps only weak references)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def url(self) -> str:
@@ -410,31 +629,39 @@ class HttpServer:
         return f"http://{shown}:{self.port}"
 
     async def bind(self) -> asyncio.Server:
+        """Listen on `settings.host:port` (port 0: any free one; `port` then says which)."""
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
-                lambda: self._accept(),
+                self._accept,
                 host=self.settings.host or None,
                 port=self.settings.port,
                 backlog=1024,
                 reuse_address=True,
             )
         except OSError as exc:
-            from eventfn.errors import ConfigError
-
             raise ConfigError(
                 f"[http] {self.settings.host}:{self.settings.port}",
                 f"the HTTP server cannot listen there: {exc.strerror or exc}",
-                "set [http] port (or EVENTFN_HTTP_PORT; 0 for any free port), or [http] enabled = false",
+                "choose another port with --http-port, EVENTFN_HTTP_PORT or [http] port (0: any free port), "
+                "or run without HTTP: --no-http or [http] enabled = false",
             ) from None
         self.port = server.sockets[0].getsockname()[1]
         return server
 
     def _accept(self) -> asyncio.Protocol:
+        # Counted here, not in connection_made: a burst of accepts is made before any of them starts.
+        if len(self.connections) >= self.settings.max_connections or self.stopping:
+            now = time.monotonic()
+            if now - self._refusal_logged > 10:
+                self._refusal_logged = now
+                log.warning(
+                    "HTTP: %d connections open ([http] max_connections); refusing more with 503",
+                    len(self.connections),
+                )
+            return _Refuse(self._refused)
         conn = _Connection(self)
-        if len(self.connections) >= self.settings.max_connections:
-            log.warning("HTTP: %d connections open (max_connections); refusing one", len(self.connections))
-            return _Refuse()
+        self.connections.add(conn)
         return conn
 
     async def run(self, server: asyncio.Server) -> None:
@@ -443,10 +670,14 @@ class HttpServer:
             await self._stop.wait()
             self.stopping = True
             server.close()
-            for conn in list(self.connections):
-                if conn.idle():
-                    conn.close()
-            while any(not c.idle() for c in self.connections):
+            for refused in list(self._refused):
+                refused.close()
+            while True:
+                for conn in list(self.connections):
+                    if conn.idle():
+                        conn.close()
+                if not any(not c.idle() for c in self.connections):
+                    break
                 self._settled.clear()
                 await self._settled.wait()
             for conn in list(self.connections):
@@ -460,7 +691,35 @@ class HttpServer:
 
 
 class _Refuse(asyncio.Protocol):
+    """A connection over `max_connections`: a 503, then the request it sends is discarded briefly and it closes."""
+
+    def __init__(self, registry: set[_Refuse]) -> None:
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+        self.read = 0
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(_head(503, [("Retry-After", "1")], 0, False))
-        transport.close()
+        self.transport = transport
+        self.registry.add(self)
+        body = b"too many connections: try again shortly\n"
+        head = _head(503, [("Retry-After", "1"), ("Content-Type", "text/plain")], len(body), False, False)
+        transport.write(head + body)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.read += len(data)
+        if self.read > LINGER_BYTES:
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
