@@ -31,7 +31,6 @@ import email.utils
 import logging
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import NoReturn
@@ -208,7 +207,11 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[tuple[Request, _Pipe | None, bool]] = collections.deque()
         self._wake = asyncio.Event()
         self._serving = False
+        self._loop = asyncio.get_running_loop()
+        #: One timer per connection (the head, idle or linger deadline), moved lazily: see `_arm`.
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
         self._busy = False
         self._lingering = False
         self._discarded = 0
@@ -241,11 +244,11 @@ class _Connection(asyncio.Protocol):
         # The first request has `header_timeout` from the connection's start.
         self._arm(self.settings.header_timeout, self._head_timeout)
         self._serving = True
-        self.server.track(asyncio.get_running_loop().create_task(self._serve()))
+        self.server.track(self._loop.create_task(self._serve()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self._stop_timer()
         if self._pipe is not None:
             self._pipe.end("the client closed the connection before the body ended")
         for _, pipe, _ in self._queue:
@@ -338,11 +341,16 @@ class _Connection(asyncio.Protocol):
         self._head_began = None
         if not self._busy and not self._queue:
             self._cancel_timer()
-        try:
-            url = httptools.parse_url(bytes(self._url))
-        except httptools.HttpParserInvalidURLError:
-            self._refuse(400, "malformed request target")
-        path = (url.path or b"/").decode("latin-1")
+        target = bytes(self._url)
+        if target[:1] == b"/" and b"#" not in target:  # origin-form, the usual: no need for the URL parser
+            raw_path, _, raw_query = target.partition(b"?")
+        else:
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                self._refuse(400, "malformed request target")
+            raw_path, raw_query = url.path or b"/", url.query or b""
+        path = raw_path.decode("latin-1")
         if not path.startswith("/"):
             self._refuse(400, "the request target must be a path")
         headers = self._headers
@@ -373,12 +381,11 @@ class _Connection(asyncio.Protocol):
         request = Request(
             method=self.parser.get_method().decode("ascii"),
             path=path,
-            query=(url.query or b"").decode("latin-1"),
+            query=raw_query.decode("latin-1"),
             headers=headers,
             client=self.client,
             http_version=version,
             body=body,
-            request_id=str(uuid.uuid4()),
             received=time.time(),
         )
         self._queue.append((request, pipe, self.parser.should_keep_alive()))
@@ -470,13 +477,20 @@ class _Connection(asyncio.Protocol):
                 status = 500
             bodiless = status in (204, 304)
             length = response.length if response.length is not None else len(response.body)
-            self.write(_head(status, response.headers, None if bodiless else length, keep_alive, http10))
+            head_bytes = _head(status, response.headers, None if bodiless else length, keep_alive, http10)
             if head or bodiless:
+                self.write(head_bytes)
                 return True
             if response.stream is None:
-                if response.body:
-                    self.write(response.body)
+                # One write (one syscall) for a small answer; a large body is not copied to join it.
+                body = response.body
+                if len(body) <= 16 * 1024:
+                    self.write(head_bytes + body)
+                else:
+                    self.write(head_bytes)
+                    self.write(body)
                 return True
+            self.write(head_bytes)
             return await self._stream(response.stream, length)
         finally:
             if stream is not None:
@@ -520,7 +534,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._cancel_timer()
+        self._stop_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -559,10 +573,33 @@ class _Connection(asyncio.Protocol):
             self._arm(self.settings.keepalive_timeout, self._idle_timeout)
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        """Call `callback` in `delay` s, unless re-armed or cancelled before.
+
+        Every request moves the deadline (its head's, then the idle one): rather than a new timer each time, a
+        deadline later than the timer's leaves the timer be, and when it fires it re-arms itself for the rest."""
+        self._deadline = self._loop.time() + delay
+        self._on_deadline = callback
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        callback = self._on_deadline
+        if callback is None:
+            return
+        if self._loop.time() + 0.001 < self._deadline:  # moved later meanwhile
+            self._timer = self._loop.call_at(self._deadline, self._tick)
+            return
+        self._on_deadline = None
+        callback()
 
     def _cancel_timer(self) -> None:
+        self._on_deadline = None  # the timer, if it fires, finds nothing to do
+
+    def _stop_timer(self) -> None:
+        self._on_deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
