@@ -9,8 +9,9 @@
 
 The load: `--procs` processes of `benchmarks.http_load`, each with `--connections` keep-alive connections on raw
 sockets, a new request as soon as the last is answered; all start together, warm up, then count answers and
-their latencies for a fixed time. Against the function, 8 requests are in flight (under its default concurrency
-of 10, as in the sync-invoke benchmark), over HTTP and over NATS (`benchmarks.load request`, 8 clients). Besides req/s and latency, the server's own CPU time per request (its process and
+their latencies for a fixed time. By default 8 requests are in flight everywhere: against the function that keeps
+under its default concurrency of 10 (as in the sync-invoke benchmark; more would be throttled), over HTTP and over
+NATS (`benchmarks.load request`, 8 clients) alike, and hello world is driven the same. Besides req/s and latency, the server's own CPU time per request (its process and
 children, from /proc) says what each stack costs whatever the load generator takes from a shared machine.
 
 Starts its own nats-server. Writes `http.json` and `http.md` into DIR (default: benchmarks/results); the table
@@ -374,7 +375,7 @@ def main() -> None:
         "--quick", action="store_true", help="one round, 2 s per figure after 0.5 s warm-up (default: two, 5 s, 1 s)"
     )
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
-    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections per load process")
+    parser.add_argument("--connections", type=int, default=4, help="keep-alive connections per load process")
     parser.add_argument("--stacks", default=",".join(s for s, _ in STACKS), help="hello-world stacks to measure")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
     args = parser.parse_args()
