@@ -11,8 +11,9 @@ The load: `--procs` processes of `benchmarks.http_load`, each with `--connection
 sockets, a new request as soon as the last is answered; all start together, warm up, then count answers and
 their latencies for a fixed time. By default 8 requests are in flight everywhere: against the function that keeps
 under its default concurrency of 10 (as in the sync-invoke benchmark; more would be throttled), over HTTP and over
-NATS (`benchmarks.load request`, 8 clients) alike, and hello world is driven the same. Besides req/s and latency, the server's own CPU time per request (its process and
-children, from /proc) says what each stack costs whatever the load generator takes from a shared machine.
+NATS (`benchmarks.load request`, 8 clients) alike, and hello world is driven the same. Besides req/s and
+latency, the server's own CPU time per request (its process and children, from /proc) says what each stack costs
+whatever the load generator takes from a shared machine.
 
 Starts its own nats-server. Writes `http.json` and `http.md` into DIR (default: benchmarks/results); the table
 also goes to stdout. Hello world runs two rounds (the second in reverse order) and each stack's best counts: other
