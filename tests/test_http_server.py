@@ -228,6 +228,16 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         client.close()
 
 
+async def test_requests_pipelined_ahead_of_a_malformed_one_are_answered_first() -> None:
+    async with running() as (server, _):
+        client = await Client.open(server.port)
+        await client.send(get("/order?i=1") + get("/order?i=2") + b"GARBAGE\r\n\r\n")
+        assert [(await client.reply()).body for _ in range(2)] == [b"1", b"2"]
+        reply = await client.reply()
+        assert (reply.status, reply.headers["connection"]) == (400, "close")
+        assert await client.closed_by_server() == b""
+
+
 async def test_head_sends_the_head_only() -> None:
     async with running() as (server, app):
         client = await Client.open(server.port)
