@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventfn.config import HttpSettings
-from eventfn.fronts.http.server import MAX_HEADERS, MAX_URL, HttpServer
+from eventfn.fronts.http.connection import MAX_HEADERS, MAX_URL
+from eventfn.fronts.http.server import HttpServer
 from eventfn.testing import Serve
 from eventfn.web import BodyIncomplete, Request, Response
 
