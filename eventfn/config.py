@@ -481,7 +481,7 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     #: Seconds an idle keep-alive connection stays open.
     keepalive_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 75.0
-    #: Connections at once; more wait in the listen backlog.
+    #: Connections at once; more are answered 503 (with Retry-After) and closed.
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     #: Whether the Lambda and S3 APIs require SigV4 credentials. None: only when `host` is not loopback.
     require_auth: bool | None = None

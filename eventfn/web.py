@@ -9,6 +9,7 @@ it), and returns a `Response`. Standard library and msgspec only: connectors imp
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
 from urllib.parse import unquote
@@ -46,6 +47,7 @@ class Request:
 
     __slots__ = (
         "_body",
+        "_request_id",
         "client",
         "headers",
         "http_version",
@@ -53,7 +55,6 @@ class Request:
         "path",
         "query",
         "received",
-        "request_id",
     )
 
     def __init__(
@@ -76,9 +77,20 @@ class Request:
         self.client = client
         self.http_version = http_version
         self._body = body if body is not None else Body.of(b"")
-        self.request_id = request_id
+        self._request_id = request_id
         #: time.time() when the head was complete.
         self.received = received
+
+    @property
+    def request_id(self) -> str:
+        """A UUID for the request (Lambda's `requestId`), made when first asked for: most requests never are."""
+        if not self._request_id:
+            self._request_id = str(uuid.uuid4())
+        return self._request_id
+
+    @request_id.setter
+    def request_id(self, value: str) -> None:
+        self._request_id = value
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of header `name` (lower-case), or `default`."""
@@ -97,7 +109,7 @@ class Request:
     @property
     def content_length(self) -> int | None:
         raw = self.header("content-length")
-        return int(raw) if raw is not None and raw.isdigit() else None
+        return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
 
     async def read(self, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
         """The whole body; `BodyTooLarge` past `limit` bytes (a declared length over it is refused unread)."""
