@@ -264,3 +264,8 @@ class Front(Protocol):
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         """Answer `request`; `caller` is None where the request carried no credentials."""
         ...
+
+    def too_large(self, request: Request, limit: int) -> Response:
+        """The 413 for a body over `limit` bytes, in this front's format (said before the front ran, where a
+        signature check had to read the body)."""
+        ...

@@ -186,6 +186,9 @@ class FunctionUrls:
     def claims(self, request: Request) -> bool:
         return request.path.startswith(PREFIX) or self._routes.find(request.path, request.method) is not None
 
+    def too_large(self, request: Request, limit: int) -> Response:
+        return denied(413, f"Request Entity Too Large: the body must be at most {limit} bytes")
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         target = self._target(request)
         if isinstance(target, Response):

@@ -93,6 +93,9 @@ class LambdaApi:
     def claims(self, request: Request) -> bool:
         return request.path.startswith(PREFIX)
 
+    def too_large(self, request: Request, limit: int) -> Response:
+        return _refused(request, request_too_large(limit))
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         """Route one request to its operation; a request the API does not have gets Lambda's 404."""
         if caller is not None and caller.problem is not None:
