@@ -232,6 +232,8 @@ def test_keys_stay_inside_their_bucket(rig: Rig, s3: Any, tmp_path: Path) -> Non
     assert not (outside / "new.txt").exists()
     s3.put_object(Bucket="data", Key="leak.txt", Body=b"replaced")  # the link is replaced, not written through
     assert (outside / "secret.txt").read_text() == "secret" and not (bucket / "leak.txt").is_symlink()
+    too_long = "/data/" + "n" * 300
+    assert rig.raw("GET", too_long)[0] == 404 and rig.raw("DELETE", too_long)[0] == 204
     status, _, body = rig.raw("PUT", "/data/.hidden", b"x")
     assert status == 400 and b"ignores" in body, "a key the watcher ignores is refused, with why"
 

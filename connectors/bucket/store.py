@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import msgspec
 
 from eventfn_connectors.bucket.files import DIRECTORY_FLAGS, Ignore, Stat, key_problem, md5_of
+from eventfn_connectors.bucket.options import bucket_problem
 from eventfn_connectors.bucket.s3xml import S3Error, invalid_argument, no_such_bucket
 
 log = logging.getLogger("eventfn.connector.bucket")
@@ -103,6 +105,7 @@ class EtagCache:
     def __init__(self, size: int = 4096) -> None:
         self._size = size
         self._found: collections.OrderedDict[tuple[int, int, int, int], str] = collections.OrderedDict()
+        self._lock = threading.Lock()  # used from the API's threads
 
     @staticmethod
     def _key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -110,15 +113,17 @@ class EtagCache:
 
     def get(self, st: os.stat_result) -> str | None:
         key = self._key(st)
-        found = self._found.get(key)
-        if found is not None:
-            self._found.move_to_end(key)
+        with self._lock:
+            found = self._found.get(key)
+            if found is not None:
+                self._found.move_to_end(key)
         return found
 
     def put(self, st: os.stat_result, etag: str) -> None:
-        self._found[self._key(st)] = etag
-        if len(self._found) > self._size:
-            self._found.popitem(last=False)
+        with self._lock:
+            self._found[self._key(st)] = etag
+            if len(self._found) > self._size:
+                self._found.popitem(last=False)
 
 
 # -- keys and folders ---------------------------------------------------------------------------------------------
@@ -174,6 +179,8 @@ def _open_folders(root: Path, bucket: str, folders: list[str], *, create: bool) 
                 if not create:
                     raise
             except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG and not create:
+                    raise FileNotFoundError(exc.errno, exc.strerror) from None  # no such folder can exist
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     where = "/".join(folders[: i + 1])
                     raise invalid_argument(
@@ -215,7 +222,7 @@ def open_object(root: Path, bucket: str, parts: list[str], ignore: Ignore) -> Op
     try:
         fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fds[-1])
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR):
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.ENAMETOOLONG):
             return None
         raise
     finally:
@@ -349,7 +356,9 @@ def remove(root: Path, bucket: str, parts: list[str], check: Callable[[os.stat_r
     try:
         try:
             there: os.stat_result | None = os.lstat(parts[-1], dir_fd=fds[-1])
-        except FileNotFoundError:
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise
             there = None
         if there is None or not stat.S_ISREG(there.st_mode):
             check(None)
@@ -370,8 +379,6 @@ def remove(root: Path, bucket: str, parts: list[str], check: Callable[[os.stat_r
 
 def buckets(root: Path) -> list[tuple[str, float]]:
     """The buckets (real folders directly under the root with a valid bucket name) and when each was made."""
-    from eventfn_connectors.bucket.options import bucket_problem
-
     found = []
     try:
         entries = list(os.scandir(root))

@@ -9,6 +9,12 @@ How a change becomes one event:
 3. after the publish, the index records it (at least once: a crash in between publishes again, with the same
    event id, which JetStream drops).
 
+A write through the S3 API (`s3api`) is the same change seen from the other side: the API takes the key from the
+workers (`apply`), renames its complete file over it (or removes it), and reconciles it at once with the event
+name and ETag it knows (`ObjectCreated:Put`, `:Copy`, `:CompleteMultipartUpload`, `ObjectRemoved:Delete`),
+publishing and indexing before it answers. The kernel's hint of that rename comes after and finds the index up
+to date: one event per write, whichever side sees it first.
+
 Event ids are made of the bucket, the key, the event class, the sequencer and the ETag, and the sequencer of the
 file's ctime: every replica watching the same root computes the same id for the same change, and JetStream
 stores it once. The index (the connector's state, JetStream KV) is shared, so a replica started later, or
