@@ -59,7 +59,7 @@ _decoder = msgspec.json.Decoder(Upload)
 
 def part_number(text: str | None) -> int:
     """A `partNumber` parameter, checked."""
-    if text is None or not text.isdigit() or not 1 <= int(text) <= MAX_PARTS:
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 5 or not 1 <= int(text) <= MAX_PARTS:
         raise invalid_argument(
             f"Part number must be an integer between 1 and {MAX_PARTS}, inclusive", "partNumber", text or ""
         )

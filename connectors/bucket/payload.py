@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from eventfn.web import BodyTooLarge, Request
-from eventfn_connectors.bucket.s3xml import S3Error
+from eventfn_connectors.bucket.s3xml import S3Error, whole
 from eventfn_connectors.bucket.store import Staged
 
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -145,9 +145,7 @@ async def receive(request: Request, staged: Staged, limit: int) -> Received:
     decoded = request.header("x-amz-decoded-content-length")
     expected_size: int | None = None
     if decoded is not None:
-        if not decoded.isdigit():
-            raise S3Error(400, "InvalidArgument", f"x-amz-decoded-content-length {decoded!r} is not a number")
-        expected_size = int(decoded)
+        expected_size = whole(decoded, "x-amz-decoded-content-length")
     elif not chunked:
         expected_size = request.content_length
     if expected_size is not None and expected_size > limit:

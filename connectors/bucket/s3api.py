@@ -41,6 +41,7 @@ from eventfn_connectors.bucket.s3xml import (
     listed_key,
     no_such_bucket,
     ok,
+    whole,
 )
 from eventfn_connectors.bucket.store import EtagCache, Lister, Page, buckets, is_bucket, open_object
 from eventfn_connectors.bucket.watcher import NotAnnounced
@@ -229,11 +230,7 @@ class S3Api:
         """ListObjectsV2 (`list-type=2`) and ListObjects: keys in the order of their UTF-8 bytes, as S3's."""
         allow(caller, "s3:ListBucket", bucket)
         prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
-        max_keys_text = query.get("max-keys", "1000")
-        if not max_keys_text.isdigit():
-            raise S3Error(400, "InvalidArgument", "Provided max-keys not an integer or within integer range",
-                          ArgumentName="max-keys", ArgumentValue=max_keys_text)  # fmt: skip
-        max_keys = min(int(max_keys_text), 1000)
+        max_keys = min(whole(query.get("max-keys"), "max-keys", 1000), 1000)
         encoding = query.get("encoding-type")
         if encoding not in (None, "url"):
             raise S3Error(400, "InvalidArgument", "Invalid Encoding Method specified in Request",
@@ -363,7 +360,7 @@ def _encode_token(after: bytes) -> str:
 
 def _decode_token(token: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise S3Error(400, "InvalidArgument", "The continuation token provided is incorrect",
                       ArgumentName="continuation-token", ArgumentValue=token) from None  # fmt: skip

@@ -36,6 +36,7 @@ from eventfn_connectors.bucket.s3xml import (
     quote_etag,
     text,
     timestamp,
+    whole,
 )
 from eventfn_connectors.bucket.store import (
     EtagCache,
@@ -69,7 +70,7 @@ MAX_METADATA_BYTES = 2048
 INLINE_BYTES = 256 * 1024
 #: `response-*` parameters of GetObject, and the header each sets.
 _OVERRIDES = {f"response-{h}": h for h in STORED_HEADERS}
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+_RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})\Z", re.ASCII)
 #: Staged bodies older than this are a crash's leftovers.
 _STALE_STAGED = 24 * 3600.0
 
@@ -592,10 +593,8 @@ class Objects:
         allow(caller, "s3:PutObject", f"{bucket}/{key}")
         await self._upload(upload_id, bucket, key)
         parts = await anyio.to_thread.run_sync(self.uploads.parts, upload_id)
-        marker_text, most_text = query.get("part-number-marker", "0"), query.get("max-parts", "1000")
-        if not marker_text.isdigit() or not most_text.isdigit():
-            raise invalid_argument("part-number-marker and max-parts are whole numbers")
-        marker, most = int(marker_text), min(int(most_text), 1000)
+        marker = whole(query.get("part-number-marker"), "part-number-marker", 0)
+        most = min(whole(query.get("max-parts"), "max-parts", 1000), 1000)
         after = [p for number, p in parts.items() if number > marker]
         shown, truncated = after[:most], len(after) > most
         listed = "".join(

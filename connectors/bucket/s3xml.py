@@ -86,6 +86,15 @@ def malformed_xml(why: str) -> S3Error:
     )
 
 
+def whole(value: str | None, name: str, default: int | None = None) -> int:
+    """A whole number parameter (ASCII digits, 18 at most), or `default` if absent; InvalidArgument otherwise."""
+    if value is None and default is not None:
+        return default
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise invalid_argument(f"{name} must be a whole number", name, (value or "")[:40])
+    return int(value)
+
+
 def text(value: str) -> str:
     """`value` as XML character data (a character XML 1.0 cannot carry, a NUL say, written as `\\xNN`)."""
     if _NOT_XML.search(value):
@@ -237,8 +246,9 @@ def complete_request(body: bytes) -> list[tuple[int, str]]:
     parts = []
     for part in _children(root, "Part"):
         number, etag = _child_text(part, "PartNumber"), _child_text(part, "ETag")
-        if number is None or etag is None or not number.strip().isdigit():
-            raise malformed_xml("each <Part> needs a <PartNumber> and an <ETag>")
+        number = (number or "").strip()
+        if etag is None or not (number.isascii() and number.isdigit()) or len(number) > 5:
+            raise malformed_xml("each <Part> needs a <PartNumber> (1 to 10000) and an <ETag>")
         parts.append((int(number), etag.strip().strip('"')))
     if not parts:
         raise malformed_xml("a CompleteMultipartUpload request lists at least one <Part>")
