@@ -2,7 +2,8 @@
 CLI and any S3 client work against the bucket folders with only an endpoint URL set.
 
 Served: ListBuckets, CreateBucket, HeadBucket, DeleteBucket, GetBucketLocation, ListObjects (v1 and v2),
-DeleteObjects, and the object operations of `s3objects` (Get, Head, Put, Copy, Delete, multipart uploads).
+DeleteObjects, the object operations of `s3objects` (Get, Head, Put, Copy, Delete) and the multipart upload of
+`s3multipart`.
 Anything else S3 has answers `NotImplemented` (501) in S3's XML. Errors are S3's XML with S3's codes and statuses.
 
 Who may do what is the caller's to say (`Caller.allows`, with S3's action names: `s3:GetObject`, `s3:PutObject`,
@@ -27,6 +28,7 @@ from eventfn.web import BodyTooLarge, Caller, Request, Response
 from eventfn_connectors.bucket.files import key_parts, md5_of
 from eventfn_connectors.bucket.options import bucket_problem
 from eventfn_connectors.bucket.payload import check_body
+from eventfn_connectors.bucket.s3multipart import Multipart
 from eventfn_connectors.bucket.s3objects import Objects, Watcher, allow, decode
 from eventfn_connectors.bucket.s3xml import (
     Listed,
@@ -74,6 +76,7 @@ class S3Api:
         self.ignore = watcher.ignore
         self.settings = settings
         self.objects = Objects(watcher, limit=settings.max_object_bytes)
+        self.multipart = Multipart(self.objects)
         self.etags: EtagCache = self.objects.etags
 
     def claims(self, request: Request) -> bool:
@@ -142,22 +145,22 @@ class S3Api:
             return await objects.get(request, caller, bucket, key, query)
         if method == "PUT":
             if upload_id is not None:
-                return await objects.upload_part(request, caller, bucket, key, query)
+                return await self.multipart.upload_part(request, caller, bucket, key, query)
             if request.header("x-amz-copy-source") is not None:
                 return await objects.copy(request, caller, bucket, key)
             return await objects.put(request, caller, bucket, key)
         if method == "DELETE":
             if upload_id is not None:
-                return await objects.abort_upload(caller, bucket, key, upload_id)
+                return await self.multipart.abort_upload(caller, bucket, key, upload_id)
             await objects.delete(caller, bucket, key, request)
             return Response(204)
         if method == "POST" and "uploads" in query:
-            return await objects.create_upload(request, caller, bucket, key)
+            return await self.multipart.create_upload(request, caller, bucket, key)
         if method == "POST" and upload_id is not None:
             chosen = complete_request(await _xml_body(request))
-            return await objects.complete_upload(request, caller, bucket, key, upload_id, chosen)
+            return await self.multipart.complete_upload(request, caller, bucket, key, upload_id, chosen)
         if method == "GET" and upload_id is not None:
-            return await objects.list_parts(caller, bucket, key, upload_id, query)
+            return await self.multipart.list_parts(caller, bucket, key, upload_id, query)
         raise _method_not_allowed(method, "an object")
 
     # -- buckets --------------------------------------------------------------------------------------------------

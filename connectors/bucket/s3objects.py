@@ -1,5 +1,5 @@
-"""The S3 API's object operations: GetObject (with Range and conditions), HeadObject, PutObject, CopyObject,
-DeleteObject and the multipart upload (Create, UploadPart, UploadPartCopy, Complete, Abort, ListParts).
+"""The S3 API's object operations: GetObject (with Range and conditions), HeadObject, PutObject, CopyObject and
+DeleteObject, and what the multipart upload (`s3multipart`) shares with them: staging a body, placing it.
 
 Every write ends in the bucket watcher's `apply`: the staged file is renamed over the key (or the key removed)
 with the key taken from the watcher's workers, and its S3 event is stored before the API answers, as the one
@@ -11,22 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
 
 from eventfn.web import Caller, Request, Response
 from eventfn_connectors.bucket.files import Ignore, Stat, key_parts, key_problem
-from eventfn_connectors.bucket.multipart import Upload, Uploads, part_number
+from eventfn_connectors.bucket.multipart import Uploads
 from eventfn_connectors.bucket.payload import receive
 from eventfn_connectors.bucket.s3xml import (
     S3Error,
-    element,
     http_date,
     invalid_argument,
     no_such_bucket,
@@ -36,7 +34,6 @@ from eventfn_connectors.bucket.s3xml import (
     quote_etag,
     text,
     timestamp,
-    whole,
 )
 from eventfn_connectors.bucket.store import (
     EtagCache,
@@ -70,7 +67,7 @@ MAX_METADATA_BYTES = 2048
 INLINE_BYTES = 256 * 1024
 #: `response-*` parameters of GetObject, and the header each sets.
 _OVERRIDES = {f"response-{h}": h for h in STORED_HEADERS}
-_RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})\Z", re.ASCII)
+RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})\Z", re.ASCII)
 #: Staged bodies older than this are a crash's leftovers.
 _STALE_STAGED = 24 * 3600.0
 
@@ -144,7 +141,7 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) byte of a `Range` header; None for the whole object (no header, or one S3 ignores)."""
     if header is None:
         return None
-    match = _RANGE.match(header.strip())
+    match = RANGE.match(header.strip())
     if match is None or not (match.group(1) or match.group(2)):
         return None  # several ranges, another unit: served whole, as RFC 9110 allows
     first, last = match.group(1), match.group(2)
@@ -275,7 +272,7 @@ class Objects:
             raise
         return opened, etag
 
-    async def _stage(self, prefix: str = "put") -> Staged:
+    async def stage(self, prefix: str = "put") -> Staged:
         if not self._cleaned:
             self._cleaned = True
             await anyio.to_thread.run_sync(clean_staging, self.root, _STALE_STAGED)
@@ -325,7 +322,7 @@ class Objects:
 
     # -- writing ----------------------------------------------------------------------------------------------------
 
-    def _write_check(self, request: Request, bucket: str, parts: list[str]) -> Callable[[os.stat_result | None], None]:
+    def write_check(self, request: Request, bucket: str, parts: list[str]) -> Callable[[os.stat_result | None], None]:
         """S3's conditional writes (`If-None-Match: *`, `If-Match: <etag>`), checked against what the key holds at
         the moment of the rename (the key is taken from the watcher's workers then; two API writes of one key in
         the same bucket are serialised by it only where the bucket is watched)."""
@@ -351,7 +348,7 @@ class Objects:
 
         return check
 
-    async def _place(
+    async def place(
         self, bucket: str, key: str, staged: Staged, meta: Callable[[os.stat_result], Meta], name: str, etag: str,
         check: Callable[[os.stat_result | None], None] = _no_check,
     ) -> Stat:  # fmt: skip
@@ -372,8 +369,8 @@ class Objects:
         allow(caller, "s3:PutObject", f"{bucket}/{key}")
         parts = self.writable(bucket, key)
         headers, user = stored_headers(request)
-        check = self._write_check(request, bucket, parts)
-        staged = await self._stage()
+        check = self.write_check(request, bucket, parts)
+        staged = await self.stage()
         try:
             received = await receive(request, staged, self.limit)
             md5 = received.md5
@@ -381,13 +378,13 @@ class Objects:
             def meta(st: os.stat_result) -> Meta:
                 return Meta(etag=md5, size=st.st_size, mtime_ns=st.st_mtime_ns, headers=headers, user=user)
 
-            await self._place(bucket, key, staged, meta, "ObjectCreated:Put", md5, check)
+            await self.place(bucket, key, staged, meta, "ObjectCreated:Put", md5, check)
         finally:
             await anyio.to_thread.run_sync(staged.discard)
         echoed = [(f"x-amz-checksum-{name}", value) for name, value in received.checksums.items()]
         return Response(200, [("ETag", quote_etag(md5)), *echoed])
 
-    def _source(self, request: Request, caller: Caller | None) -> tuple[str, str]:
+    def source(self, request: Request, caller: Caller | None) -> tuple[str, str]:
         """The bucket and key of `x-amz-copy-source` (`bucket/key`, URL-encoded, `?versionId=` allowed)."""
         raw = (request.header("x-amz-copy-source") or "").strip()
         raw, _, version = raw.partition("?versionId=")
@@ -401,7 +398,7 @@ class Objects:
         allow(caller, "s3:GetObject", f"{bucket}/{key}")
         return bucket, key
 
-    async def _open_source(self, request: Request, bucket: str, key: str) -> tuple[Opened, str]:
+    async def open_source(self, request: Request, bucket: str, key: str) -> tuple[Opened, str]:
         opened, etag = await self._open(bucket, key)
         if _conditions(request, etag, opened.stat.st_mtime, "x-amz-copy-source-") is not None:
             os.close(opened.fd)
@@ -411,7 +408,7 @@ class Objects:
     async def copy(self, request: Request, caller: Caller | None, bucket: str, key: str) -> Response:
         """CopyObject: the source's bytes (and its metadata, or the request's with `REPLACE`) to a new object."""
         allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        source_bucket, source_key = self._source(request, caller)
+        source_bucket, source_key = self.source(request, caller)
         self.writable(bucket, key)
         directive = (request.header("x-amz-metadata-directive") or "COPY").upper()
         if directive not in ("COPY", "REPLACE"):
@@ -423,7 +420,7 @@ class Objects:
                 "This copy request is illegal because it is trying to copy an object to itself without changing the "
                 "object's metadata, storage class, website redirect location or encryption attributes.",
             )
-        opened, _ = await self._open_source(request, source_bucket, source_key)
+        opened, _ = await self.open_source(request, source_bucket, source_key)
         if directive == "REPLACE":
             headers, user = stored_headers(request)
         else:
@@ -438,14 +435,14 @@ class Objects:
                     f"The specified copy source is larger than the maximum allowable size for a copy source: "
                     f"{self.limit} ([http] max_object_bytes)",
                 )
-            staged = await self._stage("copy")
-            md5 = await anyio.to_thread.run_sync(_copy_into, opened.fd, 0, opened.stat.st_size, staged)
+            staged = await self.stage("copy")
+            md5 = await anyio.to_thread.run_sync(copy_into, opened.fd, 0, opened.stat.st_size, staged)
 
             def meta(st: os.stat_result) -> Meta:
                 return Meta(etag=md5, size=st.st_size, mtime_ns=st.st_mtime_ns, headers=headers, user=user)
 
-            placed = await self._place(
-                bucket, key, staged, meta, "ObjectCreated:Copy", md5, self._write_check(request, bucket, key.split("/"))
+            placed = await self.place(
+                bucket, key, staged, meta, "ObjectCreated:Copy", md5, self.write_check(request, bucket, key.split("/"))
             )
         finally:
             os.close(opened.fd)
@@ -464,155 +461,15 @@ class Objects:
             if not is_bucket(self.root, bucket):
                 raise no_such_bucket(bucket)
             return  # never an object
-        check = _no_check if request is None else self._write_check(request, bucket, parts)
+        check = _no_check if request is None else self.write_check(request, bucket, parts)
 
         def change() -> None:
             remove(self.root, bucket, parts, check)
 
         await self.watcher.apply(bucket, key, change, name="ObjectRemoved:Delete", etag="")
 
-    # -- multipart uploads ----------------------------------------------------------------------------------------
 
-    async def _upload(self, upload_id: str, bucket: str, key: str) -> Upload:
-        return await anyio.to_thread.run_sync(self.uploads.get, upload_id, bucket, key)
-
-    async def create_upload(self, request: Request, caller: Caller | None, bucket: str, key: str) -> Response:
-        allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        self.writable(bucket, key)
-        headers, user = stored_headers(request)
-        upload = Upload(bucket=bucket, key=key, headers=headers, user=user, initiated=time.time())
-        upload_id = await anyio.to_thread.run_sync(self.uploads.create, upload)
-        return ok(
-            "InitiateMultipartUploadResult",
-            f"{element('Bucket', bucket)}{element('Key', key)}{element('UploadId', upload_id)}",
-        )
-
-    async def upload_part(
-        self, request: Request, caller: Caller | None, bucket: str, key: str, query: dict[str, str]
-    ) -> Response:
-        """UploadPart, and UploadPartCopy (`x-amz-copy-source`, with `x-amz-copy-source-range`)."""
-        allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        number = part_number(query.get("partNumber"))
-        upload_id = query.get("uploadId", "")
-        await self._upload(upload_id, bucket, key)
-        if request.header("x-amz-copy-source") is not None:
-            return await self._copy_part(request, caller, upload_id, number)
-        staged = await self._stage("part")
-        try:
-            received = await receive(request, staged, self.limit)
-            await anyio.to_thread.run_sync(staged.finish, lambda st: None)
-            await anyio.to_thread.run_sync(self.uploads.add_part, upload_id, number, staged, received.md5)
-        finally:
-            await anyio.to_thread.run_sync(staged.discard)
-        echoed = [(f"x-amz-checksum-{name}", value) for name, value in received.checksums.items()]
-        return Response(200, [("ETag", quote_etag(received.md5)), *echoed])
-
-    async def _copy_part(self, request: Request, caller: Caller | None, upload_id: str, number: int) -> Response:
-        source_bucket, source_key = self._source(request, caller)
-        opened, _ = await self._open_source(request, source_bucket, source_key)
-        staged: Staged | None = None
-        try:
-            size = opened.stat.st_size
-            start, length = 0, size
-            if (wanted := request.header("x-amz-copy-source-range")) is not None:
-                match = _RANGE.match(wanted.strip())
-                if (
-                    match is None
-                    or not match.group(1)
-                    or not match.group(2)
-                    or int(match.group(2)) < int(match.group(1))
-                ):
-                    raise invalid_argument("The x-amz-copy-source-range value must be of the form bytes=first-last "
-                                           "where first and last are the zero-based offsets of the first and last "
-                                           "bytes to copy", "x-amz-copy-source-range", wanted)  # fmt: skip
-                start, last = int(match.group(1)), int(match.group(2))
-                if last >= size:
-                    raise S3Error(
-                        416, "InvalidRange", "The requested range is not satisfiable", ActualObjectSize=str(size)
-                    )
-                length = last - start + 1
-            if length > self.limit:
-                raise invalid_argument(f"a part is at most {self.limit} bytes ([http] max_object_bytes)")
-            staged = await self._stage("part")
-            md5 = await anyio.to_thread.run_sync(_copy_into, opened.fd, start, length, staged)
-            await anyio.to_thread.run_sync(staged.finish, lambda st: None)
-            await anyio.to_thread.run_sync(self.uploads.add_part, upload_id, number, staged, md5)
-        finally:
-            os.close(opened.fd)
-            if staged is not None:
-                await anyio.to_thread.run_sync(staged.discard)
-        return ok(
-            "CopyPartResult",
-            f"<LastModified>{timestamp(time.time())}</LastModified><ETag>{text(quote_etag(md5))}</ETag>",
-        )
-
-    async def complete_upload(
-        self,
-        request: Request,
-        caller: Caller | None,
-        bucket: str,
-        key: str,
-        upload_id: str,
-        chosen: list[tuple[int, str]],
-    ) -> Response:
-        """CompleteMultipartUpload: the parts assembled into one staged file, renamed over the key, announced as
-        `ObjectCreated:CompleteMultipartUpload` with S3's `<md5 of the parts' md5s>-<count>` ETag."""
-        allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        upload = await self._upload(upload_id, bucket, key)
-        self.writable(bucket, key)
-        staged = await self._stage("complete")
-        try:
-            etag = await anyio.to_thread.run_sync(self.uploads.assemble, upload_id, chosen, staged)
-
-            def meta(st: os.stat_result) -> Meta:
-                return Meta(
-                    etag=etag, size=st.st_size, mtime_ns=st.st_mtime_ns, headers=upload.headers, user=upload.user
-                )
-
-            await self._place(bucket, key, staged, meta, "ObjectCreated:CompleteMultipartUpload", etag,
-                              self._write_check(request, bucket, key.split("/")))  # fmt: skip
-        finally:
-            await anyio.to_thread.run_sync(staged.discard)
-        await anyio.to_thread.run_sync(self.uploads.remove, upload_id)
-        host = request.header("host") or "localhost"
-        return ok(
-            "CompleteMultipartUploadResult",
-            f"{element('Location', f'http://{host}/{bucket}/{quote(key)}')}{element('Bucket', bucket)}"
-            f"{element('Key', key)}<ETag>{text(quote_etag(etag))}</ETag>",
-        )
-
-    async def abort_upload(self, caller: Caller | None, bucket: str, key: str, upload_id: str) -> Response:
-        allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        await self._upload(upload_id, bucket, key)
-        await anyio.to_thread.run_sync(self.uploads.remove, upload_id)
-        return Response(204)
-
-    async def list_parts(
-        self, caller: Caller | None, bucket: str, key: str, upload_id: str, query: dict[str, str]
-    ) -> Response:
-        allow(caller, "s3:PutObject", f"{bucket}/{key}")
-        await self._upload(upload_id, bucket, key)
-        parts = await anyio.to_thread.run_sync(self.uploads.parts, upload_id)
-        marker = whole(query.get("part-number-marker"), "part-number-marker", 0)
-        most = min(whole(query.get("max-parts"), "max-parts", 1000), 1000)
-        after = [p for number, p in parts.items() if number > marker]
-        shown, truncated = after[:most], len(after) > most
-        listed = "".join(
-            f"<Part><PartNumber>{p.number}</PartNumber><LastModified>{timestamp(p.mtime)}</LastModified>"
-            f"<ETag>{text(quote_etag(p.etag))}</ETag><Size>{p.size}</Size></Part>"
-            for p in shown
-        )
-        next_marker = shown[-1].number if shown else marker
-        return ok(
-            "ListPartsResult",
-            f"{element('Bucket', bucket)}{element('Key', key)}{element('UploadId', upload_id)}"
-            f"<PartNumberMarker>{marker}</PartNumberMarker><NextPartNumberMarker>{next_marker}</NextPartNumberMarker>"
-            f"<MaxParts>{most}</MaxParts><IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"
-            f"<StorageClass>STANDARD</StorageClass>{listed}",
-        )
-
-
-def _copy_into(fd: int, start: int, length: int, staged: Staged) -> str:
+def copy_into(fd: int, start: int, length: int, staged: Staged) -> str:
     """Copy `length` bytes of `fd` from `start` into `staged`; returns their MD5 (hex)."""
     digest = hashlib.md5(usedforsecurity=False)
     for chunk in read_range(fd, start, length):
