@@ -642,3 +642,102 @@ async def test_a_buckets_root_that_is_a_file_is_named_as_the_problem(tmp_path: P
     problem = pytest.RaisesExc(NotADirectoryError, match=r"the buckets root .*/root is not a folder; make it one")
     with pytest.RaisesGroup(problem, flatten_subgroups=True), anyio.fail_after(10):
         await connector.run()
+
+
+# -- changes the S3 API makes -------------------------------------------------------------------------------------
+
+
+def renamed_in(bucket: Path, key: str, data: bytes) -> bucket_files.Stat:
+    """What the S3 API does to put an object: a complete file renamed over the key."""
+    staged = bucket.parent / "staged.tmp"
+    staged.write_bytes(data)
+    target = bucket / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(target)
+    found = lstat_key(bucket, key, Ignore([], hidden=True))
+    assert found is not None
+    return found
+
+
+async def test_a_change_the_api_applies_is_one_event_with_the_name_it_gives(bucket: Path) -> None:
+    stream = JetStream()
+    connector = watcher(bucket.parent, stream, MemoryState())
+    await start(connector)
+
+    def complete() -> bucket_files.Stat:
+        found = renamed_in(bucket, "big/file.bin", b"assembled from parts")
+        hint(connector, "big/file.bin")  # the kernel reports the rename while the API holds the key
+        return found
+
+    await connector.apply("uploads", "big/file.bin", complete, name="ObjectCreated:CompleteMultipartUpload",
+                          etag="0123456789abcdef0123456789abcdef-2")  # fmt: skip
+    assert stream.names() == [("ObjectCreated:CompleteMultipartUpload", "big/file.bin")], "announced before it returns"
+    record = json.loads(stream.stored[0][1].data)["s3"]["object"]
+    assert record["eTag"] == "0123456789abcdef0123456789abcdef-2" and record["size"] == 20
+    await settle(connector)  # the hint finds the index up to date: nothing more
+    assert stream.take() == [("ObjectCreated:CompleteMultipartUpload", "big/file.bin")]
+
+    def removed() -> None:
+        (bucket / "big" / "file.bin").unlink()
+        hint(connector, "big/file.bin")
+
+    await connector.apply("uploads", "big/file.bin", removed, name="ObjectRemoved:Delete", etag="")
+    await settle(connector)
+    assert stream.take() == [("ObjectRemoved:Delete", "big/file.bin")]
+
+
+async def test_the_api_waits_for_a_worker_on_its_key_and_workers_never_get_a_claimed_key(bucket: Path) -> None:
+    connector = watcher(bucket.parent, JetStream(), MemoryState())
+    queue = connector._queue
+    item = ("uploads", "k")
+    queue.add(item)
+    assert await queue.get() == item  # a worker has it
+    claimed = anyio.Event()
+
+    async def claim() -> None:
+        await queue.claim(item)
+        claimed.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim)
+        await anyio.wait_all_tasks_blocked()
+        assert not claimed.is_set(), "the API waits while a worker has the key"
+        queue.add(item)  # hinted meanwhile: looked at again after
+        queue.done(item, None)
+        with anyio.fail_after(5):
+            await claimed.wait()
+    queue.add(item)  # hinted while the API has it
+    other = ("uploads", "other")
+    queue.add(other)
+    with anyio.fail_after(5):
+        assert await queue.get() == other, "a worker never gets the claimed key"
+    queue.done(other, None)
+    queue.done(item, None)
+    with anyio.fail_after(5):
+        assert await queue.get() == item, "what was hinted during the claim is reconciled after it"
+
+
+async def test_an_api_change_whose_event_cannot_be_stored_is_announced_later(bucket: Path) -> None:
+    from eventfn_connectors.bucket.watcher import NotAnnounced
+
+    stream = JetStream()
+    failing = {"left": 1}
+    stored = stream.publish
+
+    async def publish(subject: str, event: events.Event) -> Any:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise ConnectionError("NATS is unreachable")
+        return await stored(subject, event)
+
+    state = MemoryState()
+    connector = BucketConnector(BucketSettings(root=str(bucket.parent)),
+                                Context("bucket", publish=publish, state=state, data_dir=Path(".")))  # fmt: skip
+    connector.update([Bound(function="f", mapping="f--t0", name="t0", trigger=BucketTrigger(bucket="uploads"))])
+    await start(connector)
+    with pytest.raises(NotAnnounced, match="its event could not be stored yet"):
+        await connector.apply("uploads", "a.txt", lambda: renamed_in(bucket, "a.txt", b"a"),
+                              name="ObjectCreated:Put", etag=hashlib.md5(b"a").hexdigest())  # fmt: skip
+    assert (bucket / "a.txt").exists() and stream.names() == []
+    await settle(connector)  # the workers try again, as for any change they find
+    assert stream.take() == [("ObjectCreated:Put", "a.txt")]

@@ -1,5 +1,7 @@
 """The S3-like bucket watcher (`type = "bucket"`): folders under the buckets root are buckets, and files written
-into, moved into and removed from them reach functions as S3 event notifications, exactly as S3 shapes them.
+into, moved into and removed from them reach functions as S3 event notifications, exactly as S3 shapes them. The
+same buckets are served over HTTP as a subset of S3's REST API (`s3api`: the connector's `http_front`), whose
+writes make the same events, once each.
 
 Public names:
 - `BucketConnector`: the connector (entry point `eventfn.connectors: bucket`);

@@ -33,7 +33,7 @@ _CHUNK = 1 << 20
 #: Where the kernel reports a lease break: a signal ignored by default, so that a writer opening the file in the
 #: microseconds a probe holds its lease cannot kill the service (the default, SIGIO, terminates).
 _LEASE_SIGNAL = signal.SIGURG
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO (never an object, but it could sit in a bucket) must not wait for a writer.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -87,7 +87,9 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def _parts(key: str) -> list[str] | None:
+def key_parts(key: str) -> list[str] | None:
+    """The folder and file names `key` is made of, or None if one is empty, `.`, `..` or holds a NUL: such a key
+    would not name a file inside its bucket."""
     parts = key.split("/")
     if any(part in ("", ".", "..") or "\0" in part for part in parts):
         return None
@@ -97,7 +99,7 @@ def _parts(key: str) -> list[str] | None:
 def lstat_key(bucket_dir: Path, key: str, ignore: Ignore) -> Stat | None:
     """The object's `Stat`, or None if `key` is not an object now: missing, not a regular file, ignored, or
     reached through a symbolic link. Raises OSError for anything else (permission denied: try again later)."""
-    parts = _parts(key)
+    parts = key_parts(key)
     if parts is None or ignore.key(key):
         return None
     path = os.fspath(bucket_dir)  # strings: this runs for every change reported
@@ -165,12 +167,12 @@ def scan(directory: Path, ignore: Ignore, prefix: str = "") -> Scan:
     return Scan(objects, folders, unreadable, refused)
 
 
-def _open(bucket_dir: Path, parts: list[str]) -> int:
+def open_file(bucket_dir: Path, parts: list[str]) -> int:
     """A read-only descriptor of the file at `parts`, opened one folder at a time without following links."""
-    fd = os.open(bucket_dir, _DIRECTORY_FLAGS)
+    fd = os.open(bucket_dir, DIRECTORY_FLAGS)
     try:
         for part in parts[:-1]:
-            child = os.open(part, _DIRECTORY_FLAGS, dir_fd=fd)
+            child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
         return os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
@@ -229,11 +231,11 @@ def inspect(
 
     `quiet`: the caller saw the file unchanged for the settle time, so it counts as complete even if the kernel
     cannot tell whether a writer has it open. `stop`: see `md5_of`."""
-    parts = _parts(key)
+    parts = key_parts(key)
     if parts is None:
         return Inspection("gone")
     try:
-        fd = _open(bucket_dir, parts)
+        fd = open_file(bucket_dir, parts)
     except OSError as exc:
         # ELOOP: a link where a folder or the file was; ENOTDIR: a file where a folder was.
         if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
@@ -288,7 +290,7 @@ def object_path(record: Mapping[str, Any], root: str | os.PathLike[str] | None =
     if not isinstance(bucket, str) or bucket_problem(bucket) is not None:
         raise ValueError(f"{bucket!r} is not a bucket name")
     key = unquote_plus(s3["object"]["key"])
-    parts = _parts(key)
+    parts = key_parts(key)
     if parts is None:
         raise ValueError(f"key {key!r} has an empty, '.' or '..' part: it would not name a file in the bucket")
     path = Path(root, bucket)

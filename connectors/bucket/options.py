@@ -22,9 +22,10 @@ EVENT_NAMES = {
 ALLOWED_EVENTS = tuple(
     f"s3:{cls}:{name}" for cls, names in EVENT_NAMES.items() for name in ("*", *names)
 )  # fmt: skip
-#: What the watcher announces: a file written or moved in (Put), an object moved or hard-linked to a new key
-#: (Copy), a file removed (Delete). The other names are accepted, as S3 accepts them, and never fire.
-PRODUCED = ("ObjectCreated:Put", "ObjectCreated:Copy", "ObjectRemoved:Delete")
+#: What is announced: a file written or moved in, or a PutObject (Put), an object moved or hard-linked to a new key,
+#: or a CopyObject (Copy), a multipart upload completed through the S3 API (CompleteMultipartUpload), a file or
+#: an object removed (Delete). The other names are accepted, as S3 accepts them, and never fire.
+PRODUCED = ("ObjectCreated:Put", "ObjectCreated:Copy", "ObjectCreated:CompleteMultipartUpload", "ObjectRemoved:Delete")
 
 #: Temporary and partial files, never objects: `fnmatch` globs matched against each part of a path.
 DEFAULT_IGNORE = (

@@ -9,6 +9,12 @@ How a change becomes one event:
 3. after the publish, the index records it (at least once: a crash in between publishes again, with the same
    event id, which JetStream drops).
 
+A write through the S3 API (`s3api`) is the same change seen from the other side: the API takes the key from the
+workers (`apply`), renames its complete file over it (or removes it), and reconciles it at once with the event
+name and ETag it knows (`ObjectCreated:Put`, `:Copy`, `:CompleteMultipartUpload`, `ObjectRemoved:Delete`),
+publishing and indexing before it answers. The kernel's hint of that rename comes after and finds the index up
+to date: one event per write, whichever side sees it first.
+
 Event ids are made of the bucket, the key, the event class, the sequencer and the ETag, and the sequencer of the
 file's ctime: every replica watching the same root computes the same id for the same change, and JetStream
 stores it once. The index (the connector's state, JetStream KV) is shared, so a replica started later, or
@@ -27,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import anyio
 import anyio.abc
@@ -38,9 +44,11 @@ from eventfn import events, subjects
 from eventfn.sources.connector import Bound, Connector, Context
 from eventfn.sources.records import REGION
 from eventfn.sources.source import RecordShape, Source
+from eventfn.web import Front
 from eventfn_connectors.bucket.files import (
     ROOT_VARIABLE,
     Ignore,
+    Inspection,
     Scan,
     Stat,
     inspect,
@@ -61,6 +69,9 @@ from eventfn_connectors.bucket.records import (
 )
 from eventfn_connectors.bucket.watching import Folders, Item, KeyQueue
 
+if TYPE_CHECKING:
+    from eventfn.config import HttpSettings
+
 #: Keys reconciled at once: each waits mostly on NATS (a publish, an index write).
 WORKERS = 32
 #: Files read (hashed) at once, each in a thread of its own.
@@ -73,6 +84,28 @@ _POLL_FIRST, _POLL_LAST = 0.05, 1.0
 _RETRY_FIRST, _RETRY_LAST = 0.5, 30.0
 #: A warning about failures at most this often; the rest go to the debug log.
 _WARN_EVERY = 10.0
+#: Seconds the S3 API waits for a worker to be done with a key it changes (hashing a huge file, say).
+CLAIM_TIMEOUT = 60.0
+
+
+class Written(NamedTuple):
+    """A file the S3 API just renamed over a key: the event it makes, and the file it is."""
+
+    #: `ObjectCreated:Put`, `:Copy` or `:CompleteMultipartUpload`.
+    name: str
+    etag: str
+    stat: Stat
+
+
+class NotAnnounced(Exception):
+    """The S3 API changed an object, but its event could not be stored yet (NATS unreachable): the watcher goes on
+    trying, as for any change it finds."""
+
+    def __init__(self, bucket: str, key: str, cause: BaseException) -> None:
+        super().__init__(
+            f"bucket {bucket}: {key!r} was changed, but its event could not be stored yet "
+            f"({type(cause).__name__}: {cause}); it is announced as soon as NATS takes it"
+        )
 
 
 class BucketConnector(Connector):
@@ -138,6 +171,12 @@ class BucketConnector(Connector):
 
     def environment(self, bound: Bound) -> dict[str, str]:
         return {ROOT_VARIABLE: str(self.root)}
+
+    def http_front(self, settings: HttpSettings) -> Front:
+        """The S3 API over the buckets (`eventfn_connectors.bucket.s3api`)."""
+        from eventfn_connectors.bucket.s3api import S3Api  # it needs this module's types: imported when used
+
+        return S3Api(self, settings)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._limiter = anyio.CapacityLimiter(READERS)
@@ -365,6 +404,43 @@ class BucketConnector(Connector):
         if self._scans is not None:
             self._scans.start_soon(task)
 
+    # -- the S3 API's changes -------------------------------------------------------------------------------------
+
+    async def apply(self, bucket: str, key: str, change: Callable[[], Stat | None], *, name: str, etag: str) -> None:
+        """Make a change the S3 API was asked for and announce it before returning, as the one event of that change.
+
+        `change` runs in a thread with the key taken from the workers (`KeyQueue.claim`): it renames a complete
+        file over `key` and returns its `Stat` (announced as `name`, an `ObjectCreated` name, with `etag`), or
+        removes the object and returns None (`ObjectRemoved:Delete`, if it existed). The index records it before
+        the key is given back, so the hint the kernel sends about the same change finds nothing new. Raises what
+        `change` raises, and NotAnnounced when the change was made but its event could not be stored yet."""
+        if bucket not in self._indexes:  # no trigger names the bucket: nothing is announced
+            await anyio.to_thread.run_sync(change)
+            return
+        item = (bucket, key)
+        with anyio.fail_after(CLAIM_TIMEOUT):
+            await self._queue.claim(item)
+        # Until announced, the key is the workers' to look at again (a crash of this call included).
+        delay: float | None = _RETRY_FIRST
+        try:
+            found = await anyio.to_thread.run_sync(change)
+            written = Written(name, etag, found) if found is not None else None
+            try:
+                delay = await self._reconcile(bucket, key, written)
+            except Exception as exc:
+                raise NotAnnounced(bucket, key, exc) from exc
+        finally:
+            self._queue.done(item, delay)
+
+    def known_etag(self, bucket: str, key: str, st: os.stat_result) -> str | None:
+        """The ETag the watcher read of this very file (same inode, size and mtime), if it did."""
+        index = self._indexes.get(bucket)
+        entry = index.live(key) if index is not None else None
+        if entry is None or entry.etag is None:
+            return None
+        same = (entry.size, entry.mtime_ns, entry.ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+        return entry.etag if same else None
+
     # -- reconciling ----------------------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
@@ -384,8 +460,10 @@ class BucketConnector(Connector):
             finally:
                 self._queue.done(item, delay)
 
-    async def _reconcile(self, bucket: str, key: str) -> float | None:
-        """Announce what changed of `key` since the index last recorded it. Returns when to look again, if at all."""
+    async def _reconcile(self, bucket: str, key: str, written: Written | None = None) -> float | None:
+        """Announce what changed of `key` since the index last recorded it. Returns when to look again, if at all.
+
+        `written`: the S3 API just put this file there (its event name and ETag are known, and it is complete)."""
         index = self._indexes.get(bucket)
         if index is None:
             return None
@@ -403,6 +481,40 @@ class BucketConnector(Connector):
         if (problem := key_problem(key)) is not None:
             self._report_refused(bucket, {key: problem})
             return None
+        if written is not None and written.stat.same_version(found):
+            name, seen = written.name, Inspection("complete", found, written.etag)
+        else:
+            read = await self._read(item, found)
+            if not isinstance(read, tuple):
+                return read
+            seen, source = read
+            name = "ObjectCreated:Copy" if source is not None else "ObjectCreated:Put"
+        self._settling.pop(item, None)
+        self._polls.pop(item, None)
+        assert seen.stat is not None
+        if live is not None and live.same_version(seen.stat):
+            return None
+        last = sequencer_value(entry.sequencer) if entry is not None else -1
+        change = Change(
+            bucket=bucket,
+            key=key,
+            name=name,
+            sequencer=sequencer(max(seen.stat.ctime_ns, last + 1)),
+            time_ns=seen.stat.ctime_ns,
+            size=seen.stat.size,
+            etag=seen.etag,
+        )
+        await self._announce(change)
+        st = seen.stat
+        await index.record(key, Entry(st.size, st.mtime_ns, st.ino, seen.etag, change.sequencer))
+        self._inodes[(st.ino, st.size, st.mtime_ns)] = item
+        return None
+
+    async def _read(self, item: Item, found: Stat) -> tuple[Inspection, tuple[Item, str | None] | None] | float:
+        """The object's content, once its write is complete, and the object it was moved or linked from (if any);
+        or when to look again."""
+        bucket, key = item
+        folder = self.root / bucket
         source = self._moved_from(found, item)
         known = self._settling.get(item)
         quiet = known is not None and known[0] == found and time.monotonic() - known[1] >= self.settings.settle
@@ -431,25 +543,7 @@ class BucketConnector(Connector):
             if known is None or known[0] != seen.stat:
                 self._settling[item] = (seen.stat, time.monotonic())
             return float(self.settings.settle)
-        self._settling.pop(item, None)
-        self._polls.pop(item, None)
-        if live is not None and live.same_version(seen.stat):
-            return None
-        last = sequencer_value(entry.sequencer) if entry is not None else -1
-        change = Change(
-            bucket=bucket,
-            key=key,
-            name="ObjectCreated:Copy" if source is not None else "ObjectCreated:Put",
-            sequencer=sequencer(max(seen.stat.ctime_ns, last + 1)),
-            time_ns=seen.stat.ctime_ns,
-            size=seen.stat.size,
-            etag=seen.etag,
-        )
-        await self._announce(change)
-        st = seen.stat
-        await index.record(key, Entry(st.size, st.mtime_ns, st.ino, seen.etag, change.sequencer))
-        self._inodes[(st.ino, st.size, st.mtime_ns)] = item
-        return None
+        return seen, source
 
     def _moved_from(self, found: Stat, item: Item) -> tuple[Item, str | None] | None:
         """The object (and its ETag, if known) whose file `found` is, when it is another key's: moved or linked."""

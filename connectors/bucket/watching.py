@@ -158,7 +158,10 @@ def _is_folder(path: str) -> bool:
 
 
 class KeyQueue:
-    """Keys waiting to be reconciled, each at most once, never two workers on one key; and keys due later."""
+    """Keys waiting to be reconciled, each at most once, never two workers on one key; and keys due later.
+
+    A key is also taken out of turn (`claim`) by the S3 API, which changes it and reconciles it itself: a worker
+    never has it meanwhile, and a hint that comes meanwhile (the API's own rename) is looked at after."""
 
     def __init__(self) -> None:
         self._pending: dict[Item, None] = {}
@@ -170,6 +173,8 @@ class KeyQueue:
         self._due_at: dict[Item, float] = {}
         self._counter = itertools.count()
         self._due_changed = anyio.Event()
+        #: Claims waiting for a worker to be done with their key.
+        self._released: dict[Item, anyio.Event] = {}
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._active) + len(self._due_at)
@@ -192,15 +197,30 @@ class KeyQueue:
         self._due_changed.set()
 
     async def get(self) -> Item:
-        # One token per pending key: each waiting worker takes one, so every key wakes a worker.
-        await self._ready.acquire()
+        # One token per pending key: each waiting worker takes one, so every key wakes a worker. A key claimed
+        # while pending leaves its token behind: a worker that takes a token and finds no key waits for the next.
+        while True:
+            await self._ready.acquire()
+            if self._pending:
+                break
         item = next(iter(self._pending))
         del self._pending[item]
         self._active.add(item)
         return item
 
+    async def claim(self, item: Item) -> None:
+        """Take `item` as a worker takes it (once no worker has it); give it back with `done`."""
+        while item in self._active:
+            released = self._released.setdefault(item, anyio.Event())
+            await released.wait()
+        self._pending.pop(item, None)
+        self._due_at.pop(item, None)
+        self._active.add(item)
+
     def done(self, item: Item, delay: float | None) -> None:
         self._active.discard(item)
+        if (released := self._released.pop(item, None)) is not None:
+            released.set()
         if item in self._again:
             self._again.discard(item)
             self.add(item)

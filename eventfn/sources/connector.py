@@ -14,8 +14,8 @@ A connector is a class registered under the entry-point group `eventfn.connector
   world and calls `context.publish(...)` with normalized events carrying ids it chose, so that a second
   announcement of one happening (a re-scan, a second replica, a restart) is dropped by JetStream;
 - `update(triggers)`: told after every reload which triggers of its type exist now;
-- `http_front()`: optionally, an HTTP API of its own (`eventfn.web.Front`) that the service's HTTP server serves
-  (the bucket watcher's S3 API).
+- `http_front(settings)`: optionally, an HTTP API of its own (`eventfn.web.Front`) that the service's HTTP server
+  serves (the bucket watcher's S3 API), given the server's `[http]` settings (its limits, region and account).
 
 A connector never touches NATS itself: it publishes through its `Context` (only under its own subject prefix)
 and keeps its state in `Context.state`, a key-value store (JetStream KV in the service). A trigger of its type
@@ -36,7 +36,7 @@ import msgspec
 
 from eventfn import events, subjects
 from eventfn.broker.state import Entry as Entry
-from eventfn.config import TriggerOptions
+from eventfn.config import HttpSettings, TriggerOptions
 from eventfn.sources.source import RecordShape, Source
 from eventfn.web import Front
 
@@ -162,8 +162,9 @@ class Connector:
         """Environment variables a function with this trigger gets (where to read objects, say)."""
         return {}
 
-    def http_front(self) -> Front | None:
-        """An HTTP API the service's HTTP server routes to (the bucket watcher's S3 API), or None."""
+    def http_front(self, settings: HttpSettings) -> Front | None:
+        """An HTTP API the service's HTTP server routes to (the bucket watcher's S3 API), or None; `settings` are
+        the server's (`[http]`)."""
         return None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -17,6 +17,7 @@ import anyio.abc
 import msgspec
 
 from eventfn import plugins
+from eventfn.config import HttpSettings
 from eventfn.errors import ConfigError
 from eventfn.sources import records
 from eventfn.sources.connector import Bound, Connector, Context, Publish, State
@@ -89,12 +90,12 @@ class Hosted:
                 except Exception:
                     log.exception("connector %s: applying its triggers failed", kind)
 
-    def http_fronts(self) -> list[Front]:
-        """The HTTP APIs the connectors serve."""
+    def http_fronts(self, settings: HttpSettings | None = None) -> list[Front]:
+        """The HTTP APIs the connectors serve, under the server's `settings` (`[http]`; None: the defaults)."""
         fronts = []
         for kind, connector in self.connectors.items():
             try:
-                front = connector.http_front()
+                front = connector.http_front(settings if settings is not None else HttpSettings())
             except Exception as exc:  # a broken plugin's API is left out, nothing else
                 log.error("connector %s: its HTTP API could not be set up: %s: %s", kind, type(exc).__name__, exc)
                 continue
