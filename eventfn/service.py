@@ -113,7 +113,8 @@ class Service:
         self.urls = FunctionUrls(self.invoker, bus, config.http)
         self.http_auth = Authenticator(config.http, Path(config.data_dir))
         self.http_app = HttpApp(
-            [LambdaApi(self.invoker, bus, config.http), self.urls, *self.connectors.http_fronts()], self.http_auth
+            [LambdaApi(self.invoker, bus, config.http), self.urls, *self.connectors.http_fronts(config.http)],
+            self.http_auth,
         )
         self.http: HttpServer | None = HttpServer(config.http, self.http_app) if config.http.enabled else None
         #: Where workers reach the HTTP APIs (loopback), once the server listens.

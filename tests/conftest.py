@@ -146,3 +146,32 @@ async def running_pool(
         yield pool
     finally:
         await pool.retire()
+
+
+#: Every boto3 / botocore client a test module made, closed when the module is done (see `_close_aws_clients`).
+_AWS_CLIENTS: list[Any] = []
+
+
+def _record_aws_clients() -> None:
+    import botocore.client
+
+    original = botocore.client.BaseClient.__init__
+    if getattr(original, "_eventfn_recorded", False):
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _AWS_CLIENTS.append(self)
+
+    init._eventfn_recorded = True  # type: ignore[attr-defined]
+    botocore.client.BaseClient.__init__ = init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_aws_clients() -> Iterator[None]:
+    """A boto3 client keeps a pool of keep-alive sockets in reference cycles: left to the garbage collector, they
+    are closed whenever it runs, as a ResourceWarning in whatever test runs then. Closed here, after the module."""
+    _record_aws_clients()
+    yield
+    while _AWS_CLIENTS:
+        _AWS_CLIENTS.pop().close()

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,9 +32,16 @@ class Rig:
     root: Path
     nats_url: str
     service: Serve
+    #: The clients made, closed with the rig (their pooled sockets, not left to garbage collection).
+    clients: list[Any] = field(default_factory=list)
 
     def client(self) -> Any:
         """boto3's S3 client as a user makes it, with the endpoint URL; no retries (a retry would hide a 5xx)."""
+        made = self._client()
+        self.clients.append(made)
+        return made
+
+    def _client(self) -> Any:
         return boto3.client(
             "s3",
             endpoint_url=self.url,
@@ -98,4 +105,9 @@ def running(directory: Path, handlers: dict[str, str], *, buckets: tuple[str, ..
         with Serve(
             folder, nats.url, directory / "data", extra_args=["--config", str(toml)], env={"PROBE_NATS": nats.url}
         ) as service:
-            yield Rig(service.http_url, root, nats.url, service)
+            rig = Rig(service.http_url, root, nats.url, service)
+            try:
+                yield rig
+            finally:
+                for client in rig.clients:
+                    client.close()

@@ -86,7 +86,7 @@ def test_a_trigger_of_a_connector_type_is_read_as_its_options(tmp_path: Path, pi
     assert subjects_trigger == Trigger(subjects=["events.a"])
 
 
-TYPES = "type is one of: bucket, ping, queue, schedule, stream, subjects"
+TYPES = "type is one of: bucket, http, ping, queue, schedule, stream, subjects"
 
 
 @pytest.mark.parametrize(

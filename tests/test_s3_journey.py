@@ -11,26 +11,26 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from tests.s3_rig import ACCESS_KEY, SECRET_KEY, Rig, running
+from tests.s3_rig import Rig, running
 
 pytestmark = pytest.mark.e2e
 
-# The credentials are the test access keys, given through the function's environment: with execution roles, the
-# function gets keys of its own instead (and a policy allowing uploads/* to read and thumbs/* to write).
-THUMBNAIL = f"""
+# The credentials are the function's own execution role (keys in its environment, made by the service); its policy
+# reads the bucket its trigger names (the default) and writes thumbs/* (its [permissions]), and nothing else.
+THUMBNAIL = """
     # /// eventfn
     # description = "Makes a thumbnail of each image put into uploads, in thumbs: the classic S3 example."
     # timeout = 30
-    # triggers = [{{ type = "bucket", bucket = "uploads", events = ["s3:ObjectCreated:*"], suffix = ".png" }}]
-    # retry = {{ max_attempts = 0 }}
-    # [environment]
-    # AWS_ACCESS_KEY_ID = "{ACCESS_KEY}"
-    # AWS_SECRET_ACCESS_KEY = "{SECRET_KEY}"
+    # triggers = [{ type = "bucket", bucket = "uploads", events = ["s3:ObjectCreated:*"], suffix = ".png" }]
+    # retry = { max_attempts = 0 }
+    # [permissions]
+    # s3_write = ["thumbs/*"]
     # ///
     import io
     from urllib.parse import unquote_plus
 
     import boto3
+    from botocore.exceptions import ClientError
     from PIL import Image
 
     s3 = boto3.client("s3")
@@ -46,15 +46,20 @@ THUMBNAIL = f"""
                 image.thumbnail(SIZE)
                 out = io.BytesIO()
                 image.save(out, format="PNG")
-            s3.put_object(Bucket="thumbs", Key=f"thumbnails/{{key}}", Body=out.getvalue(), ContentType="image/png",
-                          Metadata={{"source": f"{{bucket}}/{{key}}"}})
-            print(f"thumbnail of {{bucket}}/{{key}}: {{image.size[0]}}x{{image.size[1]}}")
+            s3.put_object(Bucket="thumbs", Key=f"thumbnails/{key}", Body=out.getvalue(), ContentType="image/png",
+                          Metadata={"source": f"{bucket}/{key}"})
+            print(f"thumbnail of {bucket}/{key}: {image.size[0]}x{image.size[1]}")
+            try:  # a bucket its policy does not name
+                s3.put_object(Bucket="archive", Key=key, Body=b"")
+                print("archive write: allowed")
+            except ClientError as exc:
+                print(f"archive write: {exc.response['Error']['Code']}")
 """
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with running(tmp_path_factory.mktemp("journey"), {"thumbnail": THUMBNAIL}, buckets=("thumbs",)) as found:
+    with running(tmp_path_factory.mktemp("journey"), {"thumbnail": THUMBNAIL}, buckets=("thumbs", "archive")) as found:
         yield found
 
 
@@ -71,3 +76,6 @@ def test_an_image_put_into_uploads_gets_its_thumbnail_in_thumbs(rig: Rig) -> Non
     assert thumb["Metadata"] == {"source": "uploads/photos/red flower.png"}
     with Image.open(io.BytesIO(thumb["Body"].read())) as image:
         assert image.size == (128, 96) and image.getpixel((64, 48)) == (200, 30, 60)
+    # 4. Its role is refused a write to a bucket its policy does not name, and nothing lands there.
+    assert rig.service.log.wait_for(r"archive write: (\w+)", timeout=10).group(1) == "AccessDenied"
+    assert not any((rig.root / "archive").iterdir())

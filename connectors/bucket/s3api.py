@@ -27,7 +27,7 @@ from eventfn.config import HttpSettings
 from eventfn.web import BodyTooLarge, Caller, Request, Response
 from eventfn_connectors.bucket.files import key_parts, md5_of
 from eventfn_connectors.bucket.options import bucket_problem
-from eventfn_connectors.bucket.payload import check_body
+from eventfn_connectors.bucket.payload import check_body, entity_too_large
 from eventfn_connectors.bucket.s3multipart import Multipart
 from eventfn_connectors.bucket.s3objects import Objects, Watcher, allow, decode
 from eventfn_connectors.bucket.s3xml import (
@@ -85,6 +85,11 @@ class S3Api:
             return request.method in ("GET", "HEAD")
         bucket = decode_or_none(request.path[1:].partition("/")[0])
         return bucket is not None and bucket_problem(bucket) is None and is_bucket(self.root, bucket)
+
+    def too_large(self, request: Request, limit: int) -> Response:
+        response = entity_too_large(limit).response(request.request_id, request.path)
+        response.headers.append(("x-amz-request-id", request.request_id))
+        return response
 
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         resource = request.path
