@@ -55,6 +55,27 @@ def process_exists(pid: int) -> bool:
 # -- results and errors ----------------------------------------------------------------------------------------
 
 
+async def test_a_service_larger_than_the_functions_memory_does_not_make_its_workers_out_of_memory(
+    tmp_path: Path,
+) -> None:
+    # On Linux a process keeps, in its `ru_maxrss`, the peak of the image it was before `exec`: a worker started
+    # by a 300 MB service read as over a 128 MB function's memory from its first invocation (every one failed as
+    # Runtime.OutOfMemory). The service here is this test process, made larger than the function's memory.
+    ballast = bytearray(300 * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):  # resident, not just reserved
+        ballast[i] = 1
+    code = """
+        def handler(event, context):
+            return "small"
+    """
+    async with running_pool(tmp_path, code) as pool:
+        assert pool.spec.memory < len(ballast) // (1024 * 1024)
+        outcome = await execute(pool, "req-1", b"{}", is_json=True)
+    del ballast
+    assert outcome.error is None, outcome.payload
+    assert result(outcome) == "small"
+
+
 async def test_handler_result_is_returned_as_json(tmp_path: Path) -> None:
     code = """
         def handler(event, context):

@@ -88,8 +88,25 @@ def _take_protocol_descriptors() -> _Channel:
     return _Channel(reader, writer)
 
 
-def _max_rss_mb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+def _max_rss_mb(limit_mb: int) -> int:
+    """The worker's peak resident size in MB, as cheaply as it can be known.
+
+    `ru_maxrss` costs ~4 us, but on Linux it keeps the peak of the process image before `exec`: a worker started by
+    a service larger than the function's `memory` would read as over it from its first invocation. So a figure over
+    the limit is checked against VmHWM, the peak of this image alone (~40 us to read, paid only then); below the
+    limit the cheap figure stands (it can overstate, never understate).
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    if peak <= limit_mb:
+        return peak
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return peak
 
 
 def _limit_memory(megabytes: int) -> None:
@@ -151,7 +168,9 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             payload, error = encode_exception(exc, invoke.request_id)
         output.end()  # this invocation's output goes out ahead of its result
         duration = (time.perf_counter() - begin) * 1000
-        channel.send(Result(payload=payload, error=error, duration_ms=duration, max_rss_mb=_max_rss_mb(), fatal=fatal))
+        channel.send(
+            Result(payload=payload, error=error, duration_ms=duration, max_rss_mb=_max_rss_mb(spec.memory), fatal=fatal)
+        )
 
 
 class _RequestIdFilter(logging.Filter):
