@@ -22,6 +22,7 @@ import anyio.to_thread
 from eventfn.web import Caller, Request, Response
 from eventfn_connectors.bucket.files import Ignore, Stat, key_parts, key_problem
 from eventfn_connectors.bucket.multipart import Uploads
+from eventfn_connectors.bucket.options import bucket_problem
 from eventfn_connectors.bucket.payload import receive
 from eventfn_connectors.bucket.s3xml import (
     S3Error,
@@ -394,6 +395,10 @@ class Objects:
         if not bucket or not key:
             raise invalid_argument(
                 "Copy Source must mention the source bucket and key: sourcebucket/sourcekey", "x-amz-copy-source", raw
+            )
+        if (problem := bucket_problem(bucket)) is not None:  # `..` would be the folder above the buckets root
+            raise invalid_argument(
+                f"Copy Source bucket {bucket[:64]!r} is not valid: {problem}", "x-amz-copy-source", raw
             )
         allow(caller, "s3:GetObject", f"{bucket}/{key}")
         return bucket, key

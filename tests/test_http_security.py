@@ -1,0 +1,130 @@
+"""The HTTP front attacked as a hostile client or handler would: one `eventfn serve` for the module (loopback, the
+test access key), raw HTTP for what no well-behaved client sends, botocore's signer for signed requests.
+
+Each test is one attack that worked before its fix; what it checks is that the attack is refused *and* that the
+legitimate use next to it still works (so a test cannot pass by refusing everything).
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
+from tests.s3_rig import ACCESS_KEY, REGION, SECRET_KEY, Rig, running
+
+pytestmark = pytest.mark.e2e
+
+IAM_URL = """
+    # /// eventfn
+    # [url]
+    # auth = "aws_iam"
+    # ///
+    def handler(event, context):
+        return {"caller": event["requestContext"].get("authorizer", {}).get("iam", {}).get("accessKey")}
+"""
+CORS_URL = """
+    # /// eventfn
+    # [url.cors]
+    # allow_origins = ["*", "https://app.example"]
+    # allow_methods = ["GET"]
+    # allow_credentials = true
+    # ///
+    def handler(event, context):
+        return {"ok": True}
+"""
+SECRET = b"the secret bucket's object"
+OUTSIDE = b"a file beside the buckets root"
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    directory = tmp_path_factory.mktemp("security")
+    (directory / "outside.txt").write_bytes(OUTSIDE)
+    with running(directory, {"iam": IAM_URL, "corsy": CORS_URL}, buckets=("uploads", "secret")) as found:
+        (found.root / "secret" / "s.txt").write_bytes(SECRET)
+        yield found
+
+
+def send(
+    rig: Rig, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    """One request exactly as given (the path with its query, as sent)."""
+    where = urlsplit(rig.url)
+    conn = http.client.HTTPConnection(where.hostname or "", where.port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        sent = {"Host": where.netloc, "Content-Length": str(len(body)), **(headers or {})}
+        for name, value in sent.items():
+            conn.putheader(name, value)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def signed(rig: Rig, method: str, path: str, service: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The headers of `method path` signed with the test access key (botocore's SigV4, as boto3 signs)."""
+    request = AWSRequest(method=method, url=rig.url + path, data=b"", headers=headers or {})
+    SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), service, REGION).add_auth(request)
+    return dict(request.headers.items())
+
+
+def admin_s3(rig: Rig) -> Any:
+    """boto3's S3 client with the test key, presigning with SigV4."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=rig.url,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name=REGION,
+        config=Config(signature_version="s3v4", retries={"total_max_attempts": 1}),
+    )
+    rig.clients.append(client)
+    return client
+
+
+def error_code(body: bytes) -> str:
+    return body.split(b"<Code>")[1].split(b"</Code>")[0].decode() if b"<Code>" in body else body.decode()[:200]
+
+
+# -- the S3 API's confinement ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "../outside.txt",  # the folder above the buckets root: the project, eventfn.toml, the data dir
+        "%2E%2E/outside.txt",
+        "../data/auth/http.json",  # the admin key
+        ".eventfn-uploads/x",  # the staging folder: others' uploads in flight
+        "./secret/s.txt",  # the root itself, as a bucket
+    ],
+)
+def test_a_copy_source_never_leaves_the_buckets(rig: Rig, source: str) -> None:
+    status, _, body = send(rig, "PUT", "/uploads/stolen", {"x-amz-copy-source": source})
+    assert (status, error_code(body)) == (400, "InvalidArgument"), body
+    assert not (rig.root / "uploads" / "stolen").exists()
+
+
+def test_an_upload_part_copy_never_leaves_the_buckets(rig: Rig) -> None:
+    s3 = admin_s3(rig)
+    upload = s3.create_multipart_upload(Bucket="uploads", Key="parts")["UploadId"]
+    try:
+        path = f"/uploads/parts?partNumber=1&uploadId={upload}"
+        status, _, body = send(rig, "PUT", path, {"x-amz-copy-source": "../outside.txt"})
+        assert (status, error_code(body)) == (400, "InvalidArgument"), body
+        status, _, body = send(rig, "PUT", path, {"x-amz-copy-source": "secret/s.txt"})
+        assert status == 200, body  # a real bucket's object is copied (no credentials needed on loopback)
+    finally:
+        s3.abort_multipart_upload(Bucket="uploads", Key="parts", UploadId=upload)
