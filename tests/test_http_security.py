@@ -128,3 +128,20 @@ def test_an_upload_part_copy_never_leaves_the_buckets(rig: Rig) -> None:
         assert status == 200, body  # a real bucket's object is copied (no credentials needed on loopback)
     finally:
         s3.abort_multipart_upload(Bucket="uploads", Key="parts", UploadId=upload)
+
+
+# -- SigV4 ------------------------------------------------------------------------------------------------------
+
+
+def test_a_presigned_put_cannot_be_turned_into_a_copy(rig: Rig) -> None:
+    """A presigned PUT handed to someone (an upload form) must not copy what its signer may read."""
+    url = urlsplit(admin_s3(rig).generate_presigned_url("put_object", Params={"Bucket": "uploads", "Key": "form"}))
+    target = f"{url.path}?{url.query}"
+    status, _, body = send(rig, "PUT", target, {"x-amz-copy-source": "secret/s.txt"})
+    assert (status, error_code(body)) == (403, "AccessDenied"), body
+    assert not (rig.root / "uploads" / "form").exists()
+    status, _, body = send(rig, "PUT", target, {"x-amz-meta-owner": "mallory"}, b"x")
+    assert (status, error_code(body)) == (403, "AccessDenied"), body
+    status, _, body = send(rig, "PUT", target, {}, b"an upload")
+    assert status == 200, body
+    assert (rig.root / "uploads" / "form").read_bytes() == b"an upload"
