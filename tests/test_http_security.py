@@ -8,6 +8,7 @@ legitimate use next to it still works (so a test cannot pass by refusing everyth
 from __future__ import annotations
 
 import http.client
+import json
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,3 +146,14 @@ def test_a_presigned_put_cannot_be_turned_into_a_copy(rig: Rig) -> None:
     status, _, body = send(rig, "PUT", target, {}, b"an upload")
     assert status == 200, body
     assert (rig.root / "uploads" / "form").read_bytes() == b"an upload"
+
+
+# -- function URLs ----------------------------------------------------------------------------------------------
+
+
+def test_an_aws_iam_url_wants_a_signature_on_loopback_too(rig: Rig) -> None:
+    status, _, body = send(rig, "GET", "/fn/iam/")
+    assert (status, body) == (403, b'{"Message":"Forbidden"}')
+    status, _, body = send(rig, "GET", "/fn/iam/", signed(rig, "GET", "/fn/iam/", "lambda"))
+    assert status == 200, body
+    assert json.loads(body) == {"caller": ACCESS_KEY}
