@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -157,3 +158,22 @@ def test_an_aws_iam_url_wants_a_signature_on_loopback_too(rig: Rig) -> None:
     status, _, body = send(rig, "GET", "/fn/iam/", signed(rig, "GET", "/fn/iam/", "lambda"))
     assert status == 200, body
     assert json.loads(body) == {"caller": ACCESS_KEY}
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS"])
+def test_cors_credentials_go_to_named_origins_only(rig: Rig, method: str) -> None:
+    preflight = {"Access-Control-Request-Method": "GET"} if method == "OPTIONS" else {}
+    status, headers, _ = send(rig, method, "/fn/corsy/", {"Origin": "https://evil.example", **preflight})
+    assert status == 200
+    assert headers.get("access-control-allow-origin") == "*", "any origin, but not by its name"
+    assert "access-control-allow-credentials" not in headers, "no page of any origin acts with a visitor's cookies"
+    status, headers, _ = send(rig, method, "/fn/corsy/", {"Origin": "https://app.example", **preflight})
+    assert status == 200
+    assert headers.get("access-control-allow-origin") == "https://app.example"
+    assert headers.get("access-control-allow-credentials") == "true"
+
+
+def test_nothing_here_leaks_into_the_log(rig: Rig) -> None:
+    admin = json.loads((Path(rig.service.data_dir) / "auth" / "http.json").read_text())
+    text = rig.service.log.text()
+    assert SECRET_KEY not in text and admin["SecretAccessKey"] not in text
