@@ -149,6 +149,35 @@ def test_a_presigned_put_cannot_be_turned_into_a_copy(rig: Rig) -> None:
     assert (rig.root / "uploads" / "form").read_bytes() == b"an upload"
 
 
+# -- requests without credentials ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/secret/s.txt", b""),
+        ("GET", "/2015-03-31/functions/", b""),
+        ("POST", "/2015-03-31/functions/corsy/invocations", b'{"x":"="}'),  # what a text/plain form can post
+    ],
+)
+def test_a_web_page_cannot_use_the_apis_without_credentials(rig: Rig, method: str, path: str, body: bytes) -> None:
+    """Programs on this machine may use the APIs unsigned on loopback; a page in a browser here may not: another
+    site's form (its `Origin`), or a site's own name resolving to 127.0.0.1 (DNS rebinding: its `Host`)."""
+    port = urlsplit(rig.url).port
+    for headers in [{"Origin": "https://evil.example"}, {"Origin": "null"}, {"Host": f"rebound.example:{port}"}]:
+        status, _, answer = send(rig, method, path, headers, body)
+        assert status == 403, (headers, answer)
+        assert b"from a web page" in answer
+    for headers in [{}, {"Origin": rig.url}, {"Host": f"localhost:{port}"}]:
+        status, _, answer = send(rig, method, path, headers, body)
+        assert status == 200, (headers, answer)
+
+
+def test_function_urls_still_serve_web_pages(rig: Rig) -> None:
+    status, _, body = send(rig, "GET", "/fn/corsy/", {"Origin": "https://evil.example", "Host": "app.example"})
+    assert (status, json.loads(body)) == (200, {"ok": True})
+
+
 # -- function URLs ----------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@ functions' execution roles (`roles`), or anyone where no credentials are require
 
 Credentials are required when `[http] require_auth` says so, by default when the server listens beyond loopback.
 A request that carries credentials is checked whatever that setting: a wrong key or signature is refused even on
-loopback (the client believes it signs, and would otherwise never learn its keys are wrong).
+loopback (the client believes it signs, and would otherwise never learn its keys are wrong). Going unsigned is for
+programs on this machine: a request from a web page (an `Origin` not of loopback, or on loopback a `Host` that
+is not, as DNS rebinding sends) is refused, so that no site a browser here visits can use the APIs.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Authenticator:
     ) -> None:
         self.settings = settings
         self.required = auth_required(settings)
+        #: Listening on loopback only: the one case where a request's `Host` must name this machine.
+        self.loopback = is_loopback(settings.host)
         self.clock = clock
         self.verifier = sigv4.Verifier()
         #: Access key id -> who it is: the configured keys, the admin key, the roles.
@@ -134,6 +138,13 @@ class Authenticator:
             return Refused(sigv4.problem(exc, _service(request)))
         if signed is None:
             if not self.required:
+                if (page := self._web_page(request)) is not None:
+                    refused = SignatureError(
+                        sigv4.MISSING,
+                        f"a request without credentials from a web page ({page}) may do nothing here: only programs "
+                        "on this machine may go unsigned; sign it with an access key",
+                    )
+                    return Refused(sigv4.problem(refused, _service(request)))
                 return _ANYONE
             missing = SignatureError(
                 sigv4.MISSING,
@@ -149,6 +160,18 @@ class Authenticator:
             exc.presigned = signed.presigned
             return Refused(sigv4.problem(exc, signed.service))
         return principal
+
+    def _web_page(self, request: Request) -> str | None:
+        """What shows a request without credentials to come from a web page, or None. Anyone on this machine may
+        use the APIs unsigned; a page in a browser here must not: another site's page posting a form (`Origin`),
+        or reading through a name of its own that resolves to 127.0.0.1 (DNS rebinding: its `Host`)."""
+        origin = request.header("origin")
+        if origin is not None and not is_loopback(_hostname(origin.partition("://")[2])):
+            return f"Origin {origin[:100]!r}"
+        host = request.header("host")
+        if self.loopback and host is not None and not is_loopback(_hostname(host)):
+            return f"Host {host[:100]!r}"
+        return None
 
     def _principal(self, signed: sigv4.Signed) -> Principal:
         principal = self._keys.get(signed.access_key)
@@ -171,6 +194,16 @@ class Authenticator:
         ):
             raise SignatureError(sigv4.BAD_TOKEN, "the session token is not the one of this access key")
         return principal
+
+
+def _hostname(authority: str) -> str:
+    """The host of `host[:port]` (`[v6]:port` too), lower-case, without a trailing dot."""
+    host = authority.partition("/")[0].rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    else:
+        host = host.partition(":")[0]
+    return host.lower().rstrip(".")
 
 
 def _service(request: Request) -> str:
