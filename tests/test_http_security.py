@@ -132,6 +132,29 @@ def test_an_upload_part_copy_never_leaves_the_buckets(rig: Rig) -> None:
         s3.abort_multipart_upload(Bucket="uploads", Key="parts", UploadId=upload)
 
 
+def test_an_object_never_runs_as_a_page_of_the_function_urls_origin(rig: Rig) -> None:
+    """Objects and function URLs share one origin here: HTML someone could upload (a presigned PUT does not sign its
+    Content-Type) must not run scripts there, where the URLs' cookies live."""
+    s3 = admin_s3(rig)
+    page = b"<script>fetch('/fn/corsy/?c=' + document.cookie)</script>"
+    for key, kind in [
+        ("page.html", "text/html; charset=utf-8"),
+        ("img.svg", "image/svg+xml"),
+        ("two", "text/plain, text/html"),
+    ]:
+        s3.put_object(Bucket="uploads", Key=key, Body=page, ContentType=kind)
+        status, headers, _ = send(rig, "GET", f"/uploads/{key}")
+        assert status == 200 and headers.get("content-security-policy") == "sandbox", (kind, headers)
+        assert headers.get("x-content-type-options") == "nosniff"
+    s3.put_object(Bucket="uploads", Key="photo.png", Body=page, ContentType="image/png")
+    status, headers, body = send(rig, "GET", "/uploads/photo.png")
+    assert (status, body, headers["content-type"]) == (200, page, "image/png")
+    assert "content-security-policy" not in headers, "an image is shown as it is"
+    assert headers.get("x-content-type-options") == "nosniff", "and never sniffed into a page"
+    status, headers, _ = send(rig, "GET", "/uploads/photo.png?response-content-type=text%2Fhtml")
+    assert status == 200 and headers.get("content-security-policy") == "sandbox"
+
+
 # -- SigV4 ------------------------------------------------------------------------------------------------------
 
 
