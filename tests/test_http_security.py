@@ -42,6 +42,7 @@ CORS_URL = """
     def handler(event, context):
         return {"ok": True}
 """
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 SECRET = b"the secret bucket's object"
 OUTSIDE = b"a file beside the buckets root"
 
@@ -170,6 +171,17 @@ def test_a_presigned_put_cannot_be_turned_into_a_copy(rig: Rig) -> None:
     status, _, body = send(rig, "PUT", target, {}, b"an upload")
     assert status == 200, body
     assert (rig.root / "uploads" / "form").read_bytes() == b"an upload"
+
+
+def test_a_signed_query_means_what_was_signed(rig: Rig) -> None:
+    """A signature over `prefix=a%2Bb` (the prefix `a+b`) must not hold for `prefix=a+b`, which reads `a b`."""
+    (rig.root / "uploads" / "a b-listed").write_bytes(b"x")
+    path = "/uploads?list-type=2&prefix=a%2Bb"
+    headers = signed(rig, "GET", path, "s3", {"x-amz-content-sha256": EMPTY_SHA256})
+    status, _, body = send(rig, "GET", path, headers)
+    assert status == 200 and b"<KeyCount>0</KeyCount>" in body, body
+    status, _, body = send(rig, "GET", path.replace("%2B", "+"), headers)
+    assert (status, error_code(body)) == (403, "SignatureDoesNotMatch"), body
 
 
 # -- requests without credentials ------------------------------------------------------------------------------

@@ -401,7 +401,8 @@ def _raw(text: str) -> bytes:
 
 
 def _encode(part: str) -> str:
-    return quote(unquote_to_bytes(_raw(part)), safe="-_.~")
+    # `+` is a space to the fronts (`parse_qsl`): spelled as one here, never as the `%2B` a signature may cover.
+    return quote(unquote_to_bytes(_raw(part).replace(b"+", b"%20")), safe="-_.~")
 
 
 def _remove_dot_segments(path: str) -> str:
