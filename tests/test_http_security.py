@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from eventfn.fronts.http import peers
 from tests.s3_rig import ACCESS_KEY, REGION, SECRET_KEY, Rig, running
 
 pytestmark = pytest.mark.e2e
@@ -206,6 +209,49 @@ def test_a_web_page_cannot_use_the_apis_without_credentials(rig: Rig, method: st
     for headers in [{}, {"Origin": rig.url}, {"Host": f"localhost:{port}"}]:
         status, _, answer = send(rig, method, path, headers, body)
         assert status == 200, (headers, answer)
+
+
+def as_user(uid: int, rig: Rig, request: bytes) -> bytes:
+    """The raw answer to `request` sent by a process of user `uid` (forked from this one, then setuid)."""
+    where = urlsplit(rig.url)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: raw sockets only, then gone without running anything of the parent's
+        status = 1
+        try:
+            os.close(read)
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.create_connection((where.hostname or "", where.port or 0), timeout=30) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            os.write(write, answer)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            return pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not peers.AVAILABLE or os.geteuid() != 0, reason="needs root (to become another user) on Linux")
+def test_another_user_on_this_machine_must_sign(rig: Rig) -> None:
+    """A worker running as its own user (root's eventfn starts them as nobody) could drop its role's keys and go
+    unsigned: only the service's own user may. Signed, the other user is whoever its keys say."""
+    host = urlsplit(rig.url).netloc
+    head = f"GET /secret/s.txt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+    answer = as_user(65534, rig, (head + "\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"from a process of uid 65534" in answer, answer[:400]
+    keys = signed(rig, "GET", "/secret/s.txt", "s3", {"x-amz-content-sha256": EMPTY_SHA256})
+    lines = "".join(f"{name}: {value}\r\n" for name, value in keys.items())
+    answer = as_user(65534, rig, (head + lines + "\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(SECRET), answer[:400]
+    assert send(rig, "GET", "/secret/s.txt")[::2] == (200, SECRET), "the service's own user goes unsigned"
 
 
 def test_function_urls_still_serve_web_pages(rig: Rig) -> None:
