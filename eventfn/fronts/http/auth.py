@@ -143,21 +143,8 @@ class Authenticator:
             return Refused(sigv4.problem(exc, _service(request)))
         if signed is None:
             if not self.required:
-                if (page := self._web_page(request)) is not None:
-                    refused = SignatureError(
-                        sigv4.MISSING,
-                        f"a request without credentials from a web page ({page}) may do nothing here: only programs "
-                        "on this machine may go unsigned; sign it with an access key",
-                    )
-                    return Refused(sigv4.problem(refused, _service(request)))
-                if api and (user := self._other_user(request)) is not None:
-                    refused = SignatureError(
-                        sigv4.MISSING,
-                        f"a request without credentials from {user} may do nothing here: only the service's own "
-                        f"user (uid {self.uid}) may go unsigned on loopback; a function signs with its role's keys "
-                        "(boto3 and the aws CLI do by themselves), anyone else with an access key",
-                    )
-                    return Refused(sigv4.problem(refused, _service(request)))
+                if api and (why := self._not_anyone(request)) is not None:
+                    return Refused(sigv4.problem(SignatureError(sigv4.MISSING, why), _service(request)))
                 return _ANYONE
             missing = SignatureError(
                 sigv4.MISSING,
@@ -173,6 +160,22 @@ class Authenticator:
             exc.presigned = signed.presigned
             return Refused(sigv4.problem(exc, signed.service))
         return principal
+
+    def _not_anyone(self, request: Request) -> str | None:
+        """Why a request without credentials, where none are required, may still do nothing; None if it may do
+        anything."""
+        if (page := self._web_page(request)) is not None:
+            return (
+                f"a request without credentials from a web page ({page}) may do nothing here: only programs on "
+                "this machine may go unsigned; sign it with an access key"
+            )
+        if (user := self._other_user(request)) is not None:
+            return (
+                f"a request without credentials from {user} may do nothing here: only the service's own user "
+                f"(uid {self.uid}) may go unsigned on loopback; a function signs with its role's keys (boto3 and "
+                "the aws CLI do by themselves), anyone else with an access key"
+            )
+        return None
 
     def _web_page(self, request: Request) -> str | None:
         """What shows a request without credentials to come from a web page, or None. Anyone on this machine may
