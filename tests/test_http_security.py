@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -86,8 +87,6 @@ def signed(rig: Rig, method: str, path: str, service: str, headers: dict[str, st
 
 def admin_s3(rig: Rig) -> Any:
     """boto3's S3 client with the test key, presigning with SigV4."""
-    import boto3
-
     client = boto3.client(
         "s3",
         endpoint_url=rig.url,
