@@ -9,6 +9,7 @@ it), and returns a `Response`. Standard library and msgspec only: connectors imp
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
@@ -47,6 +48,7 @@ class Request:
 
     __slots__ = (
         "_body",
+        "_peer_uid",
         "_request_id",
         "client",
         "headers",
@@ -69,6 +71,7 @@ class Request:
         body: Body | None = None,
         request_id: str = "",
         received: float = 0.0,
+        peer_uid: Callable[[], int | None] | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -80,6 +83,7 @@ class Request:
         self._request_id = request_id
         #: time.time() when the head was complete.
         self.received = received
+        self._peer_uid = peer_uid
 
     @property
     def request_id(self) -> str:
@@ -91,6 +95,13 @@ class Request:
     @request_id.setter
     def request_id(self, value: str) -> None:
         self._request_id = value
+
+    def peer_uid(self) -> int | None:
+        """The user owning the connection's other end, where the server can tell (a client on this machine, on
+        Linux); None where it cannot. A request made in this process (no connection) is this process's user's."""
+        if self._peer_uid is None:
+            return os.geteuid() if hasattr(os, "geteuid") else None
+        return self._peer_uid()
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of header `name` (lower-case), or `default`."""

@@ -537,13 +537,16 @@ async def test_a_url_without_auth_is_open_on_loopback_only() -> None:
 
 
 async def test_cors_headers_go_on_refusals_too() -> None:
-    cors = Cors(allow_origins=["*"], allow_credentials=True)
+    cors = Cors(allow_origins=["*", "https://a.b"], allow_credentials=True)
     response = await front(UrlSettings(cors=cors), host="0.0.0.0").handle(
         get(headers=[("origin", "https://a.b")]), None
     )
     assert response.status == 403
     assert ("Access-Control-Allow-Origin", "https://a.b") in response.headers  # credentials: never `*`
     assert ("Access-Control-Allow-Credentials", "true") in response.headers
+    other = await front(UrlSettings(cors=cors), host="0.0.0.0").handle(get(headers=[("origin", "https://c.d")]), None)
+    assert ("Access-Control-Allow-Origin", "*") in other.headers  # `*`: any origin, without credentials
+    assert not any(name == "Access-Control-Allow-Credentials" for name, _ in other.headers)
 
 
 def http_route(path: str, *methods: str) -> dict[str, Any]:

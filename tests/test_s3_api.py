@@ -200,7 +200,8 @@ def test_an_object_over_the_limit_is_refused_before_its_body_is_sent(rig: Rig) -
     where = urlsplit(rig.url)
     with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
         limit = HttpSettings().max_object_bytes
-        head = f"PUT /data/huge.bin HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\nExpect: 100-continue\r\n\r\n"
+        head = f"PUT /data/huge.bin HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Length: {limit + 1}\r\n"
+        head += "Expect: 100-continue\r\n\r\n"
         sock.sendall(head.encode())
         answer = b""
         while b"</Error>" not in answer:

@@ -22,6 +22,7 @@ import anyio.to_thread
 from eventfn.web import Caller, Request, Response
 from eventfn_connectors.bucket.files import Ignore, Stat, key_parts, key_problem
 from eventfn_connectors.bucket.multipart import Uploads
+from eventfn_connectors.bucket.options import bucket_problem
 from eventfn_connectors.bucket.payload import receive
 from eventfn_connectors.bucket.s3xml import (
     S3Error,
@@ -68,6 +69,8 @@ INLINE_BYTES = 256 * 1024
 #: `response-*` parameters of GetObject, and the header each sets.
 _OVERRIDES = {f"response-{h}": h for h in STORED_HEADERS}
 RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})\Z", re.ASCII)
+#: Types a browser runs scripts in, besides any XML (`_confined`).
+_SCRIPTED = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml"})
 #: Staged bodies older than this are a crash's leftovers.
 _STALE_STAGED = 24 * 3600.0
 
@@ -206,6 +209,18 @@ def _object_headers(meta: Meta | None, etag: str, st: os.stat_result) -> list[tu
     return headers
 
 
+def _confined(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What keeps an object from running as a page of this server's origin, which function URLs share (S3 serves
+    objects from an origin of their own): no type sniffed, and a document a browser would run scripts in (HTML,
+    SVG, XML: whoever could put the object chose its type) sandboxed, without scripts, in an origin of its own."""
+    confined = [("X-Content-Type-Options", "nosniff")]
+    value = next((v for n, v in headers if n.lower() == "content-type"), "")
+    kinds = [part.partition(";")[0].strip().lower() for part in value.split(",")]  # browsers take any of a list
+    if any(kind in _SCRIPTED or kind.endswith(("+xml", "/xml")) for kind in kinds):
+        confined.append(("Content-Security-Policy", "sandbox"))
+    return confined
+
+
 async def _nothing() -> AsyncIterator[bytes]:
     """The body of a HEAD response: never read (the server writes the head only, with the length given)."""
     return
@@ -309,6 +324,7 @@ class Objects:
                 for parameter, header in _OVERRIDES.items():
                     if (value := query.get(parameter)) is not None:
                         headers = [h for h in headers if h[0].lower() != header] + [(header.title(), value)]
+            headers += _confined(headers)
             if request.method == "HEAD":
                 return Response(status, headers, stream=_nothing(), length=length)
             if length <= INLINE_BYTES:
@@ -394,6 +410,10 @@ class Objects:
         if not bucket or not key:
             raise invalid_argument(
                 "Copy Source must mention the source bucket and key: sourcebucket/sourcekey", "x-amz-copy-source", raw
+            )
+        if (problem := bucket_problem(bucket)) is not None:  # `..` would be the folder above the buckets root
+            raise invalid_argument(
+                f"Copy Source bucket {bucket[:64]!r} is not valid: {problem}", "x-amz-copy-source", raw
             )
         allow(caller, "s3:GetObject", f"{bucket}/{key}")
         return bucket, key

@@ -155,6 +155,8 @@ def write_problem(key: str, ignore: Ignore) -> str | None:
 
 
 def _open_bucket(root: Path, bucket: str) -> int:
+    if bucket_problem(bucket) is not None:  # `..`, `.`, the staging folder: never a bucket, whoever asks
+        raise no_such_bucket(bucket)
     try:
         return os.open(root / bucket, DIRECTORY_FLAGS)
     except FileNotFoundError:
@@ -394,6 +396,8 @@ def buckets(root: Path) -> list[tuple[str, float]]:
 
 
 def is_bucket(root: Path, bucket: str) -> bool:
+    if bucket_problem(bucket) is not None:
+        return False
     try:
         return stat.S_ISDIR(os.lstat(root / bucket).st_mode)
     except OSError:

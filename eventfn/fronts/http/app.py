@@ -57,7 +57,8 @@ class HttpApp:
                 b'{"message":"Not Found: no function URL, route, Lambda API or bucket at this path"}',
             )
         try:
-            caller = await self.auth.caller(request)  # reads the body where its signature covers it
+            # Reads the body where its signature covers it.
+            caller = await self.auth.caller(request, api=front.service != "")
         except BodyTooLarge as exc:
             return front.too_large(request, exc.limit)
         return await front.handle(request, caller)

@@ -3,7 +3,10 @@ functions' execution roles (`roles`), or anyone where no credentials are require
 
 Credentials are required when `[http] require_auth` says so, by default when the server listens beyond loopback.
 A request that carries credentials is checked whatever that setting: a wrong key or signature is refused even on
-loopback (the client believes it signs, and would otherwise never learn its keys are wrong).
+loopback (the client believes it signs, and would otherwise never learn its keys are wrong). Going unsigned is for
+the service's own user on this machine: a request from a process of another user (a function's worker running as
+`[workers] user`, another login; the kernel tells on Linux) is refused, as is one from a web page (an `Origin` not
+of loopback, or on loopback a `Host` that is not, as DNS rebinding sends).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from eventfn.broker.auth import is_loopback
 from eventfn.config import FunctionSettings, HttpSettings
-from eventfn.fronts.http import sigv4
+from eventfn.fronts.http import peers, sigv4
 from eventfn.fronts.http.roles import (
     EVERYTHING,
     Anyone,
@@ -61,6 +64,10 @@ class Authenticator:
     ) -> None:
         self.settings = settings
         self.required = auth_required(settings)
+        #: Listening on loopback only: the one case where a request's `Host` must name this machine.
+        self.loopback = is_loopback(settings.host)
+        #: The service's user: its processes (and root's) may send requests without credentials on loopback.
+        self.uid = os.geteuid() if hasattr(os, "geteuid") else -1
         self.clock = clock
         self.verifier = sigv4.Verifier()
         #: Access key id -> who it is: the configured keys, the admin key, the roles.
@@ -124,16 +131,20 @@ class Authenticator:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    async def caller(self, request: Request) -> Caller:
+    async def caller(self, request: Request, *, api: bool = True) -> Caller:
         """Who sent `request`: a principal whose signature holds, anyone (no credentials, none required), or a
         refused caller whose `problem` is AWS's error for it. Reads the body of a request signed over its hash
-        (up to `[http] max_body`: `BodyTooLarge` past it)."""
+        (up to `[http] max_body`: `BodyTooLarge` past it). `api`: the request is for the Lambda or S3 API, not a
+        function URL (which asks only a signed caller anything): only then is the sender of an unsigned one
+        looked up."""
         try:
             signed = sigv4.parse(request)
         except SignatureError as exc:
             return Refused(sigv4.problem(exc, _service(request)))
         if signed is None:
             if not self.required:
+                if api and (why := self._not_anyone(request)) is not None:
+                    return Refused(sigv4.problem(SignatureError(sigv4.MISSING, why), _service(request)))
                 return _ANYONE
             missing = SignatureError(
                 sigv4.MISSING,
@@ -149,6 +160,45 @@ class Authenticator:
             exc.presigned = signed.presigned
             return Refused(sigv4.problem(exc, signed.service))
         return principal
+
+    def _not_anyone(self, request: Request) -> str | None:
+        """Why a request without credentials, where none are required, may still do nothing; None if it may do
+        anything."""
+        if (page := self._web_page(request)) is not None:
+            return (
+                f"a request without credentials from a web page ({page}) may do nothing here: only programs on "
+                "this machine may go unsigned; sign it with an access key"
+            )
+        if (user := self._other_user(request)) is not None:
+            return (
+                f"a request without credentials from {user} may do nothing here: only the service's own user "
+                f"(uid {self.uid}) may go unsigned on loopback; a function signs with its role's keys (boto3 and "
+                "the aws CLI do by themselves), anyone else with an access key"
+            )
+        return None
+
+    def _web_page(self, request: Request) -> str | None:
+        """What shows a request without credentials to come from a web page, or None. Anyone on this machine may
+        use the APIs unsigned; a page in a browser here must not: another site's page posting a form (`Origin`),
+        or reading through a name of its own that resolves to 127.0.0.1 (DNS rebinding: its `Host`)."""
+        origin = request.header("origin")
+        if origin is not None and not is_loopback(_hostname(origin.partition("://")[2])):
+            return f"Origin {origin[:100]!r}"
+        host = request.header("host")
+        if self.loopback and host is not None and not is_loopback(_hostname(host)):
+            return f"Host {host[:100]!r}"
+        return None
+
+    def _other_user(self, request: Request) -> str | None:
+        """Which user other than the service's (and root) sent an unsigned request from this machine, or None: a
+        function's worker running as its own user (whose role's policy would mean nothing if it could drop its
+        keys), another login. Where the kernel does not tell (not Linux), nobody."""
+        if not peers.AVAILABLE or not is_loopback(request.client):
+            return None
+        uid = request.peer_uid()
+        if uid is None:
+            return "a process the kernel does not name"
+        return None if uid in (self.uid, 0) else f"a process of uid {uid}"
 
     def _principal(self, signed: sigv4.Signed) -> Principal:
         principal = self._keys.get(signed.access_key)
@@ -171,6 +221,16 @@ class Authenticator:
         ):
             raise SignatureError(sigv4.BAD_TOKEN, "the session token is not the one of this access key")
         return principal
+
+
+def _hostname(authority: str) -> str:
+    """The host of `host[:port]` (`[v6]:port` too), lower-case, without a trailing dot."""
+    host = authority.partition("/")[0].rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    else:
+        host = host.partition(":")[0]
+    return host.lower().rstrip(".")
 
 
 def _service(request: Request) -> str:

@@ -19,6 +19,7 @@ from typing import NoReturn, Protocol
 import httptools
 
 from eventfn.config import HttpSettings
+from eventfn.fronts.http import peers
 from eventfn.web import Body, BodyIncomplete, BodyTooLarge, Request, Response
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,10 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client = ""
+        #: The client's and the server's (host, port), and who owns the client's socket once asked (`peer_uid`).
+        self._ends: tuple[tuple[str, int], tuple[str, int]] | None = None
+        self._uid: int | None = None
+        self._uid_known = False
         #: The transport is closed (or closing): nothing more is written.
         self.closed = False
         self._eof = False
@@ -227,6 +232,13 @@ class Connection(asyncio.Protocol):
         self._error: tuple[int, str] | None = None
         self._reject: _Reject | None = None
 
+    def peer_uid(self) -> int | None:
+        """Who owns the client's socket (`peers.socket_uid`), looked up once per connection, when first asked."""
+        if not self._uid_known and self._ends is not None:
+            self._uid = peers.socket_uid(*self._ends)
+            self._uid_known = True
+        return self._uid
+
     # -- transport events -------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -234,6 +246,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        here = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple) and isinstance(here, tuple):
+            self._ends = ((peer[0], peer[1]), (here[0], here[1]))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -386,6 +401,7 @@ class Connection(asyncio.Protocol):
             http_version=version,
             body=body,
             received=time.time(),
+            peer_uid=self.peer_uid,
         )
         self._queue.append((request, pipe, self.parser.should_keep_alive()))
         self._wake.set()

@@ -5,6 +5,9 @@ itself, without invoking the function, and adds the `Access-Control-*` headers t
 origin; the function's own such headers are dropped (the configured ones take precedence, Lambda's rule). An
 origin that is not allowed gets no CORS headers (its browser then refuses the response). Without CORS configured,
 nothing is added and an `OPTIONS` request goes to the function like any other.
+
+`allow_credentials` goes with the origins named in `allow_origins`: `*` beside it lets any other origin in
+without credentials (`Access-Control-Allow-Origin: *`), never by echoing its name with `Allow-Credentials`.
 """
 
 from __future__ import annotations
@@ -40,12 +43,21 @@ class CorsPolicy:
         """`Access-Control-Allow-Origin` (and `Vary`) for `origin`, or None if it is not allowed."""
         if origin is None:
             return None
-        if self.any_origin and not self.credentials:
-            return [("Access-Control-Allow-Origin", "*")]
-        if self.any_origin or origin.rstrip("/").lower() in self.origins:
-            # Credentials may not go with `*`: the origin itself is named, and caches must key on it.
+        if origin.rstrip("/").lower() in self.origins:
+            # Named, so that credentials may go with it (never with `*`); caches must key on it.
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        if self.any_origin:
+            # Any origin, but without credentials even where they are allowed: echoing every origin with
+            # `Allow-Credentials` would let any web page act with a visitor's cookies. Those go to named origins.
+            return [("Access-Control-Allow-Origin", "*")]
         return None
+
+    @staticmethod
+    def _with(allow: list[tuple[str, str]], headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """`headers` for an allowed origin: `Allow-Credentials` only beside a named one (never beside `*`)."""
+        if allow[0][1] != "*":
+            return headers
+        return [h for h in headers if h[0] != "Access-Control-Allow-Credentials"]
 
     def preflight(self, request: Request) -> Response | None:
         """The answer to a CORS preflight, or None if `request` is not one."""
@@ -55,7 +67,7 @@ class CorsPolicy:
         allow = self._allow_origin(origin)
         if allow is None:
             return Response(200)
-        return Response(200, [*allow, *self.preflight_headers])
+        return Response(200, [*allow, *self._with(allow, self.preflight_headers)])
 
     def apply(self, request: Request, response: Response) -> Response:
         """`response` with the CORS headers for the request's origin; the function's own are dropped either way
@@ -63,6 +75,6 @@ class CorsPolicy:
         headers = [(n, v) for n, v in response.headers if not n.lower().startswith("access-control-")]
         allow = self._allow_origin(request.header("origin"))
         if allow is not None:
-            headers += [*allow, *self.response_headers]
+            headers += [*allow, *self._with(allow, self.response_headers)]
         response.headers = headers
         return response

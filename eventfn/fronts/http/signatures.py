@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import msgspec
 
 from eventfn.config import HttpAuth
+from eventfn.fronts.http.roles import Anyone
 from eventfn.web import Caller, Request, Response
 
 #: Stripe's default tolerance: a signature's timestamp may be this many seconds from now.
@@ -121,7 +122,8 @@ class Guard:
         if auth == "none":
             return None
         if auth == "aws_iam":
-            if caller is None or caller.problem is not None:
+            # Anyone (no credentials, where the APIs require none) is no identity: the URL asked for a signature.
+            if caller is None or caller.problem is not None or isinstance(caller, Anyone):
                 return iam_forbidden()
             return None  # whether this caller may invoke this function is the front's to ask (it knows the name)
         if self.secret is None:

@@ -317,18 +317,19 @@ class Verifier:
         """Whether `signed` is `request`'s signature by `secret`: `SignatureError` (`BAD_SIGNATURE`,
         `UNSIGNED_HEADERS`) if not. May read the body (up to `body_limit`: `BodyTooLarge` past it); a body signed
         by its declared SHA-256 is checked as the front reads it."""
-        if not signed.presigned:  # AWS's own headers change what a request does: each must be signed
-            unsigned = sorted(
-                {
-                    n
-                    for n, _ in request.headers
-                    if n.startswith("x-amz-") and n not in signed.signed_headers and n not in _UNSIGNED_ALLOWED
-                }
+        # AWS's own headers change what a request does (`x-amz-copy-source` makes a PUT a copy): each must be
+        # signed, in a presigned URL's request too, or whoever holds the URL could make it do something else.
+        unsigned = sorted(
+            {
+                n
+                for n, _ in request.headers
+                if n.startswith("x-amz-") and n not in signed.signed_headers and n not in _UNSIGNED_ALLOWED
+            }
+        )
+        if unsigned:
+            raise SignatureError(
+                UNSIGNED_HEADERS, f"headers present in the request were not signed: {', '.join(unsigned)}"
             )
-            if unsigned:
-                raise SignatureError(
-                    UNSIGNED_HEADERS, f"headers present in the request were not signed: {', '.join(unsigned)}"
-                )
         declared = request.header("x-amz-content-sha256")
         if declared is not None:
             payload = declared
@@ -400,7 +401,8 @@ def _raw(text: str) -> bytes:
 
 
 def _encode(part: str) -> str:
-    return quote(unquote_to_bytes(_raw(part)), safe="-_.~")
+    # `+` is a space to the fronts (`parse_qsl`): spelled as one here, never as the `%2B` a signature may cover.
+    return quote(unquote_to_bytes(_raw(part).replace(b"+", b"%20")), safe="-_.~")
 
 
 def _remove_dot_segments(path: str) -> str:
