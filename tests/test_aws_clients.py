@@ -1,0 +1,51 @@
+"""AWS's own clients against one `eventfn serve`, used as their users use them: the aws CLI's `s3 sync`, `s3 cp
+--recursive`, `s3api` and `lambda` commands; boto3's paginators, waiters and resources; s3transfer's ranged downloads;
+presigned URLs fetched with urllib. Each test is something a user of those tools would notice if it broke."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.s3_rig import AWS, Rig, running
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with running(tmp_path_factory.mktemp("awsclients"), {}, buckets=("files",)) as found:
+        yield found
+
+
+def aws(rig: Rig, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = rig.aws_env()
+    if config is not None:
+        env["AWS_CONFIG_FILE"] = str(config)
+    return subprocess.run(
+        [AWS, "--endpoint-url", rig.url, "--cli-read-timeout", "10", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_aws_s3_cp_recursive_uploads_an_empty_file_and_the_next_on_one_connection(rig: Rig, tmp_path: Path) -> None:
+    # The aws CLI's botocore takes the final answer to a zero-length PUT sent with `Expect: 100-continue` for the
+    # answer to its Expect, and reads its status line again as the next request's on that connection: the next
+    # upload then waits for an answer it already had, until its read timeout.
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    (folder / "a-empty.txt").write_bytes(b"")
+    (folder / "b.txt").write_text("bee")
+    (folder / "c.txt").write_text("sea")
+    config = tmp_path / "one-at-a-time"
+    config.write_text("[default]\ns3 =\n  max_concurrent_requests = 1\n")  # one connection, files in order
+    up = aws(rig, "s3", "cp", "--recursive", "--only-show-errors", str(folder), "s3://files/tree/", config=config)
+    assert up.returncode == 0, up.stderr
+    stored = rig.root / "files" / "tree"
+    assert {p.name: p.read_bytes() for p in stored.iterdir()} == {"a-empty.txt": b"", "b.txt": b"bee", "c.txt": b"sea"}
