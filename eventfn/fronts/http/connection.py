@@ -19,7 +19,7 @@ from typing import NoReturn, Protocol
 import httptools
 
 from eventfn.config import HttpSettings
-from eventfn.web import Body, BodyIncomplete, BodyTooLarge, Request, Response
+from eventfn.web import Body, BodyBudget, BodyIncomplete, BodyTooLarge, Request, Response, ServerBusy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class Host(Protocol):
     connections: set[Connection]
     #: The server is stopping: answers close their connections.
     stopping: bool
+    #: Bytes of request bodies held in memory at once, across connections.
+    budget: BodyBudget
 
     def settled(self) -> None:
         """A request was answered or a connection closed."""
@@ -385,7 +387,7 @@ class Connection(asyncio.Protocol):
         expect = expect and version != "1.0"
         if chunked or declared or expect:
             pipe = _Pipe(self, expect)
-            body = Body(None if chunked else declared or 0, pipe.next_chunk)
+            body = Body(None if chunked else declared or 0, pipe.next_chunk, self.server.budget)
         else:
             body = Body(0, _no_body)
         self._pipe = pipe
@@ -447,9 +449,15 @@ class Connection(asyncio.Protocol):
                 # one whose client still waits for its 100 Continue.
                 keep_alive = keep_alive and whole and not self.server.stopping and not self._eof
                 keep_alive = keep_alive and not (pipe is not None and pipe.unanswered)
-                sent = await self._send(
-                    response, keep_alive=keep_alive, head=request.method == "HEAD", http10=request.http_version == "1.0"
-                )
+                try:
+                    sent = await self._send(
+                        response,
+                        keep_alive=keep_alive,
+                        head=request.method == "HEAD",
+                        http10=request.http_version == "1.0",
+                    )
+                finally:
+                    request.release()
                 self._busy = False
                 self.server.settled()
                 if not (keep_alive and sent):
@@ -472,6 +480,10 @@ class Connection(asyncio.Protocol):
             return await self.server.app(request)
         except BodyTooLarge as exc:
             return _error(413, f"request body too large: the limit is {exc.limit} bytes")
+        except ServerBusy:
+            busy = _error(503, "too many request bodies at once: try again shortly")
+            busy.headers.append(("Retry-After", "1"))
+            return busy
         except BodyIncomplete as exc:
             timed_out = pipe is not None and pipe.timed_out
             return _error(408 if timed_out else 400, f"request body incomplete: {exc}")

@@ -189,6 +189,12 @@ class FunctionUrls:
     def too_large(self, request: Request, limit: int) -> Response:
         return denied(413, f"Request Entity Too Large: the body must be at most {limit} bytes")
 
+    def busy(self, request: Request) -> Response:
+        response = denied(429, "Too Many Requests: the service holds as many request bodies as it may; retry shortly",
+                          (("Retry-After", "1"),))  # fmt: skip
+        response.headers.append(("x-amzn-RequestId", request.request_id))
+        return response
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         target = self._target(request)
         if isinstance(target, Response):
