@@ -5,6 +5,8 @@ presigned URLs fetched with urllib. Each test is something a user of those tools
 from __future__ import annotations
 
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,3 +51,27 @@ def test_aws_s3_cp_recursive_uploads_an_empty_file_and_the_next_on_one_connectio
     assert up.returncode == 0, up.stderr
     stored = rig.root / "files" / "tree"
     assert {p.name: p.read_bytes() for p in stored.iterdir()} == {"a-empty.txt": b"", "b.txt": b"bee", "c.txt": b"sea"}
+
+
+def test_presigned_urls_from_a_default_boto3_client_are_fetched_with_urllib(rig: Rig) -> None:
+    # boto3 presigns S3 URLs with Signature Version 2 unless told `signature_version="s3v4"`: both kinds work.
+    (rig.root / "files" / "shared").mkdir()
+    (rig.root / "files" / "shared" / "report 1+1.txt").write_bytes(b"the report")
+    legacy, v4 = rig.client(), rig.client(signature_version="s3v4")
+    for client in (legacy, v4):
+        params = {"Bucket": "files", "Key": "shared/report 1+1.txt", "ResponseContentType": "text/x-report"}
+        url = client.generate_presigned_url("get_object", Params=params, ExpiresIn=60)
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            assert (answer.read(), answer.headers["Content-Type"]) == (b"the report", "text/x-report")
+        params = {"Bucket": "files", "Key": "shared/upload.txt", "ContentType": "text/plain"}
+        url = client.generate_presigned_url("put_object", Params=params, ExpiresIn=60)
+        put = urllib.request.Request(url, data=b"put by url", method="PUT", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(put, timeout=30) as answer:
+            assert answer.status == 200
+        assert (rig.root / "files" / "shared" / "upload.txt").read_bytes() == b"put by url"
+        (rig.root / "files" / "shared" / "upload.txt").unlink()
+    url = legacy.generate_presigned_url("get_object", Params={"Bucket": "files", "Key": "shared/report 1+1.txt"})
+    assert "AWSAccessKeyId=" in url
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url.replace("shared/report", "shared/other"), timeout=30)
+    assert refused.value.code == 403 and b"<Code>SignatureDoesNotMatch</Code>" in refused.value.read()
