@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,38 @@ def test_a_flood_of_large_bodies_is_refused_past_the_budget_not_buffered(svc: Sv
     assert sorted(status for status, _, _ in answers).count(200) == started
     status, _, body = svc.request("POST", "/fn/gate/", b"after" * 10, {"Content-Type": "text/plain"})
     assert (status, json.loads(body)) == (200, {"ok": True}), "the budget was given back"
+
+
+def test_a_put_cut_by_sigkill_leaves_the_old_object_and_its_staged_body_is_removed_after_restart(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "buckets"
+    (root / "files").mkdir(parents=True)
+    (root / "files" / "kept.txt").write_bytes(b"the old object")
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    config = tmp_path / "eventfn.toml"
+    config.write_text(f'[buckets]\nroot = "{root}"\n')
+    args = ["--config", str(config)]
+    staging = root / ".eventfn-uploads"
+    serve = Serve(handlers, None, tmp_path / "data", extra_args=args).start()
+    try:
+        url = urlsplit(serve.http_url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(b"PUT /files/kept.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n")
+            sock.sendall(b"n" * 5_000_000)
+            for _ in range(600):  # until the body is being staged
+                if any(p.stat().st_size for p in staging.glob("*.tmp")):
+                    break
+                threading.Event().wait(0.05)
+            serve.kill()
+    finally:
+        serve.stop()
+    assert (root / "files" / "kept.txt").read_bytes() == b"the old object"
+    assert [p.name for p in staging.glob("*.tmp")], "the cut body is still staged"
+    with Serve(handlers, None, tmp_path / "data", extra_args=args) as again:
+        status, _, _ = Svc(again, tmp_path).request("PUT", "/files/new.txt", b"a new object")
+        assert status == 200
+    assert (root / "files" / "kept.txt").read_bytes() == b"the old object"
+    assert (root / "files" / "new.txt").read_bytes() == b"a new object"
+    assert not list(staging.glob("*.tmp")), "the body staged by the killed service is gone"
