@@ -4,11 +4,14 @@ presigned URLs fetched with urllib. Each test is something a user of those tools
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,9 +20,16 @@ from tests.s3_rig import AWS, Rig, running
 pytestmark = pytest.mark.e2e
 
 
+#: Answers with the event it got.
+ECHO = """
+    def handler(event, context):
+        return {"statusCode": 200, "body": __import__("json").dumps(event)}
+"""
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with running(tmp_path_factory.mktemp("awsclients"), {}, buckets=("files",)) as found:
+    with running(tmp_path_factory.mktemp("awsclients"), {"echo": ECHO}, buckets=("files",)) as found:
         yield found
 
 
@@ -75,3 +85,24 @@ def test_presigned_urls_from_a_default_boto3_client_are_fetched_with_urllib(rig:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url.replace("shared/report", "shared/other"), timeout=30)
     assert refused.value.code == 403 and b"<Code>SignatureDoesNotMatch</Code>" in refused.value.read()
+
+
+def test_a_function_url_event_has_the_forwarding_headers_lambdas_front_end_adds(rig: Rig) -> None:
+    # Mangum (FastAPI, Starlette) takes the scheme from x-forwarded-proto, "https" if it is missing, and the port
+    # from x-forwarded-port; a real function URL event always has them, with x-forwarded-for and x-amzn-trace-id.
+    port = urlsplit(rig.url).port
+    status, _, body = rig.raw("GET", "/fn/echo/items?x=1")
+    assert status == 200, body
+    headers = json.loads(body)["headers"]
+    assert (headers["x-forwarded-for"], headers["x-forwarded-proto"], headers["x-forwarded-port"]) == (
+        "127.0.0.1",
+        "http",
+        str(port),
+    )
+    assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24}", headers["x-amzn-trace-id"])
+    # What a client or a proxy in front already said is kept; the client's address is appended to the chain.
+    sent = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https", "X-Amzn-Trace-Id": "Root=1-abc-def"}
+    _, _, body = rig.raw("GET", "/fn/echo/", headers=sent)
+    headers = json.loads(body)["headers"]
+    assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert (headers["x-forwarded-proto"], headers["x-amzn-trace-id"]) == ("https", "Root=1-abc-def")
