@@ -4,6 +4,7 @@ presigned URLs fetched with urllib. Each test is something a user of those tools
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -27,9 +28,15 @@ ECHO = """
 """
 
 
+BOOM = """
+    def handler(event, context):
+        raise KeyError("no such order")
+"""
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    with running(tmp_path_factory.mktemp("awsclients"), {"echo": ECHO}, buckets=("files",)) as found:
+    with running(tmp_path_factory.mktemp("awsclients"), {"echo": ECHO, "boom": BOOM}, buckets=("files",)) as found:
         yield found
 
 
@@ -106,3 +113,22 @@ def test_a_function_url_event_has_the_forwarding_headers_lambdas_front_end_adds(
     headers = json.loads(body)["headers"]
     assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
     assert (headers["x-forwarded-proto"], headers["x-amzn-trace-id"]) == ("https", "Root=1-abc-def")
+
+
+def test_aws_lambda_invoke_log_tail_of_a_failed_function_shows_the_error_and_traceback(
+    rig: Rig, tmp_path: Path
+) -> None:
+    # As Lambda's Python runtime logs it: what `--log-type Tail` is asked for to see why an invocation failed (and
+    # what a function URL's 502 leaves in the service's log).
+    out = tmp_path / "out.json"
+    done = aws(rig, "lambda", "invoke", "--function-name", "boom", "--log-type", "Tail", str(out))
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["FunctionError"] == "Unhandled"
+    assert json.loads(out.read_text())["errorType"] == "KeyError"
+    tail = base64.b64decode(answer["LogResult"]).decode().splitlines()
+    error = tail.index("[ERROR] KeyError: 'no such order'")
+    assert tail[error + 1] == "Traceback (most recent call last):"
+    assert tail[error + 2].startswith('  File "') and tail[error + 2].endswith(", in handler")
+    assert tail[error + 3] == '    raise KeyError("no such order")'
+    assert tail[0].startswith("START RequestId:") and tail[-1].startswith("REPORT RequestId:")
