@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -150,3 +152,26 @@ def test_a_put_cut_by_sigkill_leaves_the_old_object_and_its_staged_body_is_remov
     assert (root / "files" / "kept.txt").read_bytes() == b"the old object"
     assert (root / "files" / "new.txt").read_bytes() == b"a new object"
     assert not list(staging.glob("*.tmp")), "the body staged by the killed service is gone"
+
+
+def test_a_function_added_while_jetstream_stalls_gets_its_url_once_provisioning_catches_up(tmp_path: Path) -> None:
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    with Serve(handlers, None, tmp_path / "data") as serve:
+        assert serve.process is not None
+        nats = next(
+            int(pid)
+            for pid in (Path(f"/proc/{serve.process.pid}/task/{serve.process.pid}/children").read_text().split())
+            if b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
+        mark = serve.log.mark()
+        os.kill(nats, signal.SIGSTOP)  # JetStream answers nothing: the reload's provisioning fails part-way
+        try:
+            write_handler(handlers, "late", "def handler(event, context):\n    return 'here'\n")
+            serve.log.wait_for(r"function late loaded", start=mark, timeout=30)
+            serve.log.wait_for(r"reload failed", start=mark, timeout=60)
+        finally:
+            os.kill(nats, signal.SIGCONT)
+        serve.log.wait_for(r"provisioning done \(it had failed part-way\)", start=mark, timeout=60)
+        status, _, body = Svc(serve, tmp_path).request("GET", "/fn/late/")
+        assert (status, body) == (200, b'"here"')

@@ -216,7 +216,12 @@ class FunctionUrls:
             url = self._urls.get(name)
             if url is None:
                 fn = self.functions.by_name.get(name)
-                why = f"function {name} has no URL ([url] enabled = false)" if fn else f"no function {name}"
+                if fn is None:
+                    why = f"no function {name}"
+                elif (settings := fn.routing_settings) is not None and settings.url.enabled:
+                    why = f"function {name} is not served yet (it is being provisioned); try again shortly"
+                else:
+                    why = f"function {name} has no URL ([url] enabled = false)"
                 return denied(404, f"Not Found: {why}")
             if method not in _ALLOWED_METHODS:
                 return _not_allowed(_ALLOWED_METHODS)
