@@ -7,6 +7,7 @@ then waits for the test to open its gate, so that what holds at once is counted,
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -47,9 +48,11 @@ GATE = """
 
 
 class Svc:
-    def __init__(self, serve: Serve, gate: Path) -> None:
+    def __init__(self, serve: Serve, gate: Path, buckets: Path | None = None) -> None:
         self.serve = serve
         self.gate = gate
+        #: The buckets root, with bucket `files`.
+        self.buckets = buckets or gate
         self.url = urlsplit(serve.http_url)
 
     def request(
@@ -73,10 +76,12 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Svc]:
     gate = root / "gate"
     gate.mkdir()
     write_handler(handlers, "gate", GATE.replace("GATE_DIR", str(gate)))
+    buckets = root / "buckets"
+    (buckets / "files").mkdir(parents=True)
     config = root / "eventfn.toml"
-    config.write_text(f"[http]\nmax_body = {MAX_BODY}\n")
+    config.write_text(f'[http]\nmax_body = {MAX_BODY}\n\n[buckets]\nroot = "{buckets}"\n')
     with Serve(handlers, None, root / "data", extra_args=["--config", str(config)]) as serve:
-        yield Svc(serve, gate)
+        yield Svc(serve, gate, buckets)
 
 
 def test_a_flood_of_large_bodies_is_refused_past_the_budget_not_buffered(svc: Svc) -> None:
@@ -175,3 +180,33 @@ def test_a_function_added_while_jetstream_stalls_gets_its_url_once_provisioning_
         serve.log.wait_for(r"provisioning done \(it had failed part-way\)", start=mark, timeout=60)
         status, _, body = Svc(serve, tmp_path).request("GET", "/fn/late/")
         assert (status, body) == (200, b'"here"')
+
+
+def test_a_get_of_a_file_another_process_is_appending_to_has_the_etag_of_the_bytes_it_serves(svc: Svc) -> None:
+    # A client that checks downloads against the ETag (rclone, s3cmd, mc do) must not see a mismatch: the body is the
+    # file's first st_size bytes, and so must its MD5 be.
+    path = svc.buckets / "files" / "growing.log"
+    path.write_bytes(b"")
+    done = threading.Event()
+
+    def append() -> None:
+        with path.open("ab") as file:
+            for i in range(4000):  # a few seconds at most
+                if done.is_set():
+                    return
+                file.write(f"{i:06d} ".encode() * 2000)
+                file.flush()
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    try:
+        served = []
+        for _ in range(15):
+            status, headers, body = svc.request("GET", "/files/growing.log")
+            assert status == 200
+            served.append((headers["etag"].strip('"'), hashlib.md5(body).hexdigest(), len(body)))
+    finally:
+        done.set()
+        writer.join(30)
+    assert len({size for _, _, size in served}) > 1, "the file grew while it was read"
+    assert [(etag, md5) for etag, md5, _ in served if etag != md5] == []

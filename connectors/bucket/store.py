@@ -245,8 +245,10 @@ def etag_of(opened: Opened, cache: EtagCache, known: str | None = None) -> str:
         return known
     if (cached := cache.get(opened.stat)) is not None:
         return cached
-    etag = md5_of(opened.fd)
-    cache.put(opened.stat, etag)
+    # The bytes served are the first st_size: a file another process is still appending to gets the ETag of those.
+    etag = md5_of(opened.fd, size=opened.stat.st_size)
+    if Stat.of(os.fstat(opened.fd)) == Stat.of(opened.stat):
+        cache.put(opened.stat, etag)
     return etag
 
 
