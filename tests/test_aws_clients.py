@@ -132,3 +132,23 @@ def test_aws_lambda_invoke_log_tail_of_a_failed_function_shows_the_error_and_tra
     assert tail[error + 2].startswith('  File "') and tail[error + 2].endswith(", in handler")
     assert tail[error + 3] == '    raise KeyError("no such order")'
     assert tail[0].startswith("START RequestId:") and tail[-1].startswith("REPORT RequestId:")
+
+
+def test_a_multipart_object_read_by_parts_as_clients_do_comes_back_whole(rig: Rig) -> None:
+    # Clients that download by part numbers (the CRT, the Go transfer manager) ask for part 1, read PartsCount,
+    # then fetch parts 2..PartsCount: the count must be that of the parts served (here the whole object is part 1).
+    s3 = rig.client()
+    data = bytes(range(256)) * (24 * 1024)  # 6 MB: two parts of 5 MB and 1 MB
+    upload = s3.create_multipart_upload(Bucket="files", Key="parts.bin")["UploadId"]
+    parts = []
+    for number, start in enumerate(range(0, len(data), 5 * 1024 * 1024), start=1):
+        chunk = data[start : start + 5 * 1024 * 1024]
+        etag = s3.upload_part(Bucket="files", Key="parts.bin", UploadId=upload, PartNumber=number, Body=chunk)["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+    s3.complete_multipart_upload(Bucket="files", Key="parts.bin", UploadId=upload, MultipartUpload={"Parts": parts})
+    first = s3.get_object(Bucket="files", Key="parts.bin", PartNumber=1)
+    body = first["Body"].read()
+    for number in range(2, first["PartsCount"] + 1):
+        body += s3.get_object(Bucket="files", Key="parts.bin", PartNumber=number)["Body"].read()
+    assert body == data
+    assert "PartsCount" not in s3.head_object(Bucket="files", Key="parts.bin"), "S3 says it only when asked by part"
