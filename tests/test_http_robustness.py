@@ -7,6 +7,8 @@ then waits for the test to open its gate, so that what holds at once is counted,
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import http.client
 import json
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import nats
 import pytest
 
 from eventfn.fronts.http.server import BUFFERED_BODIES
@@ -44,6 +47,18 @@ GATE = """
                 break
             time.sleep(0.05)
         return {"ok": True}
+"""
+
+
+SLOW = """
+    # /// eventfn
+    # concurrency = 2
+    # ///
+    import time
+
+    def handler(event, context):
+        time.sleep(0.3)
+        return "slow"
 """
 
 
@@ -76,6 +91,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Svc]:
     gate = root / "gate"
     gate.mkdir()
     write_handler(handlers, "gate", GATE.replace("GATE_DIR", str(gate)))
+    write_handler(handlers, "slow", SLOW)
     buckets = root / "buckets"
     (buckets / "files").mkdir(parents=True)
     config = root / "eventfn.toml"
@@ -210,3 +226,48 @@ def test_a_get_of_a_file_another_process_is_appending_to_has_the_etag_of_the_byt
         writer.join(30)
     assert len({size for _, _, size in served}) > 1, "the file grew while it was read"
     assert [(etag, md5) for etag, md5, _ in served if etag != md5] == []
+
+
+def test_a_flood_of_requests_at_a_function_of_concurrency_2_is_answered_and_nats_invokes_go_on(svc: Svc) -> None:
+    # 1500 clients at once, more than [http] max_connections (1000): each gets 200, 429 (the function's two slots
+    # are taken) or 503 (too many connections), none hangs; meanwhile invokes over NATS are answered, and the
+    # service's memory does not grow with the flood.
+    assert svc.serve.process is not None
+    status_file = Path(f"/proc/{svc.serve.process.pid}/status")
+
+    def rss_mb() -> float:
+        line = next(line for line in status_file.read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    async def one(counts: collections.Counter[str]) -> None:
+        reader, writer = await asyncio.open_connection(svc.url.hostname, svc.url.port)
+        writer.write(b"GET /fn/slow/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        counts[answer.split(b" ", 2)[1].decode() if answer else "nothing"] += 1
+
+    async def flood() -> tuple[collections.Counter[str], list[bytes], float]:
+        counts: collections.Counter[str] = collections.Counter()
+        peak = rss_mb()
+        nc = await nats.connect(**svc.serve.connect_options("invoker"))
+        try:
+            tasks = [asyncio.create_task(one(counts)) for _ in range(1500)]
+            answers = []
+            while not all(task.done() for task in tasks):
+                answers.append((await nc.request("eventfn.invoke.gate", b"{}", timeout=30)).data)
+                peak = max(peak, rss_mb())
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*tasks)
+        finally:
+            await nc.close()
+        return counts, answers, peak
+
+    (svc.gate / "open").touch()  # the gated function answers at once
+    before = rss_mb()
+    counts, answers, peak = asyncio.run(flood())
+    assert sum(counts.values()) == 1500 and set(counts) <= {"200", "429", "503"}, counts
+    assert counts["429"] and counts["200"] >= 2, counts
+    assert answers and set(answers) == {b'{"ok":true}'}, "NATS invokes during the flood were answered"
+    assert peak - before < 100, f"the service grew from {before:.0f} MB to {peak:.0f} MB under the flood"
+    status, _, body = svc.request("GET", "/fn/slow/")
+    assert (status, body) == (200, b'"slow"')
