@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import anyio
 import anyio.to_thread
@@ -180,6 +180,15 @@ def stored_headers(request: Request) -> tuple[dict[str, str], dict[str, str]]:
             headers[name] = value
         elif name.startswith("x-amz-meta-"):
             user[name.removeprefix("x-amz-meta-")] = value
+    if "AWSAccessKeyId=" in request.query:
+        # A Signature Version 2 presigned URL carries the headers it signed in its query (botocore moves them there),
+        # and S3 takes them as the request's own.
+        for name, value in parse_qsl(request.query, keep_blank_values=True):
+            name = name.lower()
+            if name == "content-type":
+                headers.setdefault(name, value)
+            elif name.startswith("x-amz-meta-"):
+                user.setdefault(name.removeprefix("x-amz-meta-"), value)
     if sum(len(k) + len(v) for k, v in user.items()) > MAX_METADATA_BYTES:
         raise S3Error(
             400,
