@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -160,3 +161,20 @@ def test_a_multipart_object_read_by_parts_as_clients_do_comes_back_whole(rig: Ri
         body += s3.get_object(Bucket="files", Key="parts.bin", PartNumber=number)["Body"].read()
     assert body == data
     assert "PartsCount" not in s3.head_object(Bucket="files", Key="parts.bin"), "S3 says it only when asked by part"
+
+
+def test_a_function_url_event_has_utf8_header_values_as_text(rig: Rig) -> None:
+    # The server reads header bytes as latin-1; a UTF-8 name in a header must reach the handler as the sender wrote
+    # it, not as mojibake ("JosÃ©"); bytes that are not UTF-8 still arrive, one character each.
+    where = urlsplit(rig.url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /fn/echo/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Name: Jos\xc3\xa9\r\n"
+            b"X-Latin: caf\xe9\r\nCookie: who=Jos\xc3\xa9\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    event = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (event["headers"]["x-name"], event["headers"]["x-latin"]) == ("José", "café")
+    assert event["cookies"] == ["who=José"]

@@ -2,8 +2,9 @@
 back as an HTTP response, the way Lambda maps both.
 
 The event (`request_event`):
-- headers lower-cased, repeats comma-joined; `Cookie` headers become `cookies` (and leave `headers`, as Lambda
-  does); query values URL-decoded, repeats comma-joined; `rawPath` and `rawQueryString` as sent;
+- headers lower-cased, repeats comma-joined, values read as UTF-8 (as senders write them; latin-1 where they are not
+  UTF-8); `Cookie` headers become `cookies` (and leave `headers`, as Lambda does); query values URL-decoded,
+  repeats comma-joined; `rawPath` and `rawQueryString` as sent;
 - the headers Lambda's front end adds: `x-forwarded-for` (the client's address appended to any the request
   brought), `x-forwarded-proto` (`http`) and `x-forwarded-port` (from `Host`) unless a proxy in front set them, and
   `x-amzn-trace-id` unless the request has one (Mangum and WSGI adapters build the URL's scheme and port from
@@ -161,6 +162,8 @@ def request_event(
     headers: dict[str, str] = {}
     cookies: list[str] = []
     for name, value in request.headers:
+        if not value.isascii():
+            value = _text(value)
         if name == "cookie":
             cookies.extend(c for part in value.split(";") if (c := part.strip()))
         elif name in headers:
@@ -215,6 +218,15 @@ def request_event(
         isBase64Encoded=encoded,
     )
     return _encoder.encode(event)
+
+
+def _text(value: str) -> str:
+    """A header value as its sender wrote it: the server reads header bytes as latin-1 (losslessly), senders write
+    UTF-8 (a file name, a person's name) and the event is JSON text; bytes that are not UTF-8 stay latin-1."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 @functools.lru_cache(maxsize=4)
