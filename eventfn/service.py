@@ -400,6 +400,9 @@ class Service:
                         if not self._provisioned:
                             await self._provision()
                             log.info("provisioning done (it had failed part-way)")
+                            # The reload that failed there had not reached its URLs and routes: a new function's
+                            # were 404 until some later reload.
+                            self.urls.update()
                 except Exception as exc:  # still failing: reported once per interval, tried again
                     self.bus.stalls.failed("provisioning", str(exc) or type(exc).__name__)
                 else:

@@ -27,6 +27,35 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class ServerBusy(Exception):
+    """The server holds as many request bodies in memory as it may (`BodyBudget`): this one is not read. The front
+    answers it in its own format (`Front.busy`), a status that clients retry (429 or 503)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(f"the server holds {budget} bytes of request bodies in memory already")
+        self.budget = budget
+
+
+class BodyBudget:
+    """Bytes of request bodies read into memory (`Request.read`) that the server holds at once, across connections:
+    a flood of large bodies is refused rather than buffered without bound. A body is counted at its declared length
+    (a chunked one at its front's limit) from its read until its answer is written; streamed bodies
+    (`Request.chunks`) are not counted."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.total and self.used:  # one body alone may take it whole
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class BodyIncomplete(Exception):
     """The client stopped sending the body (closed, or sent nothing for the read timeout)."""
 
@@ -134,6 +163,10 @@ class Request:
         """Make reading the body check it against `hexdigest` (see `Body.expect_sha256`)."""
         self._body.expect_sha256(hexdigest)
 
+    def release(self) -> None:
+        """Give back what reading the body took of the server's budget (the server calls it once answered)."""
+        self._body.release()
+
 
 class Body:
     """A request body as a front reads it; the server gives one that reads from the connection."""
@@ -142,10 +175,14 @@ class Body:
         self,
         declared: int | None,
         next_chunk: Callable[[], Awaitable[bytes | None]],
+        budget: BodyBudget | None = None,
     ) -> None:
         #: Content-Length, or None for a chunked body.
         self.declared = declared
         self._next = next_chunk
+        self._budget = budget
+        #: What `read` took of the budget.
+        self._held = 0
         self._consumed = False
         #: The whole body, once `read` has read it (SigV4 hashes it, then the front reads it again).
         self._cache: bytes | None = None
@@ -178,6 +215,13 @@ class Body:
             if len(self._cache) > limit:
                 raise BodyTooLarge(limit)
             return self._cache
+        if self.declared is not None and self.declared > limit:
+            raise BodyTooLarge(limit)
+        if self._budget is not None and not self._consumed:
+            need = self.declared if self.declared is not None else limit
+            if need and not self._budget.take(need):
+                raise ServerBusy(self._budget.total)
+            self._held = need
         parts = [chunk async for chunk in self.chunks(limit)]
         self._cache = b"".join(parts)
         return self._cache
@@ -210,6 +254,11 @@ class Body:
     @property
     def consumed(self) -> bool:
         return self._consumed
+
+    def release(self) -> None:
+        if self._budget is not None and self._held:
+            self._budget.give(self._held)
+            self._held = 0
 
 
 _MISMATCH = "the body's SHA-256 is not the x-amz-content-sha256 it was signed with (changed on the way?)"
@@ -279,4 +328,9 @@ class Front(Protocol):
     def too_large(self, request: Request, limit: int) -> Response:
         """The 413 for a body over `limit` bytes, in this front's format (said before the front ran, where a
         signature check had to read the body)."""
+        ...
+
+    def busy(self, request: Request) -> Response:
+        """The answer, in this front's format, to a request whose body the server would not read (`ServerBusy`):
+        a status its clients retry."""
         ...

@@ -35,20 +35,21 @@ class Rig:
     #: The clients made, closed with the rig (their pooled sockets, not left to garbage collection).
     clients: list[Any] = field(default_factory=list)
 
-    def client(self) -> Any:
-        """boto3's S3 client as a user makes it, with the endpoint URL; no retries (a retry would hide a 5xx)."""
-        made = self._client()
+    def client(self, **config: Any) -> Any:
+        """boto3's S3 client as a user makes it, with the endpoint URL; no retries (a retry would hide a 5xx).
+        `config`: more of botocore's `Config` (`signature_version`, say)."""
+        made = self._client(**config)
         self.clients.append(made)
         return made
 
-    def _client(self) -> Any:
+    def _client(self, **config: Any) -> Any:
         return boto3.client(
             "s3",
             endpoint_url=self.url,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
-            config=Config(retries={"total_max_attempts": 1}),
+            config=Config(retries={"total_max_attempts": 1}, **config),
         )
 
     def aws_env(self) -> dict[str, str]:

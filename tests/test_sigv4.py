@@ -268,13 +268,23 @@ async def test_presigned_urls_are_taken_until_they_expire(auth: Authenticator) -
         assert b"<Code>AccessDenied</Code>" in failed.value.read()
         problem = rig.s3.callers[-1].problem
         assert problem is not None and problem[0] == "AccessDenied" and "Request has expired" in problem[1]
-        # botocore presigns with Signature Version 2 unless told otherwise: refused, saying how to presign.
-        legacy = rig.client("s3").generate_presigned_url("get_object", Params={"Bucket": "uploads", "Key": "k"})
+        # botocore presigns with Signature Version 2 unless told otherwise: taken as S3 takes it, until it expires.
         rig.auth.clock = time.time
+        legacy_client = rig.client("s3")
+        for key in ODD_KEYS:
+            legacy = legacy_client.generate_presigned_url("get_object", Params={"Bucket": "uploads", "Key": key})
+            assert "AWSAccessKeyId=" in legacy
+            with await in_thread(lambda url=legacy: urllib.request.urlopen(url, timeout=10)) as answer:
+                assert answer.headers["x-caller"] == KEY
+        legacy = legacy_client.generate_presigned_url("get_object", Params={"Bucket": "uploads", "Key": "k"})
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            await in_thread(lambda: urllib.request.urlopen(legacy.replace("Signature=", "Signature=A"), timeout=10))
+        assert b"<Code>SignatureDoesNotMatch</Code>" in failed.value.read()
+        rig.auth.clock = lambda: time.time() + 3601
         with pytest.raises(urllib.error.HTTPError) as failed:
             await in_thread(lambda: urllib.request.urlopen(legacy, timeout=10))
-        assert b"<Code>AuthorizationQueryParametersError</Code>" in failed.value.read()
-        assert "s3v4" in rig.s3.callers[-1].problem[1]  # type: ignore[index]
+        assert b"<Code>AccessDenied</Code>" in failed.value.read()
+        assert "Request has expired" in rig.s3.callers[-1].problem[1]  # type: ignore[index]
 
 
 async def test_the_aws_cli_is_taken_with_the_right_keys_and_refused_with_wrong_ones(

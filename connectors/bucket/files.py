@@ -197,14 +197,15 @@ def writers(fd: int) -> Writers:
     return "none"
 
 
-def md5_of(fd: int, stop: threading.Event | None = None) -> str:
-    """The MD5 of the file's content, hex: S3's ETag of an object put in one part.
+def md5_of(fd: int, stop: threading.Event | None = None, size: int | None = None) -> str:
+    """The MD5 of the file's content (its first `size` bytes, if given), hex: S3's ETag of an object put in one part.
 
     Raises InterruptedError once `stop` is set: reading a huge file (a sparse one reads terabytes of zeros
     quickly, but not at once) must not hold up the service's stop."""
     digest = hashlib.md5(usedforsecurity=False)
     offset = 0
-    while chunk := os.pread(fd, _CHUNK, offset):
+    end = size if size is not None else -1
+    while chunk := os.pread(fd, _CHUNK if end < 0 else min(_CHUNK, end - offset), offset):
         if stop is not None and stop.is_set():
             raise InterruptedError("reading the object was given up")
         digest.update(chunk)

@@ -91,6 +91,12 @@ class S3Api:
         response.headers.append(("x-amz-request-id", request.request_id))
         return response
 
+    def busy(self, request: Request) -> Response:
+        response = S3Error(503, "SlowDown", "Please reduce your request rate.").response(request.request_id,
+                                                                                          request.path)  # fmt: skip
+        response.headers += [("Retry-After", "1"), ("x-amz-request-id", request.request_id)]
+        return response
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         resource = request.path
         try:

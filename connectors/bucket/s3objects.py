@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import anyio
 import anyio.to_thread
@@ -183,6 +183,15 @@ def stored_headers(request: Request) -> tuple[dict[str, str], dict[str, str]]:
             headers[name] = value
         elif name.startswith("x-amz-meta-"):
             user[name.removeprefix("x-amz-meta-")] = value
+    if "AWSAccessKeyId=" in request.query:
+        # A Signature Version 2 presigned URL carries the headers it signed in its query (botocore moves them there),
+        # and S3 takes them as the request's own.
+        for name, value in parse_qsl(request.query, keep_blank_values=True):
+            name = name.lower()
+            if name == "content-type":
+                headers.setdefault(name, value)
+            elif name.startswith("x-amz-meta-"):
+                user.setdefault(name.removeprefix("x-amz-meta-"), value)
     if sum(len(k) + len(v) for k, v in user.items()) > MAX_METADATA_BYTES:
         raise S3Error(
             400,
@@ -204,8 +213,6 @@ def _object_headers(meta: Meta | None, etag: str, st: os.stat_result) -> list[tu
     headers.extend((name.title(), value) for name, value in stored.items() if name != "content-type")
     if meta is not None:
         headers.extend((f"x-amz-meta-{name}", value) for name, value in meta.user.items())
-    if etag.rpartition("-")[2].isdigit() and "-" in etag:
-        headers.append(("x-amz-mp-parts-count", etag.rpartition("-")[2]))
     return headers
 
 
@@ -309,12 +316,16 @@ class Objects:
                 raise _precondition_failed("If-Match" if request.header("if-match") else "If-Unmodified-Since")
             if status == 304:
                 return Response(304, [h for h in headers if h[0] in ("ETag", "Last-Modified")])
-            if (number := query.get("partNumber")) is not None and number != "1":
-                raise S3Error(
-                    416,
-                    "InvalidPartNumber",
-                    "The requested partnumber is not satisfiable: objects are served as one part.",
-                )
+            if (number := query.get("partNumber")) is not None:
+                if number != "1":
+                    raise S3Error(
+                        416,
+                        "InvalidPartNumber",
+                        "The requested partnumber is not satisfiable: objects are served as one part.",
+                    )
+                # S3 says how many parts there are only when a part is asked for; here part 1 is the whole object,
+                # so there is one (a client reading by parts then asks for no part 2, which would be refused).
+                headers.append(("x-amz-mp-parts-count", "1"))
             wanted = _byte_range(request.header("range"), st.st_size)
             start, length, status = 0, st.st_size, 200
             if wanted is not None:

@@ -48,6 +48,8 @@ META_XATTR = "user.eventfn.s3"
 #: Longest name of one folder or file (Linux's NAME_MAX).
 MAX_NAME_BYTES = 255
 _CHUNK = 1 << 20
+#: When this process started (as near as importing this module): a staged file of its id from before is a crash's.
+_STARTED = time.time()
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -245,8 +247,10 @@ def etag_of(opened: Opened, cache: EtagCache, known: str | None = None) -> str:
         return known
     if (cached := cache.get(opened.stat)) is not None:
         return cached
-    etag = md5_of(opened.fd)
-    cache.put(opened.stat, etag)
+    # The bytes served are the first st_size: a file another process is still appending to gets the ETag of those.
+    etag = md5_of(opened.fd, size=opened.stat.st_size)
+    if Stat.of(os.fstat(opened.fd)) == Stat.of(opened.stat):
+        cache.put(opened.stat, etag)
     return etag
 
 
@@ -274,7 +278,8 @@ class Staged:
     """A file being written in the staging folder; `commit` renames it over a key, `discard` removes it."""
 
     def __init__(self, root: Path, prefix: str = "put") -> None:
-        self.path = staging_dir(root) / f"{prefix}-{secrets.token_hex(12)}.tmp"
+        # The process's id in the name: a body a killed service left half-written is known as such (`clean_staging`).
+        self.path = staging_dir(root) / f"{prefix}-{os.getpid()}-{secrets.token_hex(12)}.tmp"
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self.size = 0
 
@@ -562,7 +567,8 @@ class Lister:
 
 
 def clean_staging(root: Path, older_than: float) -> int:
-    """Remove staged bodies left by a crash (older than `older_than` seconds); returns how many."""
+    """Remove staged bodies left by a crash: those of a process that is gone (this one's before it started, if its
+    id came back), and any older than `older_than` seconds; returns how many."""
     removed = 0
     try:
         entries = list(os.scandir(root / STAGING))
@@ -571,9 +577,29 @@ def clean_staging(root: Path, older_than: float) -> int:
     now = time.time()
     for entry in entries:
         try:
-            if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than:
+            if not entry.is_file(follow_symlinks=False):
+                continue  # a multipart upload's folder: it lives until completed or aborted, as in S3
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+            if now - mtime > older_than or _abandoned(entry.name, mtime):
                 os.unlink(entry.path)
                 removed += 1
         except OSError:
             continue
     return removed
+
+
+def _abandoned(name: str, mtime: float) -> bool:
+    """Whether the staged file `name` (`<prefix>-<pid>-<token>.tmp`) was written by a process that is no more."""
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False  # named otherwise (an older version's): only its age tells
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return mtime < _STARTED
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False

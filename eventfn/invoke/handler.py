@@ -216,6 +216,16 @@ def unmarshal_error(exc: UnmarshalError, request_id: str) -> tuple[bytes, Lambda
     return error_object("Runtime.UnmarshalError", str(exc), request_id, [])
 
 
+def error_log(error: LambdaError) -> str:
+    """What Lambda's Python runtime writes to the function's log for a handler that failed: `[ERROR] <type>:
+    <message>` and the traceback (its `stackTrace`), so that the log (and a `--log-type Tail`) says what failed."""
+    lines = [f"[ERROR] {error.type}: {error.message}" if error.message else f"[ERROR] {error.type}"]
+    if error.stack_trace:
+        lines.append("Traceback (most recent call last):")
+        lines += [line for frame in error.stack_trace for line in frame.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
 def encode_exception(exc: BaseException, request_id: str) -> tuple[bytes, LambdaError]:
     """Lambda's error object for an exception the handler raised, as JSON and typed."""
     return error_object(type(exc).__name__, str(exc), request_id, stack_trace(exc.__traceback__))

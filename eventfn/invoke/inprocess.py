@@ -247,4 +247,6 @@ class InProcessPool:
             body, error = out_of_memory(request_id, self.spec.memory)
         except Exception as exc:  # handler errors become Lambda error objects
             body, error = runtime.encode_exception(exc, request_id)
+        if error is not None and (current := _current.get()) is not None:
+            current.output().write(runtime.error_log(error), stamp=False)
         return Outcome(ok=error is None, payload=body, error=error)

@@ -27,6 +27,7 @@ from eventfn.invoke.handler import (
     decode_event,
     encode_exception,
     encode_result,
+    error_log,
     init_failure,
     is_coroutine_function,
     load_handler,
@@ -166,6 +167,8 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             (payload, error), fatal = out_of_memory(invoke.request_id, spec.memory), True
         except Exception as exc:
             payload, error = encode_exception(exc, invoke.request_id)
+        if error is not None:
+            output.write(error_log(error), stamp=False)
         output.end()  # this invocation's output goes out ahead of its result
         duration = (time.perf_counter() - begin) * 1000
         channel.send(

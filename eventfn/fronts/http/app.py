@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 
 from eventfn.fronts.http.auth import Authenticator
-from eventfn.web import BodyTooLarge, Front, Request, Response
+from eventfn.web import BodyTooLarge, Front, Request, Response, ServerBusy
 
 _SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/[^/]+/([a-z0-9-]+)/aws4_request")
 _QUERY_SCOPE = re.compile(r"(?:^|&)X-Amz-Credential=[^&]*?(?:/|%2F)\d{8}(?:/|%2F)[^&/%]+(?:/|%2F)([a-z0-9-]+)(?:/|%2F)")
@@ -61,4 +61,9 @@ class HttpApp:
             caller = await self.auth.caller(request, api=front.service != "")
         except BodyTooLarge as exc:
             return front.too_large(request, exc.limit)
-        return await front.handle(request, caller)
+        except ServerBusy:
+            return front.busy(request)
+        try:
+            return await front.handle(request, caller)
+        except ServerBusy:
+            return front.busy(request)

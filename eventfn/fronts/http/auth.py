@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eventfn.broker.auth import is_loopback
 from eventfn.config import FunctionSettings, HttpSettings
-from eventfn.fronts.http import peers, sigv4
+from eventfn.fronts.http import peers, sigv2, sigv4
 from eventfn.fronts.http.roles import (
     EVERYTHING,
     Anyone,
@@ -139,8 +139,11 @@ class Authenticator:
         looked up."""
         try:
             signed = sigv4.parse(request)
+            legacy = sigv2.parse(request) if signed is None else None
         except SignatureError as exc:
             return Refused(sigv4.problem(exc, _service(request)))
+        if legacy is not None:
+            return self._legacy(request, legacy)
         if signed is None:
             if not self.required:
                 if api and (why := self._not_anyone(request)) is not None:
@@ -200,7 +203,19 @@ class Authenticator:
             return "a process the kernel does not name"
         return None if uid in (self.uid, 0) else f"a process of uid {uid}"
 
-    def _principal(self, signed: sigv4.Signed) -> Principal:
+    def _legacy(self, request: Request, signed: sigv2.Signed) -> Caller:
+        """The caller of a Signature Version 2 presigned URL (S3's only: boto3 presigns S3 URLs so by default)."""
+        try:
+            if _service(request) != "s3":
+                raise SignatureError(sigv4.MALFORMED, "Signature Version 2 is S3's only: sign with SigV4")
+            principal = self._principal(signed)
+            sigv2.check(request, signed, principal.secret, self.clock())
+        except SignatureError as exc:
+            exc.presigned = True
+            return Refused(sigv4.problem(exc, _service(request)))
+        return principal
+
+    def _principal(self, signed: sigv4.Signed | sigv2.Signed) -> Principal:
         principal = self._keys.get(signed.access_key)
         if principal is None:
             if signed.token is not None:

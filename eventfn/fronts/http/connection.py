@@ -20,7 +20,7 @@ import httptools
 
 from eventfn.config import HttpSettings
 from eventfn.fronts.http import peers
-from eventfn.web import Body, BodyIncomplete, BodyTooLarge, Request, Response
+from eventfn.web import Body, BodyBudget, BodyIncomplete, BodyTooLarge, Request, Response, ServerBusy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class Host(Protocol):
     connections: set[Connection]
     #: The server is stopping: answers close their connections.
     stopping: bool
+    #: Bytes of request bodies held in memory at once, across connections.
+    budget: BodyBudget
 
     def settled(self) -> None:
         """A request was answered or a connection closed."""
@@ -130,6 +132,7 @@ class _Pipe:
         "conn",
         "continued",
         "expect",
+        "fed",
         "problem",
         "ready",
         "timed_out",
@@ -146,8 +149,11 @@ class _Pipe:
         self.ready = asyncio.Event()
         self.expect = expect
         self.continued = False
+        #: Some of the body arrived (so a 100 Continue is not needed).
+        self.fed = False
 
     def feed(self, chunk: bytes) -> None:
+        self.fed = True
         self.chunks.append(chunk)
         self.buffered += len(chunk)
         self.ready.set()
@@ -165,8 +171,15 @@ class _Pipe:
         """Whether the body arrived to its end (so that the next request on the connection can be parsed)."""
         return self.complete and self.problem is None
 
+    @property
+    def unanswered(self) -> bool:
+        """The client waits for a 100 Continue that was never sent: it may take the final answer for that of its
+        `Expect` (botocore does, and keeps the status line for its next request on the connection)."""
+        return self.expect and not self.continued and not self.fed
+
     async def next_chunk(self) -> bytes | None:
-        if self.expect and not self.continued and not self.complete:
+        # An empty body too: the aws CLI waits for it before a zero-length PutObject's final answer.
+        if self.expect and not self.continued and (not self.complete or not self.fed):
             self.continued = True
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while not self.chunks:
@@ -386,9 +399,10 @@ class Connection(asyncio.Protocol):
         if self.parser.should_upgrade() and (declared or chunked):
             self._refuse(400, "a request with Upgrade cannot have a body")
         pipe: _Pipe | None = None
-        if chunked or declared:
-            pipe = _Pipe(self, expect and version != "1.0")
-            body = Body(None if chunked else declared, pipe.next_chunk)
+        expect = expect and version != "1.0"
+        if chunked or declared or expect:
+            pipe = _Pipe(self, expect)
+            body = Body(None if chunked else declared or 0, pipe.next_chunk, self.server.budget)
         else:
             body = Body(0, _no_body)
         self._pipe = pipe
@@ -447,11 +461,19 @@ class Connection(asyncio.Protocol):
                 if pipe is not None and pipe.chunks:  # read to its end but not by the front: dropped
                     pipe.chunks.clear()
                     pipe.buffered = 0
-                # A body that did not arrive whole cannot be skipped safely: the connection closes after.
+                # A body that did not arrive whole cannot be skipped safely: the connection closes after; so does
+                # one whose client still waits for its 100 Continue.
                 keep_alive = keep_alive and whole and not self.server.stopping and not self._eof
-                sent = await self._send(
-                    response, keep_alive=keep_alive, head=request.method == "HEAD", http10=request.http_version == "1.0"
-                )
+                keep_alive = keep_alive and not (pipe is not None and pipe.unanswered)
+                try:
+                    sent = await self._send(
+                        response,
+                        keep_alive=keep_alive,
+                        head=request.method == "HEAD",
+                        http10=request.http_version == "1.0",
+                    )
+                finally:
+                    request.release()
                 self._busy = False
                 self.server.settled()
                 if not (keep_alive and sent):
@@ -474,6 +496,10 @@ class Connection(asyncio.Protocol):
             return await self.server.app(request)
         except BodyTooLarge as exc:
             return _error(413, f"request body too large: the limit is {exc.limit} bytes")
+        except ServerBusy:
+            busy = _error(503, "too many request bodies at once: try again shortly")
+            busy.headers.append(("Retry-After", "1"))
+            return busy
         except BodyIncomplete as exc:
             timed_out = pipe is not None and pipe.timed_out
             return _error(408 if timed_out else 400, f"request body incomplete: {exc}")

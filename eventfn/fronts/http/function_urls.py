@@ -189,6 +189,12 @@ class FunctionUrls:
     def too_large(self, request: Request, limit: int) -> Response:
         return denied(413, f"Request Entity Too Large: the body must be at most {limit} bytes")
 
+    def busy(self, request: Request) -> Response:
+        response = denied(429, "Too Many Requests: the service holds as many request bodies as it may; retry shortly",
+                          (("Retry-After", "1"),))  # fmt: skip
+        response.headers.append(("x-amzn-RequestId", request.request_id))
+        return response
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         target = self._target(request)
         if isinstance(target, Response):
@@ -210,7 +216,12 @@ class FunctionUrls:
             url = self._urls.get(name)
             if url is None:
                 fn = self.functions.by_name.get(name)
-                why = f"function {name} has no URL ([url] enabled = false)" if fn else f"no function {name}"
+                if fn is None:
+                    why = f"no function {name}"
+                elif (settings := fn.routing_settings) is not None and settings.url.enabled:
+                    why = f"function {name} is not served yet (it is being provisioned); try again shortly"
+                else:
+                    why = f"function {name} has no URL ([url] enabled = false)"
                 return denied(404, f"Not Found: {why}")
             if method not in _ALLOWED_METHODS:
                 return _not_allowed(_ALLOWED_METHODS)

@@ -96,6 +96,10 @@ class LambdaApi:
     def too_large(self, request: Request, limit: int) -> Response:
         return _refused(request, request_too_large(limit))
 
+    def busy(self, request: Request) -> Response:
+        message = "Rate Exceeded. Reason: the service holds as many request payloads as it may; retry shortly"
+        return _error(request, 429, "TooManyRequestsException", message)
+
     async def handle(self, request: Request, caller: Caller | None) -> Response:
         """Route one request to its operation; a request the API does not have gets Lambda's 404."""
         if caller is not None and caller.problem is not None:

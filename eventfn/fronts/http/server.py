@@ -6,6 +6,9 @@ hello-world and function URL. A protocol of our own also holds the limits where 
 - **Body limit.** A front reads the body with its limit (`Request.read` / `chunks`); a declared length over it
   is answered 413 before a byte of the body is read (a client sending `Expect: 100-continue` never sends it),
   a chunked body is cut off where it passes the limit. Either way the connection closes after the 413.
+- **Bodies in memory.** Bodies that fronts read whole count against one budget (`BUFFERED_BODIES` bodies of
+  `max_body`) until answered: past it a request is refused unread with its front's retryable answer (`Front.busy`),
+  so that a flood of large bodies cannot grow the service's memory without bound.
 - **Head limits.** A request target over `MAX_URL` bytes is a 414, headers over `MAX_HEADERS_BYTES` (or more than
   `MAX_HEADERS` of them) a 431.
 - **Timeouts.** A request's head must arrive within `header_timeout` of its first byte, however slowly it
@@ -37,10 +40,15 @@ import anyio
 from eventfn.config import HttpSettings
 from eventfn.errors import ConfigError
 from eventfn.fronts.http.connection import LINGER, LINGER_BYTES, App, Connection, response_head
+from eventfn.web import BodyBudget
 
 log = logging.getLogger(__name__)
 
 __all__ = ["App", "HttpServer"]
+
+#: Request bodies of `[http] max_body` that the server holds in memory at once (`BodyBudget`); past them, a body that
+#: a front would read whole is refused (its front's 429 or 503) rather than buffered.
+BUFFERED_BODIES = 16
 
 
 class HttpServer:
@@ -52,6 +60,7 @@ class HttpServer:
         #: Open connections, and closed ones whose request is still being answered.
         self.connections: set[Connection] = set()
         self.stopping = False
+        self.budget = BodyBudget(BUFFERED_BODIES * settings.max_body)
         self.port = settings.port
         self.done = anyio.Event()
         self._stop = anyio.Event()

@@ -144,14 +144,7 @@ def parse(request: Request) -> Signed | None:
         return _parse_header(request, authorization)
     if presigned:
         return _parse_query(request)
-    if "AWSAccessKeyId=" in request.query:
-        raise SignatureError(
-            MALFORMED,
-            "a presigned URL of Signature Version 2 (AWSAccessKeyId, Signature, Expires): only SigV4 is taken; "
-            'presign with `botocore.config.Config(signature_version="s3v4")`',
-            presigned=True,
-        )
-    return None
+    return None  # (a Signature Version 2 presigned URL is `sigv2`'s)
 
 
 def _parse_header(request: Request, authorization: str) -> Signed:

@@ -2,8 +2,13 @@
 back as an HTTP response, the way Lambda maps both.
 
 The event (`request_event`):
-- headers lower-cased, repeats comma-joined; `Cookie` headers become `cookies` (and leave `headers`, as Lambda
-  does); query values URL-decoded, repeats comma-joined; `rawPath` and `rawQueryString` as sent;
+- headers lower-cased, repeats comma-joined, values read as UTF-8 (as senders write them; latin-1 where they are not
+  UTF-8); `Cookie` headers become `cookies` (and leave `headers`, as Lambda does); query values URL-decoded,
+  repeats comma-joined; `rawPath` and `rawQueryString` as sent;
+- the headers Lambda's front end adds: `x-forwarded-for` (the client's address appended to any the request
+  brought), `x-forwarded-proto` (`http`) and `x-forwarded-port` (from `Host`) unless a proxy in front set them, and
+  `x-amzn-trace-id` unless the request has one (Mangum and WSGI adapters build the URL's scheme and port from
+  these; without them Mangum assumes https);
 - `body` is text for text types (`text/*`, JSON, XML, JavaScript, form-urlencoded) that are UTF-8, else base64
   with `isBase64Encoded` (a missing content type counts as binary, as in Lambda);
 - absent members are left out rather than null (`cookies`, `queryStringParameters`, `pathParameters`, `body`),
@@ -28,6 +33,7 @@ import binascii
 import functools
 import hashlib
 import re
+import secrets
 import time
 from typing import Any
 from urllib.parse import unquote, unquote_plus
@@ -156,6 +162,8 @@ def request_event(
     headers: dict[str, str] = {}
     cookies: list[str] = []
     for name, value in request.headers:
+        if not value.isascii():
+            value = _text(value)
         if name == "cookie":
             cookies.extend(c for part in value.split(";") if (c := part.strip()))
         elif name in headers:
@@ -163,6 +171,15 @@ def request_event(
         else:
             headers[name] = value
     received = request.received or time.time()
+    forwarded = headers.get("x-forwarded-for")
+    headers["x-forwarded-for"] = f"{forwarded}, {request.client}" if forwarded else request.client
+    if "x-forwarded-proto" not in headers:
+        headers["x-forwarded-proto"] = "http"
+    if "x-forwarded-port" not in headers:
+        port = headers.get("host", "").rpartition(":")[2]
+        headers["x-forwarded-port"] = port if port.isdigit() else "80"
+    if "x-amzn-trace-id" not in headers:
+        headers["x-amzn-trace-id"] = f"Root=1-{int(received):08x}-{secrets.token_hex(12)}"
     stamp = _stamp(int(received))
     text, encoded = _body(body, headers.get("content-type"))
     authorizer = None
@@ -201,6 +218,15 @@ def request_event(
         isBase64Encoded=encoded,
     )
     return _encoder.encode(event)
+
+
+def _text(value: str) -> str:
+    """A header value as its sender wrote it: the server reads header bytes as latin-1 (losslessly), senders write
+    UTF-8 (a file name, a person's name) and the event is JSON text; bytes that are not UTF-8 stay latin-1."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 @functools.lru_cache(maxsize=4)
