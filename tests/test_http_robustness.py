@@ -156,7 +156,7 @@ def test_a_put_cut_by_sigkill_leaves_the_old_object_and_its_staged_body_is_remov
     try:
         url = urlsplit(serve.http_url)
         with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
-            sock.sendall(b"PUT /files/kept.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n")
+            sock.sendall(b"PUT /files/kept.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000000\r\n\r\n")
             sock.sendall(b"n" * 5_000_000)
             for _ in range(600):  # until the body is being staged
                 if any(p.stat().st_size for p in staging.glob("*.tmp")):
