@@ -24,14 +24,15 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from eventfn.config import FailoverSettings
 from eventfn.sources.connector import State
 
 log = logging.getLogger(__name__)
 
-#: Seconds between heartbeats.
-HEARTBEAT = 2.0
-#: A member whose heartbeat has not changed this long is taken for dead.
-LAPSE = 10.0
+#: Seconds between heartbeats (`[failover] heartbeat`).
+HEARTBEAT = FailoverSettings().heartbeat
+#: A member whose heartbeat has not changed this long is taken for dead (`[failover] lapse`).
+LAPSE = FailoverSettings().lapse
 
 
 class Owners:
