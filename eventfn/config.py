@@ -448,9 +448,10 @@ class DataStreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     replicas: Replicas | None = None
 
 
-class FailoverSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How soon work that a crashed service held goes on elsewhere (or in the same service, restarted): `[failover]`.
-    Lower values take over sooner; higher ones ride out longer pauses (a loaded machine) without a false takeover."""
+class RecoverySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How soon work goes on after a failure: what a crashed service held, elsewhere (or in the same service,
+    restarted), and an event whose DLQ write failed: `[recovery]`. Lower values take over sooner; higher ones ride
+    out longer pauses (a loaded machine) without a false takeover."""
 
     #: Seconds an unsettled delivery waits past its function's timeout and batching window before JetStream
     #: delivers it again: what a crash left in flight comes back this much after it would have finished.
@@ -462,6 +463,8 @@ class FailoverSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     heartbeat: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 2.0
     #: Seconds without a heartbeat after which the other replicas take a replica for dead and share its shards.
     lapse: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: Seconds before an event whose DLQ write failed (a full or missing DLQ) is tried again; it stays queued.
+    dlq_retry_delay: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
 
     def __post_init__(self) -> None:
         if self.lapse < 2 * self.heartbeat:
@@ -521,7 +524,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
     dlq: DlqSettings = DlqSettings()
-    failover: FailoverSettings = FailoverSettings()
+    recovery: RecoverySettings = RecoverySettings()
     workers: WorkerSettings = WorkerSettings()
     http: HttpSettings = HttpSettings()
     functions: dict[str, dict[str, Any]] = {}

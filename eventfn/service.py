@@ -81,7 +81,7 @@ class Service:
         #: The queues and sharded streams declared in eventfn.toml.
         self.resources = Resources.of(config)
         #: The replicas sharing the sharded streams' shards, and which shards this one runs.
-        self.owners = Owners(state.of("members"), heartbeat=config.failover.heartbeat, lapse=config.failover.lapse)
+        self.owners = Owners(state.of("members"), heartbeat=config.recovery.heartbeat, lapse=config.recovery.lapse)
         self.owners.on_change = self._owners_changed
         self._replan = anyio.Event()
         #: Tumbling-window state and the like of the shard dispatchers.
@@ -287,7 +287,7 @@ class Service:
         for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
                 planned = mappings.plan(
-                    fn.name, fn.routing_settings, self.connectors.source, self.resources, self.config.failover
+                    fn.name, fn.routing_settings, self.connectors.source, self.resources, self.config.recovery
                 )
                 _claim_queues(planned, consumed)
             except ConfigError as exc:

@@ -36,10 +36,10 @@ def handlers(tmp_path: Path) -> Path:
     return path
 
 
-#: `[failover]` for a test that waits out a crash: what a SIGKILL left unsettled comes back, and a pin or a lapsed
+#: `[recovery]` for a test that waits out a crash: what a SIGKILL left unsettled comes back, and a pin or a lapsed
 #: replica moves, in seconds instead of the defaults' ten or more. Still generous on a loaded machine: a live service
 #: renews its deliveries and its pin at a third of these, and beats four times within a lapse.
-FAST_FAILOVER = "[failover]\nredelivery_margin = 3\npin_timeout = 3\nheartbeat = 1\nlapse = 4\n"
+FAST_RECOVERY = "[recovery]\nredelivery_margin = 3\npin_timeout = 3\nheartbeat = 1\nlapse = 4\n"
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[C
     coroutine that starts the service and waits for it to be ready with the loop running (annotate the fixture
     `Callable[..., Awaitable[Serve]]`). In a sync test, `service = serve(...)` blocks until it is ready
     (`Callable[..., Serve]`). An async test that forgets the `await` gets no `Serve` and a "never awaited" error.
-    `config` is the text of its eventfn.toml (`--config`), such as `FAST_FAILOVER`.
+    `config` is the text of its eventfn.toml (`--config`), such as `FAST_RECOVERY`.
     """
     started: list[Serve] = []
 

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 
 from eventfn.config import ServiceConfig
 from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, in_event_loop, wait_serving, write_handler
-from tests.conftest import FAST_FAILOVER
+from tests.conftest import FAST_RECOVERY
 
 pytestmark = pytest.mark.e2e
 
@@ -156,7 +156,7 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
     probe: Callable[[str], Any],
 ) -> None:
     write_handler(handlers, "sink", SINK)
-    serve = await serve_on_cluster("[stream]\nreplicas = 3\n" + FAST_FAILOVER)
+    serve = await serve_on_cluster("[stream]\nreplicas = 3\n" + FAST_RECOVERY)
     seen = await probe("probe.sink")
     js = admin.jetstream()
     producer = Producer(js)

@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from eventfn.testing import Serve, write_handler
-from tests.conftest import FAST_FAILOVER, Collector
+from tests.conftest import FAST_RECOVERY, Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -394,14 +394,14 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_never_runs_a_key_ahead(
     """Killed with keys in flight and restarted, the service replays what was not acknowledged: an event may run
     again (at least once), but no key's event starts before the one before it was settled."""
     add_ordered(handlers, "orders", attempts, KEY_BY_HEADER + "batch_size = 1\n", timeout=1, work=0.02)
-    first = await start_service(serve, "orders", life=1, config=FAST_FAILOVER)
+    first = await start_service(serve, "orders", life=1, config=FAST_RECOVERY)
     reports = await subscribe_reports(nc, "orders")
     keys = [f"k{n}" for n in range(10)]
     expected = await publish_keyed(nc, keys, 30)
     await reports.wait_until(lambda: reports.count_ok() >= 80)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    await start_service(serve, "orders", life=2, config=FAST_FAILOVER)
+    await start_service(serve, "orders", life=2, config=FAST_RECOVERY)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for key in keys:
@@ -425,7 +425,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
         batch_window = 0.05
     """
     add_ordered(handlers, "clicks", attempts, trigger, timeout=1, work=0.1)
-    first = await start_service(serve, "clicks", life=1, config=FAST_FAILOVER)
+    first = await start_service(serve, "clicks", life=1, config=FAST_RECOVERY)
     reports = await subscribe_reports(nc, "clicks")
     shards = [f"s{n}" for n in range(4)]
     for seq in range(60):
@@ -436,7 +436,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
     await reports.wait_until(lambda: reports.count_ok() >= 40)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    await start_service(serve, "clicks", life=2, config=FAST_FAILOVER)
+    await start_service(serve, "clicks", life=2, config=FAST_RECOVERY)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for entry in reports.entries:

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import NatsServer, Serve, write_handler
-from tests.conftest import FAST_FAILOVER, Collector
+from tests.conftest import FAST_RECOVERY, Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -86,7 +86,7 @@ async def _wait_until(collector: Collector, done: object, timeout: float) -> Non
 async def test_two_replicas_share_the_shards_and_the_survivor_takes_over_with_no_gap(
     tmp_path: Path, nats_server: NatsServer, handlers: Path, nc: Client, probe
 ) -> None:
-    (tmp_path / "eventfn.toml").write_text("[streams.clicks]\nshards = 4\n" + FAST_FAILOVER, encoding="utf-8")
+    (tmp_path / "eventfn.toml").write_text("[streams.clicks]\nshards = 4\n" + FAST_RECOVERY, encoding="utf-8")
     write_handler(handlers, "clicks", HANDLER)
     seen = await probe("probe.clicks")
     a = _replica(tmp_path, nats_server, handlers, "a")

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from eventfn.config import FailoverSettings
+from eventfn.config import RecoverySettings
 from eventfn.subjects import covers
 
 
@@ -39,8 +39,8 @@ class ConsumerState(msgspec.Struct, frozen=True):
 
 #: The priority group of an exclusive consumer (JetStream allows one group per consumer, of at most 16 characters).
 EXCLUSIVE_GROUP = "eventfn"
-#: Seconds before an exclusive consumer whose pinned process stopped asking goes to another (`[failover]`).
-PIN_TIMEOUT = FailoverSettings().pin_timeout
+#: Seconds before an exclusive consumer whose pinned process stopped asking goes to another (`[recovery]`).
+PIN_TIMEOUT = RecoverySettings().pin_timeout
 
 #: Where a new consumer starts, as JetStream's deliver policy.
 _DELIVER_POLICY = {"LATEST": "new", "TRIM_HORIZON": "all", "AT_TIMESTAMP": "by_start_time"}

@@ -25,10 +25,10 @@ from eventfn.config import (
     BUILTIN_TRIGGERS,
     MAX_BATCH_BYTES,
     Destinations,
-    FailoverSettings,
     FunctionSettings,
     HttpTrigger,
     QueueTrigger,
+    RecoverySettings,
     RetryPolicy,
     StreamTrigger,
     Trigger,
@@ -38,6 +38,7 @@ from eventfn.errors import ConfigError
 from eventfn.filters import Filter, compile_filters
 from eventfn.sources import queues, shards
 from eventfn.sources.connector import Bound
+from eventfn.sources.deadletters import DLQ_RETRY_DELAY
 from eventfn.sources.resources import Resources
 from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
 
@@ -47,8 +48,8 @@ SourceFor = Callable[[Bound], Source]
 _ENABLED_KEY = "eventfn_enabled"
 #: The async-invoke mapping's name (`<function>--async`); trigger names may not take it.
 ASYNC_MAPPING = "async"
-#: Seconds past a function's timeout and batching window before an unsettled delivery comes again (`[failover]`).
-REDELIVERY_MARGIN = FailoverSettings().redelivery_margin
+#: Seconds past a function's timeout and batching window before an unsettled delivery comes again (`[recovery]`).
+REDELIVERY_MARGIN = RecoverySettings().redelivery_margin
 
 
 class Mapping(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,8 +72,10 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int = 1
     #: The function's timeout: the consumer's ack wait covers a batching window and one invocation.
     timeout: float = 3.0
-    #: What the ack wait allows past a batching window and one invocation (`[failover] redelivery_margin`).
+    #: What the ack wait allows past a batching window and one invocation (`[recovery] redelivery_margin`).
     redelivery_margin: float = REDELIVERY_MARGIN
+    #: Seconds before an event whose DLQ write failed is tried again (`[recovery] dlq_retry_delay`).
+    dlq_retry_delay: float = DLQ_RETRY_DELAY
     retry: RetryPolicy = RetryPolicy()
     destinations: Destinations = Destinations()
     #: Set when the function may not run (concurrency 0) and the source dead-letters rather than waits:
@@ -129,20 +132,21 @@ def plan(
     settings: FunctionSettings | None,
     connectors: SourceFor | None = None,
     resources: Resources | None = None,
-    failover: FailoverSettings | None = None,
+    recovery: RecoverySettings | None = None,
 ) -> dict[str, Mapping]:
     """The mappings `settings` call for, by name; `connectors` gives the sources of connector triggers (without
     it, those triggers are left out), `resources` the queues and sharded streams that queue and stream triggers
-    name (a trigger naming one not declared is a `ConfigError`), `failover` how soon what a crash left goes on
-    (`[failover]`). A stream trigger has one mapping per shard, `<function>--<trigger>--shard-<index>`."""
+    name (a trigger naming one not declared is a `ConfigError`), `recovery` how soon what a crash left goes on
+    (`[recovery]`). A stream trigger has one mapping per shard, `<function>--<trigger>--shard-<index>`."""
     if settings is None:
         return {}
     resources = resources or Resources()
-    failover = failover or FailoverSettings()
+    recovery = recovery or RecoverySettings()
     base: dict[str, Any] = {
         "function": function,
         "timeout": settings.timeout,
-        "redelivery_margin": failover.redelivery_margin,
+        "redelivery_margin": recovery.redelivery_margin,
+        "dlq_retry_delay": recovery.dlq_retry_delay,
         "retry": settings.retry,
         "destinations": settings.destinations,
     }
@@ -173,7 +177,7 @@ def plan(
         )
     if settings.concurrency == 0:
         planned = [_disabled(m) for m in planned]
-    return {m.name: _pinned_for(m, failover.pin_timeout) for m in planned}
+    return {m.name: _pinned_for(m, recovery.pin_timeout) for m in planned}
 
 
 def _queue_mapping(
@@ -278,7 +282,7 @@ def _trigger_source(trigger: Trigger) -> Source:
 
 
 def _pinned_for(mapping: Mapping, pin_timeout: float) -> Mapping:
-    """The mapping with its exclusive consumer's pin held `pin_timeout` seconds (`[failover]`)."""
+    """The mapping with its exclusive consumer's pin held `pin_timeout` seconds (`[recovery]`)."""
     consumer = mapping.source.consumer
     if not consumer.exclusive or consumer.pin_timeout == pin_timeout:
         return mapping

@@ -24,15 +24,15 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from eventfn.config import FailoverSettings
+from eventfn.config import RecoverySettings
 from eventfn.sources.connector import State
 
 log = logging.getLogger(__name__)
 
-#: Seconds between heartbeats (`[failover] heartbeat`).
-HEARTBEAT = FailoverSettings().heartbeat
-#: A member whose heartbeat has not changed this long is taken for dead (`[failover] lapse`).
-LAPSE = FailoverSettings().lapse
+#: Seconds between heartbeats (`[recovery] heartbeat`).
+HEARTBEAT = RecoverySettings().heartbeat
+#: A member whose heartbeat has not changed this long is taken for dead (`[recovery] lapse`).
+LAPSE = RecoverySettings().lapse
 
 
 class Owners:
