@@ -358,7 +358,7 @@ async def test_an_event_whose_dlq_write_fails_stays_queued_until_the_dlq_takes_i
     handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe: Any
 ) -> None:
     echo_handler(handlers, "deep", attempts=0)
-    service = await serve()
+    service = await serve(config="[recovery]\ndlq_retry_delay = 1\n")  # the DLQ write is tried again after 1 s, not 5
     js = nc.jetstream()
     # A full DLQ that refuses new records: every DLQ write now fails (the stream is there, so the service has
     # nothing to re-create; a deleted one is re-created, see test_broker.py).

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -20,7 +21,6 @@ from eventfn.broker.connection import connect
 from eventfn.config import NatsSettings, QueueSettings
 from eventfn.invoke.invocation import Outcome
 from eventfn.sources import queues
-from eventfn.sources.deadletters import DLQ_RETRY_DELAY
 from eventfn.testing import NatsServer, Serve, write_handler
 from tests.queue_rig import BOOM, OK, Function, config, drained, make_queues, plan, running, stored
 
@@ -134,14 +134,16 @@ async def test_a_failed_move_to_a_deleted_dlq_keeps_the_message_until_the_dlq_is
     await bus.publish_stored("eventfn.queue.orders", b"poison")
     fn = Function(lambda records: BOOM)
     with caplog.at_level(logging.ERROR, logger="eventfn.sources"):
-        async with running(bus, plan(resources, "orders", batch_size=1), fn):
+        # The move is tried again after `[recovery] dlq_retry_delay`: 1 s here, not the default 5 s.
+        mapping = msgspec.structs.replace(plan(resources, "orders", batch_size=1), dlq_retry_delay=1.0)
+        async with running(bus, mapping, fn):
             await fn.wait(lambda: len(fn.received) == 1)
             with anyio.fail_after(10):
                 while not any("to orders-dlq failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
                     await anyio.sleep(0.05)  # logged after the write failed; nothing else announces it
             assert [body for body, _ in await stored(bus, "orders")] == [b"poison"]  # not deleted
             await make_queues(bus, service)  # re-created (as `eventfn serve` does when it finds it gone)
-            await drained(bus, "orders", timeout=DLQ_RETRY_DELAY + 10)
+            await drained(bus, "orders", timeout=mapping.dlq_retry_delay + 10)
     assert [body for body, _ in await stored(bus, "orders-dlq")] == [b"poison"]
     assert len(fn.received) == 1  # moved when it came back, without running again
 
