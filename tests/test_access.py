@@ -203,12 +203,14 @@ def login(service: Serve, role: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Roles]:
-    """One `eventfn serve` with its embedded server for the checks that do not change its state."""
+    """One `eventfn serve` with its embedded server for the checks that leave it as they found it (`doomed` is
+    the admin check's: it redrives and purges that function's dead letters only)."""
     root = tmp_path_factory.mktemp("embedded")
     handlers = root / "handlers"
     handlers.mkdir()
     write_handler(handlers, "echo", ECHO)
     write_handler(handlers, "fail", FAIL)
+    write_handler(handlers, "doomed", FAIL)
     with Serve(handlers, None, root / "data") as service:
         yield Roles(
             service,
@@ -259,7 +261,7 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
     # The CLI connects as admin with nothing but the data directory to go on.
     functions = await embedded.serve.acli("functions", "--json")
     assert functions.returncode == 0, functions.stderr
-    assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail"}
+    assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail", "doomed"}
     dead = await embedded.serve.acli("dlq", "ls", "--json")
     assert dead.returncode == 0, dead.stderr
     # An invoker's context does not reach the DLQ: one clear line, at once.
@@ -271,11 +273,8 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
     assert denied.stderr.count("\n") == 1, denied.stderr
 
 
-async def test_admin_may_administer_and_invoke(tmp_path: Path, handlers: Path) -> None:
-    write_handler(handlers, "echo", ECHO)
-    write_handler(handlers, "doomed", FAIL)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        await check_admin(service, {})
+async def test_admin_may_administer_and_invoke(embedded: Roles) -> None:
+    await check_admin(embedded.serve, {})
 
 
 async def check_admin(service: Serve, env: dict[str, str]) -> None:
@@ -510,29 +509,26 @@ async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
     ]
 
 
-async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(tmp_path: Path, handlers: Path) -> None:
+async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(embedded: Roles) -> None:
     """The admin may not touch the JetStream API: `eventfn pub` there says the server refused it, exits 1,
     and does not fall back to a core publish as it does for a subject no stream stores."""
-    write_handler(handlers, "echo", ECHO)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        refused = await service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
-        assert refused.returncode == 1, refused.stdout
-        assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
-        assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
-        stored = await service.acli("pub", "events.access.x", "{}")
-        assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
+    service = embedded.serve
+    refused = await service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
+    assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
+    stored = await service.acli("pub", "events.access.x", "{}")
+    assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
 
 
-async def test_an_unknown_function_is_not_found_without_naming_the_others(tmp_path: Path, handlers: Path) -> None:
+async def test_an_unknown_function_is_not_found_without_naming_the_others(embedded: Roles) -> None:
     """Anonymous callers may not list functions (the control API is the admin's): a 404 names only what
     they asked for, as Lambda's does."""
-    write_handler(handlers, "secretive", ECHO)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        nc = await nats.connect(service.url)
-        try:
-            reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
-        finally:
-            await nc.close()
+    nc = await nats.connect(embedded.url)
+    try:
+        reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
+    finally:
+        await nc.close()
     assert reply.headers and reply.headers["Eventfn-Status"] == "404"
     assert json.loads(reply.data)["errorMessage"] == "Function not found: nosuch"
 
