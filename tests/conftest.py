@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
@@ -123,6 +123,23 @@ async def probe(nc: Client) -> Callable[[str], object]:
         return collector
 
     return subscribe
+
+
+_T = TypeVar("_T")
+
+
+async def at_once(*calls: Awaitable[_T]) -> list[_T]:
+    """Await `calls` concurrently, each in a task of its own; their results in the order given. For checks that do
+    not depend on one another, such as one CLI command per bad input: each is a process start of its own."""
+    results: dict[int, _T] = {}
+
+    async def run(index: int, call: Awaitable[_T]) -> None:
+        results[index] = await call
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
+    return [results[index] for index in range(len(calls))]
 
 
 # -- worker pools driven directly (no NATS, no service) -------------------------------------------------------
