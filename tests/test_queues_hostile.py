@@ -210,12 +210,12 @@ async def test_a_blocked_fifo_group_with_a_long_backlog_does_not_starve_the_othe
 
 LONG_SHIP = """
     # /// eventfn
-    # timeout = 3
+    # timeout = 2
     # [[triggers]]
     # type = "queue"
     # queue = "orders"
     # batch_size = 10
-    # batch_window = 2
+    # batch_window = 1.2
     # ///
     import time
 
@@ -224,7 +224,7 @@ LONG_SHIP = """
     def handler(event, context):
         for record in event["Records"]:
             _probe.report("probe.ship", f"start {record['body']} {record['attributes']['ApproximateReceiveCount']}")
-        time.sleep(2.5)
+        time.sleep(1.6)
         _probe.report("probe.ship", "end")
 """
 
@@ -238,12 +238,13 @@ async def test_a_message_is_not_received_again_while_its_handler_outlives_a_thir
     serve: Callable[..., Awaitable[Serve]],
 ) -> None:
     config = tmp_path / "eventfn.toml"
-    config.write_text("[queues.orders]\nvisibility_timeout = 3\nmax_receive_count = 0\n", encoding="utf-8")
+    config.write_text("[queues.orders]\nvisibility_timeout = 2\nmax_receive_count = 0\n", encoding="utf-8")
     write_handler(handlers, "ship", LONG_SHIP)
     seen = await probe("probe.ship")
     await serve(extra_args=["--config", str(config)])
     await nc.publish("eventfn.queue.orders", b"slow")
-    # Gathered for 2 s and run for 2.5 s: 4.5 s after delivery, past the 3 s visibility timeout.
+    # Gathered for 1.2 s and run for 1.6 s: 2.8 s after delivery, past the 2 s visibility timeout (and each of the
+    # two phases alone is more than a third of it).
     assert await seen.wait_for(2) == ["start slow 1", "end"]
     js = nc.jetstream()
     with anyio.fail_after(10):
