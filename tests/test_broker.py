@@ -399,7 +399,8 @@ async def test_streams_and_consumers_deleted_under_a_running_service_are_recreat
     tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Awaitable[Serve]], probe
 ) -> None:
     write_handler(handlers, "sink", SINK.format())
-    service = await serve()
+    # The DLQ write that finds the DLQ gone is tried again after 1 s ([recovery] dlq_retry_delay), not 5 s.
+    service = await serve(config="[recovery]\ndlq_retry_delay = 1\n")
     seen = await probe("probe.sd")
     admin = await admin_client(nats_server.url, tmp_path / "data")
     js = admin.jetstream()
