@@ -465,10 +465,15 @@ class RecoverySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     lapse: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
     #: Seconds before an event whose DLQ write failed (a full or missing DLQ) is tried again; it stays queued.
     dlq_retry_delay: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
+    #: Seconds before each restart of an embedded nats-server that exited, one per restart in a row; one exit more
+    #: and `eventfn serve` exits 1, for its own supervisor to restart both.
+    nats_restart_delays: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
 
     def __post_init__(self) -> None:
         if self.lapse < 2 * self.heartbeat:
             raise ValueError(f"lapse ({self.lapse:g} s) must be at least twice heartbeat ({self.heartbeat:g} s)")
+        if len(self.nats_restart_delays) > 100 or not all(0 <= d <= 600 for d in self.nats_restart_delays):
+            raise ValueError("nats_restart_delays is a list of at most 100 waits of 0 to 600 seconds")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -616,7 +616,11 @@ async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], boo
         return
     access = EmbeddedAuth(config)
     async with embedded_server(
-        Path(config.data_dir), config.nats.port, host=config.nats.host, authorization=access.server_config
+        Path(config.data_dir),
+        config.nats.port,
+        host=config.nats.host,
+        authorization=access.server_config,
+        restart_delays=tuple(config.recovery.nats_restart_delays),
     ) as url:
         yield [url], True, access.started(url)
 

@@ -523,3 +523,11 @@ def test_a_lapse_shorter_than_two_heartbeats_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "eventfn.toml", "[recovery]\nheartbeat = 1\nlapse = 1.5\n")
     with pytest.raises(ConfigError, match=r"lapse \(1.5 s\) must be at least twice heartbeat \(1 s\)"):
         load_service_config(path, {})
+
+
+def test_nats_restart_delays_are_a_bounded_list_of_waits(tmp_path: Path) -> None:
+    empty = write(tmp_path / "empty.toml", "")
+    assert load_service_config(empty, {}).recovery.nats_restart_delays == [0.0, 0.5, 1.0, 2.0, 4.0]
+    path = write(tmp_path / "eventfn.toml", "[recovery]\nnats_restart_delays = [0, -1]\n")
+    with pytest.raises(ConfigError, match="nats_restart_delays is a list of at most 100 waits of 0 to 600 seconds"):
+        load_service_config(path, {})
