@@ -28,6 +28,7 @@ from eventfn.broker import auth
 from eventfn.config import AuthSettings, NatsSettings, ServiceConfig, environment_overrides, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import NatsServer, Serve, write_handler
+from tests.conftest import at_once
 
 pytestmark = pytest.mark.e2e
 
@@ -258,16 +259,18 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     admin = embedded.serve.credentials(auth.ADMIN)
     assert admin.url == embedded.url and admin.inbox_prefix == "_INBOX_eventfn_admin"
-    # The CLI connects as admin with nothing but the data directory to go on.
-    functions = await embedded.serve.acli("functions", "--json")
+    # The CLI connects as admin with nothing but the data directory to go on; an invoker's context does not
+    # reach the DLQ. (The three commands are independent: they run at once.)
+    invoker = {"EVENTFN_NATS_CONTEXT": str(auth.context_file(embedded.serve.data_dir, auth.INVOKER))}
+    functions, dead, denied = await at_once(
+        embedded.serve.acli("functions", "--json"),
+        embedded.serve.acli("dlq", "ls", "--json"),
+        embedded.serve.acli("dlq", "ls", env=invoker),
+    )
     assert functions.returncode == 0, functions.stderr
     assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail", "doomed"}
-    dead = await embedded.serve.acli("dlq", "ls", "--json")
     assert dead.returncode == 0, dead.stderr
     # An invoker's context does not reach the DLQ: one clear line, at once.
-    denied = await embedded.serve.acli(
-        "dlq", "ls", env={"EVENTFN_NATS_CONTEXT": str(auth.context_file(embedded.serve.data_dir, auth.INVOKER))}
-    )
     assert denied.returncode == 1
     assert 'refused it: permissions violation for publish to "$js.api.stream.msg.get.eventfn_dlq"' in denied.stderr
     assert denied.stderr.count("\n") == 1, denied.stderr
@@ -291,8 +294,8 @@ async def check_admin(service: Serve, env: dict[str, str]) -> None:
     redriven = await service.acli("dlq", "redrive", "doomed", "--id", str(record["id"]), env=env)
     assert redriven.returncode == 0 and "1 record(s) redriven" in redriven.stdout, redriven.stderr
     await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)  # it fails again
-    for args in [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]:
-        result = await service.acli(*args, env=env)
+    commands = [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]
+    for args, result in zip(commands, await at_once(*(service.acli(*args, env=env) for args in commands)), strict=True):
         assert result.returncode == 0, (args, result.stderr)
     assert (await service.acli("mappings", "disable", "echo--t0", env=env)).returncode == 0
     assert (await service.acli("mappings", "enable", "echo--t0", env=env)).returncode == 0
@@ -513,11 +516,12 @@ async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(emb
     """The admin may not touch the JetStream API: `eventfn pub` there says the server refused it, exits 1,
     and does not fall back to a core publish as it does for a subject no stream stores."""
     service = embedded.serve
-    refused = await service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
+    refused, stored = await at_once(
+        service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}"), service.acli("pub", "events.access.x", "{}")
+    )
     assert refused.returncode == 1, refused.stdout
     assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
     assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
-    stored = await service.acli("pub", "events.access.x", "{}")
     assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
 
 
