@@ -448,6 +448,34 @@ class DataStreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     replicas: Replicas | None = None
 
 
+class RecoverySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How soon work goes on after a failure: what a crashed service held, elsewhere (or in the same service,
+    restarted), and an event whose DLQ write failed: `[recovery]`. Lower values take over sooner; higher ones ride
+    out longer pauses (a loaded machine) without a false takeover."""
+
+    #: Seconds an unsettled delivery waits past its function's timeout and batching window before JetStream
+    #: delivers it again: what a crash left in flight comes back this much after it would have finished.
+    redelivery_margin: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: Seconds before JetStream gives an exclusive consumer (an ordered mapping's, a FIFO queue's, a shard's)
+    #: to another service, once the one it was pinned to has stopped asking for messages.
+    pin_timeout: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: Seconds between the heartbeats of replicas sharing sharded streams' shards.
+    heartbeat: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 2.0
+    #: Seconds without a heartbeat after which the other replicas take a replica for dead and share its shards.
+    lapse: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    #: Seconds before an event whose DLQ write failed (a full or missing DLQ) is tried again; it stays queued.
+    dlq_retry_delay: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
+    #: Seconds before each restart of an embedded nats-server that exited, one per restart in a row; one exit more
+    #: and `eventfn serve` exits 1, for its own supervisor to restart both.
+    nats_restart_delays: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
+
+    def __post_init__(self) -> None:
+        if self.lapse < 2 * self.heartbeat:
+            raise ValueError(f"lapse ({self.lapse:g} s) must be at least twice heartbeat ({self.heartbeat:g} s)")
+        if len(self.nats_restart_delays) > 100 or not all(0 <= d <= 600 for d in self.nats_restart_delays):
+            raise ValueError("nats_restart_delays is a list of at most 100 waits of 0 to 600 seconds")
+
+
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How worker processes are separated from the service and from each other (README: Handler isolation)."""
 
@@ -501,6 +529,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
     dlq: DlqSettings = DlqSettings()
+    recovery: RecoverySettings = RecoverySettings()
     workers: WorkerSettings = WorkerSettings()
     http: HttpSettings = HttpSettings()
     functions: dict[str, dict[str, Any]] = {}

@@ -83,7 +83,7 @@ class Service:
         #: The queues and sharded streams declared in eventfn.toml.
         self.resources = Resources.of(config)
         #: The replicas sharing the sharded streams' shards, and which shards this one runs.
-        self.owners = Owners(state.of("members"))
+        self.owners = Owners(state.of("members"), heartbeat=config.recovery.heartbeat, lapse=config.recovery.lapse)
         self.owners.on_change = self._owners_changed
         self._replan = anyio.Event()
         #: Tumbling-window state and the like of the shard dispatchers.
@@ -293,7 +293,9 @@ class Service:
         consumed: dict[str, str] = {}
         for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
-                planned = mappings.plan(fn.name, fn.routing_settings, self.connectors.source, self.resources)
+                planned = mappings.plan(
+                    fn.name, fn.routing_settings, self.connectors.source, self.resources, self.config.recovery
+                )
                 _claim_queues(planned, consumed)
             except ConfigError as exc:
                 log.error("function %s: its triggers cannot be set up: %s", fn.name, exc)
@@ -624,7 +626,11 @@ async def _nats_url(config: ServiceConfig) -> AsyncIterator[tuple[list[str], boo
         return
     access = EmbeddedAuth(config)
     async with embedded_server(
-        Path(config.data_dir), config.nats.port, host=config.nats.host, authorization=access.server_config
+        Path(config.data_dir),
+        config.nats.port,
+        host=config.nats.host,
+        authorization=access.server_config,
+        restart_delays=tuple(config.recovery.nats_restart_delays),
     ) as url:
         yield [url], True, access.started(url)
 

@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
@@ -36,6 +36,12 @@ def handlers(tmp_path: Path) -> Path:
     return path
 
 
+#: `[recovery]` for a test that waits out a crash: what a SIGKILL left unsettled comes back, and a pin or a lapsed
+#: replica moves, in seconds instead of the defaults' ten or more. Still generous on a loaded machine: a live service
+#: renews its deliveries and its pin at a third of these, and beats four times within a lapse.
+FAST_RECOVERY = "[recovery]\nredelivery_margin = 3\npin_timeout = 3\nheartbeat = 1\nlapse = 4\n"
+
+
 @pytest.fixture
 def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[Callable[..., Any]]:
     """Start `eventfn serve` on the test's nats-server and handler directory; stopped at teardown.
@@ -44,12 +50,21 @@ def serve(tmp_path: Path, nats_server: NatsServer, handlers: Path) -> Iterator[C
     coroutine that starts the service and waits for it to be ready with the loop running (annotate the fixture
     `Callable[..., Awaitable[Serve]]`). In a sync test, `service = serve(...)` blocks until it is ready
     (`Callable[..., Serve]`). An async test that forgets the `await` gets no `Serve` and a "never awaited" error.
+    `config` is the text of its eventfn.toml (`--config`), such as `FAST_RECOVERY`.
     """
     started: list[Serve] = []
 
     def start(
-        *, wait_ready: bool = True, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+        *,
+        wait_ready: bool = True,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
     ) -> Serve | Awaitable[Serve]:
+        if config is not None:
+            path = tmp_path / "serve.toml"
+            path.write_text(config, encoding="utf-8")
+            extra_args = [*(extra_args or []), "--config", str(path)]
         process = Serve(
             handlers,
             nats_server.url,
@@ -108,6 +123,23 @@ async def probe(nc: Client) -> Callable[[str], object]:
         return collector
 
     return subscribe
+
+
+_T = TypeVar("_T")
+
+
+async def at_once(*calls: Awaitable[_T]) -> list[_T]:
+    """Await `calls` concurrently, each in a task of its own; their results in the order given. For checks that do
+    not depend on one another, such as one CLI command per bad input: each is a process start of its own."""
+    results: dict[int, _T] = {}
+
+    async def run(index: int, call: Awaitable[_T]) -> None:
+        results[index] = await call
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
+    return [results[index] for index in range(len(calls))]
 
 
 # -- worker pools driven directly (no NATS, no service) -------------------------------------------------------

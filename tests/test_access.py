@@ -28,6 +28,7 @@ from eventfn.broker import auth
 from eventfn.config import AuthSettings, NatsSettings, ServiceConfig, environment_overrides, load_service_config
 from eventfn.errors import ConfigError
 from eventfn.testing import NatsServer, Serve, write_handler
+from tests.conftest import at_once
 
 pytestmark = pytest.mark.e2e
 
@@ -203,12 +204,14 @@ def login(service: Serve, role: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Roles]:
-    """One `eventfn serve` with its embedded server for the checks that do not change its state."""
+    """One `eventfn serve` with its embedded server for the checks that leave it as they found it (`doomed` is
+    the admin check's: it redrives and purges that function's dead letters only)."""
     root = tmp_path_factory.mktemp("embedded")
     handlers = root / "handlers"
     handlers.mkdir()
     write_handler(handlers, "echo", ECHO)
     write_handler(handlers, "fail", FAIL)
+    write_handler(handlers, "doomed", FAIL)
     with Serve(handlers, None, root / "data") as service:
         yield Roles(
             service,
@@ -256,26 +259,25 @@ async def test_credentials_are_private_files_the_cli_finds(embedded: Roles) -> N
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     admin = embedded.serve.credentials(auth.ADMIN)
     assert admin.url == embedded.url and admin.inbox_prefix == "_INBOX_eventfn_admin"
-    # The CLI connects as admin with nothing but the data directory to go on.
-    functions = await embedded.serve.acli("functions", "--json")
+    # The CLI connects as admin with nothing but the data directory to go on; an invoker's context does not
+    # reach the DLQ. (The three commands are independent: they run at once.)
+    invoker = {"EVENTFN_NATS_CONTEXT": str(auth.context_file(embedded.serve.data_dir, auth.INVOKER))}
+    functions, dead, denied = await at_once(
+        embedded.serve.acli("functions", "--json"),
+        embedded.serve.acli("dlq", "ls", "--json"),
+        embedded.serve.acli("dlq", "ls", env=invoker),
+    )
     assert functions.returncode == 0, functions.stderr
-    assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail"}
-    dead = await embedded.serve.acli("dlq", "ls", "--json")
+    assert {f["name"] for f in json.loads(functions.stdout)} == {"echo", "fail", "doomed"}
     assert dead.returncode == 0, dead.stderr
     # An invoker's context does not reach the DLQ: one clear line, at once.
-    denied = await embedded.serve.acli(
-        "dlq", "ls", env={"EVENTFN_NATS_CONTEXT": str(auth.context_file(embedded.serve.data_dir, auth.INVOKER))}
-    )
     assert denied.returncode == 1
     assert 'refused it: permissions violation for publish to "$js.api.stream.msg.get.eventfn_dlq"' in denied.stderr
     assert denied.stderr.count("\n") == 1, denied.stderr
 
 
-async def test_admin_may_administer_and_invoke(tmp_path: Path, handlers: Path) -> None:
-    write_handler(handlers, "echo", ECHO)
-    write_handler(handlers, "doomed", FAIL)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        await check_admin(service, {})
+async def test_admin_may_administer_and_invoke(embedded: Roles) -> None:
+    await check_admin(embedded.serve, {})
 
 
 async def check_admin(service: Serve, env: dict[str, str]) -> None:
@@ -292,8 +294,8 @@ async def check_admin(service: Serve, env: dict[str, str]) -> None:
     redriven = await service.acli("dlq", "redrive", "doomed", "--id", str(record["id"]), env=env)
     assert redriven.returncode == 0 and "1 record(s) redriven" in redriven.stdout, redriven.stderr
     await service.log.await_line(r"doomed: request \S+ dead-lettered", start=mark, timeout=30)  # it fails again
-    for args in [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]:
-        result = await service.acli(*args, env=env)
+    commands = [("functions",), ("mappings",), ("invoke", "echo", '{"marker": "admin"}'), ("pub", "events.x", "{}")]
+    for args, result in zip(commands, await at_once(*(service.acli(*args, env=env) for args in commands)), strict=True):
         assert result.returncode == 0, (args, result.stderr)
     assert (await service.acli("mappings", "disable", "echo--t0", env=env)).returncode == 0
     assert (await service.acli("mappings", "enable", "echo--t0", env=env)).returncode == 0
@@ -510,29 +512,27 @@ async def test_a_publisher_cannot_choose_the_subject_the_handler_sees(
     ]
 
 
-async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(tmp_path: Path, handlers: Path) -> None:
+async def test_a_refused_publish_from_the_cli_is_an_error_not_a_core_publish(embedded: Roles) -> None:
     """The admin may not touch the JetStream API: `eventfn pub` there says the server refused it, exits 1,
     and does not fall back to a core publish as it does for a subject no stream stores."""
-    write_handler(handlers, "echo", ECHO)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        refused = await service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}")
-        assert refused.returncode == 1, refused.stdout
-        assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
-        assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
-        stored = await service.acli("pub", "events.access.x", "{}")
-        assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
+    service = embedded.serve
+    refused, stored = await at_once(
+        service.acli("pub", "$JS.API.STREAM.DELETE.EVENTFN", "{}"), service.acli("pub", "events.access.x", "{}")
+    )
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith("eventfn: error: the NATS server refused"), refused.stderr
+    assert "core NATS" not in refused.stderr and "Traceback" not in refused.stderr
+    assert stored.returncode == 0 and json.loads(stored.stdout)["sequence"] >= 1, stored.stderr
 
 
-async def test_an_unknown_function_is_not_found_without_naming_the_others(tmp_path: Path, handlers: Path) -> None:
+async def test_an_unknown_function_is_not_found_without_naming_the_others(embedded: Roles) -> None:
     """Anonymous callers may not list functions (the control API is the admin's): a 404 names only what
     they asked for, as Lambda's does."""
-    write_handler(handlers, "secretive", ECHO)
-    async with Serve(handlers, None, tmp_path / "data") as service:
-        nc = await nats.connect(service.url)
-        try:
-            reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
-        finally:
-            await nc.close()
+    nc = await nats.connect(embedded.url)
+    try:
+        reply = await nc.request("eventfn.invoke.nosuch", b"{}", timeout=10)
+    finally:
+        await nc.close()
     assert reply.headers and reply.headers["Eventfn-Status"] == "404"
     assert json.loads(reply.data)["errorMessage"] == "Function not found: nosuch"
 

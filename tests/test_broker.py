@@ -364,7 +364,10 @@ async def test_a_broker_that_keeps_dying_is_restarted_a_bounded_number_of_times_
 ) -> None:
     write_handler(handlers, "hello", HELLO)
     data_dir = tmp_path / "data"
-    service = await Serve(handlers, None, data_dir).astart()
+    # Five restarts as by default, each after 0.1 s instead of 0 to 4 s ([recovery] nats_restart_delays).
+    config = tmp_path / "eventfn.toml"
+    config.write_text("[recovery]\nnats_restart_delays = [0, 0.1, 0.1, 0.1, 0.1]\n", encoding="utf-8")
+    service = await Serve(handlers, None, data_dir, extra_args=["--config", str(config)]).astart()
     try:
         for restarts in range(5):
             os.kill(server_pid(data_dir), signal.SIGKILL)
@@ -399,7 +402,8 @@ async def test_streams_and_consumers_deleted_under_a_running_service_are_recreat
     tmp_path: Path, handlers: Path, nats_server: NatsServer, serve: Callable[..., Awaitable[Serve]], probe
 ) -> None:
     write_handler(handlers, "sink", SINK.format())
-    service = await serve()
+    # The DLQ write that finds the DLQ gone is tried again after 1 s ([recovery] dlq_retry_delay), not 5 s.
+    service = await serve(config="[recovery]\ndlq_retry_delay = 1\n")
     seen = await probe("probe.sd")
     admin = await admin_client(nats_server.url, tmp_path / "data")
     js = admin.jetstream()

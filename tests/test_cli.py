@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import NatsServer, Serve, function_info, wait_serving, wait_until, write_handler
+from tests.conftest import at_once
 
 pytestmark = pytest.mark.e2e
 
@@ -118,17 +119,18 @@ async def test_global_options_work_before_and_after_the_subcommand(
     await serve()
     url = nats_server.url
     wrong = f"nats://127.0.0.1:{free_port()}"
-    for args in (
+    listings = (
         ["--nats", url, "functions", "--json"],
         ["functions", "--json", "--nats", url],
         ["--nats", wrong, "functions", "--json", "--nats", url],  # given twice, the later one wins
         ["--data-dir", str(tmp_path / "nowhere"), "--nats", url, "functions", "--json"],
-    ):
-        result = await eventfn(*args, cwd=tmp_path)
+    )
+    dlq = (["--nats", url, "dlq", "ls"], ["dlq", "--nats", url, "ls"], ["dlq", "ls", "--nats", url])
+    results = await at_once(*(eventfn(*args, cwd=tmp_path) for args in (*listings, *dlq)))
+    for args, result in zip(listings, results[: len(listings)], strict=True):
         assert result.returncode == 0, (args, result.stderr.decode())
         assert [f["name"] for f in json.loads(result.stdout)] == ["echo"], args
-    for args in (["--nats", url, "dlq", "ls"], ["dlq", "--nats", url, "ls"], ["dlq", "ls", "--nats", url]):
-        result = await eventfn(*args, cwd=tmp_path)
+    for args, result in zip(dlq, results[len(listings) :], strict=True):
         assert result.returncode == 0, (args, result.stderr.decode())
         assert result.stdout.decode().startswith("ID"), args
 
@@ -139,13 +141,17 @@ async def test_output_into_a_closed_pipe_ends_quietly(
     """`eventfn mappings | head -3` once the reader has gone: no BrokenPipeError traceback."""
     write_handler(handlers, "echo", ECHO)
     await serve()
-    for command in (["mappings"], ["functions"], ["functions", "--json"], ["dlq", "ls"], ["invoke", "echo"]):
+
+    async def into_a_closed_pipe(command: list[str]) -> subprocess.CompletedProcess[bytes]:
         reader, writer = os.pipe()
         os.close(reader)  # every write fails with EPIPE, as after `head` has exited
         try:
-            result = await eventfn(*command, "--nats", nats_server.url, cwd=tmp_path, stdout=writer)
+            return await eventfn(*command, "--nats", nats_server.url, cwd=tmp_path, stdout=writer)
         finally:
             os.close(writer)
+
+    commands = (["mappings"], ["functions"], ["functions", "--json"], ["dlq", "ls"], ["invoke", "echo"])
+    for command, result in zip(commands, await at_once(*map(into_a_closed_pipe, commands)), strict=True):
         assert result.stderr.decode() == "", command
         assert result.returncode == 141, (command, result.returncode)  # as a tool killed by SIGPIPE
 
@@ -187,8 +193,9 @@ async def test_dlq_ls_prints_one_line_per_record(
 
 async def test_client_command_that_cannot_connect_points_at_eventfn_serve(tmp_path: Path) -> None:
     nowhere = f"nats://127.0.0.1:{free_port()}"
-    for command in (["functions"], ["mappings"], ["invoke", "echo"], ["pub", "events.x"], ["dlq", "ls"]):
-        line = one_line_error(await eventfn(*command, "--nats", nowhere, cwd=tmp_path))
+    commands = (["functions"], ["mappings"], ["invoke", "echo"], ["pub", "events.x"], ["dlq", "ls"])
+    for result in await at_once(*(eventfn(*command, "--nats", nowhere, cwd=tmp_path) for command in commands)):
+        line = one_line_error(result)
         assert "is `eventfn serve` running?" in line and "--nats URL" in line, line
         assert "embedded" not in line, line
 
@@ -213,8 +220,10 @@ async def test_an_invalid_function_name_is_a_one_line_error(tmp_path: Path, args
 
 
 async def test_publishing_to_an_invalid_subject_is_a_one_line_error(tmp_path: Path) -> None:
-    for subject in ("a b", "events.*", "events..x", ""):
-        line = one_line_error(await eventfn("pub", subject, "--nats", f"nats://127.0.0.1:{free_port()}", cwd=tmp_path))
+    nowhere = f"nats://127.0.0.1:{free_port()}"
+    subjects = ("a b", "events.*", "events..x", "")
+    for result in await at_once(*(eventfn("pub", subject, "--nats", nowhere, cwd=tmp_path) for subject in subjects)):
+        line = one_line_error(result)
         assert "is not a NATS subject to publish to" in line, line
 
 

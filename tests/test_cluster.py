@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 
 from eventfn.config import ServiceConfig
 from eventfn.testing import NatsCluster, NatsServer, Serve, _free_ports, in_event_loop, wait_serving, write_handler
+from tests.conftest import FAST_RECOVERY
 
 pytestmark = pytest.mark.e2e
 
@@ -155,7 +156,7 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
     probe: Callable[[str], Any],
 ) -> None:
     write_handler(handlers, "sink", SINK)
-    serve = await serve_on_cluster("[stream]\nreplicas = 3\n")
+    serve = await serve_on_cluster("[stream]\nreplicas = 3\n" + FAST_RECOVERY)
     seen = await probe("probe.sink")
     js = admin.jetstream()
     producer = Producer(js)
@@ -184,7 +185,7 @@ async def test_losing_the_stream_leader_loses_no_acknowledged_event(
         producer.stop.set()
 
     acked = set(producer.acked)
-    with anyio.fail_after(45):  # deliveries whose acks died with the server come back after their ack wait (12 s)
+    with anyio.fail_after(45):  # deliveries whose acks died with the server come back after their ack wait (5 s)
         while not acked <= numbers(seen.texts):
             await seen.wait_for(len(seen.messages) + 1)
     with anyio.fail_after(45):

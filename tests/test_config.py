@@ -17,6 +17,7 @@ from eventfn.config import (
     load_service_config,
     read_function_settings,
 )
+from eventfn.sources import mappings
 
 
 def write(path: Path, text: str) -> Path:
@@ -503,3 +504,30 @@ def test_ordering_by_header_or_subject_token_is_accepted(tmp_path: Path) -> None
         ("key", "header:Order-Id"),
         ("shard", "subject:1"),
     ]
+
+
+def test_recovery_timings_reach_the_mappings_ack_wait_pin_and_dlq_retry(tmp_path: Path) -> None:
+    path = write(tmp_path / "eventfn.toml", "[recovery]\nredelivery_margin = 2\npin_timeout = 3\ndlq_retry_delay = 1\n")
+    config = load_service_config(path, {})
+    entry = handler_file(tmp_path, None)
+    triggers = [{"subjects": ["orders.>"], "ordering": "key", "key": "header:Order-Id"}, {"subjects": ["x.>"]}]
+    settings = read_function_settings("fn", entry, None, {"timeout": 1, "triggers": triggers})
+    default, tuned = mappings.plan("fn", settings), mappings.plan("fn", settings, recovery=config.recovery)
+    assert default["fn--t0"].ack_wait == 1 + 10 and default["fn--t0"].source.consumer.pin_timeout == 10
+    assert tuned["fn--t0"].ack_wait == 1 + 2 and tuned["fn--t0"].source.consumer.pin_timeout == 3
+    assert tuned["fn--t1"].ack_wait == 1 + 2 and not tuned["fn--t1"].source.consumer.exclusive
+    assert (default["fn--t1"].dlq_retry_delay, tuned["fn--t1"].dlq_retry_delay) == (5, 1)
+
+
+def test_a_lapse_shorter_than_two_heartbeats_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "eventfn.toml", "[recovery]\nheartbeat = 1\nlapse = 1.5\n")
+    with pytest.raises(ConfigError, match=r"lapse \(1.5 s\) must be at least twice heartbeat \(1 s\)"):
+        load_service_config(path, {})
+
+
+def test_nats_restart_delays_are_a_bounded_list_of_waits(tmp_path: Path) -> None:
+    empty = write(tmp_path / "empty.toml", "")
+    assert load_service_config(empty, {}).recovery.nats_restart_delays == [0.0, 0.5, 1.0, 2.0, 4.0]
+    path = write(tmp_path / "eventfn.toml", "[recovery]\nnats_restart_delays = [0, -1]\n")
+    with pytest.raises(ConfigError, match="nats_restart_delays is a list of at most 100 waits of 0 to 600 seconds"):
+        load_service_config(path, {})

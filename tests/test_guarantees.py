@@ -11,6 +11,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import Serve, write_handler
+from tests.conftest import FAST_RECOVERY
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +62,7 @@ async def test_sigkill_with_thousands_in_flight_loses_nothing(
 ) -> None:
     batch, concurrency, total = 100, 2, 10_000
     write_handler(handlers, "sink", SINK.format(batch=batch, pause=0.01))
-    first = await serve()
+    first = await serve(config=FAST_RECOVERY)
     seen = await probe("probe.sink")
     await publish_numbers(nc, total)
     with anyio.fail_after(30):
@@ -71,8 +72,8 @@ async def test_sigkill_with_thousands_in_flight_loses_nothing(
     done_before = len(set(seen_numbers(seen.texts)))
     assert done_before < total, "the kill must interrupt the drain"
 
-    await serve()
-    with anyio.fail_after(60):  # unacknowledged events come back after their ack wait (2 + 0.05 + 10 s)
+    await serve(config=FAST_RECOVERY)
+    with anyio.fail_after(60):  # unacknowledged events come back after their ack wait (2 + 0.05 + 3 s)
         while len(set(seen_numbers(seen.texts))) < total:
             await seen.wait_for(len(seen.messages) + 1)
     assert sorted(set(seen_numbers(seen.texts))) == list(range(total)), "every event processed, counted by id"

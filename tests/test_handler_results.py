@@ -14,11 +14,12 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,7 +27,7 @@ from nats.aio.client import Client
 
 from eventfn.invoke import marshal
 from eventfn.invoke.invocation import Invocation
-from eventfn.testing import Serve, function_info, wait_stats, wait_until, write_handler
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, function_info, wait_stats, wait_until, write_handler
 from tests.conftest import running_pool
 
 ERROR_KEYS = {"errorMessage", "errorType", "requestId", "stackTrace"}
@@ -139,29 +140,69 @@ def test_a_decimal_is_written_digit_for_digit(value: Decimal) -> None:
     assert marshal.encode({"n": value}) == b'{"n":' + str(value).encode() + b"}"
 
 
+#: The functions the shared service runs: each test's own, one per isolation mode where it applies.
+def _shared_functions() -> dict[str, str]:
+    functions = {"huge": HUGE_LINE}
+    for isolation in ISOLATIONS:
+        functions[f"when_{isolation}"] = WHEN.format(isolation=isolation)
+        functions[f"broken_{isolation}"] = BROKEN.format(isolation=isolation)
+        for name, kw, aw in [("plain", "", ""), ("coroutine", "async ", "await ")]:
+            functions[f"{name}_{isolation}"] = RAISES.format(isolation=isolation, kw=kw, aw=aw)
+        functions[f"loud_{isolation}"] = LOUD.format(isolation=isolation, fds=isolation == "process")
+        functions[f"chatty_{isolation}"] = PRINTS.format(isolation=isolation)
+    return functions
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, Serve]]:
+    """One nats-server and one `eventfn serve` running every function of the tests that only call their own
+    function and read what it answered and logged (a start costs about a second each)."""
+    root = tmp_path_factory.mktemp("results")
+    handlers = root / "handlers"
+    handlers.mkdir()
+    (handlers / "_probe.py").write_text(PROBE_MODULE)
+    for name, source in _shared_functions().items():
+        write_handler(handlers, name, source)
+    with NatsServer(root / "nats") as server, Serve(handlers, server.url, root / "data") as service:
+        yield server, service
+
+
+@pytest.fixture
+def service(shared: tuple[NatsServer, Serve]) -> Serve:
+    return shared[1]
+
+
+@pytest.fixture
+async def client(shared: tuple[NatsServer, Serve]) -> AsyncIterator[Client]:
+    """A client of the shared service's nats-server."""
+    nc = await nats.connect(shared[0].url)
+    yield nc
+    await nc.close()
+
+
+def service_handlers(service: Serve) -> Path:
+    """The handler directory the shared service runs."""
+    return Path(service.args[service.args.index("--handlers") + 1])
+
+
+WHEN = """
+    # /// eventfn
+    # isolation = "{isolation}"
+    # ///
+    import datetime
+    from decimal import Decimal
+
+    def handler(event, context):
+        if event.get("decimal"):
+            return {{"price": Decimal("19.90")}}
+        return {{"at": datetime.datetime(2024, 1, 1)}}
+"""
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
-async def test_unencodable_result_is_lambdas_marshal_error(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
-) -> None:
-    write_handler(
-        handlers,
-        "when",
-        f"""
-        # /// eventfn
-        # isolation = "{isolation}"
-        # ///
-        import datetime
-        from decimal import Decimal
-
-        def handler(event, context):
-            if event.get("decimal"):
-                return {{"price": Decimal("19.90")}}
-            return {{"at": datetime.datetime(2024, 1, 1)}}
-    """,
-    )
-    await serve()
-    error, headers = await invoke(nc, "when")
+async def test_unencodable_result_is_lambdas_marshal_error(client: Client, isolation: str) -> None:
+    error, headers = await invoke(client, f"when_{isolation}")
     assert error == {
         "errorMessage": "Unable to marshal response: Object of type datetime is not JSON serializable",
         "errorType": "Runtime.MarshalError",
@@ -169,7 +210,7 @@ async def test_unencodable_result_is_lambdas_marshal_error(
         "stackTrace": [],
     }
     assert headers["Eventfn-Function-Error"] == "Unhandled"
-    reply = await nc.request("eventfn.invoke.when", b'{"decimal": true}', timeout=15)
+    reply = await client.request(f"eventfn.invoke.when_{isolation}", b'{"decimal": true}', timeout=15)
     assert reply.data == b'{"price":19.90}'
 
 
@@ -187,22 +228,26 @@ BROKEN = """
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_syntax_error_is_user_code_syntax_error_for_every_caller(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
+    service: Serve, client: Client, isolation: str
 ) -> None:
-    path = write_handler(handlers, "broken", BROKEN.format(isolation=isolation))
-    service = await serve()
-    logged = (await service.log.await_line(r"function 'broken' failed to load at (\S+): (\S+): ")).groups()
+    name = f"broken_{isolation}"
+    path = service_handlers(service) / f"{name}.py"
+    logged = (await service.log.await_line(rf"function '{name}' failed to load at (\S+): (\S+): ")).groups()
     assert logged == (f"{path}:4", "Runtime.UserCodeSyntaxError")
-    error, headers = await invoke(nc, "broken")
+    error, headers = await invoke(client, name)
     assert error == {
-        "errorMessage": "Syntax error in module 'broken': expected ':' (broken.py, line 4)",
+        "errorMessage": f"Syntax error in module '{name}': expected ':' ({name}.py, line 4)",
         "errorType": "Runtime.UserCodeSyntaxError",
         "requestId": headers["Eventfn-Request-Id"],
         "stackTrace": [f'  File "{path}" Line 4\n    def handler(event, context)\n'],  # Lambda's shape
     }
     assert headers["Eventfn-Function-Error"] == "Unhandled"
-    [info] = json.loads((await nc.request("eventfn.api.functions", b"", timeout=10)).data)
-    assert "Runtime.UserCodeSyntaxError: Syntax error in module 'broken'" in info["last_error"]
+    [info] = [
+        f
+        for f in json.loads((await client.request("eventfn.api.functions", b"", timeout=10)).data)
+        if f["name"] == name
+    ]
+    assert f"Runtime.UserCodeSyntaxError: Syntax error in module '{name}'" in info["last_error"]
 
 
 @pytest.mark.e2e
@@ -248,15 +293,10 @@ RAISES = """
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
-async def test_stack_trace_shows_the_handlers_frames_only(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
-) -> None:
-    for name, kw, aw in [("plain", "", ""), ("coroutine", "async ", "await ")]:
-        write_handler(handlers, name, RAISES.format(isolation=isolation, kw=kw, aw=aw))
-    await serve()
-    for name, aw in [("plain", ""), ("coroutine", "await ")]:
-        path = handlers / f"{name}.py"
-        error, headers = await invoke(nc, name)
+async def test_stack_trace_shows_the_handlers_frames_only(service: Serve, client: Client, isolation: str) -> None:
+    for name, aw in [(f"plain_{isolation}", ""), (f"coroutine_{isolation}", "await ")]:
+        path = service_handlers(service) / f"{name}.py"
+        error, headers = await invoke(client, name)
         assert error == {
             "errorMessage": "bad order",
             "errorType": "ValueError",
@@ -295,40 +335,42 @@ LOUD = """
 """
 
 
-def _lines_of(service: Serve, request_id: str) -> list[str]:
-    return [line for line in service.log.lines if line.startswith("[loud] ") and f"\t{request_id}\t" in line]
+def _lines_of(service: Serve, name: str, request_id: str) -> list[str]:
+    return [line for line in service.log.lines if line.startswith(f"[{name}] ") and f"\t{request_id}\t" in line]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_output_is_capped_per_invocation_with_one_marker_line(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
+    service: Serve, client: Client, isolation: str
 ) -> None:
     process = isolation == "process"  # only a worker process can capture what is written to fd 1 and 2
-    write_handler(handlers, "loud", LOUD.format(isolation=isolation, fds=process))
-    service = await serve()
-    marker = r"\[loud\] \S+\t{}\teventfn: output truncated: (\d+) bytes dropped after the first (\d+) \(.*max_log_bytes"
+    name = f"loud_{isolation}"
+    marker = (
+        rf"\[{name}\] \S+\t{{}}\teventfn: output truncated: (\d+) bytes dropped after the first (\d+) \(.*max_log_bytes"
+    )
     assert (await service.log.await_line(marker.format("-"))).groups() == ("20001", "9999"), (
         "the init phase is capped too"
     )
 
-    _, headers = await invoke(nc, "loud", {"loud": True})
+    _, headers = await invoke(client, name, {"loud": True})
     loud = headers["Eventfn-Request-Id"]
     dropped, kept = (await service.log.await_line(marker.format(loud))).groups()
     assert (int(dropped), int(kept)) == (190_000 + 100_000 * process, 10_000)
-    lines = _lines_of(service, loud)
+    lines = _lines_of(service, name, loud)
     assert len(lines) == 11, "ten lines of output, then the one marker"
     assert all(line.endswith("\t" + "x" * 999) for line in lines[:10])
 
-    _, headers = await invoke(nc, "loud", {"logs": True})
+    mark = service.log.mark()  # the service is shared: count this invocation's records only
+    _, headers = await invoke(client, name, {"logs": True})
     logs = headers["Eventfn-Request-Id"]
-    await service.log.await_line(marker.format(logs))
-    assert 5 <= sum("record" in line for line in service.log.lines if "w" * 990 in line) <= 10
+    await service.log.await_line(marker.format(logs), start=mark)
+    assert 5 <= sum("record" in line for line in service.log.lines[mark:] if "w" * 990 in line) <= 10
 
-    _, headers = await invoke(nc, "loud")
+    _, headers = await invoke(client, name)
     quiet = headers["Eventfn-Request-Id"]
     await service.log.await_line(rf"END RequestId: {quiet}")
-    assert [line.split("\t", 2)[2] for line in _lines_of(service, quiet)] == ["a small line"], "the budget resets"
+    assert [line.split("\t", 2)[2] for line in _lines_of(service, name, quiet)] == ["a small line"], "the budget resets"
 
 
 PRINTS = """
@@ -344,18 +386,17 @@ PRINTS = """
 @pytest.mark.e2e
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_a_sync_invokes_print_is_logged_between_its_start_and_end(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, isolation: str
+    service: Serve, client: Client, isolation: str
 ) -> None:
-    write_handler(handlers, "chatty", PRINTS.format(isolation=isolation))
-    service = await serve()
+    name = f"chatty_{isolation}"
     for _ in range(3):
-        _, headers = await invoke(nc, "chatty")
+        _, headers = await invoke(client, name)
         request = re.escape(headers["Eventfn-Request-Id"])
         await service.log.await_line(rf"END RequestId: {request}")
         lines = service.log.lines
         patterns = (
             rf"START RequestId: {request} ",
-            rf"^\[chatty\] .*\tprinted by {request}$",
+            rf"^\[{name}\] .*\tprinted by {request}$",
             rf"END RequestId: {request}",
         )
         where = [next((i for i, line in enumerate(lines) if re.search(p, line)), -1) for p in patterns]
@@ -371,12 +412,8 @@ HUGE_LINE = """
 
 
 @pytest.mark.e2e
-async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(handlers, "huge", HUGE_LINE)
-    service = await serve()
-    result, headers = await invoke(nc, "huge")
+async def test_one_huge_print_is_capped_without_costing_the_handler_its_memory(service: Serve, client: Client) -> None:
+    result, headers = await invoke(client, "huge")
     assert result == "printed", result
     request = re.escape(headers["Eventfn-Request-Id"])
     await service.log.await_line(rf"\t{request}\teventfn: output truncated: \d+ bytes dropped")

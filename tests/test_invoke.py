@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, write_handler
 
 pytestmark = pytest.mark.e2e
 
@@ -30,28 +30,73 @@ ECHO = """
 """
 
 
-async def test_sync_invoke_returns_the_handler_result(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+FAILS = """
+    def lambda_handler(event, context):
+        raise KeyError("missing-field")
+"""
+
+SLOW = """
+    # /// eventfn
+    # timeout = 1
+    # ///
+    def handler(event, context):
+        if event.get("spin"):
+            while True:
+                pass
+        return "fast"
+"""
+
+CTX = """
+    # /// eventfn
+    # timeout = 7
+    # memory = 256
+    # ///
+    def handler(event, context):
+        return {
+            "function_name": context.function_name,
+            "function_version": context.function_version,
+            "arn": context.invoked_function_arn,
+            "memory": context.memory_limit_in_mb,
+            "request_id": context.aws_request_id,
+            "log_group": context.log_group_name,
+            "log_stream": context.log_stream_name,
+            "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
+            "client_context": context.client_context,
+            "remaining": context.get_remaining_time_in_millis(),
+        }
+"""
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, Serve]]:
+    """One nats-server and one `eventfn serve` with every function of this module, for the tests that only call
+    them (a start costs about a second); each test uses its own function or its own events."""
+    root = tmp_path_factory.mktemp("invoke")
+    handlers = root / "handlers"
+    handlers.mkdir()
+    (handlers / "_probe.py").write_text(PROBE_MODULE)
+    for name, source in {"echo": ECHO, "fails": FAILS, "slow": SLOW, "ctx": CTX}.items():
+        write_handler(handlers, name, source)
+    with (
+        NatsServer(root / "nats") as server,
+        Serve(handlers, server.url, root / "data", env={"PROBE_NATS": server.url}) as serve,
+    ):
+        yield server, serve
+
+
+@pytest.fixture(scope="module")
+def nats_server(service: tuple[NatsServer, Serve]) -> NatsServer:
+    """The shared service's server: `nc` and `probe` connect to it."""
+    return service[0]
+
+
+async def test_sync_invoke_returns_the_handler_result(nc: Client) -> None:
     reply = await nc.request("eventfn.invoke.echo", b'{"id": 1}', timeout=10)
     assert json.loads(reply.data) == {"event": {"id": 1}, "function": "echo"}
     assert "Eventfn-Function-Error" not in (reply.headers or {})
 
 
-async def test_handler_exception_returns_lambda_error_object_and_error_header(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(
-        handlers,
-        "fails",
-        """
-        def lambda_handler(event, context):
-            raise KeyError("missing-field")
-    """,
-    )
-    await serve()
+async def test_handler_exception_returns_lambda_error_object_and_error_header(nc: Client) -> None:
     reply = await nc.request("eventfn.invoke.fails", b"{}", timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "KeyError"
@@ -60,24 +105,7 @@ async def test_handler_exception_returns_lambda_error_object_and_error_header(
     assert reply.headers["Eventfn-Function-Error"] == "Unhandled"
 
 
-async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(
-        handlers,
-        "slow",
-        """
-        # /// eventfn
-        # timeout = 1
-        # ///
-        def handler(event, context):
-            if event.get("spin"):
-                while True:
-                    pass
-            return "fast"
-    """,
-    )
-    await serve()
+async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving(nc: Client) -> None:
     reply = await nc.request("eventfn.invoke.slow", b'{"spin": true}', timeout=10)
     error = json.loads(reply.data)
     assert error["errorType"] == "Sandbox.Timedout"
@@ -87,21 +115,13 @@ async def test_timeout_fails_with_lambdas_message_and_the_function_keeps_serving
     assert json.loads(again.data) == "fast"
 
 
-async def test_unknown_function_gets_resource_not_found(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+async def test_unknown_function_gets_resource_not_found(nc: Client) -> None:
     reply = await nc.request("eventfn.invoke.nope", b"{}", timeout=10)
     assert json.loads(reply.data)["errorType"] == "ResourceNotFoundException"
     assert reply.headers["Eventfn-Status"] == "404"
 
 
-async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(nc: Client, probe) -> None:
     seen = await probe("probe.echo")
     await nc.publish("events.orders.created", b'{"id": 1}')  # matches events.orders.*
     await nc.publish("events.orders.created.extra", b'{"id": 2}')  # matches neither trigger
@@ -111,11 +131,7 @@ async def test_plain_publish_reaches_functions_on_matching_wildcard_subjects(
     assert sorted(e["id"] for e in received) == [1, 3, 4]
 
 
-async def test_non_json_body_arrives_as_text_and_binary_as_base64(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+async def test_non_json_body_arrives_as_text_and_binary_as_base64(nc: Client, probe) -> None:
     seen = await probe("probe.echo")
     await nc.publish("events.orders.text", b"plain words, not JSON")
     await nc.publish("events.orders.binary", b"\xff\xfe\x00\x01")
@@ -123,11 +139,7 @@ async def test_non_json_body_arrives_as_text_and_binary_as_base64(
     assert events == ["//4AAQ==", "plain words, not JSON"]
 
 
-async def test_async_invoke_is_stored_and_processed(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, probe
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+async def test_async_invoke_is_stored_and_processed(nc: Client, probe) -> None:
     seen = await probe("probe.echo")
     js = nc.jetstream()
     ack = await js.publish("eventfn.async.echo", b'{"job": 7}')
@@ -136,33 +148,7 @@ async def test_async_invoke_is_stored_and_processed(
     assert json.loads(text)["event"] == {"job": 7}
 
 
-async def test_context_has_lambdas_attributes(
-    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
-) -> None:
-    write_handler(
-        handlers,
-        "ctx",
-        """
-        # /// eventfn
-        # timeout = 7
-        # memory = 256
-        # ///
-        def handler(event, context):
-            return {
-                "function_name": context.function_name,
-                "function_version": context.function_version,
-                "arn": context.invoked_function_arn,
-                "memory": context.memory_limit_in_mb,
-                "request_id": context.aws_request_id,
-                "log_group": context.log_group_name,
-                "log_stream": context.log_stream_name,
-                "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
-                "client_context": context.client_context,
-                "remaining": context.get_remaining_time_in_millis(),
-            }
-    """,
-    )
-    await serve()
+async def test_context_has_lambdas_attributes(nc: Client) -> None:
     reply = await nc.request("eventfn.invoke.ctx", b"{}", timeout=10)
     ctx = json.loads(reply.data)
     assert ctx["function_name"] == "ctx"
@@ -184,11 +170,7 @@ async def _cli(*args: str, cwd: Path, input: bytes | None = None) -> subprocess.
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
-async def test_cli_invoke_pub_and_functions(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server, probe
-) -> None:
-    write_handler(handlers, "echo", ECHO)
-    await serve()
+async def test_cli_invoke_pub_and_functions(tmp_path: Path, nats_server: NatsServer, probe) -> None:
     url = ["--nats", nats_server.url]
     result = await _cli("invoke", "echo", '{"n": 5}', *url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -206,7 +188,8 @@ async def test_cli_invoke_pub_and_functions(
     assert {"n": 6} in events and {"n": 7} in events
 
     listing = await _cli("functions", "--json", *url, cwd=tmp_path)
-    [info] = json.loads(listing.stdout)
+    assert [f["name"] for f in json.loads(listing.stdout)] == ["ctx", "echo", "fails", "slow"]
+    [info] = [f for f in json.loads(listing.stdout) if f["name"] == "echo"]
     assert info["name"] == "echo" and info["state"] == "Active"
     assert info["triggers"] == ["events.orders.*", "audit.>"]
 

@@ -10,12 +10,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import nats
 import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import NatsServer, Serve, write_handler
-from tests.conftest import Collector
+from tests.conftest import Collector, at_once
 
 pytestmark = pytest.mark.e2e
 
@@ -108,26 +109,33 @@ async def test_embedded_server_serves_requests_and_stops_with_the_service(tmp_pa
         socket.create_connection((host, int(port)), timeout=2).close()
 
 
-def _serve_error(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "eventfn", "serve", *args], cwd=cwd, capture_output=True, text=True, timeout=60
-    )
+async def _serve_error(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    with anyio.fail_after(60):
+        done = await anyio.run_process([sys.executable, "-m", "eventfn", "serve", *args], cwd=cwd, check=False)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
-def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats_server: NatsServer) -> None:
-    in_use = _serve_error(
-        "--handlers",
-        str(handlers),
-        "--nats-port",
-        str(nats_server.port),
-        "--data-dir",
-        str(tmp_path / "d1"),
-        cwd=tmp_path,
+async def test_start_up_errors_are_one_clear_line(tmp_path: Path, handlers: Path, nats_server: NatsServer) -> None:
+    # Four independent starts run at once, each in a directory of its own (its own default data directory; only
+    # the last one reads an eventfn.toml).
+    places = {name: tmp_path / name for name in ("in_use", "unreachable", "no_dir", "typo")}
+    for place in places.values():
+        place.mkdir()
+    (places["typo"] / "eventfn.toml").write_text('[stream]\nsubjectz = ["x.>"]\n')
+    in_use, unreachable, no_dir, typo = await at_once(
+        _serve_error(
+            "--handlers",
+            str(handlers),
+            "--nats-port",
+            str(nats_server.port),
+            "--data-dir",
+            str(tmp_path / "d1"),
+            cwd=places["in_use"],
+        ),
+        _serve_error("--handlers", str(handlers), "--nats", "nats://127.0.0.1:1", cwd=places["unreachable"]),
+        _serve_error("--handlers", str(tmp_path / "missing"), "--nats", nats_server.url, cwd=places["no_dir"]),
+        _serve_error("--handlers", str(handlers), "--nats", nats_server.url, cwd=places["typo"]),
     )
-    unreachable = _serve_error("--handlers", str(handlers), "--nats", "nats://127.0.0.1:1", cwd=tmp_path)
-    no_dir = _serve_error("--handlers", str(tmp_path / "missing"), "--nats", nats_server.url, cwd=tmp_path)
-    (tmp_path / "eventfn.toml").write_text('[stream]\nsubjectz = ["x.>"]\n')
-    typo = _serve_error("--handlers", str(handlers), "--nats", nats_server.url, cwd=tmp_path)
     for result, expected in [
         (in_use, f"port {nats_server.port} is already in use"),
         (unreachable, "cannot connect"),

@@ -3,6 +3,10 @@ CLI, enabling and disabling, destinations, dedupe, poison input and concurrency,
 
 Events are published as the nats CLI publishes them (a plain core publish, no headers) unless a test is about
 headers. Handlers report what they saw through `_probe`; dead-letter records are watched on their subject.
+
+The tests share one nats-server and one `eventfn serve` (a start costs about a second): each writes its own
+function (its own name, its own subjects) into the shared handler directory, and `serve()` waits until the service
+runs it and its mappings. The restart test runs a service of its own.
 """
 
 from __future__ import annotations
@@ -12,21 +16,68 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from eventfn.testing import NatsServer, Serve, wait_serving, write_handler
+from eventfn.testing import PROBE_MODULE, NatsServer, Serve, api, wait_serving, wait_until, write_handler
 from tests.conftest import Collector
 
 pytestmark = pytest.mark.e2e
 
 STREAM = "EVENTFN"
+
+
+# -- the shared service ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """The module's nats-server: `nc` and `probe` connect to it."""
+    with NatsServer(tmp_path_factory.mktemp("mappings-nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared service's handler directory: each test adds its function here."""
+    path = tmp_path_factory.mktemp("mappings") / "handlers"
+    path.mkdir()
+    (path / "_probe.py").write_text(PROBE_MODULE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_service(nats_server: NatsServer, handlers: Path) -> Iterator[Serve]:
+    with Serve(handlers, nats_server.url, handlers.parent / "data", env={"PROBE_NATS": nats_server.url}) as service:
+        yield service
+
+
+@pytest.fixture
+def serve(shared_service: Serve, handlers: Path, nc: Client) -> Callable[[], Awaitable[Serve]]:
+    """`await serve()`: the shared service, once it serves the latest code of every function in the handler
+    directory and has provisioned each one's mappings (its async queue and every trigger)."""
+
+    async def ready() -> Serve:
+        for name in sorted(p.stem for p in handlers.glob("*.py") if not p.name.startswith("_")):
+            info = await wait_serving(nc, name)
+            wanted = 1 + len(info["triggers"])
+            await wait_until(
+                lambda: api(nc, "mappings"),
+                lambda listed, name=name, wanted=wanted: (
+                    sum(m["name"].startswith(f"{name}--") for m in listed) >= wanted
+                ),
+                what=f"{wanted} mappings of {name}",
+            )
+        return shared_service
+
+    return ready
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
@@ -498,7 +549,7 @@ async def test_dlq_ls_show_and_purge(
 async def test_dlq_show_of_an_unknown_id_exits_1_with_a_one_line_error(
     tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer
 ) -> None:
-    add_function(handlers, "broken", 'triggers = ["events.broken.>"]', BROKEN)
+    add_function(handlers, "broken", 'triggers = ["events.broken.>"]\n' + textwrap.dedent(NO_RETRY), BROKEN)
     await serve()
     result = await cli(nats_server, tmp_path, "dlq", "show", "999999")
     assert result.returncode == 1
@@ -573,26 +624,26 @@ async def test_dlq_redrive_after_a_fix_processes_the_event_once_through_its_batc
 async def test_dlq_redrive_of_a_still_failing_event_dead_letters_it_again_with_its_history(
     tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
-    add_function(handlers, "broken", 'triggers = ["events.broken.>"]\n' + textwrap.dedent(NO_RETRY), BROKEN)
+    add_function(handlers, "refailing", 'triggers = ["events.refailing.>"]\n' + textwrap.dedent(NO_RETRY), BROKEN)
     await serve()
     seen = await probe("probe.broken")
-    dead = await probe(dlq_subject("broken"))
-    await publish_json(nc, "events.broken.one", {"k": 1})
+    dead = await probe(dlq_subject("refailing"))
+    await publish_json(nc, "events.refailing.one", {"k": 1})
     [first] = parsed(await dead.wait_for(1))
 
-    redriven = await cli(nats_server, tmp_path, "dlq", "redrive", "broken")
+    redriven = await cli(nats_server, tmp_path, "dlq", "redrive", "refailing")
     assert redriven.returncode == 0, redriven.stderr.decode()
     second = parsed(await dead.wait_for(2))[1]
 
     assert parsed(seen.texts) == [{"k": 1}, {"k": 1}]
     assert second["requestPayload"] == {"k": 1}
-    assert second["eventfn"]["subject"] == "events.broken.one"
-    assert second["eventfn"]["consumer"] == "broken--t0"
+    assert second["eventfn"]["subject"] == "events.refailing.one"
+    assert second["eventfn"]["consumer"] == "refailing--t0"
     history = second["eventfn"]["history"]
     assert len(history) == 2
     assert history[0] == first["eventfn"]["history"][0]
     assert [h["errorType"] for h in history] == ["RuntimeError", "RuntimeError"]
-    [summary] = await cli_json(nats_server, tmp_path, "dlq", "ls", "broken")
+    [summary] = await cli_json(nats_server, tmp_path, "dlq", "ls", "refailing")
     shown = await cli(nats_server, tmp_path, "dlq", "show", str(summary["id"]))
     assert json.loads(shown.stdout) == second
 
@@ -655,45 +706,65 @@ async def test_disabled_mapping_holds_its_events_until_enabled(
     assert mapping["state"] == "Enabled" and mapping["lag"] == 0
 
 
-async def test_disabled_state_survives_a_service_restart(
-    tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
-) -> None:
-    add_function(handlers, "held", HELD, reporter("probe.held"))
-    first = await serve()
-    held = await probe("probe.held")
-    disabled = await cli(nats_server, tmp_path, "mappings", "disable", "held--orders")
-    assert disabled.returncode == 0, disabled.stderr.decode()
-    for n in range(2):
-        await publish_json(nc, "events.held.created", {"n": n})
-    assert await first.astop() == 0
+@pytest.fixture
+async def own_nats(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Client]]:
+    """A nats-server of the test's own (not the shared service's) and a client of it."""
+    async with NatsServer(tmp_path / "nats") as server:
+        client = await nats.connect(server.url)
+        try:
+            yield server, client
+        finally:
+            await client.close()
 
-    await serve()
-    mapping = (await mappings_by_name(nats_server, tmp_path))["held--orders"]
-    assert mapping["state"] == "Disabled"
-    assert mapping["lag"] == 2
-    enabled = await cli(nats_server, tmp_path, "mappings", "enable", "held--orders")
-    assert enabled.returncode == 0, enabled.stderr.decode()
-    assert sorted(e["n"] for e in parsed(await held.wait_for(2, timeout=10))) == [0, 1]
+
+async def test_disabled_state_survives_a_service_restart(tmp_path: Path, own_nats: tuple[NatsServer, Client]) -> None:
+    nats_server, nc = own_nats
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    (handlers / "_probe.py").write_text(PROBE_MODULE)
+    add_function(handlers, "held", HELD, reporter("probe.held"))
+    env = {"PROBE_NATS": nats_server.url}
+    first = await Serve(handlers, nats_server.url, tmp_path / "data", env=env).astart()
+    try:
+        held = Collector()
+        await nc.subscribe("probe.held", cb=held.on_message)
+        await nc.flush()
+        disabled = await cli(nats_server, tmp_path, "mappings", "disable", "held--orders")
+        assert disabled.returncode == 0, disabled.stderr.decode()
+        for n in range(2):
+            await publish_json(nc, "events.held.created", {"n": n})
+        assert await first.astop() == 0
+
+        async with Serve(handlers, nats_server.url, tmp_path / "data", env=env):
+            mapping = (await mappings_by_name(nats_server, tmp_path))["held--orders"]
+            assert mapping["state"] == "Disabled"
+            assert mapping["lag"] == 2
+            enabled = await cli(nats_server, tmp_path, "mappings", "enable", "held--orders")
+            assert enabled.returncode == 0, enabled.stderr.decode()
+            assert sorted(e["n"] for e in parsed(await held.wait_for(2, timeout=10))) == [0, 1]
+    finally:
+        await first.astop()
 
 
 async def test_enabled_false_in_settings_starts_the_mapping_disabled(
     tmp_path: Path, handlers: Path, serve: Callable[..., Awaitable[Serve]], nats_server: NatsServer, nc: Client, probe
 ) -> None:
-    add_function(handlers, "held", textwrap.dedent(HELD) + "enabled = false\n", reporter("probe.held"))
+    off = textwrap.dedent(HELD).replace("events.held.>", "events.held_off.>") + "enabled = false\n"
+    add_function(handlers, "held_off", off, reporter("probe.held_off"))
     add_function(handlers, "marker", MARKER, reporter("probe.marker"))
     await serve()
-    held, marker = await probe("probe.held"), await probe("probe.marker")
+    held, marker = await probe("probe.held_off"), await probe("probe.marker")
     mappings = await mappings_by_name(nats_server, tmp_path)
-    assert mappings["held--orders"]["state"] == "Disabled"
-    assert mappings["held--async"]["state"] == "Enabled"
+    assert mappings["held_off--orders"]["state"] == "Disabled"
+    assert mappings["held_off--async"]["state"] == "Enabled"
 
-    await publish_json(nc, "events.held.created", {"n": 0})
+    await publish_json(nc, "events.held_off.created", {"n": 0})
     await publish_json(nc, "events.marker", {"marker": 1})
     await marker.wait_for(1, timeout=10)
     assert held.messages == []
-    assert (await mappings_by_name(nats_server, tmp_path))["held--orders"]["lag"] == 1
+    assert (await mappings_by_name(nats_server, tmp_path))["held_off--orders"]["lag"] == 1
 
-    enabled = await cli(nats_server, tmp_path, "mappings", "enable", "held--orders")
+    enabled = await cli(nats_server, tmp_path, "mappings", "enable", "held_off--orders")
     assert enabled.returncode == 0, enabled.stderr.decode()
     assert parsed(await held.wait_for(1, timeout=10)) == [{"n": 0}]
 

@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from eventfn.testing import Serve, write_handler
-from tests.conftest import Collector
+from tests.conftest import FAST_RECOVERY, Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -300,9 +300,14 @@ WORK = "{work}"
     write_handler(handlers, name, f"# /// eventfn\n{block}\n# ///\n{textwrap.dedent(ORDERED).lstrip()}")
 
 
-async def start_service(serve: Callable[..., Awaitable[Serve]], function: str, life: int = 1) -> Serve:
-    """`eventfn serve`, its workers told their life; fails at once, with the reason, if `function` did not load."""
-    service = await serve(env={"ORDER_LIFE": str(life), "EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS,ORDER_LIFE"})
+async def start_service(
+    serve: Callable[..., Awaitable[Serve]], function: str, life: int = 1, config: str | None = None
+) -> Serve:
+    """`eventfn serve` (with `config` as its eventfn.toml), its workers told their life; fails at once, with the
+    reason, if `function` did not load."""
+    service = await serve(
+        env={"ORDER_LIFE": str(life), "EVENTFN_WORKER_ENV_PASSTHROUGH": "PROBE_NATS,ORDER_LIFE"}, config=config
+    )
     await service.log.await_line(r"eventfn ready")
     if f"function {function} loaded" not in service.log.text():
         problems = [line for line in service.log.lines if f"function {function}" in line]
@@ -389,14 +394,14 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_never_runs_a_key_ahead(
     """Killed with keys in flight and restarted, the service replays what was not acknowledged: an event may run
     again (at least once), but no key's event starts before the one before it was settled."""
     add_ordered(handlers, "orders", attempts, KEY_BY_HEADER + "batch_size = 1\n", timeout=1, work=0.02)
-    first = await start_service(serve, "orders", life=1)
+    first = await start_service(serve, "orders", life=1, config=FAST_RECOVERY)
     reports = await subscribe_reports(nc, "orders")
     keys = [f"k{n}" for n in range(10)]
     expected = await publish_keyed(nc, keys, 30)
     await reports.wait_until(lambda: reports.count_ok() >= 80)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    await start_service(serve, "orders", life=2)
+    await start_service(serve, "orders", life=2, config=FAST_RECOVERY)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for key in keys:
@@ -420,7 +425,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
         batch_window = 0.05
     """
     add_ordered(handlers, "clicks", attempts, trigger, timeout=1, work=0.1)
-    first = await start_service(serve, "clicks", life=1)
+    first = await start_service(serve, "clicks", life=1, config=FAST_RECOVERY)
     reports = await subscribe_reports(nc, "clicks")
     shards = [f"s{n}" for n in range(4)]
     for seq in range(60):
@@ -431,7 +436,7 @@ async def test_each_batch_holds_one_shard_in_order_across_a_sigkill(
     await reports.wait_until(lambda: reports.count_ok() >= 40)
     first.kill()
     assert reports.count_ok() < len(expected), "the kill must come mid-stream"
-    await start_service(serve, "clicks", life=2)
+    await start_service(serve, "clicks", life=2, config=FAST_RECOVERY)
     progress = await reports.settle(expected)
     assert progress.ok == expected
     for entry in reports.entries:

@@ -15,6 +15,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import NatsServer, Serve, write_handler
+from tests.conftest import at_once
 
 pytestmark = pytest.mark.e2e
 
@@ -160,24 +161,31 @@ async def test_queue_commands_send_show_and_purge_and_name_mistakes(
 ) -> None:
     config = declare(tmp_path)
     await serve(extra_args=["--config", str(config)])  # creates the queues' streams; no function consumes them
-    sent = await eventfn(nats_server, config, "queue", "send", "orders", "hello", "--attr", "a=1")
+    # Commands that do not depend on one another run at once (each is a process start of its own).
+    sent, later, piped = await at_once(
+        eventfn(nats_server, config, "queue", "send", "orders", "hello", "--attr", "a=1"),
+        eventfn(nats_server, config, "queue", "send", "orders", "later", "--delay", "600"),
+        eventfn(
+            nats_server, config, "queue", "send", "jobs", "-", "--group", "g", "--dedup-id", "1", stdin=b"from stdin"
+        ),
+    )
     assert sent.returncode == 0, sent.stderr
     reply = json.loads(sent.stdout)
     assert set(reply) == {"MessageId", "MD5OfMessageBody"}
-    later = await eventfn(nats_server, config, "queue", "send", "orders", "later", "--delay", "600")
     assert "DelayedUntil" in json.loads(later.stdout)
-    piped = await eventfn(nats_server, config, "queue", "send", "jobs", "-", "--group", "g", "--dedup-id", "1",
-                          stdin=b"from stdin")  # fmt: skip
     assert json.loads(piped.stdout)["SequenceNumber"] == "1"
 
-    stats = await eventfn(nats_server, config, "queue", "stats", "orders", "--json")
+    stats, text, listing = await at_once(
+        eventfn(nats_server, config, "queue", "stats", "orders", "--json"),
+        eventfn(nats_server, config, "queue", "stats", "orders"),
+        eventfn(nats_server, config, "queue", "ls"),
+    )
     detail = json.loads(stats.stdout)
     assert (detail["messages"], detail["in_flight"], detail["delayed"]) == (1, 0, 1)
     assert detail["dead_letter"] == "orders-dlq" and detail["dead_letter_messages"] == 0
     assert detail["oldest_age"] >= 0 and detail["settings"]["visibility_timeout"] == 3
-    text = await eventfn(nats_server, config, "queue", "stats", "orders")
     assert "visibility timeout  3 s" in text.stdout.decode()
-    table = (await eventfn(nats_server, config, "queue", "ls")).stdout.decode().splitlines()
+    table = listing.stdout.decode().splitlines()
     assert table[0].split() == ["NAME", "TYPE", "MESSAGES", "IN", "FLIGHT", "DELAYED", "OLDEST", "DLQ"]
     assert [line.split()[:2] for line in table[1:]] == [
         ["jobs", "fifo"],
@@ -189,13 +197,13 @@ async def test_queue_commands_send_show_and_purge_and_name_mistakes(
     assert purged.stdout.decode().strip() == "2 message(s) purged from orders"
     assert (await listed(nats_server, config))["orders"]["delayed"] == 0
 
-    assert "queue nope: not declared in eventfn.toml (declared: jobs, orders, orders-dlq)" in one_line_error(
-        await eventfn(nats_server, config, "queue", "send", "nope", "x")
+    nope, no_group, no_dlq, bad_attr = await at_once(
+        eventfn(nats_server, config, "queue", "send", "nope", "x"),
+        eventfn(nats_server, config, "queue", "send", "jobs", "x"),
+        eventfn(nats_server, config, "queue", "redrive", "jobs"),
+        eventfn(nats_server, config, "queue", "send", "orders", "x", "--attr", "a"),
     )
-    assert "a FIFO queue needs a message group id" in one_line_error(
-        await eventfn(nats_server, config, "queue", "send", "jobs", "x")
-    )
-    assert "it has no DLQ" in one_line_error(await eventfn(nats_server, config, "queue", "redrive", "jobs"))
-    assert "--attr 'a' is not K=V" in one_line_error(
-        await eventfn(nats_server, config, "queue", "send", "orders", "x", "--attr", "a")
-    )
+    assert "queue nope: not declared in eventfn.toml (declared: jobs, orders, orders-dlq)" in one_line_error(nope)
+    assert "a FIFO queue needs a message group id" in one_line_error(no_group)
+    assert "it has no DLQ" in one_line_error(no_dlq)
+    assert "--attr 'a' is not K=V" in one_line_error(bad_attr)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -20,7 +21,6 @@ from eventfn.broker.connection import connect
 from eventfn.config import NatsSettings, QueueSettings
 from eventfn.invoke.invocation import Outcome
 from eventfn.sources import queues
-from eventfn.sources.deadletters import DLQ_RETRY_DELAY
 from eventfn.testing import NatsServer, Serve, write_handler
 from tests.queue_rig import BOOM, OK, Function, config, drained, make_queues, plan, running, stored
 
@@ -134,14 +134,16 @@ async def test_a_failed_move_to_a_deleted_dlq_keeps_the_message_until_the_dlq_is
     await bus.publish_stored("eventfn.queue.orders", b"poison")
     fn = Function(lambda records: BOOM)
     with caplog.at_level(logging.ERROR, logger="eventfn.sources"):
-        async with running(bus, plan(resources, "orders", batch_size=1), fn):
+        # The move is tried again after `[recovery] dlq_retry_delay`: 1 s here, not the default 5 s.
+        mapping = msgspec.structs.replace(plan(resources, "orders", batch_size=1), dlq_retry_delay=1.0)
+        async with running(bus, mapping, fn):
             await fn.wait(lambda: len(fn.received) == 1)
             with anyio.fail_after(10):
                 while not any("to orders-dlq failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
                     await anyio.sleep(0.05)  # logged after the write failed; nothing else announces it
             assert [body for body, _ in await stored(bus, "orders")] == [b"poison"]  # not deleted
             await make_queues(bus, service)  # re-created (as `eventfn serve` does when it finds it gone)
-            await drained(bus, "orders", timeout=DLQ_RETRY_DELAY + 10)
+            await drained(bus, "orders", timeout=mapping.dlq_retry_delay + 10)
     assert [body for body, _ in await stored(bus, "orders-dlq")] == [b"poison"]
     assert len(fn.received) == 1  # moved when it came back, without running again
 
@@ -208,12 +210,12 @@ async def test_a_blocked_fifo_group_with_a_long_backlog_does_not_starve_the_othe
 
 LONG_SHIP = """
     # /// eventfn
-    # timeout = 3
+    # timeout = 2
     # [[triggers]]
     # type = "queue"
     # queue = "orders"
     # batch_size = 10
-    # batch_window = 2
+    # batch_window = 1.2
     # ///
     import time
 
@@ -222,7 +224,7 @@ LONG_SHIP = """
     def handler(event, context):
         for record in event["Records"]:
             _probe.report("probe.ship", f"start {record['body']} {record['attributes']['ApproximateReceiveCount']}")
-        time.sleep(2.5)
+        time.sleep(1.6)
         _probe.report("probe.ship", "end")
 """
 
@@ -236,12 +238,13 @@ async def test_a_message_is_not_received_again_while_its_handler_outlives_a_thir
     serve: Callable[..., Awaitable[Serve]],
 ) -> None:
     config = tmp_path / "eventfn.toml"
-    config.write_text("[queues.orders]\nvisibility_timeout = 3\nmax_receive_count = 0\n", encoding="utf-8")
+    config.write_text("[queues.orders]\nvisibility_timeout = 2\nmax_receive_count = 0\n", encoding="utf-8")
     write_handler(handlers, "ship", LONG_SHIP)
     seen = await probe("probe.ship")
     await serve(extra_args=["--config", str(config)])
     await nc.publish("eventfn.queue.orders", b"slow")
-    # Gathered for 2 s and run for 2.5 s: 4.5 s after delivery, past the 3 s visibility timeout.
+    # Gathered for 1.2 s and run for 1.6 s: 2.8 s after delivery, past the 2 s visibility timeout (and each of the
+    # two phases alone is more than a third of it).
     assert await seen.wait_for(2) == ["start slow 1", "end"]
     js = nc.jetstream()
     with anyio.fail_after(10):

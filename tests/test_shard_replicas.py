@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 
 from eventfn.testing import NatsServer, Serve, write_handler
-from tests.conftest import Collector
+from tests.conftest import FAST_RECOVERY, Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -86,7 +86,7 @@ async def _wait_until(collector: Collector, done: object, timeout: float) -> Non
 async def test_two_replicas_share_the_shards_and_the_survivor_takes_over_with_no_gap(
     tmp_path: Path, nats_server: NatsServer, handlers: Path, nc: Client, probe
 ) -> None:
-    (tmp_path / "eventfn.toml").write_text("[streams.clicks]\nshards = 4\n", encoding="utf-8")
+    (tmp_path / "eventfn.toml").write_text("[streams.clicks]\nshards = 4\n" + FAST_RECOVERY, encoding="utf-8")
     write_handler(handlers, "clicks", HANDLER)
     seen = await probe("probe.clicks")
     a = _replica(tmp_path, nats_server, handlers, "a")
@@ -110,8 +110,8 @@ async def test_two_replicas_share_the_shards_and_the_survivor_takes_over_with_no
         await _wait_until(seen, lambda: any(n >= 400 for *_, n in _processed(seen)), 60)
         b.kill()  # SIGKILL: its shards' batches in flight stay unacknowledged
         await _put(nc, 600, 400)
-        # The survivor notices the lapsed heartbeat (10 s), waits out the pin (10 s) and the ack wait of what
-        # was in flight, then goes on from each shard's checkpoint.
+        # The survivor notices the lapsed heartbeat (4 s), waits out the pin (3 s) and the ack wait of what
+        # was in flight (3 + 3 s), then goes on from each shard's checkpoint.
         await _wait_until(seen, lambda: len({n for *_, n in _processed(seen)}) >= 1000, 120)
     finally:
         await a.astop()

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 
 from eventfn.sources import shards
 from eventfn.testing import Serve, mapping_stats, write_handler
-from tests.conftest import Collector
+from tests.conftest import FAST_RECOVERY, Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -250,6 +250,7 @@ async def test_after_a_sigkill_each_shard_resumes_at_its_checkpoint_with_no_gap_
     handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client, config: Path
 ) -> None:
     add_function(handlers, "crash", "batch_size = 10\nbatch_window = 0.05", timeout=1, work=0.05)
+    config.write_text(config.read_text(encoding="utf-8") + FAST_RECOVERY, encoding="utf-8")
     first = await start(serve, config, "crash", life=1)
     reports = await subscribe(nc)
     keys = [f"user-{k}" for k in range(16)]

@@ -34,6 +34,7 @@ import anyio
 
 from eventfn import sandbox
 from eventfn.broker.auth import write_private
+from eventfn.config import RecoverySettings
 from eventfn.errors import DataDirInUse, NatsUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ LOCK_FILE = "serve.lock"
 LOG_SIZE_LIMIT = 10 * 1024 * 1024
 LOG_FILES_KEPT = 5
 #: Waits before each restart of a server that exited; one more exit and `serve` gives up.
-RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)
+RESTART_DELAYS = tuple(RecoverySettings().nats_restart_delays)
 #: A server that ran this long has recovered: its earlier restarts no longer count.
 STABLE_AFTER = 30.0
 #: SIGTERM lets the server close its store cleanly; SIGKILL after this long.
@@ -239,8 +240,16 @@ def _last_lines(path: Path, count: int) -> list[str]:
 class _Server:
     """The nats-server of one data directory: started, watched, restarted on its port, stopped."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, authorization: str = "") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str,
+        port: int,
+        authorization: str = "",
+        restart_delays: tuple[float, ...] = RESTART_DELAYS,
+    ) -> None:
         self.data_dir = data_dir
+        self.restart_delays = restart_delays
         self.authorization = authorization
         self.host = host
         self.port = port
@@ -328,21 +337,21 @@ class _Server:
             )
             self.pid_file.unlink(missing_ok=True)
             while True:
-                if restarts == len(RESTART_DELAYS):
+                if restarts == len(self.restart_delays):
                     raise NatsUnavailable(
                         self.url,
                         f"the embedded nats-server stopped {restarts + 1} times in a row; eventfn serve exits "
                         "so that its supervisor can restart both",
                         f"see {self.log_file}",
                     )
-                delay = RESTART_DELAYS[restarts]
+                delay = self.restart_delays[restarts]
                 restarts += 1
                 log.warning(
                     "restarting the embedded nats-server on port %d in %g s (attempt %d of %d)",
                     self.port,
                     delay,
                     restarts,
-                    len(RESTART_DELAYS),
+                    len(self.restart_delays),
                 )
                 await anyio.sleep(delay)
                 try:
@@ -406,14 +415,20 @@ class _Server:
 
 @asynccontextmanager
 async def embedded_server(
-    data_dir: Path, port: int, *, host: str = "127.0.0.1", authorization: str = ""
+    data_dir: Path,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    authorization: str = "",
+    restart_delays: tuple[float, ...] = RESTART_DELAYS,
 ) -> AsyncIterator[str]:
     """Run a supervised nats-server for the duration of the context; yields the client URL.
 
     Port 0 picks a free one, which restarts keep. The caller holds `data_dir`'s lock (`lock_data_dir`). If the
-    server cannot be kept running, the context's body is cancelled and `NatsUnavailable` raised.
+    server cannot be kept running (it exited once more than `restart_delays` has waits), the context's body is
+    cancelled and `NatsUnavailable` raised.
     """
-    server = _Server(data_dir.resolve(), host, port, authorization)
+    server = _Server(data_dir.resolve(), host, port, authorization, restart_delays)
     try:
         url = await server.start()
         async with anyio.create_task_group() as tg:

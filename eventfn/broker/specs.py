@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from eventfn.config import RecoverySettings
 from eventfn.subjects import covers
 
 
@@ -38,6 +39,8 @@ class ConsumerState(msgspec.Struct, frozen=True):
 
 #: The priority group of an exclusive consumer (JetStream allows one group per consumer, of at most 16 characters).
 EXCLUSIVE_GROUP = "eventfn"
+#: Seconds before an exclusive consumer whose pinned process stopped asking goes to another (`[recovery]`).
+PIN_TIMEOUT = RecoverySettings().pin_timeout
 
 #: Where a new consumer starts, as JetStream's deliver policy.
 _DELIVER_POLICY = {"LATEST": "new", "TRIM_HORIZON": "all", "AT_TIMESTAMP": "by_start_time"}
@@ -64,7 +67,7 @@ class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
     #: With `exclusive`: JetStream hands the consumer to another process once the one it pinned has not asked
     #: for messages this long (seconds; a live feed asks at least three times as often). A crashed process's
     #: consumer waits this long, and its unacknowledged messages their ack wait, before another takes over.
-    pin_timeout: float = 10.0
+    pin_timeout: float = PIN_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.start_position == "AT_TIMESTAMP" and self.start_time is None:

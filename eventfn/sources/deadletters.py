@@ -9,15 +9,16 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from eventfn import decoding, events, subjects
-from eventfn.config import Destinations
+from eventfn.config import Destinations, RecoverySettings
 from eventfn.invoke.invocation import Outcome, failure
 from eventfn.sources import records
 from eventfn.sources.source import Message
 
 log = logging.getLogger(__name__)
 
-#: Seconds before an event whose DLQ write failed is delivered again (it stays in its stream meanwhile).
-DLQ_RETRY_DELAY = 5.0
+#: Seconds before an event whose DLQ write failed is delivered again (it stays in its stream meanwhile);
+#: `[recovery] dlq_retry_delay`.
+DLQ_RETRY_DELAY = RecoverySettings().dlq_retry_delay
 
 
 class Sink(Protocol):
@@ -34,8 +35,18 @@ class Sink(Protocol):
 class DeadLetters:
     """Writes one mapping's failure records (DLQ and on-failure destination) and success records."""
 
-    def __init__(self, sink: Sink, function: str, consumer: str, destinations: Destinations) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        function: str,
+        consumer: str,
+        destinations: Destinations,
+        *,
+        retry_delay: float = DLQ_RETRY_DELAY,
+    ) -> None:
         self.sink = sink
+        #: Seconds before an event whose DLQ write failed comes again.
+        self.retry_delay = retry_delay
         self.function = function
         self.consumer = consumer
         self.destinations = destinations
@@ -85,7 +96,7 @@ class DeadLetters:
         except Exception as exc:
             log.error("%s: DLQ write for request %s failed (%s); the event stays queued", function, request_id, exc)
             if hand_back:
-                await nak_quietly(message, DLQ_RETRY_DELAY)
+                await nak_quietly(message, self.retry_delay)
             return False
         self.count += 1
         log.error(
@@ -107,7 +118,7 @@ class DeadLetters:
             await self.write(message, message_id, "PoisonMessage", failure("PoisonMessage", problem, message_id), None)
         except Exception:
             log.exception("%s: dead-lettering event %d failed; it stays queued", self.function, message.stream_seq)
-            await nak_quietly(message, DLQ_RETRY_DELAY)
+            await nak_quietly(message, self.retry_delay)
 
     async def succeeded(self, request_id: str, payload: bytes, result: bytes, invoke_count: int) -> None:
         """Send the on-success destination record, if the function has one."""

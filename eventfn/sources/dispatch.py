@@ -24,7 +24,7 @@ from eventfn.errors import EventDecodeError
 from eventfn.filters import Filter, decode_body
 from eventfn.invoke.invocation import Invocation, LambdaError, Outcome, failure
 from eventfn.sources import queue_records, queues, records
-from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, event_of
+from eventfn.sources.deadletters import DeadLetters, Sink, event_of
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.ordering import Keyed, Recovery, Unordered
 from eventfn.sources.ordering import hand_back as return_unstarted
@@ -83,7 +83,9 @@ class Dispatcher:
         self.filter = mapping.compiled_filter()
         #: The source's own filters: every one must match (the mapping's `filter`: any of its patterns).
         self.selects = mapping.source_filters()
-        self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
+        self.dead_letters = DeadLetters(
+            sink, mapping.function, mapping.name, mapping.destinations, retry_delay=mapping.dlq_retry_delay
+        )
         self._source_arn = records.source_arn(feed.stream, mapping.name)
         self._shape: RecordShape = records.SHAPES[mapping.source.records]
         ordering = mapping.source.ordering
@@ -101,7 +103,9 @@ class Dispatcher:
         #: the function's retry policy and DLQ, and its batches are SQS's own.
         self._queue: queues.Redrive | None = None
         if (queue := mapping.source.queue) is not None:
-            self._queue = queues.Redrive(queue, sink, stream=feed.stream, state=state)
+            self._queue = queues.Redrive(
+                queue, sink, stream=feed.stream, state=state, retry_delay=mapping.dlq_retry_delay
+            )
             self._source_arn = queues.arn(queue.name)
             self._shape = queue_records.QueueShape(
                 queue.name,
@@ -464,7 +468,7 @@ class Dispatcher:
             self._forget(message)
             self.stats.dead_lettered += 1
             return None
-        return DLQ_RETRY_DELAY if ordered else None
+        return self.mapping.dlq_retry_delay if ordered else None
 
 
 class Runner(Protocol):

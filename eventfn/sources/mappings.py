@@ -28,6 +28,7 @@ from eventfn.config import (
     FunctionSettings,
     HttpTrigger,
     QueueTrigger,
+    RecoverySettings,
     RetryPolicy,
     StreamTrigger,
     Trigger,
@@ -37,6 +38,7 @@ from eventfn.errors import ConfigError
 from eventfn.filters import Filter, compile_filters
 from eventfn.sources import queues, shards
 from eventfn.sources.connector import Bound
+from eventfn.sources.deadletters import DLQ_RETRY_DELAY
 from eventfn.sources.resources import Resources
 from eventfn.sources.source import Ordering, Source, async_queue, plain_subjects
 
@@ -46,6 +48,8 @@ SourceFor = Callable[[Bound], Source]
 _ENABLED_KEY = "eventfn_enabled"
 #: The async-invoke mapping's name (`<function>--async`); trigger names may not take it.
 ASYNC_MAPPING = "async"
+#: Seconds past a function's timeout and batching window before an unsettled delivery comes again (`[recovery]`).
+REDELIVERY_MARGIN = RecoverySettings().redelivery_margin
 
 
 class Mapping(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +72,10 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int = 1
     #: The function's timeout: the consumer's ack wait covers a batching window and one invocation.
     timeout: float = 3.0
+    #: What the ack wait allows past a batching window and one invocation (`[recovery] redelivery_margin`).
+    redelivery_margin: float = REDELIVERY_MARGIN
+    #: Seconds before an event whose DLQ write failed is tried again (`[recovery] dlq_retry_delay`).
+    dlq_retry_delay: float = DLQ_RETRY_DELAY
     retry: RetryPolicy = RetryPolicy()
     destinations: Destinations = Destinations()
     #: Set when the function may not run (concurrency 0) and the source dead-letters rather than waits:
@@ -87,7 +95,7 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
         the wait for a worker (long waits are marked in progress before the invocation starts)."""
         if self.source.ack_wait is not None:
             return self.source.ack_wait
-        return self.timeout + self.batch_window + 10.0
+        return self.timeout + self.batch_window + self.redelivery_margin
 
     @property
     def max_inflight(self) -> int:
@@ -124,17 +132,21 @@ def plan(
     settings: FunctionSettings | None,
     connectors: SourceFor | None = None,
     resources: Resources | None = None,
+    recovery: RecoverySettings | None = None,
 ) -> dict[str, Mapping]:
     """The mappings `settings` call for, by name; `connectors` gives the sources of connector triggers (without
     it, those triggers are left out), `resources` the queues and sharded streams that queue and stream triggers
-    name (a trigger naming one not declared is a `ConfigError`). A stream trigger has one mapping per shard,
-    `<function>--<trigger>--shard-<index>`."""
+    name (a trigger naming one not declared is a `ConfigError`), `recovery` how soon what a crash left goes on
+    (`[recovery]`). A stream trigger has one mapping per shard, `<function>--<trigger>--shard-<index>`."""
     if settings is None:
         return {}
     resources = resources or Resources()
+    recovery = recovery or RecoverySettings()
     base: dict[str, Any] = {
         "function": function,
         "timeout": settings.timeout,
+        "redelivery_margin": recovery.redelivery_margin,
+        "dlq_retry_delay": recovery.dlq_retry_delay,
         "retry": settings.retry,
         "destinations": settings.destinations,
     }
@@ -165,7 +177,7 @@ def plan(
         )
     if settings.concurrency == 0:
         planned = [_disabled(m) for m in planned]
-    return {m.name: m for m in planned}
+    return {m.name: _pinned_for(m, recovery.pin_timeout) for m in planned}
 
 
 def _queue_mapping(
@@ -267,6 +279,17 @@ def _trigger_source(trigger: Trigger) -> Source:
         start_position=trigger.starting_position,
         start_time=trigger.starting_position_timestamp,
     )
+
+
+def _pinned_for(mapping: Mapping, pin_timeout: float) -> Mapping:
+    """The mapping with its exclusive consumer's pin held `pin_timeout` seconds (`[recovery]`)."""
+    consumer = mapping.source.consumer
+    if not consumer.exclusive or consumer.pin_timeout == pin_timeout:
+        return mapping
+    source = msgspec.structs.replace(
+        mapping.source, consumer=msgspec.structs.replace(consumer, pin_timeout=pin_timeout)
+    )
+    return msgspec.structs.replace(mapping, source=source)
 
 
 def _disabled(mapping: Mapping) -> Mapping:

@@ -24,14 +24,15 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from eventfn.config import RecoverySettings
 from eventfn.sources.connector import State
 
 log = logging.getLogger(__name__)
 
-#: Seconds between heartbeats.
-HEARTBEAT = 2.0
-#: A member whose heartbeat has not changed this long is taken for dead.
-LAPSE = 10.0
+#: Seconds between heartbeats (`[recovery] heartbeat`).
+HEARTBEAT = RecoverySettings().heartbeat
+#: A member whose heartbeat has not changed this long is taken for dead (`[recovery] lapse`).
+LAPSE = RecoverySettings().lapse
 
 
 class Owners:

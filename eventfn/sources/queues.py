@@ -302,7 +302,15 @@ class Redrive:
     towards an early move to the DLQ.
     """
 
-    def __init__(self, queue: QueueRef, sink: Sink, *, stream: str, state: HandBacks | None = None) -> None:
+    def __init__(
+        self,
+        queue: QueueRef,
+        sink: Sink,
+        *,
+        stream: str,
+        state: HandBacks | None = None,
+        retry_delay: float = DLQ_RETRY_DELAY,
+    ) -> None:
         self.queue = queue
         self.name = queue.name
         self.fifo = queue.fifo
@@ -310,6 +318,8 @@ class Redrive:
         self.max_receive_count = queue.max_receive_count
         self.dead_letter = queue.dead_letter
         self._dlq_subject = subject(queue.dead_letter) if queue.dead_letter else None
+        #: Seconds before a message whose move to the DLQ failed is moved again (`[recovery] dlq_retry_delay`).
+        self._retry_delay = retry_delay
         self._sink = sink
         self._stream = stream
         self._deferrals: dict[int, int] = {}
@@ -456,11 +466,11 @@ class Redrive:
                 message_id,
                 self.dead_letter,
                 exc,
-                DLQ_RETRY_DELAY,
+                self._retry_delay,
             )
             if self.fifo:
-                return DLQ_RETRY_DELAY
-            await nak_quietly(message, DLQ_RETRY_DELAY)
+                return self._retry_delay
+            await nak_quietly(message, self._retry_delay)
             return None
         self.moved += 1
         log.error(

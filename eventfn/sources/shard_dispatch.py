@@ -38,7 +38,7 @@ import msgspec
 from eventfn.invoke.invocation import Invocation, Outcome, failure
 from eventfn.sources import kinesis, retry
 from eventfn.sources.connector import State
-from eventfn.sources.deadletters import DLQ_RETRY_DELAY, DeadLetters, Sink, nak_quietly
+from eventfn.sources.deadletters import DeadLetters, Sink, nak_quietly
 from eventfn.sources.dispatch import Stats
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryState
@@ -111,7 +111,9 @@ class ShardDispatcher:
         #: This mapping's counters, with the shard's IteratorAge (`ShardStats`).
         self.stats: Stats = self._stats
         self.filter = mapping.compiled_filter()
-        self.dead_letters = DeadLetters(sink, mapping.function, mapping.name, mapping.destinations)
+        self.dead_letters = DeadLetters(
+            sink, mapping.function, mapping.name, mapping.destinations, retry_delay=mapping.dlq_retry_delay
+        )
         self.lanes = [Lane(i) for i in range(max(1, shard.parallelization_factor))]
         self._windows = WindowStore(state if state is not None else MemoryState(), mapping.name, len(self.lanes))
         self._failures = FailureRecords(sink, mapping.function, mapping.name, self.shape, shard.on_failure)
@@ -446,7 +448,7 @@ class ShardDispatcher:
                     records[-1].stream_seq,
                     exc,
                 )
-                if not await self._pause(DLQ_RETRY_DELAY, self._evictions):
+                if not await self._pause(self.mapping.dlq_retry_delay, self._evictions):
                     return False
         with anyio.CancelScope(shield=True):
             for message in records:
