@@ -596,7 +596,11 @@ class Serve:
         self.log.close(self.process.stdout)
 
     def __enter__(self) -> Serve:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # never ready: `__exit__` will not run, so the process is stopped here
+            self.stop()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -604,7 +608,11 @@ class Serve:
         self.stop()
 
     async def __aenter__(self) -> Serve:
-        return await self.astart()
+        try:
+            return await self.astart()
+        except BaseException:  # never ready: `__aexit__` will not run, so the process is stopped here
+            await self.astop()
+            raise
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
