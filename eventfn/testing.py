@@ -184,6 +184,12 @@ class LogWatcher:
         with self._cond:
             return "\n".join(self.lines)
 
+    def service_text(self) -> str:
+        """The service's own lines: without its handlers' output (tagged `[<function>] `), where a handler that
+        fails on purpose writes its `[ERROR]` and traceback as Lambda's runtime does."""
+        with self._cond:
+            return "\n".join(line for line in self.lines if not line.startswith("["))
+
 
 class NatsServer:
     """A nats-server with JetStream on a free loopback port, its store in `store_dir`.

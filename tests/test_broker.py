@@ -204,7 +204,7 @@ async def test_serve_sigkilled_five_times_under_a_steady_stream_leaves_no_server
         f"\n5 SIGKILLs: {len(steady.acked)} acknowledged, {steady.failed} publishes failed while down, "
         f"{len(numbers(seen))} distinct processed, in {time.monotonic() - started:.1f} s"
     )
-    assert "Traceback" not in final.log.text()
+    assert "Traceback" not in final.log.service_text()
     assert "left running" not in final.log.text(), "no orphan was there to clean up"
 
 
@@ -377,7 +377,7 @@ async def test_a_broker_that_keeps_dying_is_restarted_a_bounded_number_of_times_
         await service.astop()
         last = service.log.lines[-1]
         assert last.startswith("eventfn: error: NATS at nats://127.0.0.1:") and "6 times in a row" in last, last
-        assert "Traceback" not in service.log.text()
+        assert "Traceback" not in service.log.service_text()
         assert servers_on(data_dir) == []
     finally:
         await service.astop()
@@ -430,6 +430,6 @@ async def test_streams_and_consumers_deleted_under_a_running_service_are_recreat
         await wait_stats(admin, "sink--t0", dead_lettered=1, timeout=30)
         record = await js.get_last_msg("EVENTFN_DLQ", "eventfn.dlq.sink")
         assert b"failing on purpose" in (record.data or b"")
-        assert "Traceback" not in service.log.text()
+        assert "Traceback" not in service.log.service_text()
     finally:
         await admin.close()

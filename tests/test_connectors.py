@@ -200,7 +200,7 @@ async def test_a_connector_from_a_separate_package_runs_end_to_end(tmp_path: Pat
     finally:
         await service.astop()
     assert len(re.findall(r"shipped line: second$", service.log.text(), re.M)) == 1
-    assert "Traceback" not in service.log.text()
+    assert "Traceback" not in service.log.service_text()
     # The built-in connectors without triggers of theirs leave the service's directory alone (no buckets root).
     assert not (tmp_path / "buckets").exists()
 

@@ -156,7 +156,7 @@ async def test_a_put_with_a_header_name_nats_py_refuses_does_not_block_the_strea
         pytest.fail("not routed:\n" + service.log.text()[-3000:])
     assert [data for _, data, _, _ in got] == [b"first", b"second", b"third"], "all three, in put order"
     assert "header 'x/y' left off its record" in service.log.text(), "the odd header is named, not silently lost"
-    assert "Traceback" not in service.log.text()
+    assert "Traceback" not in service.log.service_text()
 
 
 async def test_odd_keys_and_data_are_routed_by_their_key_and_delivered_intact(
@@ -190,7 +190,7 @@ async def test_odd_keys_and_data_are_routed_by_their_key_and_delivered_intact(
         assert by_data[data][0] == key, data
         assert by_data[data][1] == shards.shard_id(shards.shard_of(key, 2)), f"{data!r}: the shard its key picks"
     assert by_data[b"no key"][0] == str(len(sent) + 1) and by_data[b"empty key"][0] == str(len(sent) + 2)
-    assert "Traceback" not in service.log.text()
+    assert "Traceback" not in service.log.service_text()
 
 
 async def test_a_record_near_the_largest_message_is_processed_and_one_over_it_with_headers_is_dropped_loudly(
@@ -209,7 +209,7 @@ async def test_a_record_near_the_largest_message_is_processed_and_one_over_it_wi
     digest = b"%d:%s" % (len(fits), hashlib.sha256(fits).hexdigest().encode())
     assert [data for _, data, _, _ in got] == [digest, b"after"]
     assert "put 2 dropped" in service.log.text(), "the dropped put is named in an error line"
-    assert "Traceback" not in service.log.text()
+    assert "Traceback" not in service.log.service_text()
 
 
 async def test_a_burst_of_thousands_of_puts_keeps_each_key_in_order_with_nothing_lost(
@@ -311,7 +311,7 @@ async def test_a_replica_stopped_gracefully_hands_its_shards_over_without_waitin
         await a.astop()
         await b.astop()
     assert sorted(int(data) for _, data, _, _ in got) == list(range(len(keys)))
-    assert "Traceback" not in a.log.text() + b.log.text()
+    assert "Traceback" not in a.log.service_text() + b.log.text()
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------------
