@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eventfn.invoke import registry
 from eventfn.invoke.registry import discover
 
 HANDLER = "def handler(event, context):\n    return event\n"
@@ -298,3 +299,11 @@ def test_different_functions_with_same_code_have_different_versions(handlers_dir
     put(handlers_dir, "b.py", HANDLER)
     found = discover(handlers_dir)
     assert found["a"].version != found["b"].version
+
+
+def test_the_entry_name_is_the_one_the_module_defines() -> None:
+    # Lambda's `Handler` (GetFunction, `_HANDLER`) names what runs: `handler` first, as the runtime's loader takes it.
+    assert registry.entry_name("def lambda_handler(event, context):\n    pass\n") == "lambda_handler"
+    assert registry.entry_name("def handler(e, c): ...\ndef lambda_handler(e, c): ...\n") == "handler"
+    assert registry.entry_name("from app import lambda_handler\n") == "lambda_handler"
+    assert registry.entry_name("x = (\n") == "handler"  # does not parse: the default, the loader says why

@@ -71,20 +71,32 @@ class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
 
 def _defines_entry(source: str) -> bool | None:
     """Whether a module defines `handler`/`lambda_handler` at top level; None if it does not parse."""
+    names = _entry_names(source)
+    return None if names is None else bool(names)
+
+
+def entry_name(source: str) -> str:
+    """The entry point a module without a configured one runs: `handler` if it defines it, else `lambda_handler`
+    (what the runtime's loader takes, in its order); `handler` where it defines neither or does not parse."""
+    names = _entry_names(source) or set()
+    return next((name for name in ENTRY_NAMES if name in names), ENTRY_NAMES[0])
+
+
+def _entry_names(source: str) -> set[str] | None:
+    """Which of `handler`/`lambda_handler` a module defines at top level; None if it does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
+    found: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in ENTRY_NAMES:
-            return True
-        if isinstance(node, ast.Assign):
-            if any(isinstance(t, ast.Name) and t.id in ENTRY_NAMES for t in node.targets):
-                return True
-        if isinstance(node, ast.ImportFrom | ast.Import):
-            if any((alias.asname or alias.name) in ENTRY_NAMES for alias in node.names):
-                return True
-    return False
+            found.add(node.name)
+        elif isinstance(node, ast.Assign):
+            found.update(t.id for t in node.targets if isinstance(t, ast.Name) and t.id in ENTRY_NAMES)
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            found.update(n for alias in node.names if (n := alias.asname or alias.name) in ENTRY_NAMES)
+    return found
 
 
 def _read(path: Path) -> str:
