@@ -5,11 +5,13 @@ turned away or a policy does not allow, with a caller of the test's own."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,13 +225,30 @@ def test_an_unknown_function_is_resource_not_found_for_every_operation(client: A
     assert _code(client.get_function_configuration, FunctionName="nope")[:2] == ("ResourceNotFoundException", 404)
 
 
-def test_an_oversized_payload_is_request_too_large(client: Any) -> None:
+def test_an_oversized_payload_is_request_too_large(service: Serve) -> None:
+    client = boto3.client(
+        "lambda",
+        endpoint_url=service.http_url,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, read_timeout=30),
+    )
     payload = json.dumps({"pad": "x" * MAX_BODY}).encode()
-    code, status, message = _code(client.invoke, FunctionName="echo", Payload=payload)
-    assert (code, status) == ("RequestTooLargeException", 413)
-    assert str(MAX_BODY) in message
-    with pytest.raises(client.exceptions.RequestTooLargeException):
-        client.invoke(FunctionName="echo", InvocationType="Event", Payload=payload)
+    try:
+        code, status, message = _code(client.invoke, FunctionName="echo", Payload=payload)
+        assert (code, status) == ("RequestTooLargeException", 413)
+        assert str(MAX_BODY) in message
+        with pytest.raises(client.exceptions.RequestTooLargeException):
+            client.invoke(FunctionName="echo", InvocationType="Event", Payload=payload)
+    finally:
+        client.close()
+        # The server answers 413 before the body is read and closes the connection; when that lands while the
+        # client is still sending, urllib3 drops the connection without closing its socket, which the garbage
+        # collector then reports as a ResourceWarning in whatever test runs at the time. Collected here, on purpose.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 def test_a_payload_that_is_not_json_is_invalid_request_content(client: Any) -> None:
