@@ -204,7 +204,7 @@ class Service:
                 "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{source.name}",
                 "AWS_EXECUTION_ENV": f"eventfn_python{sys.version_info.major}.{sys.version_info.minor}",
                 "LAMBDA_TASK_ROOT": source.task_root,
-                "_HANDLER": f"{source.module}.{source.attribute or _entry(source)}",
+                "_HANDLER": source.handler(),
             }
         )
         env.update(self.connectors.environment(mappings.connector_triggers(source.name, settings)))
@@ -612,14 +612,6 @@ def _claim_queues(planned: dict[str, Mapping], consumed: dict[str, str]) -> None
     for name, mapping in planned.items():
         if mapping.source.queue is not None:
             consumed[mapping.source.queue.name] = name
-
-
-def _entry(source: FunctionSource) -> str:
-    """The entry point of a function without a configured one: `handler` or `lambda_handler`, as its module has."""
-    try:
-        return registry.entry_name(Path(source.entry_file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return "handler"
 
 
 def _keeps_serving(fn: Function) -> str:

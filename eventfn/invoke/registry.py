@@ -55,6 +55,17 @@ class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
     #: directory (its code that file, and the module its `handler` setting names).
     folder: bool = False
 
+    def handler(self) -> str:
+        """Lambda's `Handler` (`_HANDLER`): `<module>.<function>`, the function the configured one or, without one,
+        the entry point the module defines (`handler` or `lambda_handler`). Reads the entry file: not per event."""
+        if self.attribute:
+            return f"{self.module}.{self.attribute}"
+        try:
+            found = entry_name(Path(self.entry_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            found = ENTRY_NAMES[0]
+        return f"{self.module}.{found}"
+
     def worker_spec(self, settings: FunctionSettings) -> WorkerSpec:
         """What a pool (either kind) needs to load this source's code under `settings`."""
         return WorkerSpec(

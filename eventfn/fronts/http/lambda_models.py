@@ -20,7 +20,6 @@ from pathlib import Path
 import msgspec
 
 from eventfn.config import FunctionSettings, HttpSettings
-from eventfn.invoke import registry
 from eventfn.invoke.functions import Function
 from eventfn.invoke.registry import FunctionSource
 
@@ -110,8 +109,8 @@ class CodeInfo(msgspec.Struct, frozen=True):
     sha256: str
     last_modified: str
     location: str
-    #: The entry point run where none is configured (`handler` or `lambda_handler`, as the module defines).
-    entry: str = "handler"
+    #: Lambda's `Handler` where the settings name none: `<module>.<handler or lambda_handler, as defined>`.
+    handler: str = ""
 
 
 def code_files(source: FunctionSource) -> list[Path]:
@@ -149,12 +148,8 @@ def read_code(source: FunctionSource) -> CodeInfo:
         size += len(data)
         newest = max(newest, mtime)
     where = source.task_root if source.folder else source.entry_file
-    try:
-        entry = registry.entry_name(Path(source.entry_file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        entry = "handler"
     return CodeInfo(
-        entry=entry,
+        handler=source.handler(),
         size=size,
         sha256=base64.b64encode(digest.digest()).decode("ascii"),
         last_modified=lambda_time(newest or time.time()),
@@ -186,7 +181,7 @@ def configuration(fn: Function, http: HttpSettings, code: CodeInfo, qualifier: s
         function_arn=function_arn(http, fn.name, None if qualifier == LATEST else qualifier),
         runtime=RUNTIME,
         role=f"arn:aws:iam::{http.account_id}:role/eventfn-{fn.name}",
-        handler=settings.handler or f"{source.module}.{source.attribute or code.entry}",
+        handler=settings.handler or code.handler,
         code_size=code.size,
         description=settings.description,
         timeout=max(1, math.ceil(settings.timeout)),
