@@ -29,7 +29,7 @@ import msgspec
 
 from eventfn import events, subjects
 from eventfn.broker.bus import Bus
-from eventfn.config import HTTP_METHODS, HttpSettings, UrlSettings
+from eventfn.config import HTTP_METHODS, HttpSettings, HttpTrigger, UrlSettings
 from eventfn.fronts.http import routes
 from eventfn.fronts.http.cors import CorsPolicy
 from eventfn.fronts.http.signatures import Guard, denied, iam_forbidden, is_loopback
@@ -145,30 +145,22 @@ class FunctionUrls:
         guards: dict[routes.Route, tuple[Guard, CorsPolicy | None]] = {}
         for route in table.routes:
             trigger, where = route.trigger, f"route {route.describe()}"
-            if trigger.auth is not None:
-                guard = Guard(
-                    trigger.auth,
-                    trigger.secret,
-                    where=where,
-                    loopback=self.loopback,
-                    signature_header=trigger.signature_header,
-                    signature_prefix=trigger.signature_prefix,
-                )
-            else:
-                guard = self._guard(url_settings[route.function], where)
+            # A route's own auth, else its function's URL's (secret and signature settings with it).
+            guard = self._guard(trigger if trigger.auth is not None else url_settings[route.function], where)
             problems += [p] if (p := guard.problem()) else []
             guards[route] = (guard, cors[route.function])
         self._urls, self._routes, self._route_guards = urls, table, guards
         self._report(conflicts + problems, sorted(route.describe() for route in table.routes))
 
-    def _guard(self, url: UrlSettings, where: str) -> Guard:
+    def _guard(self, declared: UrlSettings | HttpTrigger, where: str) -> Guard:
+        """The check of a URL's or a route's `auth`, `secret` and signature settings."""
         return Guard(
-            url.auth,
-            url.secret,
+            declared.auth,
+            declared.secret,
             where=where,
             loopback=self.loopback,
-            signature_header=url.signature_header,
-            signature_prefix=url.signature_prefix,
+            signature_header=declared.signature_header,
+            signature_prefix=declared.signature_prefix,
         )
 
     def _report(self, problems: list[str], described: list[str]) -> None:
