@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -234,6 +235,17 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: `github` / `stripe`: their webhook signatures (`X-Hub-Signature-256`, `Stripe-Signature`).
 HttpAuth = Literal["none", "aws_iam", "bearer", "hmac", "github", "stripe"]
 _ROUTE_SEGMENT = re.compile(r"^(?:[A-Za-z0-9._~!$&'()*,;=:@-]+|\{[A-Za-z_][A-Za-z0-9_]*\+?\})$")
+
+
+#: A secret setting (`[http] access_keys`, a URL's or route's `secret`) given as `env:NAME`: the variable NAME.
+ENV_SECRET = "env:"
+
+
+def secret_value(value: str, environ: Mapping[str, str]) -> str | None:
+    """A secret setting's value: itself, or for `env:NAME` the variable NAME of `environ` (None if unset or empty)."""
+    if not value.startswith(ENV_SECRET):
+        return value
+    return environ.get(value.removeprefix(ENV_SECRET)) or None
 
 
 def route_problem(path: str) -> str | None:

@@ -34,7 +34,7 @@ from typing import Final
 import msgspec
 
 from eventfn.broker.auth import auth_dir, write_private
-from eventfn.config import FunctionSettings, HttpSettings
+from eventfn.config import ENV_SECRET, FunctionSettings, HttpSettings, secret_value
 from eventfn.errors import ConfigError, EventfnError
 
 #: The admin key's file under `<data_dir>/auth/`.
@@ -228,10 +228,10 @@ def configured_keys(settings: HttpSettings, environ: Mapping[str, str]) -> dict[
         where = f"[http] access_keys.{key}"
         if not key or any(c in key for c in "/, =\t\r\n"):
             raise ConfigError(where, "an access key id cannot be empty or hold '/', ',', '=' or spaces")
-        if value.startswith("env:"):
-            name = value.removeprefix("env:")
-            secret = environ.get(name)
-            if not secret:
+        if value.startswith(ENV_SECRET):
+            name = value.removeprefix(ENV_SECRET)
+            secret = secret_value(value, environ)
+            if secret is None:
                 raise ConfigError(
                     where,
                     f"its secret is read from the environment variable {name}, which is not set (or empty) in the "

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from eventfn.config import HttpAuth
+from eventfn.config import ENV_SECRET, HttpAuth, secret_value
 from eventfn.fronts.http.roles import Anyone
 from eventfn.web import Caller, Request, Response
 
@@ -85,14 +85,11 @@ class Guard:
         self.missing: str | None = None
         self.secret: bytes | None = None
         if secret is not None:
-            if secret.startswith("env:"):
-                value = environ.get(secret[4:])
-                if value:
-                    self.secret = value.encode()
-                else:
-                    self.missing = secret[4:]
+            value = secret_value(secret, environ)
+            if value is None:
+                self.missing = secret.removeprefix(ENV_SECRET)
             else:
-                self.secret = secret.encode()
+                self.secret = value.encode()
 
     @property
     def needs_body(self) -> bool:
