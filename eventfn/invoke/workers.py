@@ -9,20 +9,19 @@ invocations finish on the old code, then stops its workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import signal
-import subprocess
-import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
-import anyio.abc
-import msgspec
 
 from eventfn.errors import HandlerLoadError
-from eventfn.invoke import isolation, protocol
+from eventfn.invoke import isolation, launch, protocol
 from eventfn.invoke.invocation import Execution, Invocation, Outcome, exited, load_failure, out_of_memory, timed_out
 from eventfn.invoke.protocol import InitFailed, Invoke, Output, Ready, Result, WorkerSpec
 from eventfn.invoke.reports import LogTail, reports
@@ -30,7 +29,6 @@ from eventfn.invoke.reports import LogTail, reports
 log = logging.getLogger(__name__)
 
 _HEADER_SIZE = protocol.HEADER.size
-_READ_SIZE = 256 * 1024
 
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
@@ -50,16 +48,62 @@ class WorkerDied(Exception):
         super().__init__(text)
 
 
+class _Channel(asyncio.Protocol):
+    """The service's side of a worker's frame channel, driven by the event loop: each frame is parsed as its
+    bytes arrive, handler output goes to the log on the way, and any other frame completes the waiting call."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.buffer = bytearray()
+        self.messages: deque[protocol.Message] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        woke = False
+        while len(buffer) >= _HEADER_SIZE:
+            (size,) = protocol.HEADER.unpack_from(buffer)
+            end = _HEADER_SIZE + size
+            if len(buffer) < end:
+                break
+            message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
+            del buffer[:end]
+            if type(message) is Output:
+                reports.output(message.data)
+                if (tail := self.worker.tail) is not None:
+                    tail.output(message.data)
+                continue
+            self.messages.append(message)
+            woke = True
+        if woke:
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class Worker:
     """One warm worker process and its frame channel."""
 
-    def __init__(self, process: anyio.abc.Process, spec: WorkerSpec) -> None:
+    def __init__(self, process: launch.WorkerProcess, spec: WorkerSpec) -> None:
         self.process = process
         self.spec = spec
-        assert process.stdin is not None and process.stdout is not None
-        self._stdin = process.stdin
-        self._stdout = process.stdout
-        self._buffer = bytearray()
+        self._channel = _Channel(self)
+        self._reading: asyncio.ReadTransport | None = None
+        self._writing: asyncio.WriteTransport | None = None
         self.init_ms: float | None = None
         self.invocations = 0
         #: The worker and what it starts, as `kill` finds them (set by `spawn`).
@@ -72,35 +116,20 @@ class Worker:
     async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
         """Start a worker and wait for its init phase; raises `HandlerLoadError` if the handler fails to load.
 
-        `env` is the worker's whole environment. Only its start-up variables go on the command's environment;
-        the worker reads the rest from the preamble on stdin and confines itself before any handler code runs.
+        `env` is the worker's whole environment; the worker confines itself before any handler code runs.
         """
         iso = isolation.current()
         try:
-            process = await anyio.open_process(
-                # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
-                # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
-                # last load would otherwise run the old code after a hot reload.
-                [sys.executable, "-B", "-P", "-m", "eventfn.invoke.runtime", msgspec.json.encode(spec).decode()],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None,
-                env=iso.command_environment(env),
-                cwd=spec.task_root,
-                start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
-                **iso.credentials(),
-            )
+            process = await launch.start(spec, env)
         except OSError as exc:  # the folder vanished, no more processes allowed...
             raise HandlerLoadError(spec.function, spec.entry_file, None, f"cannot start a worker: {exc}") from exc
         worker = cls(process, spec)
         try:
             with anyio.fail_after(INIT_TIMEOUT):
-                # Into its cgroup before the preamble lets it go on: nothing it starts is outside.
+                # Into its cgroup before it is let go: nothing it starts is outside.
                 worker.tree = iso.track(process.pid)
-                try:
-                    await worker._stdin.send(iso.preamble(env))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    raise WorkerDied(await worker._returncode()) from None
+                await worker._connect()
+                await process.release()
                 message = await worker._receive()
         except TimeoutError:
             await worker.kill()
@@ -111,7 +140,9 @@ class Worker:
                 f"init did not finish within {INIT_TIMEOUT:.0f} s",
                 error_type="Sandbox.Timedout",
             ) from None
-        except WorkerDied as exc:
+        except (WorkerDied, OSError) as exc:
+            if not isinstance(exc, WorkerDied):
+                exc = WorkerDied(await worker._returncode())
             await worker.kill()
             raise HandlerLoadError(
                 spec.function,
@@ -132,28 +163,27 @@ class Worker:
         worker.tree.hold_namespace()
         return worker
 
+    async def _connect(self) -> None:
+        """Attach the channel's descriptors to the event loop (they are the transports' from here on)."""
+        loop = asyncio.get_running_loop()
+        process = self.process
+        self._reading, _ = await loop.connect_read_pipe(
+            lambda: self._channel, os.fdopen(process.reader, "rb", buffering=0)
+        )
+        self._writing, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(process.writer, "wb", buffering=0))
+
     async def _receive(self) -> protocol.Message:
-        """The next frame other than handler output, which goes to the service log on the way."""
-        # A frame usually arrives in one read: parse it from our own buffer rather than two exact reads
-        # through anyio's buffered stream (a tenth of the service's time per invocation at batch size 1).
-        buffer = self._buffer
-        try:
-            while True:
-                if len(buffer) >= _HEADER_SIZE:
-                    (size,) = protocol.HEADER.unpack_from(buffer)
-                    end = _HEADER_SIZE + size
-                    if len(buffer) >= end:
-                        message: protocol.Message = protocol.decoder.decode(buffer[_HEADER_SIZE:end])
-                        del buffer[:end]
-                        if type(message) is not Output:
-                            return message
-                        reports.output(message.data)
-                        if self.tail is not None:
-                            self.tail.output(message.data)
-                        continue
-                buffer += await self._stdout.receive(_READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            raise WorkerDied(await self._returncode()) from None
+        """The next frame other than handler output (which goes to the service log on the way)."""
+        channel = self._channel
+        while not channel.messages:
+            if channel.closed:
+                raise WorkerDied(await self._returncode())
+            channel.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await channel.waiter
+            finally:
+                channel.waiter = None
+        return channel.messages.popleft()
 
     async def _returncode(self) -> int | None:
         with anyio.move_on_after(1.0):
@@ -163,17 +193,17 @@ class Worker:
     async def invoke(self, invoke: Invoke) -> Result:
         """Send one invocation and wait for its result (the caller applies the timeout)."""
         self.invocations += 1
-        try:
-            await self._stdin.send(protocol.frame(invoke))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            raise WorkerDied(await self._returncode()) from None
+        writing = self._writing
+        if writing is None or writing.is_closing() or self._channel.closed:
+            raise WorkerDied(await self._returncode())
+        writing.write(protocol.frame(invoke))
         message = await self._receive()
         assert isinstance(message, Result)
         return message
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        return self.process.returncode is None and not self._channel.closed
 
     async def kill(self) -> None:
         """Stop the worker and every process it started, at once; it holds nothing that needs a graceful end.
@@ -185,10 +215,19 @@ class Worker:
                 return  # once reaped, its pid may belong to another process
             self._killed = True
             if self.tree is None:  # `spawn` tracks it right after the process started
-                if self.process.returncode is None:
-                    self.process.kill()
+                self.process.kill()
             else:
                 await self.tree.kill(reaped=self.process.returncode is not None)
+            for transport in (self._writing, self._reading):
+                if transport is not None:
+                    transport.close()
+            # A descriptor never attached to a transport is still the launcher's to close.
+            for transport, fd in ((self._reading, self.process.reader), (self._writing, self.process.writer)):
+                if transport is None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
             await self.process.aclose()
             if self.tree is not None:
                 self.tree.release()

@@ -1,0 +1,122 @@
+"""How a worker process comes to exist: started, tracked, then let go to confine itself and load its handler.
+
+`start` returns a `WorkerProcess`: the process and the two descriptors of its frame channel, held on the service's
+side. The child waits for `release` before it reads its environment or runs any handler code, so that the pool can
+put it in its cgroup first (`isolation.Isolation.track`). The worker's side of the start-up is
+`eventfn.invoke.runtime.main` (confine, take the channel, load, send `Ready`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Protocol
+
+import anyio
+import anyio.abc
+import msgspec
+
+from eventfn.invoke import isolation
+from eventfn.invoke.protocol import WorkerSpec
+
+
+class WorkerProcess(Protocol):
+    """A started worker process, as a pool holds it."""
+
+    pid: int
+    #: The service's end of the channel: frames from the worker are read here (a pipe or a socket).
+    reader: int
+    #: The service's end of the channel: frames to the worker are written here (never the same descriptor).
+    writer: int
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has exited and been reaped (negative: killed by that signal), else None."""
+
+    async def release(self) -> None:
+        """Let it go on: it reads its environment and confinement, then loads the handler."""
+
+    async def wait(self) -> int:
+        """Wait for it to exit; its exit status."""
+
+    def kill(self) -> None:
+        """SIGKILL it (not what it started: `isolation.ProcessTree.kill` does that)."""
+
+    async def aclose(self) -> None:
+        """Reap it (after `kill`, or once it exited) and let go of what the launcher holds for it."""
+
+
+class Subprocess:
+    """A worker started as `python -m eventfn.invoke.runtime`, its channel on two pipes.
+
+    The child's stdin and stdout are the pipes' other ends; the runtime moves them aside before any handler code runs.
+    Its environment arrives in the preamble on the channel (`isolation.Isolation.preamble`), never on its command.
+    """
+
+    def __init__(self, process: anyio.abc.Process, reader: int, writer: int, preamble: bytes) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.reader = reader
+        self.writer = writer
+        self._preamble = preamble
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def release(self) -> None:
+        data, self._preamble = self._preamble, b""
+        # The pipe holds 64 KB; a larger environment is written from a thread, as the child reads it.
+        if len(data) <= 32 * 1024:
+            _write_all(self.writer, data)
+        else:
+            await anyio.to_thread.run_sync(_write_all, self.writer, data)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def aclose(self) -> None:
+        await self.process.aclose()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
+    """Start a worker for `spec` with environment `env` under the current isolation; it waits for `release`.
+
+    Raises OSError when no process can be started (the folder vanished, no more processes allowed...).
+    """
+    iso = isolation.current()
+    child_in, writer = os.pipe()
+    reader, child_out = os.pipe()
+    try:
+        process = await anyio.open_process(
+            # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
+            # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
+            # last load would otherwise run the old code after a hot reload.
+            [sys.executable, "-B", "-P", "-m", "eventfn.invoke.runtime", msgspec.json.encode(spec).decode()],
+            stdin=child_in,
+            stdout=child_out,
+            stderr=None,
+            env=iso.command_environment(env),
+            cwd=spec.task_root,
+            start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
+            **iso.credentials(),
+        )
+    except BaseException:
+        os.close(reader)
+        os.close(writer)
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+    return Subprocess(process, reader, writer, iso.preamble(env))
