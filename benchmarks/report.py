@@ -104,7 +104,11 @@ def _number(value: float | None, unit: str) -> str:
         return f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"
     if unit == "MB":
         return f"{value:,.1f} MB"
-    if unit.startswith("µs/") or unit == "s":
+    if unit == "processes":
+        return f"{value:,.0f} {unit}"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit.startswith("µs/") or unit in ("s", "ms CPU/s"):
         return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
     return f"{value:,.3g} {unit}"
 
