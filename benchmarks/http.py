@@ -49,6 +49,7 @@ FUNCTION = "hello"
 HANDLER = """
     # /// eventfn
     # description = "Answers hello: the function URL benchmark's function."
+    # min_warm = 10
     # ///
     def handler(event, context):
         return {"statusCode": 200, "headers": {"content-type": "text/plain"}, "body": "Hello, world!"}
