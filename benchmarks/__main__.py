@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--out DIR]`: every scenario of issue 5 in one run, beside its ceiling.
+"""`python -m benchmarks [--quick] [--out DIR]`: every scenario of issues 5 and 13 in one run, beside its ceiling.
 
 Starts its own nats-server (JetStream, loopback, a temporary store), runs the scenarios in order, and writes
 `results.json`, `results.md` and `results.png` into DIR (default: benchmarks/results). `--quick` takes about a
@@ -47,6 +47,8 @@ async def _main_service(bench: Bench, work: Path, only: set[str]) -> None:
     scenarios.write_functions(handlers)
     serve = Serve(handlers, bench.url, work / "data-main")
     await anyio.to_thread.run_sync(serve.start)
+    assert serve.process is not None
+    bench.serve_pid = serve.process.pid
     try:
         available = await scenarios.availability(bench)
         for isolation, reason in available.items():
@@ -62,12 +64,13 @@ async def _main_service(bench: Bench, work: Path, only: set[str]) -> None:
             if key in only:
                 await _guarded(bench, name, step)
     finally:
+        bench.serve_pid = None
         await anyio.to_thread.run_sync(serve.stop)
 
 
-async def _run(sizes: Sizes, work: Path, url: str, only: set[str]) -> Bench:
+async def _run(sizes: Sizes, work: Path, url: str, only: set[str], nats_pid: int | None) -> Bench:
     nc = await nats.connect(url, name="bench-harness")
-    bench = Bench(sizes=sizes, work=work, url=url, nc=nc)
+    bench = Bench(sizes=sizes, work=work, url=url, nc=nc, nats_pid=nats_pid)
     try:
         if only & {"1", "2", "3", "4"}:
             await _guarded(bench, "1-4 main service", lambda: _main_service(bench, work, only))
@@ -127,7 +130,8 @@ def main() -> None:
     begin = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="eventfn-bench-"))
     with NatsServer(work / "nats") as server:
-        bench = anyio.run(_run, sizes, work, server.url, only)
+        nats_pid = server.process.pid if server.process is not None else None
+        bench = anyio.run(_run, sizes, work, server.url, only, nats_pid)
     rows = [report.evaluate(row) for row in bench.rows]
     meta = _meta(sizes, args.quick, time.perf_counter() - begin, busy)
     report.write(rows, bench.bars, meta, bench.raw, args.out)

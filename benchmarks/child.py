@@ -32,6 +32,12 @@ async def until_stopped() -> None:
     await asyncio.to_thread(sys.stdin.read)
 
 
+def mark(word: str) -> None:
+    """Tell the harness a phase begins or ends (it waits for the word with `Child.expect`)."""
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+
+
 def result(value: dict[str, Any]) -> None:
     """Hand the harness what was measured."""
     sys.stdout.write("result " + json.dumps(value) + "\n")
@@ -78,6 +84,13 @@ class Child:
             tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(self.argv)} exited early; its stderr ends:\n{tail}") from None
         return raw.decode()
+
+    async def expect(self, word: str, *, timeout: float = 60.0) -> None:
+        """Wait for the child's next line, which must be `word` (see `mark`)."""
+        with anyio.fail_after(timeout):
+            line = await self._line()
+        if line != word:
+            raise RuntimeError(f"{' '.join(self.argv)}: expected {word!r}, got {line[:200]!r}; see {self.log}")
 
     async def finish(self, *, timeout: float = 60.0) -> dict[str, Any]:
         """Close the child's stdin (which stops a consumer; a load generator ends by itself), then return

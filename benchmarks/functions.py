@@ -64,12 +64,23 @@ VERSIONED = """
 
 
 def settings_block(
-    *, isolation: str = PROCESS, subject: str | None = None, batch_size: int = 1, enabled: bool = True
+    *,
+    isolation: str = PROCESS,
+    subject: str | None = None,
+    batch_size: int = 1,
+    enabled: bool = True,
+    min_warm: int | None = None,
+    idle_timeout: float | None = None,
 ) -> str:
-    """The TOML lines of a function's inline settings block (each already commented)."""
+    """The TOML lines of a function's inline settings block (each already commented). `min_warm` and
+    `idle_timeout` are written only when given: otherwise the code under test's defaults hold."""
     lines = []
     if isolation != PROCESS:
         lines.append(f'isolation = "{isolation}"')
+    if min_warm is not None:
+        lines.append(f"min_warm = {min_warm}")
+    if idle_timeout is not None:
+        lines.append(f"idle_timeout = {idle_timeout}")
     if subject is not None:
         trigger = f'subjects = ["{subject}"], batch_size = {batch_size}'
         if not enabled:

@@ -49,6 +49,9 @@ class Bench:
     bars: list[Bar] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    #: The process ids CPU is read from: the main `eventfn serve` (while it runs) and the run's nats-server.
+    serve_pid: int | None = None
+    nats_pid: int | None = None
 
     def child(self, module: str, *args: str) -> Child:
         """A measured process, `python -m benchmarks.<module> ARGS --url <this run's server>`."""
@@ -136,9 +139,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (eventfn's workers, for the serve process)."""
-    found = []
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc/*/stat."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -147,8 +150,26 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
         # The command name is in parentheses and may contain spaces: the parent pid follows the last ')'.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
+        found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    return [child for child, parent in _parents().items() if parent == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process descending from `pid` (eventfn's workers, and whatever starts them, for the serve process)."""
+    by_parent: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        by_parent.setdefault(parent, []).append(child)
+    found: list[int] = []
+    stack = list(by_parent.get(pid, []))
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack += by_parent.get(current, [])
     return found
 
 

@@ -12,8 +12,8 @@ sockets, a new request as soon as the last is answered; all start together, warm
 their latencies for a fixed time. By default 8 requests are in flight everywhere: against the function that keeps
 under its default concurrency of 10 (as in the sync-invoke benchmark; more would be throttled), over HTTP and over
 NATS (`benchmarks.load request`, 8 clients) alike, and hello world is driven the same. Besides req/s and
-latency, the server's own CPU time per request (its process and children, from /proc) says what each stack costs
-whatever the load generator takes from a shared machine.
+latency, the server's own CPU time per request (its process and descendants, those that exit included:
+`benchmarks.cpu`) says what each stack costs whatever the load generator takes from a shared machine.
 
 Starts its own nats-server. Writes `http.json` and `http.md` into DIR (default: benchmarks/results); the table
 also goes to stdout. Hello world runs two rounds (the second in reverse order) and each stack's best counts: other
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shutil
 import socket
 import sys
@@ -38,9 +37,9 @@ import anyio
 import anyio.abc
 import nats
 
-from benchmarks import report
+from benchmarks import cpu, report
 from benchmarks.child import Child
-from benchmarks.harness import child_result, children, percentile
+from benchmarks.harness import child_result, percentile
 from benchmarks.http_servers import HELLO, STACKS, command
 from benchmarks.report import Row, evaluate
 from eventfn.testing import NatsServer, Serve, write_handler
@@ -49,6 +48,7 @@ FUNCTION = "hello"
 HANDLER = """
     # /// eventfn
     # description = "Answers hello: the function URL benchmark's function."
+    # min_warm = 10
     # ///
     def handler(event, context):
         return {"statusCode": 200, "headers": {"content-type": "text/plain"}, "body": "Hello, world!"}
@@ -56,23 +56,7 @@ HANDLER = """
 #: Requests in flight against the function, over HTTP and over NATS alike: under its default concurrency (10), as
 #: the sync-invoke benchmark has it, so that none is throttled.
 FUNCTION_IN_FLIGHT = 8
-_TICK = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).parent.parent
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its descendants (those alive now)."""
-    total = 0.0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-        stack += children(current)
-    return total
 
 
 def _free_port() -> int:
@@ -133,17 +117,18 @@ async def measure(load: Load, port: int, path: str, server_pid: int, work: Path,
     ]
     logs = work / "logs"
     results: list[dict[str, Any]] = []
-    cpu: list[float] = []
+    spent: list[float] = []
 
     async def one(i: int) -> None:
         child = Child("benchmarks.http_load", args, logs / f"http_load-{name}-{i}.log")
         results.append(await child_result(child, timeout=load.warmup + load.seconds + 60))
 
-    async def clock() -> None:  # the server's CPU time over the measured window only
+    async def clock() -> None:  # the server's CPU time (its process and descendants) over the measured window only
         await anyio.sleep(max(0.0, begin + load.warmup - time.time()))
-        cpu.append(_cpu_seconds(server_pid))
+        window = cpu.Window(server_pid).start()
         await anyio.sleep(max(0.0, begin + load.warmup + load.seconds - time.time()))
-        cpu.append(_cpu_seconds(server_pid))
+        usage = window.stop()
+        spent.append(usage.service + usage.workers)
 
     async with anyio.create_task_group() as tg:
         for i in range(load.procs):
@@ -161,7 +146,7 @@ async def measure(load: Load, port: int, path: str, server_pid: int, work: Path,
         "p99_ms": 1000 * percentile(latencies, 99),
         "statuses": statuses,
         "reconnects": sum(r["reconnects"] for r in results),
-        "server_cpu_us_per_req": 1e6 * (cpu[1] - cpu[0]) / count if count else None,
+        "server_cpu_us_per_req": 1e6 * spent[0] / count if count else None,
         "in_flight": load.in_flight,
     }
 

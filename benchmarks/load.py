@@ -3,7 +3,8 @@ measures (nor with the harness):
 
 - `publish`: plain publishes (what `nats pub` sends) at a fixed rate, each event stamped with its publish time;
 - `request`: N concurrent clients, each on its own connection, doing request/reply round trips back to back
-  (what `nats req` does), after a warm-up; reports round trips and their latencies.
+  (what `nats req` does), after a warm-up; reports round trips and their latencies. With `--marks` it says when
+  it starts and stops counting, so that the harness reads CPU times over exactly that span.
 
 Run by the harness as `python -m benchmarks.load MODE ...`.
 """
@@ -65,11 +66,15 @@ async def _request(args: argparse.Namespace) -> None:
     await child.ready()
     tasks = [asyncio.create_task(client(nc)) for nc in clients]  # all awaited below
     await asyncio.sleep(args.warmup)
+    if args.marks:
+        child.mark("measuring")  # the harness reads CPU times from here to `measured`
     measuring = True
     begin = time.perf_counter()
     await asyncio.sleep(args.seconds)
     measuring = False
     elapsed = time.perf_counter() - begin
+    if args.marks:
+        child.mark("measured")
     stop = True
     await asyncio.gather(*tasks)
     for nc in clients:
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to publish, or to measure")
     parser.add_argument("--clients", type=int, default=8, help="concurrent requesters (request)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of requests before measuring")
+    parser.add_argument("--marks", action="store_true", help="print `measuring` and `measured` lines (request)")
     args = parser.parse_args()
     asyncio.run(_publish(args) if args.mode == "publish" else _request(args))
 

@@ -65,6 +65,7 @@ CEILINGS = [("ceil_std", False), ("ceil_fifo", True)]
 PLAIN_SUBJECT = "events.bench.queues.plain"
 PLAIN = """
     # /// eventfn
+    # min_warm = 10
     # [[triggers]]
     # subjects = ["{subject}"]
     # batch_size = {batch}
@@ -152,7 +153,8 @@ async def run(work: Path, url: str, count: int) -> dict[str, Any]:
     handlers = work / "handlers"
     handlers.mkdir(parents=True)
     for queue, _, isolation in VARIANTS:
-        line = '# isolation = "inprocess"' if isolation == "inprocess" else "#"
+        # Process workers kept warm (the function's concurrency), whatever the engine's default `min_warm`.
+        line = '# isolation = "inprocess"' if isolation == "inprocess" else "# min_warm = 10"
         write_handler(handlers, f"q_{queue}", NO_OP.format(isolation=line, queue=queue, batch=BATCH))
     write_handler(handlers, "plain_p", PLAIN.format(subject=PLAIN_SUBJECT, batch=BATCH))
     config = work / "eventfn.toml"

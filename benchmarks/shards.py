@@ -46,6 +46,7 @@ _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
 
 HANDLER = """
     # /// eventfn
+    # min_warm = 4
     # [[triggers]]
     # type = "stream"
     # stream = "bench"
