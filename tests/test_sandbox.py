@@ -554,7 +554,7 @@ def test_kill_tree_reaches_a_daemon_through_the_user_namespace(tmp_path: Path) -
     script = """
 import os, subprocess, sys
 from eventfn import sandbox
-sandbox.enter_user_namespace(sandbox._libc())
+sandbox.enter_user_namespace(sandbox.libc())
 daemon = "(setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!)"
 print(subprocess.run(["sh", "-c", daemon], capture_output=True, text=True).stdout.strip(), flush=True)
 sys.stdin.read()

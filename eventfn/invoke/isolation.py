@@ -13,8 +13,12 @@
   cgroups, the worker's descendants are found through /proc (and, with a user namespace, every process in
   it, which nothing the handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
 
+- **Cold starts**: workers are forked by a fork server (`eventfn.invoke.forks`, `eventfn.invoke.zygote`) that runs
+  as the worker user with the start-up variables every worker shares, has imported the runtime, and never holds a
+  function's environment: each child reads its own once it is in its cgroup, as any worker does.
+
 `isolated(config)` sets this up for `eventfn serve`; pools created outside it (tests, embedding) get `current()`'s
-default: the worker confines itself, without a user switch, user namespace or cgroup.
+default: the worker confines itself, without a user switch, user namespace, cgroup or fork server.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from eventfn import sandbox
 from eventfn.config import ServiceConfig
 from eventfn.errors import ConfigError
 from eventfn.invoke.cgroups import Cgroups, CgroupsUnavailable, keeper, kill_cgroup
+from eventfn.invoke.forks import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,16 @@ class Isolation:
     groups: list[int] = field(default_factory=list)
     user_namespace: bool = False
     cgroups: Cgroups | None = None
+    #: Where workers are forked from (None: each worker is a new interpreter).
+    forks: ForkServer | None = None
+
+    def fork_server(self) -> ForkServer:
+        """A fork server for workers under this isolation (not started yet)."""
+        return ForkServer(
+            environment=self.command_environment(self.environment),
+            credentials=self.credentials(),
+            user_namespace=self.user_namespace,
+        )
 
     def command_environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """The part of a worker's environment that must be there when its process starts."""
@@ -372,10 +387,16 @@ async def isolated(config: ServiceConfig) -> AsyncIterator[Isolation]:
     async with AsyncExitStack() as stack:
         if isolation.cgroups is not None:
             await stack.enter_async_context(keeper(isolation.cgroups.base))
+        if sandbox.LINUX:
+            isolation.forks = isolation.fork_server()
+            await isolation.forks.start()  # now, not at the first cold start; logs why if it cannot
         try:
             yield isolation
         finally:
             _current = previous
+            if isolation.forks is not None:
+                with anyio.CancelScope(shield=True):
+                    await isolation.forks.aclose()
             if isolation.cgroups is not None:
                 with anyio.CancelScope(shield=True):
                     await isolation.cgroups.close()  # then the keeper, finding nothing left, ends

@@ -3,12 +3,19 @@
 `start` returns a `WorkerProcess`: the process and the two descriptors of its frame channel, held on the service's
 side. The child waits for `release` before it reads its environment or runs any handler code, so that the pool can
 put it in its cgroup first (`isolation.Isolation.track`). The worker's side of the start-up is
-`eventfn.invoke.runtime.main` (confine, take the channel, load, send `Ready`).
+`eventfn.invoke.runtime.start` (confine, take the channel, load, send `Ready`).
+
+Two ways, one shape: a child forked by the service's fork server (`Forked`, a few milliseconds: the runtime is
+imported already, see `eventfn.invoke.zygote`), or a new interpreter (`Subprocess`, ~100 ms) when there is no fork
+server (outside `isolation.isolated`, off Linux, or while it cannot serve) or the worker's start-up variables
+(`sandbox.is_start_up_variable`: `PYTHONPATH`, `LD_PRELOAD`, `TZ`...) differ from the fork server's, since they only
+take effect when an interpreter starts.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Protocol
@@ -17,7 +24,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from eventfn.invoke import isolation
+from eventfn.invoke import forks, isolation
 from eventfn.invoke.protocol import WorkerSpec
 
 
@@ -47,23 +54,15 @@ class WorkerProcess(Protocol):
         """Reap it (after `kill`, or once it exited) and let go of what the launcher holds for it."""
 
 
-class Subprocess:
-    """A worker started as `python -m eventfn.invoke.runtime`, its channel on two pipes.
+class _Released:
+    """What both kinds share: the channel's descriptors, and the environment the child reads once released."""
 
-    The child's stdin and stdout are the pipes' other ends; the runtime moves them aside before any handler code runs.
-    Its environment arrives in the preamble on the channel (`isolation.Isolation.preamble`), never on its command.
-    """
+    pid: int
 
-    def __init__(self, process: anyio.abc.Process, reader: int, writer: int, preamble: bytes) -> None:
-        self.process = process
-        self.pid = process.pid
+    def __init__(self, reader: int, writer: int, preamble: bytes) -> None:
         self.reader = reader
         self.writer = writer
         self._preamble = preamble
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
 
     async def release(self) -> None:
         data, self._preamble = self._preamble, b""
@@ -72,6 +71,23 @@ class Subprocess:
             _write_all(self.writer, data)
         else:
             await anyio.to_thread.run_sync(_write_all, self.writer, data)
+
+
+class Subprocess(_Released):
+    """A worker started as `python -m eventfn.invoke.runtime`, its channel on two pipes.
+
+    The child's stdin and stdout are the pipes' other ends; the runtime moves them aside before any handler code runs.
+    Its environment arrives in the preamble on the channel (`isolation.Isolation.preamble`), never on its command.
+    """
+
+    def __init__(self, process: anyio.abc.Process, reader: int, writer: int, preamble: bytes) -> None:
+        super().__init__(reader, writer, preamble)
+        self.process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
 
     async def wait(self) -> int:
         return await self.process.wait()
@@ -82,6 +98,39 @@ class Subprocess:
 
     async def aclose(self) -> None:
         await self.process.aclose()
+
+
+class Forked(_Released):
+    """A worker forked by the service's fork server (`forks.ForkServer`), its channel on two pipes as a
+    `Subprocess`'s. Not the service's child: the zygote reaps it and reports its exit status; it is signalled through
+    a pidfd, which never names another process, even after it was reaped."""
+
+    def __init__(self, pid: int, pidfd: int, ended: forks.Exit, reader: int, writer: int, preamble: bytes) -> None:
+        super().__init__(reader, writer, preamble)
+        self.pid = pid
+        self._pidfd = pidfd
+        self._ended = ended
+
+    @property
+    def returncode(self) -> int | None:
+        return self._ended.result() if self._ended.done() else None
+
+    async def wait(self) -> int:
+        return await self._ended
+
+    def kill(self) -> None:
+        if self._pidfd >= 0 and not self._ended.done():
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited; its status is on its way
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._ended
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -99,6 +148,12 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
     child_in, writer = os.pipe()
     reader, child_out = os.pipe()
     try:
+        server = iso.forks
+        if server is not None and iso.command_environment(env) == server.environment:
+            forked = await server.fork(spec, child_in, child_out)
+            if forked is not None:
+                pid, pidfd, ended = forked
+                return Forked(pid, pidfd, ended, reader, writer, iso.preamble(env))
         process = await anyio.open_process(
             # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
             # same size and mtime (to the second), so an edit that keeps a file's size within a second of the

@@ -203,9 +203,15 @@ def _install_logging(output: HandlerOutput) -> None:
 
 
 def main() -> None:
-    """Entry point of a worker process."""
-    spec = msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec)
-    sandbox.confine()  # reads the preamble on stdin, before the protocol takes it over
+    """Entry point of a worker process started as a new interpreter."""
+    start(msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec))
+
+
+def start(spec: WorkerSpec, *, in_user_namespace: bool = False) -> None:
+    """A worker's start-up once its process exists, its channel on fds 0 and 1: wait for release (the preamble),
+    confine itself, take the channel, load the handler and serve (also the path of a worker forked by the zygote,
+    `eventfn.invoke.zygote`, which may have entered its user namespace already)."""
+    sandbox.confine(in_user_namespace=in_user_namespace)  # reads the preamble, before the protocol takes fd 0 over
     channel = _take_protocol_descriptors()
     os.chdir(spec.task_root)
     serve(spec, channel)
