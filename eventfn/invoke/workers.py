@@ -1,10 +1,11 @@
 """Worker pools: warm worker processes for one version of one function, reused across invocations.
 
-Each worker is a `python -m eventfn.invoke.runtime` process that loads the handler once (Lambda's init phase) and
-then runs one invocation at a time. A pool hands an invocation to an idle worker, or starts a new one (a cold
-start) when none is idle; the caller bounds how many run at once. A worker that times out or dies is killed
-and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload) lets its in-flight
-invocations finish on the old code, then stops its workers.
+Each worker is a process (forked by the service's fork server, or a new `python -m eventfn.invoke.runtime`; see
+`eventfn.invoke.launch`) that loads the handler once (Lambda's init phase) and then runs one invocation at a time.
+A pool hands an invocation to an idle worker, or starts a new one (a cold start) when none is idle; the caller
+bounds how many run at once. An idle pool holds `min_warm` workers, none by default (scale to zero). A worker that
+times out or dies is killed and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload)
+lets its in-flight invocations finish on the old code, then stops its workers.
 """
 
 from __future__ import annotations
@@ -237,15 +238,16 @@ class Worker:
 class Pool:
     """Warm workers for one version of one function.
 
-    It starts with `min_warm` workers (at least one, which validates the handler before the version goes
-    live), grows on demand (a cold start per new worker; the caller bounds concurrency), and `reap` stops
-    workers idle longer than `idle_timeout` down to `min_warm` (Lambda's provisioned concurrency).
+    `start` validates the version with one worker (stopped at once unless `min_warm` keeps it) and starts
+    `min_warm` warm workers (Lambda's provisioned concurrency); the pool grows on demand (a cold start per new
+    worker; the caller bounds concurrency), and `reap` stops workers idle longer than `idle_timeout` down to
+    `min_warm`, to none by default: an idle function holds no process.
     """
 
     spec: WorkerSpec
     env: dict[str, str]
     version: str
-    min_warm: int = 1
+    min_warm: int = 0
     idle_timeout: float = 300.0
     #: Idle workers with the monotonic time they became idle, the longest idle first.
     idle: list[tuple[Worker, float]] = field(default_factory=list)
@@ -258,9 +260,13 @@ class Pool:
         return len(self.idle) + self.busy
 
     async def start(self) -> float:
-        """Start the warm workers; returns the first one's Init Duration. Raises `HandlerLoadError`."""
+        """Validate the version (its handler loads) and start the warm workers; returns the validating worker's
+        Init Duration. Raises `HandlerLoadError`."""
         try:
             first = await Worker.spawn(self.spec, self.env)
+            if self.min_warm == 0:
+                await first.kill()  # validated: the first invocation gets a cold start, as in Lambda
+                return first.init_ms or 0.0
             self.idle.append((first, time.monotonic()))
             for _ in range(self.min_warm - 1):
                 self.idle.append((await Worker.spawn(self.spec, self.env), time.monotonic()))
