@@ -54,13 +54,17 @@ class _Zygote:
 
     def __init__(self, process: anyio.abc.Process, control: socket.socket) -> None:
         self.process = process
+        # Signalled through a pidfd, never `process.kill()`: that polls the process first, and a poll that reaps it
+        # before asyncio's child watcher does loses its exit status.
+        self.pidfd = os.pidfd_open(process.pid)
         self.control = control
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.replies: deque[asyncio.Future[tuple[int, int]]] = deque()
         #: Its children alive, by pid: their pidfd and their exit status to come.
         self.children: dict[int, tuple[int, Exit]] = {}
-        #: Why it can no longer serve (None while it can).
+        #: Why it can no longer serve (None while it can), and whether the log said so.
         self.lost: str | None = None
+        self.reported = False
         asyncio.get_running_loop().add_reader(control.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -73,8 +77,7 @@ class _Zygote:
                 self._lose(f"its control socket failed: {exc}")
                 return
             if not data:
-                code = self.process.returncode
-                self._lose("it exited" if code is None else f"it exited with status {code}")
+                self._lose("it exited")
                 return
             kind, pid, value = RECORD.unpack(data)
             if kind == b"X":
@@ -92,6 +95,7 @@ class _Zygote:
         if self.lost is not None:
             return
         self.lost = reason
+        self.kill()  # hung, or it misbehaved: its children go with it, whatever state it is in
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.control.fileno())
         error = ZygoteUnavailable(reason)
@@ -106,13 +110,31 @@ class _Zygote:
         for pidfd, ended in children.values():
             _await_orphan(pidfd, ended)
 
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited already
+
     async def stop(self) -> None:
         self._lose("it was stopped")
         self.control.close()
-        if self.process.returncode is None:
-            self.process.kill()
         with anyio.CancelScope(shield=True):
-            await self.process.aclose()
+            await self.process.wait()
+        os.close(self.pidfd)
+
+
+def _failed(zygote: _Zygote, reason: str) -> None:
+    """A fork request failed: the zygote is done for, and the log says so once."""
+    zygote._lose(reason)
+    if not zygote.reported:
+        zygote.reported = True
+        log.warning(
+            "the fork server (pid %d) failed: %s; this worker starts as a new interpreter, and the next cold start "
+            "starts a new fork server",
+            zygote.process.pid,
+            zygote.lost,
+        )
 
 
 def _await_orphan(pidfd: int, ended: Exit) -> None:
@@ -130,9 +152,7 @@ def _await_orphan(pidfd: int, ended: Exit) -> None:
 class ForkServer:
     """The service's fork server: a zygote started on demand, restarted after it died (see the module docstring)."""
 
-    def __init__(
-        self, *, environment: Mapping[str, str], credentials: Mapping[str, Any], user_namespace: bool
-    ) -> None:
+    def __init__(self, *, environment: Mapping[str, str], credentials: Mapping[str, Any], user_namespace: bool) -> None:
         #: The start-up variables of every worker it forks: a worker whose own differ is started without it.
         self.environment = dict(environment)
         self._credentials = dict(credentials)
@@ -161,7 +181,17 @@ class ForkServer:
         if zygote is not None:
             self._zygote = None
             await zygote.stop()
-            log.warning("the fork server stopped (%s); starting a new one", zygote.lost)
+            if zygote.reported:
+                log.info("starting a new fork server")
+            else:
+                code = zygote.process.returncode
+                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
+                log.warning(
+                    "the fork server (pid %d) stopped: %s (%s); starting a new one",
+                    zygote.process.pid,
+                    zygote.lost,
+                    how,
+                )
         elif self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER:
             return None
         try:
@@ -180,7 +210,15 @@ class ForkServer:
             raise ZygoteUnavailable("it needs Linux 5.3 or later (pidfd)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            command = [sys.executable, "-B", "-P", "-m", "eventfn.invoke.zygote", str(theirs.fileno()), str(os.getpid())]
+            command = [
+                sys.executable,
+                "-B",
+                "-P",
+                "-m",
+                "eventfn.invoke.zygote",
+                str(theirs.fileno()),
+                str(os.getpid()),
+            ]
             if self._user_namespace:
                 command.append("--user-namespace")
             # From the event loop's thread: the zygote's PR_SET_PDEATHSIG fires when the thread that started it ends.
@@ -223,16 +261,17 @@ class ForkServer:
         try:
             socket.send_fds(zygote.control, [msgspec.json.encode(spec)], [reader, writer])
         except OSError as exc:  # a full socket buffer: it has not read for a while
-            zygote._lose(f"a request could not be sent: {exc}")
+            _failed(zygote, f"a request could not be sent: {exc}")
             return None
         zygote.replies.append(reply)
         try:
             with anyio.fail_after(FORK_TIMEOUT):
                 pid, error = await reply
         except TimeoutError:
-            zygote._lose(f"it did not answer within {FORK_TIMEOUT:.0f} s")
+            _failed(zygote, f"it did not answer within {FORK_TIMEOUT:g} s")
             return None
-        except ZygoteUnavailable:
+        except ZygoteUnavailable as exc:
+            _failed(zygote, str(exc))
             return None
         if pid == 0:
             raise OSError(error, f"cannot fork a worker: {os.strerror(error)}")

@@ -275,6 +275,16 @@ class Pool:
             raise
         return first.init_ms or 0.0
 
+    async def _idle_worker(self) -> Worker | None:
+        """The most recently idle worker still alive; those found dead meanwhile (killed from outside, or with
+        the fork server they came from) are dropped rather than failing an invocation."""
+        while self.idle:
+            worker, _ = self.idle.pop()
+            if worker.alive:
+                return worker
+            await worker.kill()
+        return None
+
     async def reap(self) -> int:
         """Stop workers idle past `idle_timeout`, keeping `min_warm`; returns how many were stopped."""
         cutoff = time.monotonic() - self.idle_timeout
@@ -304,9 +314,8 @@ class Pool:
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
         try:
-            if self.idle:
-                worker, _ = self.idle.pop()
-            else:
+            worker = await self._idle_worker()
+            if worker is None:
                 try:
                     worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:

@@ -168,7 +168,7 @@ def _child(
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001 - the process ends either way
+            except Exception:  # the process ends either way
                 pass
         os._exit(code)
 
