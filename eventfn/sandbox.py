@@ -58,6 +58,9 @@ class Preamble(msgspec.Struct, frozen=True, kw_only=True):
 
     environ: dict[str, str]
     user_namespace: bool = False
+    #: The worker's `WorkerSpec` as JSON when its command did not carry it: a worker forked by the zygote ahead of
+    #: the cold start it serves learns which function it is only now.
+    spec: bytes = b""
 
 
 def is_start_up_variable(name: str) -> bool:
@@ -95,8 +98,8 @@ def read_preamble(fd: int = 0) -> Preamble | None:
     return msgspec.msgpack.decode(body, type=Preamble)
 
 
-def confine(fd: int = 0, *, in_user_namespace: bool = False) -> None:
-    """Read the preamble, confine this process (see the module docstring) and install the environment.
+def confine(fd: int = 0, *, in_user_namespace: bool = False) -> Preamble:
+    """Read the preamble, confine this process (see the module docstring), install the environment; the preamble.
 
     `in_user_namespace`: it entered its own already (a worker forked by the zygote, `enter_own_user_namespace`).
     Exits quietly if the service is gone before the preamble arrived.
@@ -114,6 +117,7 @@ def confine(fd: int = 0, *, in_user_namespace: bool = False) -> None:
         drop_privileges(c)
     # Only now, with /proc closed to others: the initial environment held the start-up variables only.
     os.environ.update(preamble.environ)
+    return preamble
 
 
 def libc() -> Any:

@@ -6,6 +6,7 @@ children with it). What the tests check is read from /proc, as any other process
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import anyio
 import pytest
 
 from eventfn import sandbox
-from eventfn.invoke import forks, isolation
+from eventfn.invoke import forks, isolation, launch
 from eventfn.invoke.invocation import Invocation, Outcome
 from eventfn.invoke.workers import Pool
 from tests.conftest import spec_for, write_handler
@@ -295,3 +296,25 @@ async def test_the_zygote_has_the_shared_start_up_environment_only_and_is_the_se
     assert environ == forking.forks.environment
     assert all(sandbox.is_start_up_variable(name) for name in environ)
     assert f"PPid:\t{os.getpid()}\n" in status
+
+
+async def test_the_next_cold_start_takes_a_child_forked_ahead_of_it(
+    tmp_path: Path, forking: isolation.Isolation
+) -> None:
+    server = forking.forks
+    assert server is not None
+    first, second = pool_for(tmp_path, WHOAMI, "early"), pool_for(tmp_path, WHOAMI, "late", {"LATE_ONLY": "x"})
+    try:
+        await first.start()  # a cold start: the first spare is forked meanwhile
+        if server.refilling is not None:
+            await asyncio.wait([server.refilling])
+        spare = server.spare
+        assert isinstance(spare, launch.Forked) and spare.tree is not None, "forked and tracked ahead"
+        assert f"PPid:\t{server.pid}\n" in Path(f"/proc/{spare.pid}/status").read_text()
+        seen = result(await run(second))
+        assert seen["pid"] == spare.pid and seen["sid"] == spare.pid, "the spare became this function's worker"
+        assert seen["environ"]["LATE_ONLY"] == "x" and seen["environ"]["AWS_LAMBDA_FUNCTION_NAME"] == "late"
+        assert seen["cwd"] == second.spec.task_root
+    finally:
+        await first.retire()
+        await second.retire()

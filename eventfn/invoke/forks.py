@@ -1,7 +1,7 @@
 """The service's side of the fork server (`eventfn.invoke.zygote`): start it, ask it for workers, learn how they end.
 
-One `ForkServer` per service (`isolation.isolated` starts it). `fork` hands the zygote a worker's spec and the
-child's ends of its channel and returns the new process's pid and a pidfd (a handle that cannot come to name
+One `ForkServer` per service (`isolation.isolated` starts it). `fork` hands the zygote the child's ends of its
+channel and returns the new process's pid and a pidfd (a handle that cannot come to name
 another process once this one is reaped, which the zygote does). The zygote reports each child's exit status;
 should the zygote itself die, its children die with it (PR_SET_PDEATHSIG) and are reported killed.
 
@@ -22,13 +22,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import msgspec
 
-from eventfn.invoke.protocol import WorkerSpec
 from eventfn.invoke.zygote import RECORD
 
 log = logging.getLogger(__name__)
@@ -43,6 +41,13 @@ RETRY_AFTER = 30.0
 Exit = asyncio.Future[int]
 
 SUPPORTED = sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+
+class Spare(Protocol):
+    """A child forked (and tracked) ahead of the cold start it will serve (`eventfn.invoke.launch` makes them)."""
+
+    async def discard(self) -> None:
+        """Stop it, and let go of what is held for it."""
 
 
 class ZygoteUnavailable(Exception):
@@ -160,12 +165,22 @@ class ForkServer:
         self._zygote: _Zygote | None = None
         self._lock = anyio.Lock()
         self._failed_at: float | None = None
-        self._closed = False
+        #: Stopped for good (the service ends).
+        self.closed = False
+        #: The next cold start's child, forked and tracked ahead of it (see `eventfn.invoke.launch`).
+        self.spare: Spare | None = None
+        #: The task making the next spare, while it runs.
+        self.refilling: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
         """The running zygote's pid."""
         return self._zygote.process.pid if self._zygote is not None and self._zygote.lost is None else None
+
+    def holds(self, pid: int) -> bool:
+        """Whether `pid` is a child of the running zygote, alive as far as the service knows."""
+        zygote = self._zygote
+        return zygote is not None and zygote.lost is None and pid in zygote.children
 
     async def start(self) -> bool:
         """Start the zygote unless it runs; False (and one log line) if it cannot start."""
@@ -176,7 +191,7 @@ class ForkServer:
         zygote = self._zygote
         if zygote is not None and zygote.lost is None:
             return zygote
-        if self._closed:
+        if self.closed:
             return None
         if zygote is not None:
             self._zygote = None
@@ -248,7 +263,7 @@ class ForkServer:
             raise
         return zygote
 
-    async def fork(self, spec: WorkerSpec, reader: int, writer: int) -> tuple[int, int, Exit] | None:
+    async def fork(self, reader: int, writer: int) -> tuple[int, int, Exit] | None:
         """A new child that will read frames from `reader` and write them to `writer` (the child's ends; the caller
         closes its copies): its pid, a pidfd and its exit status to come. None: start this worker without the zygote.
         """
@@ -259,7 +274,7 @@ class ForkServer:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[tuple[int, int]] = loop.create_future()
         try:
-            socket.send_fds(zygote.control, [msgspec.json.encode(spec)], [reader, writer])
+            socket.send_fds(zygote.control, [b"fork"], [reader, writer])
         except OSError as exc:  # a full socket buffer: it has not read for a while
             _failed(zygote, f"a request could not be sent: {exc}")
             return None
@@ -293,7 +308,13 @@ class ForkServer:
 
     async def aclose(self) -> None:
         """Stop the zygote (its children die with it)."""
-        self._closed = True
+        self.closed = True
+        if self.refilling is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self.refilling])  # a spare forked meanwhile is discarded, not left behind
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            await spare.discard()
         zygote, self._zygote = self._zygote, None
         if zygote is not None:
             await zygote.stop()

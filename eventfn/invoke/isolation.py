@@ -99,9 +99,11 @@ class Isolation:
         """The part of a worker's environment that must be there when its process starts."""
         return {k: v for k, v in env.items() if sandbox.is_start_up_variable(k)}
 
-    def preamble(self, env: Mapping[str, str]) -> bytes:
-        """What the worker reads before anything else: its whole environment and how to confine itself."""
-        return sandbox.encode_preamble(sandbox.Preamble(environ=dict(env), user_namespace=self.user_namespace))
+    def preamble(self, env: Mapping[str, str], spec: bytes = b"") -> bytes:
+        """What the worker reads before anything else: its whole environment, how to confine itself, and (`spec`,
+        for a worker forked ahead of its cold start) which function it is."""
+        preamble = sandbox.Preamble(environ=dict(env), user_namespace=self.user_namespace, spec=spec)
+        return sandbox.encode_preamble(preamble)
 
     def credentials(self) -> dict[str, Any]:
         """`open_process` arguments that start a worker as the worker user."""

@@ -14,6 +14,8 @@ take effect when an interpreter starts.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import sys
@@ -27,6 +29,8 @@ import msgspec
 from eventfn.invoke import forks, isolation
 from eventfn.invoke.protocol import WorkerSpec
 
+log = logging.getLogger(__name__)
+
 
 class WorkerProcess(Protocol):
     """A started worker process, as a pool holds it."""
@@ -36,6 +40,8 @@ class WorkerProcess(Protocol):
     reader: int
     #: The service's end of the channel: frames to the worker are written here (never the same descriptor).
     writer: int
+    #: Already tracked (a spare, put in its cgroup ahead of the cold start), or None: `isolation.Isolation.track` it.
+    tree: isolation.ProcessTree | None
 
     @property
     def returncode(self) -> int | None:
@@ -62,10 +68,12 @@ class _Released:
     def __init__(self, reader: int, writer: int, preamble: bytes) -> None:
         self.reader = reader
         self.writer = writer
-        self._preamble = preamble
+        #: What `release` writes: the child's environment (and, for a forked one, which function it serves).
+        self.preamble = preamble
+        self.tree: isolation.ProcessTree | None = None
 
     async def release(self) -> None:
-        data, self._preamble = self._preamble, b""
+        data, self.preamble = self.preamble, b""
         # The pipe holds 64 KB; a larger environment is written from a thread, as the child reads it.
         if len(data) <= 32 * 1024:
             _write_all(self.writer, data)
@@ -132,6 +140,17 @@ class Forked(_Released):
             os.close(self._pidfd)
             self._pidfd = -1
 
+    async def discard(self) -> None:
+        """A spare no cold start took (the service stops, or it died): stop it and let go of all it holds."""
+        if self.tree is not None:
+            await self.tree.kill(reaped=self.returncode is not None)
+        self.kill()
+        await self.aclose()
+        if self.tree is not None:
+            self.tree.release()
+        for fd in (self.reader, self.writer):
+            os.close(fd)
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
@@ -145,15 +164,15 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
     Raises OSError when no process can be started (the folder vanished, no more processes allowed...).
     """
     iso = isolation.current()
+    server = iso.forks
+    if server is not None and iso.command_environment(env) == server.environment:
+        forked = await _fork(iso, server)
+        if forked is not None:
+            forked.preamble = iso.preamble(env, spec=msgspec.json.encode(spec))
+            return forked
     child_in, writer = os.pipe()
     reader, child_out = os.pipe()
     try:
-        server = iso.forks
-        if server is not None and iso.command_environment(env) == server.environment:
-            forked = await server.fork(spec, child_in, child_out)
-            if forked is not None:
-                pid, pidfd, ended = forked
-                return Forked(pid, pidfd, ended, reader, writer, iso.preamble(env))
         process = await anyio.open_process(
             # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
             # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
@@ -175,3 +194,53 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
         os.close(child_in)
         os.close(child_out)
     return Subprocess(process, reader, writer, iso.preamble(env))
+
+
+async def _fork(iso: isolation.Isolation, server: forks.ForkServer) -> Forked | None:
+    """The spare child if one is ready (forked and in its cgroup already: a cold start then costs its release and
+    the handler's import only), else a new one; a new spare is made meanwhile for the next cold start."""
+    spare, server.spare = server.spare, None
+    if server.refilling is None and not server.closed:
+        server.refilling = asyncio.get_running_loop().create_task(_refill(iso, server))
+    if isinstance(spare, Forked):
+        if spare.returncode is None and server.holds(spare.pid):
+            return spare
+        await spare.discard()  # died with a zygote that was replaced, or was killed
+    return await _new_child(server)
+
+
+async def _new_child(server: forks.ForkServer) -> Forked | None:
+    child_in, writer = os.pipe()
+    reader, child_out = os.pipe()
+    try:
+        forked = await server.fork(child_in, child_out)
+    except BaseException:
+        os.close(reader)
+        os.close(writer)
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+    if forked is None:
+        os.close(reader)
+        os.close(writer)
+        return None
+    pid, pidfd, ended = forked
+    return Forked(pid, pidfd, ended, reader, writer, b"")
+
+
+async def _refill(iso: isolation.Isolation, server: forks.ForkServer) -> None:
+    """Fork and track the next spare; no spare is made if the zygote cannot serve (that cold start forks anew)."""
+    try:
+        spare = await _new_child(server)
+        if spare is None:
+            return
+        spare.tree = iso.track(spare.pid)
+        if server.spare is None and not server.closed:
+            server.spare = spare
+        else:
+            await spare.discard()
+    except Exception as exc:  # a spare is an optimisation: the next cold start forks its own
+        log.warning("could not prepare a worker ahead of the next cold start: %s", exc)
+    finally:
+        server.refilling = None

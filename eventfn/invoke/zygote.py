@@ -14,8 +14,9 @@ fds 0 and 1, and (with `--user-namespace`) a user namespace of its own, entered 
 
 The control socket is a Unix SOCK_SEQPACKET pair: one message per request and per record.
 
-- service -> zygote: the worker's `WorkerSpec` as JSON, with the child's two channel descriptors (read, write)
-  attached (SCM_RIGHTS).
+- service -> zygote: `fork`, with the child's two channel descriptors (read, write) attached (SCM_RIGHTS). Which
+  function the child serves, it learns from the service with its environment once released: a child can be forked
+  (and put in its cgroup) ahead of the cold start it serves.
 - zygote -> service: `RECORD` messages: `R 0 0` once ready; `F pid errno` per request, in order (pid 0 and an errno
   if fork failed); `X pid status` when a child exited (its exit status, negative: killed by that signal).
 
@@ -35,8 +36,7 @@ import sys
 import traceback
 
 RECORD = struct.Struct(">cii")
-#: The largest request: a `WorkerSpec` as JSON (paths, names), far below any socket buffer.
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 64
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +100,7 @@ def serve(control: socket.socket, user_namespace: bool) -> None:
                 control.send(RECORD.pack(b"F", 0, exc.errno or errno.EAGAIN))
             else:
                 if pid == 0:
-                    _child(control, (wake_read, wake_write), data, fds, user_namespace)
+                    _child(control, (wake_read, wake_write), fds, user_namespace)
                 control.send(RECORD.pack(b"F", pid, 0))
             finally:
                 for received in fds:
@@ -126,9 +126,7 @@ def _reap(control: socket.socket) -> None:
         control.send(RECORD.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
 
 
-def _child(
-    control: socket.socket, wakeup: tuple[int, int], spec_json: bytes, fds: list[int], user_namespace: bool
-) -> None:
+def _child(control: socket.socket, wakeup: tuple[int, int], fds: list[int], user_namespace: bool) -> None:
     """The forked child: becomes a worker (`eventfn.invoke.runtime.start`) and never returns to the zygote's loop."""
     code = 1
     try:
@@ -141,7 +139,6 @@ def _child(
         os.setsid()  # a session and process group of its own, as a worker started by the service has
         from eventfn import sandbox
         from eventfn.invoke import runtime
-        from eventfn.invoke.protocol import WorkerSpec
 
         sandbox.die_with_parent(zygote)
         reader, writer = fds
@@ -153,12 +150,9 @@ def _child(
         fds.clear()
         if user_namespace:
             sandbox.enter_own_user_namespace()
-        sys.argv = [runtime.__file__ or "runtime", spec_json.decode()]
-        import msgspec
-
-        spec = msgspec.json.decode(spec_json, type=WorkerSpec)
-        # Waits for release (its environment, from the service), confines itself, loads the handler, serves.
-        runtime.start(spec, in_user_namespace=user_namespace)
+        # Waits for release (which function, and its environment, from the service), confines itself, loads the
+        # handler, serves.
+        runtime.start(None, in_user_namespace=user_namespace)
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc)
