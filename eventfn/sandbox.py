@@ -1,15 +1,16 @@
 """What a worker does to itself before any handler code runs (the worker side of handler isolation).
 
 `eventfn.invoke.runtime` calls `confine()` first thing. It reads the preamble the service writes on stdin before any
-frame: the function's environment, delivered there rather than on the command line or in the initial
-environment block (both visible in /proc to processes of the same user from the moment the process starts),
-and what to apply. Then, in this order:
+frame (once the service released it): the function's environment, delivered there rather than on the command line
+or in the initial environment block (both visible in /proc to processes of the same user from the moment the
+process starts), and what to apply. Then, in this order:
 
 1. a user namespace of its own (identity-mapped, so files and uids look the same): processes in another user
    namespace, such as other functions' workers and anything they start, cannot read this worker's /proc
    entries (environ, mem, fds) even under the same uid, and nested user namespaces are refused, so every
    process the handler starts stays recognisable as its own;
-2. die with the service (PR_SET_PDEATHSIG): no worker outlives a SIGKILLed `eventfn serve`;
+2. die with its parent (PR_SET_PDEATHSIG), the service or the fork server (`eventfn.invoke.zygote`), which dies
+   with the service: no worker outlives a SIGKILLed `eventfn serve`;
 3. not dumpable: /proc/<pid>/environ and mem then need CAP_SYS_PTRACE, which no worker has;
 4. no capabilities and no way to gain any (no_new_privs, empty bounding set): a worker running as root cannot
    read other processes' memory or environment, override file permissions, or regain privileges through a
