@@ -1,9 +1,9 @@
 """The service's side of the fork server (`eventfn.invoke.zygote`): start it, ask it for workers, learn how they end.
 
 One `ForkServer` per service (`isolation.isolated` starts it). `fork` hands the zygote the child's ends of its
-channel and returns the new process's pid and a pidfd (a handle that cannot come to name
-another process once this one is reaped, which the zygote does). The zygote reports each child's exit status;
-should the zygote itself die, its children die with it (PR_SET_PDEATHSIG) and are reported killed.
+channel and returns the new process's pid and a pidfd (a handle that cannot come to name another process once
+this one is reaped, which the zygote does). The zygote reports each child's exit status; should the zygote itself
+die, its children die with it (PR_SET_PDEATHSIG) and are reported killed.
 
 `fork` returns None whenever the zygote cannot serve (it died, hangs, or never started on this platform): the
 caller starts the worker as a new interpreter instead. The log says so once, and the next cold start starts a
@@ -50,8 +50,8 @@ class Spare(Protocol):
         """Stop it, and let go of what is held for it."""
 
 
-class ZygoteUnavailable(Exception):
-    """The zygote cannot fork a worker now; the message says why."""
+class _Unavailable(Exception):
+    """The zygote cannot fork a worker now; the message says why (never leaves this module: `fork` returns None)."""
 
 
 class _Zygote:
@@ -103,7 +103,7 @@ class _Zygote:
         self.kill()  # hung, or it misbehaved: its children go with it, whatever state it is in
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.control.fileno())
-        error = ZygoteUnavailable(reason)
+        error = _Unavailable(reason)
         waiting: list[asyncio.Future[Any]] = [self.ready, *self.replies]
         for future in waiting:
             if not future.done():
@@ -211,18 +211,19 @@ class ForkServer:
             return None
         try:
             self._zygote = await self._spawn()
-        except (OSError, ZygoteUnavailable, TimeoutError) as exc:
+        except (OSError, _Unavailable, TimeoutError) as exc:
             self._failed_at = time.monotonic()
             log.warning(
                 "workers start as new interpreters (slower cold starts): the fork server did not start: %s", exc
             )
             return None
         self._failed_at = None
+        log.info("workers are forked by a fork server (pid %d)", self._zygote.process.pid)
         return self._zygote
 
     async def _spawn(self) -> _Zygote:
         if not SUPPORTED:
-            raise ZygoteUnavailable("it needs Linux 5.3 or later (pidfd)")
+            raise _Unavailable("it needs Linux 5.3 or later (pidfd)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             command = [
@@ -254,7 +255,14 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
-        zygote = _Zygote(process, ours)
+        try:
+            zygote = _Zygote(process, ours)
+        except OSError:  # no pidfd (a kernel before 5.3): it is not left running
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+            ours.close()
+            raise
         try:
             with anyio.fail_after(START_TIMEOUT):
                 await zygote.ready
@@ -285,7 +293,7 @@ class ForkServer:
         except TimeoutError:
             _failed(zygote, f"it did not answer within {FORK_TIMEOUT:g} s")
             return None
-        except ZygoteUnavailable as exc:
+        except _Unavailable as exc:
             _failed(zygote, str(exc))
             return None
         if pid == 0:
