@@ -111,13 +111,13 @@ class Isolation:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
-    def track(self, pid: int) -> ProcessTree:
+    async def track(self, pid: int) -> ProcessTree:
         """Start tracking a new worker: into a cgroup of its own, if there are cgroups (before it runs any
         handler code, so that nothing it starts is outside)."""
         tree = ProcessTree(self, pid)
         if self.cgroups is not None:
             try:
-                tree.cgroup = self.cgroups.add(pid)
+                tree.cgroup = await self.cgroups.add(pid)
             except OSError as exc:
                 log.warning("worker %d runs without a cgroup of its own: %s", pid, exc)
         return tree

@@ -235,7 +235,7 @@ async def _refill(iso: isolation.Isolation, server: forks.ForkServer) -> None:
         spare = await _new_child(server)
         if spare is None:
             return
-        spare.tree = iso.track(spare.pid)
+        spare.tree = await iso.track(spare.pid)
         if server.spare is None and not server.closed:
             server.spare = spare
         else:

@@ -128,7 +128,7 @@ class Worker:
         try:
             with anyio.fail_after(INIT_TIMEOUT):
                 # Into its cgroup before it is let go: nothing it starts is outside.
-                worker.tree = process.tree or iso.track(process.pid)
+                worker.tree = process.tree or await iso.track(process.pid)
                 await worker._connect()
                 await process.release()
                 message = await worker._receive()
