@@ -214,7 +214,9 @@ async def test_a_dead_zygote_takes_its_workers_along_and_the_next_cold_start_get
         assert wait_gone(first["pid"])
         with caplog.at_level(logging.WARNING, logger="eventfn.invoke.forks"):
             second = result(await run(pool))  # the warm worker is dropped, not used: a cold start
-        assert second["pid"] != first["pid"]
+        assert second["pid"] != first["pid"] and pool.dead == [warm], "set aside for `reap`, not handed the invocation"
+        await pool.reap()
+        assert pool.dead == []
         assert second["ppid"] == forking.forks.pid != first["ppid"], "forked by a new zygote"
         assert (
             f"the fork server (pid {first['ppid']}) stopped: it exited (killed by SIGKILL); starting a new one"

@@ -253,6 +253,8 @@ class Pool:
     idle: list[tuple[Worker, float]] = field(default_factory=list)
     busy: int = 0
     retired: bool = False
+    #: Idle workers found dead when an invocation looked for one: stopped (what they started too) by `reap`.
+    dead: list[Worker] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -275,18 +277,22 @@ class Pool:
             raise
         return first.init_ms or 0.0
 
-    async def _idle_worker(self) -> Worker | None:
-        """The most recently idle worker still alive; those found dead meanwhile (killed from outside, or with
-        the fork server they came from) are dropped rather than failing an invocation."""
-        while self.idle:
-            worker, _ = self.idle.pop()
+    def _take_idle(self) -> Worker | None:
+        """The most recently idle worker still alive. Those found dead meanwhile (killed from outside, or with
+        the fork server they came from) are set aside for `reap` rather than failing an invocation."""
+        idle = self.idle
+        while idle:
+            worker = idle.pop()[0]
             if worker.alive:
                 return worker
-            await worker.kill()
+            self.dead.append(worker)
         return None
 
     async def reap(self) -> int:
         """Stop workers idle past `idle_timeout`, keeping `min_warm`; returns how many were stopped."""
+        dead, self.dead = self.dead, []
+        for worker in dead:
+            await worker.kill()
         cutoff = time.monotonic() - self.idle_timeout
         stopped = 0
         while self.idle and self.idle[0][1] < cutoff and self.size > self.min_warm:
@@ -314,7 +320,7 @@ class Pool:
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
         try:
-            worker = await self._idle_worker()
+            worker = self._take_idle()
             if worker is None:
                 try:
                     worker = await Worker.spawn(spec, self.env)
@@ -362,8 +368,9 @@ class Pool:
         """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
         self.retired = True
         idle, self.idle = self.idle, []
-        for worker, _ in idle:
+        for worker in [w for w, _ in idle] + self.dead:
             await worker.kill()
+        self.dead = []
 
 
 def _since(begin: float) -> float:
