@@ -327,9 +327,9 @@ class FunctionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     destinations: Destinations = Destinations()
     #: "process" (default): warm worker processes. "inprocess": in the service process (see README).
     isolation: Literal["process", "inprocess"] = "process"
-    #: Workers kept warm when idle (Lambda's provisioned concurrency). 1 by default: a version is validated
-    #: by a worker that then serves the first invocation warm. 0 lets an idle function cost no process.
-    min_warm: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
+    #: Workers kept warm when idle (Lambda's provisioned concurrency). 0 by default, Lambda's on-demand: an idle
+    #: function holds no process, and its first invocation after `idle_timeout` gets a cold start (a fork).
+    min_warm: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     #: Seconds an extra worker may stay idle before it is stopped (down to `min_warm`).
     idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
     #: Bytes of output (print, logging, fd 1 and 2) one invocation may write to the log; the rest is dropped,

@@ -1,15 +1,16 @@
 """What a worker does to itself before any handler code runs (the worker side of handler isolation).
 
 `eventfn.invoke.runtime` calls `confine()` first thing. It reads the preamble the service writes on stdin before any
-frame: the function's environment, delivered there rather than on the command line or in the initial
-environment block (both visible in /proc to processes of the same user from the moment the process starts),
-and what to apply. Then, in this order:
+frame (once the service released it): the function's environment, delivered there rather than on the command line
+or in the initial environment block (both visible in /proc to processes of the same user from the moment the
+process starts), and what to apply. Then, in this order:
 
 1. a user namespace of its own (identity-mapped, so files and uids look the same): processes in another user
    namespace, such as other functions' workers and anything they start, cannot read this worker's /proc
    entries (environ, mem, fds) even under the same uid, and nested user namespaces are refused, so every
    process the handler starts stays recognisable as its own;
-2. die with the service (PR_SET_PDEATHSIG): no worker outlives a SIGKILLed `eventfn serve`;
+2. die with its parent (PR_SET_PDEATHSIG), the service or the fork server (`eventfn.invoke.zygote`), which dies
+   with the service: no worker outlives a SIGKILLed `eventfn serve`;
 3. not dumpable: /proc/<pid>/environ and mem then need CAP_SYS_PTRACE, which no worker has;
 4. no capabilities and no way to gain any (no_new_privs, empty bounding set): a worker running as root cannot
    read other processes' memory or environment, override file permissions, or regain privileges through a
@@ -58,6 +59,9 @@ class Preamble(msgspec.Struct, frozen=True, kw_only=True):
 
     environ: dict[str, str]
     user_namespace: bool = False
+    #: The worker's `WorkerSpec` as JSON when its command did not carry it: a worker forked by the zygote ahead of
+    #: the cold start it serves learns which function it is only now.
+    spec: bytes = b""
 
 
 def is_start_up_variable(name: str) -> bool:
@@ -95,30 +99,57 @@ def read_preamble(fd: int = 0) -> Preamble | None:
     return msgspec.msgpack.decode(body, type=Preamble)
 
 
-def confine(fd: int = 0) -> None:
-    """Read the preamble, confine this process (see the module docstring) and install the environment.
+def confine(fd: int = 0, *, in_user_namespace: bool = False) -> Preamble:
+    """Read the preamble, confine this process (see the module docstring), install the environment; the preamble.
 
+    `in_user_namespace`: it entered its own already (a worker forked by the zygote, `enter_own_user_namespace`).
     Exits quietly if the service is gone before the preamble arrived.
     """
     preamble = read_preamble(fd)
     if preamble is None:
         raise SystemExit(0)
     if LINUX:
-        libc = _libc()
-        if preamble.user_namespace:
-            enter_user_namespace(libc)
-        # After the user namespace: entering one changes credentials, which resets both settings.
-        _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)
-        _prctl(libc, _PR_SET_DUMPABLE, 0)
-        drop_privileges(libc)
+        c = libc()
+        if preamble.user_namespace and not in_user_namespace:
+            enter_user_namespace(c)
+        # After the user namespace: a non-dumpable process cannot write its own uid_map.
+        _prctl(c, _PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(c, _PR_SET_DUMPABLE, 0)
+        drop_privileges(c)
     # Only now, with /proc closed to others: the initial environment held the start-up variables only.
     os.environ.update(preamble.environ)
+    return preamble
 
 
-def _libc() -> Any:
+def libc() -> Any:
+    """The C library through ctypes (Linux; the zygote loads it before it forks)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies; exits at once if `parent` is no longer its parent (it died
+    before the setting took effect). Used by the zygote and the workers it forks, which hold nothing yet."""
+    if LINUX:
+        _prctl(libc(), _PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def enter_own_user_namespace() -> None:
+    """For a worker forked by the zygote, before release: a user namespace of its own (`enter_user_namespace`).
+
+    A forked process inherits the zygote's non-dumpability, and a non-dumpable process's /proc/self/uid_map
+    belongs to root, so it cannot map itself: it is dumpable for the mapping only, while it holds no secret yet
+    (its environment arrives after release), and not dumpable again before it goes on.
+    """
+    c = libc()
+    _prctl(c, _PR_SET_DUMPABLE, 1)
+    try:
+        enter_user_namespace(c)
+    finally:
+        _prctl(c, _PR_SET_DUMPABLE, 0)
 
 
 def _prctl(libc: Any, option: int, arg: int = 0, *, check: bool = True) -> bool:
@@ -139,10 +170,10 @@ def parent_death_signal(signum: int) -> Callable[[], None] | None:
     makes the system call."""
     if not LINUX:
         return None
-    libc = _libc()
+    c = libc()
 
     def arm() -> None:
-        _prctl(libc, _PR_SET_PDEATHSIG, signum)
+        _prctl(c, _PR_SET_PDEATHSIG, signum)
 
     return arm
 
@@ -150,7 +181,7 @@ def parent_death_signal(signum: int) -> Callable[[], None] | None:
 def set_dumpable(dumpable: bool) -> None:
     """PR_SET_DUMPABLE for this process: not dumpable, its /proc entries need CAP_SYS_PTRACE to read."""
     if LINUX:
-        _prctl(_libc(), _PR_SET_DUMPABLE, int(dumpable))
+        _prctl(libc(), _PR_SET_DUMPABLE, int(dumpable))
 
 
 def enter_user_namespace(libc: Any) -> None:
@@ -222,7 +253,7 @@ def probe(handlers: str, user_namespace: bool) -> Probe:
     userns: str | None = "not Linux" if not LINUX else None
     if LINUX and user_namespace:
         try:
-            enter_user_namespace(_libc())
+            enter_user_namespace(libc())
         except (OSError, SystemExit) as exc:
             userns = str(exc)
     return Probe(unreadable=unreadable, user_namespace=userns)

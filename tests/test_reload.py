@@ -81,10 +81,15 @@ async def test_add_change_delete_under_a_steady_stream_loses_nothing(
 async def test_broken_file_marks_function_failed_and_previous_version_keeps_serving(
     handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
 ) -> None:
+    # The previous version serves from its warm worker: with min_warm 0 it would hold none, and a cold start would
+    # load the file as it is now.
     write_handler(
         handlers,
         "fn",
         """
+        # /// eventfn
+        # min_warm = 1
+        # ///
         def handler(event, context):
             return "v1"
     """,

@@ -64,6 +64,15 @@ async def await_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return alive
 
 
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def zygotes_of(service: int) -> list[int]:
+    """The service's fork servers (`python -m eventfn.invoke.zygote`), by their command lines."""
+    return [p for p in children_of(service) if b"eventfn.invoke.zygote" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
 @pytest.fixture
 def started() -> Iterator[list[int]]:
     """Pids handlers reported; SIGKILLed at teardown, whatever the test found."""
@@ -171,7 +180,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
             return {
                 "environ": dict(os.environ),
                 "initial": read("/proc/self/environ"),
-                "service": read(f"/proc/{os.getppid()}/environ"),
+                "service": read(f"/proc/{event['service']}/environ"),  # not its parent: that is the zygote
                 "status": [l for l in read("/proc/self/status").splitlines() if l.startswith(("CapEff", "NoNewPrivs"))],
             }
     """,
@@ -185,7 +194,7 @@ async def test_a_handler_sees_none_of_the_services_secrets(
         }
     )
     assert service.process is not None
-    seen = await invoke(nc, "peek")
+    seen = await invoke(nc, "peek", {"service": service.process.pid})
     assert isinstance(seen, dict)
     environ = seen["environ"]
     assert environ["PASSED_ON"] == "yes" and environ["PROBE_NATS"]
@@ -388,10 +397,14 @@ async def test_a_sigkilled_service_leaves_no_worker_and_nothing_they_started(
     await nc.publish("eventfn.async.busy", b"{}")
     [busy] = await worker.wait_for(1)
     started.append(int(busy))
+    assert service.process is not None
+    [zygote] = zygotes_of(service.process.pid)
+    assert int(busy) in children_of(zygote), "the worker was forked by the zygote"
     service.signal(signal.SIGKILL)
     await service.await_exit()
-    # Workers die with the service (PR_SET_PDEATHSIG); with cgroups, the keeper kills what they started.
-    assert await await_gone([int(busy), *(pids if mode == "cgroup" else [])]) == []
+    # The zygote and the workers it forked die with the service (PR_SET_PDEATHSIG: the zygote's parent is the
+    # service, a worker's the zygote); with cgroups, the keeper kills what they started.
+    assert await await_gone([zygote, int(busy), *(pids if mode == "cgroup" else [])]) == []
 
 
 # -- users --------------------------------------------------------------------------------------------------
@@ -485,7 +498,7 @@ async def test_a_root_service_runs_workers_as_an_unprivileged_user(
                 text = open({str(private)!r}).read()
             except OSError as exc:
                 text = type(exc).__name__
-            return {{"uid": os.getuid(), "private": text, "home": os.environ.get("HOME")}}
+            return {{"uid": os.getuid(), "private": text, "home": os.environ.get("HOME"), "parent": os.getppid()}}
         """,
     )
     service = Serve(shared / "handlers", nats_server.url, tmp_path / "data", env={"PYTHONPATH": pythonpath})
@@ -495,6 +508,10 @@ async def test_a_root_service_runs_workers_as_an_unprivileged_user(
         nc = await nats.connect(nats_server.url)
         try:
             seen = await invoke(nc, "whoami")
+            assert isinstance(seen, dict) and service.process is not None
+            # Forked by the zygote, which runs as the worker user too.
+            assert zygotes_of(service.process.pid) == [seen.pop("parent")]
+            assert os.stat(f"/proc/{zygotes_of(service.process.pid)[0]}").st_uid == NOBODY
         finally:
             await nc.close()
     assert seen == {"uid": NOBODY, "private": "PermissionError", "home": "/nonexistent"}
@@ -515,7 +532,7 @@ async def test_workers_of_a_non_root_service_cannot_read_its_environment(
 
         def handler(event, context):
             try:
-                return open(f"/proc/{os.getppid()}/environ", "rb").read().decode(errors="replace")
+                return open(f"/proc/{event['service']}/environ", "rb").read().decode(errors="replace")
             except OSError as exc:
                 return type(exc).__name__
         """,
@@ -537,9 +554,10 @@ async def test_workers_of_a_non_root_service_cannot_read_its_environment(
             await service.log.await_line(r"workers run as uid 65534, like the service.*own user namespace")
         else:
             await service.log.await_line(r"the service made itself non-dumpable")
+        assert service.process is not None
         nc = await nats.connect(nats_server.url)
         try:
-            seen = await invoke(nc, "peek")
+            seen = await invoke(nc, "peek", {"service": service.process.pid})
         finally:
             await nc.close()
     assert seen == "PermissionError"
@@ -554,7 +572,7 @@ def test_kill_tree_reaches_a_daemon_through_the_user_namespace(tmp_path: Path) -
     script = """
 import os, subprocess, sys
 from eventfn import sandbox
-sandbox.enter_user_namespace(sandbox._libc())
+sandbox.enter_user_namespace(sandbox.libc())
 daemon = "(setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!)"
 print(subprocess.run(["sh", "-c", daemon], capture_output=True, text=True).stdout.strip(), flush=True)
 sys.stdin.read()

@@ -274,12 +274,43 @@ async def test_module_init_runs_once_on_a_warm_worker(tmp_path: Path) -> None:
             return {{"calls": CALLS, "pid": os.getpid()}}
     """
     async with running_pool(tmp_path, code) as pool:
-        assert inits.read_text() == "init\n"  # the init phase ran at start, before any invocation
+        # The init phase ran at start, before any invocation, in a worker that validated the version and stopped.
+        assert inits.read_text() == "init\n" and pool.size == 0
         results = [result(await execute(pool, f"r{i}", b"{}")) for i in range(4)]
         assert len(pool.idle) == 1
     assert [r["calls"] for r in results] == [1, 2, 3, 4]
     assert len({r["pid"] for r in results}) == 1
-    assert inits.read_text() == "init\n"
+    assert inits.read_text() == "init\ninit\n", "once to validate, once in the worker that served all four"
+
+
+async def test_min_warm_workers_start_with_the_pool_and_stay_through_reaping(tmp_path: Path) -> None:
+    entry = write_handler(tmp_path, "import os\ndef handler(e, c):\n    return os.getpid()\n")
+    pool = Pool(spec=spec_for(entry, timeout=5), env=dict(os.environ), version="v1", min_warm=2, idle_timeout=0.01)
+    try:
+        await pool.start()
+        warm = [worker.process.pid for worker, _ in pool.idle]
+        assert len(warm) == 2 and all(map(process_exists, warm))
+        assert result(await execute(pool, "r1", b"{}")) in warm, "served warm: no cold start"
+        assert await pool.reap() == 0 and pool.size == 2, "provisioned workers are not reaped"
+    finally:
+        await pool.retire()
+
+
+async def test_an_idle_pool_scales_to_zero(tmp_path: Path) -> None:
+    entry = write_handler(tmp_path, "import os\ndef handler(e, c):\n    return os.getpid()\n")
+    pool = Pool(spec=spec_for(entry, timeout=5), env=dict(os.environ), version="v1")
+    try:
+        await pool.start()
+        assert pool.size == 0, "validating a version leaves no worker behind"
+        first = await pool.execute(Invocation(request_id="r1", payload=b"{}"))
+        pid = result(first.outcome)
+        assert first.init_ms is not None, "a cold start"
+        assert [w.process.pid for w, _ in pool.idle] == [pid]
+        assert await pool.reap() == 0, "not idle for idle_timeout yet"
+        pool.idle_timeout = 0.0  # as if it had passed
+        assert await pool.reap() == 1 and pool.size == 0 and not process_exists(pid)
+    finally:
+        await pool.retire()
 
 
 async def test_start_returns_init_duration(tmp_path: Path) -> None:

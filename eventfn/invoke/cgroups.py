@@ -48,15 +48,19 @@ class Cgroups:
             raise CgroupsUnavailable("the kernel has no cgroup.kill (Linux 5.14 or later)")
         return cls(base)
 
-    def add(self, pid: int) -> Path:
-        """A new cgroup holding process `pid`."""
+    async def add(self, pid: int) -> Path:
+        """A new cgroup holding process `pid`.
+
+        Moving a process waits for an RCU grace period (milliseconds; tens of them on a loaded host): that write
+        runs in a worker thread, not on the event loop.
+        """
         for path in list(self._leftover):
             self.remove(path)
         path = self.base / f"w{self._next}"
         self._next += 1
         path.mkdir()
         try:
-            (path / "cgroup.procs").write_text(str(pid))
+            await anyio.to_thread.run_sync((path / "cgroup.procs").write_text, str(pid))
         except OSError:
             path.rmdir()
             raise

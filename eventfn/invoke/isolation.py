@@ -13,8 +13,12 @@
   cgroups, the worker's descendants are found through /proc (and, with a user namespace, every process in
   it, which nothing the handler starts can leave), stopped with SIGSTOP while the tree is read, then killed.
 
+- **Cold starts**: workers are forked by a fork server (`eventfn.invoke.forks`, `eventfn.invoke.zygote`) that runs
+  as the worker user with the start-up variables every worker shares, has imported the runtime, and never holds a
+  function's environment: each child reads its own once it is in its cgroup, as any worker does.
+
 `isolated(config)` sets this up for `eventfn serve`; pools created outside it (tests, embedding) get `current()`'s
-default: the worker confines itself, without a user switch, user namespace or cgroup.
+default: the worker confines itself, without a user switch, user namespace, cgroup or fork server.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from eventfn import sandbox
 from eventfn.config import ServiceConfig
 from eventfn.errors import ConfigError
 from eventfn.invoke.cgroups import Cgroups, CgroupsUnavailable, keeper, kill_cgroup
+from eventfn.invoke.forks import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +84,26 @@ class Isolation:
     groups: list[int] = field(default_factory=list)
     user_namespace: bool = False
     cgroups: Cgroups | None = None
+    #: Where workers are forked from (None: each worker is a new interpreter).
+    forks: ForkServer | None = None
+
+    def fork_server(self) -> ForkServer:
+        """A fork server for workers under this isolation (not started yet)."""
+        return ForkServer(
+            environment=self.command_environment(self.environment),
+            credentials=self.credentials(),
+            user_namespace=self.user_namespace,
+        )
 
     def command_environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """The part of a worker's environment that must be there when its process starts."""
         return {k: v for k, v in env.items() if sandbox.is_start_up_variable(k)}
 
-    def preamble(self, env: Mapping[str, str]) -> bytes:
-        """What the worker reads before anything else: its whole environment and how to confine itself."""
-        return sandbox.encode_preamble(sandbox.Preamble(environ=dict(env), user_namespace=self.user_namespace))
+    def preamble(self, env: Mapping[str, str], spec: bytes = b"") -> bytes:
+        """What the worker reads before anything else: its whole environment, how to confine itself, and (`spec`,
+        for a worker forked ahead of its cold start) which function it is."""
+        preamble = sandbox.Preamble(environ=dict(env), user_namespace=self.user_namespace, spec=spec)
+        return sandbox.encode_preamble(preamble)
 
     def credentials(self) -> dict[str, Any]:
         """`open_process` arguments that start a worker as the worker user."""
@@ -94,13 +111,13 @@ class Isolation:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
-    def track(self, pid: int) -> ProcessTree:
+    async def track(self, pid: int) -> ProcessTree:
         """Start tracking a new worker: into a cgroup of its own, if there are cgroups (before it runs any
         handler code, so that nothing it starts is outside)."""
         tree = ProcessTree(self, pid)
         if self.cgroups is not None:
             try:
-                tree.cgroup = self.cgroups.add(pid)
+                tree.cgroup = await self.cgroups.add(pid)
             except OSError as exc:
                 log.warning("worker %d runs without a cgroup of its own: %s", pid, exc)
         return tree
@@ -372,10 +389,16 @@ async def isolated(config: ServiceConfig) -> AsyncIterator[Isolation]:
     async with AsyncExitStack() as stack:
         if isolation.cgroups is not None:
             await stack.enter_async_context(keeper(isolation.cgroups.base))
+        if sandbox.LINUX:
+            isolation.forks = isolation.fork_server()
+            await isolation.forks.start()  # now, not at the first cold start; logs why if it cannot
         try:
             yield isolation
         finally:
             _current = previous
+            if isolation.forks is not None:
+                with anyio.CancelScope(shield=True):
+                    await isolation.forks.aclose()
             if isolation.cgroups is not None:
                 with anyio.CancelScope(shield=True):
                     await isolation.cgroups.close()  # then the keeper, finding nothing left, ends

@@ -203,9 +203,19 @@ def _install_logging(output: HandlerOutput) -> None:
 
 
 def main() -> None:
-    """Entry point of a worker process."""
-    spec = msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec)
-    sandbox.confine()  # reads the preamble on stdin, before the protocol takes it over
+    """Entry point of a worker process started as a new interpreter."""
+    start(msgspec.json.decode(sys.argv[1].encode(), type=WorkerSpec))
+
+
+def start(spec: WorkerSpec | None, *, in_user_namespace: bool = False) -> None:
+    """A worker's start-up once its process exists, its channel on fds 0 and 1: wait for release (the preamble),
+    confine itself, take the channel, load the handler and serve. Also the path of a worker forked by the zygote
+    (`eventfn.invoke.zygote`): it may have entered its user namespace already, and its spec (None here) comes
+    with the preamble."""
+    preamble = sandbox.confine(in_user_namespace=in_user_namespace)  # before the protocol takes fd 0 over
+    if spec is None:
+        spec = msgspec.json.decode(preamble.spec, type=WorkerSpec)
+        sys.argv = [__file__, preamble.spec.decode()]  # as `python -m eventfn.invoke.runtime SPEC` has it
     channel = _take_protocol_descriptors()
     os.chdir(spec.task_root)
     serve(spec, channel)

@@ -1,10 +1,11 @@
 """Worker pools: warm worker processes for one version of one function, reused across invocations.
 
-Each worker is a `python -m eventfn.invoke.runtime` process that loads the handler once (Lambda's init phase) and
-then runs one invocation at a time. A pool hands an invocation to an idle worker, or starts a new one (a cold
-start) when none is idle; the caller bounds how many run at once. A worker that times out or dies is killed
-and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload) lets its in-flight
-invocations finish on the old code, then stops its workers.
+Each worker is a process (forked by the service's fork server, or a new `python -m eventfn.invoke.runtime`; see
+`eventfn.invoke.launch`) that loads the handler once (Lambda's init phase) and then runs one invocation at a time.
+A pool hands an invocation to an idle worker, or starts a new one (a cold start) when none is idle; the caller
+bounds how many run at once. An idle pool holds `min_warm` workers, none by default (scale to zero). A worker that
+times out or dies is killed and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload)
+lets its in-flight invocations finish on the old code, then stops its workers.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Worker:
         try:
             with anyio.fail_after(INIT_TIMEOUT):
                 # Into its cgroup before it is let go: nothing it starts is outside.
-                worker.tree = iso.track(process.pid)
+                worker.tree = process.tree or await iso.track(process.pid)
                 await worker._connect()
                 await process.release()
                 message = await worker._receive()
@@ -237,20 +238,23 @@ class Worker:
 class Pool:
     """Warm workers for one version of one function.
 
-    It starts with `min_warm` workers (at least one, which validates the handler before the version goes
-    live), grows on demand (a cold start per new worker; the caller bounds concurrency), and `reap` stops
-    workers idle longer than `idle_timeout` down to `min_warm` (Lambda's provisioned concurrency).
+    `start` validates the version with one worker (stopped at once unless `min_warm` keeps it) and starts
+    `min_warm` warm workers (Lambda's provisioned concurrency); the pool grows on demand (a cold start per new
+    worker; the caller bounds concurrency), and `reap` stops workers idle longer than `idle_timeout` down to
+    `min_warm`, to none by default: an idle function holds no process.
     """
 
     spec: WorkerSpec
     env: dict[str, str]
     version: str
-    min_warm: int = 1
+    min_warm: int = 0
     idle_timeout: float = 300.0
     #: Idle workers with the monotonic time they became idle, the longest idle first.
     idle: list[tuple[Worker, float]] = field(default_factory=list)
     busy: int = 0
     retired: bool = False
+    #: Idle workers found dead when an invocation looked for one: stopped (what they started too) by `reap`.
+    dead: list[Worker] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -258,9 +262,13 @@ class Pool:
         return len(self.idle) + self.busy
 
     async def start(self) -> float:
-        """Start the warm workers; returns the first one's Init Duration. Raises `HandlerLoadError`."""
+        """Validate the version (its handler loads) and start the warm workers; returns the validating worker's
+        Init Duration. Raises `HandlerLoadError`."""
         try:
             first = await Worker.spawn(self.spec, self.env)
+            if self.min_warm == 0:
+                await first.kill()  # validated: the first invocation gets a cold start, as in Lambda
+                return first.init_ms or 0.0
             self.idle.append((first, time.monotonic()))
             for _ in range(self.min_warm - 1):
                 self.idle.append((await Worker.spawn(self.spec, self.env), time.monotonic()))
@@ -269,8 +277,22 @@ class Pool:
             raise
         return first.init_ms or 0.0
 
+    def _take_idle(self) -> Worker | None:
+        """The most recently idle worker still alive. Those found dead meanwhile (killed from outside, or with
+        the fork server they came from) are set aside for `reap` rather than failing an invocation."""
+        idle = self.idle
+        while idle:
+            worker = idle.pop()[0]
+            if worker.alive:
+                return worker
+            self.dead.append(worker)
+        return None
+
     async def reap(self) -> int:
         """Stop workers idle past `idle_timeout`, keeping `min_warm`; returns how many were stopped."""
+        dead, self.dead = self.dead, []
+        for worker in dead:
+            await worker.kill()
         cutoff = time.monotonic() - self.idle_timeout
         stopped = 0
         while self.idle and self.idle[0][1] < cutoff and self.size > self.min_warm:
@@ -298,9 +320,8 @@ class Pool:
         worker: Worker | None = None
         reusable = False  # only a worker that answered this invocation in full may take another
         try:
-            if self.idle:
-                worker, _ = self.idle.pop()
-            else:
+            worker = self._take_idle()
+            if worker is None:
                 try:
                     worker = await Worker.spawn(spec, self.env)
                 except HandlerLoadError as exc:
@@ -347,8 +368,9 @@ class Pool:
         """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
         self.retired = True
         idle, self.idle = self.idle, []
-        for worker, _ in idle:
+        for worker in [w for w, _ in idle] + self.dead:
             await worker.kill()
+        self.dead = []
 
 
 def _since(begin: float) -> float:
