@@ -21,7 +21,7 @@ import anyio.abc
 
 from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
-from eventfn.broker.bus import Bus, ConsumerTaken
+from eventfn.broker.bus import Bus
 from eventfn.broker.connection import connect
 from eventfn.broker.feeds import Delivery
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
@@ -291,6 +291,11 @@ class Service:
         bounds: list[Bound] = []
         #: Queue -> the mapping consuming it: a work-queue stream gives each message to one consumer only.
         consumed: dict[str, str] = {}
+        unprovisioned: list[Mapping] = []
+        to_start: list[tuple[Function, Mapping]] = []
+        running_of: dict[str, list[str]] = {}  # function -> its running mappings (not a scan of all per function)
+        for name, r in self.running.items():
+            running_of.setdefault(r.mapping.function, []).append(name)
         for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
                 planned = mappings.plan(
@@ -314,22 +319,25 @@ class Service:
                 for n, m in wanted.items()
                 if loaded and (not fn.disabled or mappings.runs_while_disabled(m)) and self._owns(m)
             }
-            own = [n for n, r in self.running.items() if r.mapping.function == fn.name]
+            own = running_of.get(fn.name, [])
             await self._stop_mappings([n for n in own if n not in runnable or wanted.get(n) != self.running[n].mapping])
             for name, mapping in wanted.items():
                 if self.provisioned.get(name) != mapping:
-                    try:
-                        await mappings.provision(self.bus, mapping, from_start=recreated)
-                    except ConsumerTaken:
-                        await self._report_taken(mapping)
-                        runnable.discard(name)
-                        continue
-                    self.provisioned[name] = mapping
+                    unprovisioned.append(mapping)
                 if name in runnable and name not in self.running:
-                    try:
-                        await self._start_mapping(fn, mapping)
-                    except Exception:  # a bug in one source's dispatcher must not stop the service
-                        log.exception("function %s: mapping %s could not be started", fn.name, name)
+                    to_start.append((fn, mapping))
+        # All consumers at once: one at a time, a thousand functions took a thousand round trips or more.
+        outcome = await mappings.provision_all(self.bus, unprovisioned, from_start=recreated)
+        for mapping in outcome.done:
+            self.provisioned[mapping.name] = mapping
+        for mapping in outcome.taken:
+            await self._report_taken(mapping)
+        async with anyio.create_task_group() as starting:  # side by side: each start waits for its feed
+            for fn, mapping in to_start:
+                if self.provisioned.get(mapping.name) == mapping:  # else its consumer is not there: started once it is
+                    starting.start_soon(self._start_guarded, fn, mapping)
+        if outcome.error is not None:
+            raise outcome.error
         # Consumers first: what a connector publishes from now on has a mapping waiting for it.
         self.connectors.update(bounds)
         self._provisioned = True
@@ -441,6 +449,12 @@ class Service:
                     log.debug("stream check failed: %s", exc)
             if asked:
                 await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
+
+    async def _start_guarded(self, fn: Function, mapping: Mapping) -> None:
+        try:
+            await self._start_mapping(fn, mapping)
+        except Exception:  # a bug in one source's dispatcher must not stop the service
+            log.exception("function %s: mapping %s could not be started", fn.name, mapping.name)
 
     async def _start_mapping(self, fn: Function, mapping: Mapping) -> None:
         stream = mapping.source.stream
