@@ -142,18 +142,28 @@ class _Files:
         #: Bumped by every scan: what a scan read stays valid until it ends, settled or not.
         self.scan = 0
         self._scan_started_ns = 0
+        #: Each file's stamp as this scan first found it (one stat per file and scan).
+        self._stamps: dict[Path, _Stamp | None] = {}
 
     def begin(self) -> None:
         """A new scan starts: files changed lately are read again."""
         self.scan += 1
         self._scan_started_ns = time.time_ns()
+        self._stamps = {}
 
     def stamp(self, path: Path) -> _Stamp | None:
+        """The file's stamp (None: missing), as first found by this scan: taken before the file is read, so a
+        change after it makes the next scan read the file again."""
+        if path in self._stamps:
+            return self._stamps[path]
         try:
             st = os.stat(path)
         except (OSError, ValueError):
-            return None
-        return _Stamp(st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+            stamp = None
+        else:
+            stamp = _Stamp(st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        self._stamps[path] = stamp
+        return stamp
 
     def settled(self, stamp: _Stamp | None) -> bool:
         """Whether a file with `stamp` can be trusted unchanged while its stamp stays (missing ones always can)."""
