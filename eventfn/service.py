@@ -523,11 +523,12 @@ class Service:
             for name in resources_lost:
                 self._streams.pop(name, None)  # provisioned again below, with the consumers on it
             missing_on_resources = [n for n, m in self.provisioned.items() if m.source.stream in resources_lost]
-            missing = [
-                name
-                for name in (list(self.provisioned) if consumers and not events_lost else [])
-                if not await self.bus.consumer_exists(self.provisioned[name].source.stream, name)
-            ]
+            missing = []
+            if consumers and not events_lost:  # a listing per stream: one request per 256 consumers, not one each
+                listed = {
+                    s: await self.bus.consumer_configs(s) for s in {m.source.stream for m in self.provisioned.values()}
+                }
+                missing = [name for name, m in self.provisioned.items() if name not in listed[m.source.stream]]
             missing = list(dict.fromkeys([*missing, *missing_on_resources]))
             if not (dlq_lost or events_lost or missing or resources_lost):
                 return
