@@ -360,8 +360,9 @@ async def provision_all(
         return out
     try:
         streams = {m.source.stream: m.source.stream_spec for m in wanted}
-        for spec in dict.fromkeys(s for s in streams.values() if s is not None):
-            await bus.ensure(spec)  # once per stream, not once per shard's mapping
+        for spec in streams.values():
+            if spec is not None:
+                await bus.ensure(spec)  # once per stream, not once per shard's mapping
         configs = {stream: await bus.consumer_configs(stream) for stream in streams}
     except Exception as exc:
         out.error = exc
