@@ -151,6 +151,10 @@ class _Files:
         self._scan_started_ns = time.time_ns()
         self._stamps = {}
 
+    def end(self) -> None:
+        """The scan is over: what it did not look at (removed files, another directory's) is forgotten."""
+        self._seen = {path: seen for path, seen in self._seen.items() if path in self._stamps}
+
     def stamp(self, path: Path) -> _Stamp | None:
         """The file's stamp (None: missing), as first found by this scan: taken before the file is read, so a
         change after it makes the next scan read the file again."""
@@ -287,6 +291,10 @@ def scan(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None)
             invalid[path.name] = _refused(path.stem, problem, "rename the file")
     for path in files:
         found[path.stem] = _single_file_cached(path, root, helpers, overrides.get(path.stem, {}))
+    scanned = set(files)
+    for gone in [p for p in _sources if p not in scanned]:
+        del _sources[gone]
+    _files.end()
     return Discovery(functions=dict(sorted(found.items())), invalid=invalid)
 
 
