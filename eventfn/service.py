@@ -21,7 +21,7 @@ import anyio.abc
 
 from eventfn import subjects
 from eventfn.broker.auth import EmbeddedAuth
-from eventfn.broker.bus import Bus, ConsumerTaken
+from eventfn.broker.bus import Bus
 from eventfn.broker.connection import connect
 from eventfn.broker.feeds import Delivery
 from eventfn.broker.natsserver import embedded_server, lock_data_dir
@@ -291,6 +291,11 @@ class Service:
         bounds: list[Bound] = []
         #: Queue -> the mapping consuming it: a work-queue stream gives each message to one consumer only.
         consumed: dict[str, str] = {}
+        unprovisioned: list[Mapping] = []
+        to_start: list[tuple[Function, Mapping]] = []
+        running_of: dict[str, list[str]] = {}  # function -> its running mappings (not a scan of all per function)
+        for name, r in self.running.items():
+            running_of.setdefault(r.mapping.function, []).append(name)
         for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
                 planned = mappings.plan(
@@ -314,22 +319,25 @@ class Service:
                 for n, m in wanted.items()
                 if loaded and (not fn.disabled or mappings.runs_while_disabled(m)) and self._owns(m)
             }
-            own = [n for n, r in self.running.items() if r.mapping.function == fn.name]
+            own = running_of.get(fn.name, [])
             await self._stop_mappings([n for n in own if n not in runnable or wanted.get(n) != self.running[n].mapping])
             for name, mapping in wanted.items():
                 if self.provisioned.get(name) != mapping:
-                    try:
-                        await mappings.provision(self.bus, mapping, from_start=recreated)
-                    except ConsumerTaken:
-                        await self._report_taken(mapping)
-                        runnable.discard(name)
-                        continue
-                    self.provisioned[name] = mapping
+                    unprovisioned.append(mapping)
                 if name in runnable and name not in self.running:
-                    try:
-                        await self._start_mapping(fn, mapping)
-                    except Exception:  # a bug in one source's dispatcher must not stop the service
-                        log.exception("function %s: mapping %s could not be started", fn.name, name)
+                    to_start.append((fn, mapping))
+        # All consumers at once: one at a time, a thousand functions took a thousand round trips or more.
+        outcome = await mappings.provision_all(self.bus, unprovisioned, from_start=recreated)
+        for mapping in outcome.done:
+            self.provisioned[mapping.name] = mapping
+        for mapping in outcome.taken:
+            await self._report_taken(mapping)
+        async with anyio.create_task_group() as starting:  # side by side: each start waits for its feed
+            for fn, mapping in to_start:
+                if self.provisioned.get(mapping.name) == mapping:  # else its consumer is not there: started once it is
+                    starting.start_soon(self._start_guarded, fn, mapping)
+        if outcome.error is not None:
+            raise outcome.error
         # Consumers first: what a connector publishes from now on has a mapping waiting for it.
         self.connectors.update(bounds)
         self._provisioned = True
@@ -442,6 +450,12 @@ class Service:
             if asked:
                 await anyio.sleep(1.0)  # every feed on a missing consumer asks: one check a second answers them all
 
+    async def _start_guarded(self, fn: Function, mapping: Mapping) -> None:
+        try:
+            await self._start_mapping(fn, mapping)
+        except Exception:  # a bug in one source's dispatcher must not stop the service
+            log.exception("function %s: mapping %s could not be started", fn.name, mapping.name)
+
     async def _start_mapping(self, fn: Function, mapping: Mapping) -> None:
         stream = mapping.source.stream
         running: Running | None = None
@@ -509,11 +523,12 @@ class Service:
             for name in resources_lost:
                 self._streams.pop(name, None)  # provisioned again below, with the consumers on it
             missing_on_resources = [n for n, m in self.provisioned.items() if m.source.stream in resources_lost]
-            missing = [
-                name
-                for name in (list(self.provisioned) if consumers and not events_lost else [])
-                if not await self.bus.consumer_exists(self.provisioned[name].source.stream, name)
-            ]
+            missing = []
+            if consumers and not events_lost:  # a listing per stream: one request per 256 consumers, not one each
+                listed = {
+                    s: await self.bus.consumer_configs(s) for s in {m.source.stream for m in self.provisioned.values()}
+                }
+                missing = [name for name, m in self.provisioned.items() if name not in listed[m.source.stream]]
             missing = list(dict.fromkeys([*missing, *missing_on_resources]))
             if not (dlq_lost or events_lost or missing or resources_lost):
                 return

@@ -16,11 +16,13 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from eventfn.broker.bus import Bus
+from eventfn.broker.bus import UNREAD, Bus
 from eventfn.broker.connection import connect
 from eventfn.broker.feeds import Delivery, PullFeed
 from eventfn.broker.specs import ConsumerOptions
 from eventfn.config import NatsSettings
+from eventfn.sources import mappings
+from eventfn.sources.source import async_queue
 from eventfn.testing import NatsServer
 from tests.conftest import Collector
 
@@ -153,6 +155,53 @@ async def test_ack_none_forgets_a_message_once_delivered(bus: Bus) -> None:
         assert state is not None
         assert (state.ack_pending, state.ack_floor_stream_seq) == (0, 1)
         await delivery.ack()  # settling releases the feed's credit; the server ignores the ack
+
+
+async def test_an_unchanged_consumer_is_not_written_again_and_a_changed_one_is(bus: Bus, nc: Client) -> None:
+    writes = Collector()
+    await nc.subscribe("$JS.API.CONSUMER.CREATE.S.>", cb=writes.on_message)
+    await nc.flush()
+    await provision(bus, ack_wait=30)
+    await writes.wait_for(1)
+    for current in (UNREAD, (await bus.consumer_configs("S"))["c"]):  # read here, or as listed by the caller
+        await bus.ensure_consumer("S", "c", filter_subjects=["s.>"], ack_wait=30, max_ack_pending=100, current=current)
+    await provision(bus, ack_wait=31)  # a change is written (and the unchanged ones before it were not)
+    await writes.wait_for(2)
+    await nc.flush()
+    assert len(writes.messages) == 2
+    assert json.loads(writes.messages[1].data)["config"]["ack_wait"] == 31 * 10**9
+
+
+async def test_consumers_are_listed_past_a_page_and_provisioned_side_by_side(bus: Bus) -> None:
+    await bus.ensure_stream("EVENTFN", ["eventfn.>"], max_age=60)  # one page of JetStream's list holds 256
+    wanted = [mappings.Mapping(function=f"f{i}", name=f"f{i}--async", source=async_queue(f"f{i}")) for i in range(260)]
+    outcome = await mappings.provision_all(bus, wanted)
+    assert outcome.error is None and not outcome.taken and len(outcome.done) == 260
+    listed = await bus.consumer_configs("EVENTFN")
+    assert sorted(listed) == sorted(m.name for m in wanted)
+    assert listed["f7--async"]["filter_subjects"] == ["eventfn.async.f7", "eventfn.redrive.f7--async"]
+    assert await bus.consumer_configs("NO_SUCH_STREAM") == {}
+
+
+async def test_an_idle_feed_asks_less_often_and_still_gets_a_message_at_once(bus: Bus, nc: Client) -> None:
+    await provision(bus)
+    requests = Collector()
+    await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.S.c", cb=requests.on_message)
+    await nc.flush()
+    feed = PullFeed(bus.nc, "S", "c", max_inflight=2, expires=0.5, idle_expires=60.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(feed.run)
+        await requests.wait_for(2)  # the first expired with nothing: the next one lasts long
+        expiries = [json.loads(m.data)["expires"] for m in requests.messages]
+        assert expiries == [int(0.5e9), int(60e9)]
+        asked = time.monotonic()
+        await publish(bus, "one")
+        (delivery,) = await receive(feed)
+        assert time.monotonic() - asked < 10  # served by the long request, not after it
+        await delivery.ack()
+        await requests.wait_for(3)  # events came: short requests again
+        assert json.loads(requests.messages[2].data)["expires"] == int(0.5e9)
+        feed.stop()
 
 
 async def test_the_state_names_what_was_delivered_and_acknowledged(bus: Bus) -> None:

@@ -307,3 +307,50 @@ def test_the_entry_name_is_the_one_the_module_defines() -> None:
     assert registry.entry_name("def handler(e, c): ...\ndef lambda_handler(e, c): ...\n") == "handler"
     assert registry.entry_name("from app import lambda_handler\n") == "lambda_handler"
     assert registry.entry_name("x = (\n") == "handler"  # does not parse: the default, the loader says why
+
+
+# -- reading each file once ------------------------------------------------------------------------------------
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Date the file back, as a handler written long ago is (its ctime stays now: the change is its own)."""
+    then = path.stat().st_mtime - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_file_rewritten_at_once_with_the_same_size_is_a_new_version(handlers_dir: Path) -> None:
+    put(handlers_dir, "fn.py", "def handler(event, context):\n    return 1\n")
+    first = discover(handlers_dir)["fn"].version
+    put(handlers_dir, "fn.py", "def handler(event, context):\n    return 2\n")  # same size, same mtime tick maybe
+    assert discover(handlers_dir)["fn"].version != first
+
+
+def test_a_settled_file_changed_with_its_size_and_mtime_kept_is_a_new_version(handlers_dir: Path) -> None:
+    path = put(handlers_dir, "fn.py", "def handler(event, context):\n    return 1\n")
+    _age(path, 3600)
+    first = discover(handlers_dir)["fn"]
+    assert discover(handlers_dir)["fn"] == first  # settled and unchanged: the same source
+    mtime = path.stat().st_mtime_ns
+    path.write_text("def handler(event, context):\n    return 2\n", encoding="utf-8")
+    os.utime(path, ns=(mtime, mtime))  # what a copy keeping timestamps does: only the ctime tells
+    changed = discover(handlers_dir)["fn"]
+    assert changed.version != first.version
+
+
+def test_a_changed_helper_makes_new_versions_of_settled_functions(handlers_dir: Path) -> None:
+    helper = put(handlers_dir, "shared.py", "VALUE = 1\n")
+    fn = put(handlers_dir, "fn.py", "import shared\ndef handler(event, context):\n    return shared.VALUE\n")
+    _age(helper, 3600)
+    _age(fn, 3600)
+    first = discover(handlers_dir)["fn"].version
+    assert discover(handlers_dir)["fn"].version == first
+    put(handlers_dir, "shared.py", "VALUE = 2\n")
+    assert discover(handlers_dir)["fn"].version != first
+
+
+def test_the_handler_named_follows_the_entry_file(handlers_dir: Path) -> None:
+    path = put(handlers_dir, "fn.py", "def handler(event, context):\n    return 1\n")
+    _age(path, 3600)
+    assert discover(handlers_dir)["fn"].handler() == "fn.handler"
+    put(handlers_dir, "fn.py", "def lambda_handler(event, context):\n    return 1\n")
+    assert discover(handlers_dir)["fn"].handler() == "fn.lambda_handler"

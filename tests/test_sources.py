@@ -39,9 +39,15 @@ def work_queue_source() -> Source:
     )
 
 
-async def test_a_source_with_its_own_stream_gets_it_made_and_its_events_dispatched(bus: Bus) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "with-the-others"])
+async def test_a_source_with_its_own_stream_gets_it_made_and_its_events_dispatched(bus: Bus, together: bool) -> None:
     mapping = Mapping(function="worker", name="worker--jobs", source=work_queue_source(), batch_size=3)
-    await mappings.provision(bus, mapping)
+    if together:  # as the service provisions: every mapping at once, each stream made once
+        other = msgspec.structs.replace(mapping, name="worker--more")
+        outcome = await mappings.provision_all(bus, [mapping, other])
+        assert outcome.error is None and sorted(m.name for m in outcome.done) == ["worker--jobs", "worker--more"]
+    else:
+        await mappings.provision(bus, mapping)
     for n in range(5):
         await bus.publish_stored("testq.jobs", json.dumps({"n": n}).encode())
     seen: list[int] = []

@@ -93,11 +93,25 @@ class Request:
             await self._nc.publish(self.reply, data, headers=headers)
 
 
+#: Seconds a feed's pull request lasts once the last one brought nothing (5 s while events come): a thousand idle
+#: functions' feeds then cost the server and the service a few dozen requests a second, not hundreds. A request
+#: lost without a word (a cluster's consumer leader lost) is asked again this much later; a reconnect, a deleted
+#: consumer and a resumed one have their feeds ask again at once.
+IDLE_PULL_EXPIRES = 30.0
+
 #: What JetStream API calls that time out stall (`Bus.stalls` key).
 _API = "JetStream API"
 
 #: "Paused until" far enough away to mean: until resumed.
 _PAUSED_FOREVER = "2200-01-01T00:00:00Z"
+
+
+class Unread:
+    """The type of `UNREAD`."""
+
+
+#: `Bus.ensure_consumer(current=UNREAD)`: the caller did not read the consumer's configuration.
+UNREAD = Unread()
 
 
 class Published(msgspec.Struct, frozen=True):
@@ -436,28 +450,38 @@ class Bus:
         metadata: dict[str, str] | None = None,
         options: ConsumerOptions = _DEFAULT_OPTIONS,
         from_start: bool = False,
-    ) -> None:
+        current: dict[str, Any] | Unread | None = UNREAD,
+    ) -> dict[str, Any] | None:
         """Create the durable pull consumer, or update its editable settings (filters, ack wait, limits, max
-        deliveries, exclusive or not).
+        deliveries, exclusive or not); returns the configuration it had before (None: it is new).
 
         A new consumer starts where `options.start_position` says, or with `from_start` at the first stored
         message (after its stream was re-created); an existing one resumes where it left off and keeps its ack
         policy (JetStream fixes both at creation). An update leaves a consumer's pause state as it is, and its
         replicas: by default a consumer has as many as its stream (it follows when the stream's change), so its
         acknowledgements survive what the stream survives; a count an operator set stays. Metadata an operator
-        added stays too.
+        added stays too. A consumer that already has every setting asked for is not written at all (a restart
+        leaves its consumers be). `current`: its configuration as the caller just read it (`consumer_configs`;
+        None: it does not exist), which saves reading it here.
         """
         replicas = 0  # as many as the stream
-        # Read and written as JetStream's JSON: nats-py's consumer types drop the priority settings.
-        try:
-            info = await self._js_call(
-                self._api(f"CONSUMER.INFO.{stream}.{name}", None), f"read consumer {stream}/{name}"
-            )
-        except _NotFound:
+        had: dict[str, Any] | None
+        if isinstance(current, Unread):
+            # Read and written as JetStream's JSON: nats-py's consumer types drop the priority settings.
+            try:
+                info = await self._js_call(
+                    self._api(f"CONSUMER.INFO.{stream}.{name}", None), f"read consumer {stream}/{name}"
+                )
+            except _NotFound:
+                had = None
+            else:
+                had = info["config"]
+        else:
+            had = current
+        if had is None:
             fixed = {**options.start_fields(from_start), "ack_policy": options.ack}
         else:
-            existing: dict[str, Any] = info["config"]
-            fixed = {k: existing[k] for k in _FIXED_AT_CREATION if k in existing}
+            fixed = {k: had[k] for k in _FIXED_AT_CREATION if k in had}
             if fixed.get("ack_policy", "explicit") != options.ack:
                 log.warning(
                     "consumer %s/%s keeps ack policy %s (asked for %s): JetStream fixes it at creation; delete the "
@@ -467,10 +491,8 @@ class Bus:
                     fixed.get("ack_policy"),
                     options.ack,
                 )
-            replicas = int(existing.get("num_replicas") or 0)
-            # The server sets its own `_nats.` keys on every update.
-            kept = {k: v for k, v in (existing.get("metadata") or {}).items() if not k.startswith("_nats.")}
-            metadata = {**kept, **(metadata or {})} or None
+            replicas = int(had.get("num_replicas") or 0)
+            metadata = {**_own_metadata(had), **(metadata or {})} or None
         config: dict[str, Any] = {
             "name": name,
             "durable_name": name,
@@ -486,15 +508,35 @@ class Bus:
             **_filter_fields(filter_subjects),
             **options.priority_fields(),
         }
+        if had is not None and _has_all(had, config):
+            return had
         request = {"stream_name": stream, "config": config}
         what = f"provision consumer {stream}/{name}"
         for delay in (0.25, 0.5, 1.0, 2.0, 4.0):  # about 8 s for JetStream to finish what it is busy with
             try:
                 await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
-                return
+                return had
             except _Busy:
                 await anyio.sleep(delay)
         await self._js_call(self._api(f"CONSUMER.CREATE.{stream}.{name}", request), what)
+        return had
+
+    async def consumer_configs(self, stream: str) -> dict[str, dict[str, Any]]:
+        """Every durable consumer of `stream` by name, with its configuration as JetStream's JSON (none if the
+        stream does not exist): a page of 256 per request, where reading them one by one takes a round trip each."""
+        configs: dict[str, dict[str, Any]] = {}
+        while True:
+            try:
+                page = await self._js_call(
+                    self._api(f"CONSUMER.LIST.{stream}", {"offset": len(configs)}), f"list consumers of {stream}"
+                )
+            except _NotFound:
+                return configs
+            infos = page.get("consumers") or []
+            for info in infos:
+                configs[info["name"]] = info["config"]
+            if not infos or len(configs) >= int(page.get("total") or 0):
+                return configs
 
     async def consumer_exists(self, stream: str, name: str) -> bool:
         """Whether the durable consumer exists."""
@@ -617,6 +659,7 @@ class Bus:
             stream,
             consumer,
             max_inflight=max_inflight,
+            idle_expires=IDLE_PULL_EXPIRES,
             reconnect_hooks=self._reconnect_hooks,
             on_lost=self._lost,
             stalls=self.stalls,
@@ -758,6 +801,21 @@ def _consumer_state(info: ConsumerInfo) -> ConsumerState:
         delivered_stream_seq=(info.delivered.stream_seq or 0) if info.delivered else 0,
         ack_floor_stream_seq=(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
     )
+
+
+def _own_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """A consumer's metadata but the `_nats.` keys, which the server sets itself on every update."""
+    return {k: v for k, v in (config.get("metadata") or {}).items() if not k.startswith("_nats.")}
+
+
+def _has_all(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a consumer configured as `current` already has every setting of `wanted`."""
+    for key, value in wanted.items():
+        have = _own_metadata(current) if key == "metadata" else current.get(key)
+        if have != value:
+            return False
+    # A setting asked for before and not now (a filter list that became one filter, priority groups dropped).
+    return all(key in wanted for key in ("filter_subjects", "filter_subject", "priority_groups") if current.get(key))
 
 
 def _filter_fields(subjects: Sequence[str]) -> dict[str, Any]:

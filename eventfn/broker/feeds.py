@@ -148,6 +148,7 @@ class PullFeed:
         *,
         max_inflight: int,
         expires: float = 5.0,
+        idle_expires: float | None = None,
         reconnect_hooks: list[Callable[[], None]] | None = None,
         on_lost: Callable[[], None] | None = None,
         stalls: Stalls | None = None,
@@ -171,6 +172,13 @@ class PullFeed:
         self.consumer = consumer
         self.max_inflight = max(1, max_inflight)
         self.expires = expires
+        #: How long a request lasts once the last one brought nothing (None: `expires`): an idle function's feed
+        #: then asks a few times a minute rather than every few seconds (a thousand of them add up).
+        self.idle_expires = expires if idle_expires is None else max(expires, idle_expires)
+        #: The expiry of the requests outstanding; `_idle`: the last request ended having brought nothing.
+        self._asked_expires = expires
+        self._idle = False
+        self._brought = False
         self.outstanding = 0  # requested from the server, not yet received
         self.inflight = 0  # received, not yet settled
         self._stopping = False
@@ -249,12 +257,16 @@ class PullFeed:
         try:
             while not self._stopping:
                 want = self.max_inflight - self.outstanding - self.inflight
-                wait = self.expires + 2.0
+                wait = self._asked_expires + 2.0
                 if (held := self._retry_at - time.monotonic()) > 0:
                     wait = held
                 elif want >= self._threshold or (want > 0 and self.outstanding == 0):
                     if self.group is None:
-                        body = _pull_request.encode(PullRequest(batch=want, expires=int(self.expires * 1e9)))
+                        expires = self.idle_expires if self._idle else self.expires
+                        # A request is presumed lost once the longest of those out should have ended.
+                        self._asked_expires = expires if self.outstanding == 0 else max(self._asked_expires, expires)
+                        self._brought = False
+                        body = _pull_request.encode(PullRequest(batch=want, expires=int(expires * 1e9)))
                         await self.nc.publish(subject, body, reply=inbox)
                     else:
                         await self._group_request(subject, want)
@@ -265,11 +277,12 @@ class PullFeed:
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
-                if self.outstanding and time.monotonic() - self._heard > self.expires + 2.0:
+                if self.outstanding and time.monotonic() - self._heard > self._asked_expires + 2.0:
                     # Neither messages nor the request's 408 came back: the request was lost (reconnect,
                     # server restart, the consumer's leader lost). Ask again rather than wait forever.
                     self.outstanding = 0
-                    self._trouble(f"no answer to a pull request in {self.expires + 2.0:.0f} s")
+                    self._idle = False
+                    self._trouble(f"no answer to a pull request in {self._asked_expires + 2.0:.0f} s")
         finally:
             self._stalls.forget(self._stall_key)
             self._hooks.remove(self._requests_lost)
@@ -371,6 +384,7 @@ class PullFeed:
         """Send fresh pull requests now: the server will not serve those it holds (after a reconnect, or
         requests that waited while the consumer was paused)."""
         self.outstanding = 0
+        self._idle = False
         self._wake.set()
 
     def stop(self) -> None:
@@ -425,6 +439,7 @@ class PullFeed:
                 # The request ended (expired, or the server cut it); its unfilled part is reported back.
                 pending = int(headers.get("Nats-Pending-Messages", "0") or 0)
                 self.outstanding = max(0, self.outstanding - pending) if pending else 0
+                self._idle = status == "408" and not self._brought
                 if status == "409":
                     self._trouble(f"pull request ended: {headers.get('Description', '')}")
                 elif self._stalled:
@@ -451,6 +466,8 @@ class PullFeed:
             return
         if self._stalled:
             self._healthy()
+        self._brought = True
+        self._idle = False
         self.outstanding = max(0, self.outstanding - 1)
         self.inflight += 1
         delivery = Delivery(msg, self)

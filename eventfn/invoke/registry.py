@@ -20,9 +20,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -60,11 +62,8 @@ class FunctionSource(msgspec.Struct, frozen=True, kw_only=True):
         the entry point the module defines (`handler` or `lambda_handler`). Reads the entry file: not per event."""
         if self.attribute:
             return f"{self.module}.{self.attribute}"
-        try:
-            found = entry_name(Path(self.entry_file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
-            found = ENTRY_NAMES[0]
-        return f"{self.module}.{found}"
+        names = _files.entry_names(Path(self.entry_file)) or set()
+        return f"{self.module}.{next((n for n in ENTRY_NAMES if n in names), ENTRY_NAMES[0])}"
 
     def worker_spec(self, settings: FunctionSettings) -> WorkerSpec:
         """What a pool (either kind) needs to load this source's code under `settings`."""
@@ -110,28 +109,134 @@ def _entry_names(source: str) -> set[str] | None:
     return found
 
 
+class _Stamp(NamedTuple):
+    """What changes when a file is written, replaced or removed (`None` stands for a missing file)."""
+
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+    inode: int
+
+
+#: A file last changed at least this many seconds ago is taken as unchanged while its `_Stamp` stays: one written
+#: twice within the file system's timestamp granularity (a few ms) could keep its stamp, a settled one cannot.
+_SETTLED_NS = 2_000_000_000
+
+
+class _Seen:
+    __slots__ = ("data", "names", "scan", "stamp")
+
+    def __init__(self, stamp: _Stamp, data: bytes, scan: int) -> None:
+        self.stamp = stamp
+        self.data = data
+        self.scan = scan
+        self.names: set[str] | bool | None = False  # False: not parsed yet
+
+
+class _Files:
+    """The handler files as the scans read them, each read and parsed once while it stays unchanged: a thousand
+    functions' directory is read once at start-up, and a reload reads only what changed."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, _Seen] = {}
+        #: Bumped by every scan: what a scan read stays valid until it ends, settled or not.
+        self.scan = 0
+        self._scan_started_ns = 0
+        #: Each file's stamp as this scan first found it (one stat per file and scan).
+        self._stamps: dict[Path, _Stamp | None] = {}
+
+    def begin(self) -> None:
+        """A new scan starts: files changed lately are read again."""
+        self.scan += 1
+        self._scan_started_ns = time.time_ns()
+        self._stamps = {}
+
+    def end(self) -> None:
+        """The scan is over: what it did not look at (removed files, another directory's) is forgotten."""
+        self._seen = {path: seen for path, seen in self._seen.items() if path in self._stamps}
+
+    def stamp(self, path: Path) -> _Stamp | None:
+        """The file's stamp (None: missing), as first found by this scan: taken before the file is read, so a
+        change after it makes the next scan read the file again."""
+        if path in self._stamps:
+            return self._stamps[path]
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            stamp = None
+        else:
+            stamp = _Stamp(st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        self._stamps[path] = stamp
+        return stamp
+
+    def settled(self, stamp: _Stamp | None) -> bool:
+        """Whether a file with `stamp` can be trusted unchanged while its stamp stays (missing ones always can)."""
+        if stamp is None:
+            return True
+        return max(stamp.mtime_ns, stamp.ctime_ns) < self._scan_started_ns - _SETTLED_NS
+
+    def _entry(self, path: Path) -> _Seen | None:
+        stamp = self.stamp(path)
+        if stamp is None:
+            self._seen.pop(path, None)
+            return None
+        seen = self._seen.get(path)
+        if seen is not None and seen.stamp == stamp and (seen.scan == self.scan or self.settled(stamp)):
+            return seen
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        seen = self._seen[path] = _Seen(stamp, data, self.scan)
+        return seen
+
+    def read(self, path: Path) -> bytes | None:
+        """The file's bytes; None if it cannot be read."""
+        seen = self._entry(path)
+        return None if seen is None else seen.data
+
+    def text(self, path: Path) -> str:
+        """The file as text; empty if it cannot be read or is not UTF-8."""
+        try:
+            return (self.read(path) or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+
+    def entry_names(self, path: Path) -> set[str] | None:
+        """`_entry_names` of the file (None: it does not parse)."""
+        seen = self._entry(path)
+        if seen is None:
+            return _entry_names("")
+        if seen.names is False:
+            try:
+                seen.names = _entry_names(seen.data.decode("utf-8"))
+            except UnicodeDecodeError:
+                seen.names = set()  # read as empty, as `text` does
+        assert not isinstance(seen.names, bool)
+        return seen.names
+
+
+_files = _Files()
+
+
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return ""
+    return _files.text(path)
 
 
 def _digest(paths: list[Path], extra: bytes) -> str:
     h = hashlib.sha256(extra)
     for path in sorted(paths):
         h.update(str(path).encode())
-        try:
-            h.update(path.read_bytes())
-        except OSError:
-            pass
+        if (data := _files.read(path)) is not None:
+            h.update(data)
     return h.hexdigest()[:12]
 
 
 def _looks_like_function(path: Path) -> bool:
     """Whether a top-level module is meant as a function (whatever its name)."""
     source = _read(path)
-    entry = _defines_entry(source)
+    names = _files.entry_names(path)
+    entry = None if names is None else bool(names)
     try:
         has_block = inline_settings_text(source) is not None
     except ConfigError:
@@ -157,6 +262,7 @@ def scan(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None)
     overrides = overrides or {}
     found: dict[str, FunctionSource] = {}
     invalid: dict[str, str] = {}
+    _files.begin()
     if not handlers_dir.is_dir():
         return Discovery(functions=found, invalid=invalid)
     root = handlers_dir.resolve()
@@ -184,7 +290,11 @@ def scan(handlers_dir: Path, overrides: dict[str, dict[str, Any]] | None = None)
         else:
             invalid[path.name] = _refused(path.stem, problem, "rename the file")
     for path in files:
-        found[path.stem] = _single_file(path, root, helpers, overrides.get(path.stem, {}))
+        found[path.stem] = _single_file_cached(path, root, helpers, overrides.get(path.stem, {}))
+    scanned = set(files)
+    for gone in [p for p in _sources if p not in scanned]:
+        del _sources[gone]
+    _files.end()
     return Discovery(functions=dict(sorted(found.items())), invalid=invalid)
 
 
@@ -214,6 +324,27 @@ def _split_handler(value: str | None) -> tuple[str | None, str | None]:
         return None, None
     module, _, attribute = value.rpartition(".")
     return (module or None), attribute
+
+
+#: A single-file function's source as last scanned, with the stamps of every file it was made of and its overrides.
+_sources: dict[Path, tuple[tuple[_Stamp | None, ...], bytes, FunctionSource]] = {}
+
+
+def _single_file_cached(path: Path, root: Path, helpers: list[Path], override: dict[str, Any]) -> FunctionSource:
+    """`_single_file`, kept while none of the files it read changed (settled ones only)."""
+    extra = msgspec.json.encode(override)
+    cached = _sources.get(path)
+    if cached is not None:
+        stamps, was, source = cached
+        files = [path, path.with_suffix(".toml"), Path(source.entry_file), *helpers]
+        if was == extra and len(stamps) == len(files):
+            now = tuple(_files.stamp(f) for f in files)
+            if now == stamps and all(_files.settled(s) for s in now):
+                return source
+    source = _single_file(path, root, helpers, override)
+    files = [path, path.with_suffix(".toml"), Path(source.entry_file), *helpers]
+    _sources[path] = (tuple(_files.stamp(f) for f in files), extra, source)
+    return source
 
 
 def _single_file(path: Path, root: Path, helpers: list[Path], override: dict[str, Any]) -> FunctionSource:

@@ -14,13 +14,14 @@ settings declared is kept in the consumer's metadata; provisioning applies it on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio
 import msgspec
 
 from eventfn import subjects
-from eventfn.broker.bus import Bus
+from eventfn.broker.bus import UNREAD, Bus, ConsumerTaken, Unread
 from eventfn.config import (
     BUILTIN_TRIGGERS,
     MAX_BATCH_BYTES,
@@ -48,6 +49,8 @@ SourceFor = Callable[[Bound], Source]
 _ENABLED_KEY = "eventfn_enabled"
 #: The async-invoke mapping's name (`<function>--async`); trigger names may not take it.
 ASYNC_MAPPING = "async"
+#: Consumers created or updated at once (each a JetStream API round trip) by `provision_all`.
+PROVISION_PARALLELISM = 32
 #: Seconds past a function's timeout and batching window before an unsettled delivery comes again (`[recovery]`).
 REDELIVERY_MARGIN = RecoverySettings().redelivery_margin
 
@@ -304,18 +307,20 @@ def runs_while_disabled(mapping: Mapping) -> bool:
     return mapping.reject is not None
 
 
-async def provision(bus: Bus, mapping: Mapping, *, from_start: bool = False) -> None:
+async def provision(
+    bus: Bus, mapping: Mapping, *, from_start: bool = False, current: dict[str, Any] | Unread | None = UNREAD
+) -> None:
     """Create or update the mapping's consumer; apply `enabled` when the declared value changed.
 
     `from_start` creates a missing consumer at the stream's first event whatever its source (for a stream
-    re-created after it was deleted: all it holds arrived after that).
+    re-created after it was deleted: all it holds arrived after that). `current`: the consumer's configuration
+    as just read (`Bus.consumer_configs`; None: there is none), saving a round trip; its stream then exists.
     """
     stream = mapping.source.stream
-    if mapping.source.stream_spec is not None:
+    if mapping.source.stream_spec is not None and isinstance(current, Unread):
         await bus.ensure(mapping.source.stream_spec)
     declared = "true" if mapping.enabled else "false"
-    existing = await bus.consumer_metadata(stream, mapping.name)
-    await bus.ensure_consumer(
+    existing = await bus.ensure_consumer(
         stream,
         mapping.name,
         filter_subjects=mapping.filter_subjects,
@@ -325,9 +330,61 @@ async def provision(bus: Bus, mapping: Mapping, *, from_start: bool = False) -> 
         metadata={_ENABLED_KEY: declared},
         options=mapping.source.consumer,
         from_start=from_start,
+        current=current,
     )
-    if existing is None or existing.get(_ENABLED_KEY) != declared:
+    if existing is None:
+        if not mapping.enabled:  # a new consumer is not paused
+            await set_enabled(bus, mapping, False)
+    elif (existing.get("metadata") or {}).get(_ENABLED_KEY) != declared:
         await set_enabled(bus, mapping, mapping.enabled)
+
+
+class Provisioned:
+    """What `provision_all` did: the mappings whose consumers are in place, those a queue's stream refused (another
+    consumer takes its messages), and the first other error (JetStream not answering), if any."""
+
+    def __init__(self) -> None:
+        self.done: list[Mapping] = []
+        self.taken: list[Mapping] = []
+        self.error: Exception | None = None
+
+
+async def provision_all(
+    bus: Bus, wanted: Sequence[Mapping], *, from_start: bool = False, parallel: int = PROVISION_PARALLELISM
+) -> Provisioned:
+    """`provision` each of `wanted`, `parallel` at a time, with the consumers of each stream read in a few
+    requests rather than one each (an unchanged consumer then costs no request at all). One failing does not
+    stop the others."""
+    out = Provisioned()
+    if not wanted:
+        return out
+    try:
+        streams = {m.source.stream: m.source.stream_spec for m in wanted}
+        for spec in streams.values():
+            if spec is not None:
+                await bus.ensure(spec)  # once per stream, not once per shard's mapping
+        configs = {stream: await bus.consumer_configs(stream) for stream in streams}
+    except Exception as exc:
+        out.error = exc
+        return out
+    limiter = anyio.CapacityLimiter(parallel)
+
+    async def one(mapping: Mapping) -> None:
+        async with limiter:
+            try:
+                current = configs[mapping.source.stream].get(mapping.name)
+                await provision(bus, mapping, from_start=from_start, current=current)
+            except ConsumerTaken:
+                out.taken.append(mapping)
+            except Exception as exc:  # (JetStream not answering): the others go on
+                out.error = out.error or exc
+            else:
+                out.done.append(mapping)
+
+    async with anyio.create_task_group() as tg:
+        for mapping in wanted:
+            tg.start_soon(one, mapping)
+    return out
 
 
 async def set_enabled(bus: Bus, mapping: Mapping, enabled: bool) -> None:
