@@ -68,6 +68,18 @@ async def test_a_wider_subject_replaces_narrower_ones_and_a_partial_overlap_is_r
     assert "partly overlaps 'x.*.created'" in refused["x.eu.>"]
 
 
+async def test_a_stream_takes_more_consumers_than_the_servers_default_cap(bus: Bus) -> None:
+    """nats-server 2.15 caps a stream that names no limit at 1,000 consumers, and eventfn has one per function: its
+    streams name a cap of their own, and one an operator made with a lower cap is raised."""
+    await bus.ensure_stream("S", ["a.>"], max_age=60)
+    assert (await stream_config(bus, "S"))["max_consumers"] == StreamSpec(
+        name="S", subjects=[], max_age=1
+    ).max_consumers
+    await edit_stream(bus, "S", max_consumers=5)
+    await bus.ensure_stream("S", ["a.>"], max_age=60)
+    assert (await stream_config(bus, "S"))["max_consumers"] == 100_000
+
+
 # -- retention, replicas and what eventfn does not own -----------------------------------------------------------------
 
 

@@ -743,6 +743,11 @@ def _widened(current: dict[str, Any], spec: StreamSpec) -> tuple[dict[str, Any],
         wanted_window = min(wanted_window, age)
     if window < wanted_window:
         config["duplicate_window"] = wanted_window
+    consumers = int(current.get("max_consumers") or -1)
+    # Raised where the stream names a lower cap; a stream that names none (-1: the server's default, 1,000 on
+    # nats-server 2.15) is left alone, as servers before 2.12 refuse any change of it.
+    if 0 < consumers < spec.max_consumers:
+        config["max_consumers"] = spec.max_consumers
     if spec.allow_schedules and not current.get("allow_msg_schedules"):
         config["allow_msg_schedules"] = True
     if current.get("retention", "limits") != spec.retention:
@@ -767,6 +772,13 @@ def _api_error(exc: nats.js.errors.APIError, what: str, spec: StreamSpec | None)
             "JetStream",
             f"cannot {what}: another stream on this server already stores some of these subjects",
             "give eventfn subjects no other stream holds with [stream] subjects in eventfn.toml",
+        )
+    if exc.err_code == 10026:  # maximum consumers limit reached
+        return ConfigError(
+            "JetStream",
+            f"cannot {what}: {exc.description} (every function and mapping has a consumer of its own, and the "
+            "stream was made with a lower cap, or nats-server's default of 1,000 applies to it)",
+            "raise the stream's cap: `nats stream edit EVENTFN --max-consumers 100000` (nats-server 2.12 or later)",
         )
     if spec is None and (exc.err_code in (10005, 10023) or exc.code == 503):
         # A consumer has its stream's replicas: no place for it means the stream's servers are changing (an

@@ -125,6 +125,9 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     retention: Literal["limits", "workqueue"] = "limits"
     #: Messages may be scheduled for later (nats-server 2.12's `Nats-Schedule` headers: a queue's delays).
     allow_schedules: bool = False
+    #: Consumers the stream may have. nats-server 2.15 caps a stream that does not say at 1,000 (and no longer
+    #: takes -1 for unlimited), and every function has a consumer of its own on the events stream.
+    max_consumers: int = 100_000
 
     def new_config(self) -> dict[str, Any]:
         """The configuration of a new stream (JetStream's JSON; durations in nanoseconds)."""
@@ -139,6 +142,7 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
             "max_bytes": self.max_bytes,
             # JetStream refuses a duplicate window longer than the stream keeps messages.
             "duplicate_window": _ns(min(self.duplicate_window, self.max_age)),
+            "max_consumers": self.max_consumers,
             **({"allow_msg_schedules": True} if self.allow_schedules else {}),
         }
 
