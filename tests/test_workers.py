@@ -497,6 +497,7 @@ RENDEZVOUS = """
 async def test_concurrent_invocations_run_on_separate_warm_workers(tmp_path: Path) -> None:
     outcomes: dict[str, Outcome] = {}
     async with running_pool(tmp_path, RENDEZVOUS) as pool:
+        pool.max_workers = 2  # the function's concurrency: no spare beyond it
         async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as listener:
             port = listener.extra(SocketAttribute.local_port)
             payload = json.dumps({"port": port}).encode()

@@ -32,6 +32,12 @@ _HEADER_SIZE = protocol.HEADER.size
 
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
+#: Invocations a quick worker may hold at once (see `Pool.pipeline_depth`).
+PIPELINE_DEPTH = 1
+#: A handler whose runs average less than this (ms) is quick: invocations may queue behind its current run.
+QUICK_MS = 2.0
+#: With this many workers busy and none idle, a spare one starts in the background.
+SPARE_AT = 2
 
 
 class WorkerDied(Exception):
@@ -48,9 +54,49 @@ class WorkerDied(Exception):
         super().__init__(text)
 
 
+class _Call:
+    """One invocation on its way through a pool: waiting for a worker, queued in one's pipe, or running there.
+
+    Its `future` ends with the worker's `Result`, or with what happened instead: `_TIMED_OUT`, `_DIED` (the worker
+    exited while running it), `_REQUEUE` (the worker went away before it started: it goes to another one), or the
+    `HandlerLoadError` of the cold start it waited for.
+    """
+
+    __slots__ = ("deadline", "future", "init_ms", "invocation", "on_start", "tail", "worker")
+
+    def __init__(
+        self,
+        invocation: Invocation,
+        on_start: Callable[[Invocation], None] | None,
+        tail: LogTail | None,
+        future: asyncio.Future[object],
+    ) -> None:
+        self.invocation = invocation
+        self.on_start = on_start
+        self.tail = tail
+        self.future = future
+        self.worker: Worker | None = None
+        #: loop.time() by which it must end (set when it starts).
+        self.deadline = 0.0
+        #: Set when it waited for the cold start of the worker it runs on: Lambda's Init Duration.
+        self.init_ms: float | None = None
+
+    def end(self, value: object) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+
+#: What a `_Call` ends with when it did not get a Result (see `_Call`).
+_TIMED_OUT = object()
+_DIED = object()
+_REQUEUE = object()
+
+
 class _Channel(asyncio.Protocol):
     """The service's side of a worker's frame channel, driven by the event loop: each frame is parsed as its
-    bytes arrive, handler output goes to the log on the way, and any other frame completes the waiting call."""
+    bytes arrive; handler output goes to the log (and the running invocation's tail) on the way; a `Result` ends
+    the invocation at the head of the worker's queue and starts the next one queued behind it. Other frames
+    (`Ready`, `InitFailed`) go to `Worker._receive`."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -63,6 +109,8 @@ class _Channel(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         woke = False
+        worker = self.worker
+        calls = worker.calls
         while len(buffer) >= _HEADER_SIZE:
             (size,) = protocol.HEADER.unpack_from(buffer)
             end = _HEADER_SIZE + size
@@ -70,23 +118,46 @@ class _Channel(asyncio.Protocol):
                 break
             message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
             del buffer[:end]
-            if type(message) is Output:
+            kind = type(message)
+            if kind is Output:
+                assert isinstance(message, Output)
                 reports.output(message.data)
-                if (tail := self.worker.tail) is not None:
+                if calls and (tail := calls[0].tail) is not None:
                     tail.output(message.data)
-                continue
-            self.messages.append(message)
-            woke = True
+            elif kind is Result and calls:
+                assert isinstance(message, Result)
+                call = calls.popleft()
+                call.end(message)
+                if message.fatal:
+                    worker.doomed = True  # it ends: what is queued behind goes to another worker
+                if worker.pool is not None:
+                    worker.pool._ended(call, message.duration_ms)
+                    if calls and not worker.doomed:
+                        worker.pool._started(calls[0])
+            else:
+                self.messages.append(message)
+                woke = True
         if woke:
             self._wake()
 
     def eof_received(self) -> bool | None:
-        self.closed = True
-        self._wake()
+        self._lost()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if self.closed:
+            return
         self.closed = True
+        worker = self.worker
+        calls = worker.calls
+        if calls:
+            if not worker.doomed:
+                calls[0].end(_DIED)  # it was running: the worker's end is its outcome
+            for call in calls:
+                call.end(_REQUEUE)  # never started here (a call that ended already keeps its outcome)
         self._wake()
 
     def _wake(self) -> None:
@@ -108,8 +179,14 @@ class Worker:
         self.invocations = 0
         #: The worker and what it starts, as `kill` finds them (set by `spawn`).
         self.tree: isolation.ProcessTree | None = None
-        #: Where the output of the invocation it runs also goes, when that invocation asked for its log.
-        self.tail: LogTail | None = None
+        #: Invocations written to its pipe, in order: the first runs, the others wait behind it.
+        self.calls: deque[_Call] = deque()
+        #: The pool it works for (its watchdog and queue), once a pool hands it work.
+        self.pool: Pool | None = None
+        #: It takes no more work (it timed out, ran out of memory or died): it is being replaced.
+        self.doomed = False
+        #: A moving average of its handler's run time, in ms (None before the first): pipelining needs it small.
+        self.typical_ms: float | None = None
         self._killed = False
 
     @classmethod
@@ -190,20 +267,25 @@ class Worker:
             return await self.process.wait()
         return None
 
-    async def invoke(self, invoke: Invoke) -> Result:
-        """Send one invocation and wait for its result (the caller applies the timeout)."""
-        self.invocations += 1
+    @property
+    def tail(self) -> LogTail | None:
+        """Where the output of the invocation it runs also goes, when that invocation asked for its log."""
+        return self.calls[0].tail if self.calls else None
+
+    def send(self, call: _Call, timeout: float) -> bool:
+        """Write `call` to the worker (it runs after those already queued); False if the worker is gone."""
         writing = self._writing
-        if writing is None or writing.is_closing() or self._channel.closed:
-            raise WorkerDied(await self._returncode())
-        writing.write(protocol.frame(invoke))
-        message = await self._receive()
-        assert isinstance(message, Result)
-        return message
+        if writing is None or writing.is_closing() or self._channel.closed or self.doomed:
+            return False
+        self.invocations += 1
+        call.worker = self
+        self.calls.append(call)
+        writing.write(protocol.frame(Invoke.of(call.invocation, timeout=timeout)))
+        return True
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None and not self._channel.closed
+        return self.process.returncode is None and not self._channel.closed and not self.doomed
 
     async def kill(self) -> None:
         """Stop the worker and every process it started, at once; it holds nothing that needs a graceful end.
@@ -249,13 +331,26 @@ class Pool:
     idle_timeout: float = 300.0
     #: Idle workers with the monotonic time they became idle, the longest idle first.
     idle: list[tuple[Worker, float]] = field(default_factory=list)
+    #: Workers running (or with queued) invocations.
     busy: int = 0
     retired: bool = False
+    #: At most this many workers (the function's concurrency), spares included; None: no cap of the pool's own.
+    max_workers: int | None = None
+    #: Invocations a worker may hold at once (one running, the rest queued in its pipe) while its handler is quick.
+    pipeline_depth: int = PIPELINE_DEPTH
+    _active: list[Worker] = field(default_factory=list)
+    _waiting: deque[_Call] = field(default_factory=deque)
+    _starting: int = 0
+    _spawns: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Runs under way, in deadline order (insertion order: one timeout per pool), for the one timer `_expire`.
+    _running: dict[_Call, None] = field(default_factory=dict)
+    _alarm: asyncio.TimerHandle | None = None
+    _dead: list[Worker] = field(default_factory=list)
 
     @property
     def size(self) -> int:
-        """Workers alive: idle and busy."""
-        return len(self.idle) + self.busy
+        """Workers alive or starting: idle, busy and starting."""
+        return len(self.idle) + self.busy + self._starting
 
     async def start(self) -> float:
         """Start the warm workers; returns the first one's Init Duration. Raises `HandlerLoadError`."""
@@ -287,68 +382,244 @@ class Pool:
     ) -> Execution:
         """Run one invocation with the function's timeout, on a warm worker or a new one.
 
-        `on_start` is called once a worker is held (or failed to start): after a cold start's init output, so
-        that the invocation's START line follows it. `tail` also gets the invocation's output (not the init's).
+        `on_start` is called once the invocation starts on a worker (or its cold start failed): after a cold start's
+        init output, so that the invocation's START line follows it. `tail` also gets the invocation's output (not
+        the init's). With no worker free, it waits for whichever comes first: a warm worker that finishes, or the
+        cold start begun for it.
         """
-        spec = self.spec
-        request_id = invocation.request_id
         begin = time.perf_counter()
-        init_ms: float | None = None
-        self.busy += 1
-        worker: Worker | None = None
-        reusable = False  # only a worker that answered this invocation in full may take another
-        try:
-            if self.idle:
-                worker, _ = self.idle.pop()
-            else:
-                try:
-                    worker = await Worker.spawn(spec, self.env)
-                except HandlerLoadError as exc:
-                    if on_start is not None:
-                        on_start(invocation)
-                    return Execution(outcome=load_failure(exc, request_id), duration_ms=_since(begin))
-                init_ms = worker.init_ms
+        loop = asyncio.get_running_loop()
+        call = _Call(invocation, on_start, tail, loop.create_future())
+        while True:
+            if not self._place(call):
+                self._waiting.append(call)
+                self._grow()
+            try:
+                value = await call.future
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._abandon(call)
+                raise
+            if value is not _REQUEUE:
+                break
+            # The worker it was queued on went away before it started: it goes to another one.
+            call.future, call.worker = loop.create_future(), None
+        request_id = invocation.request_id
+        worker = call.worker
+        if isinstance(value, HandlerLoadError):
             if on_start is not None:
                 on_start(invocation)
-            worker.tail = tail
-            invoke = Invoke.of(invocation, time.time() + spec.timeout)
-            result: Result | None = None
-            with anyio.move_on_after(spec.timeout):
-                try:
-                    result = await worker.invoke(invoke)
-                except WorkerDied as exc:
-                    outcome = exited(request_id, str(exc))
-                    return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=init_ms)
-            if result is None:
+            return Execution(outcome=load_failure(value, request_id), duration_ms=_since(begin))
+        assert worker is not None
+        try:
+            if value is _TIMED_OUT:
                 # The worker may be spinning in C code: only killing it (in `finally`) reclaims the slot.
-                outcome = timed_out(request_id, spec.timeout)
-                return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=init_ms)
-            if result.fatal or result.max_rss_mb > spec.memory:
+                outcome = timed_out(request_id, self.spec.timeout)
+                return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=call.init_ms)
+            if value is _DIED:
+                outcome = exited(request_id, str(WorkerDied(await worker._returncode())))
+                return Execution(outcome=outcome, duration_ms=_since(begin), init_ms=call.init_ms)
+            assert isinstance(value, Result)
+            if value.fatal or value.max_rss_mb > self.spec.memory:
                 # Past the memory setting: the invocation fails and the worker is replaced, as in Lambda.
-                payload, oom = out_of_memory(request_id, spec.memory)
+                payload, oom = out_of_memory(request_id, self.spec.memory)
                 outcome = Outcome(ok=False, payload=payload, error=oom)
             else:
-                reusable = True
-                error = result.error
-                outcome = Outcome(ok=error is None, payload=result.payload, error=error, duration_ms=result.duration_ms)
+                error = value.error
+                outcome = Outcome(ok=error is None, payload=value.payload, error=error, duration_ms=value.duration_ms)
             return Execution(
-                outcome=outcome, duration_ms=result.duration_ms, init_ms=init_ms, max_rss_mb=result.max_rss_mb
+                outcome=outcome, duration_ms=value.duration_ms, init_ms=call.init_ms, max_rss_mb=value.max_rss_mb
             )
         finally:
+            if worker.doomed or not worker.alive:
+                await self._drop(worker)
+            elif self.retired and not worker.calls and not self._holds(worker):
+                await worker.kill()  # a retired pool's worker stops once its last invocation ended
+            if self._dead:
+                await self._drop_dead()
+
+    # -- scheduling ------------------------------------------------------------------------------------------
+
+    def _place(self, call: _Call) -> bool:
+        """Hand `call` to a worker now if one can take it: queued behind the run of a worker whose handler is quick
+        (no wake-up, and its frames share reads and writes), else on an idle one. False: it must wait."""
+        timeout = self.spec.timeout
+        if self.pipeline_depth > 1 and self._active:
+            now = asyncio.get_running_loop().time()
+            best: Worker | None = None
+            for worker in self._active:
+                calls = worker.calls
+                typical = worker.typical_ms
+                if (
+                    calls
+                    and len(calls) < self.pipeline_depth
+                    and not worker.doomed
+                    and typical is not None
+                    and typical < QUICK_MS
+                    # Not behind a run that is taking long this time: it may hold the queue for its whole timeout.
+                    and (now - calls[0].deadline + timeout) * 1000 < QUICK_MS
+                    and (best is None or len(calls) < len(best.calls))
+                ):
+                    best = worker
+            if best is not None and best.send(call, timeout):
+                return True
+        while self.idle:
+            worker, _ = self.idle.pop()  # the most recently used: its pages are warm
+            if self._assign(worker, call):
+                return True
+            self._dead.append(worker)  # it exited while idle: the next `_drop` reaps it
+        return False
+
+    def _assign(self, worker: Worker, call: _Call) -> bool:
+        """Start `call` on `worker`, which runs nothing (idle, or just started); False if the worker is gone."""
+        worker.pool = self
+        if not worker.send(call, self.spec.timeout):
+            return False
+        self._active.append(worker)
+        self.busy += 1
+        self._started(call)
+        if not self.idle and self._starting == 0 and self.busy >= SPARE_AT and not self.retired:
+            if self.max_workers is None or self.size < self.max_workers:
+                # All workers busy: a spare starts now, so that a rise in demand does not wait for a cold start.
+                self._spawn_soon()
+        return True
+
+    def _holds(self, worker: Worker) -> bool:
+        return worker in self._active or any(w is worker for w, _ in self.idle)
+
+    def _started(self, call: _Call) -> None:
+        """`call` starts running on its worker: its deadline counts from now, and its START line is written."""
+        loop = asyncio.get_running_loop()
+        call.deadline = deadline = loop.time() + self.spec.timeout
+        self._running[call] = None
+        if self._alarm is None:
+            self._alarm = loop.call_at(deadline, self._expire)
+        if call.on_start is not None:
+            call.on_start(call.invocation)
+
+    def _ended(self, call: _Call, duration_ms: float) -> None:
+        """Called by the channel when `call`'s Result arrived (it ended already); frees its worker if that was the
+        last of its queue."""
+        self._running.pop(call, None)
+        worker = call.worker
+        assert worker is not None
+        typical = worker.typical_ms
+        worker.typical_ms = duration_ms if typical is None else 0.75 * typical + 0.25 * duration_ms
+        if worker.calls or worker.doomed:
+            return
+        self._active.remove(worker)
+        self.busy -= 1
+        if self._waiting:
+            self._assign(worker, self._waiting.popleft())
+        elif not self.retired:
+            self.idle.append((worker, time.monotonic()))
+
+    def _expire(self) -> None:
+        """The pool's one deadline timer: fail every run past its deadline, then wait for the next deadline.
+
+        Runs start in deadline order (one timeout per pool), so the oldest is first: the timer is re-armed for it.
+        """
+        self._alarm = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        running = self._running
+        while running:
+            call = next(iter(running))
+            if call.deadline > now:
+                self._alarm = loop.call_at(call.deadline, self._expire)
+                return
+            del running[call]
+            assert call.worker is not None
+            call.worker.doomed = True  # what is queued behind it goes to another worker
+            call.end(_TIMED_OUT)
+
+    def _grow(self) -> None:
+        """Start a cold start for each waiting invocation that none is under way for."""
+        for _ in range(len(self._waiting) - self._starting):
+            self._spawn_soon()
+
+    def _spawn_soon(self) -> None:
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(self._spawn())
+        # The pool holds its start-ups (until each ends): `retire` waits for them.
+        self._spawns.add(task)
+        task.add_done_callback(self._spawns.discard)
+
+    async def _spawn(self) -> None:
+        """A cold start in the background: the worker goes to the first invocation waiting, else to the idle ones."""
+        try:
+            worker = await Worker.spawn(self.spec, self.env)
+        except HandlerLoadError as exc:
+            self._starting -= 1
+            if self._waiting:
+                self._waiting.popleft().end(exc)  # as before: the invocation that waited for it reports it
+            else:
+                log.warning("%s: a spare worker failed to start: %s", self.spec.function, exc)
+            return
+        except BaseException:
+            self._starting -= 1
+            raise
+        self._starting -= 1
+        while self._waiting:
+            call = self._waiting.popleft()
+            call.init_ms = worker.init_ms
+            if self._assign(worker, call):
+                return
+            call.init_ms = None
+            self._waiting.appendleft(call)
+            self._grow()
+            await worker.kill()
+            return
+        if self.retired:
+            await worker.kill()
+        else:
+            worker.pool = self
+            self.idle.append((worker, time.monotonic()))
+
+    async def _drop(self, worker: Worker) -> None:
+        """Kill a worker that timed out, died or ran out of memory; what was queued behind its run goes elsewhere."""
+        worker.doomed = True
+        if worker in self._active:
+            self._active.remove(worker)
             self.busy -= 1
-            if worker is not None:
-                worker.tail = None
-                if reusable and not self.retired and worker.alive:
-                    self.idle.append((worker, time.monotonic()))
-                else:
-                    await worker.kill()
+        calls, worker.calls = list(worker.calls), deque()
+        for call in calls:
+            self._running.pop(call, None)
+            call.end(_REQUEUE)
+        await worker.kill()
+
+    async def _drop_dead(self) -> None:
+        """Reap the workers found dead while idle."""
+        dead, self._dead = self._dead, []
+        for worker in dead:
+            await worker.kill()
+
+    async def _abandon(self, call: _Call) -> None:
+        """The caller of `call` was cancelled: take it back, or stop the worker that runs it (as before)."""
+        if call in self._waiting:
+            self._waiting.remove(call)
+            return
+        worker = call.worker
+        if worker is not None and worker.calls and worker.calls[0] is call:
+            self._running.pop(call, None)
+            await self._drop(worker)
+        # Queued behind another run: it cannot be taken out of the pipe; it runs and its result is dropped.
 
     async def retire(self) -> None:
-        """Stop taking work: idle workers stop now; busy ones finish their invocation on this version first."""
+        """Stop taking work: idle workers stop now; busy ones finish their invocations on this version first (as do
+        cold starts under way for invocations waiting)."""
         self.retired = True
         idle, self.idle = self.idle, []
         for worker, _ in idle:
             await worker.kill()
+        await self._drop_dead()
+        if not self._waiting and self._spawns:
+            # Spares nobody waits for: stopped (a start-up that is cancelled kills its worker).
+            spawns = list(self._spawns)
+            for task in spawns:
+                task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*spawns, return_exceptions=True)
 
 
 def _since(begin: float) -> float:
