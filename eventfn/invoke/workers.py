@@ -33,7 +33,7 @@ _HEADER_SIZE = protocol.HEADER.size
 #: Lambda allows 10 s of init before it gives up on an environment.
 INIT_TIMEOUT = 10.0
 #: Invocations a quick worker may hold at once (see `Pool.pipeline_depth`).
-PIPELINE_DEPTH = 1
+PIPELINE_DEPTH = 4
 #: A handler whose runs average less than this (ms) is quick: invocations may queue behind its current run.
 QUICK_MS = 2.0
 #: With this many workers busy and none idle, a spare one starts in the background.
@@ -187,6 +187,7 @@ class Worker:
         self.doomed = False
         #: A moving average of its handler's run time, in ms (None before the first): pipelining needs it small.
         self.typical_ms: float | None = None
+        self._unsent: list[bytes] = []
         self._killed = False
 
     @classmethod
@@ -279,9 +280,23 @@ class Worker:
             return False
         self.invocations += 1
         call.worker = self
-        self.calls.append(call)
-        writing.write(protocol.frame(Invoke.of(call.invocation, timeout=timeout)))
+        calls = self.calls
+        calls.append(call)
+        data = protocol.frame(Invoke.of(call.invocation, timeout=timeout))
+        if len(calls) == 1:
+            writing.write(data)  # it starts at once: no wait
+            return True
+        # Queued behind a run: frames queued in the same pass of the event loop go out in one write.
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._write_queued)
+        self._unsent.append(data)
         return True
+
+    def _write_queued(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        writing = self._writing
+        if writing is not None and not writing.is_closing():
+            writing.write(b"".join(unsent))
 
     @property
     def alive(self) -> bool:
