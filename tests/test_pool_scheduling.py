@@ -41,8 +41,13 @@ MOODY = """
 """
 
 
+#: Request ids in the order `Pool.execute` said they started (where `Function.invoke` writes START lines).
+STARTED: list[str] = []
+
+
 async def run(pool: Pool, request_id: str, event: Any) -> Execution:
-    return await pool.execute(Invocation(request_id=request_id, payload=json.dumps(event).encode()))
+    invocation = Invocation(request_id=request_id, payload=json.dumps(event).encode())
+    return await pool.execute(invocation, lambda started: STARTED.append(started.request_id))
 
 
 def ok(outcome: Outcome) -> dict[str, Any]:
@@ -100,6 +105,7 @@ async def test_invocations_queued_behind_a_run_that_times_out_run_elsewhere_and_
 
 
 async def test_invocations_queued_behind_a_run_that_crashes_run_elsewhere(tmp_path: Path) -> None:
+    STARTED.clear()
     async with running_pool(tmp_path, MOODY) as pool:
         pool.max_workers = 1
         crashed = await warm_up(pool)
@@ -108,7 +114,10 @@ async def test_invocations_queued_behind_a_run_that_crashes_run_elsewhere(tmp_pa
         assert error is not None and error.type == "Runtime.ExitError"
         assert "exit status 3" in error.message
         pids = {ok(done[r].outcome)["pid"] for r in ("r-a", "r-b", "r-c")}
-        assert crashed not in pids and len(pids) == 1
+        assert crashed not in pids
+    # Each started once (one START line each), the crashed one first: the others had not started where it ran.
+    started = [r for r in STARTED if r.startswith("r-")]
+    assert sorted(started) == ["r-a", "r-b", "r-c", "r-exit"] and started[0] == "r-exit"
 
 
 async def test_invocations_queued_behind_a_run_out_of_memory_run_elsewhere(tmp_path: Path) -> None:

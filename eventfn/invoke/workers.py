@@ -38,6 +38,8 @@ PIPELINE_DEPTH = 4
 QUICK_MS = 2.0
 #: With this many workers busy and none idle, a spare one starts in the background.
 SPARE_AT = 2
+#: Cold starts under way at once per pool (see `Pool._grow`).
+MAX_STARTING = 2
 
 
 class WorkerDied(Exception):
@@ -132,8 +134,6 @@ class _Channel(asyncio.Protocol):
                     worker.doomed = True  # it ends: what is queued behind goes to another worker
                 if worker.pool is not None:
                     worker.pool._ended(call, message.duration_ms)
-                    if calls and not worker.doomed:
-                        worker.pool._started(calls[0])
             else:
                 self.messages.append(message)
                 woke = True
@@ -158,6 +158,7 @@ class _Channel(asyncio.Protocol):
                 calls[0].end(_DIED)  # it was running: the worker's end is its outcome
             for call in calls:
                 call.end(_REQUEUE)  # never started here (a call that ended already keeps its outcome)
+        worker.doomed = True
         self._wake()
 
     def _wake(self) -> None:
@@ -418,6 +419,9 @@ class Pool:
             if value is not _REQUEUE:
                 break
             # The worker it was queued on went away before it started: it goes to another one.
+            gone = call.worker
+            if gone is not None and call in gone.calls:
+                gone.calls.remove(call)
             call.future, call.worker = loop.create_future(), None
         request_id = invocation.request_id
         worker = call.worker
@@ -513,21 +517,34 @@ class Pool:
             call.on_start(call.invocation)
 
     def _ended(self, call: _Call, duration_ms: float) -> None:
-        """Called by the channel when `call`'s Result arrived (it ended already); frees its worker if that was the
-        last of its queue."""
+        """Called by the channel when `call`'s Result arrived (it ended already): the next run queued on its worker
+        starts; a worker left with nothing to run takes a waiting invocation, or goes idle; a quick one also takes
+        waiting invocations into its queue."""
         self._running.pop(call, None)
         worker = call.worker
         assert worker is not None
         typical = worker.typical_ms
-        worker.typical_ms = duration_ms if typical is None else 0.75 * typical + 0.25 * duration_ms
-        if worker.calls or worker.doomed:
+        worker.typical_ms = typical = duration_ms if typical is None else 0.75 * typical + 0.25 * duration_ms
+        if worker.doomed:
             return
-        self._active.remove(worker)
-        self.busy -= 1
-        if self._waiting:
-            self._assign(worker, self._waiting.popleft())
-        elif not self.retired:
-            self.idle.append((worker, time.monotonic()))
+        waiting = self._waiting
+        if worker.calls:
+            self._started(worker.calls[0])
+        else:
+            self._active.remove(worker)
+            self.busy -= 1
+            if not waiting:
+                if not self.retired:
+                    self.idle.append((worker, time.monotonic()))
+                return
+            if not self._assign(worker, waiting[0]):  # its pipe is closing: reaped with the next run's end
+                self._dead.append(worker)
+                return
+            waiting.popleft()
+        if typical < QUICK_MS:
+            timeout = self.spec.timeout
+            while waiting and len(worker.calls) < self.pipeline_depth and worker.send(waiting[0], timeout):
+                waiting.popleft()
 
     def _expire(self) -> None:
         """The pool's one deadline timer: fail every run past its deadline, then wait for the next deadline.
@@ -549,8 +566,10 @@ class Pool:
             call.end(_TIMED_OUT)
 
     def _grow(self) -> None:
-        """Start a cold start for each waiting invocation that none is under way for."""
-        for _ in range(len(self._waiting) - self._starting):
+        """Start a cold start for each waiting invocation that none is under way for, `MAX_STARTING` at a time: a
+        burst must not start a dozen interpreters at once on a small machine (each takes a core for ~100 ms, and
+        every warm worker and the service wait meanwhile); the waiting take warm workers as they free."""
+        for _ in range(min(len(self._waiting), MAX_STARTING) - self._starting):
             self._spawn_soon()
 
     def _spawn_soon(self) -> None:
@@ -575,15 +594,16 @@ class Pool:
             self._starting -= 1
             raise
         self._starting -= 1
-        while self._waiting:
+        if self._waiting:
             call = self._waiting.popleft()
             call.init_ms = worker.init_ms
-            if self._assign(worker, call):
+            if not self._assign(worker, call):  # it died at once
+                call.init_ms = None
+                self._waiting.appendleft(call)
+                self._grow()
+                await worker.kill()
                 return
-            call.init_ms = None
-            self._waiting.appendleft(call)
-            self._grow()
-            await worker.kill()
+            self._grow()  # demand outlasted this cold start: the next one begins
             return
         if self.retired:
             await worker.kill()
@@ -599,8 +619,9 @@ class Pool:
             self.busy -= 1
         calls, worker.calls = list(worker.calls), deque()
         for call in calls:
-            self._running.pop(call, None)
-            call.end(_REQUEUE)
+            if call.worker is worker:
+                self._running.pop(call, None)
+                call.end(_REQUEUE)
         await worker.kill()
 
     async def _drop_dead(self) -> None:
@@ -629,12 +650,10 @@ class Pool:
             await worker.kill()
         await self._drop_dead()
         if not self._waiting and self._spawns:
-            # Spares nobody waits for: stopped (a start-up that is cancelled kills its worker).
-            spawns = list(self._spawns)
-            for task in spawns:
-                task.cancel()
+            # Spares nobody waits for: each stops its worker once started (not cancelled: a start-up cancelled
+            # between the fork and its return would leave the process behind).
             with anyio.CancelScope(shield=True):
-                await asyncio.gather(*spawns, return_exceptions=True)
+                await asyncio.gather(*self._spawns, return_exceptions=True)
 
 
 def _since(begin: float) -> float:
