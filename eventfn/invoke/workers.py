@@ -1,10 +1,20 @@
 """Worker pools: warm worker processes for one version of one function, reused across invocations.
 
 Each worker is a `python -m eventfn.invoke.runtime` process that loads the handler once (Lambda's init phase) and
-then runs one invocation at a time. A pool hands an invocation to an idle worker, or starts a new one (a cold
-start) when none is idle; the caller bounds how many run at once. A worker that times out or dies is killed
-and dropped; the next invocation gets a fresh one. A retired pool (after a hot reload) lets its in-flight
-invocations finish on the old code, then stops its workers.
+then runs one invocation at a time, each with its own deadline and Result. A pool places each invocation (the
+caller bounds how many it hands over at once):
+
+- queued in the pipe of a worker whose handler is quick (`QUICK_MS`), behind its current run, up to
+  `pipeline_depth`: it starts as soon as that run ends, with no wake-up of a sleeping process, and frames share
+  reads and writes (measured: a third less service CPU per event, half the worker's, at batch size 1);
+- else on an idle worker (the most recently used);
+- else it waits for whichever comes first: a worker that frees, or a cold start begun for it (`MAX_STARTING` at a
+  time). With every worker busy, a spare starts in the background, up to `max_workers`.
+
+One timer per pool (`Pool._expire`) fails a run past its deadline, counted from the run's start. A worker that
+times out, dies or runs out of memory is killed; what was queued behind its run never started there and goes to
+another worker. A retired pool (after a hot reload) lets its in-flight invocations finish on the old code, then
+stops its workers.
 """
 
 from __future__ import annotations
@@ -336,7 +346,7 @@ class Pool:
     """Warm workers for one version of one function.
 
     It starts with `min_warm` workers (at least one, which validates the handler before the version goes
-    live), grows on demand (a cold start per new worker; the caller bounds concurrency), and `reap` stops
+    live), grows on demand (cold starts in the background, see the module's docstring), and `reap` stops
     workers idle longer than `idle_timeout` down to `min_warm` (Lambda's provisioned concurrency).
     """
 
