@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from anyio.abc import SocketAttribute
 
+from eventfn.invoke import workers
 from eventfn.invoke.invocation import Execution, Invocation, Outcome
 from eventfn.invoke.workers import QUICK_MS, Pool
 from tests.conftest import running_pool
@@ -197,3 +198,14 @@ async def test_a_spare_worker_starts_when_every_worker_is_busy_within_the_cap(tm
                             await conn.send(b"go")
                             await conn.aclose()
             assert len(pool.idle) == expected
+
+
+async def test_a_burst_that_a_quick_warm_worker_absorbs_starts_no_cold_start(tmp_path: Path, monkeypatch: Any) -> None:
+    # The wait before a cold start is made long here, so that a slow machine cannot make the test pass or fail:
+    # what is measured is that the burst never needed one.
+    monkeypatch.setattr(workers, "GROW_AFTER", 30.0)
+    async with running_pool(tmp_path, MOODY) as pool:
+        warm = await warm_up(pool)
+        done = await run_together(pool, [(f"r{i}", {}) for i in range(12)])
+        assert {ok(e.outcome)["pid"] for e in done.values()} == {warm}
+        assert pool.size == 1 and not pool._spawns

@@ -50,6 +50,8 @@ QUICK_MS = 2.0
 SPARE_AT = 2
 #: Cold starts under way at once per pool (see `Pool._grow`).
 MAX_STARTING = 2
+#: Seconds an invocation waits for a quick worker's queue before a cold start begins for it (see `Pool._grow`).
+GROW_AFTER = 0.01
 
 
 class WorkerDied(Exception):
@@ -371,6 +373,7 @@ class Pool:
     #: Runs under way, in deadline order (insertion order: one timeout per pool), for the one timer `_expire`.
     _running: dict[_Call, None] = field(default_factory=dict)
     _alarm: asyncio.TimerHandle | None = None
+    _grow_timer: asyncio.TimerHandle | None = None
     _dead: list[Worker] = field(default_factory=list)
 
     @property
@@ -578,7 +581,18 @@ class Pool:
     def _grow(self) -> None:
         """Start a cold start for each waiting invocation that none is under way for, `MAX_STARTING` at a time: a
         burst must not start a dozen interpreters at once on a small machine (each takes a core for ~100 ms, and
-        every warm worker and the service wait meanwhile); the waiting take warm workers as they free."""
+        every warm worker and the service wait meanwhile); the waiting take warm workers as they free.
+
+        While every busy worker is quick, the waiting are let `GROW_AFTER` seconds to be taken into their queues
+        first: a cold start then only begins for demand that the warm workers do not absorb."""
+        if self._active and all(w.typical_ms is not None and w.typical_ms < QUICK_MS for w in self._active):
+            if self._grow_timer is None:
+                self._grow_timer = asyncio.get_running_loop().call_later(GROW_AFTER, self._grow_now)
+            return
+        self._grow_now()
+
+    def _grow_now(self) -> None:
+        self._grow_timer = None
         for _ in range(min(len(self._waiting), MAX_STARTING) - self._starting):
             self._spawn_soon()
 
@@ -659,6 +673,9 @@ class Pool:
         for worker, _ in idle:
             await worker.kill()
         await self._drop_dead()
+        if not self._waiting and self._grow_timer is not None:
+            self._grow_timer.cancel()
+            self._grow_timer = None
         if not self._waiting and self._spawns:
             # Spares nobody waits for: each stops its worker once started (not cancelled: a start-up cancelled
             # between the fork and its return would leave the process behind).
