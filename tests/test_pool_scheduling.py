@@ -209,3 +209,16 @@ async def test_a_burst_that_a_quick_warm_worker_absorbs_starts_no_cold_start(tmp
         done = await run_together(pool, [(f"r{i}", {}) for i in range(12)])
         assert {ok(e.outcome)["pid"] for e in done.values()} == {warm}
         assert pool.size == 1 and not pool._spawns
+
+
+async def test_the_deadline_of_a_queued_invocation_counts_from_its_own_start(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, MOODY, timeout=1.0) as pool:
+        pool.max_workers = 1
+        warm = await warm_up(pool)
+        # Queued behind a run that turns out slow this time (0.6 s of the 1 s timeout): counted from the queueing,
+        # its deadline would pass 0.4 s into its own run; counted from its start, it has its whole second.
+        done = await run_together(pool, [("r-slow", {"sleep": 0.6}), ("r-next", {})])
+        assert ok(done["r-slow"].outcome)["pid"] == warm
+        queued = ok(done["r-next"].outcome)
+        assert queued["pid"] == warm  # it did wait in that worker's pipe
+        assert queued["left"] > 900
