@@ -168,6 +168,7 @@ class Service:
                 version=source.version,
                 min_warm=settings.min_warm,
                 idle_timeout=settings.idle_timeout,
+                max_workers=max(1, settings.concurrency),  # spares included
             )
         async with limiter:
             try:

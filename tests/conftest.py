@@ -168,11 +168,19 @@ def write_handler(tmp_path: Path, code: str, name: str = "fn") -> Path:
 
 @asynccontextmanager
 async def running_pool(
-    tmp_path: Path, code: str, *, timeout: float = 5.0, env: dict[str, str] | None = None, memory: int = 128
+    tmp_path: Path,
+    code: str,
+    *,
+    timeout: float = 5.0,
+    env: dict[str, str] | None = None,
+    memory: int = 128,
+    min_warm: int = 1,
 ) -> AsyncIterator[Pool]:
-    """A started pool for `code`; retired on the way out whatever happens."""
+    """A started pool for `code` with `min_warm` warm workers (one: tests of a warm pool); retired on the way out
+    whatever happens."""
     entry = write_handler(tmp_path, code)
-    pool = Pool(spec=spec_for(entry, timeout=timeout, memory=memory), env={**os.environ, **(env or {})}, version="v1")
+    spec = spec_for(entry, timeout=timeout, memory=memory)
+    pool = Pool(spec=spec, env={**os.environ, **(env or {})}, version="v1", min_warm=min_warm)
     try:
         await pool.start()
         yield pool

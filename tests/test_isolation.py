@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
 from nats.aio.client import Client
 
 from eventfn.testing import Serve, wait_stats, write_handler
@@ -248,22 +249,32 @@ async def test_pool_scales_up_on_demand_and_down_after_idle(
         # min_warm = 1
         # idle_timeout = 1
         # ///
-        import os, time
+        import os, socket
 
         def handler(event, context):
-            time.sleep(0.5)
+            # Tell the test this invocation runs, then wait until it says go: the four run at once.
+            with socket.create_connection(("127.0.0.1", event["port"]), timeout=10) as s:
+                s.sendall(b"running")
+                s.recv(2)
             return os.getpid()
     """,
     )
     service = await serve()
-    async with anyio.create_task_group() as tg:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as listener:
+        port = listener.extra(SocketAttribute.local_port)
         pids: list[object] = []
 
         async def call() -> None:
-            pids.append((await invoke(nc, "elastic"))[0])
+            pids.append((await invoke(nc, "elastic", {"port": port}, timeout=30))[0])
 
-        for _ in range(4):
-            tg.start_soon(call)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(call)
+                held = [await listener.listeners[0].accept() for _ in range(4)]
+                for conn in held:
+                    await conn.send(b"go")
+                    await conn.aclose()
     assert len(set(pids)) == 4, "four concurrent invocations, four workers"
     [info] = json.loads((await nc.request("eventfn.api.functions", b"")).data)
     assert info["workers"] == 4

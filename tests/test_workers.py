@@ -273,7 +273,7 @@ async def test_module_init_runs_once_on_a_warm_worker(tmp_path: Path) -> None:
             CALLS += 1
             return {{"calls": CALLS, "pid": os.getpid()}}
     """
-    async with running_pool(tmp_path, code) as pool:
+    async with running_pool(tmp_path, code, min_warm=0) as pool:
         # The init phase ran at start, before any invocation, in a worker that validated the version and stopped.
         assert inits.read_text() == "init\n" and pool.size == 0
         results = [result(await execute(pool, f"r{i}", b"{}")) for i in range(4)]
@@ -528,6 +528,7 @@ RENDEZVOUS = """
 async def test_concurrent_invocations_run_on_separate_warm_workers(tmp_path: Path) -> None:
     outcomes: dict[str, Outcome] = {}
     async with running_pool(tmp_path, RENDEZVOUS) as pool:
+        pool.max_workers = 2  # the function's concurrency: no spare beyond it
         async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as listener:
             port = listener.extra(SocketAttribute.local_port)
             payload = json.dumps({"port": port}).encode()

@@ -54,7 +54,7 @@ class LambdaContext:
     function_version = "$LATEST"
     identity = CognitoIdentity()
 
-    def __init__(self, spec: WorkerSpec, log_stream: str, invoke: Invoke) -> None:
+    def __init__(self, spec: WorkerSpec, log_stream: str, invoke: Invoke, deadline: float | None = None) -> None:
         self.function_name = spec.function
         self.invoked_function_arn = FUNCTION_ARN_PREFIX + spec.function
         # Lambda's runtime reads this from the environment, so it is a string there too.
@@ -69,7 +69,7 @@ class LambdaContext:
                 self.client_context = ClientContext(decoding.json_value(invoke.client_context))
             except (UnreadableData, AttributeError):  # the service checks it; an in-process caller may not
                 self.client_context = None
-        self._deadline = invoke.deadline
+        self._deadline = invoke.deadline if deadline is None else deadline
 
     def get_remaining_time_in_millis(self) -> int:
         """Milliseconds left before the invocation times out, floored at 0."""

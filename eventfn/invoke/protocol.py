@@ -33,22 +33,29 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Invoke(msgspec.Struct, frozen=True, kw_only=True, tag="invoke"):
-    """Run the handler once. `payload` is the raw event body; `is_json` says it is known-valid JSON."""
+    """Run the handler once. `payload` is the raw event body; `is_json` says it is known-valid JSON.
+
+    A pool sends `timeout` (its deadline is counted from when the worker starts it: an invocation may wait in the
+    pipe behind the one the worker runs); an in-process run has a fixed `deadline`.
+    """
 
     request_id: str
     payload: bytes
-    deadline: float  # wall-clock epoch seconds
+    deadline: float = 0.0  # wall-clock epoch seconds
+    #: Seconds from the start of the run, when set (then `deadline` is not used).
+    timeout: float = 0.0
     is_json: bool = False
     client_context: bytes | None = None
     cloud_event: dict[str, str] | None = None
 
     @classmethod
-    def of(cls, invocation: Invocation, deadline: float) -> Invoke:
-        """What a pool sends (or runs in-process) for `invocation`, due by `deadline`."""
+    def of(cls, invocation: Invocation, deadline: float = 0.0, timeout: float = 0.0) -> Invoke:
+        """What a pool sends (`timeout` from its start) or runs in-process (due by `deadline`) for `invocation`."""
         return cls(
             request_id=invocation.request_id,
             payload=invocation.payload,
             deadline=deadline,
+            timeout=timeout,
             is_json=invocation.is_json,
             client_context=invocation.client_context,
             cloud_event=invocation.cloud_event,

@@ -149,14 +149,18 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
         loop = asyncio.new_event_loop()
     channel.send(Ready(init_ms=(time.perf_counter() - started) * 1000))
     log_stream = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{os.getpid():08x}"
+    memory = spec.memory
+    # Frames may arrive several at a time (a pool pipelines invocations to a worker whose handler is quick): each
+    # runs in turn, its deadline counted from its own start, and gets its own Result as soon as it ends.
     while (invoke := channel.receive()) is not None:
         output.begin(invoke.request_id)
         begin = time.perf_counter()
+        deadline = time.time() + invoke.timeout if invoke.timeout else invoke.deadline
         fatal = False
         error: LambdaError | None
         try:
             event = decode_event(invoke.payload, invoke.is_json)
-            result = entry(event, LambdaContext(spec, log_stream, invoke))
+            result = entry(event, LambdaContext(spec, log_stream, invoke, deadline))
             if loop is not None:
                 result = loop.run_until_complete(result)
             payload, error = encode_result(result, invoke.request_id)
@@ -164,16 +168,20 @@ def serve(spec: WorkerSpec, channel: _Channel) -> None:
             payload, error = unmarshal_error(exc, invoke.request_id)
         except MemoryError:
             # The interpreter may be in a bad state: report, then let the pool replace this worker.
-            (payload, error), fatal = out_of_memory(invoke.request_id, spec.memory), True
+            (payload, error), fatal = out_of_memory(invoke.request_id, memory), True
         except Exception as exc:
             payload, error = encode_exception(exc, invoke.request_id)
         if error is not None:
             output.write(error_log(error), stamp=False)
         output.end()  # this invocation's output goes out ahead of its result
         duration = (time.perf_counter() - begin) * 1000
-        channel.send(
-            Result(payload=payload, error=error, duration_ms=duration, max_rss_mb=_max_rss_mb(spec.memory), fatal=fatal)
-        )
+        max_rss = _max_rss_mb(memory)
+        fatal = fatal or max_rss > memory
+        channel.send(Result(payload=payload, error=error, duration_ms=duration, max_rss_mb=max_rss, fatal=fatal))
+        if fatal:
+            # The pool replaces this worker: an invocation queued behind this one must not start here (the pool
+            # sends it to another worker, as one that never started).
+            return
 
 
 class _RequestIdFilter(logging.Filter):
