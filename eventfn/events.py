@@ -111,6 +111,19 @@ def from_nats(
     )
 
 
+def plain_attributes(subject: str, id: str, timestamp_ns: int) -> dict[str, Any]:
+    """`to_attributes(from_nats(subject, data, None, ...))` of a plain message (no headers) stored at
+    `timestamp_ns`, without the `Event`: the batch-size-1 path builds one per event."""
+    return {
+        "id": id,
+        "source": f"nats:{subject}",
+        "type": PLAIN_EVENT_TYPE,
+        "specversion": SPEC_VERSION,
+        "subject": subject,
+        "time": datetime.fromtimestamp(timestamp_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
 def is_cloud_event(headers: Mapping[str, str] | None) -> bool:
     """Whether a message with these headers is a CloudEvent (binary or structured mode), not a plain message."""
     if not headers:
