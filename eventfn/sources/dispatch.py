@@ -426,16 +426,26 @@ class Dispatcher:
         # with it, unattempted, so that nothing of the key overtakes the retry.
         stopped: set[str] = set()
         with anyio.CancelScope(shield=True):
-            for message, event, message_id in ready:
-                key = self._key_of(message) if self._key_of is not None else None
-                if key is not None and key in stopped:
-                    verdicts.append(0.0)
-                    continue
-                item = error if failed is None else _BATCH_ITEM_FAILURE if message_id in failed else outcome
-                verdict = await self._settle(message, message_id, item, event)
-                if verdict is not None and key is not None:
-                    stopped.add(key)
-                verdicts.append(verdict)
+            if failed is not None and not failed and self._queue is None:  # (None: the whole batch failed)
+                # Every event succeeded (the common case): acknowledged in a row, without a settle per event.
+                stats = self.stats
+                stats.processed += len(ready)
+                stats.last_result = "OK"
+                for message, _, _ in ready:
+                    self._forget(message)
+                    await message.ack()
+                verdicts = [None] * len(ready)
+            else:
+                for message, event, message_id in ready:
+                    key = self._key_of(message) if self._key_of is not None else None
+                    if key is not None and key in stopped:
+                        verdicts.append(0.0)
+                        continue
+                    item = error if failed is None else _BATCH_ITEM_FAILURE if message_id in failed else outcome
+                    verdict = await self._settle(message, message_id, item, event)
+                    if verdict is not None and key is not None:
+                        stopped.add(key)
+                    verdicts.append(verdict)
             if outcome.ok and self.mapping.destinations.on_success:
                 invokes = max(self._attempt(m) for m, _, _ in ready)
                 await self.dead_letters.succeeded(request_id, payload, outcome.payload, invokes)
