@@ -145,7 +145,8 @@ class InProcessPool:
         self._entry: Callable[..., Any] | None = None
         self._is_async = False
         self._log_stream = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]inprocess{os.getpid():08x}"
-        self._threads = _Threads(f"eventfn-{spec.function}")
+        self._deadlines = _Deadlines(spec.timeout)
+        self._threads = _Threads(f"eventfn-{spec.function}", self._deadlines)
 
     @property
     def size(self) -> int:
@@ -214,13 +215,20 @@ class InProcessPool:
         token = _current.set(output)
         try:
             if self._is_async:
-                # asyncio's own timeout: anyio's scope cost ~8 us per invocation (py-spy), and this one cancels
-                # only the handler's coroutine, as anyio's did (an outer cancellation still propagates).
+                # The pool's watchdog cancels the handler at its deadline (anyio's scope per invocation cost ~8 us,
+                # py-spy), and only that cancellation becomes a timeout: an outer one still propagates.
+                task = asyncio.current_task()
+                assert task is not None
+                cancelling = task.cancelling()
+                watch = self._deadlines.watch(task.cancel)
                 try:
-                    async with asyncio.timeout(spec.timeout):
-                        outcome = await self._run(entry, invoke)
-                except TimeoutError:
+                    outcome = await self._run(entry, invoke)
+                except asyncio.CancelledError:
+                    if not watch.expired or task.uncancel() > cancelling:
+                        raise
                     outcome = None
+                finally:
+                    self._deadlines.finish(watch)
             else:
                 # A thread cannot be cancelled: the wait for it ends at the deadline instead (`_Threads.call`).
                 try:
@@ -248,7 +256,7 @@ class InProcessPool:
                 # timeout abandons the thread's work: it cannot be stopped, only no longer waited for.
                 # The thread runs in a copy of this context, so that its output is found to be this invocation's.
                 run = contextvars.copy_context().run
-                result = await self._threads.call(self.spec.timeout, run, entry, event, context)
+                result = await self._threads.call(run, entry, event, context)
             body, error = runtime.encode_result(result, request_id)
         except runtime.UnmarshalError as exc:
             body, error = runtime.unmarshal_error(exc, request_id)
@@ -266,16 +274,71 @@ class _TimedOut(BaseException):
     exceptions are `Exception`s, and this must not be taken for one of them)."""
 
 
-class _Call:
-    """One handler call handed to a thread: what to run, the loop future waiting for it, and its deadline's timer."""
+class _Watch:
+    """One running invocation's deadline (`_Deadlines`): what to call when it passes, and whether it did."""
 
-    __slots__ = ("args", "fn", "timer", "waiter")
+    __slots__ = ("arg", "deadline", "done", "expire", "expired")
+
+    def __init__(self, deadline: float, expire: Callable[[Any], object], arg: Any) -> None:
+        self.deadline = deadline
+        self.expire = expire
+        self.arg = arg
+        self.done = False
+        self.expired = False
+
+
+class _Deadlines:
+    """The deadlines of a pool's running invocations, watched by one timer of the loop.
+
+    Every invocation of a pool has the function's timeout, so deadlines come due in the order invocations began:
+    a queue in that order, and one timer set for its head, replace a timer (and a cancel scope) per invocation.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._watches: deque[_Watch] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, expire: Callable[[Any], object], arg: Any = None) -> _Watch:
+        """Call `expire(arg)` when the timeout has passed, unless `finish` came first."""
+        loop = asyncio.get_running_loop()
+        watch = _Watch(loop.time() + self.timeout, expire, arg)
+        self._watches.append(watch)
+        if self._timer is None:
+            self._timer = loop.call_at(watch.deadline, self._fire)
+        return watch
+
+    def finish(self, watch: _Watch) -> None:
+        """The invocation ended: its deadline no longer matters."""
+        watch.done = True
+        watches = self._watches
+        while watches and watches[0].done:
+            watches.popleft()
+
+    def _fire(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = None
+        watches = self._watches
+        now = loop.time()
+        while watches and (watches[0].done or watches[0].deadline <= now):
+            watch = watches.popleft()
+            if not watch.done:
+                watch.done = watch.expired = True
+                watch.expire(watch.arg)
+        if watches:
+            self._timer = loop.call_at(watches[0].deadline, self._fire)
+
+
+class _Call:
+    """One handler call handed to a thread: what to run, the loop future waiting for it, and its deadline."""
+
+    __slots__ = ("args", "fn", "waiter", "watch")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], waiter: asyncio.Future[Any]) -> None:
         self.fn = fn
         self.args = args
         self.waiter = waiter
-        self.timer: asyncio.TimerHandle | None = None
+        self.watch: _Watch | None = None
 
 
 class _Threads:
@@ -294,8 +357,9 @@ class _Threads:
     #: Seconds a call waits for an awake thread before another thread is woken for it.
     SPARE_AFTER = 0.0005
 
-    def __init__(self, name: str, limit: int = min(32, (os.cpu_count() or 1) + 4)) -> None:
+    def __init__(self, name: str, deadlines: _Deadlines, limit: int = min(32, (os.cpu_count() or 1) + 4)) -> None:
         self._name = name
+        self._deadlines = deadlines
         self._limit = limit
         self._calls: deque[_Call] = deque()
         self._ready = threading.Condition(threading.Lock())
@@ -307,9 +371,9 @@ class _Threads:
         self._results_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def call(self, timeout: float, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """`fn(*args)` in a thread, as a future of this loop that fails with `_TimedOut` after `timeout` seconds.
-        A thread that outlives the timeout is abandoned: its result, when it comes, is dropped."""
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """`fn(*args)` in a thread, as a future of this loop that fails with `_TimedOut` once the function's timeout
+        has passed (`_Deadlines`). A thread that outlives the timeout is abandoned: its result is dropped."""
         loop = self._loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         call = _Call(fn, args, waiter)
@@ -324,7 +388,7 @@ class _Threads:
                 self._check_due = check = True
         if check:
             loop.call_later(self.SPARE_AFTER, self._check)
-        call.timer = loop.call_later(timeout, _expire, waiter)
+        call.watch = self._deadlines.watch(_expire, waiter)
         return waiter
 
     def _check(self) -> None:
@@ -383,8 +447,8 @@ class _Threads:
         with self._results_lock:
             results, self._results = self._results, []
         for call, result, error in results:
-            if call.timer is not None:
-                call.timer.cancel()
+            if call.watch is not None:
+                self._deadlines.finish(call.watch)
             waiter = call.waiter
             if waiter.done():  # timed out, or the invocation was cancelled
                 continue

@@ -88,6 +88,8 @@ class Dispatcher:
         )
         self._source_arn = records.source_arn(feed.stream, mapping.name)
         self._shape: RecordShape = records.SHAPES[mapping.source.records]
+        #: How often an event waiting for its invocation is kept alive (a third of the ack wait).
+        self._keep_every = mapping.ack_wait / 3
         ordering = mapping.source.ordering
         #: Ordered mappings retry in place: the attempts made beyond the source's delivery count, by position.
         self._extra_attempts: dict[int, int] | None = None
@@ -115,6 +117,15 @@ class Dispatcher:
                 receive_count=self._receive_count,
                 content_based_deduplication=queue.content_based_deduplication,
             )
+        #: One event per invocation, handed over as itself, with nothing to filter or refuse (`process`'s shortcut).
+        self._plain_single = (
+            self._queue is None
+            and mapping.batch_size == 1
+            and self._shape.unwrap_single
+            and self.filter is None
+            and not self.selects
+            and mapping.reject is None
+        )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until `stop()`; in-flight invocations finish and settle before this returns."""
@@ -170,6 +181,13 @@ class Dispatcher:
         """Filter, invoke and settle one batch; says of each event whether it is settled or held for a retry."""
         if self._queue is not None:
             return await self._process_queue(self._queue, batch)
+        if self._plain_single and len(batch) == 1 and not (message := batch[0]).headers and self._attempt(message) == 1:
+            # Batch size 1, no filters, a plain publish on its first attempt (what `process` below comes to for it,
+            # without its lists): straight to the invocation.
+            self.stats.received += 1
+            if message.received_at < time.time() - self._keep_every:
+                await message.in_progress()
+            return [await self._invoke_one(message, None, events.request_id_for(message.stream_seq, message.stream))]
         stats = self.stats
         stats.received += len(batch)
         verdicts: list[Verdict] = [None] * len(batch)
@@ -347,7 +365,7 @@ class Dispatcher:
             self._extra_attempts.pop(message.stream_seq, None)
 
     async def _mark_in_progress(self, ready: list[_Ready]) -> None:
-        oldest = time.time() - self.mapping.ack_wait / 3
+        oldest = time.time() - self._keep_every
         for message, _, _ in ready:
             if message.received_at < oldest:
                 await message.in_progress()
@@ -369,7 +387,7 @@ class Dispatcher:
                 payload=payload,
                 cloud_event=cloud_event,
                 keepalive=message.in_progress,
-                keepalive_every=self.mapping.ack_wait / 3,
+                keepalive_every=self._keep_every,
             )
         )
         if outcome.ok and self._queue is None and not self.mapping.destinations.on_success:
@@ -406,7 +424,7 @@ class Dispatcher:
                 payload=payload,
                 is_json=True,
                 keepalive=keepalive,
-                keepalive_every=self.mapping.ack_wait / 3,
+                keepalive_every=self._keep_every,
             )
         )
         failed: set[str] | None = set()
