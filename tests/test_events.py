@@ -16,6 +16,7 @@ from eventfn.events import (
     binary_headers,
     from_nats,
     new_event,
+    new_request_id,
     plain_attributes,
     request_id_for,
     to_attributes,
@@ -265,3 +266,11 @@ def test_plain_attributes_are_those_of_the_normalized_event(timestamp_ns: int) -
     attributes = plain_attributes("events.orders.new", "seq-7", timestamp_ns)
     assert attributes == to_attributes(event)
     assert list(attributes) == list(to_attributes(event))
+
+
+def test_new_request_ids_are_distinct_random_uuids() -> None:
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        value = uuid.UUID(text)
+        assert str(value) == text and value.version == 4 and value.variant == uuid.RFC_4122

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -109,21 +108,20 @@ class Api:
     async def _read(
         stream: MemoryObjectReceiveStream[Request], inflight: _InFlight, handle: Callable[[Request], Awaitable[None]]
     ) -> None:
-        async for request in stream:
-            inflight.start(_guarded(handle, request))
-            # Then what else has arrived, without a loop pass each (anyio's receive yields even with items waiting).
-            while True:
+        while True:
+            # What has arrived is taken without a wait (anyio's receive yields to the loop even with items waiting).
+            try:
                 try:
                     request = stream.receive_nowait()
                 except anyio.WouldBlock:
-                    break
-                except anyio.EndOfStream:
-                    return
-                inflight.start(_guarded(handle, request))
+                    request = await stream.receive()
+            except anyio.EndOfStream:
+                return
+            inflight.start(_guarded(handle, request))
 
     async def _invoke_sync(self, request: Request) -> None:
         name = request.subject.removeprefix(subjects.INVOKE_PREFIX)
-        request_id = str(uuid.uuid4())
+        request_id = events.new_request_id()
         headers = request.headers or {}
         invocation_type = headers.get("Eventfn-Invocation-Type", "RequestResponse")
         if invocation_type not in ("RequestResponse", "DryRun"):

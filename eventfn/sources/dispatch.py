@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -411,7 +410,7 @@ class Dispatcher:
             # The size estimate missed (unusual escaping): split rather than pass the cap.
             half = len(ready) // 2
             return [*await self._invoke_batch(ready[:half]), *await self._invoke_batch(ready[half:])]
-        request_id = str(uuid.uuid4())
+        request_id = events.new_request_id()
         self.stats.invocations += 1
 
         async def keepalive() -> None:
