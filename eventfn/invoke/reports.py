@@ -42,6 +42,8 @@ class ReportLog:
         self._running = False
         self._second = -1
         self._prefix = ""
+        self._millis = -1
+        self._head = ""
 
     def enabled(self) -> bool:
         """Whether report lines are wanted (the `eventfn.report` logger's level admits INFO)."""
@@ -49,12 +51,15 @@ class ReportLog:
 
     def add(self, *texts: str) -> None:
         """Queue each of `texts` as a line with the service log's timestamp (the same for all), level and name."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        head = f"{self._prefix},{int((now - second) * 1000):03d} INFO  eventfn.report: "
+        millis = int(time.time() * 1000)
+        if millis != self._millis:  # the head is made once per millisecond, the date and time once per second
+            second, milli = divmod(millis, 1000)
+            if second != self._second:
+                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+                self._second = second
+            self._head = f"{self._prefix},{milli:03d} INFO  eventfn.report: "
+            self._millis = millis
+        head = self._head
         with self._lock:  # (inlined: this runs twice per invocation)
             lines = self._lines
             for text in texts:
