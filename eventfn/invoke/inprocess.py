@@ -348,13 +348,14 @@ class _Threads:
     future with a timer (no concurrent future chained both ways), and results reach the loop in bunches: a thread
     that finishes a call wakes the loop only if no other result is waiting for it, so the calls that end within
     one loop pass cost one wake-up (a write to the loop's self-pipe and a pass), not one each. And a call made
-    while a thread is awake waits for that thread for up to `SPARE_AFTER` seconds before another is woken: each
-    thread more contends for the GIL with the loop (several times the CPU per call with 10 threads than with one
-    or two, measured), and quick handlers are all run by a few. The threads are daemons: a handler that never
-    returns does not hold the service's exit.
+    while a thread is awake is left to the awake threads as long as they finish calls: only when none has
+    finished one for `SPARE_AFTER` seconds (they block: sleep, I/O, a long computation) are more threads woken for
+    the calls waiting. Each thread more contends for the GIL with the loop (several times the CPU per call with
+    10 threads than with one or two, measured), and quick handlers are all run by a few. The threads are daemons:
+    a handler that never returns does not hold the service's exit.
     """
 
-    #: Seconds a call waits for an awake thread before another thread is woken for it.
+    #: Seconds without a finished call after which waiting calls get threads of their own.
     SPARE_AFTER = 0.0005
 
     def __init__(self, name: str, deadlines: _Deadlines, limit: int = min(32, (os.cpu_count() or 1) + 4)) -> None:
@@ -366,6 +367,8 @@ class _Threads:
         self._idle = 0  # threads waiting for a call that no submitter has woken yet
         self._count = 0
         self._check_due = False
+        self._finished = 0  # calls finished, ever (read by `_check` to see progress)
+        self._finished_seen = 0
         self._closed = False
         self._results: list[tuple[_Call, Any, BaseException | None]] = []
         self._results_lock = threading.Lock()
@@ -386,17 +389,26 @@ class _Threads:
                 self._wake(1)
             elif not self._check_due:
                 self._check_due = check = True
+                self._finished_seen = self._finished
         if check:
             loop.call_later(self.SPARE_AFTER, self._check)
         call.watch = self._deadlines.watch(_expire, waiter)
         return waiter
 
     def _check(self) -> None:
-        """On the loop: calls that the awake threads have not taken by now get threads of their own."""
+        """On the loop: if calls are waiting and no awake thread has finished one since the last look, wake threads
+        for them; if the awake threads are making progress, look again later."""
         with self._ready:
-            self._check_due = False
-            if not self._closed:
+            if self._closed or not self._calls:
+                self._check_due = False
+                return
+            finished = self._finished
+            if finished == self._finished_seen:
+                self._check_due = False
                 self._wake(len(self._calls))
+                return
+            self._finished_seen = finished
+        asyncio.get_running_loop().call_later(self.SPARE_AFTER, self._check)
 
     def _wake(self, wanted: int) -> None:
         """Wake (or start) up to `wanted` threads; the caller holds `_ready`."""
@@ -436,6 +448,7 @@ class _Threads:
             with self._results_lock:
                 self._results.append((call, result, error))
                 first = len(self._results) == 1
+                self._finished += 1
             if first and (loop := self._loop) is not None:
                 try:
                     loop.call_soon_threadsafe(self._deliver)
