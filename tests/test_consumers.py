@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from eventfn.broker.bus import UNREAD, Bus
 from eventfn.broker.connection import connect
-from eventfn.broker.feeds import Delivery, PullFeed
+from eventfn.broker.feeds import Delivery, PullFeed, queue_publish
 from eventfn.broker.specs import ConsumerOptions
 from eventfn.config import NatsSettings
 from eventfn.sources import mappings
@@ -218,6 +218,26 @@ async def test_the_state_names_what_was_delivered_and_acknowledged(bus: Bus) -> 
                 await anyio.sleep(0.02)  # acks are fire-and-forget: poll until the server counted the first
         assert (state.delivered_stream_seq, state.ack_floor_stream_seq, state.ack_pending) == (3, 1, 1)
         await second.ack()
+
+
+async def test_a_queued_publish_goes_out_in_order_with_the_connection_s_other_publishes(
+    bus: Bus, nats_server: NatsServer, nc: Client
+) -> None:
+    """Acks are appended to the connection's buffer without a coroutine (`queue_publish`): the server gets them in
+    the order they were written, after what was published before (an outcome's write comes before its ack); a
+    client that is not plainly connected says so, and the caller publishes the ordinary way."""
+    seen = Collector()
+    await nc.subscribe("t.>", cb=seen.on_message)
+    await nc.flush()
+    await bus.nc.publish("t.1", b"1")
+    assert queue_publish(bus.nc, "t.2", b"2")
+    await bus.nc.publish("t.3", b"3")
+    assert queue_publish(bus.nc, "t.4", b"4")
+    await seen.wait_for(4)
+    assert [m.data for m in seen.messages] == [b"1", b"2", b"3", b"4"]
+    async with connect([nats_server.url], NatsSettings()) as other:
+        closing = other.nc
+    assert not queue_publish(closing, "t.5", b"5")
 
 
 # -- an existing consumer -------------------------------------------------------------------------------------------

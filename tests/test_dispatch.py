@@ -130,6 +130,21 @@ async def test_unordered_events_all_run_and_a_failure_is_handed_back_with_a_dela
     assert (d.stats.processed, d.stats.failed, d.stats.retried) == (20, 1, 1)
 
 
+async def test_events_waiting_in_the_feed_for_a_slot_are_kept_alive() -> None:
+    """At batch size 1 the feed holds more events than run at once (`feed_credit`): an event that waits behind slow
+    invocations for longer than a third of the ack wait is marked in progress while it waits, again and again, so
+    that the source does not redeliver it (the dispatcher marks it once more as it starts)."""
+    feed = MemoryFeed()
+    for n in range(4):
+        feed.publish(event(n))
+    m = mapping(concurrency=1, timeout=0.03, redelivery_margin=0.0)  # ack wait 0.03 s: kept alive every 0.01 s
+    assert m.max_inflight > m.concurrency + 1
+    fn = Function(pause=lambda: 0.06)
+    await run(m, fn, feed, lambda: len(set(feed.acked)) == 4)
+    last = 4  # the stream position of n=3, which waited behind three invocations of 0.06 s
+    assert feed.kept_alive.count(last) >= 3, feed.kept_alive
+
+
 async def test_batches_fill_to_their_size_and_a_trickle_closes_at_the_window() -> None:
     feed = MemoryFeed()
     for n in range(10):

@@ -16,6 +16,8 @@ from eventfn.events import (
     binary_headers,
     from_nats,
     new_event,
+    new_request_id,
+    plain_attributes,
     request_id_for,
     to_attributes,
 )
@@ -252,3 +254,23 @@ def test_request_id_is_stable_for_the_same_stored_message() -> None:
 def test_request_id_differs_per_sequence_and_stream() -> None:
     ids = {request_id_for(1, "EVENTS"), request_id_for(2, "EVENTS"), request_id_for(1, "OTHER")}
     assert len(ids) == 3
+
+
+@pytest.mark.parametrize(
+    "timestamp_ns", [1_714_979_289_123_000_000, 1_714_979_289_000_000_000, 1_714_979_289_999_999_999]
+)
+def test_plain_attributes_are_those_of_the_normalized_event(timestamp_ns: int) -> None:
+    """The batch-size-1 path builds a plain message's `context.cloud_event` without an `Event`: the same dict."""
+    when = datetime.fromtimestamp(timestamp_ns / 1e9, UTC)
+    event = from_nats("events.orders.new", b"{}", None, fallback_id="seq-7", timestamp=when)
+    attributes = plain_attributes("events.orders.new", "seq-7", timestamp_ns)
+    assert attributes == to_attributes(event)
+    assert list(attributes) == list(to_attributes(event))
+
+
+def test_new_request_ids_are_distinct_random_uuids() -> None:
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        value = uuid.UUID(text)
+        assert str(value) == text and value.version == 4 and value.variant == uuid.RFC_4122

@@ -10,6 +10,7 @@ import anyio
 import pytest
 from nats.aio.client import Client
 
+from eventfn.sources.mappings import feed_credit
 from eventfn.testing import Serve, write_handler
 from tests.conftest import FAST_RECOVERY
 
@@ -83,7 +84,10 @@ async def test_sigkill_with_thousands_in_flight_loses_nothing(
         while (info := await js.consumer_info("EVENTFN", "sink--t0")).num_ack_pending or info.num_pending:  # noqa: ASYNC110
             await anyio.sleep(0.2)  # polling the server's count: there is no event for "all settled"
     numbers = seen_numbers(seen.texts)
-    in_flight_window = (concurrency + 1) * batch  # the feed's credit: all that can be unacked at a kill
+    # The feed's credit (also the consumer's max ack pending): all that can be unacked at a kill. At batch size 1
+    # it is deeper than one event per slot (`BATCH1_CREDIT`, waiting events are kept alive), at batch 100 a batch
+    # per slot plus one being gathered: (2 + 1) * 100.
+    in_flight_window = feed_credit(concurrency, batch)
     print(f"\nSIGKILL after {done_before} of {total}: {len(numbers) - total} duplicates (window {in_flight_window})")
     assert len(numbers) - total <= in_flight_window, f"{len(numbers) - total} duplicates"
 

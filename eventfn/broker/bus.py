@@ -293,7 +293,10 @@ class Bus:
         nc = self.nc
 
         async def on_message(msg: Msg) -> None:
-            await send.send(Request(nc, msg))
+            try:  # without the checkpoint of `send` (a loop pass per request) while there is room
+                send.send_nowait(Request(nc, msg))
+            except anyio.WouldBlock:
+                await send.send(Request(nc, msg))
 
         sub = await nc.subscribe(subject, queue=queue, cb=on_message)
         try:

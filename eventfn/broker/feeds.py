@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -114,16 +115,47 @@ class Delivery:
     async def in_progress(self) -> None:
         """Reset the ack timer: the message is still being worked on."""
         if not self.settled:
-            await self._feed.nc.publish(self._msg.reply, _WIP)
+            nc = self._feed.nc
+            if not queue_publish(nc, self._msg.reply, _WIP):
+                await nc.publish(self._msg.reply, _WIP)
 
     async def _settle(self, body: bytes) -> None:
         if self.settled:
             return
         self.settled = True
         try:
-            await self._feed.nc.publish(self._msg.reply, body)
+            nc = self._feed.nc
+            if not queue_publish(nc, self._msg.reply, body):
+                await nc.publish(self._msg.reply, body)
         finally:
             self._feed.released()
+
+
+def queue_publish(nc: Client, subject: str, body: bytes) -> bool:
+    """Append a plain publish (no headers, no reply) to `nc`'s outgoing buffer, without a coroutine; False when
+    the client is not plainly connected (reconnecting, draining, closed) or its buffer is full: the caller then
+    publishes the ordinary way, which waits or raises as nats-py decides.
+
+    What `Client.publish` does for a connected client, minus its three coroutines, its Future and its subject
+    check (`subject` is a reply subject the server gave). nats-py's flusher writes the whole buffer once per
+    loop pass, so the acks of one pass go out in one write, after everything published before them: an ack
+    still follows the write of its outcome on the same connection.
+    """
+    if nc._status != Client.CONNECTED or nc._flusher_task is None or nc._flusher_task.done():
+        return False
+    flush = nc._flush_queue
+    command = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(body), body)
+    size = nc._pending_data_size + len(command)
+    if flush is None or (nc._max_pending_size > 0 and size > nc._max_pending_size):
+        return False
+    nc._pending.append(command)
+    nc._pending_data_size = size
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(body)
+    if flush.empty():
+        flush.put_nowait(asyncio.get_running_loop().create_future())  # wake the flusher, as `_flush_pending` does
+    return True
 
 
 class PullFeed:
@@ -228,6 +260,11 @@ class PullFeed:
             self._queue.put_nowait(None)
             raise anyio.EndOfStream
         return delivery
+
+    def waiting(self) -> list[Delivery]:
+        """Deliveries received and not yet taken, oldest first."""
+        waiting: deque[Delivery | None] = self._queue._queue  # type: ignore[attr-defined]  # asyncio.Queue's own
+        return [d for d in waiting if d is not None]
 
     def released(self) -> None:
         """A delivery was settled: its credit can be requested again."""

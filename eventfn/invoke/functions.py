@@ -191,8 +191,8 @@ class Function:
             self.limiter.give()
         outcome = execution.outcome
         if report:
-            reports.add(f"END RequestId: {invocation.request_id}")
-            reports.add(report_line(self.name, pool.spec.memory, invocation.request_id, execution))
+            end = f"END RequestId: {invocation.request_id}"
+            reports.add(end, report_line(self.name, pool.spec.memory, invocation.request_id, execution))
         limit = invocation.max_response_bytes
         if limit is not None and len(outcome.payload) > limit:
             outcome = response_too_large(len(outcome.payload), limit, invocation.request_id)

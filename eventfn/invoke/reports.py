@@ -44,22 +44,29 @@ class ReportLog:
         self._running = False
         self._second = -1
         self._prefix = ""
+        self._millis = -1
+        self._head = ""
 
     def enabled(self) -> bool:
         """Whether report lines are wanted (the `eventfn.report` logger's level admits INFO)."""
         return logger.isEnabledFor(logging.INFO)
 
-    def add(self, text: str) -> None:
-        """Queue `text` (one or more lines) with the service log's timestamp, level and name."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        line = f"{self._prefix},{int((now - second) * 1000):03d} INFO  eventfn.report: {text}\n"
-        with self._lock:  # (inlined: this runs three times per invocation)
-            self._lines.append(line)
-            if self._running and len(self._lines) < self.max_lines:
+    def add(self, *texts: str) -> None:
+        """Queue each of `texts` as a line with the service log's timestamp (the same for all), level and name."""
+        millis = int(time.time() * 1000)
+        if millis != self._millis:  # the head is made once per millisecond, the date and time once per second
+            second, milli = divmod(millis, 1000)
+            if second != self._second:
+                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+                self._second = second
+            self._head = f"{self._prefix},{milli:03d} INFO  eventfn.report: "
+            self._millis = millis
+        head = self._head
+        with self._lock:  # (inlined: this runs twice per invocation)
+            lines = self._lines
+            for text in texts:
+                lines.append(f"{head}{text}\n")
+            if self._running and len(lines) < self.max_lines:
                 return
         self.flush()
 

@@ -103,7 +103,9 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def max_inflight(self) -> int:
         """The feed's credit, which is also the consumer's max ack pending."""
-        return feed_credit(self.concurrency, self.batch_size, ordered=self.source.ordering.ordered)
+        source = self.source
+        ordered, queue = source.ordering.ordered, source.queue is not None
+        return feed_credit(self.concurrency, self.batch_size, ordered=ordered, queue=queue)
 
     def compiled_filter(self) -> Filter | None:
         """The compiled filters, or None when they pass everything (no per-event work then)."""
@@ -118,13 +120,22 @@ class Mapping(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(compile_filters([pattern], where) for pattern in self.source.filters)
 
 
-def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False) -> int:
+#: The least credit of a mapping with batch size 1 (`feed_credit`).
+BATCH1_CREDIT = 200
+
+
+def feed_credit(concurrency: int, batch_size: int, *, ordered: bool = False, queue: bool = False) -> int:
     """Deliveries a mapping's feed may hold: a batch per slot plus one being gathered, within a memory bound.
 
     An ordered mapping holds the events of a key that waits for a retry: its credit leaves room for other keys
     to go on meanwhile.
     """
     credit = (concurrency + 1) * batch_size
+    if batch_size == 1 and not ordered and not queue:
+        # One event per invocation: a shallow credit left the drain waiting on pull round trips and handling a few
+        # events per event-loop pass (py-spy, CPU per event); events waiting for a slot are kept alive
+        # (`ordering.Unordered`). A queue keeps Lambda's poller depth: its messages count receives and visibility.
+        credit = max(credit, BATCH1_CREDIT)
     if ordered:
         credit = max(credit, 1000)
     return min(credit, 20_000)

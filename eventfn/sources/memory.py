@@ -152,6 +152,9 @@ class MemoryFeed:
             raise anyio.EndOfStream
         raise anyio.WouldBlock
 
+    def waiting(self) -> list[MemoryMessage]:
+        return list(self._queue)
+
     def stop(self) -> None:
         self._stopping = True
         self._work.set()

@@ -79,13 +79,46 @@ class Unordered:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.feed.run)
-            if self.mapping.batch_size == 1:
-                for _ in range(max(1, self.mapping.concurrency)):
-                    tg.start_soon(self._single_worker)
-            else:
+            if self.mapping.batch_size != 1:
                 # Several gatherers would split a trickle into many one-event batches: one fills them.
                 tg.start_soon(self._gatherer, tg)
+                task_status.started()
+                return
+            workers = max(1, self.mapping.concurrency)
+            keeping = anyio.CancelScope()
+            if self.mapping.max_inflight > workers + 1:
+                # The feed holds more events than run at once (`mappings.feed_credit`): those waiting are kept alive.
+
+                async def keep_alive() -> None:
+                    with keeping:
+                        await self._keep_waiting_alive()
+
+                tg.start_soon(keep_alive)
             task_status.started()
+            async with anyio.create_task_group() as running:
+                for _ in range(workers):
+                    running.start_soon(self._single_worker)
+            keeping.cancel()
+
+    async def _keep_waiting_alive(self) -> None:
+        """Every third of the ack wait, tell the source that events waiting in the feed for a free slot are still
+        to be worked on, so that none is redelivered while it waits (behind slow invocations, say)."""
+        every = self.mapping.ack_wait / 3
+        touched: dict[int, float] = {}
+        while True:
+            await anyio.sleep(every)
+            now = time.time()
+            seen: dict[int, float] = {}
+            for message in self.feed.waiting():
+                last = max(message.received_at, touched.get(message.stream_seq, 0.0))
+                if last < now - every:
+                    try:
+                        await message.in_progress()
+                    except Exception as exc:  # NATS gone: the source redelivers it later, at least once
+                        log.debug("keepalive of event %d failed: %s", message.stream_seq, exc)
+                    last = now
+                seen[message.stream_seq] = last
+            touched = seen
 
     async def _single_worker(self) -> None:
         feed, process = self.feed, self.dispatcher.process_guarded

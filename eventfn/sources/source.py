@@ -60,6 +60,10 @@ class Feed(Protocol):
     def receive_nowait(self) -> Message:
         """The next message if one is waiting (`anyio.WouldBlock` if not, `anyio.EndOfStream` at the end)."""
 
+    def waiting(self) -> Sequence[Message]:
+        """Messages received and not yet taken (`receive`), oldest first: what a scheduler keeps alive."""
+        ...
+
     def stop(self) -> None:
         """Stop supplying; what was received stays available to drain."""
 
