@@ -141,12 +141,15 @@ def queue_publish(nc: Client, subject: str, body: bytes) -> bool:
     loop pass, so the acks of one pass go out in one write, after everything published before them: an ack
     still follows the write of its outcome on the same connection.
     """
-    if nc._status != Client.CONNECTED or nc._flusher_task is None or nc._flusher_task.done():
-        return False
-    flush = nc._flush_queue
-    command = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(body), body)
-    size = nc._pending_data_size + len(command)
-    if flush is None or (nc._max_pending_size > 0 and size > nc._max_pending_size):
+    try:
+        if nc._status != Client.CONNECTED or nc._flusher_task is None or nc._flusher_task.done():
+            return False
+        flush = nc._flush_queue
+        command = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(body), body)
+        size = nc._pending_data_size + len(command)
+        if flush is None or (nc._max_pending_size > 0 and size > nc._max_pending_size):
+            return False
+    except AttributeError:  # a nats-py whose internals differ: the ordinary way, always
         return False
     nc._pending.append(command)
     nc._pending_data_size = size
