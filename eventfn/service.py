@@ -42,6 +42,7 @@ from eventfn.invoke.inprocess import InProcessPool
 from eventfn.invoke.registry import FunctionSource
 from eventfn.invoke.reports import reports
 from eventfn.invoke.slots import Slots
+from eventfn.invoke.validated import Validated
 from eventfn.invoke.workers import Pool
 from eventfn.sources import mappings
 from eventfn.sources.connector import Bound
@@ -78,6 +79,10 @@ class Service:
         #: Handler files and folders refused for their names: entry -> reason (shown, never loaded).
         self.invalid: dict[str, str] = {}
         self._reload_lock = anyio.Lock()
+        #: Versions that loaded in earlier runs: a function scaled to zero is not imported again to start (see there).
+        self.validated = Validated(Path(config.data_dir) / "validated.json")
+        #: True until the first reload has ended: only then are versions taken from `validated`.
+        self._starting = True
         self.api = Api(bus, self.invoker, self)
         state = StateStore(bus, replicas=config.stream.replicas)
         #: The queues and sharded streams declared in eventfn.toml.
@@ -144,6 +149,9 @@ class Service:
                     tg.start_soon(self._load, source, limiter)
             # The roles of functions no version serves go; the others take the policy of the version serving.
             self.http_auth.update({n: f.settings if f.pool is not None else None for n, f in self.functions.items()})
+            self.validated.keep_only(set(self.functions))
+            self.validated.save()
+            self._starting = False
             await self._provision()
             self.urls.update()
 
@@ -170,21 +178,31 @@ class Service:
                 idle_timeout=settings.idle_timeout,
                 max_workers=max(1, settings.concurrency),  # spares included
             )
-        async with limiter:
-            try:
-                init_ms = await pool.start()
-            except HandlerLoadError as exc:
-                fn.load_error = exc
-                if fn.failed(str(exc)):
-                    log.error("%s%s", exc, _keeps_serving(fn))
-                return
+        before = None
+        if self._starting and isinstance(pool, Pool) and pool.min_warm == 0:
+            before = self.validated.init_ms(source.name, source.version)
+        if before is not None:
+            init_ms = before  # it loaded in an earlier run: its first invocation's cold start imports it
+        else:
+            async with limiter:
+                try:
+                    init_ms = await pool.start()
+                except HandlerLoadError as exc:
+                    fn.load_error = exc
+                    self.validated.failed(source.name)
+                    if fn.failed(str(exc)):
+                        log.error("%s%s", exc, _keeps_serving(fn))
+                    return
+            if isinstance(pool, Pool):
+                self.validated.loaded(source.name, source.version, init_ms)
         old = fn.activate(pool, settings, init_ms)
         log.info(
-            "function %s %s (version %s, init %.1f ms)",
+            "function %s %s (version %s, init %.1f ms%s)",
             source.name,
             "reloaded" if old else "loaded",
             source.version,
             init_ms,
+            ", as in an earlier run" if before is not None else "",
         )
         if old is not None:
             # In-flight invocations finish on the old code; new ones already go to the new pool.
