@@ -19,7 +19,7 @@ from eventfn.invoke.invocation import Invocation, LambdaError, Outcome
 from eventfn.sources.dispatch import Dispatcher
 from eventfn.sources.mappings import Mapping
 from eventfn.sources.memory import MemoryFeed, MemorySink
-from eventfn.sources.ordering import Recovery
+from eventfn.sources.ordering import Recovery, Unordered
 from eventfn.sources.source import Ordering, plain_subjects
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.02, max_delay=0.04)
@@ -128,6 +128,49 @@ async def test_unordered_events_all_run_and_a_failure_is_handed_back_with_a_dela
     assert feed.naked[0][1] > 0
     assert fn.order("None").count(5) == 2
     assert (d.stats.processed, d.stats.failed, d.stats.retried) == (20, 1, 1)
+
+
+async def test_an_idle_mapping_holds_one_task_and_grows_to_its_concurrency_under_load() -> None:
+    """At batch size 1 the tasks that take events start as the ones there are get busy: an idle mapping (one of a
+    thousand) holds one, and slow invocations still run `concurrency` at once, never more."""
+    feed = MemoryFeed()
+    at_once = 0
+    most = 0
+    gate = anyio.Event()
+
+    async def slow(invocation: Invocation) -> Outcome:
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        try:
+            await gate.wait()
+        finally:
+            at_once -= 1
+        return Outcome(ok=True, payload=b"null")
+
+    m = mapping(concurrency=4)
+    feed.max_inflight = m.max_inflight
+    dispatcher = Dispatcher(MemorySink(), m, feed, invoke=slow)
+    scheduler = dispatcher.scheduler
+    assert isinstance(scheduler, Unordered)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            await wait_for(lambda: scheduler._receiving == 1)
+            assert scheduler._workers == 1, "idle: one task waits for the next event"
+            for n in range(10):
+                feed.publish(event(n))
+            await wait_for(lambda: at_once == 4 and scheduler._workers == 4)
+            gate.set()
+            await wait_for(lambda: len(set(feed.acked)) == 10)
+            dispatcher.stop()
+    assert most == 4 and scheduler._workers == 4
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Until `condition` holds (bounded by the caller's fail_after): the scheduler's state has no event to await."""
+    while not condition():  # noqa: ASYNC110
+        await anyio.sleep(0.002)
 
 
 async def test_events_waiting_in_the_feed_for_a_slot_are_kept_alive() -> None:

@@ -75,6 +75,11 @@ class Unordered:
         self.dispatcher = dispatcher
         self.mapping = dispatcher.mapping
         self.feed = dispatcher.feed
+        #: Batch size 1: the tasks taking events, those waiting for one, and how many there may be.
+        self._workers = 0
+        self._receiving = 0
+        self._limit = 1
+        self._running: anyio.abc.TaskGroup | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -96,9 +101,16 @@ class Unordered:
                 tg.start_soon(keep_alive)
             task_status.started()
             async with anyio.create_task_group() as running:
-                for _ in range(workers):
-                    running.start_soon(self._single_worker)
+                self._running, self._limit = running, workers
+                self._add_worker()
             keeping.cancel()
+
+    def _add_worker(self) -> None:
+        """One more task taking events, up to the mapping's concurrency. They start one at a time, as the ones there
+        are get busy: an idle mapping (of a thousand) holds one task, not `concurrency`."""
+        assert self._running is not None
+        self._workers += 1
+        self._running.start_soon(self._single_worker)
 
     async def _keep_waiting_alive(self) -> None:
         """Every third of the ack wait, tell the source that events waiting in the feed for a free slot are still
@@ -123,10 +135,15 @@ class Unordered:
     async def _single_worker(self) -> None:
         feed, process = self.feed, self.dispatcher.process_guarded
         while True:
+            self._receiving += 1
             try:
                 message = await feed.receive()
             except anyio.EndOfStream:
                 return
+            finally:
+                self._receiving -= 1
+            if self._receiving == 0 and self._workers < self._limit:
+                self._add_worker()  # none is left waiting for the next event while this one runs
             if feed.stopping:
                 await self.dispatcher.hand_back([message])
                 continue
