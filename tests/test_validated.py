@@ -4,11 +4,13 @@ validating them would be the only reason to import them), but a changed or broke
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from nats.aio.client import Client
 
+from eventfn.service import VALIDATE_BEFORE_READY
 from eventfn.testing import Serve, write_handler
 
 HELLO = """
@@ -51,3 +53,26 @@ async def test_a_restart_takes_the_versions_that_loaded_before_and_validates_wha
     await third.log.await_line(r"function broken loaded \(version \w+, init [\d.]+ ms\)$")
     await third.log.await_line(r"function edited loaded \(version \w+, init [\d.]+ ms, as in an earlier run\)")
     assert await invoke(nc, "broken") == 2
+
+
+async def test_past_the_first_functions_a_start_goes_live_first_and_validates_after(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
+    """A service with more new functions than it validates before it is ready (`VALIDATE_BEFORE_READY`) says it is
+    ready, then validates the rest; one of those that fails to load is taken back with its error, as at start."""
+    for n in range(VALIDATE_BEFORE_READY):
+        write_handler(handlers, f"f{n:03d}", HELLO)
+    write_handler(handlers, "later_ok", HELLO)
+    write_handler(handlers, "later_broken", "def handler(event, context)\n    return 1\n")  # a syntax error
+    service = await serve()
+    for name in ("later_broken", "later_ok"):  # past the first ones: live at once, validated after
+        await service.log.await_line(rf"function {name} loaded \(version \w+, init 0.0 ms, validated after start-up\)")
+    await service.log.await_line(r"validated the 2 function\(s\) .* unvalidated; failed: later_broken")
+    first = re.search(r"function f000 loaded \(version \w+, init [\d.]+ ms\)$", service.log.text(), re.MULTILINE)
+    assert first is not None, "the first ones are validated before the service is ready"
+    assert await invoke(nc, "later_ok") == {"hello": "later_ok"}
+    reply = await nc.request("eventfn.invoke.later_broken", b"{}", timeout=20)
+    assert json.loads(reply.data)["errorType"] == "Runtime.UserCodeSyntaxError"
+    functions = json.loads((await nc.request("eventfn.api.functions", b"", timeout=20)).data)
+    states = {f["name"]: f["state"] for f in functions}
+    assert states["later_broken"] == "Failed" and states["later_ok"] == "Active"
