@@ -222,3 +222,65 @@ async def test_the_deadline_of_a_queued_invocation_counts_from_its_own_start(tmp
         queued = ok(done["r-next"].outcome)
         assert queued["pid"] == warm  # it did wait in that worker's pipe
         assert queued["left"] > 900
+
+
+#: Appends `<request id> <pid>` to the file named by the event, after sleeping as long as it says; then tells the
+#: test on its port, if it names one, that it ran.
+MARKS = """
+    import os
+    import socket
+    import time
+
+    def handler(event, context):
+        time.sleep(event.get("sleep", 0))
+        line = f"{context.aws_request_id} {os.getpid()}\\n"
+        with open(event["marks"], "a") as marks:
+            marks.write(line)
+        if "port" in event:
+            with socket.create_connection(("127.0.0.1", event["port"]), timeout=10) as told:
+                told.sendall(line.encode())
+        return {"pid": os.getpid()}
+"""
+
+
+async def test_an_invocation_queued_behind_a_timed_out_run_that_started_there_is_not_run_again(
+    tmp_path: Path,
+) -> None:
+    """The run ahead of it ended just past its deadline, while its worker was being killed (a cgroup kill waits
+    for an RCU grace period, 10-20 ms on a loaded host): the worker went on to the invocation queued behind it. That
+    one ran; it must not be sent to another worker and run a second time (a non-idempotent handler, one invoke)."""
+    marks = tmp_path / "marks.txt"
+    async with (
+        running_pool(tmp_path, MARKS, timeout=1.0) as pool,
+        await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as listener,
+    ):
+        port = listener.extra(SocketAttribute.local_port)
+        pool.max_workers = 1
+        for i in range(5):
+            await run(pool, f"warm-{i}", {"marks": str(marks)})
+        [(worker, _)] = pool.idle
+        assert worker.typical_ms is not None and worker.typical_ms < QUICK_MS
+        old = worker.process.pid
+        kill = worker.kill
+
+        async def slow_kill() -> None:
+            # The first kill lands once the worker has gone on to the queued invocation (bounded: 10 s).
+            worker.kill = kill  # type: ignore[method-assign]
+            with anyio.move_on_after(10):
+                told = b""
+                while f"r-queued {old}".encode() not in told:
+                    async with await listener.listeners[0].accept() as conn:
+                        told = await conn.receive()
+            await kill()
+
+        worker.kill = slow_kill  # type: ignore[method-assign]
+        done = await run_together(
+            pool,
+            [("r-late", {"sleep": 1.1, "marks": str(marks)}), ("r-queued", {"marks": str(marks), "port": port})],
+        )
+        late = done["r-late"].outcome
+        assert late.error is not None and late.error.type == "Sandbox.Timedout"
+        runs = [line for line in marks.read_text().splitlines() if line.startswith("r-queued ")]
+        assert runs == [f"r-queued {old}"], f"it ran {len(runs)} times: {runs}"
+        queued = done["r-queued"].outcome
+        assert not queued.ok and queued.error is not None and queued.error.type == "Runtime.ExitError"
