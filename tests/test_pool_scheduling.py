@@ -19,7 +19,7 @@ from anyio.abc import SocketAttribute
 from eventfn.invoke import workers
 from eventfn.invoke.invocation import Execution, Invocation, Outcome
 from eventfn.invoke.workers import QUICK_MS, Pool
-from tests.conftest import running_pool
+from tests.conftest import running_pool, write_handler
 from tests.test_workers import RENDEZVOUS
 
 #: A handler that is quick unless asked: it warms up as quick, then one event spins, exits or eats memory.
@@ -284,3 +284,16 @@ async def test_an_invocation_queued_behind_a_timed_out_run_that_started_there_is
         assert runs == [f"r-queued {old}"], f"it ran {len(runs)} times: {runs}"
         queued = done["r-queued"].outcome
         assert not queued.ok and queued.error is not None and queued.error.type == "Runtime.ExitError"
+
+
+async def test_every_invocation_waiting_for_cold_starts_that_fail_gets_the_init_error(tmp_path: Path) -> None:
+    """More invocations wait than cold starts begin at once (`MAX_STARTING`); each failed cold start answers one of
+    them: the rest must get cold starts of their own (and their error), not wait forever."""
+    async with running_pool(tmp_path, "def handler(event, context):\n    return 1\n", min_warm=0) as pool:
+        write_handler(tmp_path, "def handler(event, context)\n    return 1\n")  # broken since it was validated
+        waiting = workers.MAX_STARTING + 2
+        with anyio.fail_after(60):
+            done = await run_together(pool, [(f"r-{i}", {}) for i in range(waiting)])
+        for execution in done.values():
+            error = execution.outcome.error
+            assert error is not None and error.type == "Runtime.UserCodeSyntaxError", execution.outcome

@@ -643,6 +643,8 @@ class Pool:
             self._starting -= 1
             if self._waiting:
                 self._waiting.popleft().end(exc)  # as before: the invocation that waited for it reports it
+                if self._waiting:
+                    self._grow()  # the others waiting get cold starts of their own (nothing else may start one)
             else:
                 log.warning("%s: a spare worker failed to start: %s", self.spec.function, exc)
             return
