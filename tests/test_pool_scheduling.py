@@ -297,3 +297,26 @@ async def test_every_invocation_waiting_for_cold_starts_that_fail_gets_the_init_
         for execution in done.values():
             error = execution.outcome.error
             assert error is not None and error.type == "Runtime.UserCodeSyntaxError", execution.outcome
+
+
+#: Writes what is not a frame on its worker's channel (handler code can reach it), then returns.
+FORGER = """
+    import gc
+
+    def handler(event, context):
+        [channel] = [o for o in gc.get_objects() if type(o).__name__ == "_Channel" and hasattr(o, "writer")]
+        channel.writer.write(b"\\x00\\x00\\x00\\x03\\xc1\\xc1\\xc1")
+        channel.writer.flush()
+        return "done"
+"""
+
+
+async def test_a_worker_that_writes_what_is_not_a_frame_is_stopped_at_once(tmp_path: Path) -> None:
+    """Handler code can write to its worker's channel: bytes that do not decode end that worker (its invocation
+    gets Lambda's exit error), instead of an error per read in the service and an invocation left to time out."""
+    async with running_pool(tmp_path, FORGER, timeout=60.0) as pool:
+        with anyio.fail_after(20):
+            execution = await run(pool, "r-forged", {})
+        error = execution.outcome.error
+        assert error is not None and error.type == "Runtime.ExitError", execution.outcome
+        assert not pool.idle and pool.busy == 0

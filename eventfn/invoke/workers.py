@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke import isolation, launch, protocol
@@ -121,6 +122,8 @@ class _Channel(asyncio.Protocol):
         self.closed = False
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         buffer = self.buffer
         buffer += data
         woke = False
@@ -131,7 +134,16 @@ class _Channel(asyncio.Protocol):
             end = _HEADER_SIZE + size
             if len(buffer) < end:
                 break
-            message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
+            try:
+                message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
+            except msgspec.DecodeError as exc:
+                # Not the runtime's: handler code wrote to the channel. Nothing after it can be trusted either.
+                log.warning(
+                    "%s: worker %d wrote an invalid frame (%s): stopped", worker.spec.function, worker.process.pid, exc
+                )
+                buffer.clear()
+                self._lost()
+                return
             del buffer[:end]
             kind = type(message)
             if kind is Output:
