@@ -320,3 +320,32 @@ async def test_a_worker_that_writes_what_is_not_a_frame_is_stopped_at_once(tmp_p
         error = execution.outcome.error
         assert error is not None and error.type == "Runtime.ExitError", execution.outcome
         assert not pool.idle and pool.busy == 0
+
+
+async def test_a_run_whose_caller_left_while_it_was_queued_still_has_its_worker_replaced_when_it_times_out(
+    tmp_path: Path,
+) -> None:
+    """The caller of an invocation queued behind a run was cancelled: it stays in the pipe and runs. Should it then
+    time out, no caller is left to kill its worker: the pool must still, and what is queued behind it runs elsewhere
+    (not left waiting behind a worker that spins for ever)."""
+    async with running_pool(tmp_path, MOODY, timeout=1.0) as pool:
+        pool.max_workers = 1
+        stuck = await warm_up(pool)
+        done: dict[str, Execution] = {}
+
+        async def one(request_id: str, event: Any) -> None:
+            done[request_id] = await run(pool, request_id, event)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "r-first", {"sleep": 0.2})
+                async with anyio.create_task_group() as leaving:
+                    leaving.start_soon(one, "r-spin", "spin")
+                    await asyncio.sleep(0)  # it is queued behind the first run (one pass of the loop)
+                    [worker] = pool._active
+                    assert [c.invocation.request_id for c in worker.calls] == ["r-first", "r-spin"]
+                    leaving.cancel_scope.cancel()  # its caller leaves
+                tg.start_soon(one, "r-after", {})
+        assert ok(done["r-first"].outcome)["pid"] == stuck
+        assert ok(done["r-after"].outcome)["pid"] != stuck
+        assert pool.busy == 0

@@ -711,7 +711,18 @@ class Pool:
         if worker is not None and worker.calls and worker.calls[0] is call:
             self._running.pop(call, None)
             await self._drop(worker)
-        # Queued behind another run: it cannot be taken out of the pipe; it runs and its result is dropped.
+        elif worker is not None and call in worker.calls:
+            # Queued behind another run: it cannot be taken out of the pipe; it runs and its result is dropped. Should
+            # that run end its worker (a timeout, a crash), no caller is left to replace the worker: the pool does.
+            # (A new future: the caller's was cancelled with it.)
+            call.future = asyncio.get_running_loop().create_future()
+            call.future.add_done_callback(lambda _: self._after_abandoned(worker))
+
+    def _after_abandoned(self, worker: Worker) -> None:
+        if worker.doomed or not worker.alive:
+            task = asyncio.get_running_loop().create_task(self._drop(worker))
+            self._spawns.add(task)  # held until it ends (`retire` waits for it)
+            task.add_done_callback(self._spawns.discard)
 
     async def retire(self) -> None:
         """Stop taking work: idle workers stop now; busy ones finish their invocations on this version first (as do
