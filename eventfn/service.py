@@ -373,6 +373,9 @@ class Service:
         running_of: dict[str, list[str]] = {}  # function -> its running mappings (not a scan of all per function)
         for name, r in self.running.items():
             running_of.setdefault(r.mapping.function, []).append(name)
+        # A version live before it is validated (`validate_deferred`) takes no stored events yet: one that fails to
+        # load would fail them, where a version that fails at start-up leaves them waiting for a fix.
+        unvalidated = {source.name: source.version for source in self.deferred}
         for fn in sorted(self.functions.values(), key=lambda f: f.name):  # the first by name keeps a queue
             try:
                 planned = mappings.plan(
@@ -388,7 +391,7 @@ class Service:
                 for name, mapping in planned.items()
                 if not any(s in problems for s in mapping.source.subjects)
             }
-            loaded = fn.pool is not None and fn.settings is not None
+            loaded = fn.pool is not None and fn.settings is not None and unvalidated.get(fn.name) != fn.pool.version
             # Concurrency 0 (Lambda's "disabled"): trigger events wait in JetStream; a source that dead-letters
             # instead (the async queue: Lambda sends those to the DLQ without retries) keeps running.
             runnable = {

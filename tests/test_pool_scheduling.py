@@ -19,7 +19,7 @@ from anyio.abc import SocketAttribute
 from eventfn.invoke import workers
 from eventfn.invoke.invocation import Execution, Invocation, Outcome
 from eventfn.invoke.workers import QUICK_MS, Pool
-from tests.conftest import running_pool
+from tests.conftest import running_pool, write_handler
 from tests.test_workers import RENDEZVOUS
 
 #: A handler that is quick unless asked: it warms up as quick, then one event spins, exits or eats memory.
@@ -222,3 +222,130 @@ async def test_the_deadline_of_a_queued_invocation_counts_from_its_own_start(tmp
         queued = ok(done["r-next"].outcome)
         assert queued["pid"] == warm  # it did wait in that worker's pipe
         assert queued["left"] > 900
+
+
+#: Appends `<request id> <pid>` to the file named by the event, after sleeping as long as it says; then tells the
+#: test on its port, if it names one, that it ran.
+MARKS = """
+    import os
+    import socket
+    import time
+
+    def handler(event, context):
+        time.sleep(event.get("sleep", 0))
+        line = f"{context.aws_request_id} {os.getpid()}\\n"
+        with open(event["marks"], "a") as marks:
+            marks.write(line)
+        if "port" in event:
+            with socket.create_connection(("127.0.0.1", event["port"]), timeout=10) as told:
+                told.sendall(line.encode())
+        return {"pid": os.getpid()}
+"""
+
+
+async def test_an_invocation_queued_behind_a_timed_out_run_that_started_there_is_not_run_again(
+    tmp_path: Path,
+) -> None:
+    """The run ahead of it ended just past its deadline, while its worker was being killed (a cgroup kill waits
+    for an RCU grace period, 10-20 ms on a loaded host): the worker went on to the invocation queued behind it. That
+    one ran; it must not be sent to another worker and run a second time (a non-idempotent handler, one invoke)."""
+    marks = tmp_path / "marks.txt"
+    async with (
+        running_pool(tmp_path, MARKS, timeout=1.0) as pool,
+        await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as listener,
+    ):
+        port = listener.extra(SocketAttribute.local_port)
+        pool.max_workers = 1
+        for i in range(5):
+            await run(pool, f"warm-{i}", {"marks": str(marks)})
+        [(worker, _)] = pool.idle
+        assert worker.typical_ms is not None and worker.typical_ms < QUICK_MS
+        old = worker.process.pid
+        kill = worker.kill
+
+        async def slow_kill() -> None:
+            # The first kill lands once the worker has gone on to the queued invocation (bounded: 10 s).
+            worker.kill = kill  # type: ignore[method-assign]
+            with anyio.move_on_after(10):
+                told = b""
+                while f"r-queued {old}".encode() not in told:
+                    async with await listener.listeners[0].accept() as conn:
+                        told = await conn.receive()
+            await kill()
+
+        worker.kill = slow_kill  # type: ignore[method-assign]
+        done = await run_together(
+            pool,
+            [("r-late", {"sleep": 1.1, "marks": str(marks)}), ("r-queued", {"marks": str(marks), "port": port})],
+        )
+        late = done["r-late"].outcome
+        assert late.error is not None and late.error.type == "Sandbox.Timedout"
+        runs = [line for line in marks.read_text().splitlines() if line.startswith("r-queued ")]
+        assert runs == [f"r-queued {old}"], f"it ran {len(runs)} times: {runs}"
+        queued = done["r-queued"].outcome
+        assert not queued.ok and queued.error is not None and queued.error.type == "Runtime.ExitError"
+
+
+async def test_every_invocation_waiting_for_cold_starts_that_fail_gets_the_init_error(tmp_path: Path) -> None:
+    """More invocations wait than cold starts begin at once (`MAX_STARTING`); each failed cold start answers one of
+    them: the rest must get cold starts of their own (and their error), not wait forever."""
+    async with running_pool(tmp_path, "def handler(event, context):\n    return 1\n", min_warm=0) as pool:
+        write_handler(tmp_path, "def handler(event, context)\n    return 1\n")  # broken since it was validated
+        waiting = workers.MAX_STARTING + 2
+        with anyio.fail_after(60):
+            done = await run_together(pool, [(f"r-{i}", {}) for i in range(waiting)])
+        for execution in done.values():
+            error = execution.outcome.error
+            assert error is not None and error.type == "Runtime.UserCodeSyntaxError", execution.outcome
+
+
+#: Writes what is not a frame on its worker's channel (handler code can reach it), then returns.
+FORGER = """
+    import gc
+
+    def handler(event, context):
+        [channel] = [o for o in gc.get_objects() if type(o).__name__ == "_Channel" and hasattr(o, "writer")]
+        channel.writer.write(b"\\x00\\x00\\x00\\x03\\xc1\\xc1\\xc1")
+        channel.writer.flush()
+        return "done"
+"""
+
+
+async def test_a_worker_that_writes_what_is_not_a_frame_is_stopped_at_once(tmp_path: Path) -> None:
+    """Handler code can write to its worker's channel: bytes that do not decode end that worker (its invocation
+    gets Lambda's exit error), instead of an error per read in the service and an invocation left to time out."""
+    async with running_pool(tmp_path, FORGER, timeout=60.0) as pool:
+        with anyio.fail_after(20):
+            execution = await run(pool, "r-forged", {})
+        error = execution.outcome.error
+        assert error is not None and error.type == "Runtime.ExitError", execution.outcome
+        assert not pool.idle and pool.busy == 0
+
+
+async def test_a_run_whose_caller_left_while_it_was_queued_still_has_its_worker_replaced_when_it_times_out(
+    tmp_path: Path,
+) -> None:
+    """The caller of an invocation queued behind a run was cancelled: it stays in the pipe and runs. Should it then
+    time out, no caller is left to kill its worker: the pool must still, and what is queued behind it runs elsewhere
+    (not left waiting behind a worker that spins for ever)."""
+    async with running_pool(tmp_path, MOODY, timeout=1.0) as pool:
+        pool.max_workers = 1
+        stuck = await warm_up(pool)
+        done: dict[str, Execution] = {}
+
+        async def one(request_id: str, event: Any) -> None:
+            done[request_id] = await run(pool, request_id, event)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "r-first", {"sleep": 0.2})
+                async with anyio.create_task_group() as leaving:
+                    leaving.start_soon(one, "r-spin", "spin")
+                    await asyncio.sleep(0)  # it is queued behind the first run (one pass of the loop)
+                    [worker] = pool._active
+                    assert [c.invocation.request_id for c in worker.calls] == ["r-first", "r-spin"]
+                    leaving.cancel_scope.cancel()  # its caller leaves
+                tg.start_soon(one, "r-after", {})
+        assert ok(done["r-first"].outcome)["pid"] == stuck
+        assert ok(done["r-after"].outcome)["pid"] != stuck
+        assert pool.busy == 0

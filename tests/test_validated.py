@@ -11,7 +11,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from eventfn.service import VALIDATE_BEFORE_READY
-from eventfn.testing import Serve, write_handler
+from eventfn.testing import Serve, wait_serving, wait_stats, write_handler
 
 HELLO = """
     INITS = 0
@@ -76,3 +76,30 @@ async def test_past_the_first_functions_a_start_goes_live_first_and_validates_af
     functions = json.loads((await nc.request("eventfn.api.functions", b"", timeout=20)).data)
     states = {f["name"]: f["state"] for f in functions}
     assert states["later_broken"] == "Failed" and states["later_ok"] == "Active"
+
+
+async def test_stored_events_of_a_function_validated_after_start_up_wait_for_its_validation(
+    handlers: Path, serve: Callable[..., Awaitable[Serve]], nc: Client
+) -> None:
+    """Past the first functions, a version goes live before it is validated; its stored events must not meet it
+    meanwhile: one that fails to load would fail them (here straight to the DLQ, no retries) where a version that
+    fails at start-up leaves them waiting for a fix."""
+    settings = "# /// eventfn\n# retry = { max_attempts = 0 }\n# ///\n"
+    for n in range(VALIDATE_BEFORE_READY):
+        write_handler(handlers, f"f{n:03d}", HELLO)
+    write_handler(handlers, "later", settings + "def handler(event, context):\n    return event\n")
+    first = await serve()
+    await first.log.await_line(r"validated the 1 function\(s\) that went live at start-up unvalidated$")
+    await nc.jetstream().publish("eventfn.async.later", b'{"n": 0}')
+    await wait_stats(nc, "later--async", processed=1)  # once validated, its events run
+    await first.astop()
+
+    write_handler(handlers, "later", settings + "def handler(event, context)\n    return event\n")  # broken now
+    await nc.jetstream().publish("eventfn.async.later", b'{"n": 1}')
+    second = await serve()
+    await second.log.await_line(r"function later loaded \(version \w+, init 0.0 ms, validated after start-up\)")
+    await second.log.await_line(r"validated the 1 function\(s\) .* unvalidated; failed: later")
+    write_handler(handlers, "later", settings + "def handler(event, context):\n    return event\n")  # fixed
+    await wait_serving(nc, "later")
+    stats = await wait_stats(nc, "later--async", processed=1)
+    assert stats["dead_lettered"] == 0 and stats["failed"] == 0, stats

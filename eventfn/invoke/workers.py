@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 
 from eventfn.errors import HandlerLoadError
 from eventfn.invoke import isolation, launch, protocol
@@ -121,6 +122,8 @@ class _Channel(asyncio.Protocol):
         self.closed = False
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         buffer = self.buffer
         buffer += data
         woke = False
@@ -131,7 +134,16 @@ class _Channel(asyncio.Protocol):
             end = _HEADER_SIZE + size
             if len(buffer) < end:
                 break
-            message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
+            try:
+                message: protocol.Message = protocol.decoder.decode(memoryview(buffer)[_HEADER_SIZE:end])
+            except msgspec.DecodeError as exc:
+                # Not the runtime's: handler code wrote to the channel. Nothing after it can be trusted either.
+                log.warning(
+                    "%s: worker %d wrote an invalid frame (%s): stopped", worker.spec.function, worker.process.pid, exc
+                )
+                buffer.clear()
+                self._lost()
+                return
             del buffer[:end]
             kind = type(message)
             if kind is Output:
@@ -145,6 +157,11 @@ class _Channel(asyncio.Protocol):
                 call.end(message)
                 if message.fatal:
                     worker.doomed = True  # it ends: what is queued behind goes to another worker
+                elif worker.doomed and calls:
+                    # A run that ended past its deadline (or was abandoned) while its worker is being killed: the
+                    # worker went on to the next one queued. That one started: it dies with the worker, it is not
+                    # sent to another one (it would run twice).
+                    calls[0].end(_DIED)
                 if worker.pool is not None:
                     worker.pool._ended(call, message.duration_ms)
             else:
@@ -202,7 +219,8 @@ class Worker:
         #: A moving average of its handler's run time, in ms (None before the first): pipelining needs it small.
         self.typical_ms: float | None = None
         self._unsent: list[bytes] = []
-        self._killed = False
+        #: Set by the first `kill`; done once the worker is dead and its channel read to the end.
+        self._killed: asyncio.Future[None] | None = None
 
     @classmethod
     async def spawn(cls, spec: WorkerSpec, env: dict[str, str]) -> Worker:
@@ -322,13 +340,32 @@ class Worker:
         Also after the worker died on its own: what it started may still run.
         """
         with anyio.CancelScope(shield=True):
-            if self._killed:
-                return  # once reaped, its pid may belong to another process
-            self._killed = True
+            if self._killed is not None:
+                # Once reaped, its pid may belong to another process; a second caller waits for the first's kill
+                # (what it held is then known to have ended or not started).
+                await asyncio.shield(self._killed)
+                return
+            self._killed = asyncio.get_running_loop().create_future()
+            try:
+                await self._kill()
+            finally:
+                self._killed.set_result(None)
+
+    async def _kill(self) -> None:
+        with anyio.CancelScope(shield=True):
             if self.tree is None:  # `spawn` tracks it right after the process started
                 self.process.kill()
             else:
                 await self.tree.kill(reaped=self.process.returncode is not None)
+            if self._reading is not None and not self._channel.closed:
+                # What it wrote before it died is read first: a Result there says the run queued behind started.
+                with anyio.move_on_after(1.0):
+                    while not self._channel.closed:
+                        self._channel.waiter = asyncio.get_running_loop().create_future()
+                        try:
+                            await self._channel.waiter
+                        finally:
+                            self._channel.waiter = None
             for transport in (self._writing, self._reading):
                 if transport is not None:
                     transport.close()
@@ -618,6 +655,8 @@ class Pool:
             self._starting -= 1
             if self._waiting:
                 self._waiting.popleft().end(exc)  # as before: the invocation that waited for it reports it
+                if self._waiting:
+                    self._grow()  # the others waiting get cold starts of their own (nothing else may start one)
             else:
                 log.warning("%s: a spare worker failed to start: %s", self.spec.function, exc)
             return
@@ -648,12 +687,14 @@ class Pool:
         if worker in self._active:
             self._active.remove(worker)
             self.busy -= 1
+        for call in worker.calls:
+            self._running.pop(call, None)
+        # Killed first: until it is dead, a run queued in its pipe may still start there (`_Channel` ends that one).
+        await worker.kill()
         calls, worker.calls = list(worker.calls), deque()
         for call in calls:
             if call.worker is worker:
-                self._running.pop(call, None)
                 call.end(_REQUEUE)
-        await worker.kill()
 
     async def _drop_dead(self) -> None:
         """Reap the workers found dead while idle."""
@@ -670,7 +711,18 @@ class Pool:
         if worker is not None and worker.calls and worker.calls[0] is call:
             self._running.pop(call, None)
             await self._drop(worker)
-        # Queued behind another run: it cannot be taken out of the pipe; it runs and its result is dropped.
+        elif worker is not None and call in worker.calls:
+            # Queued behind another run: it cannot be taken out of the pipe; it runs and its result is dropped. Should
+            # that run end its worker (a timeout, a crash), no caller is left to replace the worker: the pool does.
+            # (A new future: the caller's was cancelled with it.)
+            call.future = asyncio.get_running_loop().create_future()
+            call.future.add_done_callback(lambda _: self._after_abandoned(worker))
+
+    def _after_abandoned(self, worker: Worker) -> None:
+        if worker.doomed or not worker.alive:
+            task = asyncio.get_running_loop().create_task(self._drop(worker))
+            self._spawns.add(task)  # held until it ends (`retire` waits for it)
+            task.add_done_callback(self._spawns.discard)
 
     async def retire(self) -> None:
         """Stop taking work: idle workers stop now; busy ones finish their invocations on this version first (as do
