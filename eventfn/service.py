@@ -204,7 +204,11 @@ class Service:
             f"; failed: {', '.join(sorted(failed))}" if failed else "",
         )
         async with self._reload_lock:
-            await self._apply()
+            try:
+                await self._apply()
+            except Exception:  # NATS unreachable meanwhile...: the stream watch provisions again; never the service
+                self._provisioned = False
+                log.exception("provisioning after the start-up validation failed; retrying")
 
     async def _load(self, source: FunctionSource, limiter: anyio.CapacityLimiter, defer: bool = False) -> None:
         """Load `source`'s version: validate it (its handler imports) and serve from it. `defer`: a version that keeps
