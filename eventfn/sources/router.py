@@ -67,7 +67,8 @@ class Router:
         self.ingest = subjects.ingest_stream(name)
         self._subject = put_subject(name)
         self._prefix = self._subject + "."
-        #: Puts routed (written and acknowledged) by this router.
+        #: Puts routed (written and acknowledged) by this router. A write JetStream dropped as a duplicate (a put an
+        #: earlier router had written, then stopped before it saw it stored) is not counted: each put counts once.
         self.routed = 0
         #: Puts dropped because they cannot be written (too large with the record's headers).
         self.dropped = 0
@@ -238,10 +239,11 @@ class Router:
                 return
             message, pending, subject, headers = item
             delay = 0.1
+            duplicate = False
             while True:
                 try:
                     if pending is not None:
-                        await pending.stored(WRITE_TIMEOUT)
+                        duplicate = (await pending.stored(WRITE_TIMEOUT)).duplicate
                     else:
                         await self.bus.publish_stored(subject, message.data, headers, timeout=WRITE_TIMEOUT)
                     break
@@ -262,7 +264,8 @@ class Router:
                     delay = min(5.0, delay * 2)
             await message.ack()
             self._unsettled.discard(message.stream_seq)
-            self.routed += 1
+            if not duplicate:
+                self.routed += 1
             pipeline.pop()
 
 
