@@ -19,7 +19,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Protocol
 
 import anyio
@@ -170,9 +171,7 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
         if forked is not None:
             forked.preamble = iso.preamble(env, spec=msgspec.json.encode(spec))
             return forked
-    child_in, writer = os.pipe()
-    reader, child_out = os.pipe()
-    try:
+    with _channel() as (child_in, child_out, reader, writer):
         process = await anyio.open_process(
             # -B: no .pyc written into the handler directory. Python trusts a cached .pyc whose source has the
             # same size and mtime (to the second), so an edit that keeps a file's size within a second of the
@@ -186,6 +185,17 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
             start_new_session=True,  # a Ctrl-C at the terminal reaches the service, which stops workers itself
             **iso.credentials(),
         )
+    return Subprocess(process, reader, writer, iso.preamble(env))
+
+
+@contextmanager
+def _channel() -> Iterator[tuple[int, int, int, int]]:
+    """A new worker's channel: its ends (stdin, stdout) and the service's (reader, writer). The child's ends are
+    closed on the way out (the child has its own by then); the service's too if starting the child failed."""
+    child_in, writer = os.pipe()
+    reader, child_out = os.pipe()
+    try:
+        yield child_in, child_out, reader, writer
     except BaseException:
         os.close(reader)
         os.close(writer)
@@ -193,7 +203,6 @@ async def start(spec: WorkerSpec, env: Mapping[str, str]) -> WorkerProcess:
     finally:
         os.close(child_in)
         os.close(child_out)
-    return Subprocess(process, reader, writer, iso.preamble(env))
 
 
 async def _fork(iso: isolation.Isolation, server: forks.ForkServer) -> Forked | None:
@@ -210,17 +219,8 @@ async def _fork(iso: isolation.Isolation, server: forks.ForkServer) -> Forked | 
 
 
 async def _new_child(server: forks.ForkServer) -> Forked | None:
-    child_in, writer = os.pipe()
-    reader, child_out = os.pipe()
-    try:
+    with _channel() as (child_in, child_out, reader, writer):
         forked = await server.fork(child_in, child_out)
-    except BaseException:
-        os.close(reader)
-        os.close(writer)
-        raise
-    finally:
-        os.close(child_in)
-        os.close(child_out)
     if forked is None:
         os.close(reader)
         os.close(writer)

@@ -191,6 +191,14 @@ class _Channel(asyncio.Protocol):
         worker.doomed = True
         self._wake()
 
+    async def wait(self) -> None:
+        """Until the next frame other than output arrives, or the channel ends."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -288,11 +296,7 @@ class Worker:
         while not channel.messages:
             if channel.closed:
                 raise WorkerDied(await self._returncode())
-            channel.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await channel.waiter
-            finally:
-                channel.waiter = None
+            await channel.wait()
         return channel.messages.popleft()
 
     async def _returncode(self) -> int | None:
@@ -361,11 +365,7 @@ class Worker:
                 # What it wrote before it died is read first: a Result there says the run queued behind started.
                 with anyio.move_on_after(1.0):
                     while not self._channel.closed:
-                        self._channel.waiter = asyncio.get_running_loop().create_future()
-                        try:
-                            await self._channel.waiter
-                        finally:
-                            self._channel.waiter = None
+                        await self._channel.wait()
             for transport in (self._writing, self._reading):
                 if transport is not None:
                     transport.close()
